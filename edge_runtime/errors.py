@@ -1,0 +1,22 @@
+"""Errors a user can cause. Library code raises these; only the CLI and the server turn them into
+one line (exit code 2 / HTTP 4xx)."""
+
+
+class HyEdgeError(Exception):
+    """Base for every error caused by input: a bad file, a bad option, a request over the budget."""
+
+
+class SpecError(HyEdgeError):
+    """A config that names an unsupported architecture or is inconsistent."""
+
+
+class CheckpointError(HyEdgeError):
+    """A checkpoint (safetensors, GGUF, directory) that is missing, truncated or not understood."""
+
+
+class ModelFileError(HyEdgeError):
+    """A converted .onnx file the runtime cannot run."""
+
+
+class BudgetError(HyEdgeError):
+    """A request that does not fit the memory budget or the context length."""

@@ -1,0 +1,110 @@
+"""The contract between the converter and the runtime: what a converted .onnx file holds.
+
+One table of tensor names (the Hugging Face names), the graph's input/output names (the
+onnxruntime-genai convention), and the metadata keys. Bump FORMAT_VERSION whenever a file written by
+the previous converter would be read wrongly.
+
+Storage of a weight `W` (a name from `layer_tensors` / `GLOBAL_TENSORS`):
+- FP8:  initializer `W.qweight` (FLOAT8E4M3FN or FLOAT8E5M2, (N, K)) and `W.scale` (float32: () per
+        tensor, (N,) per output channel, (N, G) per block of ceil(K/G) inputs), optionally
+        `W.input_scale` (float32 (), static activation scale);
+- FP16: initializer `W` (FLOAT16), FP32: initializer `W` (FLOAT).
+Layers that share weights (`spec.shared_layers`) have no tensors of their own.
+"""
+
+from __future__ import annotations
+
+from .spec import ModelSpec
+
+FORMAT_VERSION = 1
+
+# metadata_props keys
+META_FORMAT = "hy_edge.format_version"
+META_SPEC = "hy_edge.spec"
+META_QUANT = "hy_edge.quantization"
+META_TOKENIZER = "hy_edge.tokenizer"  # JSON {"type": "tokenizers", "json": ...} | {"type": "sentencepiece", "model_b64": ...}
+META_TOKENIZER_CONFIG = "hy_edge.tokenizer_config"  # JSON: chat_template, bos/eos tokens, add_bos_token, ...
+META_SOURCE = "hy_edge.source"  # JSON: what the file was converted from
+
+QWEIGHT = ".qweight"
+SCALE = ".scale"
+INPUT_SCALE = ".input_scale"
+
+EMBED = "model.embed_tokens.weight"  # (V, C)
+FINAL_NORM = "model.norm.weight"  # (C,)
+LM_HEAD = "lm_head.weight"  # (V, C); absent when tied, unless the converter stores an FP8 copy
+
+# graph inputs / outputs
+INPUT_IDS = "input_ids"  # int64 (B, T)
+POSITION_IDS = "position_ids"  # int64 (B, T)
+LOGITS = "logits"  # float32 (B, T, V)
+
+
+def past_key(i: int) -> str:
+    return f"past_key_values.{i}.key"  # float32 (B, Hkv, P, D)
+
+
+def past_value(i: int) -> str:
+    return f"past_key_values.{i}.value"
+
+
+def present_key(i: int) -> str:
+    return f"present.{i}.key"  # float32 (B, Hkv, P + T, D)
+
+
+def present_value(i: int) -> str:
+    return f"present.{i}.value"
+
+
+def past_conv(i: int) -> str:
+    return f"past_conv.{i}"  # float32 (B, C, k - 1)
+
+
+def present_conv(i: int) -> str:
+    return f"present_conv.{i}"
+
+
+def layer_prefix(i: int) -> str:
+    return f"model.layers.{i}"
+
+
+def layer_tensors(spec: ModelSpec, i: int) -> dict[str, tuple[int, ...]]:
+    """Name → shape of every tensor layer i's weights consist of (for the layer that owns them)."""
+    p, C, D = layer_prefix(i), spec.hidden_size, spec.head_dim
+    H, Hkv, F = spec.num_attention_heads, spec.num_key_value_heads, spec.intermediate_size
+    t = {
+        f"{p}.input_layernorm.weight": (C,),
+        f"{p}.post_attention_layernorm.weight": (C,),
+        f"{p}.mlp.gate_proj.weight": (F, C),
+        f"{p}.mlp.up_proj.weight": (F, C),
+        f"{p}.mlp.down_proj.weight": (C, F),
+    }
+    if spec.layer_types[i] == "attention":
+        t[f"{p}.self_attn.q_proj.weight"] = (H * D, C)
+        t[f"{p}.self_attn.k_proj.weight"] = (Hkv * D, C)
+        t[f"{p}.self_attn.v_proj.weight"] = (Hkv * D, C)
+        t[f"{p}.self_attn.o_proj.weight"] = (C, H * D)
+        if spec.use_qk_norm:
+            t[f"{p}.self_attn.query_layernorm.weight"] = (D,)
+            t[f"{p}.self_attn.key_layernorm.weight"] = (D,)
+    else:
+        t[f"{p}.mixer.conv.weight"] = (C, spec.conv_kernel_size)  # depthwise, per channel
+        t[f"{p}.mixer.out_proj.weight"] = (C, C)  # pointwise
+    return t
+
+
+def model_tensors(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Name → shape of every weight the model needs (shared layers listed once, under their owner)."""
+    t = {EMBED: (spec.vocab_size, spec.hidden_size)}
+    for i in range(spec.num_hidden_layers):
+        if spec.shared_layers[i] == i:
+            t.update(layer_tensors(spec, i))
+    t[FINAL_NORM] = (spec.hidden_size,)
+    if not spec.tie_word_embeddings:
+        t[LM_HEAD] = (spec.vocab_size, spec.hidden_size)
+    return t
+
+
+def is_linear(name: str) -> bool:
+    """2-D weights a matmul reads (the FP8 candidates); norms and conv kernels stay float."""
+    return name.endswith("_proj.weight") or name in (EMBED, LM_HEAD)
