@@ -1,0 +1,42 @@
+"""Gated-MLP activations: SwiGLU (silu(gate) * up) and the ReLU6 gate."""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .checks import need_array as _need
+
+_CHUNK = 4096
+
+
+@njit(cache=True, parallel=True)
+def _glu(gate, up, out, kind):
+    # gate, up, out: f32 (M,) flat (may alias); kind 0 = silu, 1 = relu6
+    m = gate.shape[0]
+    for c in prange((m + _CHUNK - 1) // _CHUNK):
+        for i in range(c * _CHUNK, min(m, (c + 1) * _CHUNK)):
+            g = gate[i]
+            if kind == 0:
+                a = g / (np.float32(1.0) + np.exp(-g))
+            else:
+                a = min(max(g, np.float32(0.0)), np.float32(6.0))
+            out[i] = a * up[i]
+
+
+def _run(gate, up, out, kind: int) -> np.ndarray:
+    _need("gate", gate, np.float32, gate.ndim if isinstance(gate, np.ndarray) else 2)
+    _need("up", up, np.float32, gate.ndim, gate.shape)
+    _need("out", out, np.float32, gate.ndim, gate.shape)
+    _glu(gate.reshape(-1), up.reshape(-1), out.reshape(-1), kind)
+    return out
+
+
+def swiglu(gate: np.ndarray, up: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out = silu(gate) * up, silu(x) = x / (1 + exp(-x)) in float32; any matching contiguous shape."""
+    return _run(gate, up, out, 0)
+
+
+def relu6_glu(gate: np.ndarray, up: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out = min(max(gate, 0), 6) * up."""
+    return _run(gate, up, out, 1)

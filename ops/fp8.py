@@ -1,0 +1,188 @@
+"""Emulated FP8 (E4M3 = float8_e4m3fn, E5M2 = float8_e5m2): encode, decode, block-scaled quantize.
+
+Encoding is round-to-nearest-even (subnormals included) and saturating: |x| > max and ±inf map
+to ±max, NaN maps to a NaN code. Decoding is a 256-entry float32 table.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from numba import njit, prange
+
+E4M3 = "e4m3"
+E5M2 = "e5m2"
+FP8_MAX = {E4M3: 448.0, E5M2: 57344.0}
+
+# fmt -> (mantissa bits, exponent bias, largest finite code, NaN code); codes exclude the sign bit.
+_PARAMS = {E4M3: (3, 7, 0x7E, 0x7F), E5M2: (2, 15, 0x7B, 0x7E)}
+
+
+def _params(fmt: str) -> tuple[int, int, int, int]:
+    try:
+        return _PARAMS[fmt]
+    except KeyError:
+        raise ValueError(f"fmt must be 'e4m3' or 'e5m2', got {fmt!r}") from None
+
+
+@njit(cache=True, inline="always")
+def _encode_one(x, mbits, bias, max_code, nan_code, max_val, min_normal, inv_quantum):
+    # x: float32 scalar -> uint8 code.
+    sign = np.int64((np.float32(x).view(np.uint32) >> 24) & 0x80)
+    if x != x:
+        # NaN keeps its sign bit, as ml_dtypes does.
+        return np.uint8(sign | nan_code)
+    a = abs(np.float64(x))
+    if a >= max_val:
+        return np.uint8(sign | max_code)
+    if a < min_normal:
+        # subnormal grid is uniform: code = rne(a / quantum); a code of 2**mbits is the
+        # smallest normal, which is also its encoding.
+        return np.uint8(sign | np.int64(np.rint(a * inv_quantum)))
+    # normal: round the float32 mantissa to mbits with RNE on the raw bits, then rebias.
+    bits = np.int64(np.float32(a).view(np.uint32))
+    shift = 23 - mbits
+    r = (bits + ((1 << (shift - 1)) - 1) + ((bits >> shift) & 1)) >> shift
+    code = r - ((127 - bias) << mbits)
+    if code > max_code:
+        code = max_code
+    return np.uint8(sign | code)
+
+
+@njit(cache=True, parallel=True)
+def _encode_flat(x, out, mbits, bias, max_code, nan_code, max_val, min_normal, inv_quantum):
+    # x: f32 (M,), out: u8 (M,); chunks keep the parallel loop coarse.
+    n = x.shape[0]
+    chunk = 1 << 16
+    nchunks = (n + chunk - 1) // chunk
+    for c in prange(nchunks):
+        lo = c * chunk
+        hi = min(n, lo + chunk)
+        for i in range(lo, hi):
+            out[i] = _encode_one(x[i], mbits, bias, max_code, nan_code, max_val, min_normal, inv_quantum)
+
+
+@njit(cache=True, parallel=True)
+def _quantize_rows(w, scales, out, bk, mbits, bias, max_code, nan_code, max_val, min_normal, inv_quantum):
+    # w: f32 (N, K), scales: f32 (N, G), out: u8 (N, K); column k uses scales[n, k // bk].
+    n_rows, k_dim = w.shape
+    for n in prange(n_rows):
+        for k0 in range(0, k_dim, bk):
+            s = scales[n, k0 // bk]
+            k1 = min(k_dim, k0 + bk)
+            if s == 0.0:
+                # an all-zero block gets scale 0 from amax/max; its codes are 0, not NaN.
+                for k in range(k0, k1):
+                    out[n, k] = 0
+            else:
+                for k in range(k0, k1):
+                    v = np.float32(w[n, k] / s)
+                    out[n, k] = _encode_one(v, mbits, bias, max_code, nan_code, max_val, min_normal,
+                                            inv_quantum)
+
+
+def _encode_args(fmt: str) -> tuple:
+    mbits, bias, max_code, nan_code = _params(fmt)
+    min_normal = 2.0 ** (1 - bias)
+    inv_quantum = 2.0 ** (bias - 1 + mbits)
+    return mbits, bias, max_code, nan_code, FP8_MAX[fmt], min_normal, inv_quantum
+
+
+def encode_fp8(x: np.ndarray, fmt: str) -> np.ndarray:
+    """float32 array (any shape) -> uint8 FP8 codes of the same shape."""
+    args = _encode_args(fmt)
+    x = np.asarray(x)
+    if x.dtype != np.float32:
+        raise ValueError(f"x must be float32, got {x.dtype}")
+    flat = np.ascontiguousarray(x).reshape(-1)
+    out = np.empty(flat.shape[0], dtype=np.uint8)
+    _encode_flat(flat, out, *args)
+    return out.reshape(x.shape)
+
+
+@functools.cache
+def _lut(fmt: str) -> np.ndarray:
+    mbits, bias, _, _ = _params(fmt)
+    codes = np.arange(256, dtype=np.int64)
+    sign = np.where(codes & 0x80, -1.0, 1.0)
+    e = (codes >> mbits) & ((1 << (7 - mbits)) - 1)
+    m = codes & ((1 << mbits) - 1)
+    frac = m / float(1 << mbits)
+    val = np.where(e == 0, frac * 2.0 ** (1 - bias), (1.0 + frac) * 2.0 ** (e - bias))
+    val = sign * val
+    low = codes & 0x7F
+    if fmt == E4M3:
+        val[low == 0x7F] = np.nan
+    else:
+        e_max = (1 << (7 - mbits)) - 1
+        val[(e == e_max) & (m == 0)] = sign[(e == e_max) & (m == 0)] * np.inf
+        val[(e == e_max) & (m != 0)] = np.nan
+    lut = val.astype(np.float32)
+    lut.flags.writeable = False
+    return lut
+
+
+def fp8_lut(fmt: str) -> np.ndarray:
+    """Decode table: f32 (256,), read-only and cached per format."""
+    _params(fmt)
+    return _lut(fmt)
+
+
+def decode_fp8(codes: np.ndarray, fmt: str) -> np.ndarray:
+    """uint8 codes (any shape) -> float32 values."""
+    codes = np.asarray(codes)
+    if codes.dtype != np.uint8:
+        raise ValueError(f"codes must be uint8, got {codes.dtype}")
+    return fp8_lut(fmt)[codes]
+
+
+def _check_scales(scales: np.ndarray, n_rows: int, k_dim: int) -> int:
+    if not isinstance(scales, np.ndarray) or scales.dtype != np.float32 or scales.ndim != 2:
+        raise ValueError("scales must be a float32 array of shape (N, G)")
+    if scales.shape[0] != n_rows or not 1 <= scales.shape[1] <= max(k_dim, 1):
+        raise ValueError(f"scales has shape {scales.shape}, expected ({n_rows}, G) with 1 <= G <= {k_dim}")
+    if not scales.flags.c_contiguous:
+        raise ValueError("scales must be C-contiguous")
+    return block_size(k_dim, scales.shape[1])
+
+
+def block_size(k_dim: int, groups: int) -> int:
+    """Columns per scale block: Bk = ceil(K / G)."""
+    return max(1, -(-k_dim // groups))
+
+
+def quantize_fp8(w: np.ndarray, scales: np.ndarray, fmt: str) -> np.ndarray:
+    """codes[n, k] = encode(w[n, k] / scales[n, k // Bk]); w f32 (N, K), scales f32 (N, G) -> u8 (N, K).
+
+    A zero scale yields zero codes for its block (all-zero rows quantize to zeros).
+    """
+    args = _encode_args(fmt)
+    if not isinstance(w, np.ndarray) or w.dtype != np.float32 or w.ndim != 2:
+        raise ValueError("w must be a float32 array of shape (N, K)")
+    bk = _check_scales(scales, w.shape[0], w.shape[1])
+    w = np.ascontiguousarray(w)
+    out = np.empty(w.shape, dtype=np.uint8)
+    _quantize_rows(w, scales, out, bk, *args)
+    return out
+
+
+def dequantize_fp8(codes: np.ndarray, scales: np.ndarray, fmt: str) -> np.ndarray:
+    """codes u8 (N, K), scales f32 (N, G) -> f32 (N, K) = lut[codes] * scales[n, k // Bk]."""
+    if not isinstance(codes, np.ndarray) or codes.dtype != np.uint8 or codes.ndim != 2:
+        raise ValueError("codes must be a uint8 array of shape (N, K)")
+    bk = _check_scales(scales, codes.shape[0], codes.shape[1])
+    col_scale = np.repeat(scales, bk, axis=1)[:, : codes.shape[1]]
+    return fp8_lut(fmt)[codes] * col_scale
+
+
+@functools.cache
+def _lut16() -> np.ndarray:
+    lut = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+    lut.flags.writeable = False
+    return lut
+
+
+def fp16_lut() -> np.ndarray:
+    """Decode table for raw IEEE half bits: f32 (65536,), read-only and cached."""
+    return _lut16()

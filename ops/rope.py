@@ -1,0 +1,58 @@
+"""Rotary position embedding, NeoX rotate-half convention (transformers' rotate_half)."""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .checks import need_array as _need
+
+
+def rope_inv_freq(head_dim: int, base: float) -> np.ndarray:
+    """f32 (D/2,) = 1 / base ** (arange(0, D, 2) / D), all in float32 as torch computes it."""
+    if head_dim <= 0 or head_dim % 2:
+        raise ValueError(f"head_dim must be a positive even number, got {head_dim}")
+    if not base > 0:
+        raise ValueError(f"base must be positive, got {base}")
+    exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    return (np.float32(1.0) / np.power(np.float32(base), exponent)).astype(np.float32)
+
+
+def rope_tables(inv_freq: np.ndarray, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin f32 (P, D/2) of float32(position) * inv_freq (product rounded to float32)."""
+    _need("inv_freq", inv_freq, np.float32, 1)
+    if max_positions <= 0:
+        raise ValueError(f"max_positions must be positive, got {max_positions}")
+    freqs = np.arange(max_positions, dtype=np.float32)[:, None] * inv_freq[None, :]  # (P, D/2) f32
+    angles = freqs.astype(np.float64)  # correctly rounded cos/sin of the float32 angle
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+@njit(cache=True, parallel=True)
+def _apply_rope(x, positions, cos, sin):
+    # x: f32 (T, H, D) in place, positions: i64 (T,), cos/sin: f32 (P, D/2)
+    n_tok, n_heads, d = x.shape
+    half = d // 2
+    for t in prange(n_tok):
+        cs = cos[positions[t]]
+        sn = sin[positions[t]]
+        for h in range(n_heads):
+            for i in range(half):
+                x1 = x[t, h, i]
+                x2 = x[t, h, i + half]
+                x[t, h, i] = x1 * cs[i] - x2 * sn[i]
+                x[t, h, i + half] = x2 * cs[i] + x1 * sn[i]
+
+
+def apply_rope(x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate x f32 (T, H, D) in place at positions i64 (T,) using tables from rope_tables."""
+    _need("x", x, np.float32, 3)
+    _need("positions", positions, np.int64, 1, (x.shape[0],))
+    _need("cos", cos, np.float32, 2)
+    _need("sin", sin, np.float32, 2, cos.shape)
+    if cos.shape[1] * 2 != x.shape[2]:
+        raise ValueError(f"cos has shape {cos.shape}, expected (P, {x.shape[2] // 2})")
+    if positions.size and (positions.min() < 0 or positions.max() >= cos.shape[0]):
+        raise ValueError(f"positions must lie in [0, {cos.shape[0]})")
+    _apply_rope(x, positions, cos, sin)
+    return x

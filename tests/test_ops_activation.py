@@ -1,0 +1,34 @@
+import numpy as np
+import pytest
+import torch
+from hy_edge_ops import reference as ref
+from hy_edge_ops.activation import relu6_glu, swiglu
+
+
+@pytest.mark.parametrize("shape", [(1, 3584), (7, 33)])
+def test_swiglu(shape):
+    rng = np.random.default_rng(11)
+    g = (rng.standard_normal(shape) * 8).astype(np.float32)
+    g.flat[:3] = [-200.0, 200.0, 0.0]
+    u = rng.standard_normal(shape).astype(np.float32)
+    out = np.empty_like(g)
+    swiglu(g, u, out)
+    np.testing.assert_allclose(out, ref.swiglu(g, u), rtol=2e-6, atol=1e-7)
+    want = (torch.nn.functional.silu(torch.from_numpy(g)) * torch.from_numpy(u)).numpy()
+    np.testing.assert_allclose(out, want, rtol=2e-6, atol=1e-7)
+    swiglu(g, u, g)  # in place
+    np.testing.assert_array_equal(g, out)
+
+
+def test_relu6_glu():
+    g = np.array([[-1.0, 0.0, 3.0, 6.0, 9.0]], np.float32)
+    u = np.array([[2.0, 2.0, 2.0, 2.0, 2.0]], np.float32)
+    out = np.empty_like(g)
+    np.testing.assert_array_equal(relu6_glu(g, u, out), [[0, 0, 6, 12, 12]])
+    np.testing.assert_array_equal(out, ref.relu6_glu(g, u))
+
+
+def test_errors():
+    g = np.zeros((2, 3), np.float32)
+    with pytest.raises(ValueError, match="up"):
+        swiglu(g, np.zeros((3, 2), np.float32), g)

@@ -1,0 +1,103 @@
+import ml_dtypes
+import numpy as np
+import pytest
+from hy_edge_ops.fp8 import (
+    E4M3,
+    E5M2,
+    FP8_MAX,
+    decode_fp8,
+    dequantize_fp8,
+    encode_fp8,
+    fp8_lut,
+    fp16_lut,
+    quantize_fp8,
+)
+from hy_edge_ops.reference import dequantize
+
+ML = {E4M3: ml_dtypes.float8_e4m3fn, E5M2: ml_dtypes.float8_e5m2}
+FMTS = [E4M3, E5M2]
+
+
+def ml_encode(x, fmt):
+    m = FP8_MAX[fmt]
+    return np.clip(x, -m, m).astype(ML[fmt]).view(np.uint8)  # clip = saturation; NaN passes through
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_decode_all_codes(fmt):
+    codes = np.arange(256, dtype=np.uint8)
+    expect = codes.view(ML[fmt]).astype(np.float32)
+    np.testing.assert_array_equal(fp8_lut(fmt), expect)  # NaN == NaN for assert_array_equal
+    np.testing.assert_array_equal(decode_fp8(codes.reshape(16, 16), fmt), expect.reshape(16, 16))
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_encode_roundtrip_all_finite_codes(fmt):
+    vals = fp8_lut(fmt)
+    finite = np.isfinite(vals)
+    codes = np.arange(256, dtype=np.uint8)[finite]
+    got = encode_fp8(vals[finite], fmt)
+    # +0/-0 keep their sign bit
+    np.testing.assert_array_equal(got, codes)
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+@pytest.mark.parametrize("scale", [1e-12, 1e-6, 1e-3, 0.05, 1.0, 37.0, 1e3, 1e5])
+def test_encode_random_vs_ml_dtypes(fmt, scale):
+    x = (np.random.default_rng(1).standard_normal((101, 37)) * scale).astype(np.float32)
+    np.testing.assert_array_equal(encode_fp8(x, fmt), ml_encode(x, fmt))
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_encode_ties_and_subnormals(fmt):
+    vals = fp8_lut(fmt).astype(np.float64)
+    pos = np.unique(vals[np.isfinite(vals) & (vals >= 0)])
+    mids = (pos[:-1] + pos[1:]) / 2  # exact ties -> round to even code
+    x = np.concatenate([mids, np.nextafter(mids, 0), np.nextafter(mids, np.inf), pos[:20] / 3,
+                        [pos[1] / 2, pos[1] / 2 * 0.999, pos[1] / 2 * 1.001, 1e-45, 1e-40]])
+    x = np.concatenate([x, -x]).astype(np.float32)
+    np.testing.assert_array_equal(encode_fp8(x, fmt), ml_encode(x, fmt))
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_encode_saturation_inf_nan(fmt):
+    m = FP8_MAX[fmt]
+    x = np.array([m, m * 1.03, m * 1.1, m * 2, 1e38, np.inf, -np.inf, -m * 1.5], np.float32)
+    np.testing.assert_array_equal(encode_fp8(x, fmt), ml_encode(x, fmt))
+    back = decode_fp8(encode_fp8(x, fmt), fmt)
+    np.testing.assert_array_equal(back, [m, m, m, m, m, m, -m, -m])
+    nan = encode_fp8(np.array([np.nan, -np.nan], np.float32), fmt)
+    assert np.isnan(decode_fp8(nan, fmt)).all()
+    np.testing.assert_array_equal(nan, ml_encode(np.array([np.nan, -np.nan], np.float32), fmt))
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_quantize_block_scales(fmt):
+    rng = np.random.default_rng(2)
+    n, k, g = 13, 101, 7  # Bk = 15, last block short
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    scales = rng.uniform(0.001, 0.01, (n, g)).astype(np.float32)
+    scales[3] = 0.0  # zero scale block -> zero codes
+    codes = quantize_fp8(w, scales, fmt)
+    bk = 15
+    col = np.repeat(scales, bk, axis=1)[:, :k]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        expect = ml_encode((w / col).astype(np.float32), fmt)
+    expect[3] = 0
+    np.testing.assert_array_equal(codes, expect)
+    deq = dequantize_fp8(codes, scales, fmt)
+    np.testing.assert_allclose(deq, dequantize(codes, scales, fmt), rtol=1e-6)
+
+
+def test_fp16_lut():
+    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    np.testing.assert_array_equal(fp16_lut(), bits.view(np.float16).astype(np.float32))
+
+
+def test_errors_name_argument():
+    with pytest.raises(ValueError, match="x"):
+        encode_fp8(np.zeros(3, np.float64), E4M3)
+    with pytest.raises(ValueError, match="fmt"):
+        encode_fp8(np.zeros(3, np.float32), "e3m4")
+    with pytest.raises(ValueError, match="scales"):
+        quantize_fp8(np.zeros((4, 8), np.float32), np.ones((3, 1), np.float32), E4M3)

@@ -1,0 +1,44 @@
+import numpy as np
+import pytest
+import torch
+from hy_edge_ops import reference as ref
+from hy_edge_ops.norm import rms_norm
+
+
+def torch_rms_norm(x, weight, eps):
+    # transformers' HunYuanDenseV1RMSNorm / LlamaRMSNorm forward
+    h = torch.from_numpy(x).float()
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + eps)
+    return (torch.from_numpy(weight) * h).numpy()
+
+
+@pytest.mark.parametrize("t,c", [(1, 1024), (7, 333), (48, 128)])
+def test_rms_norm(t, c):
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((t, c)) * 3).astype(np.float32)
+    w = rng.uniform(0.5, 1.5, c).astype(np.float32)
+    out = np.empty_like(x)
+    rms_norm(x, w, 1e-5, out)
+    np.testing.assert_allclose(out, torch_rms_norm(x, w, 1e-5), rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(out, ref.rms_norm(x, w, 1e-5), rtol=2e-6, atol=1e-6)
+    rms_norm(x, w, 1e-5, x)  # in place
+    np.testing.assert_array_equal(x, out)
+
+
+def test_per_head_view():
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((3, 6, 16)).astype(np.float32)
+    w = rng.uniform(0.5, 1.5, 16).astype(np.float32)
+    flat = q.reshape(-1, 16)  # (T*H, D) view of (T, H, D)
+    want = ref.rms_norm(flat, w, 1e-6)
+    rms_norm(flat, w, 1e-6, flat)
+    np.testing.assert_allclose(q.reshape(-1, 16), want, rtol=1e-5, atol=1e-6)
+
+
+def test_errors():
+    x = np.zeros((2, 4), np.float32)
+    with pytest.raises(ValueError, match="weight"):
+        rms_norm(x, np.ones(3, np.float32), 1e-5, x)
+    with pytest.raises(ValueError, match="out"):
+        rms_norm(x, np.ones(4, np.float32), 1e-5, np.zeros((2, 4), np.float64))

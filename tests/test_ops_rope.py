@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+import torch
+from hy_edge_ops import reference as ref
+from hy_edge_ops.rope import apply_rope, rope_inv_freq, rope_tables
+
+HUNYUAN_BASE = 10000.0 * 1000.0 ** (128 / 126)  # dynamic alpha scaling as a static base
+
+
+@pytest.mark.parametrize("d,base", [(128, HUNYUAN_BASE), (64, 10000.0), (64, 100000.0), (10, 500.0)])
+def test_tables_match_torch(d, base):
+    inv = rope_inv_freq(d, base)
+    t_inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    np.testing.assert_allclose(inv, t_inv.numpy(), rtol=1e-6)
+    cos, sin = rope_tables(inv, 4096)
+    pos = torch.arange(4096, dtype=torch.float)
+    freqs = torch.outer(pos, torch.from_numpy(inv))
+    np.testing.assert_allclose(cos, freqs.cos().numpy(), rtol=0, atol=2e-6)
+    np.testing.assert_allclose(sin, freqs.sin().numpy(), rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("t,h", [(1, 6), (11, 2)])
+def test_apply_rope(t, h):
+    d = 64
+    rng = np.random.default_rng(6)
+    inv = rope_inv_freq(d, 10000.0)
+    cos, sin = rope_tables(inv, 100)
+    x = rng.standard_normal((t, h, d)).astype(np.float32)
+    positions = rng.integers(0, 100, t).astype(np.int64)
+    want = ref.apply_rope(x, positions, inv)
+    apply_rope(x, positions, cos, sin)
+    np.testing.assert_allclose(x, want, rtol=1e-5, atol=1e-5)
+
+
+def test_apply_rope_matches_transformers_rotate_half():
+    d, t, h = 32, 5, 3
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((t, h, d)).astype(np.float32)
+    inv = rope_inv_freq(d, 10000.0)
+    cos, sin = rope_tables(inv, 16)
+    positions = np.arange(3, 3 + t, dtype=np.int64)
+    xt = torch.from_numpy(x.copy()).transpose(0, 1)  # (H, T, D)
+    emb_cos = torch.cat([torch.from_numpy(cos[positions])] * 2, -1)  # (T, D)
+    emb_sin = torch.cat([torch.from_numpy(sin[positions])] * 2, -1)
+    rot = torch.cat((-xt[..., d // 2:], xt[..., : d // 2]), dim=-1)
+    want = (xt * emb_cos + rot * emb_sin).transpose(0, 1).numpy()
+    np.testing.assert_allclose(apply_rope(x, positions, cos, sin), want, rtol=1e-6, atol=1e-6)
+
+
+def test_errors():
+    cos, sin = rope_tables(rope_inv_freq(8, 10000.0), 4)
+    x = np.zeros((2, 1, 8), np.float32)
+    with pytest.raises(ValueError, match="positions"):
+        apply_rope(x, np.array([0, 4], np.int64), cos, sin)
+    with pytest.raises(ValueError, match="head_dim"):
+        rope_inv_freq(7, 10000.0)
