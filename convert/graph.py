@@ -1,0 +1,258 @@
+"""The ONNX graph: standard ops only (opset 21), so stock onnxruntime runs the file as it is.
+
+One graph serves prefill and decode: the past KV (B, Hkv, P, D) and conv state (B, C, k-1) come in, the
+present ones (P + T along time) go out, and the causal mask is built from the cache length. FP8 weights
+are float8 initializers feeding DequantizeLinear; emitters are named make_* and nodes get path-style
+names (/model/layers.3/attn/q_proj/MatMul), as onnxruntime-genai's builders do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from hy_edge_ops.fp8 import FP8_MAX
+from hy_edge_ops.rope import rope_inv_freq
+from onnx import TensorProto, helper, numpy_helper
+
+from edge_runtime import format as F
+from edge_runtime.spec import ModelSpec
+
+OPSET = 21
+IR_VERSION = 10
+FP8_TYPES = {"e4m3": TensorProto.FLOAT8E4M3FN, "e5m2": TensorProto.FLOAT8E5M2}
+
+
+@dataclass(frozen=True)
+class StoredWeight:
+    """How one weight sits in the file: what the graph needs to read it back."""
+
+    storage: str  # e4m3 | e5m2 | fp16 | fp32
+    shape: tuple[int, ...]
+    scale_shape: tuple[int, ...] = ()  # FP8: () per tensor, (N,) per channel, (N, G) per block
+
+
+class GraphBuilder:
+    """Collects nodes; `weights` says how each weight is stored (the initializers are written apart)."""
+
+    def __init__(self, spec: ModelSpec, weights: dict[str, StoredWeight], activations: str):
+        self.spec = spec
+        self.weights = weights
+        self.activations = activations
+        self.nodes: list[onnx.NodeProto] = []
+        self.consts: list[onnx.TensorProto] = []
+        self._const_cache: dict[tuple, str] = {}
+        self._dequant_cache: dict[str, str] = {}
+        self._names: set[str] = set()
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def node(self, op: str, inputs: list[str], path: str, n_out: int = 1, **attrs) -> str | list[str]:
+        name, n = f"{path}/{op}", 1
+        while name in self._names:  # a second op of the same kind on one path: /Div, /Div_1, ...
+            name, n = f"{path}/{op}_{n}", n + 1
+        self._names.add(name)
+        outs = [f"{name}/output_{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=name, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def const(self, value, dtype=np.float32) -> str:
+        arr = np.asarray(value, dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._const_cache:
+            name = f"/const/{len(self._const_cache)}"
+            self.consts.append(numpy_helper.from_array(arr, name))
+            self._const_cache[key] = name
+        return self._const_cache[key]
+
+    def i64(self, *values: int) -> str:
+        return self.const(list(values), np.int64)
+
+    # -- weights ----------------------------------------------------------------------------
+    def make_weight(self, name: str) -> str:
+        """The fp32 value of a weight, dequantized once however many layers share it."""
+        if name not in self._dequant_cache:
+            w, value, path = self.weights[name], name, "/" + name.replace(".weight", "")
+            if w.storage in FP8_TYPES:
+                attrs = {}
+                if len(w.scale_shape) == 1:
+                    attrs = {"axis": 0}
+                elif len(w.scale_shape) == 2:
+                    attrs = {"axis": 1, "block_size": w.shape[1] // w.scale_shape[1]}
+                value = self.node("DequantizeLinear", [name + F.QWEIGHT, name + F.SCALE], path, **attrs)
+            elif w.storage == "fp16":
+                value = self.node("Cast", [value], path, to=TensorProto.FLOAT)
+            self._dequant_cache[name] = value
+        return self._dequant_cache[name]
+
+    def make_linear(self, x: str, name: str, path: str) -> str:
+        """x (B, T, K) @ W^T with W (N, K) in the Hugging Face layout."""
+        w = self.make_weight(name)
+        if self.activations != "none" and self.weights[name].storage in FP8_TYPES:
+            x = self.make_fake_quant(x, name, path)
+        wt = self.node("Transpose", [w], path + "/weight", perm=[1, 0])
+        return self.node("MatMul", [x, wt], path)
+
+    def make_fake_quant(self, x: str, name: str, path: str) -> str:
+        """x -> fp8(x / s) * s: s = input_scale (static) or amax(|x|) / FP8_MAX per token (dynamic)."""
+        path += "/act_quant"
+        if self.activations == "static":
+            fmt = "e4m3"
+            s = name + F.INPUT_SCALE
+        else:
+            fmt = self.activations
+            amax = self.node("ReduceMax", [self.node("Abs", [x], path), self.i64(-1)], path, keepdims=1)
+            s = self.node("Div", [amax, self.const(FP8_MAX[fmt])], path)
+            s = self.node("Max", [s, self.const(np.finfo(np.float32).tiny)], path + "/floor")
+        q = self.node("Cast", [self.node("Div", [x, s], path)], path + "/to_fp8", to=FP8_TYPES[fmt], saturate=1)
+        back = self.node("Cast", [q], path + "/to_float", to=TensorProto.FLOAT)
+        return self.node("Mul", [back, s], path)
+
+    # -- blocks -----------------------------------------------------------------------------
+    def make_rms_norm(self, x: str, weight: str, path: str) -> str:
+        """weight * x * rsqrt(mean(x^2) + eps) over the last axis (no +1 on the weight)."""
+        var = self.node("ReduceMean", [self.node("Mul", [x, x], path + "/sq"), self.i64(-1)], path, keepdims=1)
+        inv = self.node("Reciprocal", [self.node("Sqrt", [self.node(
+            "Add", [var, self.const(self.spec.rms_norm_eps)], path)], path)], path)
+        return self.node("Mul", [self.make_weight(weight), self.node("Mul", [x, inv], path)], path + "/scale")
+
+    def make_rope(self, x: str, cos: str, sin: str, path: str) -> str:
+        """NeoX rotate-half on x (B, heads, T, D); cos/sin (B, 1, T, D/2)."""
+        half = self.spec.head_dim // 2
+        x1, x2 = self.node("Split", [x, self.i64(half, half)], path, n_out=2, axis=-1)
+        out1 = self.node("Sub", [self.node("Mul", [x1, cos], path + "/x1c"),
+                                 self.node("Mul", [x2, sin], path + "/x2s")], path)
+        out2 = self.node("Add", [self.node("Mul", [x2, cos], path + "/x2c"),
+                                 self.node("Mul", [x1, sin], path + "/x1s")], path)
+        return self.node("Concat", [out1, out2], path, axis=-1)
+
+    def make_rope_tables(self) -> tuple[str, str]:
+        """cos, sin (B, 1, T, D/2) from position_ids, freqs computed in float32 like transformers."""
+        inv = rope_inv_freq(self.spec.head_dim, self.spec.rope_theta)
+        pos = self.node("Cast", [F.POSITION_IDS], "/model/rope", to=TensorProto.FLOAT)
+        freqs = self.node("Mul", [self.node("Unsqueeze", [pos, self.i64(-1)], "/model/rope"), self.const(inv)],
+                          "/model/rope")
+        freqs = self.node("Unsqueeze", [freqs, self.i64(1)], "/model/rope/heads")
+        return self.node("Cos", [freqs], "/model/rope"), self.node("Sin", [freqs], "/model/rope")
+
+    def split_heads(self, x: str, heads: int, path: str) -> str:
+        """(B, T, heads*D) -> (B, heads, T, D)."""
+        x = self.node("Reshape", [x, self.i64(0, 0, heads, self.spec.head_dim)], path)
+        return self.node("Transpose", [x], path, perm=[0, 2, 1, 3])
+
+    def make_attention(self, i: int, h: str, rope: tuple[str, str], mask: str) -> str:
+        s, p = self.spec, f"/model/layers.{i}/attn"
+        w = F.layer_prefix(s.shared_layers[i]) + ".self_attn"
+        H, Hkv, D = s.num_attention_heads, s.num_key_value_heads, s.head_dim
+        q = self.split_heads(self.make_linear(h, f"{w}.q_proj.weight", p + "/q_proj"), H, p + "/q")
+        k = self.split_heads(self.make_linear(h, f"{w}.k_proj.weight", p + "/k_proj"), Hkv, p + "/k")
+        v = self.split_heads(self.make_linear(h, f"{w}.v_proj.weight", p + "/v_proj"), Hkv, p + "/v")
+        q, k = self.make_rope(q, *rope, p + "/q_rope"), self.make_rope(k, *rope, p + "/k_rope")
+        if s.use_qk_norm:  # q/k norm after RoPE, as in transformers' HunYuanDenseV1Attention
+            q = self.make_rms_norm(q, f"{w}.query_layernorm.weight", p + "/q_norm")
+            k = self.make_rms_norm(k, f"{w}.key_layernorm.weight", p + "/k_norm")
+        k = self.node("Concat", [F.past_key(i), k], p + "/k_cache", axis=2)  # (B, Hkv, P+T, D)
+        v = self.node("Concat", [F.past_value(i), v], p + "/v_cache", axis=2)
+        self.nodes.append(helper.make_node("Identity", [k], [F.present_key(i)], name=p + "/present_key"))
+        self.nodes.append(helper.make_node("Identity", [v], [F.present_value(i)], name=p + "/present_value"))
+        if H != Hkv:  # GQA: (B, Hkv, S, D) -> (B, Hkv, H/Hkv, S, D) -> (B, H, S, D)
+            k, v = (self.make_repeat_kv(t, H // Hkv, p + f"/repeat_{n}") for t, n in ((k, "k"), (v, "v")))
+        kt = self.node("Transpose", [k], p + "/kT", perm=[0, 1, 3, 2])
+        scores = self.node("Mul", [self.node("MatMul", [q, kt], p + "/qk"), self.const(D ** -0.5)], p + "/qk")
+        scores = self.node("Where", [mask, self.const(-np.inf), scores], p + "/mask")  # (B, H, T, S)
+        probs = self.node("Softmax", [scores], p, axis=-1)
+        out = self.node("Transpose", [self.node("MatMul", [probs, v], p + "/pv")], p + "/out", perm=[0, 2, 1, 3])
+        out = self.node("Reshape", [out, self.i64(0, 0, H * D)], p + "/out")
+        return self.make_linear(out, f"{w}.o_proj.weight", p + "/o_proj")
+
+    def make_repeat_kv(self, x: str, n_rep: int, path: str) -> str:
+        s = self.spec
+        x = self.node("Unsqueeze", [x, self.i64(2)], path)
+        shape = self.node("Shape", [x], path)
+        target = self.node("Concat", [self.node("Slice", [shape, self.i64(0), self.i64(2)], path + "/bh"),
+                                      self.i64(n_rep),
+                                      self.node("Slice", [shape, self.i64(3), self.i64(5)], path + "/sd")],
+                           path + "/shape", axis=0)
+        x = self.node("Expand", [x, target], path)
+        return self.node("Reshape", [x, self.i64(0, s.num_attention_heads, -1, s.head_dim)], path)
+
+    def make_dwconv(self, i: int, h: str) -> str:
+        """Depthwise causal conv over time (state: the last k-1 inputs) then a pointwise projection."""
+        s, p = self.spec, f"/model/layers.{i}/mixer"
+        w = F.layer_prefix(s.shared_layers[i]) + ".mixer"
+        C, k = s.hidden_size, s.conv_kernel_size
+        x = self.node("Transpose", [h], p + "/in", perm=[0, 2, 1])  # (B, C, T)
+        x = self.node("Concat", [F.past_conv(i), x], p + "/state", axis=2)  # (B, C, k-1+T)
+        self.nodes.append(helper.make_node(
+            "Slice", [x, self.i64(-(k - 1)), self.i64(np.iinfo(np.int64).max), self.i64(2)],
+            [F.present_conv(i)], name=p + "/present_conv"))
+        kernel = self.node("Reshape", [self.make_weight(f"{w}.conv.weight"), self.i64(C, 1, k)], p + "/kernel")
+        y = self.node("Conv", [x, kernel], p + "/conv", group=C, kernel_shape=[k])  # (B, C, T)
+        y = self.node("Transpose", [y], p + "/out", perm=[0, 2, 1])
+        return self.make_linear(y, f"{w}.out_proj.weight", p + "/out_proj")
+
+    def make_mlp(self, i: int, h: str) -> str:
+        s, p = self.spec, f"/model/layers.{i}/mlp"
+        w = F.layer_prefix(s.shared_layers[i]) + ".mlp"
+        gate = self.make_linear(h, f"{w}.gate_proj.weight", p + "/gate_proj")
+        up = self.make_linear(h, f"{w}.up_proj.weight", p + "/up_proj")
+        if s.hidden_act == "relu6":
+            act = self.node("Clip", [gate, self.const(0.0), self.const(6.0)], p + "/act")
+        else:
+            act = self.node("Mul", [gate, self.node("Sigmoid", [gate], p + "/act")], p + "/act")
+        return self.make_linear(self.node("Mul", [act, up], p + "/gated"), f"{w}.down_proj.weight",
+                                p + "/down_proj")
+
+    def make_causal_mask(self) -> str:
+        """(T, S) bool, True where key j lies after query i's position P + i (S = P + T)."""
+        p = "/model/mask"
+        past = self.node("Shape", [F.past_key(self.spec.attention_layers[0])], p + "/P")
+        P = self.node("Gather", [past, self.i64(2)], p + "/P", axis=0)
+        T = self.node("Gather", [self.node("Shape", [F.INPUT_IDS], p + "/T"), self.i64(1)], p + "/T", axis=0)
+        zero, one = self.const(0, np.int64), self.const(1, np.int64)
+        kpos = self.node("Range", [zero, self.node("Add", [P, T], p + "/S"), one], p + "/kpos")  # (S,)
+        qpos = self.node("Add", [self.node("Range", [zero, T, one], p + "/qpos"), P], p + "/qpos")  # (T,)
+        qpos = self.node("Unsqueeze", [qpos, self.i64(1)], p + "/qpos")  # (T, 1)
+        return self.node("Greater", [kpos, qpos], p)
+
+    def make_model(self) -> None:
+        s = self.spec
+        x = self.node("Gather", [F.EMBED, F.INPUT_IDS], "/model/embed_tokens", axis=0)
+        if self.weights[F.EMBED].storage == "fp16":  # gather the fp16 rows, then widen only those
+            x = self.node("Cast", [x], "/model/embed_tokens", to=TensorProto.FLOAT)
+        rope = mask = None
+        if s.attention_layers:
+            rope, mask = self.make_rope_tables(), self.make_causal_mask()
+        for i in range(s.num_hidden_layers):
+            w = F.layer_prefix(s.shared_layers[i])
+            h = self.make_rms_norm(x, f"{w}.input_layernorm.weight", f"/model/layers.{i}/input_layernorm")
+            if s.layer_types[i] == "attention":
+                y = self.make_attention(i, h, rope, mask)
+            else:
+                y = self.make_dwconv(i, h)
+            x = self.node("Add", [x, y], f"/model/layers.{i}/attn_residual")
+            h = self.make_rms_norm(x, f"{w}.post_attention_layernorm.weight",
+                                   f"/model/layers.{i}/post_attention_layernorm")
+            x = self.node("Add", [x, self.make_mlp(i, h)], f"/model/layers.{i}/mlp_residual")
+        x = self.make_rms_norm(x, F.FINAL_NORM, "/model/norm")
+        head = F.LM_HEAD if F.LM_HEAD in self.weights else F.EMBED
+        logits = self.make_linear(x, head, "/lm_head")
+        self.nodes.append(helper.make_node("Identity", [logits], [F.LOGITS], name="/lm_head/logits"))
+
+
+def io_value_infos(spec: ModelSpec) -> tuple[list, list]:
+    """Graph inputs and outputs with symbolic dims: batch, sequence, past_sequence, total_sequence."""
+    Hkv, D, C, k = spec.num_key_value_heads, spec.head_dim, spec.hidden_size, spec.conv_kernel_size
+    vi = helper.make_tensor_value_info
+    inputs = [vi(F.INPUT_IDS, TensorProto.INT64, ["batch", "sequence"]),
+              vi(F.POSITION_IDS, TensorProto.INT64, ["batch", "sequence"])]
+    outputs = [vi(F.LOGITS, TensorProto.FLOAT, ["batch", "sequence", spec.vocab_size])]
+    for i in range(spec.num_hidden_layers):
+        if spec.layer_types[i] == "attention":
+            for past, present in ((F.past_key(i), F.present_key(i)), (F.past_value(i), F.present_value(i))):
+                inputs.append(vi(past, TensorProto.FLOAT, ["batch", Hkv, "past_sequence", D]))
+                outputs.append(vi(present, TensorProto.FLOAT, ["batch", Hkv, "total_sequence", D]))
+        else:
+            inputs.append(vi(F.past_conv(i), TensorProto.FLOAT, ["batch", C, k - 1]))
+            outputs.append(vi(F.present_conv(i), TensorProto.FLOAT, ["batch", C, k - 1]))
+    return inputs, outputs

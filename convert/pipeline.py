@@ -1,0 +1,176 @@
+"""checkpoint → spec → quantize → graph → one .onnx file (+ its external data)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from edge_runtime import format as F
+from edge_runtime.errors import CheckpointError, HyEdgeError
+from edge_runtime.spec import ModelSpec, spec_from_hf_config
+
+from .checkpoint import Checkpoint, TensorRef, open_checkpoint
+from .graph import FP8_TYPES, IR_VERSION, OPSET, GraphBuilder, StoredWeight, io_value_infos
+from .quantize import Quantized, QuantPolicy, carry_fp8, dequantize_carried, quantize_weight, to_fp16
+from .writer import ExternalData, commit
+
+Progress = Callable[[str, int, int], None]  # (tensor name, index, total)
+
+
+@dataclass
+class ConversionReport:
+    out: Path
+    spec: ModelSpec
+    source_bytes: int
+    onnx_bytes: int = 0
+    data_bytes: int = 0
+    seconds: float = 0.0
+    tensors: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        c: dict[str, int] = {}
+        for t in self.tensors.values():
+            c[t["storage"]] = c.get(t["storage"], 0) + 1
+        return dict(sorted(c.items()))
+
+    @property
+    def worst(self) -> tuple[str, float]:
+        fp8 = {n: t["rel_error"] for n, t in self.tensors.items() if t["storage"] in FP8_TYPES}
+        if not fp8:
+            return ("", 0.0)
+        name = max(fp8, key=fp8.get)
+        return name, fp8[name]
+
+
+def _is_fp8_checkpoint(ckpt: Checkpoint) -> bool:
+    q = ckpt.config.get("quantization_config") or {}
+    return q.get("quant_method") == "compressed-tensors"
+
+
+def _source(ckpt: Checkpoint, name: str, shape: tuple[int, ...]) -> TensorRef:
+    ref = ckpt.tensors.get(name)
+    if ref is None:
+        raise CheckpointError(f"{ckpt.path}: tensor '{name}' is missing")
+    if tuple(ref.shape) != tuple(shape):
+        raise CheckpointError(f"{ckpt.path}: tensor '{name}' has shape {tuple(ref.shape)}, expected {shape}")
+    return ref
+
+
+def _produce(ckpt: Checkpoint, name: str, shape: tuple[int, ...], policy: QuantPolicy) -> Quantized:
+    src_name = F.EMBED if (name == F.LM_HEAD and F.LM_HEAD not in ckpt.tensors) else name
+    ref = _source(ckpt, src_name, shape)
+    if ref.dtype == "f8_e4m3":  # an FP8 release: carry the bytes, or expand them for --format none
+        base = src_name[: -len(".weight")]
+        scale_ref = ckpt.tensors.get(base + ".weight_scale")
+        if scale_ref is None:
+            raise CheckpointError(f"{ckpt.path}: FP8 tensor '{src_name}' has no weight_scale")
+        inp = ckpt.tensors.get(base + ".input_scale")
+        codes, scale = ref.load(), scale_ref.load()
+        if policy.format == "none":
+            return Quantized("fp32", dequantize_carried(codes, scale))
+        return carry_fp8(codes, scale, None if inp is None else inp.load())
+    w = ref.load().astype(np.float32, copy=False)
+    if not F.is_linear(name) or len(shape) != 2:
+        return Quantized("fp32", np.ascontiguousarray(w))
+    if name == F.EMBED:  # gathered row by row: float16 when quantizing, fp32 for the reference
+        return Quantized("fp32", np.ascontiguousarray(w)) if policy.format == "none" else to_fp16(w)
+    return quantize_weight(name, w, policy)
+
+
+def _tokenizer_metadata(ckpt: Checkpoint) -> dict[str, str]:
+    tok = ckpt.tokenizer
+    if tok is None:
+        return {}
+    if tok.kind == "tokenizers":
+        payload = {"type": "tokenizers", "json": tok.data.decode("utf-8")}
+    else:
+        payload = {"type": "sentencepiece", "model_b64": base64.b64encode(tok.data).decode("ascii")}
+    return {F.META_TOKENIZER: json.dumps(payload), F.META_TOKENIZER_CONFIG: json.dumps(tok.config)}
+
+
+def convert(src: Path | str, out: Path | str, policy: QuantPolicy | None = None,
+            progress: Progress | None = None, source_extra: dict | None = None) -> ConversionReport:
+    """Convert a Hugging Face checkpoint directory or a GGUF file to `out` (.onnx + .onnx.data).
+    `source_extra` is recorded in the file's source metadata (the cache keys its files by it)."""
+    policy = policy or QuantPolicy()
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise HyEdgeError(f"output directory {out.parent} does not exist")
+    if out.suffix != ".onnx":
+        raise HyEdgeError(f"output {out} should end in .onnx")
+    start = time.perf_counter()
+    with open_checkpoint(src) as ckpt:
+        spec = spec_from_hf_config(ckpt.config)
+        names = F.model_tensors(spec)
+        if policy.lm_head_fp8 and spec.tie_word_embeddings and policy.format != "none":
+            names[F.LM_HEAD] = (spec.vocab_size, spec.hidden_size)  # an FP8 copy of the tied embedding
+        for name, shape in names.items():  # fail before writing anything
+            _source(ckpt, F.EMBED if name == F.LM_HEAD and F.LM_HEAD not in ckpt.tensors else name, shape)
+        report = ConversionReport(out, spec, _source_bytes(Path(ckpt.path)))
+        data = ExternalData(out)
+        try:
+            inits, stored = [], {}
+            for i, (name, shape) in enumerate(names.items()):
+                if progress:
+                    progress(name, i, len(names))
+                q = _produce(ckpt, name, shape, policy)
+                if policy.activations == "static" and q.storage in FP8_TYPES and q.input_scale is None:
+                    raise HyEdgeError(f"--activations static needs an input_scale for '{name}' "
+                                      "(only FP8-static checkpoints have one)")
+                if q.storage in FP8_TYPES:
+                    inits.append(data.add(name + F.QWEIGHT, q.data, FP8_TYPES[q.storage]))
+                    inits.append(data.add(name + F.SCALE, q.scale))
+                    if q.input_scale is not None:
+                        inits.append(data.add(name + F.INPUT_SCALE, q.input_scale))
+                else:
+                    inits.append(data.add(name, q.data))
+                stored[name] = StoredWeight(q.storage, tuple(shape), () if q.scale is None else q.scale.shape)
+                report.tensors[name] = q.report()
+            model = _model(spec, stored, inits, policy, report, ckpt, source_extra or {})
+            commit(model, out, data)
+        except BaseException:
+            data.discard()
+            raise
+    report.onnx_bytes = out.stat().st_size
+    report.data_bytes = data.final.stat().st_size
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _source_bytes(path: Path) -> int:
+    """Size of the weight files converted from (the GGUF, or the directory's safetensors)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.glob("*.safetensors"))
+
+
+def _model(spec: ModelSpec, stored: dict[str, StoredWeight], inits: list, policy: QuantPolicy,
+           report: ConversionReport, ckpt: Checkpoint, source_extra: dict) -> onnx.ModelProto:
+    builder = GraphBuilder(spec, stored, policy.activations)
+    builder.make_model()
+    inputs, outputs = io_value_infos(spec)
+    graph = helper.make_graph(builder.nodes, "hy-edge", inputs, outputs, initializer=inits + builder.consts)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="hy-edge", ir_version=IR_VERSION)
+    quant = {"format": policy.format, "granularity": policy.granularity, "activations": policy.activations,
+             "keep_fp16": list(policy.keep_fp16), "tensors": report.tensors}
+    meta = {
+        F.META_FORMAT: str(F.FORMAT_VERSION),
+        F.META_SPEC: spec.to_json(),
+        F.META_QUANT: json.dumps(quant),
+        F.META_SOURCE: json.dumps({"path": str(ckpt.path), "kind": ckpt.kind,
+                                   "fp8_checkpoint": _is_fp8_checkpoint(ckpt),
+                                   "source_bytes": report.source_bytes, **source_extra}),
+        **_tokenizer_metadata(ckpt),
+    }
+    helper.set_model_props(model, meta)
+    return model

@@ -1,0 +1,170 @@
+"""Quantization policy: which tensors become FP8 (E4M3 or E5M2), with which scales, and which stay float.
+
+The FP8 format itself (encode/decode, round-to-nearest-even, saturation) lives in `hy_edge_ops.fp8`;
+this module only decides. Scales map the tensor's range onto the format's: scale = amax / FP8_MAX
+per output channel (default), per tensor, or per block of N inputs. `auto` quantizes with both formats
+and keeps the one with the lower reconstruction error (the seed's "dynamic exponent allocation").
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import numpy as np
+from hy_edge_ops.fp8 import FP8_MAX, dequantize_fp8, quantize_fp8
+
+from edge_runtime.errors import HyEdgeError
+from edge_runtime.format import EMBED
+
+FORMATS = ("e4m3", "e5m2", "auto", "none")
+ACTIVATIONS = ("none", "e4m3", "e5m2", "static")
+ROWS_PER_CHUNK = 4096  # bounds the fp32 temporaries of one tensor (4096 x K floats)
+
+
+@dataclass(frozen=True)
+class QuantPolicy:
+    format: str = "e4m3"  # e4m3 | e5m2 | auto | none (fp32 everywhere: the reference point)
+    granularity: str = "channel"  # channel | tensor | block:N
+    keep_fp16: tuple[str, ...] = (EMBED,)  # fnmatch patterns of 2-D weights that stay FP16
+    lm_head_fp8: bool = False  # a tied lm_head gets its own FP8 copy (the embedding stays FP16)
+    activations: str = "none"  # fake-quantize linear inputs: none | e4m3 | e5m2 | static (input_scale)
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise HyEdgeError(f"--format: '{self.format}' is not one of {', '.join(FORMATS)}")
+        if self.activations not in ACTIVATIONS:
+            raise HyEdgeError(f"--activations: '{self.activations}' is not one of {', '.join(ACTIVATIONS)}")
+        block_size(self.granularity)  # validates
+
+    def stays_float(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in self.keep_fp16)
+
+
+def block_size(granularity: str) -> int | None:
+    """None for channel/tensor, N for block:N."""
+    if granularity in ("channel", "tensor"):
+        return None
+    if granularity.startswith("block:"):
+        n = granularity[6:]
+        if n.isdigit() and int(n) > 0:
+            return int(n)
+    raise HyEdgeError(f"--granularity: '{granularity}' is not channel, tensor or block:N")
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """One weight as it will be stored. `scale` has the ONNX DequantizeLinear shape: () per tensor,
+    (N,) per channel, (N, G) per block."""
+
+    storage: str  # e4m3 | e5m2 | fp16 | fp32
+    data: np.ndarray  # uint8 codes (N, K) | float16 | float32
+    scale: np.ndarray | None = None
+    granularity: str | None = None  # channel | tensor | block:N
+    input_scale: np.ndarray | None = None  # float32 (), static activation scale
+    rel_error: float = 0.0  # ||dequant(q) - w|| / ||w||
+    carried: bool = False  # FP8 bytes taken over from the checkpoint unchanged
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + (0 if self.scale is None else self.scale.nbytes)
+
+    def report(self) -> dict:
+        r = {"storage": self.storage, "shape": list(self.data.shape), "rel_error": float(self.rel_error)}
+        if self.granularity:
+            r["granularity"] = self.granularity
+        if self.carried:
+            r["carried"] = True
+        return r
+
+
+def _scales(w: np.ndarray, fmt: str, granularity: str) -> np.ndarray:
+    """(N, G) float32 scales for w (N, K)."""
+    N, K = w.shape
+    amax_to_scale = np.float32(1.0 / FP8_MAX[fmt])
+    if granularity == "tensor":
+        amax = np.full((N, 1), np.abs(w).max() if w.size else 0.0, np.float32)
+    elif granularity == "channel":
+        amax = np.abs(w).max(axis=1, keepdims=True)
+    else:
+        B = block_size(granularity)
+        amax = np.abs(w.reshape(N, K // B, B)).max(axis=2)
+    scale = (amax * amax_to_scale).astype(np.float32)
+    scale[~(scale > 0) | ~np.isfinite(scale)] = 1.0  # all-zero rows/blocks: any scale decodes to 0
+    return scale
+
+
+def _encode(w: np.ndarray, fmt: str, granularity: str) -> tuple[np.ndarray, np.ndarray, float]:
+    """Codes (N, K), scales (N, G), relative error — in row chunks so temporaries stay small."""
+    scales = _scales(w, fmt, granularity)
+    codes = np.empty(w.shape, np.uint8)
+    err = ref = 0.0
+    for r0 in range(0, w.shape[0], ROWS_PER_CHUNK):
+        rows = slice(r0, r0 + ROWS_PER_CHUNK)
+        chunk = np.ascontiguousarray(w[rows])
+        codes[rows] = quantize_fp8(chunk, np.ascontiguousarray(scales[rows]), fmt)
+        deq = dequantize_fp8(codes[rows], np.ascontiguousarray(scales[rows]), fmt)
+        err += float(np.square(deq - chunk, dtype=np.float64).sum())
+        ref += float(np.square(chunk, dtype=np.float64).sum())
+    return codes, scales, (err / ref) ** 0.5 if ref > 0 else 0.0
+
+
+def _onnx_scale(scales: np.ndarray, granularity: str) -> np.ndarray:
+    if granularity == "tensor":
+        return np.asarray(scales[0, 0], np.float32).reshape(())
+    if granularity == "channel":
+        return np.ascontiguousarray(scales[:, 0])
+    return np.ascontiguousarray(scales)
+
+
+def to_fp16(w: np.ndarray) -> Quantized:
+    w16 = w.astype(np.float16)
+    err = ref = 0.0
+    for r0 in range(0, w.shape[0], ROWS_PER_CHUNK):  # chunked: no second full-size fp32 temporary
+        chunk = w[r0: r0 + ROWS_PER_CHUNK]
+        err += float(np.square(w16[r0: r0 + ROWS_PER_CHUNK].astype(np.float32) - chunk, dtype=np.float64).sum())
+        ref += float(np.square(chunk, dtype=np.float64).sum())
+    return Quantized("fp16", w16, rel_error=(err / ref) ** 0.5 if ref > 0 else 0.0)
+
+
+def quantize_weight(name: str, w: np.ndarray, policy: QuantPolicy) -> Quantized:
+    """Quantize one float32 2-D weight as the policy says (linears only; callers keep norms float)."""
+    if policy.format == "none":
+        return Quantized("fp32", np.ascontiguousarray(w, np.float32))
+    if policy.stays_float(name):
+        return to_fp16(w)
+    granularity = policy.granularity
+    B = block_size(granularity)
+    if B is not None and w.shape[1] % B:
+        granularity = "channel"  # blocks must tile K exactly; recorded per tensor in the report
+    fmts = ("e4m3", "e5m2") if policy.format == "auto" else (policy.format,)
+    best = None
+    for fmt in fmts:
+        codes, scales, err = _encode(w, fmt, granularity)
+        if best is None or err < best[3]:
+            best = (fmt, codes, scales, err)
+    fmt, codes, scales, err = best
+    return Quantized(fmt, codes, _onnx_scale(scales, granularity), granularity, rel_error=err)
+
+
+def carry_fp8(codes: np.ndarray, weight_scale: np.ndarray, input_scale: np.ndarray | None) -> Quantized:
+    """An FP8 checkpoint's bytes, taken over exactly (compressed-tensors: weight float8_e4m3fn,
+    weight_scale [1] or [N, 1], input_scale [1])."""
+    N = codes.shape[0]
+    ws = np.asarray(weight_scale, np.float32)
+    if ws.size == 1:
+        scale, gran = ws.reshape(()), "tensor"
+    elif ws.size == N:
+        scale, gran = ws.reshape(N), "channel"
+    else:
+        raise HyEdgeError(f"weight_scale of shape {ws.shape} does not fit a weight with {N} rows")
+    inp = None if input_scale is None else np.asarray(input_scale, np.float32).reshape(())
+    return Quantized("e4m3", np.ascontiguousarray(codes), scale, gran, input_scale=inp, carried=True)
+
+
+def dequantize_carried(codes: np.ndarray, weight_scale: np.ndarray) -> np.ndarray:
+    """weight.float() * weight_scale, as the FP8 release defines it (for --format none)."""
+    N = codes.shape[0]
+    scales = np.broadcast_to(np.asarray(weight_scale, np.float32).reshape(-1, 1), (N, 1))
+    return dequantize_fp8(codes, np.ascontiguousarray(scales), "e4m3")
+

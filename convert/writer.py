@@ -1,0 +1,81 @@
+"""Writing the model: initializers stream into the external data file as they are produced (aligned so
+the runtime can memory-map them), the small graph goes last, and both appear under their final names
+only when complete."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+ALIGN = 4096  # page size: each external tensor starts on its own page, so a view needs no copy
+INLINE_LIMIT = 1024  # smaller tensors (scales, norms of tiny models) live inside the .onnx itself
+
+NP_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
+              np.dtype(np.int64): TensorProto.INT64}
+
+
+class ExternalData:
+    """Appends tensors to `<out>.data` inside a hidden work directory beside `out`; the files get their
+    final names there (the .onnx refers to its data by name) and move out only when complete."""
+
+    def __init__(self, out: Path):
+        self.workdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        self.final = out.with_name(out.name + ".data")
+        self.path = self.workdir / self.final.name
+        self._f = open(self.path, "wb")  # noqa: SIM115 (closed by close())
+        self.size = 0
+
+    def add(self, name: str, array: np.ndarray, data_type: int | None = None) -> TensorProto:
+        array = np.ascontiguousarray(array)
+        t = TensorProto()
+        t.name = name
+        t.dims.extend(array.shape)
+        t.data_type = data_type if data_type is not None else NP_TO_ONNX[array.dtype]
+        raw = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes() if array.nbytes else b""
+        if array.nbytes < INLINE_LIMIT:
+            t.raw_data = raw
+            return t
+        pad = -self.size % ALIGN
+        self._f.write(b"\0" * pad)
+        offset = self.size + pad
+        self._f.write(raw)
+        self.size = offset + len(raw)
+        t.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.final.name), ("offset", str(offset)), ("length", str(len(raw)))):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, value
+        return t
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+
+    def discard(self) -> None:
+        self.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def commit(model: onnx.ModelProto, out: Path, data: ExternalData) -> None:
+    """Write and check the graph beside its data in the work directory, then move both out: the old
+    .onnx goes first, so an interruption between the renames leaves no .onnx pointing at wrong data."""
+    data.close()
+    tmp = data.workdir / out.name
+    with open(tmp, "wb") as f:
+        f.write(model.SerializeToString())
+        f.flush()
+        os.fsync(f.fileno())
+    onnx.checker.check_model(str(tmp))  # by path: external data resolved beside it
+    with contextlib.suppress(FileNotFoundError):
+        out.unlink()
+    os.replace(data.path, data.final)
+    os.replace(tmp, out)
+    shutil.rmtree(data.workdir, ignore_errors=True)

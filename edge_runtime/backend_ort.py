@@ -1,0 +1,91 @@
+"""Backend "onnxruntime": the same .onnx file through a stock InferenceSession.
+
+The reference executor: it runs the graph exactly as written (DequantizeLinear and all), so agreement
+with it proves the file; the numba backend is the fast path. Batch 1; the KV cache and conv states
+are kept as the graph's present outputs and fed back as the next call's past inputs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from . import format as F
+from .errors import BudgetError, ModelFileError
+from .spec import ModelSpec
+
+
+class OrtSession:
+    """Backend interface: spec, max_context, n_cached, forward(ids), truncate(n), reset()."""
+
+    def __init__(self, path: Path | str, threads: int | None = None, max_context: int | None = None):
+        path = Path(path)
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception as e:  # a file onnx cannot parse is the user's file, not our bug
+            raise ModelFileError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
+        meta = {p.key: p.value for p in proto.metadata_props}
+        if meta.get(F.META_FORMAT) != str(F.FORMAT_VERSION):
+            raise ModelFileError(f"{path}: not a hy-edge model of format version {F.FORMAT_VERSION} "
+                                 f"(found {meta.get(F.META_FORMAT)!r}); convert it again")
+        self.spec = ModelSpec.from_json(meta[F.META_SPEC])
+        self.quantization = json.loads(meta.get(F.META_QUANT, "{}"))
+        self.max_context = max_context or self.spec.max_position_embeddings
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise ModelFileError(f"{path}: onnxruntime cannot load it: {str(e).splitlines()[0]}") from None
+        self.reset()
+
+    def reset(self) -> None:
+        s = self.spec
+        self.n_cached = 0
+        self._past: dict[str, np.ndarray] = {}
+        for i in range(s.num_hidden_layers):
+            if s.layer_types[i] == "attention":
+                empty = np.zeros((1, s.num_key_value_heads, 0, s.head_dim), np.float32)  # (B, Hkv, P, D)
+                self._past[F.past_key(i)] = self._past[F.past_value(i)] = empty
+            else:
+                self._past[F.past_conv(i)] = np.zeros((1, s.hidden_size, s.conv_kernel_size - 1), np.float32)
+
+    def truncate(self, n: int) -> int:
+        """Keep the first n cached tokens; returns how many were kept. A conv state cannot be rewound,
+        so a model with dwconv layers starts over unless nothing is dropped."""
+        n = max(0, min(n, self.n_cached))
+        if n == self.n_cached:
+            return n
+        if self.spec.conv_layers:
+            self.reset()
+            return 0
+        for name in list(self._past):
+            self._past[name] = self._past[name][:, :, :n]
+        self.n_cached = n
+        return n
+
+    def forward(self, ids: np.ndarray, all_logits: bool = False) -> np.ndarray:
+        """Logits of the last token (V,), or of all T tokens (T, V)."""
+        ids = np.asarray(ids, np.int64).reshape(1, -1)
+        T = ids.shape[1]
+        if self.n_cached + T > self.max_context:
+            raise BudgetError(f"context of {self.n_cached + T} tokens exceeds the limit of {self.max_context}")
+        positions = np.arange(self.n_cached, self.n_cached + T, dtype=np.int64).reshape(1, -1)
+        outputs = self.session.run(None, {F.INPUT_IDS: ids, F.POSITION_IDS: positions, **self._past})
+        names = [o.name for o in self.session.get_outputs()]
+        result = dict(zip(names, outputs, strict=True))
+        for i in range(self.spec.num_hidden_layers):
+            if self.spec.layer_types[i] == "attention":
+                self._past[F.past_key(i)] = result[F.present_key(i)]
+                self._past[F.past_value(i)] = result[F.present_value(i)]
+            else:
+                self._past[F.past_conv(i)] = result[F.present_conv(i)]
+        self.n_cached += T
+        logits = result[F.LOGITS][0]  # (T, V)
+        return logits if all_logits else logits[-1]

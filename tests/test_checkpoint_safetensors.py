@@ -1,0 +1,183 @@
+"""The safetensors reader against the `safetensors` library, on files transformers wrote."""
+
+from __future__ import annotations
+
+import json
+
+import checkpoints as ck
+import numpy as np
+import pytest
+import torch
+from hy_edge_convert.checkpoint import open_checkpoint
+from hy_edge_convert.safetensors_reader import SafetensorsFile
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from edge_runtime.spec import spec_from_hf_config
+
+
+def _reference(directory) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        with safe_open(f, "pt") as s:
+            for k in s.keys():
+                out[k] = s.get_tensor(k)
+    return out
+
+
+def _expected(t: torch.Tensor) -> np.ndarray:
+    if t.dtype == torch.float8_e4m3fn:
+        return t.view(torch.uint8).numpy()
+    return t.float().numpy()
+
+
+def test_all_dtypes_match_safetensors(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 7, generator=g) * 3
+    tensors = {
+        "a.f32": x,
+        "a.f16": x.half(),
+        "a.bf16": x.bfloat16(),
+        "a.f8": (x * 40).clamp(-448, 448).to(torch.float8_e4m3fn),
+        "scalar": torch.tensor([0.5]),
+        "odd.f16": torch.randn(3, generator=g).half(),  # puts the next tensor at an unaligned offset
+        "after_odd.f32": torch.randn(2, 3, generator=g),
+    }
+    save_file(tensors, tmp_path / "model.safetensors")
+    f = SafetensorsFile(tmp_path / "model.safetensors")
+    kinds = {k: v[0] for k, v in f.entries.items()}
+    assert kinds == {
+        "a.f32": "f32",
+        "a.f16": "f16",
+        "a.bf16": "bf16",
+        "a.f8": "f8_e4m3",
+        "scalar": "f32",
+        "odd.f16": "f16",
+        "after_odd.f32": "f32",
+    }
+    (tmp_path / "config.json").write_text("{}")
+    with open_checkpoint(tmp_path) as ckpt:
+        for name, t in tensors.items():
+            ref = ckpt.tensors[name]
+            got = ref.load()
+            assert ref.shape == tuple(t.shape)
+            assert got.dtype == (np.uint8 if t.dtype == torch.float8_e4m3fn else np.float32)
+            np.testing.assert_array_equal(got, _expected(t))
+    f.close()
+
+
+@pytest.mark.parametrize("fixture", ["hunyuan_dir", "hunyuan_f32_dir", "llama_dir", "llama_sharded_dir"])
+def test_saved_checkpoints_match_safetensors(fixture, request):
+    directory = request.getfixturevalue(fixture)
+    ref = _reference(directory)
+    with open_checkpoint(directory) as ckpt:
+        assert ckpt.kind == "safetensors"
+        assert set(ckpt.tensors) == set(ref)
+        for name, t in ref.items():
+            np.testing.assert_array_equal(ckpt.tensors[name].load(), _expected(t), err_msg=name)
+
+
+def test_sharded_index_is_used(llama_sharded_dir):
+    index = json.loads((llama_sharded_dir / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    with open_checkpoint(llama_sharded_dir) as ckpt:
+        assert set(ckpt.tensors) == set(index["weight_map"])
+        assert {r.dtype for r in ckpt.tensors.values()} == {"f16"}
+
+
+def test_hunyuan_names_and_dtypes(hunyuan_dir):
+    with open_checkpoint(hunyuan_dir) as ckpt:
+        assert "lm_head.weight" not in ckpt.tensors  # tied
+        assert {r.dtype for r in ckpt.tensors.values()} == {"bf16"}
+        q = ckpt.tensors["model.layers.0.self_attn.q_proj.weight"]
+        assert q.shape == (4 * 16, 48)  # H*D != hidden
+        assert "model.layers.1.self_attn.query_layernorm.weight" in ckpt.tensors
+
+
+def test_fp8_layout_codes_are_byte_exact(fp8_dir):
+    ref = _reference(fp8_dir)
+    with open_checkpoint(fp8_dir) as ckpt:
+        assert ckpt.config["quantization_config"]["quant_method"] == "compressed-tensors"
+        linears = [n for n in ref if n.endswith("_proj.weight")]
+        assert len(linears) == 2 * 7
+        for name in linears:
+            w, scale, act = (
+                ckpt.tensors[name],
+                ckpt.tensors[name + "_scale"],
+                ckpt.tensors[name[: -len("weight")] + "input_scale"],
+            )
+            assert (w.dtype, scale.dtype, act.dtype) == ("f8_e4m3", "f32", "f32")
+            assert scale.shape == (1,) and act.shape == (1,)
+            codes = w.load()
+            assert codes.dtype == np.uint8
+            assert codes.tobytes() == ref[name].view(torch.uint8).numpy().tobytes()
+            assert scale.load().tobytes() == ref[name + "_scale"].numpy().tobytes()
+        assert ckpt.tensors["model.embed_tokens.weight"].dtype == "bf16"
+        assert ckpt.tensors["model.norm.weight"].dtype == "bf16"
+
+
+def test_fp8_reference_model_dequantizes(fp8_dir):
+    model = ck.fp8_reference_model(fp8_dir)
+    with open_checkpoint(fp8_dir) as ckpt:
+        name = "model.layers.1.mlp.down_proj.weight"
+        codes = torch.from_numpy(ckpt.tensors[name].load()).view(torch.float8_e4m3fn)
+        expected = codes.float() * float(ckpt.tensors[name + "_scale"].load()[0])
+        torch.testing.assert_close(model.state_dict()[name], expected, rtol=0, atol=0)
+
+
+def test_directory_tokenizer(hunyuan_dir, llama_dir):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    with open_checkpoint(hunyuan_dir) as ckpt:
+        tok = ckpt.tokenizer
+        assert tok.kind == "tokenizers"
+        c = tok.config
+        assert c["bos_token"] == ck.HUNYUAN_BOS and c["eos_token"] == ck.HUNYUAN_EOS
+        assert c["chat_template"] == ck.HUNYUAN_TEMPLATE  # from chat_template.jinja (transformers 5)
+        eos_id = ckpt.config["eos_token_id"]
+        assert c["eos_token_ids"] == [eos_id]
+        hf = AutoTokenizer.from_pretrained(hunyuan_dir)
+        ours = Tokenizer.from_str(tok.data.decode())
+        text = "Hello, world! naïve café 🙂"
+        assert ours.encode(text, add_special_tokens=False).ids == hf.encode(text, add_special_tokens=False)
+    with open_checkpoint(llama_dir) as ckpt:
+        assert ckpt.tokenizer.config["chat_template"] == ck.CHATML_TEMPLATE
+        assert ckpt.tokenizer.config["eos_token"] == "<|im_end|>"
+
+
+def test_eos_ids_are_the_union(tmp_path, llama_dir):
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(llama_dir, d)
+    gen = json.loads((d / "generation_config.json").read_text())
+    eos = gen["eos_token_id"]
+    gen["eos_token_id"] = [eos, 0]
+    (d / "generation_config.json").write_text(json.dumps(gen))
+    with open_checkpoint(d) as ckpt:
+        assert ckpt.tokenizer.config["eos_token_ids"] == [eos, 0]
+
+
+def test_hunyuan_spec_legacy_and_new_keys_agree(hunyuan_f32_dir, hunyuan_legacy_dir):
+    from transformers import AutoModelForCausalLM
+
+    with open_checkpoint(hunyuan_f32_dir) as a, open_checkpoint(hunyuan_legacy_dir) as b:
+        new, legacy = spec_from_hf_config(a.config), spec_from_hf_config(b.config)
+    assert new == legacy
+    assert (new.hidden_size, new.num_attention_heads, new.head_dim, new.use_qk_norm) == (48, 4, 16, True)
+    # The effective base is what transformers' alpha rotary embedding computes.
+    model = AutoModelForCausalLM.from_pretrained(hunyuan_f32_dir)
+    inv_freq = model.model.rotary_emb.inv_freq.double()
+    D = new.head_dim
+    expected = 1.0 / new.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
+    torch.testing.assert_close(inv_freq, expected, rtol=1e-6, atol=0)
+
+
+def test_tensor_load_is_lazy(llama_dir):
+    with open_checkpoint(llama_dir) as ckpt:
+        f = ckpt._files[0]
+        assert f._mm is None  # nothing mapped until a tensor is asked for
+        ckpt.tensors["model.norm.weight"].load()
+        assert f._mm is not None
+    assert f._mm is None
