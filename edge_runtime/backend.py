@@ -1,0 +1,60 @@
+"""The interface the Generator drives, and the factory that opens a session on either backend.
+
+A backend session holds one conversation's cache. Both implementations (NumbaSession in
+engine_numba.py, OrtSession in backend_ort.py) provide:
+
+    spec: ModelSpec
+    max_context: int             # positions the cache can hold
+    n_cached: int                # positions it holds now
+    forward(ids (T,) int64, all_logits=False) -> (V,) logits of the last token | (T, V)
+    truncate(n)                  # forget positions >= n
+    reset()                      # truncate(0)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from .errors import HyEdgeError
+from .spec import ModelSpec
+
+if TYPE_CHECKING:
+    from .model import Model
+
+BACKENDS = ("numba", "onnxruntime")
+
+
+class Backend(Protocol):
+    spec: ModelSpec
+    max_context: int
+    n_cached: int
+
+    def forward(self, ids: np.ndarray, all_logits: bool = False) -> np.ndarray: ...
+
+    def truncate(self, n: int) -> None: ...
+
+    def reset(self) -> None: ...
+
+
+def open_session(model: Model, backend: str = "numba", *, threads: int | None = None,
+                 max_context: int | None = None, max_memory: int | None = None,
+                 prefill_chunk: int | None = None) -> Backend:
+    """A new session on `model` with the chosen backend; the memory budget is checked first."""
+    from .memory import DEFAULT_BUDGET
+    from .threads import resolve_threads
+
+    threads = resolve_threads(threads)
+    budget = DEFAULT_BUDGET if max_memory is None else max_memory
+    if backend == "numba":
+        from .engine_numba import DEFAULT_PREFILL_CHUNK, NumbaSession
+
+        return NumbaSession(model.spec, model.weights, activations=model.activations, max_context=max_context,
+                            prefill_chunk=prefill_chunk or DEFAULT_PREFILL_CHUNK, max_memory=budget,
+                            threads=threads)
+    if backend == "onnxruntime":
+        from .backend_ort import OrtSession
+
+        return OrtSession(model.path, threads=threads, max_context=max_context)
+    raise HyEdgeError(f"backend '{backend}' is not one of {', '.join(BACKENDS)}")

@@ -1,0 +1,240 @@
+"""Generation: prefill → decode loop → sampler → a stream of response objects (mlx-lm's
+stream_generate shape; phase names from gpt-fast).
+
+The Generator owns one backend session (numba or onnxruntime, see backend.py) and remembers which
+tokens its cache holds, so a prompt that extends them (the next chat turn) prefills only the new
+tokens, and a diverging one truncates to the common prefix.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .backend import Backend
+from .errors import BudgetError, HyEdgeError
+from .memory import peak_rss_mb
+from .sampling import LogitsProcessor, Sampler, make_sampler
+from .tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class GenerationResponse:
+    """One generated token. Stats are running values; on the last response (finish_reason set)
+    they are final."""
+
+    text: str  # text that became final with this token ('' while held back)
+    token: int
+    finish_reason: str | None  # None | "stop" (EOS or stop string) | "length"
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int  # prompt tokens reused from the cache, not prefilled again
+    ttft_s: float  # request start → first token sampled
+    prefill_tps: float  # prefilled tokens / prefill time
+    decode_tps: float  # tokens after the first / time since the first
+    peak_rss_mb: float
+
+
+@dataclass
+class GenerationResult:
+    """Everything a non-streaming call returns (the CLI's --json object)."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    ttft_s: float
+    prefill_tps: float
+    decode_tps: float
+    peak_rss_mb: float
+    cached_tokens: int = 0
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in (
+            "text", "token_ids", "prompt_tokens", "completion_tokens", "finish_reason", "ttft_s",
+            "prefill_tps", "decode_tps", "peak_rss_mb")}
+
+
+def collect(responses: Iterable[GenerationResponse]) -> GenerationResult:
+    text, ids, last = [], [], None
+    for r in responses:
+        text.append(r.text)
+        ids.append(r.token)
+        last = r
+    if last is None:
+        raise HyEdgeError("no tokens were generated")
+    return GenerationResult("".join(text), ids, last.prompt_tokens, last.completion_tokens,
+                            last.finish_reason or "length", last.ttft_s, last.prefill_tps, last.decode_tps,
+                            last.peak_rss_mb, last.cached_tokens)
+
+
+@dataclass
+class StopMatcher:
+    """Cuts the text at the first stop string; holds back a tail that may still become one."""
+
+    stops: tuple[str, ...]
+    pending: str = ""
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        """New text → (text safe to emit, whether a stop string was hit)."""
+        self.pending += delta
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        hold = 0
+        for s in self.stops:  # longest suffix of pending that is a proper prefix of a stop string
+            for n in range(min(len(s) - 1, len(self.pending)), hold, -1):
+                if self.pending.endswith(s[:n]):
+                    hold = n
+                    break
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+@dataclass
+class _Clock:
+    start: float = field(default_factory=time.perf_counter)
+    prefill_s: float = 0.0
+    prefilled: int = 0
+    first: float | None = None  # when the first token was sampled
+
+
+class Generator:
+    """Generation over one backend session, reusing its cache across calls."""
+
+    def __init__(self, backend: Backend, tokenizer: Tokenizer | None, eos_ids: Iterable[int] = ()):
+        self.backend = backend
+        self.tokenizer = tokenizer
+        eos = set(eos_ids) | set(backend.spec.eos_token_id)
+        if tokenizer is not None:
+            eos |= set(tokenizer.eos_ids)
+        self.eos_ids = frozenset(eos)
+        self.tokens: list[int] = []  # what the backend's cache holds, position by position
+        self.reused = 0  # prompt tokens the last prefill took from the cache
+        self._one = np.zeros(1, np.int64)  # (1,) the decode step's input
+
+    # -- phases -----------------------------------------------------------------------------
+    def prefill(self, prompt_ids: Sequence[int]) -> np.ndarray:
+        """Bring the cache to `prompt_ids`, reusing the longest cached prefix (at least one token is
+        run, for its logits); returns the last prompt token's logits (V,)."""
+        if self.backend.n_cached != len(self.tokens):  # someone else used the session
+            self.backend.reset()
+            self.tokens = []
+        keep = min(common_prefix(self.tokens, prompt_ids), len(prompt_ids) - 1)
+        if keep < self.backend.n_cached:
+            self.backend.truncate(keep)
+            keep = self.backend.n_cached  # a backend may keep less (OrtSession restarts conv models)
+            del self.tokens[keep:]
+        self.reused = keep
+        chunk = getattr(self.backend, "prefill_chunk", None) or len(prompt_ids)
+        logits = None
+        for s in range(keep, len(prompt_ids), chunk):
+            ids = list(prompt_ids[s : s + chunk])
+            logits = self.backend.forward(np.asarray(ids, np.int64))
+            self.tokens += ids
+        return logits
+
+    def decode_one_token(self, token: int) -> np.ndarray:
+        """Run one sampled token; returns its logits (V,)."""
+        self._one[0] = token
+        logits = self.backend.forward(self._one)
+        self.tokens.append(int(token))
+        return logits
+
+    def reset(self) -> None:
+        self.backend.reset()
+        self.tokens = []
+
+    # -- the loop -----------------------------------------------------------------------------
+    def stream(self, prompt_ids: Sequence[int], *, max_tokens: int = 256, sampler: Sampler | None = None,
+               logits_processors: Sequence[LogitsProcessor] = (), stop: Sequence[str] = ()
+               ) -> Iterator[GenerationResponse]:
+        """Yield one GenerationResponse per generated token. Stops at an EOS id (the EOS token is
+        the last response, with no text), a stop string (text cut before it), `max_tokens`, or a
+        full context (finish_reason "length")."""
+        prompt_ids = [int(t) for t in prompt_ids]
+        P, S = len(prompt_ids), self.backend.max_context
+        if P == 0:
+            raise HyEdgeError("the prompt is empty (0 tokens)")
+        if P > S:
+            raise BudgetError(f"the prompt has {P} tokens, more than the context length of {S}")
+        if max_tokens < 1:
+            raise HyEdgeError(f"max tokens should be >= 1, got {max_tokens}")
+        sampler = sampler or make_sampler()
+        limit = min(max_tokens, S - P + 1)  # the last token is sampled, never run
+        detok = self.tokenizer.detokenizer() if self.tokenizer is not None else None
+        stopper = StopMatcher(tuple(s for s in stop if s))
+        clock = _Clock()
+
+        logits = self.prefill(prompt_ids)
+        cached = self.reused
+        clock.prefill_s, clock.prefilled = time.perf_counter() - clock.start, P - cached
+        history = list(prompt_ids)
+        for n in range(1, limit + 1):
+            for process in logits_processors:
+                logits = process(history, logits)
+            token = sampler(logits)
+            history.append(token)
+            if clock.first is None:
+                clock.first = time.perf_counter()
+            if token in self.eos_ids:
+                text = self._final_text(detok, stopper)
+                yield self._response(text, token, "stop", P, n, cached, clock)
+                return
+            text, hit = stopper.feed(detok.add(token) if detok else "")
+            if hit:
+                yield self._response(text, token, "stop", P, n, cached, clock)
+                return
+            if n == limit:
+                text += self._final_text(detok, stopper)
+                yield self._response(text, token, "length", P, n, cached, clock)
+                return
+            yield self._response(text, token, None, P, n, cached, clock)
+            logits = self.decode_one_token(token)
+
+    @staticmethod
+    def _final_text(detok, stopper: StopMatcher) -> str:
+        """End of stream: what the detokenizer and the stop matcher still hold (a stop string in it
+        still cuts)."""
+        more, hit = stopper.feed(detok.flush() if detok else "")
+        return more if hit else more + stopper.flush()
+
+    @staticmethod
+    def _response(text: str, token: int, finish: str | None, P: int, n: int, cached: int,
+                  clock: _Clock) -> GenerationResponse:
+        now = time.perf_counter()
+        decode_s = now - clock.first
+        return GenerationResponse(
+            text=text, token=int(token), finish_reason=finish, prompt_tokens=P, completion_tokens=n,
+            cached_tokens=cached, ttft_s=clock.first - clock.start,
+            prefill_tps=clock.prefilled / clock.prefill_s if clock.prefill_s > 0 else 0.0,
+            decode_tps=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+            peak_rss_mb=peak_rss_mb(),
+        )
+
+
+def stream_generate(backend: Backend, tokenizer: Tokenizer | None, prompt_ids: Sequence[int],
+                    **kwargs) -> Iterator[GenerationResponse]:
+    """One-off generation on `backend` (no cache reuse across calls: use a Generator for that)."""
+    return Generator(backend, tokenizer).stream(prompt_ids, **kwargs)

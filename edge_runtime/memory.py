@@ -1,0 +1,104 @@
+"""Memory budget and peak-RSS measurement.
+
+A session's memory is weights (the file bytes the forward pass touches, memory-mapped) + KV cache /
+conv state (grows with the context length) + fixed buffers. The budget is checked before anything
+is allocated, and tells the largest context that fits.
+"""
+
+from __future__ import annotations
+
+import re
+import resource
+from dataclasses import dataclass
+
+from .errors import BudgetError, HyEdgeError
+
+DEFAULT_BUDGET = 8 * 1024**3  # 8 GB: a Raspberry Pi 5's RAM
+DEFAULT_CONTEXT = 4096  # when neither the user nor the budget asks for less
+MB = 1024**2
+
+_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": MB, "mb": MB, "mib": MB,
+          "g": 1024**3, "gb": 1024**3, "gib": 1024**3, "t": 1024**4, "tb": 1024**4, "tib": 1024**4}
+
+
+def parse_size(text: str | int) -> int:
+    """'8GB', '512MB', '1.5g', '1048576' -> bytes (binary units: 1 GB = 2**30)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text <= 0:
+            raise HyEdgeError(f"memory size should be positive, got {text}")
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise HyEdgeError(f"memory size '{text}' is not understood (examples: 8GB, 512MB)")
+    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value <= 0:
+        raise HyEdgeError(f"memory size '{text}' should be positive")
+    return value
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, size in (("GB", 1024**3), ("MB", MB), ("KB", 1024)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What a session will hold; all in bytes."""
+
+    weights: int  # weight bytes the forward pass reads (memory-mapped file pages)
+    fixed: int  # activations, logits, RoPE tables, scratch: independent of the context
+    per_token: int  # KV cache (+ anything else sized by the context) per context position
+    state: int = 0  # conv states: per session, independent of the context
+
+    def total(self, context: int) -> int:
+        return self.weights + self.fixed + self.state + self.per_token * context
+
+    def max_context(self, budget: int) -> int:
+        free = budget - self.weights - self.fixed - self.state
+        return max(0, free // self.per_token) if self.per_token else (1 << 62 if free >= 0 else 0)
+
+
+def plan_context(plan: MemoryPlan, budget: int, requested: int | None, model_limit: int) -> int:
+    """The context length to allocate: `requested` (default min(model limit, DEFAULT_CONTEXT)),
+    checked against the model's limit and the budget. BudgetError (one line) when it does not fit."""
+    allowed = min(plan.max_context(budget), model_limit)
+    if requested is None:
+        context = min(model_limit, DEFAULT_CONTEXT, allowed)
+    else:
+        if requested <= 0:
+            raise HyEdgeError(f"context length should be positive, got {requested}")
+        if requested > model_limit:
+            raise BudgetError(f"context length {requested} exceeds the model's limit of {model_limit} tokens")
+        context = requested
+    if context < 1 or plan.total(context) > budget:
+        raise BudgetError(
+            f"memory budget {fmt_bytes(budget)} is too small: weights {fmt_bytes(plan.weights)} + buffers "
+            f"{fmt_bytes(plan.fixed + plan.state)} + KV cache {fmt_bytes(plan.per_token * max(context, 1))} "
+            f"for {max(context, 1)} tokens (the budget allows a context of {allowed} tokens)"
+        )
+    return context
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MB (VmHWM; ru_maxrss where /proc is absent)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
+
+
+def current_rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return peak_rss_mb()

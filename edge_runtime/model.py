@@ -1,0 +1,147 @@
+"""`load(path)` → Model: spec, memory-mapped weights, tokenizer and chat template of one converted
+.onnx file, plus `generate` / `stream` conveniences over a default session.
+
+    model = edge_runtime.load("model.onnx")
+    print(model.generate("Why is the sky blue?", max_tokens=64).text)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import format as fmt
+from .backend import Backend, open_session
+from .chat import encode_chat, make_messages
+from .errors import HyEdgeError, ModelFileError
+from .generate import GenerationResponse, GenerationResult, Generator, collect
+from .memory import parse_size
+from .sampling import make_logits_processors, make_sampler
+from .spec import ModelSpec
+from .tokenizer import Tokenizer, TokenizerConfig
+from .weights import Weights, build_weights, metadata, parse_json_meta, read_onnx, read_tensors
+
+ACTIVATIONS = ("none", "e4m3", "e5m2", "static")
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """How `Model.generate` / `Model.stream` open their default session."""
+
+    backend: str = "numba"
+    threads: int | None = None  # None: physical cores
+    max_context: int | None = None  # None: min(model limit, 4096, what the budget allows)
+    max_memory: int | None = None  # bytes; None: memory.DEFAULT_BUDGET
+    prefill_chunk: int | None = None  # None: the backend's default
+
+
+class Model:
+    """A converted model file. Weights are views into a read-only memory map of its data file."""
+
+    def __init__(self, path: Path, spec: ModelSpec, weights: Weights, tokenizer: Tokenizer | None,
+                 quantization: dict, meta: dict[str, str], options: SessionOptions):
+        self.path = path
+        self.spec = spec
+        self.weights = weights
+        self.tokenizer = tokenizer
+        self.quantization = quantization
+        self.meta = meta
+        self.options = options
+        self._generator: Generator | None = None
+
+    @property
+    def activations(self) -> str:
+        """Linear-input fake quantization the file asks for: none | e4m3 | e5m2 | static."""
+        return self.quantization.get("activations", "none")
+
+    # -- sessions -----------------------------------------------------------------------------
+    def session(self, backend: str | None = None, **kwargs) -> Backend:
+        """A new backend session (its own KV cache); kwargs override the load-time SessionOptions."""
+        o = self.options
+        opts = dict(threads=o.threads, max_context=o.max_context, max_memory=o.max_memory,
+                    prefill_chunk=o.prefill_chunk)
+        opts.update(kwargs)
+        return open_session(self, backend or o.backend, **opts)
+
+    def generator(self, backend: str | None = None, **kwargs) -> Generator:
+        """A Generator on a new session: keeps its cache across calls (multi-turn chat)."""
+        return Generator(self.session(backend, **kwargs), self.tokenizer)
+
+    @property
+    def default_generator(self) -> Generator:
+        if self._generator is None:
+            self._generator = self.generator()
+        return self._generator
+
+    # -- prompts -------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | Sequence[dict], *, raw: bool = False, system: str | None = None,
+                      **template_kwargs) -> list[int]:
+        """Token ids for a prompt string (through the chat template unless raw) or a message list."""
+        if self.tokenizer is None:
+            raise ModelFileError(f"{self.path.name}: the model file carries no tokenizer")
+        if isinstance(prompt, str) and raw:
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        messages = make_messages(prompt, system) if isinstance(prompt, str) else list(prompt)
+        return encode_chat(self.tokenizer, messages, add_generation_prompt=True, **template_kwargs)
+
+    # -- generation ------------------------------------------------------------------------------
+    def stream(self, prompt: str | Sequence[dict] | Sequence[int], *, max_tokens: int = 256,
+               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+               repetition_penalty: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
+               raw: bool = False, system: str | None = None, generator: Generator | None = None,
+               **template_kwargs) -> Iterator[GenerationResponse]:
+        """Stream responses for a prompt (text, chat messages, or token ids) on the default session
+        (or `generator`), reusing its cache when the prompt extends the previous one."""
+        if not isinstance(prompt, str) and len(prompt) and isinstance(prompt[0], (int, np.integer)):
+            ids = [int(t) for t in prompt]
+        else:
+            ids = self.encode_prompt(prompt, raw=raw, system=system, **template_kwargs)
+        sampler = make_sampler(temperature, top_k, top_p, min_p, seed)
+        processors = make_logits_processors(repetition_penalty)
+        gen = generator or self.default_generator
+        return gen.stream(ids, max_tokens=max_tokens, sampler=sampler, logits_processors=processors,
+                          stop=stop)
+
+    def generate(self, prompt: str | Sequence[dict] | Sequence[int], **kwargs) -> GenerationResult:
+        """Like `stream`, collected: text, token ids, finish reason and stats."""
+        return collect(self.stream(prompt, **kwargs))
+
+
+def load(path: str | Path, *, backend: str = "numba", threads: int | None = None,
+         max_context: int | None = None, max_memory: int | str | None = None,
+         prefill_chunk: int | None = None) -> Model:
+    """Open a converted .onnx file: check its format version, map its weights, check every tensor
+    the spec needs (ModelFileError naming the first bad one), load its tokenizer. No session is
+    opened (no KV cache allocated) until the first generation or `Model.session()`."""
+    path = Path(path)
+    proto = read_onnx(path)
+    meta = metadata(proto)
+    version = meta.get(fmt.META_FORMAT)
+    if version is None:
+        raise ModelFileError(f"{path.name}: not a hy-edge model (no '{fmt.META_FORMAT}' metadata)")
+    if version != str(fmt.FORMAT_VERSION):
+        raise ModelFileError(f"{path.name}: format version {version} is not supported (this runtime reads "
+                             f"version {fmt.FORMAT_VERSION}); convert the model again")
+    if fmt.META_SPEC not in meta:
+        raise ModelFileError(f"{path.name}: metadata '{fmt.META_SPEC}' is missing")
+    spec = ModelSpec.from_json(meta[fmt.META_SPEC])
+    quant = parse_json_meta(meta, fmt.META_QUANT, path, required=False) or {}
+    if quant.get("activations", "none") not in ACTIVATIONS:
+        raise ModelFileError(f"{path.name}: activation quantization {quant.get('activations')!r} "
+                             "is not supported")
+    weights = build_weights(spec, read_tensors(proto, path), path)
+    del proto  # the graph itself is onnxruntime's business
+    tokenizer = None
+    tok_meta = parse_json_meta(meta, fmt.META_TOKENIZER, path, required=False)
+    if tok_meta is not None:
+        tok_config = parse_json_meta(meta, fmt.META_TOKENIZER_CONFIG, path, required=False)
+        config = TokenizerConfig.from_dict(tok_config)
+        tokenizer = Tokenizer.from_metadata(tok_meta, config)
+    if backend not in ("numba", "onnxruntime"):
+        raise HyEdgeError(f"backend '{backend}' is not one of numba, onnxruntime")
+    budget = parse_size(max_memory) if max_memory is not None else None
+    options = SessionOptions(backend, threads, max_context, budget, prefill_chunk)
+    return Model(path, spec, weights, tokenizer, quant, meta, options)

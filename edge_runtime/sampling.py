@@ -1,0 +1,83 @@
+"""Samplers and logits processors (mlx-lm's sample_utils shape): `make_sampler(...)` returns a
+function logits (V,) -> token id; `make_logits_processors(...)` returns functions
+(tokens, logits) -> logits applied before it.
+
+Order and semantics follow transformers' generate: repetition penalty, then temperature, top-k,
+top-p, min-p, softmax, one categorical draw. A seed fixes the draws: same seed, same logits ⇒ same
+tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from hy_edge_ops import sampling as ops
+
+from .errors import HyEdgeError
+
+Sampler = Callable[[np.ndarray], int]
+LogitsProcessor = Callable[[Sequence[int], np.ndarray], np.ndarray]
+
+
+def check_options(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                  repetition_penalty: float = 1.0) -> None:
+    """HyEdgeError (one line) for a value a user typed wrong."""
+    if not np.isfinite(temperature) or temperature < 0:
+        raise HyEdgeError(f"temperature should be >= 0, got {temperature}")
+    if top_k < 0:
+        raise HyEdgeError(f"top-k should be >= 0 (0 = off), got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise HyEdgeError(f"top-p should be in (0, 1], got {top_p}")
+    if not 0.0 <= min_p <= 1.0:
+        raise HyEdgeError(f"min-p should be in [0, 1], got {min_p}")
+    if not np.isfinite(repetition_penalty) or repetition_penalty <= 0:
+        raise HyEdgeError(f"repetition penalty should be > 0, got {repetition_penalty}")
+
+
+def filtered_probs(logits: np.ndarray, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                   min_p: float = 0.0, work: np.ndarray | None = None) -> np.ndarray:
+    """The distribution a sampler draws from: softmax of the temperature-scaled logits with the
+    tokens top-k / top-p / min-p remove set to probability 0 (float64). Masks in `work` (V,) if given."""
+    work = np.empty(logits.shape, np.float32) if work is None else work
+    np.divide(logits, np.float32(temperature), out=work)
+    if 0 < top_k < work.shape[0]:
+        ops.top_k_mask(work, top_k)
+    if top_p < 1.0:
+        ops.top_p_mask(work, top_p)
+    if min_p > 0.0:
+        ops.min_p_mask(work, min_p)
+    return ops.softmax(work)  # f64 (V,)
+
+
+def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                 seed: int | None = None) -> Sampler:
+    """temperature 0 → greedy (argmax); otherwise a categorical draw from `filtered_probs`, driven by
+    a PCG64 stream seeded with `seed` (fresh entropy when None)."""
+    check_options(temperature, top_k, top_p, min_p)
+    if temperature == 0:
+        return lambda logits: int(ops.argmax(logits))
+    rng = np.random.Generator(np.random.PCG64(seed))
+    work: list[np.ndarray] = []  # one (V,) buffer, made on the first call
+
+    def sample(logits: np.ndarray) -> int:
+        if not work or work[0].shape != logits.shape:
+            work[:] = [np.empty(logits.shape, np.float32)]
+        probs = filtered_probs(logits, temperature, top_k, top_p, min_p, work[0])
+        return int(ops.sample_categorical(probs, rng.random()))
+
+    return sample
+
+
+def make_logits_processors(repetition_penalty: float = 1.0) -> list[LogitsProcessor]:
+    """transformers' RepetitionPenaltyLogitsProcessor over the prompt and the tokens generated so
+    far: a seen token's logit is divided by the penalty when positive, multiplied when negative."""
+    check_options(repetition_penalty=repetition_penalty)
+    if repetition_penalty == 1.0:
+        return []
+
+    def penalize(tokens: Sequence[int], logits: np.ndarray) -> np.ndarray:
+        ops.apply_repetition_penalty(logits, np.asarray(tokens, np.int64), repetition_penalty)
+        return logits
+
+    return [penalize]

@@ -1,0 +1,161 @@
+"""Tokenizer carried in the model file: Hugging Face `tokenizers` (tokenizer.json text) or
+SentencePiece (model bytes), plus the incremental detokenizer the generator streams text with."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field
+
+from .errors import ModelFileError
+
+REPLACEMENT = "\ufffd"  # what a decoder produces for an incomplete UTF-8 sequence
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """The fields of tokenizer_config.json the runtime uses."""
+
+    chat_template: str | None = None
+    bos_token: str | None = None
+    eos_token: str | None = None
+    add_bos_token: bool | None = None  # None: whatever the tokenizer's post-processor does
+    add_eos_token: bool = False
+    eos_token_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> TokenizerConfig:
+        d = d or {}
+
+        def token(v):  # tokenizer_config may hold AddedToken dicts ({"content": ...})
+            return v.get("content") if isinstance(v, dict) else v
+
+        template = d.get("chat_template")
+        if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default") or next(iter(named.values()), None)
+        eos_ids = d.get("eos_token_ids") or ()
+        if isinstance(eos_ids, int):
+            eos_ids = (eos_ids,)
+        return cls(
+            chat_template=template if isinstance(template, str) else None,
+            bos_token=token(d.get("bos_token")),
+            eos_token=token(d.get("eos_token")),
+            add_bos_token=d.get("add_bos_token"),
+            add_eos_token=bool(d.get("add_eos_token", False)),
+            eos_token_ids=tuple(int(i) for i in eos_ids),
+        )
+
+
+class Tokenizer:
+    """encode(text) -> ids, decode(ids) -> text; `bos_id` / `eos_ids` from the config."""
+
+    def __init__(self, backend, kind: str, config: TokenizerConfig):
+        self._tok = backend
+        self.kind = kind  # "tokenizers" | "sentencepiece"
+        self.config = config
+        self.bos_id = self.token_to_id(config.bos_token) if config.bos_token else None
+        eos = set(config.eos_token_ids)
+        if config.eos_token and self.token_to_id(config.eos_token) is not None:
+            eos.add(self.token_to_id(config.eos_token))
+        self.eos_ids: frozenset[int] = frozenset(eos)
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_metadata(cls, meta: dict, config: TokenizerConfig) -> Tokenizer:
+        kind = meta.get("type")
+        try:
+            if kind == "tokenizers":
+                from tokenizers import Tokenizer as HFTokenizer
+
+                return cls(HFTokenizer.from_str(meta["json"]), kind, config)
+            if kind == "sentencepiece":
+                import sentencepiece as spm
+
+                sp = spm.SentencePieceProcessor(model_proto=base64.b64decode(meta["model_b64"]))
+                return cls(sp, kind, config)
+        except ModelFileError:
+            raise
+        except Exception as e:
+            raise ModelFileError(f"the model's tokenizer cannot be loaded ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise ModelFileError(f"tokenizer type {kind!r} is not supported (tokenizers, sentencepiece)")
+
+    # -- vocabulary ---------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        if self.kind == "tokenizers":
+            return self._tok.get_vocab_size(with_added_tokens=True)
+        return self._tok.get_piece_size()
+
+    def token_to_id(self, token: str) -> int | None:
+        if self.kind == "tokenizers":
+            return self._tok.token_to_id(token)
+        i = self._tok.piece_to_id(token)
+        return None if i == self._tok.unk_id() and token != self._tok.id_to_piece(i) else i
+
+    # -- encode / decode -------------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`. With add_special_tokens (a raw prompt), BOS/EOS follow the config as
+        transformers' tokenizer(text) does; a rendered chat template already holds its specials."""
+        if self.kind == "tokenizers":
+            ids = list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+        else:
+            ids = list(self._tok.encode(text))
+        if add_special_tokens:
+            add_bos = self.config.add_bos_token
+            if add_bos is None:
+                add_bos = self.kind == "sentencepiece"  # LlamaTokenizer's default
+            if add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+                ids.insert(0, self.bos_id)
+            eos = self.token_to_id(self.config.eos_token) if self.config.eos_token else None
+            if self.config.add_eos_token and eos is not None and (not ids or ids[-1] != eos):
+                ids.append(eos)
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        ids = [int(i) for i in ids]
+        if self.kind == "tokenizers":
+            return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+        if skip_special_tokens:
+            ids = [i for i in ids if not (self._tok.is_control(i) or self._tok.is_unknown(i))]
+        return self._tok.decode(ids)
+
+    def detokenizer(self) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self)
+
+
+@dataclass
+class IncrementalDetokenizer:
+    """Turns a stream of token ids into a stream of text deltas that never change afterwards.
+
+    Decodes a small window of recent tokens (`ids[prefix:]`) and emits what the newest tokens added
+    relative to `ids[prefix:read]` — the window keeps SentencePiece's leading-space handling and
+    byte-level merges right. Text ending in U+FFFD (an incomplete UTF-8 sequence: the next token
+    supplies its remaining bytes) is held back until it completes, or until `flush()`.
+    """
+
+    tokenizer: Tokenizer
+    ids: list[int] = field(default_factory=list)
+    prefix: int = 0  # window start
+    read: int = 0  # tokens whose text has been emitted
+    text: str = ""  # everything emitted so far
+
+    def add(self, token: int) -> str:
+        """Append one token; returns the newly final text (possibly '')."""
+        self.ids.append(int(token))
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        """End of stream: emit whatever is held back (a dangling partial character included)."""
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        dec = self.tokenizer.decode
+        before = dec(self.ids[self.prefix : self.read])
+        now = dec(self.ids[self.prefix :])
+        if len(now) <= len(before) or (now.endswith(REPLACEMENT) and not final):
+            return ""
+        delta = now[len(before) :]
+        self.prefix, self.read = self.read, len(self.ids)
+        self.text += delta
+        return delta

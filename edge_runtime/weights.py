@@ -1,0 +1,319 @@
+"""Weights of a converted .onnx file, memory-mapped from its external data.
+
+The graph proto is parsed without its external data; every external initializer becomes a numpy view
+into one read-only `np.memmap` of `model.onnx.data` (offsets are 4096-aligned by the converter), so
+the weights are never copied wholesale and only the pages a kernel touches become resident. Small
+inline initializers (norm weights, scales) are read from the proto.
+
+Storage follows `format.py`: FP8 weights are `W.qweight` (uint8 view of FLOAT8E4M3FN / FLOAT8E5M2)
+plus `W.scale` (reshaped here to (N, G)); FP16 weights keep their raw half bits as uint16.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import format as fmt
+from .errors import ModelFileError
+from .spec import ModelSpec
+
+# ONNX TensorProto.DataType -> (numpy dtype the runtime views the bytes as, storage name)
+_DTYPES = {
+    1: (np.float32, "fp32"),
+    10: (np.uint16, "fp16"),  # raw IEEE half bits; kernels decode through fp16_lut()
+    17: (np.uint8, "e4m3"),  # FLOAT8E4M3FN
+    19: (np.uint8, "e5m2"),  # FLOAT8E5M2
+    7: (np.int64, "int64"),
+    6: (np.int32, "int32"),
+    11: (np.float64, "fp64"),
+}
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One initializer as stored: `data` is a view (memory-mapped when external)."""
+
+    name: str
+    storage: str  # fp32 | fp16 | e4m3 | e5m2 | int64 | int32 | fp64
+    data: np.ndarray
+
+
+@dataclass(frozen=True)
+class Linear:
+    """A 2-D weight a matmul reads, in its stored form (y = x @ W^T, W (N, K))."""
+
+    name: str
+    storage: str  # e4m3 | e5m2 | fp16 | fp32
+    w: np.ndarray  # (N, K) uint8 FP8 codes | uint16 half bits | float32
+    scales: np.ndarray | None = None  # (N, G) float32, FP8 only; column k uses scales[n, k // ceil(K/G)]
+    input_scale: float | None = None  # static activation scale (FP8 only, optional)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.w.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.w.nbytes + (0 if self.scales is None else self.scales.nbytes)
+
+
+def read_onnx(path: Path):
+    """Parse the graph proto without external data; ModelFileError (one line) for anything unreadable."""
+    import onnx
+
+    if not path.is_file():
+        raise ModelFileError(f"model file not found: {path}")
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends: the file is not an ONNX model
+        raise ModelFileError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
+
+
+def metadata(proto) -> dict[str, str]:
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def read_tensors(proto, path: Path) -> dict[str, Tensor]:
+    """Every initializer of the graph, external ones as views into a read-only memmap."""
+    maps: dict[str, np.memmap] = {}
+    out: dict[str, Tensor] = {}
+    for t in proto.graph.initializer:
+        if t.data_type not in _DTYPES:
+            continue  # not a type any weight uses; model_tensors() will report what is missing
+        dtype, storage = _DTYPES[t.data_type]
+        shape = tuple(int(d) for d in t.dims)
+        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if t.data_location == 1:  # TensorProto.EXTERNAL
+            data = _external(t, path, maps, np.dtype(dtype), count)
+        else:
+            data = _inline(t, np.dtype(dtype), count, path)
+        out[t.name] = Tensor(t.name, storage, data.reshape(shape))
+    return out
+
+
+def _external(t, path: Path, maps: dict, dtype: np.dtype, count: int) -> np.ndarray:
+    info = {e.key: e.value for e in t.external_data}
+    location = info.get("location")
+    if not location:
+        raise ModelFileError(f"{path.name}: tensor '{t.name}' has external data without a location")
+    data_path = path.parent / location
+    if location not in maps:
+        if not data_path.is_file():
+            raise ModelFileError(f"{path.name}: external data file not found: {data_path}")
+        if data_path.stat().st_size == 0:
+            raise ModelFileError(f"{path.name}: external data file is empty: {data_path}")
+        maps[location] = np.memmap(data_path, dtype=np.uint8, mode="r")
+    mm = maps[location]
+    offset = int(info.get("offset", 0))
+    length = int(info.get("length", count * dtype.itemsize))
+    if length != count * dtype.itemsize or offset < 0 or offset + length > mm.shape[0]:
+        raise ModelFileError(
+            f"{path.name}: tensor '{t.name}' lies outside {location} (truncated or corrupt data file)"
+        )
+    if offset % dtype.itemsize:
+        raise ModelFileError(f"{path.name}: tensor '{t.name}' is misaligned in {location}")
+    # .view(np.ndarray) drops the memmap subclass (numba types plain arrays); still no copy.
+    return mm[offset : offset + length].view(np.ndarray).view(dtype)
+
+
+def _inline(t, dtype: np.dtype, count: int, path: Path) -> np.ndarray:
+    if t.raw_data:
+        data = np.frombuffer(t.raw_data, dtype=dtype)
+    elif dtype == np.float32 and len(t.float_data):
+        data = np.asarray(t.float_data, np.float32)
+    elif dtype == np.float64 and len(t.double_data):
+        data = np.asarray(t.double_data, np.float64)
+    elif dtype == np.int64 and len(t.int64_data):
+        data = np.asarray(t.int64_data, np.int64)
+    elif len(t.int32_data):  # int32, and FLOAT16 / FLOAT8 bits stored one per int32
+        data = np.asarray(t.int32_data, np.int64).astype(dtype)
+    else:
+        data = np.zeros(0, dtype)
+    if data.size != count:
+        raise ModelFileError(f"{path.name}: tensor '{t.name}' holds {data.size} values, expected {count}")
+    return data
+
+
+# -- the tensors a ModelSpec needs ---------------------------------------------------------------
+
+
+def _float_vector(tensors: dict[str, Tensor], name: str, shape: tuple, path: Path) -> np.ndarray:
+    """Norm weights and conv kernels: small, float; returned as contiguous float32 (copied if fp16)."""
+    t = tensors.get(name)
+    if t is None:
+        raise ModelFileError(f"{path.name}: tensor '{name}' is missing")
+    if t.storage not in ("fp32", "fp16"):
+        raise ModelFileError(f"{path.name}: tensor '{name}' has storage {t.storage}, expected fp32 or fp16")
+    if t.data.shape != shape:
+        raise ModelFileError(f"{path.name}: tensor '{name}' has shape {t.data.shape}, expected {shape}")
+    if t.storage == "fp16":
+        return t.data.view(np.float16).astype(np.float32)
+    return np.ascontiguousarray(t.data)
+
+
+def _linear(tensors: dict[str, Tensor], name: str, shape: tuple, path: Path) -> Linear:
+    q = tensors.get(name + fmt.QWEIGHT)
+    if q is not None:
+        if q.storage not in ("e4m3", "e5m2"):
+            raise ModelFileError(f"{path.name}: tensor '{q.name}' has storage {q.storage}, expected FP8")
+        if q.data.shape != shape:
+            raise ModelFileError(f"{path.name}: tensor '{q.name}' has shape {q.data.shape}, expected {shape}")
+        scales = _scales(tensors, name, shape, path)
+        return Linear(name, q.storage, q.data, scales, _input_scale(tensors, name, path))
+    t = tensors.get(name)
+    if t is None:
+        raise ModelFileError(f"{path.name}: tensor '{name}' is missing")
+    if t.storage not in ("fp32", "fp16"):
+        raise ModelFileError(f"{path.name}: tensor '{name}' has storage {t.storage}, expected fp32 or fp16")
+    if t.data.shape != shape:
+        raise ModelFileError(f"{path.name}: tensor '{name}' has shape {t.data.shape}, expected {shape}")
+    return Linear(name, t.storage, t.data)
+
+
+def _scales(tensors: dict[str, Tensor], name: str, shape: tuple, path: Path) -> np.ndarray:
+    """`W.scale` as (N, G): () per tensor → (N, 1) filled, (N,) per channel → (N, 1), (N, G) per block."""
+    N, K = shape
+    s = tensors.get(name + fmt.SCALE)
+    if s is None:
+        raise ModelFileError(f"{path.name}: tensor '{name}{fmt.SCALE}' is missing")
+    if s.storage != "fp32":
+        raise ModelFileError(f"{path.name}: tensor '{s.name}' has storage {s.storage}, expected fp32")
+    d = s.data
+    if d.ndim == 0 or d.shape == (1,):
+        return np.full((N, 1), float(d.reshape(())), np.float32)
+    if d.shape == (N,):
+        return np.ascontiguousarray(d.reshape(N, 1))
+    if d.ndim == 2 and d.shape[0] == N and 1 <= d.shape[1] <= K:
+        return np.ascontiguousarray(d)
+    raise ModelFileError(f"{path.name}: tensor '{s.name}' has shape {d.shape}, "
+                         f"expected (), ({N},) or ({N}, G)")
+
+
+def _input_scale(tensors: dict[str, Tensor], name: str, path: Path) -> float | None:
+    s = tensors.get(name + fmt.INPUT_SCALE)
+    if s is None:
+        return None
+    if s.storage != "fp32" or s.data.size != 1:
+        raise ModelFileError(f"{path.name}: tensor '{s.name}' should be one float32")
+    return float(s.data.reshape(()))
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """The weights one layer owns (shared layers point at their owner's)."""
+
+    input_layernorm: np.ndarray  # (C,)
+    post_attention_layernorm: np.ndarray  # (C,)
+    gate_proj: Linear  # (F, C)
+    up_proj: Linear  # (F, C)
+    down_proj: Linear  # (C, F)
+    q_proj: Linear | None = None  # (H*D, C)
+    k_proj: Linear | None = None  # (Hkv*D, C)
+    v_proj: Linear | None = None  # (Hkv*D, C)
+    o_proj: Linear | None = None  # (C, H*D)
+    query_layernorm: np.ndarray | None = None  # (D,)
+    key_layernorm: np.ndarray | None = None  # (D,)
+    conv: np.ndarray | None = None  # (C, k) depthwise kernel
+    out_proj: Linear | None = None  # (C, C) pointwise
+
+    def linears(self) -> list[Linear]:
+        return [x for x in (self.q_proj, self.k_proj, self.v_proj, self.o_proj, self.out_proj,
+                            self.gate_proj, self.up_proj, self.down_proj) if x is not None]
+
+
+@dataclass(frozen=True)
+class Weights:
+    embed: Linear  # (V, C) rows are gathered; also the output projection when lm_head is None
+    norm: np.ndarray  # (C,)
+    lm_head: Linear | None  # (V, C), None when tied and not stored separately
+    layers: tuple[LayerWeights, ...]  # (L,) layers[i] is the owner's weights for shared layers
+
+    @property
+    def output(self) -> Linear:
+        return self.lm_head if self.lm_head is not None else self.embed
+
+    def unique_linears(self) -> list[Linear]:
+        seen: dict[int, Linear] = {}
+        for x in [self.embed, self.lm_head] + [lin for layer in self.layers for lin in layer.linears()]:
+            if x is not None:
+                seen.setdefault(id(x), x)
+        return list(seen.values())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every weight the forward pass reads (each shared tensor once)."""
+        small = self.norm.nbytes + sum(
+            a.nbytes for layer in {id(x): x for x in self.layers}.values()
+            for a in (layer.input_layernorm, layer.post_attention_layernorm, layer.query_layernorm,
+                      layer.key_layernorm, layer.conv) if a is not None
+        )
+        return small + sum(x.nbytes for x in self.unique_linears())
+
+
+def build_weights(spec: ModelSpec, tensors: dict[str, Tensor], path: Path) -> Weights:
+    """Check every tensor `format.model_tensors(spec)` names (presence, storage, shape) and arrange
+    them per layer. Raises ModelFileError naming the first bad tensor."""
+    expected = fmt.model_tensors(spec)
+    owners: dict[int, LayerWeights] = {}
+    layers = []
+    for i in range(spec.num_hidden_layers):
+        j = spec.shared_layers[i]
+        if j not in owners:
+            owners[j] = _layer(spec, tensors, j, expected, path)
+        layers.append(owners[j])
+    lm_head = None
+    if fmt.LM_HEAD in tensors or fmt.LM_HEAD + fmt.QWEIGHT in tensors or not spec.tie_word_embeddings:
+        lm_head = _linear(tensors, fmt.LM_HEAD, (spec.vocab_size, spec.hidden_size), path)
+    return Weights(
+        embed=_linear(tensors, fmt.EMBED, expected[fmt.EMBED], path),
+        norm=_float_vector(tensors, fmt.FINAL_NORM, expected[fmt.FINAL_NORM], path),
+        lm_head=lm_head,
+        layers=tuple(layers),
+    )
+
+
+def _layer(spec: ModelSpec, tensors: dict, i: int, expected: dict, path: Path) -> LayerWeights:
+    p = fmt.layer_prefix(i)
+
+    def lin(short: str) -> Linear:
+        name = f"{p}.{short}.weight"
+        return _linear(tensors, name, expected[name], path)
+
+    def vec(short: str) -> np.ndarray:
+        name = f"{p}.{short}.weight"
+        return _float_vector(tensors, name, expected[name], path)
+
+    common = dict(
+        input_layernorm=vec("input_layernorm"),
+        post_attention_layernorm=vec("post_attention_layernorm"),
+        gate_proj=lin("mlp.gate_proj"),
+        up_proj=lin("mlp.up_proj"),
+        down_proj=lin("mlp.down_proj"),
+    )
+    if spec.layer_types[i] == "attention":
+        qk = {}
+        if spec.use_qk_norm:
+            qk = dict(query_layernorm=vec("self_attn.query_layernorm"),
+                      key_layernorm=vec("self_attn.key_layernorm"))
+        return LayerWeights(**common, q_proj=lin("self_attn.q_proj"), k_proj=lin("self_attn.k_proj"),
+                            v_proj=lin("self_attn.v_proj"), o_proj=lin("self_attn.o_proj"), **qk)
+    return LayerWeights(**common, conv=vec("mixer.conv"), out_proj=lin("mixer.out_proj"))
+
+
+def parse_json_meta(meta: dict[str, str], key: str, path: Path, required: bool = True) -> dict | None:
+    text = meta.get(key)
+    if text is None:
+        if required:
+            raise ModelFileError(f"{path.name}: metadata '{key}' is missing (not a hy-edge model file?)")
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise ModelFileError(f"{path.name}: metadata '{key}' is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise ModelFileError(f"{path.name}: metadata '{key}' should be a JSON object")
+    return value

@@ -1,0 +1,175 @@
+"""Session mechanics on the numba backend: cache continuity, chunked prefill, truncation, budget,
+allocation-free decode, and the model file checks of load()."""
+
+from __future__ import annotations
+
+import shutil
+import tracemalloc
+
+import numpy as np
+import onnx
+import pytest
+from runtime_helpers import PROMPT_IDS, converted, make_seed_checkpoint
+
+import edge_runtime
+from edge_runtime import format as F
+from edge_runtime.errors import BudgetError, ModelFileError
+
+
+@pytest.fixture(scope="module")
+def hy_fp8(hunyuan_f32_dir):
+    return converted(hunyuan_f32_dir, "e4m3")
+
+
+@pytest.fixture(scope="module")
+def conv_model(tmp_path_factory):
+    src = make_seed_checkpoint(tmp_path_factory.mktemp("seed_conv"),
+                               layer_types=["dwconv", "attention", "dwconv", "attention"])
+    return converted(src, "e4m3")
+
+
+@pytest.mark.parametrize("which", ["hy_fp8", "conv_model"])
+def test_prefill_decode_chunked_and_token_by_token_agree(which, request):
+    model = edge_runtime.load(request.getfixturevalue(which))
+    ids = np.asarray(PROMPT_IDS)
+    one_shot = model.session(prefill_chunk=64).forward(ids, all_logits=True)
+    chunked = model.session(prefill_chunk=5).forward(ids, all_logits=True)
+    s = model.session(prefill_chunk=64)
+    stepwise = np.stack([s.forward(ids[i : i + 1]).copy() for i in range(len(ids))])
+    s = model.session(prefill_chunk=64)
+    s.forward(ids[:11])
+    tail = np.stack([s.forward(ids[i : i + 1]).copy() for i in range(11, len(ids))])
+    np.testing.assert_allclose(chunked, one_shot, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(stepwise, one_shot, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(tail, one_shot[11:], rtol=0, atol=1e-5)
+    assert s.n_cached == len(ids)
+
+
+@pytest.mark.parametrize("which", ["hy_fp8", "conv_model"])
+def test_truncate_then_continue_equals_fresh(which, request):
+    model = edge_runtime.load(request.getfixturevalue(which))
+    ids = np.asarray(PROMPT_IDS)
+    other = np.asarray([3, 4, 5, 6, 7, 8])
+    fresh = model.session().forward(np.concatenate([ids[:9], other]), all_logits=True)[9:]
+    s = model.session(prefill_chunk=4)
+    s.forward(ids)
+    assert s.truncate(9) == 9 and s.n_cached == 9
+    np.testing.assert_allclose(s.forward(other, all_logits=True), fresh, rtol=0, atol=1e-5)
+    s.reset()
+    assert s.n_cached == 0
+    np.testing.assert_allclose(s.forward(ids[:9], all_logits=True),
+                               model.session().forward(ids[:9], all_logits=True), rtol=0, atol=1e-6)
+
+
+def test_decode_step_allocates_no_arrays(hy_fp8):
+    s = edge_runtime.load(hy_fp8).session()
+    s.forward(np.asarray(PROMPT_IDS))
+    s.forward(np.asarray([5]))  # warm: every kernel compiled / loaded
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        s.forward(np.asarray([6]))
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    grown = [d for d in after.compare_to(before, "lineno") if d.size_diff > 0]
+    biggest = max((d.size_diff for d in grown), default=0)
+    assert biggest < 1024, grown[:5]  # no array of even 256 floats appears in a decode step
+
+
+def test_context_limit_and_budget(hy_fp8):
+    model = edge_runtime.load(hy_fp8)
+    s = model.session(max_context=16)
+    assert s.max_context == 16
+    with pytest.raises(BudgetError):
+        s.forward(np.arange(17) % 300)
+    with pytest.raises(BudgetError):  # more than the model's max_position_embeddings (256)
+        model.session(max_context=10_000)
+    plan = s.plan
+    budget = plan.weights + plan.fixed + plan.state + 100 * plan.per_token
+    assert model.session(max_memory=budget).max_context == 100  # what the budget allows
+    with pytest.raises(BudgetError, match="allows a context of 100"):
+        model.session(max_memory=budget, max_context=200)
+    with pytest.raises(BudgetError):
+        model.session(max_memory=plan.weights)
+    # the session's own arrays are what the plan said
+    arrays = [getattr(s.buf, n) for n in vars(s.buf)]
+    assert sum(a.nbytes for a in arrays) == plan.fixed + plan.state + 16 * plan.per_token
+
+
+def test_weights_are_memory_mapped_views(hy_fp8):
+    model = edge_runtime.load(hy_fp8)
+    q = model.weights.layers[0].q_proj
+    assert q.storage == "e4m3" and q.w.dtype == np.uint8 and not q.w.flags.writeable
+    base = q.w
+    while base.base is not None and not isinstance(base, np.memmap):
+        base = base.base
+    assert isinstance(base, np.memmap)
+
+
+# -- load() rejects bad files with one line -------------------------------------------------------
+
+
+def _copy(src, dst_dir):
+    shutil.copy(src, dst_dir / "model.onnx")
+    shutil.copy(str(src) + ".data", dst_dir / "model.onnx.data")
+    return dst_dir / "model.onnx"
+
+
+def _one_line(excinfo) -> str:
+    msg = str(excinfo.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_missing_and_corrupt_files(hy_fp8, tmp_path):
+    with pytest.raises(ModelFileError) as e:
+        edge_runtime.load(tmp_path / "nope.onnx")
+    assert "not found" in _one_line(e)
+    (tmp_path / "junk.onnx").write_bytes(b"\x07garbage that is not protobuf" * 10)
+    with pytest.raises(ModelFileError):
+        edge_runtime.load(tmp_path / "junk.onnx")
+    path = _copy(hy_fp8, tmp_path)
+    with open(tmp_path / "model.onnx.data", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(ModelFileError) as e:
+        edge_runtime.load(path)
+    assert "truncated" in _one_line(e)
+    (tmp_path / "model.onnx.data").unlink()
+    with pytest.raises(ModelFileError) as e:
+        edge_runtime.load(path)
+    assert "external data file not found" in _one_line(e)
+
+
+def _edit(hy_fp8, tmp_path, edit):
+    proto = onnx.load(str(hy_fp8), load_external_data=False)
+    edit(proto)
+    shutil.copy(str(hy_fp8) + ".data", tmp_path / "model.onnx.data")
+    onnx.save(proto, str(tmp_path / "model.onnx"))
+    return tmp_path / "model.onnx"
+
+
+def test_missing_tensor_wrong_shape_wrong_version(hy_fp8, tmp_path):
+    victim = "model.layers.1.mlp.up_proj.weight" + F.QWEIGHT
+
+    def drop(p):
+        keep = [t for t in p.graph.initializer if t.name != victim]
+        del p.graph.initializer[:]
+        p.graph.initializer.extend(keep)
+
+    with pytest.raises(ModelFileError, match="model.layers.1.mlp.up_proj.weight' is missing") as e:
+        edge_runtime.load(_edit(hy_fp8, tmp_path, drop))
+    _one_line(e)
+
+    def reshape(p):
+        t = next(t for t in p.graph.initializer if t.name == victim)
+        t.dims[:] = [t.dims[1], t.dims[0]]
+
+    with pytest.raises(ModelFileError, match="has shape"):
+        edge_runtime.load(_edit(hy_fp8, tmp_path, reshape))
+
+    def version(p):
+        next(m for m in p.metadata_props if m.key == F.META_FORMAT).value = "99"
+
+    with pytest.raises(ModelFileError, match="format version 99"):
+        edge_runtime.load(_edit(hy_fp8, tmp_path, version))
