@@ -36,6 +36,8 @@ class OrtSession:
         self.quantization = json.loads(meta.get(F.META_QUANT, "{}"))
         self.max_context = max_context or self.spec.max_position_embeddings
         opts = ort.SessionOptions()
+        # no busy-waiting between calls: the generator's Python and other thread pools share the cores
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1

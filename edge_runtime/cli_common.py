@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import click
 
@@ -32,3 +34,91 @@ def user_errors() -> Iterator[None]:
         click.echo("", err=True)
         sys.exit(130)
 
+
+
+def model_options(fn: Callable) -> Callable:
+    """--model, --backend, --threads, --max-memory, --max-context: which model, and how to run it."""
+    options = [
+        click.option("--model", "model_arg", default=None, type=str,
+                     help="A converted .onnx file, or a checkpoint (HF directory, .gguf) converted once into "
+                          "the cache. Default: the bundled SmolLM2-135M-Instruct."),
+        click.option("--backend", default="numba", show_default=True, type=click.Choice(["numba", "onnxruntime"])),
+        click.option("--threads", default=None, type=int, help="Threads (default: physical cores)."),
+        click.option("--max-memory", default="8GB", show_default=True, help="Memory budget, e.g. 8GB, 512MB."),
+        click.option("--max-context", default=None, type=int, help="Context length (default: up to 4096)."),
+    ]
+    return functools.reduce(lambda f, o: o(f), reversed(options), fn)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """What sampling_options collected: the keyword arguments of Model.stream."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    repetition_penalty: float
+    seed: int | None
+    max_tokens: int
+    stop: tuple[str, ...]
+
+    def kwargs(self) -> dict:
+        return dict(self.__dict__)
+
+
+def sampling_options(fn: Callable) -> Callable:
+    """The sampling and stopping options; the command receives them as one `sampling: Sampling`."""
+    options = [
+        click.option("--system", default=None, help="System message for the chat template."),
+        click.option("--thinking/--no-thinking", "thinking", default=None,
+                     help="Hunyuan: switch the reasoning part on or off (enable_thinking in the template)."),
+        click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy."),
+        click.option("--top-k", default=0, show_default=True, type=int, help="Keep the k likeliest tokens (0 = off)."),
+        click.option("--top-p", default=1.0, show_default=True, type=float, help="Nucleus sampling threshold."),
+        click.option("--min-p", default=0.0, show_default=True, type=float,
+                     help="Min probability relative to the top token."),
+        click.option("--repetition-penalty", default=1.0, show_default=True, type=float),
+        click.option("--seed", default=None, type=int, help="Seed for sampling (same seed, same text)."),
+        click.option("--max-tokens", default=256, show_default=True, type=int),
+        click.option("--stop", multiple=True, help="Stop string (repeatable); not included in the output."),
+    ]
+
+    @functools.wraps(fn)
+    def wrapper(temperature, top_k, top_p, min_p, repetition_penalty, seed, max_tokens, stop, **kw):
+        return fn(sampling=Sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed, max_tokens,
+                                    tuple(stop)), **kw)
+
+    return functools.reduce(lambda f, o: o(f), reversed(options), wrapper)
+
+
+def open_model(sampling: Sampling, model_arg: str | None, backend: str, threads: int | None, max_memory: str,
+               max_context: int | None):
+    """Check the options a user typed, find (or convert) the model, load it."""
+    from .cli_model import resolve_model
+    from .memory import parse_size
+    from .model import load
+    from .sampling import check_options
+
+    s = sampling
+    check_options(s.temperature, s.top_k, s.top_p, s.min_p, s.repetition_penalty)
+    if s.max_tokens < 1:
+        raise HyEdgeError(f"--max-tokens should be >= 1, got {s.max_tokens}")
+    if threads is not None and threads < 1:
+        raise HyEdgeError(f"--threads should be >= 1, got {threads}")
+    if max_context is not None and max_context < 1:
+        raise HyEdgeError(f"--max-context should be >= 1, got {max_context}")
+    budget = parse_size(max_memory)
+    path = resolve_model(model_arg, notice=lambda message: click.echo(message, err=True))
+    return load(path, backend=backend, threads=threads, max_context=max_context, max_memory=budget)
+
+
+def template_kwargs(thinking: bool | None) -> dict:
+    return {} if thinking is None else {"enable_thinking": thinking}
+
+
+def stats_line(r) -> str:
+    cached = f", {r.cached_tokens} reused from cache" if getattr(r, "cached_tokens", 0) else ""
+    return (f"[{r.prompt_tokens} prompt{cached} + {r.completion_tokens} generated tokens, {r.finish_reason}] "
+            f"TTFT {r.ttft_s * 1000:.0f} ms, prefill {r.prefill_tps:.1f} tok/s, "
+            f"decode {r.decode_tps:.1f} tok/s, peak RSS {r.peak_rss_mb:.0f} MB")

@@ -223,7 +223,7 @@ def matmul_fp8(x: np.ndarray, w: np.ndarray, scales: np.ndarray, lut: np.ndarray
     if x.shape[0] == 1:
         mode = _mode8(lut)
         _gemv_q(x[0], w, scales, lut, out[0], bk, mode, _POW2[mode])
-    elif x.shape[0] < _BLAS_MIN_T and scratch is None:
+    elif x.shape[0] < _BLAS_MIN_T:
         _matmul_q(x, w, scales, lut, out, bk)
     elif x.shape[0] > 1:
         _tiled_matmul(x, w, scales, lut, out, scratch, bk)
@@ -239,7 +239,7 @@ def matmul_f16(x: np.ndarray, w: np.ndarray, lut16: np.ndarray, out: np.ndarray,
     if x.shape[0] == 1:
         mode = _mode16(lut16)
         _gemv_q(x[0], w, _ONE, lut16, out[0], max(1, w.shape[1]), mode, _POW2[mode])
-    elif x.shape[0] < _BLAS_MIN_T and scratch is None:
+    elif x.shape[0] < _BLAS_MIN_T:
         _matmul_q(x, w, _ONE, lut16, out, max(1, w.shape[1]))
     elif x.shape[0] > 1:
         _tiled_matmul(x, w, _ONE, lut16, out, scratch, max(1, w.shape[1]))

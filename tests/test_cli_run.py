@@ -70,7 +70,7 @@ def test_bad_prompt_files(model_file, tmp_path):
     _user_error(run(str(tmp_path / "bin.dat"), "--model", model_file), "binary")
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
     _user_error(run(str(tmp_path / "latin1.txt"), "--model", model_file), "UTF-8")
-    _user_error(run(str(tmp_path), "--model", model_file), "not a regular file")
+    _user_error(run(str(tmp_path), "--model", model_file), "is a directory")
     _user_error(run("-", "--model", model_file, stdin=""), "empty")
 
 

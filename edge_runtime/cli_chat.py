@@ -1,0 +1,108 @@
+"""`hy-edge chat`: a multi-turn session in a terminal or through a pipe.
+
+The history is re-rendered through the chat template each turn; the Generator keeps its KV cache and
+prefills only what the cache does not already hold (the new user turn, mostly). One line of input is
+one user turn; lines starting with / are commands.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .cli_common import Sampling, model_options, open_model, sampling_options, stats_line, template_kwargs, user_errors
+from .errors import HyEdgeError
+
+HELP = "commands: /reset (forget the conversation), /system TEXT (new system message), /stats, /help, /exit"
+
+
+class ChatSession:
+    """The conversation: messages, the model's generator (its cache), the last turn's stats."""
+
+    def __init__(self, model, sampling: Sampling, system: str | None, template: dict):
+        self.model = model
+        self.sampling = sampling
+        self.system = system
+        self.template = template
+        self.generator = model.generator()
+        self.messages: list[dict] = []
+        self.last = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.generator.reset()
+
+    def turn(self, text: str, write) -> None:
+        """One user turn: stream the reply through `write`, keep it in the history."""
+        messages = [*self.messages, {"role": "user", "content": text}]
+        ids = self.model.encode_prompt(messages, **self.template)
+        reply = []
+        for r in self.model.stream(ids, generator=self.generator, **self.sampling.kwargs()):
+            if r.text:
+                reply.append(r.text)
+                write(r.text)
+            self.last = r
+        write("\n")
+        self.messages = [*messages, {"role": "assistant", "content": "".join(reply)}]
+
+    def command(self, line: str) -> str | None:
+        """Run a /command; returns what to print, or None to end the session."""
+        name, _, arg = line.partition(" ")
+        if name in ("/exit", "/quit"):
+            return None
+        if name == "/reset":
+            self.reset()
+            return "(conversation reset)"
+        if name == "/system":
+            self.system = arg.strip() or None
+            self.reset()
+            return f"(system message {'set' if self.system else 'cleared'}; conversation reset)"
+        if name == "/stats":
+            return stats_line(self.last) if self.last else "(no reply yet)"
+        if name == "/help":
+            return HELP
+        return f"unknown command {name}; {HELP}"
+
+
+@click.command("chat")
+@sampling_options
+@model_options
+def chat_cmd(system: str | None, thinking: bool | None, sampling: Sampling, **model_args) -> None:
+    """Chat with the model: one line per turn; /help lists the commands."""
+    interactive = sys.stdin.isatty()
+    def write(text: str) -> None:
+        click.echo(text, nl=False)  # flushes: the reply streams as it is generated
+
+    with user_errors():
+        model = open_model(sampling, **model_args)
+        if model.tokenizer is None:
+            raise HyEdgeError(f"{model.path.name}: the model file carries no tokenizer")
+        chat = ChatSession(model, sampling, system, template_kwargs(thinking))
+        if interactive:
+            click.echo(f"hy-edge chat ({model.path.name}); {HELP}", err=True)
+        while True:
+            if interactive:
+                click.echo(">>> ", nl=False, err=True)
+            line = sys.stdin.readline()
+            if not line:
+                break
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                reply = chat.command(line)
+                if reply is None:
+                    break
+                click.echo(reply, err=True)
+                continue
+            try:
+                chat.turn(line, write)
+            except HyEdgeError as e:  # e.g. the conversation outgrew the context: say so, keep the session
+                click.echo(f"hy-edge: error: {e}", err=True)
+                continue
+            if interactive:
+                click.echo(stats_line(chat.last), err=True)
+        if not interactive and chat.last is not None:
+            click.echo(stats_line(chat.last), err=True)
