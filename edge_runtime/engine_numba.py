@@ -25,7 +25,6 @@ from .weights import Linear, Weights
 
 FP8_FORMATS = ("e4m3", "e5m2")
 DEFAULT_PREFILL_CHUNK = 128
-TILE_FLOATS = (2 << 20) // 4  # prefill GEMM dequantizes weight tiles of this many floats (2 MB, fits L2)
 
 
 @dataclass
@@ -46,7 +45,6 @@ class Buffers:
     up: np.ndarray  # (Tc, F)
     act: np.ndarray  # (Tc, F) act(gate) * up
     xq: np.ndarray  # (Tc * max K,) fake-quantized linear input, viewed as (T, K) (activation quant only)
-    tile: np.ndarray  # (TILE_FLOATS,) dequantized weight rows for prefill GEMMs, viewed as (R, K)
     ramp: np.ndarray  # (Tc,) int64 0, 1, 2, ...
     positions: np.ndarray  # (Tc,) int64 absolute positions of the chunk
     logits: np.ndarray  # (V,) last token's logits
@@ -71,7 +69,6 @@ def buffer_shapes(spec: ModelSpec, chunk: int, context: int, act_quant: bool) ->
         attn=((T, H * D), f32), scores=((H, S), f32),
         gate=((T, F), f32), up=((T, F), f32), act=((T, F), f32),
         xq=((T * kmax if act_quant else 0,), f32),
-        tile=((TILE_FLOATS if T > 1 else 0,), f32),
         ramp=((T,), np.int64), positions=((T,), np.int64), logits=((V,), f32),
         k_cache=((La, Hkv, S, D), f32), v_cache=((La, Hkv, S, D), f32),
         conv_state=((Lc, C, k - 1), f32), conv_hist=((Lc, S, C), f32),
@@ -265,21 +262,16 @@ class NumbaSession:
             if T == 1:
                 linear.gemv_fp8(x[0], lin.w, lin.scales, lut, out[0])
             else:
-                linear.matmul_fp8(x, lin.w, lin.scales, lut, out, self._tile(lin))
+                linear.matmul_fp8(x, lin.w, lin.scales, lut, out)
         elif lin.storage == "fp16":
             if T == 1:
                 linear.gemv_f16(x[0], lin.w, self._lut16, out[0])
             else:
-                linear.matmul_f16(x, lin.w, self._lut16, out, self._tile(lin))
+                linear.matmul_f16(x, lin.w, self._lut16, out)
         elif T == 1:
             linear.gemv_f32(x[0], lin.w, out[0])
         else:
             linear.matmul_f32(x, lin.w, out)
-
-    def _tile(self, lin: Linear) -> np.ndarray:
-        K = lin.w.shape[1]
-        rows = max(1, min(lin.w.shape[0], self.buf.tile.shape[0] // K))
-        return self.buf.tile[: rows * K].reshape(rows, K)
 
     def _fake_quant(self, x: np.ndarray, lin: Linear) -> np.ndarray:
         """x → decode(encode(x / s)) · s before an FP8 linear, as the converter's graph does:

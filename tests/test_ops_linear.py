@@ -62,9 +62,6 @@ def test_matmul_fp8(fmt, t):
     want = ref.linear(x, ref.dequantize(codes, scales, fmt))
     out = np.empty((t, n), np.float32)
     close(matmul_fp8(x, codes, scales, fp8_lut(fmt), out), want)
-    scratch = np.empty((64, k), np.float32)  # BLAS path: several tiles, last one partial
-    out[:] = np.nan
-    close(matmul_fp8(x, codes, scales, fp8_lut(fmt), out, scratch), want)
 
 
 @pytest.mark.parametrize("t", [1, 5, 129])
