@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -47,7 +48,7 @@ def convert_cmd(src: Path, out: Path, fmt: str, granularity: str, keep: tuple[st
         def progress(name: str, i: int, total: int) -> None:
             nonlocal bar
             if bar is None:  # only once the source has been read: a bad input prints its error alone
-                bar = click.progressbar(length=total, label="converting", file=click.get_text_stream("stderr"),
+                bar = click.progressbar(length=total, label="converting", file=sys.stderr,
                                         item_show_func=lambda n: n and n[-48:])
                 bar.__enter__()
             bar.update(1, name)

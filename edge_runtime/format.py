@@ -22,7 +22,8 @@ FORMAT_VERSION = 1
 META_FORMAT = "hy_edge.format_version"
 META_SPEC = "hy_edge.spec"
 META_QUANT = "hy_edge.quantization"
-META_TOKENIZER = "hy_edge.tokenizer"  # JSON {"type": "tokenizers", "json": ...} | {"type": "sentencepiece", "model_b64": ...}
+# JSON {"type": "tokenizers", "json": ...} | {"type": "sentencepiece", "model_b64": ...}
+META_TOKENIZER = "hy_edge.tokenizer"
 META_TOKENIZER_CONFIG = "hy_edge.tokenizer_config"  # JSON: chat_template, bos/eos tokens, add_bos_token, ...
 META_SOURCE = "hy_edge.source"  # JSON: what the file was converted from
 

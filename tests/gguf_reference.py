@@ -30,6 +30,10 @@ MESSAGES = [
     {"role": "assistant", "content": "4"},
     {"role": "user", "content": "Thanks!"},
 ]
+# Logits: ids fed from position 0; the reference keeps, per position, the 32 largest logits and their ids.
+PROBE_IDS = [1, 504, 3458, 282, 4649, 314, 216, 1345, 30]
+GOLDEN_PROMPT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+GOLDEN_TOKENS = 24
 CONFIG_FIELDS = (
     "vocab_size",
     "hidden_size",
@@ -74,8 +78,10 @@ def reference(path: Path) -> dict:
         n: {"shape": list(sd[n].shape), "sha256": digest(sd[n].float().numpy())}
         for n in selected(sd, model.config.num_hidden_layers)
     }
-    del model, sd
+    del sd
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    probe, greedy = _logits_and_greedy(model, tok)
+    del model
     chat = tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
     encoded = []
     for text in TEXTS + [chat]:
@@ -88,7 +94,25 @@ def reference(path: Path) -> dict:
                 "decoded_skip": tok.decode(ids, skip_special_tokens=True),
             }
         )
-    return {"tensors": tensors, "config": config, "chat": chat, "encoded": encoded}
+    return {"tensors": tensors, "config": config, "chat": chat, "encoded": encoded, "probe": probe,
+            "greedy": greedy}
+
+
+def _logits_and_greedy(model, tok) -> tuple[dict, dict]:
+    """Top-32 logits per position for PROBE_IDS, and GOLDEN_TOKENS greedy tokens for GOLDEN_PROMPT."""
+    import torch
+
+    model = model.eval()  # GGUF tensors are dequantized to float32 on load
+    with torch.no_grad():
+        logits = model(torch.tensor([PROBE_IDS])).logits[0].float()
+        top = torch.topk(logits, 32, dim=-1)
+        prompt = tok.apply_chat_template(GOLDEN_PROMPT, tokenize=True, add_generation_prompt=True)
+        prompt = list(prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt)
+        model.generation_config.eos_token_id = None
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=GOLDEN_TOKENS, do_sample=False,
+                             pad_token_id=0)[0, len(prompt):].tolist()
+    probe = {"ids": PROBE_IDS, "top_ids": top.indices.tolist(), "top_logits": top.values.tolist()}
+    return probe, {"prompt_ids": prompt, "tokens": out}
 
 
 if __name__ == "__main__":
