@@ -109,6 +109,15 @@ def info_cmd(model: Path) -> None:
         click.echo(f"quantization: format {quant.get('format')}, granularity {quant.get('granularity')}, "
                    f"activations {quant.get('activations')}; tensors: "
                    + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+        from .engine_numba import DEFAULT_PREFILL_CHUNK, memory_plan
+        from .memory import DEFAULT_BUDGET, fmt_bytes
+
+        weights = data.stat().st_size if data.exists() else 0
+        plan = memory_plan(spec, weights, DEFAULT_PREFILL_CHUNK, quant.get("activations", "none") != "none")
+        allowed = min(plan.max_context(DEFAULT_BUDGET), spec.max_position_embeddings)
+        click.echo(f"memory (numba backend): weights {fmt_bytes(weights)} mapped + buffers "
+                   f"{fmt_bytes(plan.fixed + plan.state)} + KV cache {fmt_bytes(plan.per_token * 1024)} per 1k "
+                   f"tokens; the default {fmt_bytes(DEFAULT_BUDGET)} budget allows a context of {allowed} tokens")
         fp8 = {n: t["rel_error"] for n, t in tensors.items() if t["storage"] in ("e4m3", "e5m2")}
         if fp8:
             worst = max(fp8, key=fp8.get)

@@ -141,8 +141,8 @@ def _inline(t, dtype: np.dtype, count: int, path: Path) -> np.ndarray:
 # -- the tensors a ModelSpec needs ---------------------------------------------------------------
 
 
-def _float_vector(tensors: dict[str, Tensor], name: str, shape: tuple, path: Path) -> np.ndarray:
-    """Norm weights and conv kernels: small, float; returned as contiguous float32 (copied if fp16)."""
+def _float_tensor(tensors: dict[str, Tensor], name: str, shape: tuple, path: Path) -> Tensor:
+    """The fp32/fp16 tensor `name` of this shape, or ModelFileError naming what is wrong."""
     t = tensors.get(name)
     if t is None:
         raise ModelFileError(f"{path.name}: tensor '{name}' is missing")
@@ -150,6 +150,12 @@ def _float_vector(tensors: dict[str, Tensor], name: str, shape: tuple, path: Pat
         raise ModelFileError(f"{path.name}: tensor '{name}' has storage {t.storage}, expected fp32 or fp16")
     if t.data.shape != shape:
         raise ModelFileError(f"{path.name}: tensor '{name}' has shape {t.data.shape}, expected {shape}")
+    return t
+
+
+def _float_vector(tensors: dict[str, Tensor], name: str, shape: tuple, path: Path) -> np.ndarray:
+    """Norm weights and conv kernels: small, float; returned as contiguous float32 (copied if fp16)."""
+    t = _float_tensor(tensors, name, shape, path)
     if t.storage == "fp16":
         return t.data.view(np.float16).astype(np.float32)
     return np.ascontiguousarray(t.data)
@@ -164,13 +170,7 @@ def _linear(tensors: dict[str, Tensor], name: str, shape: tuple, path: Path) -> 
             raise ModelFileError(f"{path.name}: tensor '{q.name}' has shape {q.data.shape}, expected {shape}")
         scales = _scales(tensors, name, shape, path)
         return Linear(name, q.storage, q.data, scales, _input_scale(tensors, name, path))
-    t = tensors.get(name)
-    if t is None:
-        raise ModelFileError(f"{path.name}: tensor '{name}' is missing")
-    if t.storage not in ("fp32", "fp16"):
-        raise ModelFileError(f"{path.name}: tensor '{name}' has storage {t.storage}, expected fp32 or fp16")
-    if t.data.shape != shape:
-        raise ModelFileError(f"{path.name}: tensor '{name}' has shape {t.data.shape}, expected {shape}")
+    t = _float_tensor(tensors, name, shape, path)
     return Linear(name, t.storage, t.data)
 
 

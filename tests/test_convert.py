@@ -14,6 +14,7 @@ import reference_model
 import torch
 from hy_edge_convert import QuantPolicy, convert
 from onnx_weights import dequantized, initializers
+from runtime_helpers import make_seed_checkpoint
 
 from edge_runtime import format as F
 from edge_runtime.backend_ort import OrtSession
@@ -208,31 +209,19 @@ def test_gguf_conversion_matches_transformers(qtype, tmp_path):
 
 # -- the seed's architecture options, against the numpy reference -------------------------------------
 
-def make_seed_checkpoint(out, seed=0):
-    """A Llama-family checkpoint using every option: dwconv mixers, shared layers, relu6."""
-    from safetensors.numpy import save_file
-
-    from edge_runtime.spec import spec_from_hf_config
-
-    cfg = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=96, hidden_size=32,
-               intermediate_size=80, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
-               head_dim=8, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=128,
-               tie_word_embeddings=False, hidden_act="relu6",
-               layer_types=["attention", "dwconv", "attention", "dwconv", "dwconv"],
-               shared_layers=[0, 1, 0, 1, 4], conv_kernel_size=4, bos_token_id=1, eos_token_id=2)
-    spec = spec_from_hf_config(cfg)
-    rng = np.random.default_rng(seed)
-    tensors = {name: (1 + 0.1 * rng.standard_normal(shape) if len(shape) == 1 else
-                      rng.standard_normal(shape) * shape[-1] ** -0.5).astype(np.float32)
-               for name, shape in F.model_tensors(spec).items()}
-    out.mkdir(parents=True)
-    save_file(tensors, str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps(cfg))
-    return out, spec, tensors
+SEED_OPTIONS = dict(num_hidden_layers=5, hidden_act="relu6", conv_kernel_size=4,
+                    layer_types=["attention", "dwconv", "attention", "dwconv", "dwconv"],
+                    shared_layers=[0, 1, 0, 1, 4])  # every option at once
 
 
 def test_seed_options_match_numpy_reference(tmp_path):
-    src, spec, weights = make_seed_checkpoint(tmp_path / "seed")
+    from safetensors.numpy import load_file
+
+    from edge_runtime.spec import spec_from_hf_config
+
+    src = make_seed_checkpoint(tmp_path / "seed", **SEED_OPTIONS)
+    spec = spec_from_hf_config(json.loads((src / "config.json").read_text()))
+    weights = load_file(str(src / "model.safetensors"))
     ids = IDS[IDS < spec.vocab_size]
     out = tmp_path / "model.onnx"
     convert(src, out, QuantPolicy(format="none"))
