@@ -88,7 +88,7 @@ def test_prompt_longer_than_context(model_file, prompt):
     (["--temperature", "-1"], "temperature"), (["--top-p", "0"], "top-p"), (["--top-k", "-2"], "top-k"),
     (["--min-p", "1.5"], "min-p"), (["--repetition-penalty", "0"], "repetition"),
     (["--max-tokens", "0"], "max-tokens"), (["--max-memory", "lots"], "memory size"),
-    (["--max-memory", "1MB"], "budget"), (["--threads", "0"], "threads"),
+    (["--max-memory", "64KB"], "budget"), (["--threads", "0"], "threads"),
 ])
 def test_bad_option_values(model_file, prompt, opts, fragment):
     _user_error(run(prompt, "--model", model_file, *opts), fragment)
