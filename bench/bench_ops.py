@@ -51,8 +51,10 @@ def main() -> None:
         ]
         for name, nbytes, fn in cases:
             best, med = timed(fn, args.reps)
-            print(f"{n:>8} x {k:<5} {name:>9} {best * 1e3:8.3f} {med * 1e3:8.3f} "
-                  f"{nbytes / best / 1e9:9.2f} {nbytes / med / 1e9:9.2f}")
+            print(
+                f"{n:>8} x {k:<5} {name:>9} {best * 1e3:8.3f} {med * 1e3:8.3f} "
+                f"{nbytes / best / 1e9:9.2f} {nbytes / med / 1e9:9.2f}"
+            )
 
 
 if __name__ == "__main__":

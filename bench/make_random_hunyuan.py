@@ -31,8 +31,15 @@ CONFIG = {
     "hidden_act": "silu",
     "rms_norm_eps": 1e-05,
     "rope_theta": 10000.0,
-    "rope_scaling": {"alpha": 1000.0, "beta_fast": 32, "beta_slow": 1, "factor": 1.0, "mscale": 1.0,
-                     "mscale_all_dim": 1.0, "type": "dynamic"},
+    "rope_scaling": {
+        "alpha": 1000.0,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "factor": 1.0,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+        "type": "dynamic",
+    },
     "max_position_embeddings": 32768,
     "tie_word_embeddings": True,
     "use_qk_norm": True,
@@ -48,11 +55,19 @@ CONFIG = {
 FP8_QUANT = {
     "quant_method": "compressed-tensors",
     "format": "float-quantized",
-    "config_groups": {"group_0": {
-        "weights": {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True, "dynamic": False},
-        "input_activations": {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True,
-                              "dynamic": False},
-        "targets": ["Linear"]}},
+    "config_groups": {
+        "group_0": {
+            "weights": {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True, "dynamic": False},
+            "input_activations": {
+                "num_bits": 8,
+                "type": "float",
+                "strategy": "tensor",
+                "symmetric": True,
+                "dynamic": False,
+            },
+            "targets": ["Linear"],
+        }
+    },
     "ignore": ["lm_head"],
 }
 
@@ -63,14 +78,21 @@ def shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     out = {"model.embed_tokens.weight": (cfg["vocab_size"], C)}
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}"
-        out.update({
-            f"{p}.input_layernorm.weight": (C,), f"{p}.post_attention_layernorm.weight": (C,),
-            f"{p}.self_attn.q_proj.weight": (H * D, C), f"{p}.self_attn.k_proj.weight": (Hkv * D, C),
-            f"{p}.self_attn.v_proj.weight": (Hkv * D, C), f"{p}.self_attn.o_proj.weight": (C, H * D),
-            f"{p}.self_attn.query_layernorm.weight": (D,), f"{p}.self_attn.key_layernorm.weight": (D,),
-            f"{p}.mlp.gate_proj.weight": (F, C), f"{p}.mlp.up_proj.weight": (F, C),
-            f"{p}.mlp.down_proj.weight": (C, F),
-        })
+        out.update(
+            {
+                f"{p}.input_layernorm.weight": (C,),
+                f"{p}.post_attention_layernorm.weight": (C,),
+                f"{p}.self_attn.q_proj.weight": (H * D, C),
+                f"{p}.self_attn.k_proj.weight": (Hkv * D, C),
+                f"{p}.self_attn.v_proj.weight": (Hkv * D, C),
+                f"{p}.self_attn.o_proj.weight": (C, H * D),
+                f"{p}.self_attn.query_layernorm.weight": (D,),
+                f"{p}.self_attn.key_layernorm.weight": (D,),
+                f"{p}.mlp.gate_proj.weight": (F, C),
+                f"{p}.mlp.up_proj.weight": (F, C),
+                f"{p}.mlp.down_proj.weight": (C, F),
+            }
+        )
     out["model.norm.weight"] = (C,)
     return out
 
@@ -113,8 +135,8 @@ def main() -> None:
         if args.fp8 and name.endswith("_proj.weight"):
             scale = np.float32(np.abs(w).max() / 448.0)
             put(name, "F8_E4M3", shape, to_e4m3(w / scale))
-            put(name[:-len("weight")] + "weight_scale", "F32", (1,), np.float32([scale]).tobytes())
-            put(name[:-len("weight")] + "input_scale", "F32", (1,), np.float32([0.05]).tobytes())
+            put(name[: -len("weight")] + "weight_scale", "F32", (1,), np.float32([scale]).tobytes())
+            put(name[: -len("weight")] + "input_scale", "F32", (1,), np.float32([0.05]).tobytes())
         else:
             put(name, "BF16", shape, to_bf16(w))
     args.out.mkdir(parents=True, exist_ok=True)

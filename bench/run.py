@@ -36,8 +36,11 @@ def ensure_model(fmt: str = "e4m3") -> Path:
         from hy_edge_convert import QuantPolicy, convert
 
         report = convert(ckpt, model, QuantPolicy(format=fmt))
-        print(f"converted {ckpt.name} -> {model.name}: {(report.onnx_bytes + report.data_bytes) / 1e6:.0f} MB "
-              f"in {report.seconds:.1f} s", file=sys.stderr)
+        print(
+            f"converted {ckpt.name} -> {model.name}: {(report.onnx_bytes + report.data_bytes) / 1e6:.0f} MB "
+            f"in {report.seconds:.1f} s",
+            file=sys.stderr,
+        )
     return model
 
 
@@ -88,10 +91,18 @@ def measure(model_path: str, backend: str, threads: int, repeats: int) -> dict:
             token = int(np.argmax(session.forward(np.array([token], np.int64))))
         tg.append(DECODE_TOKENS / (time.perf_counter() - t0))
     data = Path(model_path + ".data").stat().st_size
-    return {"backend": backend, "threads": threads, "ttft_s": statistics.mean(ttft),
-            "ttft_sd": statistics.pstdev(ttft), "pp_tps": PROMPT_TOKENS / statistics.mean(ttft),
-            "tg_tps": statistics.mean(tg), "tg_sd": statistics.pstdev(tg), "peak_rss_mb": peak_rss_mb(),
-            "weight_bytes_per_token": data, "decode_gbs": data * statistics.mean(tg) / 1e9}
+    return {
+        "backend": backend,
+        "threads": threads,
+        "ttft_s": statistics.mean(ttft),
+        "ttft_sd": statistics.pstdev(ttft),
+        "pp_tps": PROMPT_TOKENS / statistics.mean(ttft),
+        "tg_tps": statistics.mean(tg),
+        "tg_sd": statistics.pstdev(tg),
+        "peak_rss_mb": peak_rss_mb(),
+        "weight_bytes_per_token": data,
+        "decode_gbs": data * statistics.mean(tg) / 1e9,
+    }
 
 
 def main() -> None:
@@ -112,22 +123,43 @@ def main() -> None:
     rows = []
     for backend in args.backends.split(","):
         print(f"measuring {backend} ...", file=sys.stderr)
-        r = subprocess.run([sys.executable, __file__, "--child", str(model), backend, "--threads",
-                            str(args.threads), "--repeats", str(args.repeats)],
-                           capture_output=True, text=True, check=True)
+        r = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                str(model),
+                backend,
+                "--threads",
+                str(args.threads),
+                "--repeats",
+                str(args.repeats),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
-    print(f"\nHunyuan-0.5B shapes, FP8 E4M3 per-channel ({rows[0]['weight_bytes_per_token'] / 1e6:.0f} MB of "
-          f"weights per token), {args.threads} threads, machine read bandwidth {bandwidth:.1f} GB/s\n")
-    print("| backend | TTFT pp128 (s) | prefill tok/s | decode tg64 tok/s | decode GB/s | % of bandwidth "
-          "| peak RSS (MB) |")
+    print(
+        f"\nHunyuan-0.5B shapes, FP8 E4M3 per-channel ({rows[0]['weight_bytes_per_token'] / 1e6:.0f} MB of "
+        f"weights per token), {args.threads} threads, machine read bandwidth {bandwidth:.1f} GB/s\n"
+    )
+    print(
+        "| backend | TTFT pp128 (s) | prefill tok/s | decode tg64 tok/s | decode GB/s | % of bandwidth "
+        "| peak RSS (MB) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['backend']} | {r['ttft_s']:.3f} ± {r['ttft_sd']:.3f} | {r['pp_tps']:.1f} "
-              f"| {r['tg_tps']:.2f} ± {r['tg_sd']:.2f} | {r['decode_gbs']:.2f} "
-              f"| {100 * r['decode_gbs'] / bandwidth:.0f}% | {r['peak_rss_mb']:.0f} |")
+        print(
+            f"| {r['backend']} | {r['ttft_s']:.3f} ± {r['ttft_sd']:.3f} | {r['pp_tps']:.1f} "
+            f"| {r['tg_tps']:.2f} ± {r['tg_sd']:.2f} | {r['decode_gbs']:.2f} "
+            f"| {100 * r['decode_gbs'] / bandwidth:.0f}% | {r['peak_rss_mb']:.0f} |"
+        )
     if len(rows) == 2:
-        print(f"\nnumba / onnxruntime: decode {rows[0]['tg_tps'] / rows[1]['tg_tps']:.2f}x, "
-              f"TTFT {rows[1]['ttft_s'] / rows[0]['ttft_s']:.2f}x faster")
+        print(
+            f"\nnumba / onnxruntime: decode {rows[0]['tg_tps'] / rows[1]['tg_tps']:.2f}x, "
+            f"TTFT {rows[1]['ttft_s'] / rows[0]['ttft_s']:.2f}x faster"
+        )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"bandwidth_gbs": bandwidth, "speed": rows}, indent=2))
     if not args.skip_eval:

@@ -181,8 +181,7 @@ class GGUFFile:
             block, type_size = GGML_QUANT_SIZES[qtype]
             if dims and dims[0] % block:
                 raise CheckpointError(
-                    f"{self.path}: tensor '{name}' rows of {dims[0]} do not fill "
-                    f"{qtype.name} blocks of {block}"
+                    f"{self.path}: tensor '{name}' rows of {dims[0]} do not fill {qtype.name} blocks of {block}"
                 )
             nbytes = math.prod(dims) // block * type_size
             start = data_start + offset
@@ -282,9 +281,7 @@ def llama_config(meta: dict, tensors: dict[str, GGUFTensorInfo], path: Path) -> 
     kv_heads = key("attention.head_count_kv", heads)
     if isinstance(heads, list) or isinstance(kv_heads, list):
         raise CheckpointError(f"{path}: per-layer head counts are not supported")
-    head_dim = int(
-        meta.get("llama.attention.key_length") or meta.get("llama.rope.dimension_count") or hidden // heads
-    )
+    head_dim = int(meta.get("llama.attention.key_length") or meta.get("llama.rope.dimension_count") or hidden // heads)
     vocab = meta.get("llama.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or ())
     if not vocab and "token_embd.weight" in tensors:
         vocab = tensors["token_embd.weight"].shape[0]

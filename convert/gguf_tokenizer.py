@@ -61,9 +61,7 @@ _PRE = {
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character table, in which byte-level vocabularies are spelled."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    )
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -82,9 +80,7 @@ def tokenizer_from_gguf(meta: dict, path: Path) -> tuple[str, dict] | None:
         return None
     types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     if len(types) != len(tokens):
-        raise CheckpointError(
-            f"{path}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens"
-        )
+        raise CheckpointError(f"{path}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
     if model == "gpt2":
         tok = _byte_level_bpe(meta, tokens, path)
         add_bos_default = False
@@ -92,18 +88,14 @@ def tokenizer_from_gguf(meta: dict, path: Path) -> tuple[str, dict] | None:
         tok = _sentencepiece_bpe(meta, tokens, path)
         add_bos_default = True  # llama.cpp's default for SentencePiece vocabularies
     else:
-        raise CheckpointError(
-            f"{path}: tokenizer.ggml.model '{model}' is not supported (supported: gpt2, llama)"
-        )
+        raise CheckpointError(f"{path}: tokenizer.ggml.model '{model}' is not supported (supported: gpt2, llama)")
 
     def token(key: str) -> str | None:
         i = meta.get(f"tokenizer.ggml.{key}")
         return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
 
     specials = [
-        t
-        for t, ty in zip(tokens, types, strict=True)
-        if ty == _CONTROL or (ty == _UNKNOWN and model == "llama")
+        t for t, ty in zip(tokens, types, strict=True) if ty == _CONTROL or (ty == _UNKNOWN and model == "llama")
     ]
     if model == "gpt2":
         # A control token spelled outside the byte alphabet is a llama.cpp mislabel
@@ -138,9 +130,7 @@ def tokenizer_from_gguf(meta: dict, path: Path) -> tuple[str, dict] | None:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
 
     eos_ids = [
-        meta[k]
-        for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
-        if isinstance(meta.get(k), int)
+        meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if isinstance(meta.get(k), int)
     ]
     config = {
         "chat_template": meta.get("tokenizer.chat_template"),
@@ -176,8 +166,7 @@ def _byte_level_bpe(meta: dict, tokens: list[str], path: Path) -> Tokenizer:
     alphabet = set(spelling.values())
     # llama.cpp keeps byte-level spellings; a token written in plain text is respelled byte by byte.
     vocab = {
-        t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
-        for i, t in enumerate(tokens)
+        t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i for i, t in enumerate(tokens)
     }
     tok = Tokenizer(
         models.BPE(
@@ -231,9 +220,7 @@ def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[st
     merges = []
     for piece, score in dict(zip(tokens, scores, strict=True)).items():
         local = [
-            (piece[:k], piece[k:], score)
-            for k in range(1, len(piece))
-            if piece[:k] in vocab and piece[k:] in vocab
+            (piece[:k], piece[k:], score) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab
         ]
         local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
         merges.extend(local)

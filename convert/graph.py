@@ -112,26 +112,32 @@ class GraphBuilder:
     def make_rms_norm(self, x: str, weight: str, path: str) -> str:
         """weight * x * rsqrt(mean(x^2) + eps) over the last axis (no +1 on the weight)."""
         var = self.node("ReduceMean", [self.node("Mul", [x, x], path + "/sq"), self.i64(-1)], path, keepdims=1)
-        inv = self.node("Reciprocal", [self.node("Sqrt", [self.node(
-            "Add", [var, self.const(self.spec.rms_norm_eps)], path)], path)], path)
+        inv = self.node(
+            "Reciprocal",
+            [self.node("Sqrt", [self.node("Add", [var, self.const(self.spec.rms_norm_eps)], path)], path)],
+            path,
+        )
         return self.node("Mul", [self.make_weight(weight), self.node("Mul", [x, inv], path)], path + "/scale")
 
     def make_rope(self, x: str, cos: str, sin: str, path: str) -> str:
         """NeoX rotate-half on x (B, heads, T, D); cos/sin (B, 1, T, D/2)."""
         half = self.spec.head_dim // 2
         x1, x2 = self.node("Split", [x, self.i64(half, half)], path, n_out=2, axis=-1)
-        out1 = self.node("Sub", [self.node("Mul", [x1, cos], path + "/x1c"),
-                                 self.node("Mul", [x2, sin], path + "/x2s")], path)
-        out2 = self.node("Add", [self.node("Mul", [x2, cos], path + "/x2c"),
-                                 self.node("Mul", [x1, sin], path + "/x1s")], path)
+        out1 = self.node(
+            "Sub", [self.node("Mul", [x1, cos], path + "/x1c"), self.node("Mul", [x2, sin], path + "/x2s")], path
+        )
+        out2 = self.node(
+            "Add", [self.node("Mul", [x2, cos], path + "/x2c"), self.node("Mul", [x1, sin], path + "/x1s")], path
+        )
         return self.node("Concat", [out1, out2], path, axis=-1)
 
     def make_rope_tables(self) -> tuple[str, str]:
         """cos, sin (B, 1, T, D/2) from position_ids, freqs computed in float32 like transformers."""
         inv = rope_inv_freq(self.spec.head_dim, self.spec.rope_theta)
         pos = self.node("Cast", [F.POSITION_IDS], "/model/rope", to=TensorProto.FLOAT)
-        freqs = self.node("Mul", [self.node("Unsqueeze", [pos, self.i64(-1)], "/model/rope"), self.const(inv)],
-                          "/model/rope")
+        freqs = self.node(
+            "Mul", [self.node("Unsqueeze", [pos, self.i64(-1)], "/model/rope"), self.const(inv)], "/model/rope"
+        )
         freqs = self.node("Unsqueeze", [freqs, self.i64(1)], "/model/rope/heads")
         return self.node("Cos", [freqs], "/model/rope"), self.node("Sin", [freqs], "/model/rope")
 
@@ -158,7 +164,7 @@ class GraphBuilder:
         if H != Hkv:  # GQA: (B, Hkv, S, D) -> (B, Hkv, H/Hkv, S, D) -> (B, H, S, D)
             k, v = (self.make_repeat_kv(t, H // Hkv, p + f"/repeat_{n}") for t, n in ((k, "k"), (v, "v")))
         kt = self.node("Transpose", [k], p + "/kT", perm=[0, 1, 3, 2])
-        scores = self.node("Mul", [self.node("MatMul", [q, kt], p + "/qk"), self.const(D ** -0.5)], p + "/qk")
+        scores = self.node("Mul", [self.node("MatMul", [q, kt], p + "/qk"), self.const(D**-0.5)], p + "/qk")
         scores = self.node("Where", [mask, self.const(-np.inf), scores], p + "/mask")  # (B, H, T, S)
         probs = self.node("Softmax", [scores], p, axis=-1)
         out = self.node("Transpose", [self.node("MatMul", [probs, v], p + "/pv")], p + "/out", perm=[0, 2, 1, 3])
@@ -169,10 +175,16 @@ class GraphBuilder:
         s = self.spec
         x = self.node("Unsqueeze", [x, self.i64(2)], path)
         shape = self.node("Shape", [x], path)
-        target = self.node("Concat", [self.node("Slice", [shape, self.i64(0), self.i64(2)], path + "/bh"),
-                                      self.i64(n_rep),
-                                      self.node("Slice", [shape, self.i64(3), self.i64(5)], path + "/sd")],
-                           path + "/shape", axis=0)
+        target = self.node(
+            "Concat",
+            [
+                self.node("Slice", [shape, self.i64(0), self.i64(2)], path + "/bh"),
+                self.i64(n_rep),
+                self.node("Slice", [shape, self.i64(3), self.i64(5)], path + "/sd"),
+            ],
+            path + "/shape",
+            axis=0,
+        )
         x = self.node("Expand", [x, target], path)
         return self.node("Reshape", [x, self.i64(0, s.num_attention_heads, -1, s.head_dim)], path)
 
@@ -183,9 +195,14 @@ class GraphBuilder:
         C, k = s.hidden_size, s.conv_kernel_size
         x = self.node("Transpose", [h], p + "/in", perm=[0, 2, 1])  # (B, C, T)
         x = self.node("Concat", [F.past_conv(i), x], p + "/state", axis=2)  # (B, C, k-1+T)
-        self.nodes.append(helper.make_node(
-            "Slice", [x, self.i64(-(k - 1)), self.i64(np.iinfo(np.int64).max), self.i64(2)],
-            [F.present_conv(i)], name=p + "/present_conv"))
+        self.nodes.append(
+            helper.make_node(
+                "Slice",
+                [x, self.i64(-(k - 1)), self.i64(np.iinfo(np.int64).max), self.i64(2)],
+                [F.present_conv(i)],
+                name=p + "/present_conv",
+            )
+        )
         kernel = self.node("Reshape", [self.make_weight(f"{w}.conv.weight"), self.i64(C, 1, k)], p + "/kernel")
         y = self.node("Conv", [x, kernel], p + "/conv", group=C, kernel_shape=[k])  # (B, C, T)
         y = self.node("Transpose", [y], p + "/out", perm=[0, 2, 1])
@@ -200,8 +217,7 @@ class GraphBuilder:
             act = self.node("Clip", [gate, self.const(0.0), self.const(6.0)], p + "/act")
         else:
             act = self.node("Mul", [gate, self.node("Sigmoid", [gate], p + "/act")], p + "/act")
-        return self.make_linear(self.node("Mul", [act, up], p + "/gated"), f"{w}.down_proj.weight",
-                                p + "/down_proj")
+        return self.make_linear(self.node("Mul", [act, up], p + "/gated"), f"{w}.down_proj.weight", p + "/down_proj")
 
     def make_causal_mask(self) -> str:
         """(T, S) bool, True where key j lies after query i's position P + i (S = P + T)."""
@@ -231,8 +247,9 @@ class GraphBuilder:
             else:
                 y = self.make_dwconv(i, h)
             x = self.node("Add", [x, y], f"/model/layers.{i}/attn_residual")
-            h = self.make_rms_norm(x, f"{w}.post_attention_layernorm.weight",
-                                   f"/model/layers.{i}/post_attention_layernorm")
+            h = self.make_rms_norm(
+                x, f"{w}.post_attention_layernorm.weight", f"/model/layers.{i}/post_attention_layernorm"
+            )
             x = self.node("Add", [x, self.make_mlp(i, h)], f"/model/layers.{i}/mlp_residual")
         x = self.make_rms_norm(x, F.FINAL_NORM, "/model/norm")
         head = F.LM_HEAD if F.LM_HEAD in self.weights else F.EMBED
@@ -244,8 +261,10 @@ def io_value_infos(spec: ModelSpec) -> tuple[list, list]:
     """Graph inputs and outputs with symbolic dims: batch, sequence, past_sequence, total_sequence."""
     Hkv, D, C, k = spec.num_key_value_heads, spec.head_dim, spec.hidden_size, spec.conv_kernel_size
     vi = helper.make_tensor_value_info
-    inputs = [vi(F.INPUT_IDS, TensorProto.INT64, ["batch", "sequence"]),
-              vi(F.POSITION_IDS, TensorProto.INT64, ["batch", "sequence"])]
+    inputs = [
+        vi(F.INPUT_IDS, TensorProto.INT64, ["batch", "sequence"]),
+        vi(F.POSITION_IDS, TensorProto.INT64, ["batch", "sequence"]),
+    ]
     outputs = [vi(F.LOGITS, TensorProto.FLOAT, ["batch", "sequence", spec.vocab_size])]
     for i in range(spec.num_hidden_layers):
         if spec.layer_types[i] == "attention":

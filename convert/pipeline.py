@@ -97,8 +97,13 @@ def _tokenizer_metadata(ckpt: Checkpoint) -> dict[str, str]:
     return {F.META_TOKENIZER: json.dumps(payload), F.META_TOKENIZER_CONFIG: json.dumps(tok.config)}
 
 
-def convert(src: Path | str, out: Path | str, policy: QuantPolicy | None = None,
-            progress: Progress | None = None, source_extra: dict | None = None) -> ConversionReport:
+def convert(
+    src: Path | str,
+    out: Path | str,
+    policy: QuantPolicy | None = None,
+    progress: Progress | None = None,
+    source_extra: dict | None = None,
+) -> ConversionReport:
     """Convert a Hugging Face checkpoint directory or a GGUF file to `out` (.onnx + .onnx.data).
     `source_extra` is recorded in the file's source metadata (the cache keys its files by it)."""
     policy = policy or QuantPolicy()
@@ -124,8 +129,9 @@ def convert(src: Path | str, out: Path | str, policy: QuantPolicy | None = None,
                     progress(name, i, len(names))
                 q = _produce(ckpt, name, shape, policy)
                 if policy.activations == "static" and q.storage in FP8_TYPES and q.input_scale is None:
-                    raise HyEdgeError(f"--activations static needs an input_scale for '{name}' "
-                                      "(only FP8-static checkpoints have one)")
+                    raise HyEdgeError(
+                        f"--activations static needs an input_scale for '{name}' (only FP8-static checkpoints have one)"
+                    )
                 if q.storage in FP8_TYPES:
                     inits.append(data.add(name + F.QWEIGHT, q.data, FP8_TYPES[q.storage]))
                     inits.append(data.add(name + F.SCALE, q.scale))
@@ -153,23 +159,42 @@ def _source_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("*.safetensors"))
 
 
-def _model(spec: ModelSpec, stored: dict[str, StoredWeight], inits: list, policy: QuantPolicy,
-           report: ConversionReport, ckpt: Checkpoint, source_extra: dict) -> onnx.ModelProto:
+def _model(
+    spec: ModelSpec,
+    stored: dict[str, StoredWeight],
+    inits: list,
+    policy: QuantPolicy,
+    report: ConversionReport,
+    ckpt: Checkpoint,
+    source_extra: dict,
+) -> onnx.ModelProto:
     builder = GraphBuilder(spec, stored, policy.activations)
     builder.make_model()
     inputs, outputs = io_value_infos(spec)
     graph = helper.make_graph(builder.nodes, "hy-edge", inputs, outputs, initializer=inits + builder.consts)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="hy-edge", ir_version=IR_VERSION)
-    quant = {"format": policy.format, "granularity": policy.granularity, "activations": policy.activations,
-             "keep_fp16": list(policy.keep_fp16), "tensors": report.tensors}
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="hy-edge", ir_version=IR_VERSION
+    )
+    quant = {
+        "format": policy.format,
+        "granularity": policy.granularity,
+        "activations": policy.activations,
+        "keep_fp16": list(policy.keep_fp16),
+        "tensors": report.tensors,
+    }
     meta = {
         F.META_FORMAT: str(F.FORMAT_VERSION),
         F.META_SPEC: spec.to_json(),
         F.META_QUANT: json.dumps(quant),
-        F.META_SOURCE: json.dumps({"path": str(ckpt.path), "kind": ckpt.kind,
-                                   "fp8_checkpoint": _is_fp8_checkpoint(ckpt),
-                                   "source_bytes": report.source_bytes, **source_extra}),
+        F.META_SOURCE: json.dumps(
+            {
+                "path": str(ckpt.path),
+                "kind": ckpt.kind,
+                "fp8_checkpoint": _is_fp8_checkpoint(ckpt),
+                "source_bytes": report.source_bytes,
+                **source_extra,
+            }
+        ),
         **_tokenizer_metadata(ckpt),
     }
     helper.set_model_props(model, meta)

@@ -121,8 +121,8 @@ def to_fp16(w: np.ndarray) -> Quantized:
     w16 = w.astype(np.float16)
     err = ref = 0.0
     for r0 in range(0, w.shape[0], ROWS_PER_CHUNK):  # chunked: no second full-size fp32 temporary
-        chunk = w[r0: r0 + ROWS_PER_CHUNK]
-        err += float(np.square(w16[r0: r0 + ROWS_PER_CHUNK].astype(np.float32) - chunk, dtype=np.float64).sum())
+        chunk = w[r0 : r0 + ROWS_PER_CHUNK]
+        err += float(np.square(w16[r0 : r0 + ROWS_PER_CHUNK].astype(np.float32) - chunk, dtype=np.float64).sum())
         ref += float(np.square(chunk, dtype=np.float64).sum())
     return Quantized("fp16", w16, rel_error=(err / ref) ** 0.5 if ref > 0 else 0.0)
 
@@ -167,4 +167,3 @@ def dequantize_carried(codes: np.ndarray, weight_scale: np.ndarray) -> np.ndarra
     N = codes.shape[0]
     scales = np.broadcast_to(np.asarray(weight_scale, np.float32).reshape(-1, 1), (N, 1))
     return dequantize_fp8(codes, np.ascontiguousarray(scales), "e4m3")
-

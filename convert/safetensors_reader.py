@@ -44,8 +44,7 @@ class SafetensorsFile:
                 (n,) = struct.unpack("<Q", head)
                 if n > _MAX_HEADER or 8 + n > size:
                     raise CheckpointError(
-                        f"{self.path}: truncated or not a safetensors file (header of {n} bytes, "
-                        f"file of {size})"
+                        f"{self.path}: truncated or not a safetensors file (header of {n} bytes, file of {size})"
                     )
                 raw = f.read(n)
         except OSError as e:
@@ -81,8 +80,7 @@ class SafetensorsFile:
         kind, np_dtype = DTYPES[dtype]
         if end - begin != math.prod(shape) * np_dtype.itemsize or begin < 0:
             raise CheckpointError(
-                f"{self.path}: tensor '{name}' data_offsets [{begin}, {end}] "
-                f"do not fit its shape {list(shape)}"
+                f"{self.path}: tensor '{name}' data_offsets [{begin}, {end}] do not fit its shape {list(shape)}"
             )
         if end > data_size:
             raise CheckpointError(

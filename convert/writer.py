@@ -17,8 +17,11 @@ from onnx import TensorProto
 ALIGN = 4096  # page size: each external tensor starts on its own page, so a view needs no copy
 INLINE_LIMIT = 1024  # smaller tensors (scales, norms of tiny models) live inside the .onnx itself
 
-NP_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
-              np.dtype(np.int64): TensorProto.INT64}
+NP_TO_ONNX = {
+    np.dtype(np.float32): TensorProto.FLOAT,
+    np.dtype(np.float16): TensorProto.FLOAT16,
+    np.dtype(np.int64): TensorProto.INT64,
+}
 
 
 class ExternalData:

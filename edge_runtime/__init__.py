@@ -15,9 +15,14 @@ from importlib import import_module
 from .errors import BudgetError, HyEdgeError, ModelFileError
 
 _LAZY = {
-    "GenerationResponse": ".generate", "GenerationResult": ".generate", "Generator": ".generate",
-    "stream_generate": ".generate", "Model": ".model", "load": ".model",
-    "make_logits_processors": ".sampling", "make_sampler": ".sampling",
+    "GenerationResponse": ".generate",
+    "GenerationResult": ".generate",
+    "Generator": ".generate",
+    "stream_generate": ".generate",
+    "Model": ".model",
+    "load": ".model",
+    "make_logits_processors": ".sampling",
+    "make_sampler": ".sampling",
 }
 
 __all__ = ["BudgetError", "HyEdgeError", "ModelFileError", *_LAZY]

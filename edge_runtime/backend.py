@@ -38,9 +38,15 @@ class Backend(Protocol):
     def reset(self) -> None: ...
 
 
-def open_session(model: Model, backend: str = "numba", *, threads: int | None = None,
-                 max_context: int | None = None, max_memory: int | None = None,
-                 prefill_chunk: int | None = None) -> Backend:
+def open_session(
+    model: Model,
+    backend: str = "numba",
+    *,
+    threads: int | None = None,
+    max_context: int | None = None,
+    max_memory: int | None = None,
+    prefill_chunk: int | None = None,
+) -> Backend:
     """A new session on `model` with the chosen backend; the memory budget is checked first."""
     from .memory import DEFAULT_BUDGET
     from .threads import resolve_threads
@@ -50,9 +56,15 @@ def open_session(model: Model, backend: str = "numba", *, threads: int | None = 
     if backend == "numba":
         from .engine_numba import DEFAULT_PREFILL_CHUNK, NumbaSession
 
-        return NumbaSession(model.spec, model.weights, activations=model.activations, max_context=max_context,
-                            prefill_chunk=prefill_chunk or DEFAULT_PREFILL_CHUNK, max_memory=budget,
-                            threads=threads)
+        return NumbaSession(
+            model.spec,
+            model.weights,
+            activations=model.activations,
+            max_context=max_context,
+            prefill_chunk=prefill_chunk or DEFAULT_PREFILL_CHUNK,
+            max_memory=budget,
+            threads=threads,
+        )
     if backend == "onnxruntime":
         from .backend_ort import OrtSession
 

@@ -31,8 +31,10 @@ class OrtSession:
             raise ModelFileError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
         meta = {p.key: p.value for p in proto.metadata_props}
         if meta.get(F.META_FORMAT) != str(F.FORMAT_VERSION):
-            raise ModelFileError(f"{path}: not a hy-edge model of format version {F.FORMAT_VERSION} "
-                                 f"(found {meta.get(F.META_FORMAT)!r}); convert it again")
+            raise ModelFileError(
+                f"{path}: not a hy-edge model of format version {F.FORMAT_VERSION} "
+                f"(found {meta.get(F.META_FORMAT)!r}); convert it again"
+            )
         self.spec = ModelSpec.from_json(meta[F.META_SPEC])
         self.quantization = json.loads(meta.get(F.META_QUANT, "{}"))
         self.max_context = max_context or self.spec.max_position_embeddings

@@ -42,15 +42,26 @@ def _compile(template: str):
     return env.from_string(template)
 
 
-def render(template: str, messages: list[dict], add_generation_prompt: bool = True,
-           bos_token: str | None = None, eos_token: str | None = None, **kwargs) -> str:
+def render(
+    template: str,
+    messages: list[dict],
+    add_generation_prompt: bool = True,
+    bos_token: str | None = None,
+    eos_token: str | None = None,
+    **kwargs,
+) -> str:
     """The prompt text for `messages` ([{"role": ..., "content": ...}, ...])."""
     import jinja2
 
     try:
         return _compile(template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=bos_token or "", eos_token=eos_token or "", tools=None, documents=None, **kwargs,
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=bos_token or "",
+            eos_token=eos_token or "",
+            tools=None,
+            documents=None,
+            **kwargs,
         )
     except TemplateError:
         raise
@@ -63,8 +74,7 @@ def plain_prompt(messages: list[dict]) -> str:
     return "\n\n".join(str(m.get("content", "")) for m in messages)
 
 
-def encode_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True,
-                **kwargs) -> list[int]:
+def encode_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
     """Token ids of a chat. The rendered template carries its own BOS, so it is encoded without
     adding special tokens (as apply_chat_template(tokenize=True) does); without a template the plain
     text is encoded like a raw prompt."""

@@ -53,8 +53,15 @@ def read_prompt(source: str) -> str:
 @sampling_options
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
-def run_cmd(prompt_file: str, raw: bool, system: str | None, thinking: bool | None, sampling: Sampling,
-            as_json: bool, **model_args) -> None:
+def run_cmd(
+    prompt_file: str,
+    raw: bool,
+    system: str | None,
+    thinking: bool | None,
+    sampling: Sampling,
+    as_json: bool,
+    **model_args,
+) -> None:
     """Generate a reply to the prompt in PROMPT_FILE ('-' reads stdin)."""
     from .generate import collect
 

@@ -72,6 +72,7 @@ class ChatSession:
 def chat_cmd(system: str | None, thinking: bool | None, sampling: Sampling, **model_args) -> None:
     """Chat with the model: one line per turn; /help lists the commands."""
     interactive = sys.stdin.isatty()
+
     def write(text: str) -> None:
         click.echo(text, nl=False)  # flushes: the reply streams as it is generated
 

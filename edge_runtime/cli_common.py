@@ -35,13 +35,17 @@ def user_errors() -> Iterator[None]:
         sys.exit(130)
 
 
-
 def model_options(fn: Callable) -> Callable:
     """--model, --backend, --threads, --max-memory, --max-context: which model, and how to run it."""
     options = [
-        click.option("--model", "model_arg", default=None, type=str,
-                     help="A converted .onnx file, or a checkpoint (HF directory, .gguf) converted once into "
-                          "the cache. Default: the bundled SmolLM2-135M-Instruct."),
+        click.option(
+            "--model",
+            "model_arg",
+            default=None,
+            type=str,
+            help="A converted .onnx file, or a checkpoint (HF directory, .gguf) converted once into "
+            "the cache. Default: the bundled SmolLM2-135M-Instruct.",
+        ),
         click.option("--backend", default="numba", show_default=True, type=click.Choice(["numba", "onnxruntime"])),
         click.option("--threads", default=None, type=int, help="Threads (default: physical cores)."),
         click.option("--max-memory", default="8GB", show_default=True, help="Memory budget, e.g. 8GB, 512MB."),
@@ -71,13 +75,18 @@ def sampling_options(fn: Callable) -> Callable:
     """The sampling and stopping options; the command receives them as one `sampling: Sampling`."""
     options = [
         click.option("--system", default=None, help="System message for the chat template."),
-        click.option("--thinking/--no-thinking", "thinking", default=None,
-                     help="Hunyuan: switch the reasoning part on or off (enable_thinking in the template)."),
+        click.option(
+            "--thinking/--no-thinking",
+            "thinking",
+            default=None,
+            help="Hunyuan: switch the reasoning part on or off (enable_thinking in the template).",
+        ),
         click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy."),
         click.option("--top-k", default=0, show_default=True, type=int, help="Keep the k likeliest tokens (0 = off)."),
         click.option("--top-p", default=1.0, show_default=True, type=float, help="Nucleus sampling threshold."),
-        click.option("--min-p", default=0.0, show_default=True, type=float,
-                     help="Min probability relative to the top token."),
+        click.option(
+            "--min-p", default=0.0, show_default=True, type=float, help="Min probability relative to the top token."
+        ),
         click.option("--repetition-penalty", default=1.0, show_default=True, type=float),
         click.option("--seed", default=None, type=int, help="Seed for sampling (same seed, same text)."),
         click.option("--max-tokens", default=256, show_default=True, type=int),
@@ -86,14 +95,21 @@ def sampling_options(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(temperature, top_k, top_p, min_p, repetition_penalty, seed, max_tokens, stop, **kw):
-        return fn(sampling=Sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed, max_tokens,
-                                    tuple(stop)), **kw)
+        return fn(
+            sampling=Sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed, max_tokens, tuple(stop)), **kw
+        )
 
     return functools.reduce(lambda f, o: o(f), reversed(options), wrapper)
 
 
-def open_model(sampling: Sampling, model_arg: str | None, backend: str, threads: int | None, max_memory: str,
-               max_context: int | None):
+def open_model(
+    sampling: Sampling,
+    model_arg: str | None,
+    backend: str,
+    threads: int | None,
+    max_memory: str,
+    max_context: int | None,
+):
     """Check the options a user typed, find (or convert) the model, load it."""
     from .cli_model import resolve_model
     from .memory import parse_size
@@ -119,6 +135,8 @@ def template_kwargs(thinking: bool | None) -> dict:
 
 def stats_line(r) -> str:
     cached = f", {r.cached_tokens} reused from cache" if getattr(r, "cached_tokens", 0) else ""
-    return (f"[{r.prompt_tokens} prompt{cached} + {r.completion_tokens} generated tokens, {r.finish_reason}] "
-            f"TTFT {r.ttft_s * 1000:.0f} ms, prefill {r.prefill_tps:.1f} tok/s, "
-            f"decode {r.decode_tps:.1f} tok/s, peak RSS {r.peak_rss_mb:.0f} MB")
+    return (
+        f"[{r.prompt_tokens} prompt{cached} + {r.completion_tokens} generated tokens, {r.finish_reason}] "
+        f"TTFT {r.ttft_s * 1000:.0f} ms, prefill {r.prefill_tps:.1f} tok/s, "
+        f"decode {r.decode_tps:.1f} tok/s, peak RSS {r.peak_rss_mb:.0f} MB"
+    )

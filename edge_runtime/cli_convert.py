@@ -22,34 +22,65 @@ def _mb(n: int) -> str:
 
 @click.command("convert")
 @click.argument("src", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
-              help="Output .onnx file (its weights go to OUTPUT.data beside it).")
-@click.option("--format", "fmt", default="e4m3", show_default=True,
-              type=click.Choice(["e4m3", "e5m2", "auto", "none"]),
-              help="FP8 format of the linear weights; auto picks per tensor; none keeps fp32.")
-@click.option("--granularity", default="channel", show_default=True,
-              help="Scales per output channel, per tensor, or per block of N inputs (block:N).")
-@click.option("--keep-fp16", "keep", multiple=True, metavar="PATTERN",
-              help="Also keep weights matching this glob in FP16 (the embedding always is).")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Output .onnx file (its weights go to OUTPUT.data beside it).",
+)
+@click.option(
+    "--format",
+    "fmt",
+    default="e4m3",
+    show_default=True,
+    type=click.Choice(["e4m3", "e5m2", "auto", "none"]),
+    help="FP8 format of the linear weights; auto picks per tensor; none keeps fp32.",
+)
+@click.option(
+    "--granularity",
+    default="channel",
+    show_default=True,
+    help="Scales per output channel, per tensor, or per block of N inputs (block:N).",
+)
+@click.option(
+    "--keep-fp16",
+    "keep",
+    multiple=True,
+    metavar="PATTERN",
+    help="Also keep weights matching this glob in FP16 (the embedding always is).",
+)
 @click.option("--lm-head-fp8", is_flag=True, help="Give a tied lm_head its own FP8 copy.")
-@click.option("--activations", default="none", show_default=True,
-              type=click.Choice(["none", "e4m3", "e5m2", "static"]),
-              help="Fake-quantize linear inputs (static: the checkpoint's input_scale).")
-def convert_cmd(src: Path, out: Path, fmt: str, granularity: str, keep: tuple[str, ...], lm_head_fp8: bool,
-                activations: str) -> None:
+@click.option(
+    "--activations",
+    default="none",
+    show_default=True,
+    type=click.Choice(["none", "e4m3", "e5m2", "static"]),
+    help="Fake-quantize linear inputs (static: the checkpoint's input_scale).",
+)
+def convert_cmd(
+    src: Path, out: Path, fmt: str, granularity: str, keep: tuple[str, ...], lm_head_fp8: bool, activations: str
+) -> None:
     """Convert a Hugging Face checkpoint directory or a GGUF file to one ONNX file."""
     with user_errors():
         from hy_edge_convert import QuantPolicy, convert
 
-        policy = QuantPolicy(format=fmt, granularity=granularity, keep_fp16=(F.EMBED, *keep),
-                             lm_head_fp8=lm_head_fp8, activations=activations)
+        policy = QuantPolicy(
+            format=fmt,
+            granularity=granularity,
+            keep_fp16=(F.EMBED, *keep),
+            lm_head_fp8=lm_head_fp8,
+            activations=activations,
+        )
         bar = None
 
         def progress(name: str, i: int, total: int) -> None:
             nonlocal bar
             if bar is None:  # only once the source has been read: a bad input prints its error alone
-                bar = click.progressbar(length=total, label="converting", file=sys.stderr,
-                                        item_show_func=lambda n: n and n[-48:])
+                bar = click.progressbar(
+                    length=total, label="converting", file=sys.stderr, item_show_func=lambda n: n and n[-48:]
+                )
                 bar.__enter__()
             bar.update(1, name)
 
@@ -60,8 +91,10 @@ def convert_cmd(src: Path, out: Path, fmt: str, granularity: str, keep: tuple[st
                 bar.__exit__(None, None, None)
         size = report.onnx_bytes + report.data_bytes
         worst, err = report.worst
-        click.echo(f"wrote {out} ({_mb(size)}; source {_mb(report.source_bytes)}, "
-                   f"{report.source_bytes / max(size, 1):.2f}x smaller) in {report.seconds:.1f} s")
+        click.echo(
+            f"wrote {out} ({_mb(size)}; source {_mb(report.source_bytes)}, "
+            f"{report.source_bytes / max(size, 1):.2f}x smaller) in {report.seconds:.1f} s"
+        )
         click.echo("tensors: " + ", ".join(f"{n} {k}" for k, n in report.counts.items()))
         if worst:
             click.echo(f"worst FP8 relative error: {err:.4f} ({worst})")
@@ -91,12 +124,15 @@ def info_cmd(model: Path) -> None:
         data = model.with_name(model.name + ".data")
         size = model.stat().st_size + (data.stat().st_size if data.exists() else 0)
         click.echo(f"{model}: hy-edge format {meta.get(F.META_FORMAT)}, {_mb(size)}")
-        click.echo(f"architecture: {spec.model_type}, {spec.num_hidden_layers} layers, hidden {spec.hidden_size}, "
-                   f"heads {spec.num_attention_heads}/{spec.num_key_value_heads} x {spec.head_dim}, "
-                   f"intermediate {spec.intermediate_size}, vocab {spec.vocab_size}, "
-                   f"act {spec.hidden_act}, tied {spec.tie_word_embeddings}")
-        click.echo(f"rope base {spec.rope_theta:.6g}, qk-norm {spec.use_qk_norm}, "
-                   f"context {spec.max_position_embeddings}")
+        click.echo(
+            f"architecture: {spec.model_type}, {spec.num_hidden_layers} layers, hidden {spec.hidden_size}, "
+            f"heads {spec.num_attention_heads}/{spec.num_key_value_heads} x {spec.head_dim}, "
+            f"intermediate {spec.intermediate_size}, vocab {spec.vocab_size}, "
+            f"act {spec.hidden_act}, tied {spec.tie_word_embeddings}"
+        )
+        click.echo(
+            f"rope base {spec.rope_theta:.6g}, qk-norm {spec.use_qk_norm}, context {spec.max_position_embeddings}"
+        )
         if spec.conv_layers:
             click.echo(f"dwconv layers {list(spec.conv_layers)} (kernel {spec.conv_kernel_size})")
         shared = {i: j for i, j in enumerate(spec.shared_layers) if i != j}
@@ -106,20 +142,23 @@ def info_cmd(model: Path) -> None:
         counts: dict[str, int] = {}
         for t in tensors.values():
             counts[t["storage"]] = counts.get(t["storage"], 0) + 1
-        click.echo(f"quantization: format {quant.get('format')}, granularity {quant.get('granularity')}, "
-                   f"activations {quant.get('activations')}; tensors: "
-                   + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+        click.echo(
+            f"quantization: format {quant.get('format')}, granularity {quant.get('granularity')}, "
+            f"activations {quant.get('activations')}; tensors: "
+            + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+        )
         from .engine_numba import DEFAULT_PREFILL_CHUNK, memory_plan
         from .memory import DEFAULT_BUDGET, fmt_bytes
 
         weights = data.stat().st_size if data.exists() else 0
         plan = memory_plan(spec, weights, DEFAULT_PREFILL_CHUNK, quant.get("activations", "none") != "none")
         allowed = min(plan.max_context(DEFAULT_BUDGET), spec.max_position_embeddings)
-        click.echo(f"memory (numba backend): weights {fmt_bytes(weights)} mapped + buffers "
-                   f"{fmt_bytes(plan.fixed + plan.state)} + KV cache {fmt_bytes(plan.per_token * 1024)} per 1k "
-                   f"tokens; the default {fmt_bytes(DEFAULT_BUDGET)} budget allows a context of {allowed} tokens")
+        click.echo(
+            f"memory (numba backend): weights {fmt_bytes(weights)} mapped + buffers "
+            f"{fmt_bytes(plan.fixed + plan.state)} + KV cache {fmt_bytes(plan.per_token * 1024)} per 1k "
+            f"tokens; the default {fmt_bytes(DEFAULT_BUDGET)} budget allows a context of {allowed} tokens"
+        )
         fp8 = {n: t["rel_error"] for n, t in tensors.items() if t["storage"] in ("e4m3", "e5m2")}
         if fp8:
             worst = max(fp8, key=fp8.get)
-            click.echo(f"FP8 relative error: mean {sum(fp8.values()) / len(fp8):.4f}, "
-                       f"worst {fp8[worst]:.4f} ({worst})")
+            click.echo(f"FP8 relative error: mean {sum(fp8.values()) / len(fp8):.4f}, worst {fp8[worst]:.4f} ({worst})")

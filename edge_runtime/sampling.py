@@ -20,8 +20,9 @@ Sampler = Callable[[np.ndarray], int]
 LogitsProcessor = Callable[[Sequence[int], np.ndarray], np.ndarray]
 
 
-def check_options(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-                  repetition_penalty: float = 1.0) -> None:
+def check_options(
+    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0
+) -> None:
     """HyEdgeError (one line) for a value a user typed wrong."""
     if not np.isfinite(temperature) or temperature < 0:
         raise HyEdgeError(f"temperature should be >= 0, got {temperature}")
@@ -35,8 +36,14 @@ def check_options(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, 
         raise HyEdgeError(f"repetition penalty should be > 0, got {repetition_penalty}")
 
 
-def filtered_probs(logits: np.ndarray, temperature: float, top_k: int = 0, top_p: float = 1.0,
-                   min_p: float = 0.0, work: np.ndarray | None = None) -> np.ndarray:
+def filtered_probs(
+    logits: np.ndarray,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    work: np.ndarray | None = None,
+) -> np.ndarray:
     """The distribution a sampler draws from: softmax of the temperature-scaled logits with the
     tokens top-k / top-p / min-p remove set to probability 0 (float64). Masks in `work` (V,) if given."""
     work = np.empty(logits.shape, np.float32) if work is None else work
@@ -50,8 +57,9 @@ def filtered_probs(logits: np.ndarray, temperature: float, top_k: int = 0, top_p
     return ops.softmax(work)  # f64 (V,)
 
 
-def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-                 seed: int | None = None) -> Sampler:
+def make_sampler(
+    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, seed: int | None = None
+) -> Sampler:
     """temperature 0 → greedy (argmax); otherwise a categorical draw from `filtered_probs`, driven by
     a PCG64 stream seeded with `seed` (fresh entropy when None)."""
     check_options(temperature, top_k, top_p, min_p)

@@ -186,9 +186,7 @@ def spec_from_hf_config(cfg: dict) -> ModelSpec:
         if key in REGISTRY:
             return _build(REGISTRY[key](cfg))
     name = cfg.get("model_type") or (cfg.get("architectures") or ["<none>"])[0]
-    raise SpecError(
-        f"config.json: field 'model_type' = '{name}' is not supported (supported: hunyuan_v1_dense, llama)"
-    )
+    raise SpecError(f"config.json: field 'model_type' = '{name}' is not supported (supported: hunyuan_v1_dense, llama)")
 
 
 def _build(data: dict) -> ModelSpec:
@@ -209,14 +207,24 @@ def _validate(s: ModelSpec) -> None:
     def fail(field: str, why: str) -> None:
         raise SpecError(f"config.json: field '{field}' {why}")
 
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                 "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+    for name in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+    ):
         value = getattr(s, name)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             fail(name, f"should be a positive integer, got {value!r}")
     if s.num_attention_heads % s.num_key_value_heads:
-        fail("num_key_value_heads", f"= {s.num_key_value_heads} does not divide "
-             f"num_attention_heads = {s.num_attention_heads}")
+        fail(
+            "num_key_value_heads",
+            f"= {s.num_key_value_heads} does not divide num_attention_heads = {s.num_attention_heads}",
+        )
     if s.head_dim % 2:
         fail("head_dim", f"= {s.head_dim} should be even (rotary embedding)")
     if not (s.rms_norm_eps > 0 and math.isfinite(s.rms_norm_eps)):
@@ -240,8 +248,7 @@ def _validate(s: ModelSpec) -> None:
         if s.shared_layers[j] != j:
             fail("shared_layers", f"entry {i} = {j} names a layer that itself shares weights")
         if s.layer_types[j] != s.layer_types[i]:
-            fail("shared_layers", f"entry {i} = {j} joins a '{s.layer_types[i]}' layer to a "
-                 f"'{s.layer_types[j]}' layer")
+            fail("shared_layers", f"entry {i} = {j} joins a '{s.layer_types[i]}' layer to a '{s.layer_types[j]}' layer")
     for name in ("bos_token_id", "pad_token_id"):
         value = getattr(s, name)
         if value is not None and not (isinstance(value, int) and 0 <= value):

@@ -76,8 +76,10 @@ class Tokenizer:
         except ModelFileError:
             raise
         except Exception as e:
-            raise ModelFileError(f"the model's tokenizer cannot be loaded ({type(e).__name__}: "
-                                 f"{str(e).splitlines()[0] if str(e) else ''})") from None
+            raise ModelFileError(
+                f"the model's tokenizer cannot be loaded ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''})"
+            ) from None
         raise ModelFileError(f"tokenizer type {kind!r} is not supported (tokenizers, sentencepiece)")
 
     # -- vocabulary ---------------------------------------------------------------------------

@@ -111,9 +111,7 @@ def _external(t, path: Path, maps: dict, dtype: np.dtype, count: int) -> np.ndar
     offset = int(info.get("offset", 0))
     length = int(info.get("length", count * dtype.itemsize))
     if length != count * dtype.itemsize or offset < 0 or offset + length > mm.shape[0]:
-        raise ModelFileError(
-            f"{path.name}: tensor '{t.name}' lies outside {location} (truncated or corrupt data file)"
-        )
+        raise ModelFileError(f"{path.name}: tensor '{t.name}' lies outside {location} (truncated or corrupt data file)")
     if offset % dtype.itemsize:
         raise ModelFileError(f"{path.name}: tensor '{t.name}' is misaligned in {location}")
     # .view(np.ndarray) drops the memmap subclass (numba types plain arrays); still no copy.
@@ -189,8 +187,7 @@ def _scales(tensors: dict[str, Tensor], name: str, shape: tuple, path: Path) -> 
         return np.ascontiguousarray(d.reshape(N, 1))
     if d.ndim == 2 and d.shape[0] == N and 1 <= d.shape[1] <= K:
         return np.ascontiguousarray(d)
-    raise ModelFileError(f"{path.name}: tensor '{s.name}' has shape {d.shape}, "
-                         f"expected (), ({N},) or ({N}, G)")
+    raise ModelFileError(f"{path.name}: tensor '{s.name}' has shape {d.shape}, expected (), ({N},) or ({N}, G)")
 
 
 def _input_scale(tensors: dict[str, Tensor], name: str, path: Path) -> float | None:
@@ -221,8 +218,20 @@ class LayerWeights:
     out_proj: Linear | None = None  # (C, C) pointwise
 
     def linears(self) -> list[Linear]:
-        return [x for x in (self.q_proj, self.k_proj, self.v_proj, self.o_proj, self.out_proj,
-                            self.gate_proj, self.up_proj, self.down_proj) if x is not None]
+        return [
+            x
+            for x in (
+                self.q_proj,
+                self.k_proj,
+                self.v_proj,
+                self.o_proj,
+                self.out_proj,
+                self.gate_proj,
+                self.up_proj,
+                self.down_proj,
+            )
+            if x is not None
+        ]
 
 
 @dataclass(frozen=True)
@@ -247,9 +256,16 @@ class Weights:
     def nbytes(self) -> int:
         """Bytes of every weight the forward pass reads (each shared tensor once)."""
         small = self.norm.nbytes + sum(
-            a.nbytes for layer in {id(x): x for x in self.layers}.values()
-            for a in (layer.input_layernorm, layer.post_attention_layernorm, layer.query_layernorm,
-                      layer.key_layernorm, layer.conv) if a is not None
+            a.nbytes
+            for layer in {id(x): x for x in self.layers}.values()
+            for a in (
+                layer.input_layernorm,
+                layer.post_attention_layernorm,
+                layer.query_layernorm,
+                layer.key_layernorm,
+                layer.conv,
+            )
+            if a is not None
         )
         return small + sum(x.nbytes for x in self.unique_linears())
 
@@ -297,10 +313,15 @@ def _layer(spec: ModelSpec, tensors: dict, i: int, expected: dict, path: Path) -
     if spec.layer_types[i] == "attention":
         qk = {}
         if spec.use_qk_norm:
-            qk = dict(query_layernorm=vec("self_attn.query_layernorm"),
-                      key_layernorm=vec("self_attn.key_layernorm"))
-        return LayerWeights(**common, q_proj=lin("self_attn.q_proj"), k_proj=lin("self_attn.k_proj"),
-                            v_proj=lin("self_attn.v_proj"), o_proj=lin("self_attn.o_proj"), **qk)
+            qk = dict(query_layernorm=vec("self_attn.query_layernorm"), key_layernorm=vec("self_attn.key_layernorm"))
+        return LayerWeights(
+            **common,
+            q_proj=lin("self_attn.q_proj"),
+            k_proj=lin("self_attn.k_proj"),
+            v_proj=lin("self_attn.v_proj"),
+            o_proj=lin("self_attn.o_proj"),
+            **qk,
+        )
     return LayerWeights(**common, conv=vec("mixer.conv"), out_proj=lin("mixer.out_proj"))
 
 

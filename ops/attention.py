@@ -48,8 +48,15 @@ def _attention(q, k_cache, v_cache, start, out, scale, scores):
                 o[i] *= inv
 
 
-def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, out: np.ndarray,
-              scale: float, scores: np.ndarray | None = None) -> np.ndarray:
+def attention(
+    q: np.ndarray,
+    k_cache: np.ndarray,
+    v_cache: np.ndarray,
+    start: int,
+    out: np.ndarray,
+    scale: float,
+    scores: np.ndarray | None = None,
+) -> np.ndarray:
     """Causal GQA: query t (absolute position start+t) attends cached keys 0..start+t.
 
     q f32 (T, H, D); k_cache, v_cache f32 (Hkv, S_max, D) already holding positions < start+T;

@@ -35,8 +35,9 @@ def _dwconv(x, weight, state, out, bias):
             state[c, j] = state[c, src] if src < hist else x[src - hist, c]
 
 
-def dwconv_causal(x: np.ndarray, weight: np.ndarray, state: np.ndarray, out: np.ndarray,
-                  bias: np.ndarray | None = None) -> np.ndarray:
+def dwconv_causal(
+    x: np.ndarray, weight: np.ndarray, state: np.ndarray, out: np.ndarray, bias: np.ndarray | None = None
+) -> np.ndarray:
     """y[t, c] = sum_i weight[c, i] * xx[t + i, c] (+ bias[c]), xx = concat(state^T, x) over time.
 
     x f32 (T, C), weight f32 (C, k), state f32 (C, k-1) updated in place to the last k-1 inputs,

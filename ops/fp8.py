@@ -78,8 +78,7 @@ def _quantize_rows(w, scales, out, bk, mbits, bias, max_code, nan_code, max_val,
             else:
                 for k in range(k0, k1):
                     v = np.float32(w[n, k] / s)
-                    out[n, k] = _encode_one(v, mbits, bias, max_code, nan_code, max_val, min_normal,
-                                            inv_quantum)
+                    out[n, k] = _encode_one(v, mbits, bias, max_code, nan_code, max_val, min_normal, inv_quantum)
 
 
 def _encode_args(fmt: str) -> tuple:

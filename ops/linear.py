@@ -44,8 +44,7 @@ def _dot_block(x, row, lut, mode):
     elif mode == 3:
         for k in range(row.shape[0]):
             c = np.int32(row[k])
-            b = np.int32(((c & 0x8000) << 16) | ((c & 0x7FFF) << 13)
-                         | ((-(((c & 0x7C00) + 0x400) >> 15)) & 0x7F800000))
+            b = np.int32(((c & 0x8000) << 16) | ((c & 0x7FFF) << 13) | ((-(((c & 0x7C00) + 0x400) >> 15)) & 0x7F800000))
             p += b.view(np.float32) * x[k]
     else:
         for k in range(row.shape[0]):
@@ -148,8 +147,7 @@ def _check_fp8(w, scales, lut) -> int:
     return block_size(k_dim, scales.shape[1])
 
 
-def gemv_fp8(x: np.ndarray, w: np.ndarray, scales: np.ndarray, lut: np.ndarray,
-             out: np.ndarray) -> np.ndarray:
+def gemv_fp8(x: np.ndarray, w: np.ndarray, scales: np.ndarray, lut: np.ndarray, out: np.ndarray) -> np.ndarray:
     """out[n] = sum_k lut[w[n, k]] * scales[n, k // Bk] * x[k]; x f32 (K,), w u8 (N, K), out f32 (N,)."""
     bk = _check_fp8(w, scales, lut)
     _need("x", x, np.float32, 1, (w.shape[1],))
@@ -231,8 +229,7 @@ def _gather_f16(table, ids, lut16, out):
             out[t, c] = lut16[row[c]]
 
 
-def embedding_rows(table: np.ndarray, ids: np.ndarray, out: np.ndarray,
-                   lut16: np.ndarray | None = None) -> np.ndarray:
+def embedding_rows(table: np.ndarray, ids: np.ndarray, out: np.ndarray, lut16: np.ndarray | None = None) -> np.ndarray:
     """out[t] = table[ids[t]]; table f32 (V, C) or u16 half bits (V, C) decoded with lut16."""
     if not isinstance(table, np.ndarray) or table.ndim != 2 or table.dtype not in (np.float32, np.uint16):
         raise ValueError("table must be a 2-D float32 or uint16 (half bits) array")

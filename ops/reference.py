@@ -59,10 +59,10 @@ def dwconv_causal(x, weight, state, bias=None):
     xx = np.concatenate([state.T, x], axis=0).astype(np.float64)  # (k-1+T, C)
     y = np.zeros(x.shape, np.float64)
     for i in range(k):
-        y += weight[:, i].astype(np.float64) * xx[i: i + x.shape[0]]
+        y += weight[:, i].astype(np.float64) * xx[i : i + x.shape[0]]
     if bias is not None:
         y += bias
-    return y, xx[xx.shape[0] - (k - 1):].T.copy()
+    return y, xx[xx.shape[0] - (k - 1) :].T.copy()
 
 
 def swiglu(gate, up):

@@ -61,7 +61,7 @@ def top_p_mask(logits: np.ndarray, p: float) -> np.ndarray:
     probs = softmax(logits)
     m = min(v, 64)
     while True:
-        top = np.argpartition(probs, v - m)[v - m:] if m < v else np.arange(v)
+        top = np.argpartition(probs, v - m)[v - m :] if m < v else np.arange(v)
         top = top[np.argsort(-probs[top], kind="stable")]
         before = np.cumsum(probs[top]) - probs[top]  # mass strictly above each candidate
         n_keep = int(np.count_nonzero(before < p - _TIE))

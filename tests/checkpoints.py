@@ -148,9 +148,7 @@ def make_hunyuan(
     model = model.to(_torch_dtype(dtype))
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, **kwargs)
-    _save_tokenizer(
-        tok, out, HUNYUAN_TEMPLATE, bos_token=HUNYUAN_BOS, eos_token=HUNYUAN_EOS, pad_token=HUNYUAN_PAD
-    )
+    _save_tokenizer(tok, out, HUNYUAN_TEMPLATE, bos_token=HUNYUAN_BOS, eos_token=HUNYUAN_EOS, pad_token=HUNYUAN_PAD)
     if legacy_config:
         path = out / "config.json"
         c = json.loads(path.read_text())

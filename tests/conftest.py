@@ -76,9 +76,7 @@ def _smollm2_cache_key(path: Path) -> str:
     source = (Path(__file__).parent / "gguf_reference.py").read_bytes()
     versions = "-".join(importlib.metadata.version(p) for p in ("transformers", "gguf", "tokenizers"))
     stat = path.stat()
-    tag = hashlib.sha256(source + f"{versions}{stat.st_size}{stat.st_mtime_ns}{path}".encode()).hexdigest()[
-        :16
-    ]
+    tag = hashlib.sha256(source + f"{versions}{stat.st_size}{stat.st_mtime_ns}{path}".encode()).hexdigest()[:16]
     return f"hy_edge/smollm2_reference/{tag}"
 
 

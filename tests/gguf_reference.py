@@ -94,8 +94,7 @@ def reference(path: Path) -> dict:
                 "decoded_skip": tok.decode(ids, skip_special_tokens=True),
             }
         )
-    return {"tensors": tensors, "config": config, "chat": chat, "encoded": encoded, "probe": probe,
-            "greedy": greedy}
+    return {"tensors": tensors, "config": config, "chat": chat, "encoded": encoded, "probe": probe, "greedy": greedy}
 
 
 def _logits_and_greedy(model, tok) -> tuple[dict, dict]:
@@ -109,8 +108,9 @@ def _logits_and_greedy(model, tok) -> tuple[dict, dict]:
         prompt = tok.apply_chat_template(GOLDEN_PROMPT, tokenize=True, add_generation_prompt=True)
         prompt = list(prompt["input_ids"] if isinstance(prompt, dict) or hasattr(prompt, "keys") else prompt)
         model.generation_config.eos_token_id = None
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=GOLDEN_TOKENS, do_sample=False,
-                             pad_token_id=0)[0, len(prompt):].tolist()
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=GOLDEN_TOKENS, do_sample=False, pad_token_id=0)[
+            0, len(prompt) :
+        ].tolist()
     probe = {"ids": PROBE_IDS, "top_ids": top.indices.tolist(), "top_logits": top.values.tolist()}
     return probe, {"prompt_ids": prompt, "tokens": out}
 

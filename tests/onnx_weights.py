@@ -23,8 +23,7 @@ def raw(t: onnx.TensorProto) -> np.ndarray:
 
 def initializers(path: Path) -> dict[str, np.ndarray]:
     model = onnx.load(str(path))  # loads the external data too
-    return {t.name: raw(t) for t in model.graph.initializer}, {
-        t.name: t.data_type for t in model.graph.initializer}
+    return {t.name: raw(t) for t in model.graph.initializer}, {t.name: t.data_type for t in model.graph.initializer}
 
 
 def dequantized(path: Path) -> dict[str, np.ndarray]:

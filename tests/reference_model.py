@@ -18,7 +18,7 @@ def rope(x: np.ndarray, base: float) -> np.ndarray:
     inv = 1.0 / (base ** (np.arange(0, D, 2, dtype=np.float64) / D))
     ang = np.arange(T)[:, None] * inv[None, :]
     cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
-    x1, x2 = x[..., : D // 2], x[..., D // 2:]
+    x1, x2 = x[..., : D // 2], x[..., D // 2 :]
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
 
 
@@ -47,7 +47,7 @@ def dwconv(spec, w: dict, p: str, h: np.ndarray) -> np.ndarray:
     k = spec.conv_kernel_size
     kernel = w[f"{p}.mixer.conv.weight"]  # (C, k)
     padded = np.concatenate([np.zeros((k - 1, h.shape[1]), h.dtype), h], 0)
-    y = sum(kernel[:, i] * padded[i: i + h.shape[0]] for i in range(k))
+    y = sum(kernel[:, i] * padded[i : i + h.shape[0]] for i in range(k))
     return y @ w[f"{p}.mixer.out_proj.weight"].T
 
 

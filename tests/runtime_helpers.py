@@ -20,16 +20,18 @@ atexit.register(shutil.rmtree, _ROOT, True)
 
 
 @functools.cache
-def converted(src: Path, fmt: str = "none", granularity: str = "channel", activations: str = "none",
-              lm_head_fp8: bool = False) -> Path:
+def converted(
+    src: Path, fmt: str = "none", granularity: str = "channel", activations: str = "none", lm_head_fp8: bool = False
+) -> Path:
     """`src` converted with hy_edge_convert (cached per argument set)."""
     from hy_edge_convert import QuantPolicy, convert
 
     name = f"{Path(src).name}_{fmt}_{granularity.replace(':', '')}_{activations}_{int(lm_head_fp8)}"
     out = _ROOT / name / "model.onnx"
     out.parent.mkdir(parents=True, exist_ok=True)
-    convert(src, out, QuantPolicy(format=fmt, granularity=granularity, activations=activations,
-                                  lm_head_fp8=lm_head_fp8))
+    convert(
+        src, out, QuantPolicy(format=fmt, granularity=granularity, activations=activations, lm_head_fp8=lm_head_fp8)
+    )
     return out
 
 
@@ -41,11 +43,25 @@ def make_seed_checkpoint(out: Path, seed: int = 0, tokenizer_from: Path | None =
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = dict(model_type="hunyuan_v1_dense", architectures=["HunYuanDenseV1ForCausalLM"], vocab_size=320,
-               hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-               num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-5,
-               rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-               conv_kernel_size=4)
+    cfg = dict(
+        model_type="hunyuan_v1_dense",
+        architectures=["HunYuanDenseV1ForCausalLM"],
+        vocab_size=320,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        conv_kernel_size=4,
+    )
     cfg.update(options)
     spec = spec_from_hf_config(cfg)
     rng = np.random.default_rng(seed)

@@ -175,9 +175,7 @@ def test_smollm2_tensors_match_transformers(smollm2_gguf, smollm2_reference):
         for name in names:
             got = ckpt.tensors[name].load()
             assert list(got.shape) == ref["tensors"][name]["shape"], name
-            assert digest(got) == ref["tensors"][name]["sha256"], (
-                f"{name} differs from transformers' dequantization"
-            )
+            assert digest(got) == ref["tensors"][name]["sha256"], f"{name} differs from transformers' dequantization"
         spec = spec_from_hf_config(ckpt.config)
         for field, value in ref["config"].items():
             if field == "eos_token_id":

@@ -11,8 +11,9 @@ from edge_runtime.cli import main
 from edge_runtime.cli_chat import ChatSession
 from edge_runtime.cli_common import Sampling
 
-GREEDY = Sampling(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, seed=None,
-                  max_tokens=8, stop=())
+GREEDY = Sampling(
+    temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, seed=None, max_tokens=8, stop=()
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +49,11 @@ def test_commands(model_file):
 
 
 def test_chat_through_a_pipe(model_file):
-    r = CliRunner().invoke(main, ["chat", "--model", model_file, "--max-tokens", "4", "--threads", "1"],
-                           input="Hello\n/stats\n\nAnd again\n/exit\nnot read\n")
+    r = CliRunner().invoke(
+        main,
+        ["chat", "--model", model_file, "--max-tokens", "4", "--threads", "1"],
+        input="Hello\n/stats\n\nAnd again\n/exit\nnot read\n",
+    )
     assert r.exit_code == 0, r.stderr
     assert r.stderr.count("TTFT") == 2  # /stats, then the closing stats line
     assert "reused from cache" in r.stderr.strip().splitlines()[-1]

@@ -35,20 +35,38 @@ def test_streams_text_and_one_stats_line(model_file, prompt):
 
 
 def test_json_output(model_file, prompt):
-    args = [prompt, "--model", model_file, "--max-tokens", "6", "--json", "--temperature", "0.8",
-            "--seed", "3"]
+    args = [prompt, "--model", model_file, "--max-tokens", "6", "--json", "--temperature", "0.8", "--seed", "3"]
     r = run(*args)
     assert r.exit_code == 0, r.stderr
     out = json.loads(r.stdout)
-    assert set(out) >= {"text", "token_ids", "prompt_tokens", "completion_tokens", "finish_reason", "ttft_s",
-                        "prefill_tps", "decode_tps", "peak_rss_mb"}
+    assert set(out) >= {
+        "text",
+        "token_ids",
+        "prompt_tokens",
+        "completion_tokens",
+        "finish_reason",
+        "ttft_s",
+        "prefill_tps",
+        "decode_tps",
+        "peak_rss_mb",
+    }
     assert out["completion_tokens"] == len(out["token_ids"]) <= 6
     assert json.loads(run(*args).stdout)["token_ids"] == out["token_ids"]  # same seed, same tokens
 
 
 def test_stdin_raw_and_onnxruntime(model_file):
-    r = run("-", "--model", model_file, "--max-tokens", "3", "--raw", "--backend", "onnxruntime", "--json",
-            stdin="Once upon a time")
+    r = run(
+        "-",
+        "--model",
+        model_file,
+        "--max-tokens",
+        "3",
+        "--raw",
+        "--backend",
+        "onnxruntime",
+        "--json",
+        stdin="Once upon a time",
+    )
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["completion_tokens"] <= 3
 
@@ -84,12 +102,20 @@ def test_prompt_longer_than_context(model_file, prompt):
     _user_error(run(prompt, "--model", model_file, "--max-context", "4"), "context")
 
 
-@pytest.mark.parametrize("opts,fragment", [
-    (["--temperature", "-1"], "temperature"), (["--top-p", "0"], "top-p"), (["--top-k", "-2"], "top-k"),
-    (["--min-p", "1.5"], "min-p"), (["--repetition-penalty", "0"], "repetition"),
-    (["--max-tokens", "0"], "max-tokens"), (["--max-memory", "lots"], "memory size"),
-    (["--max-memory", "64KB"], "budget"), (["--threads", "0"], "threads"),
-])
+@pytest.mark.parametrize(
+    "opts,fragment",
+    [
+        (["--temperature", "-1"], "temperature"),
+        (["--top-p", "0"], "top-p"),
+        (["--top-k", "-2"], "top-k"),
+        (["--min-p", "1.5"], "min-p"),
+        (["--repetition-penalty", "0"], "repetition"),
+        (["--max-tokens", "0"], "max-tokens"),
+        (["--max-memory", "lots"], "memory size"),
+        (["--max-memory", "64KB"], "budget"),
+        (["--threads", "0"], "threads"),
+    ],
+)
 def test_bad_option_values(model_file, prompt, opts, fragment):
     _user_error(run(prompt, "--model", model_file, *opts), fragment)
 

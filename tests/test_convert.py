@@ -30,7 +30,7 @@ def ort_logits(path, ids=IDS, split=10) -> np.ndarray:
     """Prefill ids[:split] in one call, then decode the rest one token at a time: (T, V)."""
     s = OrtSession(path)
     first = s.forward(ids[:split], all_logits=True)
-    rest = [s.forward(ids[i: i + 1]) for i in range(split, len(ids))]
+    rest = [s.forward(ids[i : i + 1]) for i in range(split, len(ids))]
     return np.concatenate([first, np.stack(rest)]) if rest else first
 
 
@@ -95,8 +95,9 @@ def test_greedy_tokens_match_transformers_generate(name, checkpoint, tmp_path):
     model.generation_config.eos_token_id = None
     prompt = IDS[:6]
     with torch.no_grad():
-        ref = model.generate(torch.tensor(prompt)[None], max_new_tokens=20, do_sample=False,
-                             pad_token_id=0)[0, len(prompt):].tolist()
+        ref = model.generate(torch.tensor(prompt)[None], max_new_tokens=20, do_sample=False, pad_token_id=0)[
+            0, len(prompt) :
+        ].tolist()
     s = OrtSession(out)
     logits, ours = s.forward(prompt), []
     for _ in range(20):
@@ -111,8 +112,9 @@ def test_greedy_tokens_match_transformers_generate(name, checkpoint, tmp_path):
 # residual stream carries them to the logits, so the logits move by about e * sqrt(n) relative. The
 # assertion allows 2x that. The file itself is checked exactly: its own dequantized weights loaded
 # into transformers give the same logits to 1e-4.
-@pytest.mark.parametrize("fmt,granularity", [("e4m3", "channel"), ("e5m2", "tensor"), ("auto", "block:16"),
-                                             ("e4m3", "block:32")])
+@pytest.mark.parametrize(
+    "fmt,granularity", [("e4m3", "channel"), ("e5m2", "tensor"), ("auto", "block:16"), ("e4m3", "block:32")]
+)
 def test_fp8_conversion(fmt, granularity, checkpoint, tmp_path):
     src = checkpoint("hunyuan-f32")
     out = tmp_path / "model.onnx"
@@ -127,7 +129,8 @@ def test_fp8_conversion(fmt, granularity, checkpoint, tmp_path):
     assert 0 < rel(ours, original) < tol
     quant = json.loads(onnx.load(str(out), load_external_data=False).metadata_props[2].value)
     assert quant["format"] == fmt and all(
-        t["storage"] in ("e4m3", "e5m2") for n, t in quant["tensors"].items() if n.endswith("_proj.weight"))
+        t["storage"] in ("e4m3", "e5m2") for n, t in quant["tensors"].items() if n.endswith("_proj.weight")
+    )
     if fmt != "auto":
         assert {t["storage"] for t in report.tensors.values() if t["storage"] not in ("fp16", "fp32")} == {fmt}
 
@@ -168,6 +171,7 @@ def fake_quant_hooks(model, fmt: str, static: dict[str, float] | None = None):
                 s = np.float32(static[name])
             q = np.clip(x / s, -fmax, fmax).astype(dtype).astype(np.float32) * s
             return (torch.from_numpy(q.astype(np.float32)),)
+
         return hook
 
     for name, module in model.named_modules():
@@ -209,9 +213,13 @@ def test_gguf_conversion_matches_transformers(qtype, tmp_path):
 
 # -- the seed's architecture options, against the numpy reference -------------------------------------
 
-SEED_OPTIONS = dict(num_hidden_layers=5, hidden_act="relu6", conv_kernel_size=4,
-                    layer_types=["attention", "dwconv", "attention", "dwconv", "dwconv"],
-                    shared_layers=[0, 1, 0, 1, 4])  # every option at once
+SEED_OPTIONS = dict(
+    num_hidden_layers=5,
+    hidden_act="relu6",
+    conv_kernel_size=4,
+    layer_types=["attention", "dwconv", "attention", "dwconv", "dwconv"],
+    shared_layers=[0, 1, 0, 1, 4],
+)  # every option at once
 
 
 def test_seed_options_match_numpy_reference(tmp_path):

@@ -78,6 +78,7 @@ def test_default_model_golden_answer_on_both_backends(default_model, smollm2_ref
 
 # -- the conversion cache (on a tiny GGUF standing in for the default) ----------------------------------
 
+
 @pytest.fixture
 def tiny_default(tmp_path, monkeypatch):
     gguf = ck.make_gguf_llama(tmp_path / "src" / "tiny.gguf", qtype="Q8_0")
@@ -126,8 +127,9 @@ def test_checkpoint_given_to_run_is_converted_with_a_notice(hunyuan_f32_dir, tmp
     prompt = tmp_path / "p.txt"
     prompt.write_text("Hello")
     for expect_notice in (True, False):
-        r = CliRunner().invoke(main, ["run", str(prompt), "--model", str(hunyuan_f32_dir), "--max-tokens", "3",
-                                      "--json"])
+        r = CliRunner().invoke(
+            main, ["run", str(prompt), "--model", str(hunyuan_f32_dir), "--max-tokens", "3", "--json"]
+        )
         assert r.exit_code == 0, r.stderr
         assert ("converting" in r.stderr) == expect_notice
         assert json.loads(r.stdout)["completion_tokens"] <= 3

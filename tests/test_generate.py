@@ -27,9 +27,8 @@ def hf_greedy(src, ids, n):
 
     model = hf_model(src)
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
-                             pad_token_id=0)
-    return out[0, len(ids):].tolist()
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n, pad_token_id=0)
+    return out[0, len(ids) :].tolist()
 
 
 @pytest.mark.parametrize("which", ["hunyuan_f32_dir", "llama_dir"])
@@ -40,6 +39,7 @@ def test_greedy_matches_transformers_generate(which, request):
     eos = model.default_generator.eos_ids
     n = 24
     expected = hf_greedy(src, ids, n)
+
     # suppress EOS as min_new_tokens does, so both run all n steps
     def no_eos(tokens, logits):
         logits[list(eos)] = -float("inf")
@@ -123,8 +123,12 @@ def test_cache_reuse_across_turns_equals_fresh(hy8, backend):
 def test_chat_template_matches_transformers(hunyuan_f32_dir, llama_dir):
     from transformers import AutoTokenizer
 
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi, 日本語 🙂"},
-                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Again?"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi, 日本語 🙂"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Again?"},
+    ]
     for src in (hunyuan_f32_dir, llama_dir):
         model = edge_runtime.load(converted(src, "none"))
         hf = AutoTokenizer.from_pretrained(src)
@@ -135,9 +139,11 @@ def test_chat_template_matches_transformers(hunyuan_f32_dir, llama_dir):
 
 
 def test_template_helpers():
-    tpl = ("{% for m in messages %}{{ m['content'] | tojson }}{% endfor %}"
-           "{% if enable_thinking is defined and not enable_thinking %}/no_think{% endif %}"
-           "{% if messages | length > 1 %}{{ raise_exception('one message only') }}{% endif %}")
+    tpl = (
+        "{% for m in messages %}{{ m['content'] | tojson }}{% endfor %}"
+        "{% if enable_thinking is defined and not enable_thinking %}/no_think{% endif %}"
+        "{% if messages | length > 1 %}{{ raise_exception('one message only') }}{% endif %}"
+    )
     msgs = [{"role": "user", "content": "é<b>"}]
     assert render(tpl, msgs) == '"é<b>"'
     assert render(tpl, msgs, enable_thinking=False) == '"é<b>"/no_think'

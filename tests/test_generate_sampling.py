@@ -22,7 +22,7 @@ def test_plain_softmax_recovers_the_distribution():
 
 
 def test_temperature():
-    expected = P ** 2 / (P ** 2).sum()  # logits / 0.5
+    expected = P**2 / (P**2).sum()  # logits / 0.5
     np.testing.assert_allclose(probs(temperature=0.5), expected, atol=1e-6)
 
 
@@ -70,8 +70,9 @@ def test_repetition_penalty_as_transformers():
     assert make_logits_processors(1.0) == []
 
 
-@pytest.mark.parametrize("kw", [dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5), dict(min_p=2.0),
-                                dict(top_k=-1)])
+@pytest.mark.parametrize(
+    "kw", [dict(temperature=-1), dict(top_p=0.0), dict(top_p=1.5), dict(min_p=2.0), dict(top_k=-1)]
+)
 def test_bad_options_are_user_errors(kw):
     with pytest.raises(HyEdgeError):
         make_sampler(**kw)

@@ -12,8 +12,8 @@ def test_attention(h, hkv, t, start):
     q = rng.standard_normal((t, h, d)).astype(np.float32)
     k_cache = rng.standard_normal((hkv, s_max, d)).astype(np.float32)
     v_cache = rng.standard_normal((hkv, s_max, d)).astype(np.float32)
-    k_cache[:, start + t:] = np.nan  # slots past the causal window must never be read
-    v_cache[:, start + t:] = np.nan
+    k_cache[:, start + t :] = np.nan  # slots past the causal window must never be read
+    v_cache[:, start + t :] = np.nan
     scale = d**-0.5
     want = ref.attention(q, k_cache, v_cache, start, scale)
     out = np.empty_like(q)

@@ -23,8 +23,7 @@ def test_dwconv_matches_reference_and_torch(t, k):
         conv = torch.nn.Conv1d(c, c, k, groups=c, padding=k - 1, bias=False)
         conv.weight.data = torch.from_numpy(w[:, None, :])
         y = conv(torch.from_numpy(x.T[None]))[0, :, :t].detach().numpy().T
-        np.testing.assert_allclose(dwconv_causal(x, w, np.zeros((c, k - 1), np.float32), out), y,
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(dwconv_causal(x, w, np.zeros((c, k - 1), np.float32), out), y, rtol=1e-5, atol=1e-5)
 
 
 def test_streaming_equals_full():
@@ -37,7 +36,7 @@ def test_streaming_equals_full():
     state = np.zeros((c, k - 1), np.float32)
     out = np.empty((1, c), np.float32)
     for i in range(t):
-        dwconv_causal(x[i: i + 1], w, state, out)
+        dwconv_causal(x[i : i + 1], w, state, out)
         np.testing.assert_allclose(out[0], full[i], rtol=1e-6, atol=1e-6)
 
 

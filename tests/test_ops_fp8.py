@@ -53,8 +53,15 @@ def test_encode_ties_and_subnormals(fmt):
     vals = fp8_lut(fmt).astype(np.float64)
     pos = np.unique(vals[np.isfinite(vals) & (vals >= 0)])
     mids = (pos[:-1] + pos[1:]) / 2  # exact ties -> round to even code
-    x = np.concatenate([mids, np.nextafter(mids, 0), np.nextafter(mids, np.inf), pos[:20] / 3,
-                        [pos[1] / 2, pos[1] / 2 * 0.999, pos[1] / 2 * 1.001, 1e-45, 1e-40]])
+    x = np.concatenate(
+        [
+            mids,
+            np.nextafter(mids, 0),
+            np.nextafter(mids, np.inf),
+            pos[:20] / 3,
+            [pos[1] / 2, pos[1] / 2 * 0.999, pos[1] / 2 * 1.001, 1e-45, 1e-40],
+        ]
+    )
     x = np.concatenate([x, -x]).astype(np.float32)
     np.testing.assert_array_equal(encode_fp8(x, fmt), ml_encode(x, fmt))
 

@@ -42,7 +42,7 @@ def test_apply_rope_matches_transformers_rotate_half():
     xt = torch.from_numpy(x.copy()).transpose(0, 1)  # (H, T, D)
     emb_cos = torch.cat([torch.from_numpy(cos[positions])] * 2, -1)  # (T, D)
     emb_sin = torch.cat([torch.from_numpy(sin[positions])] * 2, -1)
-    rot = torch.cat((-xt[..., d // 2:], xt[..., : d // 2]), dim=-1)
+    rot = torch.cat((-xt[..., d // 2 :], xt[..., : d // 2]), dim=-1)
     want = (xt * emb_cos + rot * emb_sin).transpose(0, 1).numpy()
     np.testing.assert_allclose(apply_rope(x, positions, cos, sin), want, rtol=1e-6, atol=1e-6)
 

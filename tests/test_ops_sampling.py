@@ -34,8 +34,7 @@ def test_top_k():
     assert kept(top_k_mask(logits(), 0)) == {0, 1, 2, 3}
 
 
-@pytest.mark.parametrize("p,expect", [(0.8, {1, 3}), (0.81, {1, 2, 3}), (0.5, {1}), (0.1, {1}),
-                                      (1.0, {0, 1, 2, 3})])
+@pytest.mark.parametrize("p,expect", [(0.8, {1, 3}), (0.81, {1, 2, 3}), (0.5, {1}), (0.1, {1}), (1.0, {0, 1, 2, 3})])
 def test_top_p(p, expect):
     assert kept(top_p_mask(logits(), p)) == expect
 
@@ -60,8 +59,9 @@ def test_repetition_penalty():
     np.testing.assert_array_equal(x, [1.0, -4.0, 1.0, 0.5])
 
 
-@pytest.mark.parametrize("u,idx", [(0.0, 0), (0.049, 0), (0.051, 1), (0.549, 1), (0.551, 2), (0.69, 2),
-                                   (0.71, 3), (0.999999, 3)])
+@pytest.mark.parametrize(
+    "u,idx", [(0.0, 0), (0.049, 0), (0.051, 1), (0.549, 1), (0.551, 2), (0.69, 2), (0.71, 3), (0.999999, 3)]
+)
 def test_sample_categorical(u, idx):
     assert sample_categorical(P, u) == idx
 

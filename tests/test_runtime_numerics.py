@@ -34,8 +34,9 @@ def test_unquantized_matches_transformers(which, request):
     assert rel_err(ort, ref) < 1e-4
 
 
-@pytest.mark.parametrize("fmt,granularity", [("e4m3", "channel"), ("e5m2", "tensor"), ("e4m3", "block:16"),
-                                             ("auto", "channel")])
+@pytest.mark.parametrize(
+    "fmt,granularity", [("e4m3", "channel"), ("e5m2", "tensor"), ("e4m3", "block:16"), ("auto", "channel")]
+)
 def test_fp8_backends_agree_and_match_dequantized_reference(hunyuan_f32_dir, fmt, granularity):
     path = converted(hunyuan_f32_dir, fmt, granularity)
     nb, ort = both_backends(path, PROMPT_IDS)
@@ -71,8 +72,9 @@ def test_compressed_tensors_fp8_checkpoint(fp8_dir):
     assert rel_err(nb, hf_logits(fp8_reference_model(fp8_dir), PROMPT_IDS)) < 1e-4
 
 
-@pytest.mark.parametrize("activations,src", [("e4m3", "hunyuan_f32_dir"), ("e5m2", "hunyuan_f32_dir"),
-                                             ("static", "fp8_dir")])
+@pytest.mark.parametrize(
+    "activations,src", [("e4m3", "hunyuan_f32_dir"), ("e5m2", "hunyuan_f32_dir"), ("static", "fp8_dir")]
+)
 def test_activation_fake_quant_matches_onnxruntime(activations, src, request):
     path = converted(request.getfixturevalue(src), "e4m3", activations=activations)
     assert edge_runtime.load(path).activations == activations
@@ -86,8 +88,9 @@ SEED_OPTIONS = {
     "dwconv": dict(layer_types=["dwconv", "attention", "dwconv", "attention"]),
     "shared": dict(shared_layers=[0, 1, 1, 0]),
     "relu6": dict(hidden_act="relu6"),
-    "all": dict(layer_types=["dwconv", "dwconv", "attention", "attention"], shared_layers=[0, 0, 2, 2],
-                hidden_act="relu6"),
+    "all": dict(
+        layer_types=["dwconv", "dwconv", "attention", "attention"], shared_layers=[0, 0, 2, 2], hidden_act="relu6"
+    ),
 }
 
 

@@ -23,8 +23,9 @@ def hy_fp8(hunyuan_f32_dir):
 
 @pytest.fixture(scope="module")
 def conv_model(tmp_path_factory):
-    src = make_seed_checkpoint(tmp_path_factory.mktemp("seed_conv"),
-                               layer_types=["dwconv", "attention", "dwconv", "attention"])
+    src = make_seed_checkpoint(
+        tmp_path_factory.mktemp("seed_conv"), layer_types=["dwconv", "attention", "dwconv", "attention"]
+    )
     return converted(src, "e4m3")
 
 
@@ -57,8 +58,9 @@ def test_truncate_then_continue_equals_fresh(which, request):
     np.testing.assert_allclose(s.forward(other, all_logits=True), fresh, rtol=0, atol=1e-5)
     s.reset()
     assert s.n_cached == 0
-    np.testing.assert_allclose(s.forward(ids[:9], all_logits=True),
-                               model.session().forward(ids[:9], all_logits=True), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        s.forward(ids[:9], all_logits=True), model.session().forward(ids[:9], all_logits=True), rtol=0, atol=1e-6
+    )
 
 
 def test_decode_step_allocates_no_arrays(hy_fp8):

@@ -30,8 +30,7 @@ def byte_tokenizer() -> Tokenizer:
 
     tok.add_special_tokens([AddedToken("<s>", special=True), AddedToken("</s>", special=True)])
     meta = {"type": "tokenizers", "json": tok.to_str()}
-    cfg = TokenizerConfig.from_dict({"bos_token": "<s>", "eos_token": {"content": "</s>"},
-                                     "add_bos_token": True})
+    cfg = TokenizerConfig.from_dict({"bos_token": "<s>", "eos_token": {"content": "</s>"}, "add_bos_token": True})
     return Tokenizer.from_metadata(json.loads(json.dumps(meta)), cfg)
 
 
@@ -41,8 +40,14 @@ def sp_tokenizer() -> Tokenizer:
 
     buf = io.BytesIO()
     text = ["hello world", "the quick brown fox jumps over the lazy dog", "héllo 世界 ok"] * 40
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=buf, vocab_size=300,
-                                   byte_fallback=True, model_type="bpe", minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text),
+        model_writer=buf,
+        vocab_size=300,
+        byte_fallback=True,
+        model_type="bpe",
+        minloglevel=2,
+    )
     meta = {"type": "sentencepiece", "model_b64": base64.b64encode(buf.getvalue()).decode()}
     return Tokenizer.from_metadata(meta, TokenizerConfig.from_dict({"bos_token": "<s>", "eos_token": "</s>"}))
 
