@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import GGUF_QTYPES
-from gguf_reference import MESSAGES, TEXTS, digest, selected
+from gguf_reference import CONFIG_FIELDS, MESSAGES, TEXTS, digest, selected
 from hy_edge_convert.checkpoint import open_checkpoint
 from hy_edge_convert.gguf_reader import GGUFFile, permute_qk, unpermute_qk
 from tokenizers import Tokenizer
@@ -28,19 +28,7 @@ def _hf_tokenizer(path):
 
 def _check_spec(ckpt, hf_config):
     spec = spec_from_hf_config(ckpt.config)
-    for field in (
-        "vocab_size",
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "head_dim",
-        "max_position_embeddings",
-        "tie_word_embeddings",
-        "bos_token_id",
-        "pad_token_id",
-    ):
+    for field in (f for f in CONFIG_FIELDS if f not in ("eos_token_id", "rms_norm_eps")):  # those two below
         assert getattr(spec, field) == getattr(hf_config, field), field
     assert spec.rms_norm_eps == pytest.approx(hf_config.rms_norm_eps, rel=1e-7)
     assert spec.rope_theta == hf_config.rope_parameters["rope_theta"]
@@ -100,21 +88,8 @@ def test_tiny_gguf_unpermutes_to_the_original_weights(gguf_llama, tmp_path):
     with open_checkpoint(gguf_llama["F32"]) as ckpt:
         c = ckpt.config
         torch.manual_seed(0)  # the seed make_gguf_llama used
-        cfg = LlamaConfig(
-            **{
-                k: c[k]
-                for k in (
-                    "vocab_size",
-                    "hidden_size",
-                    "intermediate_size",
-                    "num_hidden_layers",
-                    "num_attention_heads",
-                    "num_key_value_heads",
-                    "head_dim",
-                    "tie_word_embeddings",
-                )
-            }
-        )
+        shape_keys = (*CONFIG_FIELDS[: CONFIG_FIELDS.index("head_dim") + 1], "tie_word_embeddings")
+        cfg = LlamaConfig(**{k: c[k] for k in shape_keys})
         original = LlamaForCausalLM(cfg)
         ck._randomize_norms(original, 0)
         for name, w in original.state_dict().items():
