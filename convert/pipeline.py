@@ -57,6 +57,9 @@ def _is_fp8_checkpoint(ckpt: Checkpoint) -> bool:
 
 
 def _source(ckpt: Checkpoint, name: str, shape: tuple[int, ...]) -> TensorRef:
+    """The checkpoint tensor weight `name` is made from (an FP8 lm_head copy: the tied embedding)."""
+    if name == F.LM_HEAD and F.LM_HEAD not in ckpt.tensors:
+        name = F.EMBED
     ref = ckpt.tensors.get(name)
     if ref is None:
         raise CheckpointError(f"{ckpt.path}: tensor '{name}' is missing")
@@ -66,8 +69,8 @@ def _source(ckpt: Checkpoint, name: str, shape: tuple[int, ...]) -> TensorRef:
 
 
 def _produce(ckpt: Checkpoint, name: str, shape: tuple[int, ...], policy: QuantPolicy) -> Quantized:
-    src_name = F.EMBED if (name == F.LM_HEAD and F.LM_HEAD not in ckpt.tensors) else name
-    ref = _source(ckpt, src_name, shape)
+    ref = _source(ckpt, name, shape)
+    src_name = ref.name
     if ref.dtype == "f8_e4m3":  # an FP8 release: carry the bytes, or expand them for --format none
         base = src_name[: -len(".weight")]
         scale_ref = ckpt.tensors.get(base + ".weight_scale")
@@ -119,7 +122,7 @@ def convert(
         if policy.lm_head_fp8 and spec.tie_word_embeddings and policy.format != "none":
             names[F.LM_HEAD] = (spec.vocab_size, spec.hidden_size)  # an FP8 copy of the tied embedding
         for name, shape in names.items():  # fail before writing anything
-            _source(ckpt, F.EMBED if name == F.LM_HEAD and F.LM_HEAD not in ckpt.tensors else name, shape)
+            _source(ckpt, name, shape)
         report = ConversionReport(out, spec, _source_bytes(Path(ckpt.path)))
         data = ExternalData(out)
         try:

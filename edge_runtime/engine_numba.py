@@ -261,18 +261,8 @@ class NumbaSession:
 
     # -- weights -----------------------------------------------------------------------------------
     def _embed(self, ids: np.ndarray, out: np.ndarray) -> None:
-        e = self.weights.embed
-        if e.storage == "fp16":
-            linear.embedding_rows(e.w, ids, out, self._lut16)
-        elif e.storage == "fp32":
-            linear.embedding_rows(e.w, ids, out)
-        else:  # FP8 rows: decode through the table, then the row's block scales
-            lut, (_, K), G = self._luts[e.storage], e.w.shape, e.scales.shape[1]
-            bk = -(-K // G)
-            for t in range(ids.shape[0]):
-                np.take(lut, e.w[ids[t]], out=out[t], mode="clip")
-                for g in range(G):
-                    out[t, g * bk : (g + 1) * bk] *= e.scales[ids[t], g]
+        e = self.weights.embed  # fp16 or fp32 (weights.py refuses anything else)
+        linear.embedding_rows(e.w, ids, out, self._lut16 if e.storage == "fp16" else None)
 
     def _linear(self, x: np.ndarray, lin: Linear, out: np.ndarray) -> None:
         """out (T, N) = x (T, K) @ W^T in the weight's stored form; GEMV for one token."""

@@ -284,8 +284,9 @@ def build_weights(spec: ModelSpec, tensors: dict[str, Tensor], path: Path) -> We
     lm_head = None
     if fmt.LM_HEAD in tensors or fmt.LM_HEAD + fmt.QWEIGHT in tensors or not spec.tie_word_embeddings:
         lm_head = _linear(tensors, fmt.LM_HEAD, (spec.vocab_size, spec.hidden_size), path)
+    embed = _float_tensor(tensors, fmt.EMBED, expected[fmt.EMBED], path)  # gathered by rows: fp16 or fp32
     return Weights(
-        embed=_linear(tensors, fmt.EMBED, expected[fmt.EMBED], path),
+        embed=Linear(fmt.EMBED, embed.storage, embed.data),
         norm=_float_vector(tensors, fmt.FINAL_NORM, expected[fmt.FINAL_NORM], path),
         lm_head=lm_head,
         layers=tuple(layers),

@@ -63,6 +63,17 @@ _CORPUS = [
 ] * 4
 
 TINY_VOCAB = 320
+# Shapes every tiny test model shares; the builders add hidden_size (Hunyuan 48: q width H*D = 64 != 48).
+TINY_SHAPES = dict(
+    vocab_size=TINY_VOCAB,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+)
 
 
 def train_tokenizer(specials: list[str], vocab_size: int = TINY_VOCAB):
@@ -125,15 +136,8 @@ def make_hunyuan(
     tok = train_tokenizer(HUNYUAN_SPECIALS)
     ids = {t: tok.token_to_id(t) for t in HUNYUAN_SPECIALS}
     cfg = dict(
-        vocab_size=TINY_VOCAB,
+        TINY_SHAPES,
         hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
         rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "alpha": 1000.0, "factor": 1.0},
         tie_word_embeddings=True,
         bos_token_id=ids[HUNYUAN_BOS],
@@ -179,15 +183,8 @@ def make_llama(
     out = Path(out)
     tok = train_tokenizer(CHATML_SPECIALS)
     cfg = dict(
-        vocab_size=TINY_VOCAB,
+        TINY_SHAPES,
         hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
         rope_theta=10000.0,
         tie_word_embeddings=False,
         bos_token_id=tok.token_to_id("<|im_start|>"),

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from checkpoints import TINY_SHAPES
 
 from edge_runtime import format as F
 from edge_runtime.spec import spec_from_hf_config
@@ -44,17 +45,11 @@ def make_seed_checkpoint(out: Path, seed: int = 0, tokenizer_from: Path | None =
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = dict(
+        TINY_SHAPES,
         model_type="hunyuan_v1_dense",
         architectures=["HunYuanDenseV1ForCausalLM"],
-        vocab_size=320,
         hidden_size=48,
-        intermediate_size=96,
         num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
         rope_theta=10000.0,
         tie_word_embeddings=True,
         bos_token_id=1,
