@@ -12,7 +12,10 @@ converter also reads) stay light.
 
 from importlib import import_module
 
+from .cache_dirs import configure_jit_cache
 from .errors import BudgetError, HyEdgeError, ModelFileError
+
+configure_jit_cache()  # before anything imports hy_edge_ops: numba picks kernel cache paths at definition
 
 _LAZY = {
     "GenerationResponse": ".generate",

