@@ -17,6 +17,7 @@ import fcntl
 import hashlib
 import importlib.metadata
 import json
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -99,45 +100,59 @@ def _locked(directory: Path) -> Iterator[None]:
 
 
 def cached_conversion(src: Path, name: str, notice: Notice) -> Path:
-    """The converted file for checkpoint `src`, converting it into the cache if needed."""
+    """The converted file for checkpoint `src`, converting it into the cache if needed. A complete
+    conversion is used as it is, even from a cache this process cannot write (read-only, or converted
+    by another user); the directory is probed and locked only to write."""
     directory = cache_dir()
+    source_id = _source_id(src)
+    out = directory / f"{name}.onnx"
+    if is_complete(out, source_id):
+        return out
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / ".write-test"
+        probe = directory / f".write-test.{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
         raise HyEdgeError(
             f"cache directory {directory} is not writable ({e.strerror}); set HY_EDGE_CACHE to a writable directory"
         ) from None
-    source_id = _source_id(src)
-    out = directory / f"{name}.onnx"
     with _locked(directory):
-        if is_complete(out, source_id):
+        if is_complete(out, source_id):  # another process converted it while we waited
             return out
         for stale in directory.glob(f".{out.name}.*.partial"):  # left by an interrupted conversion
             shutil.rmtree(stale, ignore_errors=True)
-        notice(f"converting {src} to FP8 ONNX (once; cached as {out})")
         from hy_edge_convert import convert  # the runtime needs the converter only here
 
-        convert(src, out, source_extra={"source_id": source_id})
+        def started(name: str, i: int, total: int) -> None:  # called once the source has been validated
+            if i == 0:
+                notice(f"converting {src} to FP8 ONNX (once; cached as {out})")
+
+        convert(src, out, source_extra={"source_id": source_id}, progress=started)
     if not is_complete(out, source_id):
         raise ModelFileError(f"{out}: conversion did not produce a complete model")
     return out
+
+
+def cache_name(src: Path, label: str) -> str:
+    """The cached file's name: the checkpoint's identity and the format version are in it, so two
+    installs (two venvs, an old and a new version) sharing one cache keep one file each instead of
+    reconverting each other's on every alternation."""
+    return f"{label}-{_source_id(src)[:8]}.v{F.FORMAT_VERSION}.e4m3"
 
 
 def resolve_model(arg: str | Path | None, notice: Notice) -> Path:
     """The .onnx file to run for a --model argument (None: the bundled default)."""
     if arg is None:
         gguf = default_gguf()
-        return cached_conversion(gguf, f"{gguf.stem}.e4m3", notice)
+        return cached_conversion(gguf, cache_name(gguf, gguf.stem), notice)
     path = Path(arg)
     if not path.exists():
         raise HyEdgeError(f"{path}: no such file or directory")
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise HyEdgeError(f"{path}: a directory, but not a Hugging Face checkpoint (no config.json)")
-        return cached_conversion(path, f"{path.resolve().name}-{_source_id(path)[:8]}.e4m3", notice)
+        return cached_conversion(path, cache_name(path, path.resolve().name), notice)
     if path.suffix == ".gguf":
-        return cached_conversion(path, f"{path.stem}-{_source_id(path)[:8]}.e4m3", notice)
+        return cached_conversion(path, cache_name(path, path.stem), notice)
     return path
