@@ -145,6 +145,7 @@ def convert(
                 stored[name] = StoredWeight(q.storage, tuple(shape), () if q.scale is None else q.scale.shape)
                 report.tensors[name] = q.report()
             model = _model(spec, stored, inits, policy, report, ckpt, source_extra or {})
+            helper.set_model_props(model, {**F.metadata(model), F.META_CHECKSUMS: F.checksums_json(data.checksums)})
             commit(model, out, data)
         except BaseException:
             data.discard()

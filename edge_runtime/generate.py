@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .backend import Backend
-from .errors import BudgetError, HyEdgeError
+from .errors import BudgetError, HyEdgeError, ModelFileError
 from .memory import peak_rss_mb
 from .sampling import LogitsProcessor, Sampler, make_sampler
 from .tokenizer import Tokenizer
@@ -213,7 +213,7 @@ class Generator:
         stopper = StopMatcher(tuple(s for s in stop if s))
         clock = _Clock()
 
-        logits = self.prefill(prompt_ids)
+        logits = self._finite(self.prefill(prompt_ids), 0)
         cached = self.reused
         clock.prefill_s, clock.prefilled = time.perf_counter() - clock.start, P - cached
         history = list(prompt_ids)
@@ -237,7 +237,19 @@ class Generator:
                 yield self._response(text, token, "length", P, n, cached, clock)
                 return
             yield self._response(text, token, None, P, n, cached, clock)
-            logits = self.decode_one_token(token)
+            logits = self._finite(self.decode_one_token(token), n)
+
+    @staticmethod
+    def _finite(logits: np.ndarray, n: int) -> np.ndarray:
+        """NaN or Inf logits would sample token 0 forever: stop with the likely cause instead. One sum
+        over V floats per token (an overflow to Inf needs |logits| ~ 1e33, never a real model's)."""
+        if not np.isfinite(logits.sum(dtype=np.float32)):
+            where = "the prompt" if n == 0 else f"generated token {n}"
+            raise ModelFileError(
+                f"the model produced NaN/Inf logits after {where}: its weights are probably corrupt "
+                "(check them with `hy-edge info --verify MODEL`, or convert again)"
+            )
+        return logits
 
     @staticmethod
     def _final_text(detok, stopper: StopMatcher) -> str:

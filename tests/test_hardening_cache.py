@@ -32,7 +32,12 @@ def run_readonly(args: list[str], cache: Path, cwd: Path) -> subprocess.Complete
         "import os, sys, readonly_fs; readonly_fs.install([os.environ['NUMBA_CACHE_DIR']]); "
         "from edge_runtime.cli import main; main(sys.argv[1:], prog_name='hy-edge')"
     )
-    env = dict(os.environ, PYTHONPATH=str(TESTS), PYTHONDONTWRITEBYTECODE="1", HY_EDGE_CACHE=str(cache))
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])),
+        PYTHONDONTWRITEBYTECODE="1",
+        HY_EDGE_CACHE=str(cache),
+    )
     return subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=cwd, capture_output=True, text=True)
 
 

@@ -39,7 +39,11 @@ def readonly_cli(
     base = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "XDG_CACHE_HOME", "HY_EDGE_CACHE")}
     if drop_home:
         base.pop("HOME", None)
-    base.update(PYTHONPATH=str(TESTS), PYTHONDONTWRITEBYTECODE="1", **env)
+    base.update(
+        PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])),
+        PYTHONDONTWRITEBYTECODE="1",
+        **env,
+    )
     argv = [sys.executable, "-c", code, ":".join(str(w) for w in writable), *args]
     return subprocess.run(argv, env=base, cwd=cwd, capture_output=True, text=True, timeout=600)
 
