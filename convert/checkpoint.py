@@ -195,8 +195,14 @@ def _check_quantization(config: dict, config_path: Path) -> None:
         raise CheckpointError(
             f"{config_path}: compressed-tensors format '{fmt}' is not supported (supported: float-quantized)"
         )
-    for name, group in (q.get("config_groups") or {}).items():
-        weights = (group or {}).get("weights") or {}
+    groups = q.get("config_groups") or {}
+    if not isinstance(groups, dict):
+        raise CheckpointError(f"{config_path}: quantization_config.config_groups should be an object")
+    for name, group in groups.items():
+        weights = (group or {}).get("weights") if isinstance(group, dict) else None
+        if not isinstance(weights or {}, dict) or not isinstance(group or {}, dict):
+            raise CheckpointError(f"{config_path}: quantization_config.config_groups.{name} should be an object")
+        weights = weights or {}
         if weights.get("type") != "float" or weights.get("num_bits") != 8:
             raise CheckpointError(
                 f"{config_path}: compressed-tensors group '{name}' stores weights as "

@@ -1,5 +1,5 @@
 """`python -m edge_runtime ...` is `hy-edge ...`."""
 
-from .cli import main
+from .entry import main
 
-main(prog_name="hy-edge")
+main()

@@ -9,13 +9,40 @@ from pathlib import Path
 
 import click
 
-from .cli_common import Sampling, model_options, open_model, sampling_options, stats_line, template_kwargs, user_errors
+from .cli_common import (
+    Sampling,
+    check_text,
+    fail,
+    model_options,
+    open_model,
+    require_stdout,
+    sampling_options,
+    stats_line,
+    template_kwargs,
+    user_errors,
+)
 from .errors import HyEdgeError
 
 MAX_PROMPT_BYTES = 16 << 20  # a prompt file larger than this is not a prompt
 
 
-@click.group()
+class OneLineErrors(click.Group):
+    """click's own usage errors (`--backend foo`, `--seed abc`) in the same one-line form as ours:
+    `hy-edge: error: ...`, exit code 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:  # Ctrl-C or EOF inside a click prompt
+            click.echo("", err=True)
+            sys.exit(130)
+        except click.ClickException as e:
+            fail(" ".join(e.format_message().split()))
+
+
+@click.group(cls=OneLineErrors)
 @click.version_option(package_name="hy-edge")
 def main() -> None:
     """Run small LLMs (Hunyuan-0.5B, Llama family) from one FP8 ONNX file on a CPU."""
@@ -36,6 +63,8 @@ def read_prompt(source: str) -> str:
             data = f.read(MAX_PROMPT_BYTES + 1)
     if len(data) > MAX_PROMPT_BYTES:
         raise HyEdgeError(f"prompt {name} is larger than {MAX_PROMPT_BYTES >> 20} MB")
+    if _is_utf16(data):
+        raise HyEdgeError(f"prompt {name} is UTF-16 text; save it as UTF-8 (iconv -f UTF-16 -t UTF-8)")
     if b"\0" in data:
         raise HyEdgeError(f"prompt {name} is a binary file (it contains NUL bytes)")
     try:
@@ -45,6 +74,14 @@ def read_prompt(source: str) -> str:
     if not text.strip():
         raise HyEdgeError(f"prompt {name} is empty")
     return text
+
+
+def _is_utf16(data: bytes) -> bool:
+    """A UTF-16 byte-order mark, or mostly-ASCII text whose every other byte is NUL (no mark)."""
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return True
+    even, odd = data[0::2], data[1::2]
+    return len(data) >= 4 and len(data) % 2 == 0 and (even.count(0) == len(even) or odd.count(0) == len(odd))
 
 
 @main.command("run")
@@ -66,7 +103,10 @@ def run_cmd(
     from .generate import collect
 
     with user_errors():
+        require_stdout()
         prompt = read_prompt(prompt_file)
+        if system is not None:
+            check_text(system, "--system")
         model = open_model(sampling, **model_args)
         ids = model.encode_prompt(prompt, raw=raw, system=system, **template_kwargs(thinking))
         responses = model.stream(ids, **sampling.kwargs())

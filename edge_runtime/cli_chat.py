@@ -11,7 +11,16 @@ import sys
 
 import click
 
-from .cli_common import Sampling, model_options, open_model, sampling_options, stats_line, template_kwargs, user_errors
+from .cli_common import (
+    Sampling,
+    check_text,
+    model_options,
+    open_model,
+    sampling_options,
+    stats_line,
+    template_kwargs,
+    user_errors,
+)
 from .errors import HyEdgeError
 
 HELP = "commands: /reset (forget the conversation), /system TEXT (new system message), /stats, /help, /exit"
@@ -34,18 +43,47 @@ class ChatSession:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
         self.generator.reset()
 
-    def turn(self, text: str, write) -> None:
-        """One user turn: stream the reply through `write`, keep it in the history."""
+    def turn(self, text: str, write, notice=lambda message: None) -> None:
+        """One user turn: stream the reply through `write`, keep it in the history. When the history
+        outgrows the context, the oldest turns are dropped (the system message stays) with a notice.
+        Ctrl-C stops the reply; what was said so far stays in the history."""
         messages = [*self.messages, {"role": "user", "content": text}]
-        ids = self.model.encode_prompt(messages, **self.template)
+        ids, dropped = self._fit(messages)
+        if dropped:
+            notice(f"(dropped the oldest {dropped} turn(s) to fit the context of {self.context} tokens)")
+            messages = messages[: self._first] + messages[self._first + 2 * dropped :]
         reply = []
-        for r in self.model.stream(ids, generator=self.generator, **self.sampling.kwargs()):
-            if r.text:
-                reply.append(r.text)
-                write(r.text)
-            self.last = r
+        try:
+            for r in self.model.stream(ids, generator=self.generator, **self.sampling.kwargs()):
+                if r.text:
+                    reply.append(r.text)
+                    write(r.text)
+                self.last = r
+        except KeyboardInterrupt:
+            notice("(interrupted)")
         write("\n")
         self.messages = [*messages, {"role": "assistant", "content": "".join(reply)}]
+
+    @property
+    def context(self) -> int:
+        return self.generator.backend.max_context
+
+    @property
+    def _first(self) -> int:
+        """Index of the first droppable message (after the system message)."""
+        return 1 if self.messages and self.messages[0]["role"] == "system" else 0
+
+    def _fit(self, messages: list[dict]) -> tuple[list[int], int]:
+        """Token ids of `messages` with the fewest oldest (user, assistant) pairs dropped that leaves
+        room for a reply (a quarter of the context, or max_tokens if less); and how many were dropped."""
+        room = min(self.sampling.max_tokens, self.context // 4)
+        first, dropped = self._first, 0
+        while True:
+            kept = messages[:first] + messages[first + 2 * dropped :]
+            ids = self.model.encode_prompt(kept, **self.template)
+            if len(ids) + room <= self.context or len(kept) <= first + 1:
+                return ids, dropped  # the new turn alone too long: the generator says so
+            dropped += 1
 
     def command(self, line: str) -> str | None:
         """Run a /command; returns what to print, or None to end the session."""
@@ -77,19 +115,25 @@ def chat_cmd(system: str | None, thinking: bool | None, sampling: Sampling, **mo
         click.echo(text, nl=False)  # flushes: the reply streams as it is generated
 
     with user_errors():
+        if system is not None:
+            check_text(system, "--system")
         model = open_model(sampling, **model_args)
         if model.tokenizer is None:
             raise HyEdgeError(f"{model.path.name}: the model file carries no tokenizer")
         chat = ChatSession(model, sampling, system, template_kwargs(thinking))
         if interactive:
-            click.echo(f"hy-edge chat ({model.path.name}); {HELP}", err=True)
+            click.echo(f"hy-edge chat ({model.path.name}); {HELP}; Ctrl-C stops a reply", err=True)
         while True:
             if interactive:
                 click.echo(">>> ", nl=False, err=True)
-            line = sys.stdin.readline()
-            if not line:
+            raw = sys.stdin.buffer.readline()  # bytes: a bad byte is one turn's error, not the session's end
+            if not raw:
                 break
-            line = line.strip()
+            try:
+                line = check_text(raw.decode("utf-8", errors="surrogateescape"), "this line").strip()
+            except HyEdgeError as e:
+                click.echo(f"hy-edge: error: {e}", err=True)
+                continue
             if not line:
                 continue
             if line.startswith("/"):
@@ -99,11 +143,11 @@ def chat_cmd(system: str | None, thinking: bool | None, sampling: Sampling, **mo
                 click.echo(reply, err=True)
                 continue
             try:
-                chat.turn(line, write)
-            except HyEdgeError as e:  # e.g. the conversation outgrew the context: say so, keep the session
+                chat.turn(line, write, notice=lambda message: click.echo(message, err=True))
+            except HyEdgeError as e:  # e.g. one message longer than the context: say so, keep the session
                 click.echo(f"hy-edge: error: {e}", err=True)
                 continue
-            if interactive:
+            if interactive and chat.last is not None:
                 click.echo(stats_line(chat.last), err=True)
         if not interactive and chat.last is not None:
             click.echo(stats_line(chat.last), err=True)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
+import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,11 +30,39 @@ def user_errors() -> Iterator[None]:
         yield
     except HyEdgeError as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
-        fail(f"{e.filename}: {e.strerror}" if e.filename else str(e))
+    except BrokenPipeError:  # the reader of stdout went away (`| head`, a closed socket)
+        _silence_stdout()
+        fail("stdout was closed before the output was written")
+    except OSError as e:  # the environment, not a bug: a full disk, a read-only directory, a missing file
+        where = f"{e.filename}: " if e.filename else ""
+        fail(f"{where}{e.strerror or e}" + (" (no space left for the output)" if e.errno == errno.ENOSPC else ""))
     except KeyboardInterrupt:
         click.echo("", err=True)
         sys.exit(130)
+
+
+def _silence_stdout() -> None:
+    """Point fd 1 at /dev/null so the interpreter's final flush does not raise again."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
+def require_stdout() -> None:
+    """A command whose output is its purpose fails at once when stdout is closed (`>&-`): Python then
+    has no sys.stdout and the text would vanish with exit code 0."""
+    if sys.stdout is None:
+        raise HyEdgeError("stdout is closed; nothing could be written")
+
+
+def check_text(text: str, what: str) -> str:
+    """Text from the command line or a terminal arrives with undecodable bytes as lone surrogates
+    (surrogateescape); the tokenizer cannot take them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise HyEdgeError(f"{what} is not valid UTF-8 text (invalid byte at offset {e.start})") from None
+    return text
 
 
 def model_options(fn: Callable) -> Callable:
@@ -88,7 +118,7 @@ def sampling_options(fn: Callable) -> Callable:
             "--min-p", default=0.0, show_default=True, type=float, help="Min probability relative to the top token."
         ),
         click.option("--repetition-penalty", default=1.0, show_default=True, type=float),
-        click.option("--seed", default=None, type=int, help="Seed for sampling (same seed, same text)."),
+        click.option("--seed", default=None, type=int, help="Seed for sampling (same seed, same text; -1: random)."),
         click.option("--max-tokens", default=256, show_default=True, type=int),
         click.option("--stop", multiple=True, help="Stop string (repeatable); not included in the output."),
     ]
@@ -122,6 +152,15 @@ def open_model(
         raise HyEdgeError(f"--max-tokens should be >= 1, got {s.max_tokens}")
     if threads is not None and threads < 1:
         raise HyEdgeError(f"--threads should be >= 1, got {threads}")
+    if s.seed is not None and s.seed < -1:
+        raise HyEdgeError(f"--seed should be >= 0, or -1 for a random seed; got {s.seed}")
+    if threads is not None:
+        from .threads import max_threads
+
+        cap = max_threads()
+        if threads > cap:
+            click.echo(f"hy-edge: note: --threads {threads} capped at {cap} (the CPUs this process may use)", err=True)
+            threads = cap
     if max_context is not None and max_context < 1:
         raise HyEdgeError(f"--max-context should be >= 1, got {max_context}")
     budget = parse_size(max_memory)

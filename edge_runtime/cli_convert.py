@@ -21,6 +21,13 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:,.1f} MB"
 
 
+def _ratio(source: int, size: int) -> str:
+    """'2.10x smaller' or '1.69x larger' (an FP8 file from a Q4 GGUF is larger than its source)."""
+    if not source or not size:
+        return "size ratio unknown"
+    return f"{source / size:.2f}x smaller" if size <= source else f"{size / source:.2f}x larger"
+
+
 @click.command("convert")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option(
@@ -94,7 +101,7 @@ def convert_cmd(
         worst, err = report.worst
         click.echo(
             f"wrote {out} ({_mb(size)}; source {_mb(report.source_bytes)}, "
-            f"{report.source_bytes / max(size, 1):.2f}x smaller) in {report.seconds:.1f} s"
+            f"{_ratio(report.source_bytes, size)}) in {report.seconds:.1f} s"
         )
         click.echo("tensors: " + ", ".join(f"{n} {k}" for k, n in report.counts.items()))
         if worst:

@@ -61,8 +61,12 @@ def make_sampler(
     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, seed: int | None = None
 ) -> Sampler:
     """temperature 0 → greedy (argmax); otherwise a categorical draw from `filtered_probs`, driven by
-    a PCG64 stream seeded with `seed` (fresh entropy when None)."""
+    a PCG64 stream seeded with `seed` (fresh entropy when None or -1, llama.cpp's "random seed")."""
     check_options(temperature, top_k, top_p, min_p)
+    if seed is not None and seed < 0:
+        if seed != -1:
+            raise HyEdgeError(f"seed should be >= 0 (or -1 for a random seed), got {seed}")
+        seed = None
     if temperature == 0:
         return lambda logits: int(ops.argmax(logits))
     rng = np.random.Generator(np.random.PCG64(seed))

@@ -114,6 +114,8 @@ def _rope_base(cfg: dict, head_dim: int) -> float:
     if not isinstance(theta, (int, float)) or theta <= 0:
         raise SpecError(f"config.json: field 'rope_theta' should be a positive number, got {theta!r}")
     alpha = scaling.get("alpha")
+    if alpha is not None and (not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha < 0):
+        raise SpecError(f"config.json: field 'rope_scaling.alpha' should be a positive number, got {alpha!r}")
     if rope_type == "dynamic" and alpha:
         return float(theta) * float(alpha) ** (head_dim / (head_dim - 2))
     if rope_type in ("default", None):
@@ -124,7 +126,10 @@ def _rope_base(cfg: dict, head_dim: int) -> float:
 def _common(cfg: dict) -> dict:
     hidden = _get(cfg, "hidden_size", int)
     heads = _get(cfg, "num_attention_heads", int)
-    head_dim = cfg.get("head_dim") or cfg.get("attention_head_dim") or (hidden // max(heads, 1))
+    head_dim = _get(cfg, "head_dim", int, None) or _get(cfg, "attention_head_dim", int, None) or hidden // max(heads, 1)
+    for key in ("layer_types", "shared_layers"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], list):
+            raise SpecError(f"config.json: field '{key}' should be a list, got {cfg[key]!r}")
     layers = _get(cfg, "num_hidden_layers", int)
     if cfg.get("attention_bias"):
         raise SpecError("config.json: field 'attention_bias' = true is not supported")
@@ -184,7 +189,10 @@ def spec_from_hf_config(cfg: dict) -> ModelSpec:
     keys = [cfg.get("model_type")] + list(cfg.get("architectures") or [])
     for key in keys:
         if key in REGISTRY:
-            return _build(REGISTRY[key](cfg))
+            try:
+                return _build(REGISTRY[key](cfg))
+            except (TypeError, ValueError, AttributeError) as e:  # a value of a type no check expected
+                raise SpecError(f"config.json: a field has a value of the wrong type ({e})") from None
     name = cfg.get("model_type") or (cfg.get("architectures") or ["<none>"])[0]
     raise SpecError(f"config.json: field 'model_type' = '{name}' is not supported (supported: hunyuan_v1_dense, llama)")
 

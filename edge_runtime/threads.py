@@ -33,6 +33,15 @@ def physical_cores() -> int:
     return max(1, len(allowed))
 
 
+def max_threads() -> int:
+    """CPUs this process may run on: more threads than that only queue behind each other (numba's
+    pool is sized to the CPU count when it starts)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def resolve_threads(threads: int | None) -> int:
     if threads is None:
         return physical_cores()
