@@ -127,7 +127,7 @@ def test_fp8_conversion(fmt, granularity, checkpoint, tmp_path):
     n_linear = len(errs) // model.config.num_hidden_layers * model.config.num_hidden_layers
     tol = 2 * max(errs) * np.sqrt(n_linear)
     assert 0 < rel(ours, original) < tol
-    quant = json.loads(onnx.load(str(out), load_external_data=False).metadata_props[2].value)
+    quant = json.loads(F.metadata(onnx.load(str(out), load_external_data=False))[F.META_QUANT])
     assert quant["format"] == fmt and all(
         t["storage"] in ("e4m3", "e5m2") for n, t in quant["tensors"].items() if n.endswith("_proj.weight")
     )

@@ -113,15 +113,7 @@ def test_table_formats(ev):
 def test_pipeline_on_tiny_gguf(ev, tmp_path):
     """convert_cached → run_variant → score on a tiny Llama GGUF: fp32 against itself is exact, an
     FP8 variant scores in range, and a second call reuses the file its recorded policy matches."""
-    pytest.importorskip("torch")
-    pytest.importorskip("rouge_score")
-    try:
-        import edge_runtime
-
-        edge_runtime.load  # noqa: B018 - the runtime's public API (lazy attribute)
-    except Exception as e:  # the runtime may be unfinished
-        pytest.skip(f"edge_runtime.load is not importable: {e}")
-    import checkpoints as ck
+    import checkpoints as ck  # the test extras (rouge_score) and the runtime must import: no skip
 
     gguf = ck.make_gguf_llama(tmp_path / "tiny" / "tiny.gguf", "Q8_0", num_hidden_layers=1)
     out = tmp_path / "out"
@@ -138,7 +130,11 @@ def test_pipeline_on_tiny_gguf(ev, tmp_path):
     assert same["rougeL_vs_fp32"] == same["rougeL_vs_reference"] == 1.0
     assert same["rougeL_vs_reference_change"] == 0.0 and same["identical_generations"] == 2
     row = ev.score("e5m2/block:32", runs["e5m2/block:32"], ref, ["Hi.", "Spring."])
-    assert 0.5 < row["perplexity_ratio"] < 2.0 and 0.0 <= row["greedy_agreement"] <= 1.0
+    assert 0.5 < row["perplexity_ratio"] < 2.0
+    # top-1 agreement is the share of positions whose argmax both runs share: recomputed here, and an
+    # FP8 copy of the same weights agrees on most of them
+    expected = float(np.mean(runs["e5m2/block:32"].argmax == ref.argmax))
+    assert row["greedy_agreement"] == pytest.approx(expected) and expected > 0.5
     assert row["storage"].get("e5m2", 0) > 0 and 0.0 < row["weight_rel_error_mean"] <= row["weight_rel_error_max"]
     json.dumps(row)  # what --json writes
 

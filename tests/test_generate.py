@@ -62,9 +62,10 @@ def test_same_seed_same_text_and_backends_agree(hy8):
 
 
 def test_max_tokens_and_stats(hy8):
-    r = hy8.generate(PROMPT, max_tokens=5, min_p=0.05, temperature=0.7, seed=1, generator=hy8.generator())
-    if r.finish_reason == "length":
-        assert r.completion_tokens == len(r.token_ids) == 5
+    gen = hy8.generator()
+    gen.eos_ids = frozenset()  # no EOS can end it early: max_tokens must
+    r = hy8.generate(PROMPT, max_tokens=5, min_p=0.05, temperature=0.7, seed=1, generator=gen)
+    assert r.finish_reason == "length" and r.completion_tokens == len(r.token_ids) == 5
     assert r.prompt_tokens == len(hy8.encode_prompt(PROMPT))
     assert r.ttft_s > 0 and r.prefill_tps > 0 and r.peak_rss_mb > 0
     assert r.decode_tps > 0 or r.completion_tokens == 1
