@@ -4,7 +4,7 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 PROMPT ?= examples/prompt.txt
 
-.PHONY: install install-test run test bench lint
+.PHONY: install install-test install-bench run test bench bench-quick bench-quality lint
 
 install:
 	$(PIP) install -q -e .
@@ -21,8 +21,27 @@ run: install
 test: install-test
 	$(PYTHON) -m pytest
 
-bench: install-test
+# llama-cpp-python has no wheel here: pip builds llama.cpp from source. Without it the bench runs the
+# other runtimes and says so.
+install-bench: install-test
+	@$(PYTHON) -c "import importlib.metadata as m; m.version('llama-cpp-python')" 2>/dev/null || \
+		echo "installing the bench extra: llama-cpp-python 0.3.36 builds from source, about 5 minutes (once)"
+	@$(PIP) install -q -e '.[bench]' || { \
+		echo "bench: llama-cpp-python did not build; the bench goes on without llama.cpp"; \
+		$(PIP) install -q 'matplotlib>=3.8'; }
+
+# hy-edge (numba variants, onnxruntime) vs llama.cpp Q8_0/F16 vs PyTorch, 3 interleaved rounds:
+# bench/results/latest.{json,md,png}
+bench: install-bench
 	$(PYTHON) bench/run.py
+
+# one round, decode + TTFT 128, hy-edge numba vs llama.cpp Q8_0: bench/out/quick.{json,md,png}
+bench-quick: install-bench
+	$(PYTHON) bench/run.py --quick
+
+# FP8 quality on the bundled SmolLM2 (perplexity, top-1 agreement, ROUGE-L per FP8 variant)
+bench-quality: install-test
+	$(PYTHON) bench/eval_fp8.py --markdown
 
 lint:
 	$(PIP) install -q -e '.[dev]'

@@ -1,171 +1,326 @@
-"""`make bench`: speed and memory on the full Hunyuan-0.5B shapes (deterministic random weights), both
-backends measured in one run, then the FP8 quality evaluation on the bundled SmolLM2.
+"""`make bench`: hy-edge against llama.cpp, onnxruntime and PyTorch on the full Hunyuan-0.5B shapes
+(deterministic random weights), each runtime in its own fresh process, interleaved round by round.
 
-For each backend, in its own process (so peak RSS is its own): TTFT of a 128-token prompt (pp128),
-decode speed over 64 tokens (tg64), mean ± sd over repeats, peak RSS, and the GB/s decode achieves
-(bytes of weights read per token × tok/s) against the machine's measured read bandwidth.
+Figures per runtime: decode tok/s, TTFT at 32/128/512 prompt tokens, peak RSS, cold start, weight bytes
+per token and the GB/s decode reaches against the machine's read bandwidth measured in the same run;
+decode under one competing busy process; the ratios hy-edge / llama.cpp Q8_0; a Raspberry Pi 5
+projection. Writes bench/results/latest.{json,md,png}.
 
-    python bench/run.py [--threads 2] [--repeats 3] [--skip-eval] [--json bench/out/results.json]
-    python bench/run.py --model FILE.onnx --skip-eval    # the same measurements on any converted file
+    python bench/run.py [--rounds 3] [--threads 2] [--quick] [--layers 24] [--out bench/results/latest]
+    python bench/run.py --quick     # one round: decode + TTFT 128, hy-edge numba vs llama.cpp Q8_0
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import importlib.metadata
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
+import artifacts
+import report
+from bandwidth import build_c_reference, c_read_gbs, numba_read_gbs
 
 HERE = Path(__file__).resolve().parent
-OUT = HERE / "out"
-PROMPT_TOKENS, DECODE_TOKENS = 128, 64
+RESULTS = HERE / "results" / "latest"
+
+# hy-edge numba variants, one line each: (label, QuantPolicy fields). The first is the default conversion
+# (whatever hy_edge_convert's defaults are); the onnxruntime backend runs on that same file.
+VARIANTS = [
+    ("default", {}),
+    ("FP8 lm_head", {"lm_head_fp8": True}),
+]
+CONTENTION_TOKENS = 32  # decode tokens under contention (a step may take ~0.5 s there)
+CONTENTION_CASES = ("hy-edge numba default", "llama.cpp Q8_0")
 
 
-def ensure_model(fmt: str = "e4m3") -> Path:
-    """The random 0.5B checkpoint and its conversion, built once into bench/out."""
-    ckpt = OUT / "hunyuan-0.5b-random"
-    if not (ckpt / "model.safetensors").exists():
-        subprocess.run([sys.executable, str(HERE / "make_random_hunyuan.py"), str(ckpt)], check=True)
-    model = OUT / f"hunyuan-0.5b-random.{fmt}.onnx"
-    if not model.exists():
-        from hy_edge_convert import QuantPolicy, convert
+@dataclass
+class Case:
+    """One runtime on one artifact, as it appears in the results."""
 
-        report = convert(ckpt, model, QuantPolicy(format=fmt))
-        print(
-            f"converted {ckpt.name} -> {model.name}: {(report.onnx_bytes + report.data_bytes) / 1e6:.0f} MB "
-            f"in {report.seconds:.1f} s",
-            file=sys.stderr,
-        )
-    return model
+    name: str
+    runtime: str  # runners.RUNTIMES
+    path: Path
+    bytes_per_token: int
+    figures: tuple[str, ...] = ("ttft32", "ttft128", "ttft512", "decode")
+    contention: bool = False
+    env: dict = field(default_factory=dict)
 
 
-def read_bandwidth_gbs(threads: int) -> float:
-    """Read bandwidth with the same threading as the kernels: a parallel sum over 512 MB."""
-    import numba
+def build_cases(args, ckpt: Path, notes: list[str]) -> list[Case]:
+    full = ("decode", "ttft128") if args.quick else ("ttft32", "ttft128", "ttft512", "decode")
+    cases = []
+    variants = VARIANTS[:1] if args.quick else VARIANTS
+    for i, (label, policy) in enumerate(variants):
+        model = artifacts.hy_edge_model(ckpt, f"v{i}", policy)
+        cases.append(Case(f"hy-edge numba {label}", "numba", model, artifacts.hy_edge_bytes_per_token(model), full))
+        if i == 0 and not args.quick:
+            onnx_case = Case("hy-edge onnxruntime default", "onnxruntime", model, cases[0].bytes_per_token, full)
+    if not args.quick:
+        cases.append(onnx_case)
+    if llama_cpp_available(notes):
+        for outtype in ("q8_0",) if args.quick else ("q8_0", "f16"):
+            try:
+                path = artifacts.gguf(ckpt, outtype)
+            except artifacts.ArtifactError as e:
+                note(notes, f"llama.cpp {outtype}: {e}; going on without it")
+                continue
+            name = f"llama.cpp {outtype.upper()}"
+            cases.append(Case(name, "llama.cpp", path, artifacts.gguf_bytes_per_token(path), full))
+    if not args.quick:
+        n_params = torch_params(ckpt)
+        cases.append(Case("PyTorch fp32 (transformers)", "torch", ckpt, 4 * n_params, full))
+        for c in list(cases):
+            if c.name in CONTENTION_CASES:
+                cases.append(Case(c.name + " + busy", c.runtime, c.path, c.bytes_per_token, ("decode",), True))
+    return cases
 
-    numba.set_num_threads(threads)
 
-    @numba.njit(parallel=True, fastmath=True, cache=False)  # fastmath: a vectorised reduction
-    def _sum(a):
-        s = 0.0
-        for i in numba.prange(a.shape[0]):
-            s += a[i]
-        return s
-
-    a = np.ones(128 * 1024 * 1024, np.float32)  # 512 MB
-    _sum(a[:1024])
-    best = min(_timed(lambda: _sum(a)) for _ in range(5))
-    return a.nbytes / best / 1e9
+def llama_cpp_available(notes: list[str]) -> bool:
+    try:
+        importlib.metadata.version("llama-cpp-python")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        note(notes, "llama.cpp: llama-cpp-python is not installed (the bench extra did not build); going on without it")
+        return False
 
 
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
+def torch_params(ckpt: Path) -> int:
+    """Parameters of the checkpoint (tied: the embedding counted once, as fp32 decode reads it once)."""
+    import struct
+
+    with open(ckpt / "model.safetensors", "rb") as f:
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    total = 0
+    for name, t in header.items():
+        if name != "__metadata__":
+            n = 1
+            for d in t["shape"]:
+                n *= d
+            total += n
+    return total
 
 
-def measure(model_path: str, backend: str, threads: int, repeats: int) -> dict:
-    """Runs in a child process: pp128 / tg64 on one backend."""
-    import edge_runtime
-    from edge_runtime.memory import peak_rss_mb
+def note(notes: list[str], text: str) -> None:
+    notes.append(text)
+    print(f"\n{text}", file=sys.stderr)
 
-    model = edge_runtime.load(model_path, backend=backend, threads=threads, max_context=1024)
-    session = model.session()
-    rng = np.random.default_rng(0)
-    prompt = rng.integers(3, model.spec.vocab_size, PROMPT_TOKENS).astype(np.int64)
-    session.forward(prompt[:8])  # warm-up: compile / allocate
-    ttft, tg = [], []
-    for _ in range(repeats):
-        session.reset()
-        t0 = time.perf_counter()
-        logits = session.forward(prompt)
-        token = int(np.argmax(logits))
-        ttft.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        for _ in range(DECODE_TOKENS):
-            token = int(np.argmax(session.forward(np.array([token], np.int64))))
-        tg.append(DECODE_TOKENS / (time.perf_counter() - t0))
-    data = Path(model_path + ".data").stat().st_size
+
+def run_child(case: Case, args, rnd: int) -> dict:
+    """Start a fresh process for `case`; cold start = process start -> its `ready` line."""
+    cmd = [sys.executable, str(HERE / "runners.py"), case.runtime, str(case.path), "--threads", str(args.threads)]
+    tokens = CONTENTION_TOKENS if case.contention else args.decode_tokens
+    cmd += ["--figures", ",".join(case.figures), "--decode-tokens", str(tokens)]
+    env = {**os.environ, **case.env, "OMP_NUM_THREADS": str(args.threads)}
+    busy = None
+    if case.contention:  # one competing busy process for the whole run
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        ready_line = proc.stdout.readline()
+        ready_s = time.perf_counter() - t0
+        rest, err = proc.communicate(timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return {"case": case.name, "round": rnd, "error": f"timed out after {args.timeout} s"}
+    finally:
+        if busy is not None:
+            busy.kill()
+            busy.wait()
+    if proc.returncode != 0 or not ready_line.startswith("{"):
+        last = (err.strip().splitlines() or ["no output"])[-1]
+        return {"case": case.name, "round": rnd, "error": f"exit {proc.returncode}: {last}"}
+    run = {"case": case.name, "round": rnd, "ready_s": ready_s, "contention": case.contention}
+    run["in_process_ready_s"] = json.loads(ready_line)["ready"]
+    run["result"] = json.loads(rest.strip().splitlines()[-1])
+    return run
+
+
+def first_jit(case: Case, args) -> float | None:
+    """Cold start with an empty numba cache: the first-ever JIT compile."""
+    with tempfile.TemporaryDirectory(dir=artifacts.OUT) as d:
+        c = Case(case.name, case.runtime, case.path, 0, ("ttft32",), env={"NUMBA_CACHE_DIR": d})
+        run = run_child(c, args, 0)
+    return run.get("ready_s")
+
+
+class Progress:
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.t0 = total, 0, time.perf_counter()
+
+    def show(self, label: str) -> None:
+        width = 30
+        fill = int(width * self.done / max(1, self.total))
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / self.done * (self.total - self.done) if self.done else 0
+        line = f"\r[{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} {elapsed / 60:4.1f} min"
+        line += f" (~{eta / 60:.0f} min left) {label[:40]:<40}" if self.done else f" {label[:40]:<40}"
+        print(line, end="", file=sys.stderr, flush=True)
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        self.show(label)
+
+
+def machine_info() -> dict:
+    cpu, mhz, flags = platform.processor(), 0.0, []
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            key, value = key.strip(), value.strip()
+            if key == "model name":
+                cpu = value
+            elif key == "cpu MHz" and not mhz:
+                mhz = float(value)
+            elif key == "flags" and not flags:
+                wanted = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16")
+                flags = [x for x in value.split() if x in wanted]
+    with open("/proc/meminfo") as f:
+        mem_kb = int(f.readline().split()[1])
+    versions = {}
+    for pkg in ("hy-edge", "numpy", "numba", "onnxruntime", "llama-cpp-python", "torch", "transformers"):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            versions[pkg] = None
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE)
+    versions["hy-edge commit"] = commit.stdout.strip() or None
+    versions["python"] = platform.python_version()
     return {
-        "backend": backend,
-        "threads": threads,
-        "ttft_s": statistics.mean(ttft),
-        "ttft_sd": statistics.pstdev(ttft),
-        "pp_tps": PROMPT_TOKENS / statistics.mean(ttft),
-        "tg_tps": statistics.mean(tg),
-        "tg_sd": statistics.pstdev(tg),
-        "peak_rss_mb": peak_rss_mb(),
-        "weight_bytes_per_token": data,
-        "decode_gbs": data * statistics.mean(tg) / 1e9,
+        "cpu": cpu,
+        "ghz": mhz / 1000,
+        "cores": os.cpu_count(),
+        "flags": flags,
+        "mem_gb": mem_kb / 1e6,
+        "kernel": platform.release(),
+        "versions": versions,
     }
+
+
+def summary_screen(result: dict) -> None:
+    figs = result["figures"]
+    print("\n")
+    print(f"{'runtime':<34}{'decode tok/s':>14}{'TTFT 128 s':>12}{'TTFT 512 s':>12}{'peak RSS MB':>13}")
+    for case, f in figs.items():
+        cells = [
+            f"{f[k]['median']:.{d}f}" if k in f else "-"
+            for k, d in (("decode", 1), ("ttft128", 2), ("ttft512", 2), ("peak_rss_mb", 0))
+        ]
+        print(f"{case:<34}{cells[0]:>14}{cells[1]:>12}{cells[2]:>12}{cells[3]:>13}")
+    if result["ratios"]:
+        print("\nhy-edge / llama.cpp Q8_0 (decode > 1 is faster; TTFT, RSS < 1 are better):")
+        for case, r in result["ratios"].items():
+            parts = [f"{k} {r[k]:.2f}x" for k in ("decode", "ttft128", "ttft512", "peak_rss_mb") if k in r]
+            print(f"  {case:<32}" + "  ".join(parts))
+    bw = result["bandwidth"]
+    c = f", C reference {bw['c_gbs']:.1f} GB/s" if bw.get("c_gbs") else ""
+    print(f"\nread bandwidth {bw['numba_gbs']:.1f} GB/s (numba reader{c})")
+    if result["flagged"]:
+        print(f"{len(result['flagged'])} measurement(s) flagged: other processes were busy (see the .md)")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--backends", default="numba,onnxruntime")
-    ap.add_argument("--skip-eval", action="store_true")
-    ap.add_argument("--model", type=Path, help="a converted file to measure instead of the random Hunyuan-0.5B")
-    ap.add_argument("--json", type=Path, default=OUT / "results.json")
-    ap.add_argument("--child", nargs=2, metavar=("MODEL", "BACKEND"), help=argparse.SUPPRESS)
+    ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument(
+        "--quick", action="store_true", help="one round: decode + TTFT 128, hy-edge numba vs llama.cpp Q8_0"
+    )
+    ap.add_argument("--layers", type=int, default=24, help="fewer layers for a smoke run (not Hunyuan-0.5B then)")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds one child process may take")
+    ap.add_argument("--out", type=Path, help="output prefix (default bench/results/latest; --quick: bench/out/quick)")
     args = ap.parse_args()
-    if args.child:
-        print(json.dumps(measure(args.child[0], args.child[1], args.threads, args.repeats)))
-        return
-    OUT.mkdir(exist_ok=True)
-    model = args.model or ensure_model()
-    bandwidth = read_bandwidth_gbs(args.threads)
-    rows = []
-    for backend in args.backends.split(","):
-        print(f"measuring {backend} ...", file=sys.stderr)
-        r = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--child",
-                str(model),
-                backend,
-                "--threads",
-                str(args.threads),
-                "--repeats",
-                str(args.repeats),
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
-    print(
-        f"\n{model.name} ({rows[0]['weight_bytes_per_token'] / 1e6:.0f} MB of "
-        f"weights per token), {args.threads} threads, machine read bandwidth {bandwidth:.1f} GB/s\n"
-    )
-    print(
-        "| backend | TTFT pp128 (s) | prefill tok/s | decode tg64 tok/s | decode GB/s | % of bandwidth "
-        "| peak RSS (MB) |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['backend']} | {r['ttft_s']:.3f} ± {r['ttft_sd']:.3f} | {r['pp_tps']:.1f} "
-            f"| {r['tg_tps']:.2f} ± {r['tg_sd']:.2f} | {r['decode_gbs']:.2f} "
-            f"| {100 * r['decode_gbs'] / bandwidth:.0f}% | {r['peak_rss_mb']:.0f} |"
-        )
-    if len(rows) == 2:
-        print(
-            f"\nnumba / onnxruntime: decode {rows[0]['tg_tps'] / rows[1]['tg_tps']:.2f}x, "
-            f"TTFT {rows[1]['ttft_s'] / rows[0]['ttft_s']:.2f}x faster"
-        )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"bandwidth_gbs": bandwidth, "speed": rows}, indent=2))
-    if not args.skip_eval:
-        subprocess.run([sys.executable, str(HERE / "eval_fp8.py"), "--markdown"], check=True)
+    if args.rounds < 1 or args.threads < 1 or args.decode_tokens < 1 or not 1 <= args.layers <= 24:
+        sys.exit("bench: --rounds, --threads and --decode-tokens must be >= 1, --layers 1..24")
+    if args.quick:
+        args.rounds = 1
+    out = args.out or (artifacts.OUT / "quick" if args.quick else RESULTS)
+    if args.layers != 24 and args.out is None and not args.quick:
+        out = artifacts.OUT / f"smoke-{args.layers}l"  # never overwrite the committed results with a smoke run
+    artifacts.OUT.mkdir(exist_ok=True)
+    notes: list[str] = []
+
+    print("building artifacts (once, cached under bench/out) ...", file=sys.stderr)
+    ckpt = artifacts.checkpoint(args.layers)
+    cases = build_cases(args, ckpt, notes)
+    bytes_per_token = {c.name: c.bytes_per_token for c in cases}
+    numba_case = cases[0]
+    prog = Progress(args.rounds * (len(cases) + 1) + (0 if args.quick else 2) + 1)
+    prog.show("read bandwidth")
+    c_exe = build_c_reference(artifacts.OUT)
+    c_gbs = c_read_gbs(c_exe, args.threads) if c_exe else None
+    bw_runs = [numba_read_gbs(args.threads)]
+    prog.step("bandwidth")
+    first_jit_s = None
+    if not args.quick:
+        prog.show("first-ever JIT compile")
+        first_jit_s = first_jit(numba_case, args)
+        prog.step("first JIT")
+        prog.show("warming the JIT cache")
+        run_child(Case(numba_case.name, "numba", numba_case.path, 0, ("ttft32",)), args, 0)
+        prog.step("JIT cache warm")
+    runs = []
+    for rnd in range(1, args.rounds + 1):
+        for case in cases:
+            prog.show(f"round {rnd}/{args.rounds}: {case.name}")
+            run = run_child(case, args, rnd)
+            if "error" in run:
+                note(notes, f"{case.name}, round {rnd}: {run['error']}")
+            runs.append(run)
+            prog.step(case.name)
+        bw_runs.append(numba_read_gbs(args.threads))  # bandwidth sampled between rounds, like the runtimes
+        prog.step("bandwidth")
+    print(file=sys.stderr)
+
+    agg = report.aggregate(runs)
+    bandwidth = statistics.median(bw_runs)
+    machine = machine_info()
+    hy_cases = [c.name for c in cases if c.name.startswith("hy-edge") and not c.contention]
+    result = {
+        "meta": {
+            "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+            "model": "Hunyuan-0.5B-Instruct shapes, deterministic random weights"
+            if args.layers == 24
+            else f"Hunyuan-0.5B shapes cut to {args.layers} layers (smoke run)",
+            "threads": args.threads,
+            "rounds": args.rounds,
+            "decode_tokens": args.decode_tokens,
+            "decode_prompt": 16,
+            "contention_tokens": CONTENTION_TOKENS,
+            "context": 1024,
+            "quick": args.quick,
+            "variants": VARIANTS,
+            "machine": machine,
+            "gguf": "llama.cpp convert_hf_to_gguf.py from the llama-cpp-python "
+            f"{artifacts.LLAMA_CPP_PYTHON} sdist; tokenizer: SmolLM2's BPE padded to {artifacts.VOCAB} ids",
+        },
+        "bandwidth": {"numba_gbs": bandwidth, "numba_runs": bw_runs, "c_gbs": c_gbs},
+        "first_jit_s": first_jit_s,
+        "bytes_per_token": bytes_per_token,
+        "figures": agg["figures"],
+        "flagged": agg["flagged"],
+        "ratios": report.ratios(agg["figures"], hy_cases),
+        "pi5": report.pi5_projection(
+            {k: v for k, v in agg["figures"].items() if not k.endswith("+ busy")}, bytes_per_token, bandwidth, machine
+        ),
+        "runs": runs,
+        "notes": notes,
+    }
+    paths = report.write_outputs(result, out)
+    summary_screen(result)
+    print("\nwrote " + ", ".join(str(p.relative_to(Path.cwd()) if p.is_relative_to(Path.cwd()) else p) for p in paths))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,162 @@
+"""What the bench measures, built once into bench/out (git-ignored) and reused:
+
+- the random Hunyuan-0.5B checkpoint (bench/make_random_hunyuan.py) and its hy-edge conversions, one per
+  variant (label, QuantPolicy fields);
+- the llama.cpp GGUFs (Q8_0, F16), written by llama.cpp's own convert_hf_to_gguf.py from the
+  llama-cpp-python sdist of the pinned version, extracted here at bench time;
+- the synthetic tokenizer that converter needs (see `write_gguf_tokenizer`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out"
+LLAMA_CPP_PYTHON = "0.3.36"  # the `bench` extra pins the same version
+SDIST = f"llama_cpp_python-{LLAMA_CPP_PYTHON}"
+VOCAB = 120818  # Hunyuan-0.5B-Instruct
+
+
+class ArtifactError(Exception):
+    """An artifact could not be built; the message is one line for the user."""
+
+
+def checkpoint(layers: int = 24) -> Path:
+    ckpt = OUT / ("hunyuan-0.5b-random" if layers == 24 else f"hunyuan-0.5b-random-{layers}l")
+    if not (ckpt / "model.safetensors").exists():
+        cmd = [sys.executable, str(HERE / "make_random_hunyuan.py"), str(ckpt), "--layers", str(layers)]
+        subprocess.run(cmd, check=True)
+    return ckpt
+
+
+def hy_edge_model(ckpt: Path, label: str, policy_fields: dict) -> Path:
+    """The hy-edge conversion of `ckpt` for one variant; rebuilt when the checkpoint is newer."""
+    from hy_edge_convert import QuantPolicy, convert
+
+    model = ckpt.parent / f"{ckpt.name}.{label}.onnx"
+    data = Path(str(model) + ".data")
+    if model.exists() and data.exists() and model.stat().st_mtime >= (ckpt / "model.safetensors").stat().st_mtime:
+        return model
+    report = convert(ckpt, model, QuantPolicy(**policy_fields))
+    size = (report.onnx_bytes + report.data_bytes) / 1e6
+    print(f"converted {ckpt.name} -> {model.name}: {size:.0f} MB in {report.seconds:.1f} s", file=sys.stderr)
+    return model
+
+
+def llama_cpp_source() -> Path:
+    """vendor/llama.cpp of the pinned sdist, extracted under bench/out (pip downloads the sdist if absent)."""
+    root = OUT / SDIST / "vendor" / "llama.cpp"
+    if (root / "convert_hf_to_gguf.py").exists():
+        return root
+    archive = OUT / f"{SDIST}.tar.gz"
+    if not archive.exists():
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d", str(OUT)]
+        r = subprocess.run([*cmd, f"llama-cpp-python=={LLAMA_CPP_PYTHON}"], capture_output=True, text=True)
+        if r.returncode != 0 or not archive.exists():
+            raise ArtifactError(f"could not download the llama-cpp-python {LLAMA_CPP_PYTHON} sdist (pip download)")
+    prefix = f"{SDIST}/vendor/llama.cpp/"
+    wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
+    tmp = OUT / f"{SDIST}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with tarfile.open(archive) as tar:
+        members = [
+            m for m in tar.getmembers() if m.name.startswith(prefix) and m.name[len(prefix) :].startswith(wanted)
+        ]
+        tar.extractall(tmp, members=members, filter="data")
+    shutil.rmtree(OUT / SDIST, ignore_errors=True)
+    os.replace(tmp / SDIST, OUT / SDIST)
+    tmp.rmdir()
+    return root
+
+
+def write_gguf_tokenizer(directory: Path) -> None:
+    """A tokenizer the converter's HunYuanDenseV1 class accepts, for a checkpoint that has none.
+
+    That class reads tokenizer.json through transformers and identifies the pre-tokenizer by hashing
+    the ids of a fixed test string; an invented BPE matches no known hash and the converter stops. So
+    this is SmolLM2's byte-level BPE (49,152 tokens, read from the bundled default model's GGUF), whose
+    hash the converter knows ("smollm"); the converter pads the list to the config's 120,818 ids with
+    unused [PADn] tokens, so the GGUF's vocabulary, embedding and output matrix have Hunyuan's size.
+    Only the tokenizer differs from Hunyuan's, and the bench feeds token ids, never text."""
+    from transformers import AutoTokenizer
+
+    from edge_runtime.cli_model import default_gguf
+
+    gguf = default_gguf()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tmp = directory.parent / f"{directory.name}.tok.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok.save_pretrained(tmp)
+    for f in tmp.iterdir():
+        os.replace(f, directory / f.name)
+    tmp.rmdir()
+
+
+def gguf_source(ckpt: Path) -> Path:
+    """`ckpt`'s weights and config (symlinked) plus the synthetic tokenizer, in a sibling directory so the
+    hy-edge conversions of `ckpt` stay tokenizer-free."""
+    src = ckpt.parent / f"{ckpt.name}-gguf-src"
+    src.mkdir(exist_ok=True)
+    for name in ("config.json", "model.safetensors"):
+        link = src / name
+        if not link.exists():
+            link.symlink_to(ckpt.resolve() / name)
+    if not (src / "tokenizer.json").exists():
+        write_gguf_tokenizer(src)
+    return src
+
+
+def gguf(ckpt: Path, outtype: str) -> Path:
+    """`ckpt` as a GGUF of `outtype` (q8_0, f16) via llama.cpp's convert_hf_to_gguf.py."""
+    out = ckpt.parent / f"{ckpt.name}.{outtype}.gguf"
+    if out.exists() and out.stat().st_mtime >= (ckpt / "model.safetensors").stat().st_mtime:
+        return out
+    converter = llama_cpp_source() / "convert_hf_to_gguf.py"
+    src = gguf_source(ckpt)
+    tmp = out.with_suffix(".partial")
+    cmd = [sys.executable, str(converter), str(src), "--outtype", outtype, "--outfile", str(tmp)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0 or not tmp.exists():
+        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        (OUT / f"convert_hf_to_gguf.{outtype}.log").write_text(r.stdout + r.stderr)
+        raise ArtifactError(f"convert_hf_to_gguf.py --outtype {outtype} failed: {last}")
+    os.replace(tmp, out)
+    print(f"converted {ckpt.name} -> {out.name}: {out.stat().st_size / 1e6:.0f} MB", file=sys.stderr)
+    return out
+
+
+def hy_edge_bytes_per_token(model: Path) -> int:
+    """Weight bytes one decode step reads: every initializer once, except that a tied model with its own
+    FP8 lm_head reads that instead of the FP16 embedding (decode gathers one embedding row)."""
+    import onnx
+
+    proto = onnx.load(str(model), load_external_data=False)
+    sizes = {}
+    for t in proto.graph.initializer:
+        ext = {e.key: e.value for e in t.external_data}
+        sizes[t.name] = int(ext["length"]) if "length" in ext else len(t.raw_data)
+    total = sum(sizes.values())
+    embed = [n for n in sizes if "embed_tokens" in n]
+    head = [n for n in sizes if "lm_head" in n]
+    if embed and head:
+        total -= sum(sizes[n] for n in embed)
+    return total
+
+
+def gguf_bytes_per_token(path: Path) -> int:
+    """Every tensor once (token_embd serves as the output matrix when there is no output.weight)."""
+    sys.path.insert(0, str(llama_cpp_source() / "gguf-py"))
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    sizes = {t.name: int(t.n_bytes) for t in reader.tensors}
+    total = sum(sizes.values())
+    if "output.weight" in sizes:
+        total -= sizes.get("token_embd.weight", 0)
+    return total

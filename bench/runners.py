@@ -1,0 +1,191 @@
+"""One runtime in one process: `python bench/runners.py RUNTIME PATH --threads N --figures ...`.
+
+Prints a line `{"ready": ...}` once the model is loaded and one token has gone through it (the parent
+times process start -> that line as the cold start), then one JSON line with every figure asked for.
+Each runtime gets the same token ids and does the same work: greedy argmax over the full vocabulary
+after every forward, fresh KV cache for each prompt.
+
+RUNTIME is one of: numba, onnxruntime (PATH a hy-edge .onnx), llama.cpp (PATH a .gguf), torch (PATH a
+Hugging Face checkpoint directory, run in fp32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+RUNTIMES = ("numba", "onnxruntime", "llama.cpp", "torch")
+FIGURES = ("ttft32", "ttft128", "ttft512", "decode")
+CONTEXT = 1024  # KV cache length every runtime allocates (llama.cpp n_ctx)
+DECODE_PROMPT = 16  # tokens before the timed decode
+TOKEN_RANGE = (3, 49152)  # ids every runtime's vocabulary holds as ordinary tokens (see artifacts.py)
+
+
+class Runner:
+    """prefill(ids) -> next greedy token from a fresh cache; step(token) -> the next one."""
+
+    prefill: Callable[[np.ndarray], int]
+    step: Callable[[int], int]
+
+
+class HyEdgeRunner(Runner):
+    def __init__(self, path: str, backend: str, threads: int) -> None:
+        import edge_runtime
+
+        model = edge_runtime.load(path, backend=backend, threads=threads, max_context=CONTEXT)
+        self.session = model.session()
+
+    def prefill(self, ids: np.ndarray) -> int:
+        self.session.reset()
+        return int(np.argmax(self.session.forward(ids.astype(np.int64))))
+
+    def step(self, token: int) -> int:
+        return int(np.argmax(self.session.forward(np.array([token], np.int64))))
+
+
+class LlamaCppRunner(Runner):
+    def __init__(self, path: str, threads: int) -> None:
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(
+            model_path=path,
+            n_ctx=CONTEXT,
+            n_batch=512,
+            n_ubatch=512,
+            n_threads=threads,
+            n_threads_batch=threads,
+            logits_all=False,
+            verbose=False,
+        )
+        self.n_vocab = self.llm.n_vocab()
+        self._logits = lambda: np.ctypeslib.as_array(
+            llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1), shape=(self.n_vocab,)
+        )
+
+    def prefill(self, ids: np.ndarray) -> int:
+        self.llm.reset()
+        self.llm.eval([int(t) for t in ids])
+        return int(np.argmax(self._logits()))
+
+    def step(self, token: int) -> int:
+        self.llm.eval([token])
+        return int(np.argmax(self._logits()))
+
+
+class TorchRunner(Runner):
+    def __init__(self, path: str, threads: int) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, DynamicCache
+
+        torch.set_num_threads(threads)
+        self.torch, self.cache_cls = torch, DynamicCache
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        self.cache = None
+
+    def _forward(self, ids) -> int:
+        with self.torch.inference_mode():
+            out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        return int(np.argmax(out.logits[0, -1].numpy()))
+
+    def prefill(self, ids: np.ndarray) -> int:
+        self.cache = self.cache_cls(config=self.model.config)
+        return self._forward(self.torch.from_numpy(ids.astype(np.int64))[None])
+
+    def step(self, token: int) -> int:
+        return self._forward(self.torch.tensor([[token]]))
+
+
+def open_runner(runtime: str, path: str, threads: int) -> Runner:
+    if runtime in ("numba", "onnxruntime"):
+        return HyEdgeRunner(path, runtime, threads)
+    if runtime == "llama.cpp":
+        return LlamaCppRunner(path, threads)
+    return TorchRunner(path, threads)
+
+
+class CpuMeter:
+    """Wall time, this process's CPU time and every other process's CPU time (/proc/stat busy jiffies
+    minus our own) over one measurement."""
+
+    def __enter__(self) -> CpuMeter:
+        self.t, self.own, self.busy = time.perf_counter(), _own_cpu(), _busy_cpu()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall = time.perf_counter() - self.t
+        own = _own_cpu() - self.own
+        self.other = max(0.0, _busy_cpu() - self.busy - own)
+
+    def record(self) -> dict:
+        return {"wall_s": self.wall, "other_cpu_s": self.other}
+
+
+def _own_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def _busy_cpu() -> float:
+    """Seconds of CPU all processes used since boot (user nice system irq softirq steal)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure(runner: Runner, figures: Sequence[str], decode_tokens: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    out: dict = {}
+    for fig in figures:
+        if fig.startswith("ttft"):
+            ids = rng.integers(*TOKEN_RANGE, int(fig[4:])).astype(np.int64)
+            with CpuMeter() as m:
+                runner.prefill(ids)
+            out[fig] = {"value": m.wall, **m.record()}
+        elif fig == "decode":
+            token = runner.prefill(rng.integers(*TOKEN_RANGE, DECODE_PROMPT).astype(np.int64))
+            with CpuMeter() as m:
+                for _ in range(decode_tokens):
+                    token = runner.step(token)
+            out[fig] = {"value": decode_tokens / m.wall, "tokens": decode_tokens, **m.record()}
+    out["peak_rss_mb"] = peak_rss_mb()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runtime", choices=RUNTIMES)
+    ap.add_argument("path", type=Path)
+    ap.add_argument("--threads", type=int, required=True)
+    ap.add_argument("--figures", default=",".join(FIGURES), help="comma-separated subset of " + ", ".join(FIGURES))
+    ap.add_argument("--decode-tokens", type=int, default=128)
+    args = ap.parse_args()
+    figures = [f for f in args.figures.split(",") if f]
+    bad = [f for f in figures if f not in FIGURES]
+    if bad or args.threads < 1 or args.decode_tokens < 1 or not args.path.exists():
+        what = f"unknown figure {bad[0]!r}" if bad else f"{args.path} does not exist or a count is < 1"
+        sys.exit(f"runners: {what}")
+    t0 = time.perf_counter()
+    runner = open_runner(args.runtime, str(args.path), args.threads)
+    runner.step(runner.prefill(np.arange(*TOKEN_RANGE)[:8]))  # warm: JIT cache load, first allocations
+    print(json.dumps({"ready": time.perf_counter() - t0}), flush=True)
+    print(json.dumps(measure(runner, figures, args.decode_tokens)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
