@@ -68,5 +68,5 @@ def open_session(
     if backend == "onnxruntime":
         from .backend_ort import OrtSession
 
-        return OrtSession(model.path, threads=threads, max_context=max_context)
+        return OrtSession(model.path, threads=threads, max_context=max_context, max_memory=budget)
     raise HyEdgeError(f"backend '{backend}' is not one of {', '.join(BACKENDS)}")

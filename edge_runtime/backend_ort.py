@@ -17,13 +17,40 @@ import onnxruntime as ort
 
 from . import format as F
 from .errors import BudgetError, ModelFileError
+from .memory import DEFAULT_BUDGET, RUNTIME_OVERHEAD, MemoryPlan, plan_context
 from .spec import ModelSpec
+
+
+def ort_memory_plan(spec: ModelSpec, proto, path: Path) -> MemoryPlan:
+    """What an InferenceSession on this file holds. Weights: the file's mapped bytes plus every
+    initializer folded to float32 (session.disable_quant_qdq). Per token: the KV cache twice (the
+    past inputs and the present outputs are both alive during a call, float32), the logits row and
+    the activations of a prompt token (the whole prompt runs as one call)."""
+    folded = sum(int(np.prod(t.dims, dtype=np.int64)) * 4 for t in proto.graph.initializer)
+    data = path.with_name(path.name + ".data")
+    mapped = data.stat().st_size if data.exists() else 0
+    C, F_, V = spec.hidden_size, spec.intermediate_size, spec.vocab_size
+    kv = 2 * len(spec.attention_layers) * spec.num_key_value_heads * spec.head_dim * 4
+    activations = (8 * max(C, F_, spec.num_attention_heads * spec.head_dim) + V) * 4
+    conv = len(spec.conv_layers) * C * spec.conv_kernel_size * 4 * 2
+    return MemoryPlan(
+        weights=mapped + folded,
+        fixed=conv,
+        per_token=2 * kv + activations,
+        runtime=RUNTIME_OVERHEAD["onnxruntime"],
+    )
 
 
 class OrtSession:
     """Backend interface: spec, max_context, n_cached, forward(ids), truncate(n), reset()."""
 
-    def __init__(self, path: Path | str, threads: int | None = None, max_context: int | None = None):
+    def __init__(
+        self,
+        path: Path | str,
+        threads: int | None = None,
+        max_context: int | None = None,
+        max_memory: int = DEFAULT_BUDGET,
+    ):
         path = Path(path)
         try:
             proto = onnx.load(str(path), load_external_data=False)
@@ -37,7 +64,9 @@ class OrtSession:
             )
         self.spec = ModelSpec.from_json(meta[F.META_SPEC])
         self.quantization = json.loads(meta.get(F.META_QUANT, "{}"))
-        self.max_context = max_context or self.spec.max_position_embeddings
+        self.plan = ort_memory_plan(self.spec, proto, path)
+        # checked before onnxruntime folds the weights (the allocation the budget is about)
+        self.max_context = plan_context(self.plan, max_memory, max_context, self.spec.max_position_embeddings)
         opts = ort.SessionOptions()
         # no busy-waiting between calls: the generator's Python and other thread pools share the cores
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -26,11 +27,28 @@ from .errors import HyEdgeError
 MAX_PROMPT_BYTES = 16 << 20  # a prompt file larger than this is not a prompt
 
 
+def _notes_as_one_line() -> None:
+    """The library's notices (memory.ContextLimited) as `hy-edge: note: ...`, once each."""
+    from .memory import ContextLimited
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, ContextLimited):
+            click.echo(f"hy-edge: note: {message}", err=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    warnings.simplefilter("once", ContextLimited)
+
+
 class OneLineErrors(click.Group):
     """click's own usage errors (`--backend foo`, `--seed abc`) in the same one-line form as ours:
     `hy-edge: error: ...`, exit code 2."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        _notes_as_one_line()
         try:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.Exit as e:

@@ -165,8 +165,8 @@ def info_cmd(model: Path, verify: bool) -> None:
         plan = memory_plan(spec, weights, DEFAULT_PREFILL_CHUNK, quant.get("activations", "none") != "none")
         allowed = min(plan.max_context(DEFAULT_BUDGET), spec.max_position_embeddings)
         click.echo(
-            f"memory (numba backend): weights {fmt_bytes(weights)} mapped + buffers "
-            f"{fmt_bytes(plan.fixed + plan.state)} + KV cache {fmt_bytes(plan.per_token * 1024)} per 1k "
+            f"memory (numba backend): runtime ~{fmt_bytes(plan.runtime)} + weights {fmt_bytes(weights)} mapped + "
+            f"buffers {fmt_bytes(plan.fixed)} + KV cache {fmt_bytes(plan.per_token * 1024)} per 1k "
             f"tokens; the default {fmt_bytes(DEFAULT_BUDGET)} budget allows a context of {allowed} tokens"
         )
         if checked is not None:

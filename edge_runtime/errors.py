@@ -1,5 +1,5 @@
-"""Errors a user can cause. Library code raises these; only the CLI and the server turn them into
-one line (exit code 2 / HTTP 4xx)."""
+"""Errors a user can cause. Library code raises these; only the CLI turns them into one line
+(`hy-edge: error: ...`, exit code 2)."""
 
 
 class HyEdgeError(Exception):

@@ -1,0 +1,67 @@
+"""`--max-memory` means the process (issue 9, case 4): the runtime's own overhead is part of the plan,
+both backends refuse what does not fit with the numbers in the message, a run under a budget stays
+under it, and a budget that shortens the context says so once."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from runtime_helpers import converted
+
+import edge_runtime
+from edge_runtime.errors import BudgetError
+from edge_runtime.memory import MB, RUNTIME_OVERHEAD
+
+
+@pytest.fixture(scope="module")
+def model_file(hunyuan_f32_dir):
+    return converted(hunyuan_f32_dir, "e4m3")
+
+
+def run_json(model_file, tmp_path, *args) -> subprocess.CompletedProcess:
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("Hello there, how are you today?")
+    cmd = [sys.executable, "-m", "edge_runtime", "run", str(prompt), "--model", str(model_file), "--json", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("backend", ["numba", "onnxruntime"])
+def test_a_run_under_a_budget_stays_under_it(model_file, tmp_path, backend):
+    budget_mb = RUNTIME_OVERHEAD[backend] // MB + 40
+    r = run_json(model_file, tmp_path, "--backend", backend, "--max-memory", f"{budget_mb}MB", "--max-tokens", "8")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["peak_rss_mb"] <= budget_mb
+
+
+@pytest.mark.parametrize("backend", ["numba", "onnxruntime"])
+def test_both_backends_refuse_what_does_not_fit_with_numbers(model_file, tmp_path, backend):
+    # a budget that holds the weights and buffers of this 0.2 MB model but not the runtime itself
+    r = run_json(model_file, tmp_path, "--backend", backend, "--max-memory", "20MB")
+    assert r.returncode == 2  # before: numba ran at ~200 MB peak; onnxruntime ignored the budget
+    line = r.stderr.strip()
+    assert line.count("\n") == 0 and line.startswith("hy-edge: error: memory budget 20.00 MB is too small")
+    for word in ("needs", "weights", "KV cache", "per 1k tokens", "runtime ~"):
+        assert word in line, line
+
+
+def test_onnxruntime_honours_max_context(model_file):
+    s = edge_runtime.load(model_file, backend="onnxruntime").session(max_context=8)
+    assert s.max_context == 8  # before: the model's limit, whatever was asked
+    with pytest.raises(BudgetError):
+        s.forward(list(range(9)))
+
+
+def test_budget_shortening_the_context_is_said_once(model_file, tmp_path):
+    model = edge_runtime.load(model_file)
+    plan = model.session(max_context=16).plan
+    budget = plan.total(100)
+    with pytest.warns(UserWarning, match="allows a context of 100 tokens"):
+        s = model.session(max_memory=budget)
+    assert s.max_context == 100
+    r = run_json(model_file, tmp_path, "--max-memory", str(budget), "--max-tokens", "2")
+    assert r.returncode == 0, r.stderr
+    notes = [line for line in r.stderr.splitlines() if line.startswith("hy-edge: note:")]
+    assert len(notes) == 1 and "allows a context of 100 tokens" in notes[0]
