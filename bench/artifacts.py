@@ -9,6 +9,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -35,15 +38,19 @@ def checkpoint(layers: int = 24) -> Path:
     return ckpt
 
 
-def hy_edge_model(ckpt: Path, label: str, policy_fields: dict) -> Path:
-    """The hy-edge conversion of `ckpt` for one variant; rebuilt when the checkpoint is newer."""
+def hy_edge_model(ckpt: Path, policy_fields: dict) -> Path:
+    """The hy-edge conversion of `ckpt` under QuantPolicy(**policy_fields), cached under a name derived from
+    the full policy (defaults included), so a changed converter default or variant list converts again."""
     from hy_edge_convert import QuantPolicy, convert
 
-    model = ckpt.parent / f"{ckpt.name}.{label}.onnx"
+    policy = QuantPolicy(**policy_fields)
+    stamp = json.dumps(dataclasses.asdict(policy), sort_keys=True)
+    model = ckpt.parent / f"{ckpt.name}.{hashlib.sha1(stamp.encode()).hexdigest()[:10]}.onnx"
     data = Path(str(model) + ".data")
     if model.exists() and data.exists() and model.stat().st_mtime >= (ckpt / "model.safetensors").stat().st_mtime:
         return model
-    report = convert(ckpt, model, QuantPolicy(**policy_fields))
+    report = convert(ckpt, model, policy)
+    Path(str(model) + ".policy.json").write_text(stamp + "\n")  # what the hashed name stands for
     size = (report.onnx_bytes + report.data_bytes) / 1e6
     print(f"converted {ckpt.name} -> {model.name}: {size:.0f} MB in {report.seconds:.1f} s", file=sys.stderr)
     return model

@@ -106,7 +106,7 @@ def markdown(result: dict) -> str:
     lines = [
         f"# hy-edge bench, {meta['date']}",
         "",
-        f"{meta['model']}; {meta['threads']} threads; {meta['rounds']} interleaved rounds, each runtime in a fresh "
+        f"{meta['model']}; {meta['threads']} threads; {meta['rounds']} interleaved round(s), each runtime in a fresh "
         f"process; decode over {meta['decode_tokens']} tokens after a {meta['decode_prompt']}-token prompt; "
         f"KV cache for {meta['context']} tokens. Median (min–max) over rounds.",
         "",
@@ -239,7 +239,7 @@ def chart(result: dict, path: Path) -> None:
         vals = [figs[c][key]["median"] if key in figs[c] else 0 for c in cases]
         ax2.barh([i + (k - 1) * width for i in y], vals, height=width, alpha=shade, color="tab:orange", label=key)
     ax2.set_xlabel("time to first token, s (lower is better)")
-    ax2.legend(["32 tokens", "128 tokens", "512 tokens"], loc="lower right")
+    ax2.legend(["32 tokens", "128 tokens", "512 tokens"], loc="best")
     meta = result["meta"]
     fig.suptitle(f"{meta['model']}, {meta['threads']} threads, median of {meta['rounds']} rounds ({meta['date']})")
     fig.tight_layout()
