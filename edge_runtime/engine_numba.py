@@ -2,8 +2,13 @@
 
 Every buffer the forward pass touches is allocated once per session, in `allocate_buffers` (the one
 documented place, shapes beside the fields, as llama2.c's RunState). A decode step allocates no
-arrays. FP8 weights stay FP8 bytes; the kernels decode them through a 256-entry table with the
-scales fused in.
+arrays. The kernel of every linear is chosen once, when the session starts (`_Block`): FP8 weights stay
+FP8 bytes, decoded in registers inside the GEMV / GEMM; q/k/v and gate/up run as one parallel region.
+
+A session holds `slots` sequences, each with its own KV cache region and position. `forward` runs one
+sequence (prefill in chunks, or a decode step); `decode_batch` advances several sequences by one token
+in a single pass over the weights, through kernels whose per-row arithmetic does not depend on the
+batch: a sequence's logits are bit-identical whether it is decoded alone or beside others.
 
 Semantics follow transformers' HunYuanDenseV1 / Llama (and the converter's graph, convert/graph.py):
 pre-norm residual blocks; q, k, v → RoPE (NeoX) → per-head RMSNorm of q and k (Hunyuan, after RoPE)
@@ -18,105 +23,148 @@ from dataclasses import dataclass
 import numpy as np
 from hy_edge_ops import activation, attention, conv, fp8, linear, norm, rope
 
-from .errors import BudgetError
+from .errors import BudgetError, HyEdgeError, ModelFileError
 from .memory import DEFAULT_BUDGET, MemoryPlan, plan_context
 from .spec import ModelSpec
 from .weights import Linear, Weights
 
 FP8_FORMATS = ("e4m3", "e5m2")
 DEFAULT_PREFILL_CHUNK = 128
+KV_CACHE_TYPES = {"fp32": np.float32, "fp16": np.uint16}  # fp16: half bits, rounded to nearest
 
 
 @dataclass
 class Buffers:
-    """Everything the forward pass writes. Tc = prefill chunk, S = context, F = intermediate size,
-    La / Lc = number of attention / dwconv layers, k = conv kernel size."""
+    """Everything the forward pass writes. R = rows per pass = max(prefill chunk, slots), B = slots,
+    S = context per slot, F = intermediate size, La / Lc = attention / dwconv layers, k = conv kernel."""
 
-    x: np.ndarray  # (Tc, C) residual stream
-    h: np.ndarray  # (Tc, C) normed input of a block
-    y: np.ndarray  # (Tc, C) block output (o_proj / out_proj / down_proj)
-    mix: np.ndarray  # (Tc, C) dwconv output before out_proj
-    q: np.ndarray  # (Tc, H*D) query (RoPE applied in place)
-    k: np.ndarray  # (Tc, Hkv*D)
-    v: np.ndarray  # (Tc, Hkv*D)
-    attn: np.ndarray  # (Tc, H*D) attention output
-    scores: np.ndarray  # (H, S) attention scores of one query row per head
-    gate: np.ndarray  # (Tc, F)
-    up: np.ndarray  # (Tc, F)
-    act: np.ndarray  # (Tc, F) act(gate) * up
-    xq: np.ndarray  # (Tc * max K,) fake-quantized linear input, viewed as (T, K) (activation quant only)
-    ramp: np.ndarray  # (Tc,) int64 0, 1, 2, ...
-    positions: np.ndarray  # (Tc,) int64 absolute positions of the chunk
-    logits: np.ndarray  # (V,) last token's logits
-    k_cache: np.ndarray  # (La, Hkv, S, D)
-    v_cache: np.ndarray  # (La, Hkv, S, D)
-    conv_state: np.ndarray  # (Lc, C, k-1) last k-1 dwconv inputs, oldest first
-    conv_hist: np.ndarray  # (Lc, S, C) every dwconv input so far: truncate() rebuilds conv_state from it
+    x: np.ndarray  # (R, C) residual stream
+    h: np.ndarray  # (R, C) normed input of a block
+    y: np.ndarray  # (R, C) block output (o_proj / out_proj / down_proj)
+    mix: np.ndarray  # (R, C) dwconv output before out_proj
+    q: np.ndarray  # (R, H*D) query (RoPE applied in place), then the attention output
+    k: np.ndarray  # (R, Hkv*D)
+    v: np.ndarray  # (R, Hkv*D)
+    gate: np.ndarray  # (R, F)
+    up: np.ndarray  # (R, F)
+    act: np.ndarray  # (R, F) act(gate) * up
+    xq: np.ndarray  # (R * max K,) fake-quantized linear input, viewed as (T, K) (activation quant only)
+    ramp: np.ndarray  # (R,) int64 0, 1, 2, ...
+    positions: np.ndarray  # (R,) int64 absolute position of each row
+    row_slots: np.ndarray  # (R,) int64 sequence slot of each row
+    logits: np.ndarray  # (B, V) last token's logits per slot
+    k_cache: np.ndarray  # (La, B, Hkv, S, D) float32 or uint16 half bits
+    v_cache: np.ndarray  # (La, B, Hkv, S, D)
+    scores: np.ndarray  # (threads, H/Hkv, S) attention scores of one work item per thread
+    conv_state: np.ndarray  # (Lc, B, C, k-1) last k-1 dwconv inputs, oldest first
+    conv_hist: np.ndarray  # (Lc, B, S, C) every dwconv input so far: truncate() rebuilds conv_state from it
     cos: np.ndarray  # (S, D/2) RoPE tables
     sin: np.ndarray  # (S, D/2)
 
 
-def buffer_shapes(spec: ModelSpec, chunk: int, context: int, act_quant: bool) -> dict[str, tuple]:
+def buffer_shapes(
+    spec: ModelSpec, chunk: int, context: int, act_quant: bool, slots: int = 1, kv_cache: str = "fp32"
+) -> dict[str, tuple]:
     """Name → (shape, dtype) of every Buffers field: sizes the memory plan before anything exists."""
+    import numba
+
     C, H, Hkv, D = spec.hidden_size, spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
-    F, V, S, T = spec.intermediate_size, spec.vocab_size, context, chunk
+    F, V, S, R, B = spec.intermediate_size, spec.vocab_size, context, max(chunk, slots), slots
     La, Lc, k = len(spec.attention_layers), len(spec.conv_layers), spec.conv_kernel_size
-    f32 = np.float32
+    f32, kv = np.float32, KV_CACHE_TYPES[kv_cache]
     kmax = max(C, F, H * D)
     return dict(
-        x=((T, C), f32),
-        h=((T, C), f32),
-        y=((T, C), f32),
-        mix=((T, C) if Lc else (0, C), f32),
-        q=((T, H * D), f32),
-        k=((T, Hkv * D), f32),
-        v=((T, Hkv * D), f32),
-        attn=((T, H * D), f32),
-        scores=((H, S), f32),
-        gate=((T, F), f32),
-        up=((T, F), f32),
-        act=((T, F), f32),
-        xq=((T * kmax if act_quant else 0,), f32),
-        ramp=((T,), np.int64),
-        positions=((T,), np.int64),
-        logits=((V,), f32),
-        k_cache=((La, Hkv, S, D), f32),
-        v_cache=((La, Hkv, S, D), f32),
-        conv_state=((Lc, C, k - 1), f32),
-        conv_hist=((Lc, S, C), f32),
+        x=((R, C), f32),
+        h=((R, C), f32),
+        y=((R, C), f32),
+        mix=((R, C) if Lc else (0, C), f32),
+        q=((R, H * D), f32),
+        k=((R, Hkv * D), f32),
+        v=((R, Hkv * D), f32),
+        gate=((R, F), f32),
+        up=((R, F), f32),
+        act=((R, F), f32),
+        xq=((R * kmax if act_quant else 0,), f32),
+        ramp=((R,), np.int64),
+        positions=((R,), np.int64),
+        row_slots=((R,), np.int64),
+        logits=((B, V), f32),
+        k_cache=((La, B, Hkv, S, D), kv),
+        v_cache=((La, B, Hkv, S, D), kv),
+        scores=((numba.config.NUMBA_NUM_THREADS, H // Hkv, S), f32),
+        conv_state=((Lc, B, C, k - 1), f32),
+        conv_hist=((Lc, B, S, C), f32),
         cos=((S, D // 2), f32),
         sin=((S, D // 2), f32),
     )
 
 
-def memory_plan(spec: ModelSpec, weights_bytes: int, chunk: int, act_quant: bool) -> MemoryPlan:
+def memory_plan(
+    spec: ModelSpec, weights_bytes: int, chunk: int, act_quant: bool, slots: int = 1, kv_cache: str = "fp32"
+) -> MemoryPlan:
     """Bytes of a session: the context-sized buffers grow per token, the rest is fixed."""
-    one = buffer_shapes(spec, chunk, 1, act_quant)
-    two = buffer_shapes(spec, chunk, 2, act_quant)
+    one = buffer_shapes(spec, chunk, 1, act_quant, slots, kv_cache)
+    two = buffer_shapes(spec, chunk, 2, act_quant, slots, kv_cache)
     nbytes = {n: int(np.prod(s)) * np.dtype(d).itemsize for n, (s, d) in one.items()}
     per_token = sum(int(np.prod(two[n][0])) * np.dtype(two[n][1]).itemsize - nbytes[n] for n in one)
     fixed = sum(nbytes.values()) - per_token
     return MemoryPlan(weights=weights_bytes, fixed=fixed, per_token=per_token)
 
 
-def allocate_buffers(spec: ModelSpec, chunk: int, context: int, act_quant: bool) -> Buffers:
+def allocate_buffers(
+    spec: ModelSpec, chunk: int, context: int, act_quant: bool, slots: int = 1, kv_cache: str = "fp32"
+) -> Buffers:
     """The one place a session allocates. Caches are zero-filled (calloc: pages become resident only
     when a position is written); activations are left uninitialised."""
     out = {}
-    for name, (shape, dtype) in buffer_shapes(spec, chunk, context, act_quant).items():
+    for name, (shape, dtype) in buffer_shapes(spec, chunk, context, act_quant, slots, kv_cache).items():
         cached = name in ("k_cache", "v_cache", "conv_state", "conv_hist")
         out[name] = np.zeros(shape, dtype) if cached else np.empty(shape, dtype)
-    out["ramp"][:] = np.arange(chunk)
+    out["ramp"][:] = np.arange(out["ramp"].shape[0])
     inv_freq = rope.rope_inv_freq(spec.head_dim, spec.rope_theta)
     out["cos"][...], out["sin"][...] = rope.rope_tables(inv_freq, context)
     return Buffers(**out)
 
 
+@dataclass(frozen=True)
+class _Block:
+    """One layer's weights with their kernels chosen (mlx-lm's QuantizedLinear idea): `mixer_in` runs
+    q/k/v (or the dwconv out_proj), `mlp_in` gate/up, each as fused groups of (FusedLinear, outputs)."""
+
+    kind: str  # attention | dwconv
+    input_norm: np.ndarray  # (C,)
+    post_norm: np.ndarray  # (C,)
+    qkv: tuple  # ((FusedLinear, (out indices into (q, k, v))), ...)
+    o: linear.FusedLinear | None
+    q_norm: np.ndarray  # (D,) or (0,) when the model has no q/k norm
+    k_norm: np.ndarray
+    conv: np.ndarray | None  # (C, k)
+    out_proj: linear.FusedLinear | None
+    gate_up: tuple  # ((FusedLinear, (out indices into (gate, up))), ...)
+    down: linear.FusedLinear
+    linears: dict  # id(FusedLinear) -> [Linear] (input scales for activation fake-quant)
+
+
+_CHECKED: set[int] = set()  # ids of Weights objects whose FP8 codes were scanned for NaN codes
+
+
+def check_fp8_codes(weights: Weights) -> None:
+    """Refuse FP8 weights holding NaN codes: the fused kernels do not decode NaN (ops/linear.py) and the
+    converter never writes them, so such a file is corrupt. Scanned once per loaded model."""
+    if id(weights) in _CHECKED:
+        return
+    for lin in weights.unique_linears():
+        if lin.storage in FP8_FORMATS and fp8.has_nan_codes(lin.w, lin.storage):
+            raise ModelFileError(f"weight '{lin.name}' holds FP8 NaN codes: the model file is corrupt")
+    _CHECKED.add(id(weights))
+
+
 class NumbaSession:
-    """One conversation's state on the numba backend: caches, positions, buffers.
+    """Sequences on the numba backend: caches, positions, buffers.
 
     Interface shared with OrtSession: `spec`, `max_context`, `n_cached`, `forward(ids, all_logits)`,
-    `truncate(n)`, `reset()`.
+    `truncate(n)`, `reset()`. Beyond it: `slots`, `positions`, `decode_batch(ids, slots)`, and a `slot`
+    argument on forward / truncate / reset.
     """
 
     def __init__(
@@ -129,161 +177,267 @@ class NumbaSession:
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         max_memory: int = DEFAULT_BUDGET,
         threads: int | None = None,
+        slots: int = 1,
+        kv_cache: str = "fp32",
     ):
         from .threads import set_threads
 
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk should be >= 1, got {prefill_chunk}")
+        if not isinstance(slots, int) or slots < 1:
+            raise HyEdgeError(f"slots should be a positive integer, got {slots!r}")
+        if kv_cache not in KV_CACHE_TYPES:
+            raise HyEdgeError(f"kv cache type '{kv_cache}' is not one of {', '.join(KV_CACHE_TYPES)}")
+        check_fp8_codes(weights)
         self.spec = spec
         self.weights = weights
         self.threads = set_threads(threads)
         self.activations = activations  # none | e4m3 | e5m2 | static (see _fake_quant)
         act_quant = activations != "none"
         self.prefill_chunk = prefill_chunk
-        self.plan = memory_plan(spec, weights.nbytes, prefill_chunk, act_quant)
+        self.slots = slots
+        self.kv_cache = kv_cache
+        self.plan = memory_plan(spec, weights.nbytes, prefill_chunk, act_quant, slots, kv_cache)
         self.max_context = plan_context(self.plan, max_memory, max_context, spec.max_position_embeddings)
-        self.buf = allocate_buffers(spec, prefill_chunk, self.max_context, act_quant)
-        self.n_cached = 0
+        self.buf = allocate_buffers(spec, prefill_chunk, self.max_context, act_quant, slots, kv_cache)
+        self.positions = np.zeros(slots, np.int64)  # positions cached per slot
         # per-layer index into k_cache / conv_state
         self._slot = {i: n for n, i in enumerate(spec.attention_layers)}
         self._slot.update({i: n for n, i in enumerate(spec.conv_layers)})
-        self._luts = {f: fp8.fp8_lut(f) for f in FP8_FORMATS}
-        self._lut16 = fp8.fp16_lut()
+        prepared: dict[int, linear.LinearOp] = {}
+        self._blocks = [self._prepare_block(i, prepared) for i in range(spec.num_hidden_layers)]
+        self._head = linear.FusedLinear([self._op(weights.output, prepared)])
+        self._scale = np.float32(spec.head_dim**-0.5)
+
+    @property
+    def n_cached(self) -> int:
+        """Positions cached in slot 0 (the single-sequence interface)."""
+        return int(self.positions[0])
+
+    # -- kernels chosen once -----------------------------------------------------------------------
+    @staticmethod
+    def _op(lin: Linear, prepared: dict) -> linear.LinearOp:
+        if id(lin) not in prepared:  # shared layers reuse their owner's prepared weights
+            prepared[id(lin)] = linear.prepare(lin.w, lin.storage, lin.scales)
+        return prepared[id(lin)]
+
+    def _group(self, lins: list[Linear], prepared: dict, linears: dict) -> tuple:
+        """Fuse linears that share an input into parallel regions; with activation fake-quant each runs
+        alone (each may have its own input scale)."""
+        ops = [self._op(lin, prepared) for lin in lins]
+        if self.activations != "none":
+            groups = [linear.FusedLinear([op]) for op in ops]
+        else:
+            groups = linear.fuse(ops)
+        out, n = [], 0
+        for g in groups:
+            idx = tuple(range(n, n + len(g.ops)))
+            linears[id(g)] = [lins[i] for i in idx]
+            out.append((g, idx))
+            n += len(g.ops)
+        return tuple(out)
+
+    def _prepare_block(self, i: int, prepared: dict) -> _Block:
+        spec, w = self.spec, self.weights.layers[i]  # the owner's tensors when shared (spec.shared_layers)
+        linears: dict = {}
+        empty = np.zeros(0, np.float32)
+        gate_up = self._group([w.gate_proj, w.up_proj], prepared, linears)
+        ((down, _),) = self._group([w.down_proj], prepared, linears)
+        if spec.layer_types[i] == "attention":
+            qkv = self._group([w.q_proj, w.k_proj, w.v_proj], prepared, linears)
+            ((o, _),) = self._group([w.o_proj], prepared, linears)
+            qn = w.query_layernorm if spec.use_qk_norm else empty
+            kn = w.key_layernorm if spec.use_qk_norm else empty
+            return _Block(
+                "attention",
+                w.input_layernorm,
+                w.post_attention_layernorm,
+                qkv,
+                o,
+                qn,
+                kn,
+                None,
+                None,
+                gate_up,
+                down,
+                linears,
+            )
+        ((out_proj, _),) = self._group([w.out_proj], prepared, linears)
+        return _Block(
+            "dwconv",
+            w.input_layernorm,
+            w.post_attention_layernorm,
+            (),
+            None,
+            empty,
+            empty,
+            w.conv,
+            out_proj,
+            gate_up,
+            down,
+            linears,
+        )
 
     # -- cache control ----------------------------------------------------------------------------
-    def reset(self) -> None:
-        self.truncate(0)
+    def reset(self, slot: int | None = None) -> None:
+        """Forget every position of `slot` (all slots when None)."""
+        for s in range(self.slots) if slot is None else (slot,):
+            self.truncate(0, s)
 
-    def truncate(self, n: int) -> int:
-        """Forget every position >= n (prefix reuse); returns the positions kept (n). KV entries past
-        n are simply overwritten later; conv states are rebuilt from the stored conv inputs of
-        positions n-k+1 .. n-1."""
-        n = max(0, min(int(n), self.n_cached))
-        self.n_cached = n
+    def truncate(self, n: int, slot: int = 0) -> int:
+        """Forget every position >= n of `slot` (prefix reuse); returns the positions kept (n). KV
+        entries past n are simply overwritten later; conv states are rebuilt from the stored conv
+        inputs of positions n-k+1 .. n-1."""
+        self._check_slot(slot)
+        n = max(0, min(int(n), int(self.positions[slot])))
+        self.positions[slot] = n
         km1 = self.spec.conv_kernel_size - 1
         for c in range(self.buf.conv_state.shape[0]):
-            state = self.buf.conv_state[c]  # (C, k-1)
+            state = self.buf.conv_state[c, slot]  # (C, k-1)
             state[...] = 0.0
             lo = max(0, n - km1)
             if n > lo:
-                state[:, km1 - (n - lo) :] = self.buf.conv_hist[c, lo:n].T
+                state[:, km1 - (n - lo) :] = self.buf.conv_hist[c, slot, lo:n].T
         return n
 
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.slots:
+            raise ValueError(f"slot {slot} is not in 0..{self.slots - 1}")
+
+    def _check_ids(self, ids) -> np.ndarray:
+        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+        V = self.spec.vocab_size
+        if ids.shape[0] and (ids.min() < 0 or ids.max() >= V):
+            raise ValueError(f"token id out of range 0..{V - 1}")
+        return ids
+
     # -- forward ----------------------------------------------------------------------------------
-    def forward(self, ids, all_logits: bool = False) -> np.ndarray:
-        """Run `ids` (T,) at positions n_cached .. n_cached+T-1 and append them to the cache.
+    def forward(self, ids, all_logits: bool = False, slot: int = 0) -> np.ndarray:
+        """Run `ids` (T,) of the sequence in `slot` at its next positions and append them to its cache.
         Returns the last token's logits (V,) — a view into the session's buffer, valid until the next
         call — or, with all_logits, a new (T, V) array."""
-        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
-        T, V = ids.shape[0], self.spec.vocab_size
+        self._check_slot(slot)
+        ids = self._check_ids(ids)
+        T = ids.shape[0]
         if T == 0:
             raise ValueError("forward() needs at least one token")
-        if self.n_cached + T > self.max_context:
+        start = int(self.positions[slot])
+        if start + T > self.max_context:
             raise BudgetError(
-                f"context full: {self.n_cached} cached + {T} new tokens exceed the context length {self.max_context}"
+                f"context full: {start} cached + {T} new tokens exceed the context length {self.max_context}"
             )
-        if ids.min() < 0 or ids.max() >= V:
-            raise ValueError(f"token id out of range 0..{V - 1}")
-        out = np.empty((T, V), np.float32) if all_logits else None
+        out = np.empty((T, self.spec.vocab_size), np.float32) if all_logits else None
+        b = self.buf
         for s in range(0, T, self.prefill_chunk):
             chunk = ids[s : s + self.prefill_chunk]
-            self._forward_chunk(chunk, None if out is None else out[s : s + chunk.shape[0]])
-        return out if all_logits else self.buf.logits
+            n = chunk.shape[0]
+            b.row_slots[:n] = slot
+            np.add(b.ramp[:n], self.positions[slot], out=b.positions[:n])
+            h = self._forward_rows(chunk, batched=False)
+            if out is not None:
+                self._head(h, (out[s : s + n],))
+            elif s + n == T:
+                self._head(h[n - 1 : n], (b.logits[slot : slot + 1],))
+            self.positions[slot] += n
+        if out is not None:
+            b.logits[slot] = out[T - 1]
+            return out
+        return b.logits[slot]
 
-    def _forward_chunk(self, ids: np.ndarray, out_all: np.ndarray | None) -> None:
+    def decode_batch(self, ids, slots) -> np.ndarray:
+        """One decode step for B sequences: token ids[i] of the sequence in slots[i] (distinct slots), at
+        that slot's next position; every weight is read once for all of them. Returns logits (B, V), a
+        view valid until the next call. Row i is bit-identical to what the same call gives with any
+        other set of sequences beside it."""
+        ids = self._check_ids(ids)
+        slots = np.ascontiguousarray(slots, dtype=np.int64).reshape(-1)
+        B = ids.shape[0]
+        if B == 0 or slots.shape[0] != B:
+            raise ValueError(f"decode_batch needs one slot per token, got {B} tokens and {slots.shape[0]} slots")
+        if B > self.slots or slots.min() < 0 or slots.max() >= self.slots or np.unique(slots).shape[0] != B:
+            raise ValueError(f"slots must be distinct and lie in 0..{self.slots - 1}")
+        full = slots[self.positions[slots] >= self.max_context]
+        if full.shape[0]:
+            raise BudgetError(f"context full in slot {int(full[0])}: {self.max_context} tokens cached")
+        b = self.buf
+        b.row_slots[:B] = slots
+        b.positions[:B] = self.positions[slots]
+        h = self._forward_rows(ids, batched=True)
+        logits = b.logits[:B]
+        self._head(h, (logits,), batched=True)
+        self.positions[slots] += 1
+        return logits
+
+    def _forward_rows(self, ids: np.ndarray, batched: bool) -> np.ndarray:
+        """The model on T rows (b.row_slots / b.positions say whose and where); returns the final-normed
+        hidden states h (T, C), a view into the buffers."""
         spec, b, T = self.spec, self.buf, ids.shape[0]
-        start = self.n_cached
-        pos = b.positions[:T]
-        np.add(b.ramp[:T], start, out=pos)
+        eps = spec.rms_norm_eps
         x, h = b.x[:T], b.h[:T]
         self._embed(ids, x)
-        eps = spec.rms_norm_eps
-        for i in range(spec.num_hidden_layers):
-            w = self.weights.layers[i]  # the owner's tensors when shared (spec.shared_layers)
-            norm.rms_norm(x, w.input_layernorm, eps, h)
-            if spec.layer_types[i] == "attention":
-                self._attention(self._slot[i], w, h, pos, start, T)
-            else:
-                self._dwconv(self._slot[i], w, h, start, T)
-            x += b.y[:T]
-            norm.rms_norm(x, w.post_attention_layernorm, eps, h)
-            self._mlp(w, h, T)
-            x += b.y[:T]
-        self.n_cached = start + T
-        head = self.weights.output
-        if out_all is not None:
-            norm.rms_norm(x, self.weights.norm, eps, h)
-            self._linear(h, head, out_all)
-            b.logits[:] = out_all[T - 1]
-        else:
-            last = h[:1]  # (1, C)
-            norm.rms_norm(x[T - 1 : T], self.weights.norm, eps, last)
-            self._linear(last, head, b.logits.reshape(1, -1))
+        norm._add_rms_norm(x, b.y[:0], self._blocks[0].input_norm, eps, h)
+        for i, blk in enumerate(self._blocks):
+            y = self._attention(i, blk, h, batched) if blk.kind == "attention" else self._dwconv(i, blk, h)
+            norm._add_rms_norm(x, y, blk.post_norm, eps, h)  # x += y; h = norm(x)
+            y = self._mlp(blk, h, batched)
+            nxt = self._blocks[i + 1].input_norm if i + 1 < len(self._blocks) else self.weights.norm
+            norm._add_rms_norm(x, y, nxt, eps, h)
+        return h
 
-    def _attention(self, a: int, w, h: np.ndarray, pos: np.ndarray, start: int, T: int) -> None:
-        spec, b = self.spec, self.buf
+    def _attention(self, i: int, blk: _Block, h: np.ndarray, batched: bool) -> np.ndarray:
+        spec, b, T = self.spec, self.buf, h.shape[0]
         H, Hkv, D = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
         q, k, v = b.q[:T], b.k[:T], b.v[:T]
-        self._linear(h, w.q_proj, q)
-        self._linear(h, w.k_proj, k)
-        self._linear(h, w.v_proj, v)
-        q3, k3 = q.reshape(T, H, D), k.reshape(T, Hkv, D)
-        rope.apply_rope(q3, pos, b.cos, b.sin)
-        rope.apply_rope(k3, pos, b.cos, b.sin)
-        if spec.use_qk_norm:  # q/k norm after RoPE, in place, as in transformers' HunYuanDenseV1Attention
-            qh, kh = q.reshape(T * H, D), k.reshape(T * Hkv, D)
-            norm.rms_norm(qh, w.query_layernorm, spec.rms_norm_eps, qh)
-            norm.rms_norm(kh, w.key_layernorm, spec.rms_norm_eps, kh)
-        kc, vc = b.k_cache[a], b.v_cache[a]  # (Hkv, S, D)
-        kc[:, start : start + T] = k3.transpose(1, 0, 2)
-        vc[:, start : start + T] = v.reshape(T, Hkv, D).transpose(1, 0, 2)
-        o = b.attn[:T]
-        attention.attention(q3, kc, vc, start, o.reshape(T, H, D), D**-0.5, b.scores)
-        self._linear(o, w.o_proj, b.y[:T])
+        self._linears(blk, blk.qkv, h, (q, k, v), batched)
+        q3, k3, v3 = q.reshape(T, H, D), k.reshape(T, Hkv, D), v.reshape(T, Hkv, D)
+        pos, rows = b.positions[:T], b.row_slots[:T]
+        a = self._slot[i]
+        kc, vc = b.k_cache[a], b.v_cache[a]  # (B, Hkv, S, D)
+        # RoPE, then q/k norm (Hunyuan, as transformers' HunYuanDenseV1Attention), then the KV write
+        attention._rope_norm_store(
+            q3, k3, v3, pos, rows, b.cos, b.sin, blk.q_norm, blk.k_norm, spec.rms_norm_eps, kc, vc
+        )
+        attention._attention_rows(q3, kc, vc, rows, pos, q3, self._scale, b.scores)  # output over q
+        y = b.y[:T]
+        self._linears(blk, ((blk.o, (0,)),), q, (y,), batched)
+        return y
 
-    def _dwconv(self, c: int, w, h: np.ndarray, start: int, T: int) -> None:
-        b = self.buf
-        b.conv_hist[c, start : start + T] = h  # kept so truncate() can rebuild the state
+    def _dwconv(self, i: int, blk: _Block, h: np.ndarray) -> np.ndarray:
+        b, T = self.buf, h.shape[0]
+        c = self._slot[i]
         mix = b.mix[:T]
-        conv.dwconv_causal(h, w.conv, b.conv_state[c], mix)
-        self._linear(mix, w.out_proj, b.y[:T])
+        rows, pos = b.row_slots[:T], b.positions[:T]
+        if T > 1 and rows[0] == rows[T - 1] and pos[T - 1] == pos[0] + T - 1:  # one sequence's chunk
+            s, p = int(rows[0]), int(pos[0])
+            b.conv_hist[c, s, p : p + T] = h  # kept so truncate() can rebuild the state
+            conv.dwconv_causal(h, blk.conv, b.conv_state[c, s], mix)
+        else:  # a decode step: one row per sequence, each with its own state
+            for t in range(T):
+                s, p = int(rows[t]), int(pos[t])
+                b.conv_hist[c, s, p] = h[t]
+                conv.dwconv_causal(h[t : t + 1], blk.conv, b.conv_state[c, s], mix[t : t + 1])
+        y = b.y[:T]
+        self._linears(blk, ((blk.out_proj, (0,)),), mix, (y,), False)
+        return y
 
-    def _mlp(self, w, h: np.ndarray, T: int) -> None:
-        b = self.buf
+    def _mlp(self, blk: _Block, h: np.ndarray, batched: bool) -> np.ndarray:
+        b, T = self.buf, h.shape[0]
         gate, up, act = b.gate[:T], b.up[:T], b.act[:T]
-        self._linear(h, w.gate_proj, gate)
-        self._linear(h, w.up_proj, up)
-        if self.spec.hidden_act == "relu6":
-            activation.relu6_glu(gate, up, act)
-        else:
-            activation.swiglu(gate, up, act)
-        self._linear(act, w.down_proj, b.y[:T])
+        self._linears(blk, blk.gate_up, h, (gate, up), batched)
+        activation.glu(gate, up, act, 1 if self.spec.hidden_act == "relu6" else 0)
+        y = b.y[:T]
+        self._linears(blk, ((blk.down, (0,)),), act, (y,), batched)
+        return y
+
+    def _linears(self, blk: _Block, groups: tuple, x: np.ndarray, outs: tuple, batched: bool) -> None:
+        """outs[j] (T, N_j) = x (T, K) @ W_j^T for each fused group."""
+        for g, idx in groups:
+            xin = x if self.activations == "none" else self._fake_quant(x, blk.linears[id(g)][0])
+            g(xin, tuple(outs[j] for j in idx), batched)
 
     # -- weights -----------------------------------------------------------------------------------
     def _embed(self, ids: np.ndarray, out: np.ndarray) -> None:
-        e = self.weights.embed  # fp16 or fp32 (weights.py refuses anything else)
-        linear.embedding_rows(e.w, ids, out, self._lut16 if e.storage == "fp16" else None)
-
-    def _linear(self, x: np.ndarray, lin: Linear, out: np.ndarray) -> None:
-        """out (T, N) = x (T, K) @ W^T in the weight's stored form; GEMV for one token."""
-        T = x.shape[0]
-        if lin.storage in FP8_FORMATS:
-            if self.activations != "none":
-                x = self._fake_quant(x, lin)
-            lut = self._luts[lin.storage]
-            if T == 1:
-                linear.gemv_fp8(x[0], lin.w, lin.scales, lut, out[0])
-            else:
-                linear.matmul_fp8(x, lin.w, lin.scales, lut, out)
-        elif lin.storage == "fp16":
-            if T == 1:
-                linear.gemv_f16(x[0], lin.w, self._lut16, out[0])
-            else:
-                linear.matmul_f16(x, lin.w, self._lut16, out)
-        elif T == 1:
-            linear.gemv_f32(x[0], lin.w, out[0])
-        else:
-            linear.matmul_f32(x, lin.w, out)
+        linear._gather(self.weights.embed.w, ids, out)  # fp16 or fp32 (weights.py refuses anything else)
 
     def _fake_quant(self, x: np.ndarray, lin: Linear) -> np.ndarray:
         """x → decode(encode(x / s)) · s before an FP8 linear, as the converter's graph does:
@@ -299,6 +453,6 @@ class NumbaSession:
             s = np.abs(x).max(axis=1, keepdims=True) / np.float32(fp8.FP8_MAX[fmt_])
             s = np.maximum(s, np.finfo(np.float32).tiny).astype(np.float32)
             np.divide(x, s, out=xq)
-        np.take(self._luts[fmt_], fp8.encode_fp8(xq, fmt_), out=xq, mode="clip")
+        np.take(fp8.fp8_lut(fmt_), fp8.encode_fp8(xq, fmt_), out=xq, mode="clip")
         xq *= s
         return xq

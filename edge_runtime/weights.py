@@ -24,7 +24,7 @@ from .spec import ModelSpec
 # ONNX TensorProto.DataType -> (numpy dtype the runtime views the bytes as, storage name)
 _DTYPES = {
     1: (np.float32, "fp32"),
-    10: (np.uint16, "fp16"),  # raw IEEE half bits; kernels decode through fp16_lut()
+    10: (np.uint16, "fp16"),  # raw IEEE half bits; kernels widen them (hy_edge_ops.half)
     17: (np.uint8, "e4m3"),  # FLOAT8E4M3FN
     19: (np.uint8, "e5m2"),  # FLOAT8E5M2
     7: (np.int64, "int64"),

@@ -24,12 +24,34 @@ def _glu(gate, up, out, kind):
             out[i] = a * up[i]
 
 
+@njit(cache=True)
+def glu_serial(gate, up, out, kind):
+    # as _glu on the calling thread: a decode step's few thousand values are done before a parallel
+    # region would start
+    for i in range(gate.shape[0]):
+        g = gate[i]
+        if kind == 0:
+            a = g / (np.float32(1.0) + np.exp(-g))
+        else:
+            a = min(max(g, np.float32(0.0)), np.float32(6.0))
+        out[i] = a * up[i]
+
+
 def _run(gate, up, out, kind: int) -> np.ndarray:
     _need("gate", gate, np.float32, gate.ndim if isinstance(gate, np.ndarray) else 2)
     _need("up", up, np.float32, gate.ndim, gate.shape)
     _need("out", out, np.float32, gate.ndim, gate.shape)
-    _glu(gate.reshape(-1), up.reshape(-1), out.reshape(-1), kind)
+    glu(gate, up, out, kind)
     return out
+
+
+def glu(gate: np.ndarray, up: np.ndarray, out: np.ndarray, kind: int) -> None:
+    """Unchecked: kind 0 = SwiGLU, 1 = ReLU6 gate; contiguous f32 arrays of one shape."""
+    g, u, o = gate.reshape(-1), up.reshape(-1), out.reshape(-1)
+    if g.shape[0] <= _CHUNK:
+        glu_serial(g, u, o, kind)
+    else:
+        _glu(g, u, o, kind)
 
 
 def swiglu(gate: np.ndarray, up: np.ndarray, out: np.ndarray) -> np.ndarray:

@@ -175,13 +175,26 @@ def dequantize_fp8(codes: np.ndarray, scales: np.ndarray, fmt: str) -> np.ndarra
     return fp8_lut(fmt)[codes] * col_scale
 
 
-@functools.cache
-def _lut16() -> np.ndarray:
-    lut = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
-    lut.flags.writeable = False
-    return lut
+@njit(cache=True, parallel=True)
+def _count_nan_codes(codes, low_min):
+    # codes: u8 (M,); NaN codes are those whose low 7 bits are >= low_min (E4M3 0x7F; E5M2 0x7D..0x7F,
+    # and 0x7C, infinity, which no finite weight encodes either)
+    n = codes.shape[0]
+    chunk = 1 << 20
+    total = 0
+    for c in prange((n + chunk - 1) // chunk):
+        bad = 0
+        for i in range(c * chunk, min(n, (c + 1) * chunk)):
+            bad += (codes[i] & 0x7F) >= low_min
+        total += bad
+    return total
 
 
-def fp16_lut() -> np.ndarray:
-    """Decode table for raw IEEE half bits: f32 (65536,), read-only and cached."""
-    return _lut16()
+def has_nan_codes(codes: np.ndarray, fmt: str) -> bool:
+    """True if uint8 FP8 codes of `fmt` hold a NaN (or, for E5M2, an infinity) code. The fused kernels
+    decode without NaN handling (ops/linear.py), so such weights are refused at load."""
+    _params(fmt)
+    if not isinstance(codes, np.ndarray) or codes.dtype != np.uint8:
+        raise ValueError("codes must be a uint8 array")
+    flat = np.ascontiguousarray(codes).reshape(-1)
+    return bool(_count_nan_codes(flat, 0x7F if fmt == E4M3 else 0x7C))

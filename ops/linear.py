@@ -1,264 +1,376 @@
-"""Linear layers on HF-layout weights (N, K): FP8 / FP16 GEMV for decode, tiled GEMM for prefill.
+"""Linear layers on HF-layout weights (N, K): y = x @ W^T with the weight decode fused into the dot.
 
-Weights stay in their stored dtype; each output row is a contiguous dot over K with the decode
-(and the per-block scale) fused in. When the decode table passed in is the canonical one
-(`fp8_lut(fmt)` / `fp16_lut()`), codes are decoded with integer bit moves that vectorise; any other
-table falls back to a (slower) gather through the table.
+Weights stay in their stored form and are decoded in registers, once per row block:
+- E4M3 (uint8 codes): sign and the 7 low bits are moved into an IEEE half bit pattern
+  ((c & 0x80) << 8 | (c & 0x7F) << 7 is the same value times 2**-8, subnormals included), widened to
+  float32 by the CPU's half→float instruction (x86 F16C `vcvtph2ps`, ARM `fcvtl`); the 2**8 is folded
+  into the row scale. No float32 denormal is ever formed, so any code distribution runs at one speed.
+- E5M2 (viewed as int8 so that it gets its own compiled decode): the code is the top byte of a half.
+- FP16: raw half bits; FP32: read as is.
+The FP8 NaN codes (E4M3 0x7F/0xFF, E5M2 exponent 31) are not decoded as NaN: the converter never
+writes them and the loader refuses files that contain them (`fp8.has_nan_codes`).
 
-FP8/FP16 values are rebuilt as float32 bit patterns pre-scaled by 2**-120 (E4M3) or 2**-112
-(E5M2, FP16) and the block sum is rescaled once; products below 2**-126 in that domain lose
-precision, an absolute error of at most 2**-29 * scale per term (E4M3), negligible next to
-float32 accumulation error for real activations.
+Two kernels, both parallel over output rows (one row at a time: each thread reads one sequential
+stream, which the hardware prefetcher follows):
+- `_mv`: one token (decode). Each weight is decoded once and multiplied with x.
+- `_mm`: T tokens in groups of 4 (prefill, batched decode). A row's weights are decoded once per
+  group and used for 4 tokens. Every token runs the same instruction sequence
+  whatever the other three are (missing ones repeat a real row and are not written), so a token's
+  outputs are bit-identical for every T: the batched decode step is batch-invariant.
+Both take a tuple of up to 3 weights sharing one input (q/k/v, gate/up) and run them in one
+parallel region. Scales are (N, G): column k of row n uses scales[n, k // bk].
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 from numba import njit, prange
 
 from .checks import need_array as _need
-from .fp8 import E4M3, E5M2, block_size, fp8_lut, fp16_lut
+from .fp8 import E4M3, E5M2, block_size
+from .half import as_f32 as _weight
 
 _FM = {"reassoc", "contract"}  # lets LLVM vectorise the reductions; keeps inf/NaN semantics
-_GATHER, _BITS_E4M3, _BITS_E5M2, _BITS_F16 = 0, 1, 2, 3
-_POW2 = {_GATHER: 1.0, _BITS_E4M3: 2.0**120, _BITS_E5M2: 2.0**112, _BITS_F16: 2.0**112}
-_RB = 16  # rows per block in the fused small-T kernel
+STORAGES = ("e4m3", "e5m2", "fp16", "fp32")
+# stored dtype the kernels see per storage (E5M2 as int8: a distinct type selects its decode)
+_VIEW = {E4M3: np.uint8, E5M2: np.int8, "fp16": np.uint16, "fp32": np.float32}
+PREFILL_MIN = 8  # tokens of one sequence from which the row-blocked prefill kernel is faster
+_POW2 = {E4M3: 256.0, E5M2: 1.0, "fp16": 1.0, "fp32": 1.0}  # value = decoded half * _POW2
 
 
 @njit(cache=True, fastmath=_FM, inline="always")
-def _dot_block(x, row, lut, mode):
-    # x: f32 (B,), row: u8|u16 (B,) (one scale block); sum of decode(row[k]) * x[k], pre-scaled by
-    # 1/_POW2. Zero-based loops over slices vectorise; range(k0, k1) on the 2-D array did not.
-    p = np.float32(0.0)
-    if mode == 1:
-        for k in range(row.shape[0]):
-            c = np.int32(row[k])
-            low = c & 0x7F
-            b = np.int32(((c & 0x80) << 24) | (low << 20) | ((-((low + 1) >> 7)) & 0x7F800000))
-            p += b.view(np.float32) * x[k]
-    elif mode == 2:
-        for k in range(row.shape[0]):
-            c = np.int32(row[k])
-            b = np.int32(((c & 0x80) << 24) | ((c & 0x7F) << 21) | ((-(((c & 0x7C) + 4) >> 7)) & 0x7F800000))
-            p += b.view(np.float32) * x[k]
-    elif mode == 3:
-        for k in range(row.shape[0]):
-            c = np.int32(row[k])
-            b = np.int32(((c & 0x8000) << 16) | ((c & 0x7FFF) << 13) | ((-(((c & 0x7C00) + 0x400) >> 15)) & 0x7F800000))
-            p += b.view(np.float32) * x[k]
-    else:
-        for k in range(row.shape[0]):
-            p += lut[row[k]] * x[k]
-    return p
+def _row_tok1(x, w, sc, out, n, bk):
+    # x f32 (K,), w (N, K), sc f32 (N, G), out f32 (N,): out[n]. One row at a time keeps the reads of a
+    # thread one sequential stream, which the hardware prefetcher follows (4 interleaved 1 KB rows ran
+    # at half the speed from memory)
+    k_dim = w.shape[1]
+    total = np.float32(0.0)
+    for g in range(sc.shape[1]):
+        k0 = g * bk
+        k1 = min(k_dim, k0 + bk)
+        xs, r = x[k0:k1], w[n, k0:k1]
+        a = np.float32(0.0)
+        for k in range(k1 - k0):  # zero-based loops over slices vectorise
+            a += _weight(r[k]) * xs[k]
+        total += a * sc[n, g]
+    out[n] = total
 
 
-@njit(cache=True, parallel=True, fastmath=_FM)
-def _gemv_q(x, w, scales, lut, out, bk, mode, pow2):
-    # x: f32 (K,), w: u8|u16 (N, K), scales: f32 (N, G) or (1, 1) unused when bk == K and
-    # scales[0, 0] == 1, out: f32 (N,). Scale applied once per block.
-    n_rows, k_dim = w.shape
-    per_row = scales.shape[0] == n_rows
-    for n in prange(n_rows):
-        row = w[n]
-        acc = np.float32(0.0)
-        for k0 in range(0, k_dim, bk):
-            k1 = min(k_dim, k0 + bk)
-            p = _dot_block(x[k0:k1], row[k0:k1], lut, mode)
-            s = scales[n, k0 // bk] if per_row else scales[0, 0]
-            # undo the 2**-120 / 2**-112 pre-scale before the (often tiny) scale can underflow it
-            acc += (p * np.float32(pow2)) * s
-        out[n] = acc
+@njit(cache=True, fastmath=_FM, inline="always")
+def _row_tok4(x, w, sc, out, n, t, bk):
+    # x f32 (T, K), out f32 (T, N): out[t..t+3, n]; tokens past T repeat row T-1 and are not written
+    k_dim = w.shape[1]
+    n_tok = x.shape[0]
+    j1, j2, j3 = min(t + 1, n_tok - 1), min(t + 2, n_tok - 1), min(t + 3, n_tok - 1)
+    u0 = u1 = u2 = u3 = np.float32(0.0)
+    for g in range(sc.shape[1]):
+        k0 = g * bk
+        k1 = min(k_dim, k0 + bk)
+        x0, x1, x2, x3 = x[t, k0:k1], x[j1, k0:k1], x[j2, k0:k1], x[j3, k0:k1]
+        r = w[n, k0:k1]
+        a0 = a1 = a2 = a3 = np.float32(0.0)
+        for k in range(k1 - k0):
+            v = _weight(r[k])  # decoded once, used for 4 tokens
+            a0 += v * x0[k]
+            a1 += v * x1[k]
+            a2 += v * x2[k]
+            a3 += v * x3[k]
+        s = sc[n, g]
+        u0 += a0 * s
+        u1 += a1 * s
+        u2 += a2 * s
+        u3 += a3 * s
+    out[t, n] = u0
+    if t + 1 < n_tok:
+        out[t + 1, n] = u1
+    if t + 2 < n_tok:
+        out[t + 2, n] = u2
+    if t + 3 < n_tok:
+        out[t + 3, n] = u3
 
 
-@njit(cache=True, parallel=True, fastmath=_FM)
-def _matmul_q(x, w, scales, lut, out, bk):
-    # x: f32 (T, K), w: u8|u16 (N, K), out: f32 (T, N); one parallel region for the whole product
-    # (no BLAS thread hand-offs): blocks of _RB rows are decoded once, then dotted with every token.
+@njit(cache=True, fastmath=_FM, inline="always")
+def _rows4_tok4(x, w, sc, out, n, t, bk):
+    # prefill: rows n..n+3 x tokens t..t+3 (both clamped; duplicates not written), 16 accumulators:
+    # each weight decoded once for 4 tokens and each x load shared by 4 rows. The 4 interleaved rows
+    # defeat the hardware prefetcher, which matters little here: the block is reused for all T tokens.
     n_rows, k_dim = w.shape
     n_tok = x.shape[0]
-    per_row = scales.shape[0] == n_rows
-    for b in prange((n_rows + _RB - 1) // _RB):
-        r0 = b * _RB
-        nr = min(n_rows, r0 + _RB) - r0
-        buf = np.empty((_RB, k_dim), np.float32)  # prefill only; 64 KB at K=1024
-        for i in range(nr):
-            row = w[r0 + i]
-            dst = buf[i]
-            for k0 in range(0, k_dim, bk):
-                s = scales[r0 + i, k0 // bk] if per_row else scales[0, 0]
-                for k in range(k0, min(k_dim, k0 + bk)):
-                    dst[k] = lut[row[k]] * s
-        for t in range(0, n_tok - 1, 2):  # two tokens per pass halves the loads of buf
-            x0 = x[t]
-            x1 = x[t + 1]
-            for i in range(nr):
-                d = buf[i]
-                a0 = np.float32(0.0)
-                a1 = np.float32(0.0)
-                for k in range(k_dim):
-                    a0 += d[k] * x0[k]
-                    a1 += d[k] * x1[k]
-                out[t, r0 + i] = a0
-                out[t + 1, r0 + i] = a1
-        if n_tok % 2:
-            xl = x[n_tok - 1]
-            for i in range(nr):
-                d = buf[i]
-                a = np.float32(0.0)
-                for k in range(k_dim):
-                    a += d[k] * xl[k]
-                out[n_tok - 1, r0 + i] = a
+    i1, i2, i3 = min(n + 1, n_rows - 1), min(n + 2, n_rows - 1), min(n + 3, n_rows - 1)
+    j1, j2, j3 = min(t + 1, n_tok - 1), min(t + 2, n_tok - 1), min(t + 3, n_tok - 1)
+    u00 = u01 = u02 = u03 = u10 = u11 = u12 = u13 = np.float32(0.0)  # u<row><token>
+    u20 = u21 = u22 = u23 = u30 = u31 = u32 = u33 = np.float32(0.0)
+    for g in range(sc.shape[1]):
+        k0 = g * bk
+        k1 = min(k_dim, k0 + bk)
+        x0, x1, x2, x3 = x[t, k0:k1], x[j1, k0:k1], x[j2, k0:k1], x[j3, k0:k1]
+        r0, r1, r2, r3 = w[n, k0:k1], w[i1, k0:k1], w[i2, k0:k1], w[i3, k0:k1]
+        a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = np.float32(0.0)
+        a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = np.float32(0.0)
+        for k in range(k1 - k0):
+            v0 = _weight(r0[k])
+            v1 = _weight(r1[k])
+            v2 = _weight(r2[k])
+            v3 = _weight(r3[k])
+            y0 = x0[k]
+            y1 = x1[k]
+            y2 = x2[k]
+            y3 = x3[k]
+            a00 += v0 * y0
+            a01 += v0 * y1
+            a02 += v0 * y2
+            a03 += v0 * y3
+            a10 += v1 * y0
+            a11 += v1 * y1
+            a12 += v1 * y2
+            a13 += v1 * y3
+            a20 += v2 * y0
+            a21 += v2 * y1
+            a22 += v2 * y2
+            a23 += v2 * y3
+            a30 += v3 * y0
+            a31 += v3 * y1
+            a32 += v3 * y2
+            a33 += v3 * y3
+        s0, s1, s2, s3 = sc[n, g], sc[i1, g], sc[i2, g], sc[i3, g]
+        u00 += a00 * s0
+        u01 += a01 * s0
+        u02 += a02 * s0
+        u03 += a03 * s0
+        u10 += a10 * s1
+        u11 += a11 * s1
+        u12 += a12 * s1
+        u13 += a13 * s1
+        u20 += a20 * s2
+        u21 += a21 * s2
+        u22 += a22 * s2
+        u23 += a23 * s2
+        u30 += a30 * s3
+        u31 += a31 * s3
+        u32 += a32 * s3
+        u33 += a33 * s3
+    _put4(out, t, n, n_rows, u00, u10, u20, u30)
+    if t + 1 < n_tok:
+        _put4(out, t + 1, n, n_rows, u01, u11, u21, u31)
+    if t + 2 < n_tok:
+        _put4(out, t + 2, n, n_rows, u02, u12, u22, u32)
+    if t + 3 < n_tok:
+        _put4(out, t + 3, n, n_rows, u03, u13, u23, u33)
 
 
-_canon_seen: list = [None, _GATHER]  # [last non-identical table seen, its mode]: one-slot memo
+@njit(cache=True, inline="always")
+def _put4(out, t, n, n_rows, a, b, c, d):
+    out[t, n] = a
+    if n + 1 < n_rows:
+        out[t, n + 1] = b
+    if n + 2 < n_rows:
+        out[t, n + 2] = c
+    if n + 3 < n_rows:
+        out[t, n + 3] = d
 
 
-def _mode8(lut: np.ndarray) -> int:
-    if lut is fp8_lut(E4M3):
-        return _BITS_E4M3
-    if lut is fp8_lut(E5M2):
-        return _BITS_E5M2
-    if _canon_seen[0] is lut:
-        return _canon_seen[1]
-    mode = _GATHER
-    for fmt, m in ((E4M3, _BITS_E4M3), (E5M2, _BITS_E5M2)):
-        if np.array_equal(lut, fp8_lut(fmt), equal_nan=True):
-            mode = m
-    _canon_seen[0], _canon_seen[1] = lut, mode
-    return mode
+@njit(cache=True, inline="always")
+def _locate(blk, starts):
+    # which matrix of the tuple owns global row `blk`, and its row there; starts: cumulative rows
+    m = 0
+    while blk >= starts[m + 1]:
+        m += 1
+    return m, blk - starts[m]
 
 
-def _mode16(lut16: np.ndarray) -> int:
-    if lut16 is fp16_lut() or np.array_equal(lut16, fp16_lut(), equal_nan=True):
-        return _BITS_F16
-    return _GATHER
+@njit(cache=True, parallel=True, fastmath=_FM)
+def _mv(x, ws, scs, outs, bks, starts):
+    # x f32 (K,); ws: tuple of (N_m, K); scs: tuple of f32 (N_m, G_m); outs: tuple of f32 (N_m,)
+    for blk in prange(starts[-1]):
+        m, n = _locate(blk, starts)
+        _row_tok1(x, ws[m], scs[m], outs[m], n, bks[m])
 
 
-_ONE = np.ones((1, 1), dtype=np.float32)
+@njit(cache=True, parallel=True, fastmath=_FM)
+def _mm(x, ws, scs, outs, bks, starts):
+    # x f32 (T, K); outs: tuple of f32 (T, N_m); every block runs all token groups
+    n_tok = x.shape[0]
+    for blk in prange(starts[-1]):
+        m, n = _locate(blk, starts)
+        w, sc, out, bk = ws[m], scs[m], outs[m], bks[m]
+        for t in range(0, n_tok, 4):
+            _row_tok4(x, w, sc, out, n, t, bk)
 
 
-def _check_fp8(w, scales, lut) -> int:
-    _need("w", w, np.uint8, 2)
-    _need("lut", lut, np.float32, 1, (256,))
-    _need("scales", scales, np.float32, 2)
+@njit(cache=True, parallel=True, fastmath=_FM)
+def _mm_prefill(x, ws, scs, outs, bks, starts4):
+    # x f32 (T, K) of one sequence; starts4: cumulative 4-row block counts. Blocks of 4 rows x 4 tokens
+    n_tok = x.shape[0]
+    for blk in prange(starts4[-1]):
+        m, b = _locate(blk, starts4)
+        w, sc, out, bk = ws[m], scs[m], outs[m], bks[m]
+        for t in range(0, n_tok, 4):
+            _rows4_tok4(x, w, sc, out, b * 4, t, bk)
+
+
+# -- prepared linears: checked and laid out once, called without checks on the hot path -----------
+
+
+@dataclass(frozen=True)
+class LinearOp:
+    """One weight ready for the kernels: `w` viewed as the kernels' dtype, `scales` (N, G) float32 with
+    the format's power of two folded in, `bk` columns per scale block."""
+
+    storage: str
+    w: np.ndarray  # (N, K) uint8 E4M3 | int8 E5M2 | uint16 half bits | float32
+    scales: np.ndarray  # (N, G) float32
+    bk: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.w.shape
+
+
+def prepare(w: np.ndarray, storage: str, scales: np.ndarray | None = None) -> LinearOp:
+    """Check a stored weight once and lay it out for the kernels (no copy of `w`).
+
+    storage e4m3 | e5m2: w uint8 (N, K) codes, scales float32 (N, G); fp16: w uint16 half bits;
+    fp32: w float32. Raises ValueError naming the bad argument."""
+    if storage not in STORAGES:
+        raise ValueError(f"storage must be one of {', '.join(STORAGES)}, got {storage!r}")
+    raw = {E4M3: np.uint8, E5M2: np.uint8, "fp16": np.uint16, "fp32": np.float32}[storage]
+    _need("w", w, raw, 2)
     n_rows, k_dim = w.shape
-    if scales.shape[0] != n_rows or not 1 <= scales.shape[1] <= max(k_dim, 1):
-        raise ValueError(f"scales has shape {scales.shape}, expected ({n_rows}, G) with 1 <= G <= {k_dim}")
-    return block_size(k_dim, scales.shape[1])
+    if n_rows == 0 or k_dim == 0:
+        raise ValueError(f"w has shape {w.shape}: both dimensions must be positive")
+    if storage in (E4M3, E5M2):
+        _need("scales", scales, np.float32, 2)
+        if scales.shape[0] != n_rows or not 1 <= scales.shape[1] <= k_dim:
+            raise ValueError(f"scales has shape {scales.shape}, expected ({n_rows}, G) with 1 <= G <= {k_dim}")
+        s = scales * np.float32(_POW2[storage])
+    else:
+        s = np.ones((n_rows, 1), np.float32)
+    bk = block_size(k_dim, s.shape[1])
+    return LinearOp(storage, w.view(_VIEW[storage]), np.ascontiguousarray(s, np.float32), bk)
 
 
-def gemv_fp8(x: np.ndarray, w: np.ndarray, scales: np.ndarray, lut: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """out[n] = sum_k lut[w[n, k]] * scales[n, k // Bk] * x[k]; x f32 (K,), w u8 (N, K), out f32 (N,)."""
-    bk = _check_fp8(w, scales, lut)
-    _need("x", x, np.float32, 1, (w.shape[1],))
-    _need("out", out, np.float32, 1, (w.shape[0],))
-    mode = _mode8(lut)
-    _gemv_q(x, w, scales, lut, out, bk, mode, _POW2[mode])
-    return out
+def _starts(ops) -> np.ndarray:
+    return np.cumsum([0] + [op.w.shape[0] for op in ops]).astype(np.int64)
 
 
-def gemv_f16(x: np.ndarray, w: np.ndarray, lut16: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """out = decode(w) @ x for raw IEEE half bits; x f32 (K,), w u16 (N, K), out f32 (N,)."""
-    _need("w", w, np.uint16, 2)
-    _need("lut16", lut16, np.float32, 1, (65536,))
-    _need("x", x, np.float32, 1, (w.shape[1],))
-    _need("out", out, np.float32, 1, (w.shape[0],))
-    mode = _mode16(lut16)
-    _gemv_q(x, w, _ONE, lut16, out, max(1, w.shape[1]), mode, _POW2[mode])
-    return out
+class FusedLinear:
+    """Up to 3 linears sharing one input (q/k/v, gate/up), run in one parallel region.
+
+    `__call__(x, outs, batched)`: x f32 (T, K) C-contiguous, outs f32 (T, N_m) C-contiguous (checked
+    by the caller once per session). Rows of x are tokens of one sequence unless `batched`:
+    - one token: `_mv`;
+    - `batched` (one token of each of T sequences): `_mm`, whose per-token arithmetic is the same for
+      every T, so a token's result does not depend on the batch around it;
+    - a prefill chunk of >= PREFILL_MIN tokens: `_mm_prefill`, register-blocked over rows too."""
+
+    def __init__(self, ops: list[LinearOp]):
+        if not 1 <= len(ops) <= 3:
+            raise ValueError("FusedLinear takes 1 to 3 linears")
+        if len({op.w.dtype for op in ops}) != 1 or len({op.w.shape[1] for op in ops}) != 1:
+            raise ValueError("fused linears need one storage and one input size")
+        self.ops = tuple(ops)
+        self.ws = tuple(op.w for op in ops)
+        self.scs = tuple(op.scales for op in ops)
+        self.bks = np.array([op.bk for op in ops], np.int64)
+        self.starts = _starts(ops)
+        self.starts4 = np.cumsum([0] + [(op.w.shape[0] + 3) // 4 for op in ops]).astype(np.int64)
+        self.k_dim = ops[0].w.shape[1]
+
+    def __call__(self, x: np.ndarray, outs: tuple, batched: bool = False) -> None:
+        n_tok = x.shape[0]
+        if batched or 1 < n_tok < PREFILL_MIN:
+            _mm(x, self.ws, self.scs, outs, self.bks, self.starts)
+        elif n_tok == 1:
+            _mv(x[0], self.ws, self.scs, tuple(o[0] for o in outs), self.bks, self.starts)
+        else:
+            _mm_prefill(x, self.ws, self.scs, outs, self.bks, self.starts4)
 
 
-def _check_tokens(x, out, k_dim: int, n_rows: int) -> None:
+def fuse(ops: list[LinearOp]) -> list[FusedLinear]:
+    """Group linears that can share a parallel region (same dtype and K), in order, up to 3 each."""
+    groups: list[list[LinearOp]] = []
+    for op in ops:
+        g = groups[-1] if groups else None
+        if g and len(g) < 3 and g[0].w.dtype == op.w.dtype and g[0].w.shape[1] == op.w.shape[1]:
+            g.append(op)
+        else:
+            groups.append([op])
+    return [FusedLinear(g) for g in groups]
+
+
+# -- checked entry points (tests, tools): one linear, arguments validated on every call -------------
+
+
+def _run(op: LinearOp, x: np.ndarray, out: np.ndarray, batched: bool = False) -> np.ndarray:
+    n_rows, k_dim = op.w.shape
+    if x.ndim == 1:
+        _need("x", x, np.float32, 1, (k_dim,))
+        _need("out", out, np.float32, 1, (n_rows,))
+        FusedLinear([op])(x.reshape(1, -1), (out.reshape(1, -1),), batched)
+        return out
     _need("x", x, np.float32, 2)
     if x.shape[1] != k_dim:
         raise ValueError(f"x has shape {x.shape}, expected (T, {k_dim})")
     _need("out", out, np.float32, 2, (x.shape[0], n_rows))
-
-
-def matmul_fp8(x: np.ndarray, w: np.ndarray, scales: np.ndarray, lut: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """out (T, N) = x (T, K) @ dequant(w)^T.
-
-    T == 1 runs gemv_fp8; more tokens run a fused kernel that decodes 16 weight rows at a time and
-    multiplies them with every token. (Dequantizing tiles for BLAS measured slower on 2 cores: Numba's
-    OpenMP workers spin while OpenBLAS's run, 7.8 s vs 2.0 s for a 128-token Hunyuan-0.5B prefill.)
-    """
-    bk = _check_fp8(w, scales, lut)
-    _check_tokens(x, out, w.shape[1], w.shape[0])
-    if x.shape[0] == 1:
-        mode = _mode8(lut)
-        _gemv_q(x[0], w, scales, lut, out[0], bk, mode, _POW2[mode])
-    elif x.shape[0] > 1:
-        _matmul_q(x, w, scales, lut, out, bk)
+    if x.shape[0]:
+        FusedLinear([op])(x, (out,), batched)
     return out
 
 
-def matmul_f16(x: np.ndarray, w: np.ndarray, lut16: np.ndarray, out: np.ndarray) -> np.ndarray:
+def gemv_fp8(x: np.ndarray, w: np.ndarray, scales: np.ndarray, fmt: str, out: np.ndarray) -> np.ndarray:
+    """out (N,) = dequant(w) @ x; x f32 (K,), w u8 (N, K) FP8 codes of `fmt`, scales f32 (N, G)."""
+    if fmt not in (E4M3, E5M2):
+        raise ValueError(f"fmt must be 'e4m3' or 'e5m2', got {fmt!r}")
+    return _run(prepare(w, fmt, scales), x, out)
+
+
+def matmul_fp8(
+    x: np.ndarray, w: np.ndarray, scales: np.ndarray, fmt: str, out: np.ndarray, batched: bool = False
+) -> np.ndarray:
+    """out (T, N) = x (T, K) @ dequant(w)^T; `batched` forces the grouped kernel for T == 1."""
+    if fmt not in (E4M3, E5M2):
+        raise ValueError(f"fmt must be 'e4m3' or 'e5m2', got {fmt!r}")
+    return _run(prepare(w, fmt, scales), x, out, batched)
+
+
+def gemv_f16(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out (N,) = decode(w) @ x for raw IEEE half bits w u16 (N, K)."""
+    return _run(prepare(w, "fp16"), x, out)
+
+
+def matmul_f16(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> np.ndarray:
     """out (T, N) = x (T, K) @ decode(w)^T for raw half bits w u16 (N, K)."""
-    _need("w", w, np.uint16, 2)
-    _need("lut16", lut16, np.float32, 1, (65536,))
-    _check_tokens(x, out, w.shape[1], w.shape[0])
-    if x.shape[0] == 1:
-        mode = _mode16(lut16)
-        _gemv_q(x[0], w, _ONE, lut16, out[0], max(1, w.shape[1]), mode, _POW2[mode])
-    elif x.shape[0] > 1:
-        _matmul_q(x, w, _ONE, lut16, out, max(1, w.shape[1]))
-    return out
-
-
-@njit(cache=True, parallel=True, fastmath=_FM)
-def _matmul_f32(x, w, out):
-    # x: f32 (T, K), w: f32 (N, K), out: f32 (T, N); rows in parallel, two tokens per pass
-    n_tok, k_dim = x.shape
-    for n in prange(w.shape[0]):
-        d = w[n]
-        for t in range(0, n_tok - 1, 2):
-            x0 = x[t]
-            x1 = x[t + 1]
-            a0 = np.float32(0.0)
-            a1 = np.float32(0.0)
-            for k in range(k_dim):
-                a0 += d[k] * x0[k]
-                a1 += d[k] * x1[k]
-            out[t, n] = a0
-            out[t + 1, n] = a1
-        if n_tok % 2:
-            xl = x[n_tok - 1]
-            a = np.float32(0.0)
-            for k in range(k_dim):
-                a += d[k] * xl[k]
-            out[n_tok - 1, n] = a
+    return _run(prepare(w, "fp16"), x, out)
 
 
 def gemv_f32(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """out (N,) = w (N, K) @ x (K,) for unquantized weights."""
-    _need("w", w, np.float32, 2)
-    _need("x", x, np.float32, 1, (w.shape[1],))
-    _need("out", out, np.float32, 1, (w.shape[0],))
-    _matmul_f32(x.reshape(1, -1), w, out.reshape(1, -1))
-    return out
+    """out (N,) = w (N, K) @ x (K,) for unquantized weights (a Numba kernel, not BLAS: OpenBLAS's
+    threads and Numba's workers fight over the cores)."""
+    return _run(prepare(w, "fp32"), x, out)
 
 
 def matmul_f32(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """out (T, N) = x (T, K) @ w (N, K)^T for unquantized weights. A Numba kernel, not BLAS: OpenBLAS's
-    threads and Numba's OpenMP workers fight over the cores (SmolLM2 fp32 decode, 2 threads: 1.5 tok/s
-    through numpy's BLAS)."""
-    _need("w", w, np.float32, 2)
-    _check_tokens(x, out, w.shape[1], w.shape[0])
-    _matmul_f32(x, w, out)
-    return out
+    """out (T, N) = x (T, K) @ w (N, K)^T for unquantized weights."""
+    return _run(prepare(w, "fp32"), x, out)
 
 
-@njit(cache=True, parallel=True)
-def _gather_f16(table, ids, lut16, out):
-    # table: u16 (V, C), ids: i64 (T,), out: f32 (T, C)
-    for t in prange(ids.shape[0]):
+# -- embedding -----------------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def _gather(table, ids, out):
+    # table: u16 half bits | f32 (V, C), ids: i64 (T,), out: f32 (T, C); a few rows: no thread hand-off
+    for t in range(ids.shape[0]):
         row = table[ids[t]]
+        o = out[t]
         for c in range(row.shape[0]):
-            out[t, c] = lut16[row[c]]
+            o[c] = _weight(row[c])
 
 
-def embedding_rows(table: np.ndarray, ids: np.ndarray, out: np.ndarray, lut16: np.ndarray | None = None) -> np.ndarray:
-    """out[t] = table[ids[t]]; table f32 (V, C) or u16 half bits (V, C) decoded with lut16."""
+def embedding_rows(table: np.ndarray, ids: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out[t] = table[ids[t]]; table f32 (V, C) or u16 half bits (V, C)."""
     if not isinstance(table, np.ndarray) or table.ndim != 2 or table.dtype not in (np.float32, np.uint16):
         raise ValueError("table must be a 2-D float32 or uint16 (half bits) array")
     if not table.flags.c_contiguous:
@@ -267,10 +379,5 @@ def embedding_rows(table: np.ndarray, ids: np.ndarray, out: np.ndarray, lut16: n
     _need("out", out, np.float32, 2, (ids.shape[0], table.shape[1]))
     if ids.size and (ids.min() < 0 or ids.max() >= table.shape[0]):
         raise ValueError(f"ids must lie in [0, {table.shape[0]})")
-    if table.dtype == np.float32:
-        np.take(table, ids, axis=0, out=out)
-    else:
-        lut16 = fp16_lut() if lut16 is None else lut16
-        _need("lut16", lut16, np.float32, 1, (65536,))
-        _gather_f16(table, ids, lut16, out)
+    _gather(table, ids, out)
     return out

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 from hy_edge_ops import reference as ref
-from hy_edge_ops.attention import attention
+from hy_edge_ops.attention import attention, attention_rows, rope_norm_store
+from hy_edge_ops.rope import rope_inv_freq, rope_tables
 
 
 @pytest.mark.parametrize("h,hkv", [(6, 2), (4, 4)])
@@ -19,9 +20,57 @@ def test_attention(h, hkv, t, start):
     out = np.empty_like(q)
     attention(q, k_cache, v_cache, start, out, scale)
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
-    scores = np.empty((h, s_max), np.float32)
-    attention(q, k_cache, v_cache, start, q, scale, scores)  # out aliasing q, caller scratch
+    attention(q, k_cache, v_cache, start, q, scale)  # out aliasing q
     np.testing.assert_allclose(q, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cache", ["fp32", "fp16"])
+def test_rows_of_several_slots(cache):
+    # one decode row per sequence slot, each at its own position, against the one-sequence reference
+    h, hkv, d, s_max, n_slots = 8, 2, 32, 40, 5
+    rng = np.random.default_rng(9)
+    kf = rng.standard_normal((n_slots, hkv, s_max, d)).astype(np.float32)
+    vf = rng.standard_normal((n_slots, hkv, s_max, d)).astype(np.float32)
+    if cache == "fp16":  # the kernel reads half bits; the reference gets the same rounded values
+        kf, vf = kf.astype(np.float16).astype(np.float32), vf.astype(np.float16).astype(np.float32)
+        kc, vc = kf.astype(np.float16).view(np.uint16), vf.astype(np.float16).view(np.uint16)
+    else:
+        kc, vc = kf, vf
+    slots = np.array([3, 0, 4], np.int64)
+    pos = np.array([39, 0, 17], np.int64)
+    q = rng.standard_normal((3, h, d)).astype(np.float32)
+    out = np.empty_like(q)
+    attention_rows(q, kc, vc, slots, pos, out, d**-0.5)
+    for i in range(3):
+        want = ref.attention(q[i : i + 1], kf[slots[i]], vf[slots[i]], int(pos[i]), d**-0.5)
+        np.testing.assert_allclose(out[i : i + 1], want, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_norm_store():
+    t, h, hkv, d, s_max = 3, 4, 2, 16, 10
+    rng = np.random.default_rng(10)
+    q = rng.standard_normal((t, h, d)).astype(np.float32)
+    k = rng.standard_normal((t, hkv, d)).astype(np.float32)
+    v = rng.standard_normal((t, hkv, d)).astype(np.float32)
+    pos = np.array([4, 5, 6], np.int64)
+    slots = np.array([1, 1, 1], np.int64)
+    inv = rope_inv_freq(d, 10000.0)
+    cos, sin = rope_tables(inv, s_max)
+    qw, kw = rng.uniform(0.5, 1.5, d).astype(np.float32), rng.uniform(0.5, 1.5, d).astype(np.float32)
+    want_q = ref.rms_norm(ref.apply_rope(q, pos, inv).reshape(-1, d), qw, 1e-5).reshape(q.shape)
+    want_k = ref.rms_norm(ref.apply_rope(k, pos, inv).reshape(-1, d), kw, 1e-5).reshape(k.shape)
+    kc = np.zeros((2, hkv, s_max, d), np.float32)
+    vc = np.zeros_like(kc)
+    rope_norm_store(q, k, v, pos, slots, cos, sin, qw, kw, 1e-5, kc, vc)
+    np.testing.assert_allclose(q, want_q, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(k, want_k, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(kc[1][:, 4:7], k.transpose(1, 0, 2))
+    np.testing.assert_array_equal(vc[1][:, 4:7], v.transpose(1, 0, 2))
+    assert not kc[0].any() and not kc[1][:, :4].any()
+    half = np.zeros((2, hkv, s_max, d), np.uint16)  # an FP16 cache stores the rounded values
+    rope_norm_store(q.copy(), k.copy(), v, pos, slots, cos, sin, None, None, 1e-5, half, half.copy())
+    rotated = ref.apply_rope(k, pos, inv)
+    np.testing.assert_array_equal(half[1][:, 4:7], rotated.transpose(1, 0, 2).astype(np.float16).view(np.uint16))
 
 
 def test_errors():
@@ -32,5 +81,5 @@ def test_errors():
     kv = np.zeros((2, 8, 8), np.float32)
     with pytest.raises(ValueError, match="capacity"):
         attention(q, kv, kv, 8, q, 1.0)
-    with pytest.raises(ValueError, match="scores"):
-        attention(q, kv, kv, 3, q, 1.0, np.zeros((6, 3), np.float32))
+    with pytest.raises(ValueError, match="slots"):
+        attention_rows(q, kv[None], kv[None], np.array([1], np.int64), np.array([0], np.int64), q, 1.0)

@@ -9,13 +9,16 @@ from hy_edge_ops.fp8 import (
     dequantize_fp8,
     encode_fp8,
     fp8_lut,
-    fp16_lut,
+    has_nan_codes,
     quantize_fp8,
 )
+from hy_edge_ops.half import f32_to_half, half_to_f32
 from hy_edge_ops.reference import dequantize
+from numba import njit
 
 ML = {E4M3: ml_dtypes.float8_e4m3fn, E5M2: ml_dtypes.float8_e5m2}
 FMTS = [E4M3, E5M2]
+RNG = np.random.default_rng(11)
 
 
 def ml_encode(x, fmt):
@@ -96,9 +99,46 @@ def test_quantize_block_scales(fmt):
     np.testing.assert_allclose(deq, dequantize(codes, scales, fmt), rtol=1e-6)
 
 
-def test_fp16_lut():
+def test_half_codec_inside_kernels():
+    # every half bit pattern widens exactly (NaN stays NaN); float32 -> half rounds to nearest even
     bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
-    np.testing.assert_array_equal(fp16_lut(), bits.view(np.float16).astype(np.float32))
+    want = bits.view(np.float16).astype(np.float32)
+    got = _widen(bits)
+    finite = ~np.isnan(want)
+    np.testing.assert_array_equal(got[finite], want[finite])
+    assert np.isnan(got[~finite]).all()
+    x = np.concatenate([want[finite], RNG.standard_normal(10000).astype(np.float32) * 1e3, [1e6, -1e6, 3e-8]])
+    x = x.astype(np.float32)
+    with np.errstate(over="ignore"):  # 1e6 overflows to inf in both
+        np.testing.assert_array_equal(_narrow(x), x.astype(np.float16).view(np.uint16))
+
+
+@njit(cache=True)
+def _widen(bits):
+    out = np.empty(bits.shape[0], np.float32)
+    for i in range(bits.shape[0]):
+        out[i] = half_to_f32(bits[i])
+    return out
+
+
+@njit(cache=True)
+def _narrow(x):
+    out = np.empty(x.shape[0], np.uint16)
+    for i in range(x.shape[0]):
+        out[i] = f32_to_half(x[i])
+    return out
+
+
+@pytest.mark.parametrize("fmt", [E4M3, E5M2])
+def test_has_nan_codes(fmt):
+    codes = quantize_fp8(RNG.standard_normal((300, 700)).astype(np.float32), np.full((300, 1), 0.01, np.float32), fmt)
+    assert not has_nan_codes(codes, fmt)
+    bad = codes.copy()
+    bad[123, 456] = 0xFF  # a NaN code in both formats
+    assert has_nan_codes(bad, fmt)
+    bad = codes.copy()
+    bad[0, 0] = encode_fp8(np.array([np.nan], np.float32), fmt)[0]  # what a NaN weight would encode to
+    assert has_nan_codes(bad, fmt)
 
 
 def test_errors_name_argument():

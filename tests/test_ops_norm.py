@@ -42,3 +42,20 @@ def test_errors():
         rms_norm(x, np.ones(3, np.float32), 1e-5, x)
     with pytest.raises(ValueError, match="out"):
         rms_norm(x, np.ones(4, np.float32), 1e-5, np.zeros((2, 4), np.float64))
+
+
+def test_add_rms_norm_is_the_residual_step():
+    from hy_edge_ops.norm import add_rms_norm
+
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((3, 200)).astype(np.float32)
+    y = rng.standard_normal((3, 200)).astype(np.float32)
+    w = rng.uniform(0.5, 1.5, 200).astype(np.float32)
+    want_x = x + y
+    out = np.empty_like(x)
+    add_rms_norm(x, y, w, 1e-5, out)
+    np.testing.assert_array_equal(x, want_x)
+    np.testing.assert_allclose(out, torch_rms_norm(want_x, w, 1e-5), rtol=2e-6, atol=1e-6)
+    add_rms_norm(x, None, w, 1e-5, out)  # no residual: just the norm
+    np.testing.assert_array_equal(x, want_x)
+    np.testing.assert_allclose(out, ref.rms_norm(want_x, w, 1e-5), rtol=2e-6, atol=1e-6)

@@ -1,0 +1,118 @@
+"""IEEE half precision inside Numba kernels: exact half→float32 widening and float32→half rounding
+(round-to-nearest-even) as single LLVM casts, which the CPU runs as one instruction per vector (x86 F16C
+`vcvtph2ps` / `vcvtps2ph`, ARM `fcvtl` / `fcvtn`)."""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
+
+
+@intrinsic
+def _half_bits_to_f32(typingctx, bits):
+    sig = types.float32(bits)
+
+    def codegen(context, builder, signature, args):
+        v = args[0]
+        if v.type.width != 16:
+            v = builder.trunc(v, ir.IntType(16))
+        return builder.fpext(builder.bitcast(v, ir.HalfType()), ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _f32_to_half_bits(typingctx, value):
+    sig = types.uint16(value)
+
+    def codegen(context, builder, signature, args):
+        v = args[0]
+        if v.type != ir.FloatType():
+            v = builder.fptrunc(v, ir.FloatType()) if isinstance(v.type, ir.DoubleType) else v
+        return builder.bitcast(builder.fptrunc(v, ir.HalfType()), ir.IntType(16))
+
+    return sig, codegen
+
+
+@njit(cache=True, inline="always")
+def half_to_f32(bits):
+    """float32 value of a half bit pattern (uint16)."""
+    return _half_bits_to_f32(np.uint16(bits))
+
+
+@njit(cache=True, inline="always")
+def f32_to_half(value):
+    """Half bit pattern (uint16) of a float32, rounded to nearest even (overflow gives inf)."""
+    return _f32_to_half_bits(np.float32(value))
+
+
+def as_f32(c):
+    """A stored element as float32: uint8 E4M3 code (times 2**-8), int8 E5M2 code, uint16 half bits,
+    or a float. Compiled per dtype (an overload), so each storage gets its own vector code."""
+
+
+@overload(as_f32, inline="always")
+def _as_f32_impl(c):
+    if c == types.uint8:  # E4M3: (c & 0x80) << 8 | (c & 0x7F) << 7 is the half of value * 2**-8
+
+        def e4m3(c):
+            b = np.uint16(c)
+            return _half_bits_to_f32(np.uint16(((b & 0x80) << 8) | ((b & 0x7F) << 7)))
+
+        return e4m3
+    if c == types.int8:  # E5M2: the high byte of a half
+        return lambda c: _half_bits_to_f32(np.uint16(np.uint16(np.uint8(c)) << 8))
+    if c == types.uint16:
+        return lambda c: _half_bits_to_f32(c)
+    if isinstance(c, types.Float):
+        return lambda c: np.float32(c)
+    return None
+
+
+def put(a, i, value):
+    """a[i] = value, rounded to half bits when `a` is a uint16 (FP16) array."""
+
+
+@overload(put, inline="always")
+def _put_impl(a, i, value):
+    if isinstance(a, types.Array) and a.dtype == types.uint16:
+
+        def put_half(a, i, value):
+            a[i] = _f32_to_half_bits(np.float32(value))
+
+        return put_half
+
+    def put_plain(a, i, value):
+        a[i] = value
+
+    return put_plain
+
+
+@intrinsic
+def _prefetch(typingctx, arr, index):
+    """Hint the cache to fetch the line holding arr[index] (llvm.prefetch: read, keep in all levels)."""
+    sig = types.void(arr, index)
+
+    def codegen(context, builder, signature, args):
+        from numba.np.arrayobj import make_array
+
+        aryty, idxty = signature.args
+        ary = make_array(aryty)(context, builder, args[0])
+        ptr = builder.gep(ary.data, [args[1]])
+        i8p = builder.bitcast(ptr, ir.IntType(8).as_pointer())
+        fnty = ir.FunctionType(ir.VoidType(), [i8p.type, ir.IntType(32), ir.IntType(32), ir.IntType(32)])
+        fn = builder.module.declare_intrinsic("llvm.prefetch", [i8p.type], fnty)
+        builder.call(
+            fn, [i8p, ir.Constant(ir.IntType(32), 0), ir.Constant(ir.IntType(32), 3), ir.Constant(ir.IntType(32), 1)]
+        )
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True, inline="always")
+def prefetch(arr, index):
+    """Software prefetch of the cache line holding the 1-D contiguous arr[index]."""
+    _prefetch(arr, index)
