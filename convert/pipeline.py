@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -80,7 +81,10 @@ def _produce(ckpt: Checkpoint, name: str, shape: tuple[int, ...], policy: QuantP
         codes, scale = ref.load(), scale_ref.load()
         if policy.format == "none":
             return Quantized("fp32", dequantize_carried(codes, scale))
-        return carry_fp8(codes, scale, None if inp is None else inp.load())
+        q = carry_fp8(codes, scale, None if inp is None else inp.load())
+        if policy.format not in ("e4m3", "auto") or policy.granularity != "channel":
+            q = dataclasses.replace(q, note="FP8 checkpoint: its bytes and scales are carried over as they are")
+        return q
     w = ref.load().astype(np.float32, copy=False)
     if not F.is_linear(name) or len(shape) != 2:
         return Quantized("fp32", np.ascontiguousarray(w))

@@ -27,7 +27,9 @@ class QuantPolicy:
     format: str = "e4m3"  # e4m3 | e5m2 | auto | none (fp32 everywhere: the reference point)
     granularity: str = "channel"  # channel | tensor | block:N
     keep_fp16: tuple[str, ...] = (EMBED,)  # fnmatch patterns of 2-D weights that stay FP16
-    lm_head_fp8: bool = False  # a tied lm_head gets its own FP8 copy (the embedding stays FP16)
+    # a tied lm_head gets its own FP8 copy (the embedding stays FP16 for the row gather): decode reads
+    # the head every token, a third of Hunyuan-0.5B's bytes in FP16
+    lm_head_fp8: bool = True
     activations: str = "none"  # fake-quantize linear inputs: none | e4m3 | e5m2 | static (input_scale)
 
     def __post_init__(self) -> None:
@@ -64,6 +66,7 @@ class Quantized:
     input_scale: np.ndarray | None = None  # float32 (), static activation scale
     rel_error: float = 0.0  # ||dequant(q) - w|| / ||w||
     carried: bool = False  # FP8 bytes taken over from the checkpoint unchanged
+    note: str | None = None  # an option that could not be applied as asked (reported, never silent)
 
     @property
     def nbytes(self) -> int:
@@ -75,6 +78,8 @@ class Quantized:
             r["granularity"] = self.granularity
         if self.carried:
             r["carried"] = True
+        if self.note:
+            r["note"] = self.note
         return r
 
 
@@ -135,8 +140,10 @@ def quantize_weight(name: str, w: np.ndarray, policy: QuantPolicy) -> Quantized:
         return to_fp16(w)
     granularity = policy.granularity
     B = block_size(granularity)
+    note = None
     if B is not None and w.shape[1] % B:
-        granularity = "channel"  # blocks must tile K exactly; recorded per tensor in the report
+        granularity = "channel"  # blocks must tile K exactly
+        note = f"{policy.granularity} does not divide the input size: scaled per channel instead"
     fmts = ("e4m3", "e5m2") if policy.format == "auto" else (policy.format,)
     best = None
     for fmt in fmts:
@@ -144,7 +151,7 @@ def quantize_weight(name: str, w: np.ndarray, policy: QuantPolicy) -> Quantized:
         if best is None or err < best[3]:
             best = (fmt, codes, scales, err)
     fmt, codes, scales, err = best
-    return Quantized(fmt, codes, _onnx_scale(scales, granularity), granularity, rel_error=err)
+    return Quantized(fmt, codes, _onnx_scale(scales, granularity), granularity, rel_error=err, note=note)
 
 
 def carry_fp8(codes: np.ndarray, weight_scale: np.ndarray, input_scale: np.ndarray | None) -> Quantized:

@@ -59,7 +59,12 @@ def _ratio(source: int, size: int) -> str:
     metavar="PATTERN",
     help="Also keep weights matching this glob in FP16 (the embedding always is).",
 )
-@click.option("--lm-head-fp8", is_flag=True, help="Give a tied lm_head its own FP8 copy.")
+@click.option(
+    "--lm-head-fp8/--lm-head-fp16",
+    default=True,
+    show_default=True,
+    help="A tied lm_head gets its own FP8 copy (decode reads it every token), or stays the FP16 embedding.",
+)
 @click.option(
     "--activations",
     default="none",
@@ -104,6 +109,12 @@ def convert_cmd(
             f"{_ratio(report.source_bytes, size)}) in {report.seconds:.1f} s"
         )
         click.echo("tensors: " + ", ".join(f"{n} {k}" for k, n in report.counts.items()))
+        notes: dict[str, int] = {}
+        for t in report.tensors.values():
+            if t.get("note"):
+                notes[t["note"]] = notes.get(t["note"], 0) + 1
+        for note, n in notes.items():  # an option not applied as asked is never silent
+            click.echo(f"hy-edge: note: {note} ({n} tensors; see 'note' in the quantization report)", err=True)
         if worst:
             click.echo(f"worst FP8 relative error: {err:.4f} ({worst})")
         click.echo(f"peak RSS: {peak_rss_mb():.0f} MB")
