@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from hy_edge_ops.fp8 import has_nan_codes
 from onnx import helper
 
 from edge_runtime import format as F
@@ -104,6 +105,15 @@ def _tokenizer_metadata(ckpt: Checkpoint) -> dict[str, str]:
     return {F.META_TOKENIZER: json.dumps(payload), F.META_TOKENIZER_CONFIG: json.dumps(tok.config)}
 
 
+def head_copy(policy: QuantPolicy, spec) -> bool:
+    """Whether a tied lm_head gets its own FP8 copy: by default yes (decode reads the head every token,
+    and in FP8 it is half the bytes of the FP16 embedding), except unquantized or with static activation
+    scales (a checkpoint has no input_scale for a head it does not store)."""
+    return (
+        policy.lm_head_fp8 and spec.tie_word_embeddings and policy.format != "none" and policy.activations != "static"
+    )
+
+
 def convert(
     src: Path | str,
     out: Path | str,
@@ -123,7 +133,7 @@ def convert(
     with open_checkpoint(src) as ckpt:
         spec = spec_from_hf_config(ckpt.config)
         names = F.model_tensors(spec)
-        if policy.lm_head_fp8 and spec.tie_word_embeddings and policy.format != "none":
+        if head_copy(policy, spec):
             names[F.LM_HEAD] = (spec.vocab_size, spec.hidden_size)  # an FP8 copy of the tied embedding
         for name, shape in names.items():  # fail before writing anything
             _source(ckpt, name, shape)
@@ -139,6 +149,9 @@ def convert(
                     raise HyEdgeError(
                         f"--activations static needs an input_scale for '{name}' (only FP8-static checkpoints have one)"
                     )
+                if q.storage in FP8_TYPES and has_nan_codes(q.data, q.storage):
+                    # the runtime's kernels do not decode NaN: a weight with NaN/inf is refused here
+                    raise HyEdgeError(f"weight '{name}' holds NaN or infinite values: the checkpoint is corrupt")
                 if q.storage in FP8_TYPES:
                     inits.append(data.add(name + F.QWEIGHT, q.data, FP8_TYPES[q.storage]))
                     inits.append(data.add(name + F.SCALE, q.scale))

@@ -46,8 +46,12 @@ def open_session(
     max_context: int | None = None,
     max_memory: int | None = None,
     prefill_chunk: int | None = None,
+    slots: int = 1,
+    kv_cache: str = "fp32",
 ) -> Backend:
-    """A new session on `model` with the chosen backend; the memory budget is checked first."""
+    """A new session on `model` with the chosen backend; the memory budget is checked first.
+    `slots` (sequences decoded together, `NumbaSession.decode_batch`) and `kv_cache` ('fp16' halves the
+    KV memory) are numba-backend options."""
     from .memory import DEFAULT_BUDGET
     from .threads import resolve_threads
 
@@ -64,8 +68,12 @@ def open_session(
             prefill_chunk=prefill_chunk or DEFAULT_PREFILL_CHUNK,
             max_memory=budget,
             threads=threads,
+            slots=slots,
+            kv_cache=kv_cache,
         )
     if backend == "onnxruntime":
+        if slots != 1 or kv_cache != "fp32":
+            raise HyEdgeError("the onnxruntime backend runs one sequence with an fp32 KV cache")
         from .backend_ort import OrtSession
 
         return OrtSession(model.path, threads=threads, max_context=max_context, max_memory=budget)

@@ -165,7 +165,8 @@ def cache_name(src: Path, label: str) -> str:
     """The cached file's name: the checkpoint's identity and the format version are in it, so two
     installs (two venvs, an old and a new version) sharing one cache keep one file each instead of
     reconverting each other's on every alternation."""
-    return f"{label}-{_source_id(src)[:8]}.v{F.FORMAT_VERSION}.e4m3"
+    # the default policy's name: E4M3 linears and an FP8 copy of a tied head
+    return f"{label}-{_source_id(src)[:8]}.v{F.FORMAT_VERSION}.e4m3-fp8head"
 
 
 def resolve_model(arg: str | Path | None, notice: Notice) -> Path:

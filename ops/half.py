@@ -88,31 +88,3 @@ def _put_impl(a, i, value):
         a[i] = value
 
     return put_plain
-
-
-@intrinsic
-def _prefetch(typingctx, arr, index):
-    """Hint the cache to fetch the line holding arr[index] (llvm.prefetch: read, keep in all levels)."""
-    sig = types.void(arr, index)
-
-    def codegen(context, builder, signature, args):
-        from numba.np.arrayobj import make_array
-
-        aryty, idxty = signature.args
-        ary = make_array(aryty)(context, builder, args[0])
-        ptr = builder.gep(ary.data, [args[1]])
-        i8p = builder.bitcast(ptr, ir.IntType(8).as_pointer())
-        fnty = ir.FunctionType(ir.VoidType(), [i8p.type, ir.IntType(32), ir.IntType(32), ir.IntType(32)])
-        fn = builder.module.declare_intrinsic("llvm.prefetch", [i8p.type], fnty)
-        builder.call(
-            fn, [i8p, ir.Constant(ir.IntType(32), 0), ir.Constant(ir.IntType(32), 3), ir.Constant(ir.IntType(32), 1)]
-        )
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@njit(cache=True, inline="always")
-def prefetch(arr, index):
-    """Software prefetch of the cache line holding the 1-D contiguous arr[index]."""
-    _prefetch(arr, index)
