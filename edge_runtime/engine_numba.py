@@ -18,6 +18,7 @@ with SiLU or ReLU6; final norm; logits = h @ lm_head^T (the embedding when tied)
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,15 +112,26 @@ def memory_plan(
     return MemoryPlan(weights=weights_bytes, fixed=fixed, per_token=per_token)
 
 
+def _lazy_zeros(shape: tuple, dtype) -> np.ndarray:
+    """A zero-filled array whose pages become resident only when written: an anonymous mapping that
+    refuses huge pages. (numpy asks the kernel for 2 MB pages on large arrays, so the first KV entry
+    written into each 2 MB of the cache made all of it resident: +194 MB on a 128-token prompt.)"""
+    count = int(np.prod(shape))
+    mm = mmap.mmap(-1, max(1, count * np.dtype(dtype).itemsize), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        mm.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(mm, dtype, count=count).reshape(shape)  # the array keeps the mapping alive
+
+
 def allocate_buffers(
     spec: ModelSpec, chunk: int, context: int, act_quant: bool, slots: int = 1, kv_cache: str = "fp32"
 ) -> Buffers:
-    """The one place a session allocates. Caches are zero-filled (calloc: pages become resident only
-    when a position is written); activations are left uninitialised."""
+    """The one place a session allocates. Caches are zero-filled and become resident only where a
+    position is written (`_lazy_zeros`); activations are left uninitialised."""
     out = {}
     for name, (shape, dtype) in buffer_shapes(spec, chunk, context, act_quant, slots, kv_cache).items():
         cached = name in ("k_cache", "v_cache", "conv_state", "conv_hist")
-        out[name] = np.zeros(shape, dtype) if cached else np.empty(shape, dtype)
+        out[name] = _lazy_zeros(shape, dtype) if cached else np.empty(shape, dtype)
     out["ramp"][:] = np.arange(out["ramp"].shape[0])
     inv_freq = rope.rope_inv_freq(spec.head_dim, spec.rope_theta)
     out["cos"][...], out["sin"][...] = rope.rope_tables(inv_freq, context)

@@ -49,21 +49,22 @@ def f32_to_half(value):
 
 
 def as_f32(c):
-    """A stored element as float32: uint8 E4M3 code (times 2**-8), int8 E5M2 code, uint16 half bits,
+    """A stored element as float32: int8 E4M3 code (times 2**-8), uint8 E5M2 code, uint16 half bits,
     or a float. Compiled per dtype (an overload), so each storage gets its own vector code."""
 
 
 @overload(as_f32, inline="always")
 def _as_f32_impl(c):
-    if c == types.uint8:  # E4M3: (c & 0x80) << 8 | (c & 0x7F) << 7 is the half of value * 2**-8
+    if c == types.int8:  # E4M3, viewed as int8: sign-extended and shifted by 7, the sign lands in bit 15
+        # (and a copy in bit 14, cleared); exponent and mantissa land where a half keeps them, so the
+        # half is the E4M3 value times 2**-8, subnormals included: 3 vector ops per 16 weights
 
         def e4m3(c):
-            b = np.uint16(c)
-            return _half_bits_to_f32(np.uint16(((b & 0x80) << 8) | ((b & 0x7F) << 7)))
+            return _half_bits_to_f32(np.uint16((np.int16(c) << 7) & 0xBFFF))
 
         return e4m3
-    if c == types.int8:  # E5M2: the high byte of a half
-        return lambda c: _half_bits_to_f32(np.uint16(np.uint16(np.uint8(c)) << 8))
+    if c == types.uint8:  # E5M2: the high byte of a half
+        return lambda c: _half_bits_to_f32(np.uint16(np.uint16(c) << 8))
     if c == types.uint16:
         return lambda c: _half_bits_to_f32(c)
     if isinstance(c, types.Float):

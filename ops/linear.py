@@ -1,11 +1,11 @@
 """Linear layers on HF-layout weights (N, K): y = x @ W^T with the weight decode fused into the dot.
 
 Weights stay in their stored form and are decoded in registers, once per row block:
-- E4M3 (uint8 codes): sign and the 7 low bits are moved into an IEEE half bit pattern
-  ((c & 0x80) << 8 | (c & 0x7F) << 7 is the same value times 2**-8, subnormals included), widened to
-  float32 by the CPU's half→float instruction (x86 F16C `vcvtph2ps`, ARM `fcvtl`); the 2**8 is folded
-  into the row scale. No float32 denormal is ever formed, so any code distribution runs at one speed.
-- E5M2 (viewed as int8 so that it gets its own compiled decode): the code is the top byte of a half.
+- E4M3 (codes viewed as int8): sign and the 7 low bits are moved into an IEEE half bit pattern
+  ((int16(c) << 7) & 0xBFFF is the same value times 2**-8, subnormals included), widened to float32
+  by the CPU's half→float instruction (x86 F16C `vcvtph2ps`, ARM `fcvtl`); the 2**8 is folded into
+  the row scale. No float32 denormal is ever formed, so any code distribution runs at one speed.
+- E5M2: the code is the top byte of a half.
 - FP16: raw half bits; FP32: read as is.
 The FP8 NaN codes (E4M3 0x7F/0xFF, E5M2 exponent 31) are not decoded as NaN: the converter never
 writes them and the loader refuses files that contain them (`fp8.has_nan_codes`).
@@ -34,8 +34,9 @@ from .half import as_f32 as _weight
 
 _FM = {"reassoc", "contract"}  # lets LLVM vectorise the reductions; keeps inf/NaN semantics
 STORAGES = ("e4m3", "e5m2", "fp16", "fp32")
-# stored dtype the kernels see per storage (E5M2 as int8: a distinct type selects its decode)
-_VIEW = {E4M3: np.uint8, E5M2: np.int8, "fp16": np.uint16, "fp32": np.float32}
+# stored dtype the kernels see per storage (a distinct type selects each decode; E4M3 as int8 decodes
+# in fewer vector ops, see hy_edge_ops.half.as_f32)
+_VIEW = {E4M3: np.int8, E5M2: np.uint8, "fp16": np.uint16, "fp32": np.float32}
 PREFILL_MIN = 8  # tokens of one sequence from which the row-blocked prefill kernel is faster
 _POW2 = {E4M3: 256.0, E5M2: 1.0, "fp16": 1.0, "fp32": 1.0}  # value = decoded half * _POW2
 
@@ -219,7 +220,7 @@ class LinearOp:
     the format's power of two folded in, `bk` columns per scale block."""
 
     storage: str
-    w: np.ndarray  # (N, K) uint8 E4M3 | int8 E5M2 | uint16 half bits | float32
+    w: np.ndarray  # (N, K) int8 E4M3 | uint8 E5M2 | uint16 half bits | float32
     scales: np.ndarray  # (N, G) float32
     bk: int
 
