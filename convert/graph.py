@@ -132,7 +132,7 @@ class GraphBuilder:
         return self.node("Concat", [out1, out2], path, axis=-1)
 
     def make_rope_tables(self) -> tuple[str, str]:
-        """cos, sin (B, 1, T, D/2) from position_ids, freqs computed in float32 like transformers."""
+        """cos, sin (B, 1, T, D/2) from position_ids x rope_inv_freq (the engine's table), in float32."""
         inv = rope_inv_freq(self.spec.head_dim, self.spec.rope_theta)
         pos = self.node("Cast", [F.POSITION_IDS], "/model/rope", to=TensorProto.FLOAT)
         freqs = self.node(

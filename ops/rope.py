@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import njit, prange
 
@@ -9,13 +11,18 @@ from .checks import need_array as _need
 
 
 def rope_inv_freq(head_dim: int, base: float) -> np.ndarray:
-    """f32 (D/2,) = 1 / base ** (arange(0, D, 2) / D), all in float32 as torch computes it."""
+    """f32 (D/2,) = 1 / base ** (arange(0, D, 2) / D), computed in float64 and rounded to float32 once.
+
+    The one table the converter writes into the file and the numba engine computes at load. float32
+    `np.power` differs in the last bit between CPUs (AVX-512 x86 vs glibc on ARM, issue 11); float64
+    pow errs far below a float32 ulp, so rounding it once gives the same table on every machine.
+    transformers computes it in float32: the two agree to an ulp."""
     if head_dim <= 0 or head_dim % 2:
         raise ValueError(f"head_dim must be a positive even number, got {head_dim}")
     if not base > 0:
         raise ValueError(f"base must be positive, got {base}")
-    exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
-    return (np.float32(1.0) / np.power(np.float32(base), exponent)).astype(np.float32)
+    inv = [1.0 / math.pow(float(base), i / head_dim) for i in range(0, head_dim, 2)]
+    return np.array(inv, np.float64).astype(np.float32)
 
 
 def rope_tables(inv_freq: np.ndarray, max_positions: int) -> tuple[np.ndarray, np.ndarray]:

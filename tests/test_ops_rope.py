@@ -1,14 +1,31 @@
+import decimal
+
 import numpy as np
 import pytest
-import torch
 from hy_edge_ops import reference as ref
 from hy_edge_ops.rope import apply_rope, rope_inv_freq, rope_tables
 
 HUNYUAN_BASE = 10000.0 * 1000.0 ** (128 / 126)  # dynamic alpha scaling as a static base
 
 
-@pytest.mark.parametrize("d,base", [(128, HUNYUAN_BASE), (64, 10000.0), (64, 100000.0), (10, 500.0)])
+CASES = [(128, HUNYUAN_BASE), (64, 10000.0), (64, 100000.0), (10, 500.0)]
+
+
+@pytest.mark.parametrize("d,base", CASES)
+def test_inv_freq_is_float64_rounded_once(d, base):
+    """Issue 11: the same float32 table on every CPU and in both backends."""
+    inv = rope_inv_freq(d, base)
+    want = (1.0 / np.power(np.float64(base), np.arange(0, d, 2, dtype=np.float64) / d)).astype(np.float32)
+    np.testing.assert_array_equal(inv, want)
+    with decimal.localcontext() as ctx:  # 40 digits, then rounded: the correctly rounded table
+        ctx.prec = 40
+        exact = [float(1 / decimal.Decimal(base) ** (decimal.Decimal(i) / d)) for i in range(0, d, 2)]
+    np.testing.assert_array_equal(inv, np.array(exact).astype(np.float32))
+
+
+@pytest.mark.parametrize("d,base", CASES)
 def test_tables_match_torch(d, base):
+    torch = pytest.importorskip("torch", reason="torch is not installed (the test extra pins it on x86_64 only)")
     inv = rope_inv_freq(d, base)
     t_inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
     np.testing.assert_allclose(inv, t_inv.numpy(), rtol=1e-6)
@@ -39,11 +56,12 @@ def test_apply_rope_matches_transformers_rotate_half():
     inv = rope_inv_freq(d, 10000.0)
     cos, sin = rope_tables(inv, 16)
     positions = np.arange(3, 3 + t, dtype=np.int64)
-    xt = torch.from_numpy(x.copy()).transpose(0, 1)  # (H, T, D)
-    emb_cos = torch.cat([torch.from_numpy(cos[positions])] * 2, -1)  # (T, D)
-    emb_sin = torch.cat([torch.from_numpy(sin[positions])] * 2, -1)
-    rot = torch.cat((-xt[..., d // 2 :], xt[..., : d // 2]), dim=-1)
-    want = (xt * emb_cos + rot * emb_sin).transpose(0, 1).numpy()
+    # transformers' apply_rotary_pos_emb: x * cos + rotate_half(x) * sin, cos/sin tables repeated twice
+    xt = x.copy().transpose(1, 0, 2)  # (H, T, D)
+    emb_cos = np.concatenate([cos[positions]] * 2, -1)  # (T, D)
+    emb_sin = np.concatenate([sin[positions]] * 2, -1)
+    rot = np.concatenate((-xt[..., d // 2 :], xt[..., : d // 2]), axis=-1)
+    want = (xt * emb_cos + rot * emb_sin).transpose(1, 0, 2)
     np.testing.assert_allclose(apply_rope(x, positions, cos, sin), want, rtol=1e-6, atol=1e-6)
 
 
