@@ -15,7 +15,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-ALIGN = 4096  # page size: each external tensor starts on its own page, so a view needs no copy
+# Each external tensor starts on a page boundary of every common kernel: 4 KB (x86), 16 KB (Raspberry Pi 5's
+# default kernel, Apple silicon), 64 KB (some arm64 server kernels). The file is mapped from offset 0, so
+# a smaller alignment is still correct, but then tensors share pages and a view's first page is partial.
+# The padding is a hole (seek, not written zeros): no disk cost where the file system supports them.
+ALIGN = 64 * 1024
 INLINE_LIMIT = 1024  # smaller tensors (scales, norms of tiny models) live inside the .onnx itself
 
 NP_TO_ONNX = {
@@ -48,7 +52,7 @@ class ExternalData:
             t.raw_data = raw
             return t
         pad = -self.size % ALIGN
-        self._f.write(b"\0" * pad)
+        self._f.seek(pad, os.SEEK_CUR)  # the tensor written next fills the file up to it
         offset = self.size + pad
         self._f.write(raw)
         self.checksums[name] = zlib.crc32(raw)

@@ -1,7 +1,7 @@
 """Weights of a converted .onnx file, memory-mapped from its external data.
 
 The graph proto is parsed without its external data; every external initializer becomes a numpy view
-into one read-only `np.memmap` of `model.onnx.data` (offsets are 4096-aligned by the converter), so
+into one read-only `np.memmap` of `model.onnx.data` (offsets are 64 KiB-aligned by the converter), so
 the weights are never copied wholesale and only the pages a kernel touches become resident. Small
 inline initializers (norm weights, scales) are read from the proto.
 
