@@ -55,6 +55,7 @@ def open_session(
     from .memory import DEFAULT_BUDGET
     from .threads import resolve_threads
 
+    adaptive = threads is None  # the default count gives way to other busy processes
     threads = resolve_threads(threads)
     budget = DEFAULT_BUDGET if max_memory is None else max_memory
     if backend == "numba":
@@ -70,6 +71,7 @@ def open_session(
             threads=threads,
             slots=slots,
             kv_cache=kv_cache,
+            adaptive_threads=adaptive,
         )
     if backend == "onnxruntime":
         if slots != 1 or kv_cache != "fp32":

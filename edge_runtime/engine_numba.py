@@ -191,8 +191,9 @@ class NumbaSession:
         threads: int | None = None,
         slots: int = 1,
         kv_cache: str = "fp32",
+        adaptive_threads: bool = False,
     ):
-        from .threads import set_threads
+        from .threads import ThreadGovernor, set_threads
 
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk should be >= 1, got {prefill_chunk}")
@@ -204,6 +205,8 @@ class NumbaSession:
         self.spec = spec
         self.weights = weights
         self.threads = set_threads(threads)
+        # threads chosen by default (not by the user) give way to other busy processes (threads.py)
+        self._governor = ThreadGovernor(self.threads) if adaptive_threads and self.threads > 1 else None
         self.activations = activations  # none | e4m3 | e5m2 | static (see _fake_quant)
         act_quant = activations != "none"
         self.prefill_chunk = prefill_chunk
@@ -334,6 +337,8 @@ class NumbaSession:
         if T == 0:
             raise ValueError("forward() needs at least one token")
         start = int(self.positions[slot])
+        if self._governor is not None:
+            self._governor.tick()
         if start + T > self.max_context:
             raise BudgetError(
                 f"context full: {start} cached + {T} new tokens exceed the context length {self.max_context}"
@@ -371,6 +376,8 @@ class NumbaSession:
         full = slots[self.positions[slots] >= self.max_context]
         if full.shape[0]:
             raise BudgetError(f"context full in slot {int(full[0])}: {self.max_context} tokens cached")
+        if self._governor is not None:
+            self._governor.tick()
         b = self.buf
         b.row_slots[:B] = slots
         b.positions[:B] = self.positions[slots]

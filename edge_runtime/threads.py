@@ -57,3 +57,61 @@ def set_threads(threads: int | None) -> int:
     n = min(resolve_threads(threads), numba.config.NUMBA_NUM_THREADS)
     numba.set_num_threads(n)
     return n
+
+
+def _busy_seconds() -> float | None:
+    """CPU seconds every CPU of the machine has spent busy since boot (/proc/stat), or None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    ticks = [int(v) for v in fields[1:]]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    # fields 0-7: user nice system idle iowait irq softirq steal (guest time is already in user)
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class ThreadGovernor:
+    """Chooses how many of the session's threads to use from what the rest of the machine is doing.
+
+    Every parallel region ends at a barrier; when another process keeps a core busy, one of our threads
+    is descheduled and the others wait for it at every barrier (Hunyuan-0.5B decode with one competing
+    busy process: 13 tok/s on 2 threads, 20 tok/s on 1). So every `interval` seconds the governor
+    measures the CPU time other processes used (the machine's busy time minus this process's) and
+    uses `threads - round(other cores busy)` threads, at least one. Cheap enough to call every step.
+    """
+
+    def __init__(self, threads: int, interval: float = 0.5):
+        import time
+
+        self.threads = threads
+        self.interval = interval
+        self._clock = time.monotonic
+        self._last = self._sample()
+        self.current = threads
+
+    def _sample(self) -> tuple[float, float, float | None]:
+        t = os.times()
+        return self._clock(), t.user + t.system, _busy_seconds()
+
+    def tick(self) -> int:
+        """Re-chooses the thread count when `interval` has passed; returns the count in use."""
+        now = self._clock()
+        if now - self._last[0] < self.interval:
+            return self.current
+        sample = self._sample()
+        (t0, own0, busy0), (t1, own1, busy1) = self._last, sample
+        self._last = sample
+        if busy0 is None or busy1 is None or t1 <= t0:
+            return self.current
+        others = max(0.0, (busy1 - busy0) - (own1 - own0)) / (t1 - t0)  # cores other processes kept busy
+        n = max(1, min(self.threads, self.threads - int(others + 0.5)))
+        if n != self.current:
+            import numba
+
+            numba.set_num_threads(n)
+            self.current = n
+        return n

@@ -1,0 +1,60 @@
+"""The thread governor gives way to other busy processes: it uses threads - round(cores other processes
+kept busy) threads, re-measured every interval, and never fewer than one."""
+
+from __future__ import annotations
+
+import types
+
+import numba
+import pytest
+
+from edge_runtime import threads as T
+
+
+class FakeMachine:
+    def __init__(self):
+        self.now, self.busy, self.own = 0.0, 0.0, 0.0
+
+    def run(self, seconds: float, own_cores: float, other_cores: float) -> None:
+        self.now += seconds
+        self.own += own_cores * seconds
+        self.busy += (own_cores + other_cores) * seconds
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    m = FakeMachine()
+    monkeypatch.setattr(T, "_busy_seconds", lambda: m.busy)
+    monkeypatch.setattr(T.os, "times", lambda: types.SimpleNamespace(user=m.own, system=0.0))
+    m.set_calls = []
+    monkeypatch.setattr(numba, "set_num_threads", m.set_calls.append)  # a 4-thread pool on any machine
+    return m
+
+
+def test_gives_way_to_a_busy_process_and_takes_the_cores_back(machine):
+    g = T.ThreadGovernor(4, interval=0.5)
+    g._clock = lambda: machine.now
+    g._last = g._sample()
+    machine.run(0.2, own_cores=4, other_cores=0)
+    assert g.tick() == 4  # not yet an interval: no new measurement
+    machine.run(0.4, own_cores=3.2, other_cores=0.8)  # one competing busy process
+    assert g.tick() == 3
+    machine.run(0.5, own_cores=1.0, other_cores=3.0)  # three of them
+    assert g.tick() == 1
+    machine.run(0.5, own_cores=1.0, other_cores=3.9)  # never below one thread
+    assert g.tick() == 1
+    machine.run(0.5, own_cores=1.0, other_cores=0.2)  # they are gone
+    assert g.tick() == 4
+    assert machine.set_calls == [3, 1, 4]  # numba is told only when the count changes
+
+
+def test_no_proc_stat_keeps_the_count(machine, monkeypatch):
+    monkeypatch.setattr(T, "_busy_seconds", lambda: None)
+    g = T.ThreadGovernor(2, interval=0.0)
+    machine.run(1.0, own_cores=1, other_cores=1)
+    assert g.tick() == 2
+
+
+def test_reads_this_machine():
+    busy = T._busy_seconds()
+    assert busy is None or busy > 0
