@@ -78,7 +78,12 @@ def model_options(fn: Callable) -> Callable:
         ),
         click.option("--backend", default="numba", show_default=True, type=click.Choice(["numba", "onnxruntime"])),
         click.option("--threads", default=None, type=int, help="Threads (default: physical cores)."),
-        click.option("--max-memory", default="8GB", show_default=True, help="Memory budget, e.g. 8GB, 512MB."),
+        click.option(
+            "--max-memory",
+            default=None,
+            help="Memory budget of the process, e.g. 8GB, 512MB (default: 3/4 of the available memory, "
+            "within the cgroup's limit).",
+        ),
         click.option("--max-context", default=None, type=int, help="Context length (default: up to 4096)."),
     ]
     return functools.reduce(lambda f, o: o(f), reversed(options), fn)
@@ -137,7 +142,7 @@ def open_model(
     model_arg: str | None,
     backend: str,
     threads: int | None,
-    max_memory: str,
+    max_memory: str | None,
     max_context: int | None,
 ):
     """Check the options a user typed, find (or convert) the model, load it."""
@@ -163,7 +168,7 @@ def open_model(
             threads = cap
     if max_context is not None and max_context < 1:
         raise HyEdgeError(f"--max-context should be >= 1, got {max_context}")
-    budget = parse_size(max_memory)
+    budget = parse_size(max_memory) if max_memory is not None else None  # None: memory.DEFAULT_BUDGET
     path = resolve_model(model_arg, notice=lambda message: click.echo(message, err=True))
     return load(path, backend=backend, threads=threads, max_context=max_context, max_memory=budget)
 

@@ -178,7 +178,7 @@ def info_cmd(model: Path, verify: bool) -> None:
         click.echo(
             f"memory (numba backend): runtime ~{fmt_bytes(plan.runtime)} + weights {fmt_bytes(weights)} mapped + "
             f"buffers {fmt_bytes(plan.fixed)} + KV cache {fmt_bytes(plan.per_token * 1024)} per 1k "
-            f"tokens; the default {fmt_bytes(DEFAULT_BUDGET)} budget allows a context of {allowed} tokens"
+            f"tokens; this machine's default {fmt_bytes(DEFAULT_BUDGET)} budget allows a context of {allowed} tokens"
         )
         if checked is not None:
             click.echo(f"checksums: all {checked} weight tensors match")

@@ -12,10 +12,12 @@ import re
 import resource
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import BudgetError, HyEdgeError
 
-DEFAULT_BUDGET = 8 * 1024**3  # 8 GB: a Raspberry Pi 5's RAM
+BUDGET_FRACTION = 0.75  # of the memory available; the rest stays with the OS, other services and the page cache
+FALLBACK_BUDGET = 8 * 1024**3  # where the machine's memory cannot be read (no /proc/meminfo)
 DEFAULT_CONTEXT = 4096  # when neither the user nor the budget asks for less
 MB = 1024**2
 # Resident memory of the runtime before any weight or buffer: the interpreter, numpy, onnx, the
@@ -40,6 +42,49 @@ _UNITS = {
     "tb": 1024**4,
     "tib": 1024**4,
 }
+
+
+def default_budget(proc: Path = Path("/proc"), cgroup_fs: Path = Path("/sys/fs/cgroup")) -> int:
+    """The budget when none is given: BUDGET_FRACTION of MemAvailable, capped by the memory limit of
+    this process's cgroup and its ancestors (v2 `memory.max`, e.g. systemd's MemoryMax=; v1
+    `memory.limit_in_bytes`) where one is set. Pi 5 boards ship with 2 to 16 GB: no fixed figure fits."""
+    try:
+        meminfo = (proc / "meminfo").read_text()
+    except OSError:
+        return FALLBACK_BUDGET
+    m = re.search(r"^MemAvailable:\s+(\d+) kB", meminfo, re.M)
+    if m is None:
+        return FALLBACK_BUDGET
+    limits = [int(m.group(1)) * 1024]
+    try:
+        cgroups = (proc / "self" / "cgroup").read_text().splitlines()
+    except OSError:
+        cgroups = []
+    for line in cgroups:  # "0::/system.slice/x.service" (v2), "4:memory:/docker/abc" (v1)
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":
+            base, name = cgroup_fs, "memory.max"
+        elif "memory" in controllers.split(","):
+            base, name = cgroup_fs / "memory", "memory.limit_in_bytes"
+        else:
+            continue
+        group = base / path.lstrip("/")
+        for d in (group, *group.parents):
+            try:
+                value = (d / name).read_text().strip()
+            except OSError:
+                value = "max"
+            if value.isdigit():
+                limits.append(int(value))  # v1's "no limit" is a huge number: min() passes over it
+            if d == base:
+                break
+    return int(BUDGET_FRACTION * min(limits))
+
+
+DEFAULT_BUDGET = default_budget()  # read once, when the runtime is imported
 
 
 def parse_size(text: str | int) -> int:

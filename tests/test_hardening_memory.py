@@ -12,8 +12,9 @@ import pytest
 from runtime_helpers import converted
 
 import edge_runtime
+from edge_runtime import memory
 from edge_runtime.errors import BudgetError
-from edge_runtime.memory import MB, RUNTIME_OVERHEAD
+from edge_runtime.memory import BUDGET_FRACTION, FALLBACK_BUDGET, MB, RUNTIME_OVERHEAD, default_budget
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +66,55 @@ def test_budget_shortening_the_context_is_said_once(model_file, tmp_path):
     assert r.returncode == 0, r.stderr
     notes = [line for line in r.stderr.splitlines() if line.startswith("hy-edge: note:")]
     assert len(notes) == 1 and "allows a context of 100 tokens" in notes[0]
+
+
+# -- the default budget: what the machine has (issue 11: Pi 5 boards ship with 2 to 16 GB) --------------
+
+GB = 1024**3
+
+
+def fake_machine(root, available_kb: int, cgroup: str, limits: dict[str, str]):
+    """A /proc (meminfo, self/cgroup) and a /sys/fs/cgroup with the given limit files."""
+    proc, fs = root / "proc", root / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text(f"MemTotal:  8000000 kB\nMemFree:  123456 kB\nMemAvailable:  {available_kb} kB\n")
+    (proc / "self" / "cgroup").write_text(cgroup)
+    for name, value in limits.items():
+        (fs / name).parent.mkdir(parents=True, exist_ok=True)
+        (fs / name).write_text(value + "\n")
+    return proc, fs
+
+
+def test_default_budget_is_a_fraction_of_available_memory(tmp_path):
+    proc, fs = fake_machine(tmp_path, 4 * 1024**2, "0::/user.slice/session-1.scope\n", {"user.slice/memory.max": "max"})
+    assert default_budget(proc, fs) == int(BUDGET_FRACTION * 4 * GB) == 3 * GB
+
+
+@pytest.mark.parametrize(
+    "cgroup,limits",
+    [
+        # systemd's MemoryMax=1G on the service (cgroup v2), nothing on the slice
+        ("0::/system.slice/hy-edge.service\n", {"system.slice/hy-edge.service/memory.max": str(GB)}),
+        # a limit on an ancestor bounds the service too
+        ("0::/a.slice/b.service\n", {"a.slice/memory.max": str(GB), "a.slice/b.service/memory.max": "max"}),
+        # cgroup v1 (a container): the memory controller's limit; v1's "unlimited" is a huge number
+        (
+            "4:memory:/docker/abc\n0::/\n",
+            {"memory/docker/abc/memory.limit_in_bytes": str(GB), "memory/memory.limit_in_bytes": str(2**63 - 4096)},
+        ),
+    ],
+)
+def test_default_budget_stays_within_the_cgroup_limit(tmp_path, cgroup, limits):
+    proc, fs = fake_machine(tmp_path, 4 * 1024**2, cgroup, limits)
+    assert default_budget(proc, fs) == int(BUDGET_FRACTION * GB)
+
+
+def test_default_budget_without_proc_is_the_fallback(tmp_path):
+    assert default_budget(tmp_path / "no-proc", tmp_path / "no-cgroup") == FALLBACK_BUDGET
+
+
+def test_a_session_without_max_memory_uses_the_default_budget(model_file, monkeypatch):
+    model = edge_runtime.load(model_file)
+    monkeypatch.setattr(memory, "DEFAULT_BUDGET", model.session(max_context=16).plan.total(100))
+    with pytest.warns(UserWarning, match="allows a context of 100 tokens"):
+        assert model.session().max_context == 100
