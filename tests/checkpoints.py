@@ -93,6 +93,17 @@ def train_tokenizer(specials: list[str], vocab_size: int = TINY_VOCAB):
     return tok
 
 
+TORCH_MISSING = "torch is not installed (the test extra pins it only on x86_64, where a CPU wheel exists)"
+
+
+def need_torch():
+    """torch, or a skip of the calling test that says why: transformers' models need it, and the test
+    extra installs it only where a CPU build exists (a Raspberry Pi gets no torch)."""
+    import pytest
+
+    return pytest.importorskip("torch", reason=TORCH_MISSING)
+
+
 def _save_tokenizer(tok, out: Path, template: str, **special) -> None:
     from transformers import PreTrainedTokenizerFast
 
@@ -129,7 +140,7 @@ def make_hunyuan(
     legacy_config rewrites config.json with the keys of Tencent's own release (rope_scaling
     {type: dynamic, alpha}, top-level rope_theta, attention_head_dim, use_qk_norm).
     """
-    import torch
+    torch = need_torch()
     from transformers import HunYuanDenseV1Config, HunYuanDenseV1ForCausalLM
 
     out = Path(out)
@@ -177,7 +188,7 @@ def make_llama(
     out: Path, dtype: str = "float32", seed: int = 0, max_shard_size: str | None = None, **config_overrides
 ) -> Path:
     """A tiny LlamaForCausalLM with an untied lm_head and a ChatML tokenizer."""
-    import torch
+    torch = need_torch()
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out = Path(out)
@@ -260,7 +271,7 @@ def make_fp8(src: Path, dst: Path, seed: int = 0) -> Path:
     """Rewrite a saved checkpoint in Hunyuan-0.5B-Instruct-FP8's compressed-tensors layout: each
     *_proj weight as float8_e4m3fn codes with a per-tensor `weight_scale` [1] = amax/448 and a static
     `input_scale` [1]; embeddings and norms bf16."""
-    import torch
+    torch = need_torch()
     from safetensors.torch import save_file
 
     src, dst = Path(src), Path(dst)
@@ -290,7 +301,7 @@ def make_fp8(src: Path, dst: Path, seed: int = 0) -> Path:
 def fp8_reference_model(fp8_dir: Path):
     """A float32 transformers model whose linears are the FP8 checkpoint dequantized
     (`weight.float() * weight_scale`): the reference for FP8 logits."""
-    import torch
+    torch = need_torch()
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -395,7 +406,8 @@ def make_gguf_llama(
     interleaved RoPE, 2-D tensors in `qtype` (rows of 64/96 fill 32-wide blocks), norms F32, and a
     gpt2 BPE vocabulary with a ChatML template (vocab_type "llama": a SentencePiece one)."""
     import gguf
-    import torch
+
+    torch = need_torch()
     from transformers import LlamaConfig, LlamaForCausalLM
 
     path = Path(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import subprocess
 import sys
@@ -80,9 +81,18 @@ def _smollm2_cache_key(path: Path) -> str:
     return f"hy_edge/smollm2_reference/{tag}"
 
 
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:
+        return False
+
+
 def pytest_collection_modifyitems(session, config, items):
     if not any("smollm2_reference" in getattr(item, "fixturenames", ()) for item in items):
         return
+    if not (_importable("torch") and _importable("transformers")):
+        return  # smollm2_reference skips (checkpoints.need_torch)
     path = ck.smollm2_gguf_path()
     cache = getattr(config, "cache", None)
     if path is None or (cache is not None and cache.get(_smollm2_cache_key(path), None) is not None):
@@ -111,6 +121,8 @@ _SMOLLM2_JOB = pytest.StashKey[tuple]()
 def smollm2_reference(request, smollm2_gguf) -> dict:
     """gguf_reference.reference(SmolLM2): transformers' tensors (sha256), config and tokenizations."""
     import gguf_reference
+
+    ck.need_torch()
 
     cache = getattr(request.config, "cache", None)
     key = _smollm2_cache_key(smollm2_gguf)

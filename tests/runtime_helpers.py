@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from checkpoints import TINY_SHAPES
+from checkpoints import TINY_SHAPES, need_torch
 
 from edge_runtime import format as F
 from edge_runtime.spec import spec_from_hf_config
@@ -79,7 +79,7 @@ def make_seed_checkpoint(out: Path, seed: int = 0, tokenizer_from: Path | None =
 @functools.cache
 def hf_model(src: Path):
     """transformers' model for a checkpoint directory, in float32."""
-    import torch
+    torch = need_torch()
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
@@ -90,8 +90,9 @@ def hf_model_with_file_weights(src: Path, onnx_path: Path):
     reference for a quantized file's logits."""
     import copy
 
-    import torch
     from onnx_weights import dequantized
+
+    torch = need_torch()
 
     model = copy.deepcopy(hf_model(src))
     weights = {k: torch.from_numpy(v) for k, v in dequantized(onnx_path).items()}

@@ -11,7 +11,6 @@ import numpy as np
 import onnx
 import pytest
 import reference_model
-import torch
 from hy_edge_convert import QuantPolicy, convert
 from onnx_weights import dequantized, initializers
 from runtime_helpers import make_seed_checkpoint
@@ -35,18 +34,23 @@ def ort_logits(path, ids=IDS, split=10) -> np.ndarray:
 
 
 def hf_model(src, **kw):
+    torch = ck.need_torch()
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kw).eval()
 
 
 def hf_logits(model, ids=IDS) -> np.ndarray:
+    import torch
+
     with torch.no_grad():
         return model(torch.tensor(ids)[None]).logits[0].float().numpy()
 
 
 def with_weights(model, weights: dict[str, np.ndarray]):
     """The transformers model with its weights replaced by exactly what our file stores."""
+    import torch
+
     sd = model.state_dict()
     head = weights.get("lm_head.weight")
     for name, w in weights.items():
@@ -95,6 +99,7 @@ def test_unquantized_conversion_matches_transformers(name, checkpoint, tmp_path)
 
 @pytest.mark.parametrize("name", ["hunyuan-f32", "llama-f32"])
 def test_greedy_tokens_match_transformers_generate(name, checkpoint, tmp_path):
+    torch = ck.need_torch()
     src = checkpoint(name)
     out = tmp_path / "model.onnx"
     convert(src, out, QuantPolicy(format="none"))
@@ -143,6 +148,7 @@ def test_fp8_conversion(fmt, granularity, checkpoint, tmp_path):
 
 
 def test_fp8_checkpoint_is_carried_byte_exactly(checkpoint, tmp_path):
+    torch = ck.need_torch()
     from safetensors import safe_open
 
     fp8_dir = ck.make_fp8(checkpoint("hunyuan-bf16"), tmp_path / "fp8")
@@ -168,6 +174,8 @@ def test_fp8_checkpoint_is_carried_byte_exactly(checkpoint, tmp_path):
 
 def fake_quant_hooks(model, fmt: str, static: dict[str, float] | None = None):
     """Forward pre-hooks that emulate activation FP8 with ml_dtypes: per-token amax scale, or static."""
+    import torch
+
     dtype = {"e4m3": ml_dtypes.float8_e4m3fn, "e5m2": ml_dtypes.float8_e5m2}[fmt]
     fmax = float(ml_dtypes.finfo(dtype).max)
 

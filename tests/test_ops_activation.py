@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import torch
 from hy_edge_ops import reference as ref
 from hy_edge_ops.activation import relu6_glu, swiglu
 
@@ -13,9 +12,7 @@ def test_swiglu(shape):
     u = rng.standard_normal(shape).astype(np.float32)
     out = np.empty_like(g)
     swiglu(g, u, out)
-    np.testing.assert_allclose(out, ref.swiglu(g, u), rtol=2e-6, atol=1e-7)
-    want = (torch.nn.functional.silu(torch.from_numpy(g)) * torch.from_numpy(u)).numpy()
-    np.testing.assert_allclose(out, want, rtol=2e-6, atol=1e-7)
+    np.testing.assert_allclose(out, ref.swiglu(g, u), rtol=2e-6, atol=1e-7)  # silu(g) * u in float64
     swiglu(g, u, g)  # in place
     np.testing.assert_array_equal(g, out)
 
