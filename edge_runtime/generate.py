@@ -124,6 +124,37 @@ class StopMatcher:
         return out
 
 
+class TextOut:
+    """One sequence's text, token by token: detokenizes, stops at an EOS id (no text), a stop string
+    (text cut before it) or the `limit`-th token ("length"). Shared by the Generator and the server's
+    engine loop, so both end a sequence the same way."""
+
+    def __init__(self, tokenizer: Tokenizer | None, eos_ids: Iterable[int], stop: Sequence[str], limit: int):
+        self.detok = tokenizer.detokenizer() if tokenizer is not None else None
+        self.stopper = StopMatcher(tuple(s for s in stop if s))
+        self.eos_ids = frozenset(eos_ids)
+        self.limit = limit
+        self.n = 0  # tokens added
+
+    def add(self, token: int) -> tuple[str, str | None]:
+        """Token → (text that became final with it, finish reason or None)."""
+        self.n += 1
+        if token in self.eos_ids:
+            return self._final(), "stop"
+        text, hit = self.stopper.feed(self.detok.add(token) if self.detok else "")
+        if hit:
+            return text, "stop"
+        if self.n >= self.limit:
+            return text + self._final(), "length"
+        return text, None
+
+    def _final(self) -> str:
+        """End of stream: what the detokenizer and the stop matcher still hold (a stop string in it
+        still cuts)."""
+        more, hit = self.stopper.feed(self.detok.flush() if self.detok else "")
+        return more if hit else more + self.stopper.flush()
+
+
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     for i in range(n):
@@ -209,8 +240,7 @@ class Generator:
             raise HyEdgeError(f"max tokens should be >= 1, got {max_tokens}")
         sampler = sampler or make_sampler()
         limit = min(max_tokens, S - P + 1)  # the last token is sampled, never run
-        detok = self.tokenizer.detokenizer() if self.tokenizer is not None else None
-        stopper = StopMatcher(tuple(s for s in stop if s))
+        out = TextOut(self.tokenizer, self.eos_ids, stop, limit)
         clock = _Clock()
 
         logits = self._finite(self.prefill(prompt_ids), 0)
@@ -224,19 +254,10 @@ class Generator:
             history.append(token)
             if clock.first is None:
                 clock.first = time.perf_counter()
-            if token in self.eos_ids:
-                text = self._final_text(detok, stopper)
-                yield self._response(text, token, "stop", P, n, cached, clock)
+            text, finish = out.add(token)
+            yield self._response(text, token, finish, P, n, cached, clock)
+            if finish is not None:
                 return
-            text, hit = stopper.feed(detok.add(token) if detok else "")
-            if hit:
-                yield self._response(text, token, "stop", P, n, cached, clock)
-                return
-            if n == limit:
-                text += self._final_text(detok, stopper)
-                yield self._response(text, token, "length", P, n, cached, clock)
-                return
-            yield self._response(text, token, None, P, n, cached, clock)
             logits = self._finite(self.decode_one_token(token), n)
 
     @staticmethod
@@ -250,13 +271,6 @@ class Generator:
                 "(check them with `hy-edge info --verify MODEL`, or convert again)"
             )
         return logits
-
-    @staticmethod
-    def _final_text(detok, stopper: StopMatcher) -> str:
-        """End of stream: what the detokenizer and the stop matcher still hold (a stop string in it
-        still cuts)."""
-        more, hit = stopper.feed(detok.flush() if detok else "")
-        return more if hit else more + stopper.flush()
 
     @staticmethod
     def _response(

@@ -93,3 +93,24 @@ def make_logits_processors(repetition_penalty: float = 1.0) -> list[LogitsProces
         return logits
 
     return [penalize]
+
+
+def make_openai_penalties(
+    prompt_tokens: int, frequency_penalty: float = 0.0, presence_penalty: float = 0.0
+) -> list[LogitsProcessor]:
+    """OpenAI's frequency and presence penalties, over the generated tokens only (not the prompt):
+    logit[t] -= count[t] * frequency_penalty + (count[t] > 0) * presence_penalty."""
+    for name, value in (("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty)):
+        if not -2.0 <= value <= 2.0:
+            raise HyEdgeError(f"{name} should be in [-2, 2], got {value}")
+    if frequency_penalty == 0.0 and presence_penalty == 0.0:
+        return []
+
+    def penalize(tokens: Sequence[int], logits: np.ndarray) -> np.ndarray:
+        generated = np.asarray(tokens[prompt_tokens:], np.int64)
+        if generated.size:
+            ids, counts = np.unique(generated, return_counts=True)
+            logits[ids] -= (counts * frequency_penalty + presence_penalty).astype(np.float32)
+        return logits
+
+    return [penalize]

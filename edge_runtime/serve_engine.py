@@ -1,0 +1,387 @@
+"""The serving engine: continuous batching over one multi-slot numba session.
+
+One thread (the engine loop) owns the session and its S sequence slots, each a KV region and a position.
+Every step it
+  1. drops requests whose client went away (their slots are free again),
+  2. admits queued requests into free slots, choosing the slot whose cached tokens share the longest
+     prefix with the prompt (a chat re-sending its history, a fixed system prompt: that KV is reused),
+  3. prefills at most `prefill_per_step` prompt tokens (a long prompt is spread over several steps, so
+     it never stalls the streams already running),
+  4. runs ONE batched decode step (`decode_batch`) for every sequence past its prompt, and hands each
+     sampled token to its request.
+Decoding always goes through `decode_batch`, even for a single sequence: its per-row arithmetic does not
+depend on the batch, so an answer never depends on the traffic beside it.
+
+Requests arrive through `submit` from any thread (the HTTP layer); the engine calls `Request.emit` on its
+own thread with one GenerationResponse per token (finish_reason set on the last) or one `Failed`. Nothing
+here knows about HTTP.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import BudgetError, HyEdgeError
+from .generate import GenerationResponse, Generator, TextOut, common_prefix
+from .memory import peak_rss_mb
+from .sampling import LogitsProcessor, Sampler, make_sampler
+
+
+class QueueFull(HyEdgeError):
+    """Every slot is busy and the queue is at its limit: the caller should answer 429 at once."""
+
+
+class NotAccepting(HyEdgeError):
+    """The engine is still loading, or shutting down."""
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The request ended without a normal finish (the model failed, the server is stopping)."""
+
+    message: str
+    status: int = 500
+
+
+Event = GenerationResponse | Failed
+
+
+@dataclass(eq=False)
+class Request:
+    """One completion request. `emit` is called on the engine thread: it must only hand the event over
+    (e.g. `loop.call_soon_threadsafe`)."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    emit: Callable[[Event], None]
+    sampler: Sampler = field(default_factory=make_sampler)
+    processors: Sequence[LogitsProcessor] = ()
+    stop: tuple[str, ...] = ()
+    cancelled: bool = False  # set by Engine.cancel (another thread); read at the next step
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+class Observer:
+    """Hooks the engine calls on its thread (metrics); the defaults do nothing."""
+
+    def admitted(self, reused_tokens: int) -> None: ...
+
+    def token(self, first: bool, seconds: float) -> None:
+        """A token was sampled: `seconds` since submission (first) or since the previous token."""
+
+    def finished(self, status: str, prompt_tokens: int, completion_tokens: int) -> None:
+        """status: stop | length | cancelled | error."""
+
+
+@dataclass(eq=False)
+class _Seq:
+    """A request in a slot: prompt tokens still to prefill, then the token to decode next."""
+
+    req: Request
+    slot: int
+    pending: list[int]  # prompt tokens not yet in the KV cache
+    history: list[int]  # prompt + generated tokens (what the logits processors see)
+    out: TextOut
+    cached: int  # prompt tokens reused from the slot's cache
+    next: int | None = None  # sampled, not yet run
+    first_at: float = 0.0
+    last_at: float = 0.0
+    prefill_s: float = 0.0
+
+
+@dataclass(eq=False)
+class _Slot:
+    index: int
+    tokens: list[int] = field(default_factory=list)  # what this slot's KV cache holds, position by position
+    seq: _Seq | None = None
+    last_used: float = 0.0
+
+
+class Engine:
+    """Continuous batching over `session` (a NumbaSession with `slots`, `forward(ids, slot=)`,
+    `decode_batch`, `truncate(n, slot=)`)."""
+
+    def __init__(
+        self,
+        session,
+        tokenizer,
+        eos_ids: Sequence[int] = (),
+        *,
+        max_queue: int = 8,
+        prefill_per_step: int | None = None,
+        observer: Observer | None = None,
+        heartbeat: Callable[[], None] | None = None,
+        idle_wait: float = 0.5,
+    ):
+        if max_queue < 0:
+            raise HyEdgeError(f"max queue should be >= 0, got {max_queue}")
+        self.session = session
+        self.tokenizer = tokenizer
+        eos = set(eos_ids) | set(session.spec.eos_token_id)
+        if tokenizer is not None:
+            eos |= set(tokenizer.eos_ids)
+        self.eos_ids = frozenset(eos)
+        self.max_queue = max_queue
+        self.prefill_per_step = prefill_per_step or session.prefill_chunk
+        self.observer = observer or Observer()
+        self.heartbeat = heartbeat or (lambda: None)
+        self.idle_wait = idle_wait
+        self.ready = threading.Event()
+        self.error: BaseException | None = None  # what ended the loop, if not a stop
+        self.reused_tokens = 0
+        self._slots = [_Slot(i) for i in range(session.slots)]
+        self._queue: collections.deque[Request] = collections.deque()
+        self._cond = threading.Condition()
+        self._accepting = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # -- what the HTTP layer and the metrics read -------------------------------------------------
+    @property
+    def slots(self) -> int:
+        return len(self._slots)
+
+    @property
+    def max_context(self) -> int:
+        return self.session.max_context
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def active(self) -> int:
+        return sum(s.seq is not None for s in self._slots)
+
+    # -- life cycle ---------------------------------------------------------------------------
+    def start(self, warmup: bool = True) -> None:
+        """Start the loop thread; `ready` is set once the kernels are warm and requests are accepted."""
+        self._thread = threading.Thread(target=self._run, args=(warmup,), name="hy-edge-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, req: Request) -> None:
+        """Queue a request (any thread). QueueFull when the queue is at its limit, NotAccepting while
+        loading or stopping, BudgetError / HyEdgeError for a prompt that cannot run."""
+        P = len(req.prompt_ids)
+        if P == 0:
+            raise HyEdgeError("the prompt is empty (0 tokens)")
+        if P > self.max_context:
+            raise BudgetError(f"the prompt has {P} tokens, more than the context length of {self.max_context}")
+        if req.max_tokens < 1:
+            raise HyEdgeError(f"max_tokens should be >= 1, got {req.max_tokens}")
+        with self._cond:
+            if not self._accepting:
+                raise NotAccepting("the server is " + ("shutting down" if self.ready.is_set() else "loading"))
+            if len(self._queue) >= self.max_queue and not self._free_slot_waiting():
+                raise QueueFull(f"server busy: {self.slots} sequences running and {len(self._queue)} queued")
+            self._queue.append(req)
+            self._cond.notify_all()
+
+    def _free_slot_waiting(self) -> bool:
+        """A slot will take a queued request at the next step (so the queue is not really full)."""
+        return sum(s.seq is None for s in self._slots) > len(self._queue)
+
+    def cancel(self, req: Request) -> None:
+        """The client went away (any thread): its slot is freed at the next step."""
+        req.cancelled = True
+        with self._cond:
+            self._cond.notify_all()
+
+    def drain(self, timeout: float) -> bool:
+        """Stop accepting; wait up to `timeout` s for queued and running requests to finish. True if
+        they all did."""
+        with self._cond:
+            self._accepting = False
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self._queue and not self.active:
+                return True
+            time.sleep(0.02)
+        return not self._queue and not self.active
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """End the loop; requests still queued or running get a Failed (503)."""
+        with self._cond:
+            self._accepting = False
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _run(self, warmup: bool) -> None:
+        try:
+            if warmup:
+                self._warmup()
+            with self._cond:
+                self._accepting = not self._stopping
+            self.ready.set()
+            while True:
+                self.heartbeat()
+                with self._cond:
+                    if self._stopping:
+                        break
+                    if not self._queue and not self.active:
+                        self._cond.wait(self.idle_wait)
+                        continue
+                self.step()
+        except BaseException as e:  # a bug in the loop: the server must not hang on it
+            self.error = e
+            raise
+        finally:
+            with self._cond:
+                self._accepting = False
+                pending, self._queue = list(self._queue), collections.deque()
+            for req in pending:
+                self._emit(req, Failed("the server is shutting down", 503))
+            for slot in self._slots:
+                if slot.seq is not None:
+                    self._finish(slot, "cancelled", Failed("the server is shutting down", 503))
+
+    def _warmup(self) -> None:
+        """Load (or compile) the prefill and batched-decode kernels before the first request."""
+        s = self.session
+        s.forward(np.zeros(min(8, s.max_context), np.int64), slot=0)
+        B = min(s.slots, 4)
+        if s.max_context > 8:
+            s.decode_batch(np.zeros(B, np.int64), np.arange(B))
+        s.reset()
+
+    def step(self) -> None:
+        """One round: drop cancelled requests, admit, prefill a bounded chunk, one batched decode."""
+        self._reap()
+        self._admit()
+        self._prefill()
+        self._decode()
+
+    def _reap(self) -> None:
+        with self._cond:
+            gone = [r for r in self._queue if r.cancelled]
+            for r in gone:
+                self._queue.remove(r)
+        for r in gone:
+            self.observer.finished("cancelled", len(r.prompt_ids), 0)
+        for slot in self._slots:
+            if slot.seq is not None and slot.seq.req.cancelled:
+                self._finish(slot, "cancelled", None)
+
+    def _admit(self) -> None:
+        while True:
+            free = [s for s in self._slots if s.seq is None]
+            with self._cond:
+                if not free or not self._queue:
+                    return
+                req = self._queue.popleft()
+            prompt = req.prompt_ids
+            # the slot holding the longest common prefix; among equals, the least recently used
+            slot = max(free, key=lambda s: (common_prefix(s.tokens, prompt), -s.last_used))
+            keep = min(common_prefix(slot.tokens, prompt), len(prompt) - 1)
+            keep = self.session.truncate(keep, slot=slot.index)
+            del slot.tokens[keep:]
+            limit = min(req.max_tokens, self.max_context - len(prompt) + 1)  # the last token is never run
+            out = TextOut(self.tokenizer, self.eos_ids, req.stop, limit)
+            slot.seq = _Seq(req, slot.index, list(prompt[keep:]), list(prompt), out, keep)
+            self.reused_tokens += keep
+            self.observer.admitted(keep)
+
+    def _prefill(self) -> None:
+        budget = self.prefill_per_step
+        for slot in sorted((s for s in self._slots if s.seq and s.seq.pending), key=lambda s: s.seq.req.submitted):
+            if budget <= 0:
+                return
+            seq = slot.seq
+            piece, seq.pending = seq.pending[:budget], seq.pending[budget:]
+            budget -= len(piece)
+            t0 = time.perf_counter()
+            try:
+                logits = self.session.forward(np.asarray(piece, np.int64), slot=slot.index)
+                slot.tokens += piece
+                seq.prefill_s += time.perf_counter() - t0
+                if not seq.pending:
+                    self._sample(slot, Generator._finite(logits, 0))
+            except Exception as e:  # one request's failure (NaN logits, a bug) must not end the loop
+                self._fail(slot, e)
+
+    def _decode(self) -> None:
+        running = [s for s in self._slots if s.seq is not None and s.seq.next is not None]
+        if not running:
+            return
+        ids = np.array([s.seq.next for s in running], np.int64)
+        try:
+            logits = self.session.decode_batch(ids, np.array([s.index for s in running], np.int64))  # (B, V)
+        except Exception as e:
+            for slot in running:
+                self._fail(slot, e)
+            return
+        for row, slot in enumerate(running):
+            slot.tokens.append(int(ids[row]))
+            try:
+                self._sample(slot, Generator._finite(logits[row], slot.seq.out.n))
+            except Exception as e:
+                self._fail(slot, e)
+
+    def _sample(self, slot: _Slot, logits: np.ndarray) -> None:
+        """Sample the next token of slot's sequence from its logits (V,) and hand it over."""
+        seq = slot.seq
+        for process in seq.req.processors:
+            logits = process(seq.history, logits)
+        token = seq.req.sampler(logits)
+        seq.history.append(token)
+        now = time.perf_counter()
+        first = seq.out.n == 0
+        self.observer.token(first, now - (seq.req.submitted if first else seq.last_at))
+        if first:
+            seq.first_at = now
+        seq.last_at = now
+        text, finish = seq.out.add(token)
+        response = self._response(seq, text, token, finish, now)
+        if finish is not None:
+            self._finish(slot, finish, response)
+        else:
+            seq.next = token
+            self._emit(seq.req, response)
+
+    @staticmethod
+    def _response(seq: _Seq, text: str, token: int, finish: str | None, now: float) -> GenerationResponse:
+        n, P = seq.out.n, len(seq.req.prompt_ids)
+        decode_s = now - seq.first_at
+        return GenerationResponse(
+            text=text,
+            token=int(token),
+            finish_reason=finish,
+            prompt_tokens=P,
+            completion_tokens=n,
+            cached_tokens=seq.cached,
+            ttft_s=seq.first_at - seq.req.submitted,
+            prefill_tps=(P - seq.cached) / seq.prefill_s if seq.prefill_s > 0 else 0.0,
+            decode_tps=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+            peak_rss_mb=peak_rss_mb() if finish else 0.0,
+        )
+
+    def _finish(self, slot: _Slot, status: str, last: Event | None) -> None:
+        """The sequence leaves its slot (the slot keeps its KV for prefix reuse)."""
+        seq, slot.seq = slot.seq, None
+        slot.last_used = time.perf_counter()
+        self.observer.finished(status, len(seq.req.prompt_ids), seq.out.n)
+        if last is not None:
+            self._emit(seq.req, last)
+
+    def _fail(self, slot: _Slot, error: Exception) -> None:
+        self.session.truncate(0, slot=slot.index)
+        slot.tokens = []
+        self._finish(slot, "error", Failed(str(error).splitlines()[0] if str(error) else type(error).__name__))
+
+    @staticmethod
+    def _emit(req: Request, event: Event) -> None:
+        if req.cancelled:
+            return
+        try:
+            req.emit(event)
+        except Exception:  # the receiver is gone (its event loop closed): treat as a disconnect
+            req.cancelled = True

@@ -1,0 +1,149 @@
+"""The serving engine's continuous batching on a tiny model, without HTTP: answers do not depend on the
+traffic beside them, long prompts are prefilled between decode steps, prefixes are reused, cancelled and
+rejected requests leave nothing behind."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import pytest
+from runtime_helpers import converted
+
+import edge_runtime
+from edge_runtime.errors import BudgetError
+from edge_runtime.generate import GenerationResponse
+from edge_runtime.serve_engine import Engine, Failed, NotAccepting, Observer, QueueFull, Request
+
+TIMEOUT = 60
+
+
+@pytest.fixture(scope="module")
+def model(llama_dir):
+    return edge_runtime.load(converted(llama_dir, "e4m3"), threads=1)
+
+
+@pytest.fixture
+def make_engine(model):
+    engines = []
+
+    def make(slots=4, **kwargs):
+        engine = Engine(model.session(slots=slots, max_context=128), model.tokenizer, **kwargs)
+        engine.start()
+        assert engine.ready.wait(TIMEOUT)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for e in engines:
+        e.stop()
+
+
+class Collector:
+    """A request's events, in a thread-safe queue (as the HTTP layer hands them to its event loop)."""
+
+    def __init__(self, prompt, max_tokens, **kwargs):
+        self.events: queue.Queue = queue.Queue()
+        self.request = Request(list(prompt), max_tokens, self.events.put, **kwargs)
+
+    def result(self) -> tuple[list[int], str, GenerationResponse | Failed]:
+        tokens = []
+        while True:
+            ev = self.events.get(timeout=TIMEOUT)
+            if isinstance(ev, Failed):
+                return tokens, "failed", ev
+            tokens.append(ev.token)
+            if ev.finish_reason:
+                return tokens, ev.finish_reason, ev
+
+
+def prompts(model) -> list[list[int]]:
+    texts = ["Hello there", "Numbers like 2024 appear in text " * 3, "def main():", "café " * 9, "x"]
+    return [model.encode_prompt(t) for t in texts]
+
+
+def run_one(engine, prompt, max_tokens):
+    c = Collector(prompt, max_tokens)
+    engine.submit(c.request)
+    return c.result()
+
+
+def test_concurrent_answers_equal_sequential_ones_and_the_generator(model, make_engine):
+    ps, lengths = prompts(model), [9, 14, 5, 20, 11]
+    engine = make_engine(slots=3, max_queue=8)
+    sequential = [run_one(engine, p, n)[0] for p, n in zip(ps, lengths, strict=True)]
+    concurrent = [Collector(p, n) for p, n in zip(ps, lengths, strict=True)]
+    for c in concurrent:  # 5 requests on 3 slots: two wait in the queue, then join the running batch
+        engine.submit(c.request)
+    assert [c.result()[0] for c in concurrent] == sequential
+    for p, n, tokens in zip(ps, lengths, sequential, strict=True):
+        assert len(tokens) == n or tokens[-1] in engine.eos_ids
+        assert model.generate(p, max_tokens=n).token_ids == tokens  # the one-sequence path, token for token
+    assert engine.active == 0 and engine.queued == 0
+
+
+def test_a_long_prompt_is_prefilled_between_decode_steps(model, make_engine):
+    engine = make_engine(slots=2, prefill_per_step=4)
+    running = Collector(model.encode_prompt("Hello"), 60)
+    engine.submit(running.request)
+    first = running.events.get(timeout=TIMEOUT)
+    assert isinstance(first, GenerationResponse)
+    long = Collector(model.encode_prompt("Numbers like 2024 and 3.14159 appear in text " * 2), 2)
+    engine.submit(long.request)
+    P = len(long.request.prompt_ids)
+    assert P > 30
+    first_long = long.events.get(timeout=TIMEOUT)
+    # meanwhile, the running stream advanced once per step: one step per 4 prompt tokens
+    assert running.events.qsize() >= P // 4 - 2
+    assert first_long.ttft_s > 0
+    running.result(), long.result()
+
+
+def test_prefix_reuse_across_requests(model, make_engine):
+    engine = make_engine(slots=2)
+    history = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello there"}]
+    tokens, _, _ = run_one(engine, model.encode_prompt(history), 6)
+    reply = model.tokenizer.decode(tokens[:-1] if tokens[-1] in engine.eos_ids else tokens)
+    turn2 = [*history, {"role": "assistant", "content": reply}, {"role": "user", "content": "More"}]
+    ids = model.encode_prompt(turn2)
+    before = engine.reused_tokens
+    tokens2, _, last = run_one(engine, ids, 5)
+    assert last.cached_tokens >= len(model.encode_prompt(history)) and engine.reused_tokens > before
+    assert tokens2 == model.generate(ids, max_tokens=5).token_ids  # the reused KV gives the same answer
+
+
+def test_full_queue_is_refused_at_once_and_cancel_frees_the_slot(model, make_engine):
+    finished = []
+
+    class Counting(Observer):
+        def finished(self, status, prompt_tokens, completion_tokens):
+            finished.append(status)
+
+    engine = make_engine(slots=1, max_queue=1, observer=Counting())
+    a, b, c = (Collector(model.encode_prompt(t), 100) for t in ("one", "two", "three"))
+    engine.submit(a.request)
+    a.events.get(timeout=TIMEOUT)  # a holds the only slot
+    engine.submit(b.request)  # b waits in the queue
+    with pytest.raises(QueueFull):
+        engine.submit(c.request)
+    engine.cancel(a.request)
+    assert b.events.get(timeout=TIMEOUT).completion_tokens == 1  # b got the slot
+    engine.cancel(b.request)
+    for _ in range(TIMEOUT * 10):
+        if engine.active == 0:
+            break
+        threading.Event().wait(0.1)
+    assert engine.active == 0 and engine.queued == 0 and finished == ["cancelled", "cancelled"]
+
+
+def test_requests_that_cannot_run_are_refused(model, make_engine):
+    engine = make_engine(slots=1)
+    with pytest.raises(BudgetError, match="context length of 128"):
+        engine.submit(Request([1] * 129, 4, lambda ev: None))
+    with pytest.raises(Exception, match="empty"):
+        engine.submit(Request([], 4, lambda ev: None))
+    tokens, finish, last = run_one(engine, [1] * 126, 50)  # clipped to the context: the last token is not run
+    assert finish == "length" and len(tokens) == 3
+    engine.stop()
+    with pytest.raises(NotAccepting):
+        engine.submit(Request([1, 2], 4, lambda ev: None))
