@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from hy_edge_ops import activation, attention, conv, fp8, linear, norm, rope
 
+from .engine_step import GROUPED, ONE, PREFILL, CompiledLayers
 from .errors import BudgetError, HyEdgeError, ModelFileError
 from .memory import DEFAULT_BUDGET, MemoryPlan, plan_context
 from .spec import ModelSpec
@@ -192,6 +193,7 @@ class NumbaSession:
         slots: int = 1,
         kv_cache: str = "fp32",
         adaptive_threads: bool = False,
+        compiled: bool = True,
     ):
         from .threads import ThreadGovernor, set_threads
 
@@ -223,6 +225,25 @@ class NumbaSession:
         self._blocks = [self._prepare_block(i, prepared) for i in range(spec.num_hidden_layers)]
         self._head = linear.FusedLinear([self._op(weights.output, prepared)])
         self._scale = np.float32(spec.head_dim**-0.5)
+        # the layer loop as one compiled call where the model allows it (engine_step.py)
+        self._compiled = (
+            CompiledLayers(spec, self._blocks, weights.norm)
+            if compiled and CompiledLayers.applies(spec, self._blocks, activations)
+            else None
+        )
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Run each kernel specialization a generation uses once (a prefill chunk, a decode step, a
+        batched step), so that loading them from the JIT cache happens here, at start-up, and not inside
+        the first answer's time to first token (as llama.cpp's warm-up run does)."""
+        n = min(linear.PREFILL_MIN, self.max_context - 1)
+        if n >= 1:
+            self.forward(np.zeros(n, np.int64))
+            self.forward(np.zeros(1, np.int64))
+        if self.slots > 1:
+            self.decode_batch(np.zeros(2, np.int64), np.arange(2))
+        self.reset()
 
     @property
     def n_cached(self) -> int:
@@ -391,6 +412,9 @@ class NumbaSession:
         """The model on T rows (b.row_slots / b.positions say whose and where); returns the final-normed
         hidden states h (T, C), a view into the buffers."""
         spec, b, T = self.spec, self.buf, ids.shape[0]
+        if self._compiled is not None:
+            mode = ONE if T == 1 and not batched else GROUPED if batched or T < linear.PREFILL_MIN else PREFILL
+            return self._compiled(mode, ids, b.row_slots[:T], b.positions[:T], self.weights.embed.w, b, T)
         eps = spec.rms_norm_eps
         x, h = b.x[:T], b.h[:T]
         self._embed(ids, x)

@@ -1,0 +1,146 @@
+"""The layer loop of an attention-only model as one compiled call.
+
+`NumbaSession._forward_rows` walks the layers in Python: about 10 kernel calls per layer, each paying
+the interpreter and Numba's argument checks (~1.3 ms per token on Hunyuan-0.5B, a fifth of a SmolLM2
+decode step). For the common case — every layer attention, one storage per kind of linear, no
+activation fake-quant — `forward_layers` runs the same kernels in the same order from compiled code,
+so its results are bit-identical to the Python loop (tests/test_runtime_step.py) and Python costs one
+call per forward. Other models keep the Python loop.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from hy_edge_ops import activation, attention, linear, norm
+from numba import njit, typed
+
+ONE, GROUPED, PREFILL = 0, 1, 2  # kernel choice, as linear.FusedLinear.__call__ makes it
+
+
+@njit(cache=True, inline="always")
+def _lin1(mode, x, w, s, out, bk, st, st4):
+    if mode == ONE:
+        linear._mv(x[0], (w,), (s,), (out[0],), bk, st)
+    elif mode == GROUPED:
+        linear._mm(x, (w,), (s,), (out,), bk, st)
+    else:
+        linear._mm_prefill(x, (w,), (s,), (out,), bk, st4)
+
+
+@njit(cache=True, inline="always")
+def _lin2(mode, x, w0, w1, s0, s1, o0, o1, bk, st, st4):
+    if mode == ONE:
+        linear._mv(x[0], (w0, w1), (s0, s1), (o0[0], o1[0]), bk, st)
+    elif mode == GROUPED:
+        linear._mm(x, (w0, w1), (s0, s1), (o0, o1), bk, st)
+    else:
+        linear._mm_prefill(x, (w0, w1), (s0, s1), (o0, o1), bk, st4)
+
+
+@njit(cache=True, inline="always")
+def _lin3(mode, x, w0, w1, w2, s0, s1, s2, o0, o1, o2, bk, st, st4):
+    if mode == ONE:
+        linear._mv(x[0], (w0, w1, w2), (s0, s1, s2), (o0[0], o1[0], o2[0]), bk, st)
+    elif mode == GROUPED:
+        linear._mm(x, (w0, w1, w2), (s0, s1, s2), (o0, o1, o2), bk, st)
+    else:
+        linear._mm_prefill(x, (w0, w1, w2), (s0, s1, s2), (o0, o1, o2), bk, st4)
+
+
+@njit(cache=True)
+def forward_layers(
+    mode, ids, rows, pos, embed, x, h, y, q, k, v, gate, up, act,
+    k_cache, v_cache, scores, cos, sin,
+    in_norm, post_norm, final_norm, q_norm, k_norm,
+    wq, wk, wv, wo, wg, wu, wd, sq, sk, sv, so, sg, su, sd,
+    bk, st3, st3_4, st2, st2_4, st1o, st1o_4, st1d, st1d_4,
+    n_heads, n_kv, eps, scale, act_kind,
+):  # fmt: skip
+    # ids, rows, pos: i64 (T,); x, h, y: f32 (T, C); q (T, H*D), k, v (T, Hkv*D); gate, up, act (T, F);
+    # k/v_cache (L, B, Hkv, S, D); per-layer typed lists of weights (N, K) and scales (N, G); bk (L, 7)
+    # columns per scale block of q k v o gate up down. Returns h = the final-normed hidden states.
+    n_tok = ids.shape[0]
+    d = q.shape[1] // n_heads
+    linear._gather(embed, ids, x)
+    empty = y[:0]
+    norm._add_rms_norm(x, empty, in_norm[0], eps, h)
+    n_layers = len(wq)
+    for i in range(n_layers):
+        _lin3(mode, h, wq[i], wk[i], wv[i], sq[i], sk[i], sv[i], q, k, v, bk[i, :3], st3, st3_4)
+        q3 = q.reshape(n_tok, n_heads, d)
+        k3 = k.reshape(n_tok, n_kv, d)
+        v3 = v.reshape(n_tok, n_kv, d)
+        attention._rope_norm_store(q3, k3, v3, pos, rows, cos, sin, q_norm[i], k_norm[i], eps, k_cache[i], v_cache[i])
+        attention._attention_rows(q3, k_cache[i], v_cache[i], rows, pos, q3, scale, scores)  # output over q
+        _lin1(mode, q, wo[i], so[i], y, bk[i, 3:4], st1o, st1o_4)
+        norm._add_rms_norm(x, y, post_norm[i], eps, h)  # x += y; h = norm(x)
+        _lin2(mode, h, wg[i], wu[i], sg[i], su[i], gate, up, bk[i, 4:6], st2, st2_4)
+        g, u, a = gate.reshape(-1), up.reshape(-1), act.reshape(-1)
+        if g.shape[0] <= activation._CHUNK:
+            activation.glu_serial(g, u, a, act_kind)
+        else:
+            activation._glu(g, u, a, act_kind)
+        _lin1(mode, act, wd[i], sd[i], y, bk[i, 6:7], st1d, st1d_4)
+        if i + 1 < n_layers:
+            norm._add_rms_norm(x, y, in_norm[i + 1], eps, h)
+        else:
+            norm._add_rms_norm(x, y, final_norm, eps, h)
+    return h
+
+
+def _starts(*sizes: int) -> tuple[np.ndarray, np.ndarray]:
+    rows = np.cumsum([0, *sizes]).astype(np.int64)
+    blocks = np.cumsum([0, *((n + 3) // 4 for n in sizes)]).astype(np.int64)
+    return rows, blocks
+
+
+class CompiledLayers:
+    """The per-session arguments of `forward_layers`, built once from the prepared blocks."""
+
+    def __init__(self, spec, blocks: list, final_norm: np.ndarray):
+        def vec(a):
+            return np.array(a, np.float32, copy=True)  # one array type for every list (writable, C)
+
+        ops = [[op for g, _ in b.qkv for op in g.ops] + list(b.o.ops) + [op for g, _ in b.gate_up for op in g.ops]
+               + list(b.down.ops) for b in blocks]  # fmt: skip
+        self.lists = [typed.List([layer[j].w for layer in ops]) for j in range(7)]
+        self.lists += [typed.List([layer[j].scales for layer in ops]) for j in range(7)]
+        self.bk = np.array([[op.bk for op in layer] for layer in ops], np.int64)
+        first = ops[0]
+        self.st3, self.st3_4 = _starts(first[0].shape[0], first[1].shape[0], first[2].shape[0])
+        self.st2, self.st2_4 = _starts(first[4].shape[0], first[5].shape[0])
+        self.st1o, self.st1o_4 = _starts(first[3].shape[0])
+        self.st1d, self.st1d_4 = _starts(first[6].shape[0])
+        self.in_norm = typed.List([vec(b.input_norm) for b in blocks])
+        self.post_norm = typed.List([vec(b.post_norm) for b in blocks])
+        self.q_norm = typed.List([vec(b.q_norm) for b in blocks])
+        self.k_norm = typed.List([vec(b.k_norm) for b in blocks])
+        self.final_norm = vec(final_norm)
+        self.spec = spec
+
+    @staticmethod
+    def applies(spec, blocks: list, activations: str) -> bool:
+        """Attention-only, no activation fake-quant, and each kind of linear in one storage with fused
+        q/k/v and gate/up groups (the layout forward_layers expects)."""
+        if activations != "none" or any(b.kind != "attention" for b in blocks):
+            return False
+        if any(len(b.qkv) != 1 or len(b.gate_up) != 1 for b in blocks):
+            return False
+        kinds = [
+            [op.w.dtype for g, _ in b.qkv for op in g.ops] + [b.o.ops[0].w.dtype]
+            + [op.w.dtype for g, _ in b.gate_up for op in g.ops] + [b.down.ops[0].w.dtype]
+            for b in blocks
+        ]  # fmt: skip
+        writable = {op.w.flags.writeable for b in blocks for g, _ in (*b.qkv, *b.gate_up) for op in g.ops}
+        return all(k == kinds[0] for k in kinds) and len(writable) == 1
+
+    def __call__(self, mode: int, ids, rows, pos, embed, buf, n_tok: int) -> np.ndarray:
+        spec, b, T = self.spec, buf, n_tok
+        return forward_layers(
+            mode, ids, rows, pos, embed, b.x[:T], b.h[:T], b.y[:T], b.q[:T], b.k[:T], b.v[:T],
+            b.gate[:T], b.up[:T], b.act[:T], b.k_cache, b.v_cache, b.scores, b.cos, b.sin,
+            self.in_norm, self.post_norm, self.final_norm, self.q_norm, self.k_norm,
+            *self.lists, self.bk, self.st3, self.st3_4, self.st2, self.st2_4, self.st1o, self.st1o_4,
+            self.st1d, self.st1d_4, spec.num_attention_heads, spec.num_key_value_heads,
+            float(spec.rms_norm_eps), np.float32(spec.head_dim**-0.5), 1 if spec.hidden_act == "relu6" else 0,
+        )  # fmt: skip
