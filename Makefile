@@ -13,7 +13,7 @@ MAKE_VENV := $(filter $(VENV)/bin/python,$(PYTHON))
 PIP := $(PYTHON) -m pip
 PROMPT ?= examples/prompt.txt
 
-.PHONY: install install-test install-bench run test bench bench-quick bench-quality lint
+.PHONY: install install-test install-bench run serve test bench bench-quick bench-quality lint
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV) || { rm -rf $(VENV); \
@@ -32,6 +32,11 @@ install-test: install
 
 run: install
 	$(PYTHON) -m edge_runtime run $(PROMPT)
+
+# the OpenAI-compatible server on the bundled model: http://127.0.0.1:8000/v1 (Ctrl-C stops it)
+serve: install
+	$(PIP) install -q -e '.[serve]'
+	$(PYTHON) -m edge_runtime serve --host 127.0.0.1 --port 8000
 
 test: install-test
 	$(PYTHON) -m pytest

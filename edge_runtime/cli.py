@@ -141,7 +141,10 @@ def run_cmd(
 
 from .cli_chat import chat_cmd  # noqa: E402
 from .cli_convert import convert_cmd, info_cmd  # noqa: E402  (the converter's commands, imported lazily inside)
+from .cli_serve import serve_cmd, service_cmd  # noqa: E402  (fastapi / uvicorn imported inside)
 
 main.add_command(chat_cmd)
 main.add_command(convert_cmd)
 main.add_command(info_cmd)
+main.add_command(serve_cmd)
+main.add_command(service_cmd)

@@ -67,6 +67,20 @@ def smollm2_gguf():
     return path
 
 
+@pytest.fixture(scope="session")
+def default_model_file(tmp_path_factory, smollm2_gguf):
+    """The bundled default model as `hy-edge run` converts it (into a cache of this test run)."""
+    import os
+
+    from edge_runtime import cli_model
+
+    os.environ["HY_EDGE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    try:
+        return cli_model.resolve_model(None, notice=lambda m: None)
+    finally:
+        del os.environ["HY_EDGE_CACHE"]
+
+
 # -- SmolLM2 as transformers reads it ----------------------------------------------------------
 # transformers' GGUF loading spends ~60 s parsing SmolLM2's metadata (gguf.GGUFReader builds one numpy
 # view per vocabulary entry). The reference is therefore computed in a child process started at

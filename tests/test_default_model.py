@@ -50,12 +50,8 @@ def test_unquantized_conversion_matches_transformers(smollm2_f32, smollm2_refere
 
 
 @pytest.fixture(scope="module")
-def default_model(tmp_path_factory, smollm2_gguf):
-    os.environ["HY_EDGE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    try:
-        return cli_model.resolve_model(None, notice=lambda m: None)
-    finally:
-        del os.environ["HY_EDGE_CACHE"]
+def default_model(default_model_file):
+    return default_model_file
 
 
 def test_default_model_golden_answer_on_both_backends(default_model, smollm2_reference):

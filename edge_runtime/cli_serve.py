@@ -1,0 +1,312 @@
+"""`hy-edge serve` (an OpenAI-compatible server for one model) and `hy-edge service install|uninstall`
+(its systemd unit). A recipe: check the options, load the model, size the slots by the budget, bind,
+start the engine loop, serve until SIGTERM, drain, exit 0.
+
+FastAPI and uvicorn come with the `serve` extra and are imported only here (and in serve_http)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+
+import click
+
+from .cli_common import fail, user_errors
+from .errors import HyEdgeError
+
+API_KEY_ENV = "HY_EDGE_API_KEY"
+
+
+def _serve_options(fn):
+    options = [
+        click.option(
+            "--model",
+            "model_arg",
+            default=None,
+            help="Model (.onnx, .gguf, HF directory); default: the bundled SmolLM2.",
+        ),
+        click.option(
+            "--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: the whole network)."
+        ),
+        click.option("--port", default=8000, show_default=True, type=int),
+        click.option(
+            "--max-batch", default=4, show_default=True, type=int, help="Sequences decoded together (KV slots)."
+        ),
+        click.option(
+            "--max-queue", default=8, show_default=True, type=int, help="Requests waiting for a slot; beyond: 429."
+        ),
+        click.option("--api-key-file", default=None, help=f"File holding the API key (or set ${API_KEY_ENV})."),
+        click.option("--threads", default=None, type=int, help="Threads (default: physical cores)."),
+        click.option("--max-memory", default="8GB", show_default=True, help="Memory budget of the process."),
+        click.option(
+            "--max-context", default=None, type=int, help="Context length of each slot (default: up to 4096)."
+        ),
+        click.option("--kv-cache", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"])),
+        click.option("--max-body", default="1MB", show_default=True, help="Largest request body."),
+        click.option(
+            "--shutdown-timeout",
+            default=30.0,
+            show_default=True,
+            type=float,
+            help="Seconds running streams get after SIGTERM.",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _read_api_key(path: str | None) -> str | None:
+    if path is None:
+        key = os.environ.get(API_KEY_ENV, "").strip()
+        return key or None
+    try:
+        key = Path(path).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise HyEdgeError(f"--api-key-file {path}: no such file") from None
+    except UnicodeDecodeError:
+        raise HyEdgeError(f"--api-key-file {path}: not UTF-8 text") from None
+    if not key or len(key.split()) != 1:
+        raise HyEdgeError(f"--api-key-file {path}: should hold one key on one line")
+    return key
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    if not 0 <= port <= 65535:
+        raise HyEdgeError(f"--port should be in 0..65535, got {port}")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as e:
+        raise HyEdgeError(f"--host {host}: {e.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise HyEdgeError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.set_inheritable(False)
+    return sock
+
+
+def model_name(model_arg: str | None) -> str:
+    """What /v1/models lists: the stem of the model file the user named (the bundled GGUF's by default)."""
+    from .cli_model import default_gguf
+
+    path = Path(model_arg) if model_arg else default_gguf()
+    return path.name if path.is_dir() else path.stem
+
+
+@click.command("serve")
+@_serve_options
+def serve_cmd(
+    model_arg,
+    host,
+    port,
+    max_batch,
+    max_queue,
+    api_key_file,
+    threads,
+    max_memory,
+    max_context,
+    kv_cache,
+    max_body,
+    shutdown_timeout,
+):
+    """Serve the model over an OpenAI-compatible HTTP API (chat, completions, streaming)."""
+    try:
+        import uvicorn
+
+        from .serve_http import Limits, Service, build_asgi
+        from .serve_metrics import Metrics
+    except ImportError as e:
+        fail(f"hy-edge serve needs the serve extra ({e.name} is missing): pip install 'hy-edge[serve]'")
+    from .cli_model import resolve_model
+    from .memory import fmt_bytes, parse_size
+    from .model import load
+    from .serve_engine import Engine
+    from .systemd import Watchdog, notify
+
+    with user_errors():
+        for name, value, low in (
+            ("--max-batch", max_batch, 1),
+            ("--max-queue", max_queue, 0),
+            ("--threads", threads, 1),
+        ):
+            if value is not None and value < low:
+                raise HyEdgeError(f"{name} should be >= {low}, got {value}")
+        if shutdown_timeout < 0:
+            raise HyEdgeError(f"--shutdown-timeout should be >= 0, got {shutdown_timeout}")
+        body_limit = parse_size(max_body)
+        budget = parse_size(max_memory)
+        api_key = _read_api_key(api_key_file)
+        path = resolve_model(model_arg, notice=lambda m: click.echo(m, err=True))
+        model = load(path, threads=threads, max_context=max_context, max_memory=budget)
+        if model.tokenizer is None:
+            raise HyEdgeError(f"{path.name}: the model file carries no tokenizer; the server needs one")
+        session = model.session(slots=max_batch, kv_cache=kv_cache)
+        sock = _bind(host, port)
+    name = model_name(model_arg)
+    plan, S = session.plan, session.max_context
+    where = f"http://{host if ':' not in host else f'[{host}]'}:{sock.getsockname()[1]}"
+    click.echo(
+        f"hy-edge: serving {name} on {where}: {max_batch} slots x {S} tokens (KV cache "
+        f"{fmt_bytes(plan.per_token * S / max_batch)} per slot); memory budget {fmt_bytes(budget)}, the process "
+        f"{plan.describe(S)}" + ("; API key required" if api_key else ""),
+        err=True,
+    )
+    metrics, watchdog = Metrics(), Watchdog()
+    engine = Engine(session, model.tokenizer, max_queue=max_queue, observer=metrics, heartbeat=watchdog.ping)
+    metrics.engine = engine
+    service = Service(model, name, engine, metrics, api_key, Limits(max_body_bytes=body_limit))
+    config = uvicorn.Config(
+        build_asgi(service),
+        lifespan="off",
+        log_level="info",
+        timeout_graceful_shutdown=int(shutdown_timeout) if shutdown_timeout else None,
+        timeout_keep_alive=5,
+    )
+    server = _Server(config, engine)
+    engine.start()
+    threading.Thread(target=_announce, args=(engine, server, notify), daemon=True).start()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn re-raises the signal it handled: let it land here
+        signal.signal(sig, lambda *_: None)
+    server.run(sockets=[sock])
+    engine.stop()
+    if engine.error is not None:
+        click.echo(f"hy-edge: error: the engine loop failed: {engine.error!r}", err=True)
+        sys.exit(1)
+    click.echo("hy-edge: stopped", err=True)
+
+
+class _Server:
+    """uvicorn's Server, told about SIGTERM first: the engine stops accepting and systemd hears
+    STOPPING=1; uvicorn then closes the listener and waits (bounded) for running streams."""
+
+    def __new__(cls, config, engine):
+        import uvicorn
+
+        from .systemd import notify
+
+        class Server(uvicorn.Server):
+            def handle_exit(self, sig, frame):
+                if not self.should_exit:
+                    notify("STOPPING=1")
+                    engine.drain(0)
+                super().handle_exit(sig, frame)
+
+        return Server(config)
+
+
+def _announce(engine, server, notify) -> None:
+    """READY=1 once the kernels are warm; if the engine loop dies, the server ends (systemd restarts it)."""
+    while not engine.ready.wait(0.5):
+        if engine.error is not None:
+            server.should_exit = True
+            return
+    notify("READY=1", f"STATUS=serving on {engine.slots} slots")
+    click.echo("hy-edge: ready", err=True)
+    engine._thread.join()
+    if engine.error is not None:
+        server.should_exit = True
+
+
+# -- hy-edge service install | uninstall -------------------------------------------------------------------
+@click.group("service")
+def service_cmd():
+    """Install or remove the systemd unit that runs `hy-edge serve` at boot."""
+
+
+@service_cmd.command("install")
+@click.option("--model", "model_arg", default=None, help="Model for the service (default: the bundled SmolLM2).")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--max-batch", default=4, show_default=True, type=int)
+@click.option("--max-queue", default=8, show_default=True, type=int)
+@click.option("--threads", default=None, type=int)
+@click.option("--max-memory", default="8GB", show_default=True)
+@click.option("--max-context", default=None, type=int)
+@click.option("--api-key-file", default=None, help="Key file, handed to the service as a systemd credential.")
+@click.option(
+    "--unit-path", default=None, help="Where to write the unit (default /etc/systemd/system/hy-edge.service)."
+)
+@click.option("--print", "print_only", is_flag=True, help="Print the unit instead of installing it.")
+def install_cmd(
+    model_arg, host, port, max_batch, max_queue, threads, max_memory, max_context, api_key_file, unit_path, print_only
+):
+    """Write the hy-edge.service unit."""
+    from .memory import parse_size
+    from .systemd import UNIT_PATH, systemd_running, unit_file
+
+    with user_errors():
+        budget = parse_size(max_memory)
+        args = ["--host", host, "--port", str(port), "--max-batch", str(max_batch), "--max-queue", str(max_queue)]
+        args += ["--max-memory", max_memory]
+        if model_arg is not None:
+            model = Path(model_arg).resolve()
+            if not model.exists():
+                raise HyEdgeError(f"--model {model_arg}: no such file or directory")
+            if model.parts[1:2] in (("home",), ("root",)):
+                raise HyEdgeError(
+                    f"--model {model}: the unit hides /home and /root (ProtectHome=yes); put it under /opt or /srv"
+                )
+            args += ["--model", str(model)]
+        if threads is not None:
+            args += ["--threads", str(threads)]
+        if max_context is not None:
+            args += ["--max-context", str(max_context)]
+        key = str(Path(api_key_file).resolve()) if api_key_file else None
+        if key and not Path(key).is_file():
+            raise HyEdgeError(f"--api-key-file {api_key_file}: no such file")
+        text = unit_file(args, python=sys.executable, budget_bytes=budget, api_key_file=key)
+        if print_only:
+            click.echo(text, nl=False)
+            return
+        target = Path(unit_path) if unit_path else UNIT_PATH
+        tmp = target.with_name(f".{target.name}.{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, target)
+        click.echo(f"hy-edge: wrote {target}", err=True)
+        if Path(sys.executable).parts[1:2] in (("home",), ("root",)):
+            click.echo(
+                "hy-edge: note: this Python lives under /home or /root, which the unit hides; "
+                "install hy-edge under /opt",
+                err=True,
+            )
+        if unit_path is None and systemd_running():
+            _systemctl("daemon-reload")
+            click.echo("hy-edge: start it with: systemctl enable --now hy-edge; logs: journalctl -u hy-edge", err=True)
+
+
+@service_cmd.command("uninstall")
+@click.option("--unit-path", default=None, help="The unit to remove (default /etc/systemd/system/hy-edge.service).")
+def uninstall_cmd(unit_path):
+    """Stop and remove the hy-edge.service unit."""
+    from .systemd import UNIT_PATH, systemd_running
+
+    with user_errors():
+        target = Path(unit_path) if unit_path else UNIT_PATH
+        if not target.exists():
+            raise HyEdgeError(f"{target}: not installed")
+        if unit_path is None and systemd_running():
+            _systemctl("disable", "--now", "hy-edge.service")
+        target.unlink()
+        if unit_path is None and systemd_running():
+            _systemctl("daemon-reload")
+        click.echo(f"hy-edge: removed {target}", err=True)
+
+
+def _systemctl(*args: str) -> None:
+    import subprocess
+
+    r = subprocess.run(["systemctl", *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise HyEdgeError(
+            f"systemctl {' '.join(args)}: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}"
+        )

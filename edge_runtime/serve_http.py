@@ -1,0 +1,432 @@
+"""The HTTP front of `hy-edge serve`: an OpenAI-compatible ASGI app (FastAPI).
+
+It only validates, queues and streams: a request becomes token ids and sampling options, goes to the
+engine's queue (serve_engine.Engine, its own thread), and the engine's events come back through an
+asyncio queue (`loop.call_soon_threadsafe`). Every error is OpenAI-shaped: {"error": {"message", "type",
+"param", "code"}}. Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
+GET /metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Literal
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from .errors import BudgetError, HyEdgeError
+from .generate import GenerationResponse
+from .sampling import make_openai_penalties, make_sampler
+from .serve_engine import Engine, Failed, NotAccepting, QueueFull
+from .serve_engine import Request as EngineRequest
+
+MAX_STOP = 16
+DISCONNECT_POLL_S = 0.5  # a non-streaming request checks this often whether its client is still there
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = 1 << 20  # a request body larger than this is refused (413) before it is read
+    max_prompt_tokens: int | None = None  # None: the context length
+    max_tokens: int | None = None  # largest max_tokens a request may ask for; None: the context length
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param=None, code=None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+def error_response(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None):
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+# -- request bodies (unknown fields are ignored; types are strict: "5" is not a number) -----------------
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Sampling(_Body):
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class ChatBody(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+
+
+class CompletionBody(_Sampling):
+    prompt: str | list[str]
+
+
+# -- the app ------------------------------------------------------------------------------------
+class Service:
+    """What the routes share: the model, its name, the engine, the key, the limits, the metrics."""
+
+    def __init__(self, model, name: str, engine: Engine, metrics=None, api_key: str | None = None, limits=Limits()):
+        self.model, self.name, self.engine, self.metrics = model, name, engine, metrics
+        self.api_key = api_key.encode() if api_key else None
+        self.limits = limits
+        self.created = int(time.time())
+
+    def count(self, status: str) -> None:
+        if self.metrics is not None:
+            self.metrics.rejected(status)
+
+
+def create_app(service: Service) -> FastAPI:
+    app = FastAPI(title="hy-edge", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        service.count(str(e.status))
+        return error_response(e.status, e.message, e.type, e.param, e.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        service.count("400")
+        err = e.errors()[0] if e.errors() else {}
+        if err.get("type") == "json_invalid":
+            return error_response(400, "the request body is not valid JSON")
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        where = ".".join(loc)
+        return error_response(
+            400, f"{where}: {err.get('msg', 'invalid value')}" if where else err.get("msg", ""), param=where or None
+        )
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        service.count(str(e.status_code))
+        return error_response(
+            e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500 else "server_error"
+        )
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, e: Exception):
+        service.count("500")
+        return error_response(500, f"internal error: {type(e).__name__}", "server_error")
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next):
+        if service.api_key is not None and request.url.path != "/health":
+            given = request.headers.get("authorization", "")
+            scheme, _, token = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), service.api_key):
+                service.count("401")
+                return error_response(
+                    401, "a valid API key is required (Authorization: Bearer KEY)", code="invalid_api_key"
+                )
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        engine = service.engine
+        if engine.error is not None:
+            return JSONResponse({"status": "error"}, status_code=503)
+        if not engine.ready.is_set():
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        if service.metrics is None:
+            raise ApiError(404, "metrics are off")
+        body, content_type = service.metrics.exposition()
+        return PlainTextResponse(body, media_type=content_type)
+
+    @app.get("/v1/models")
+    async def models():
+        card = {"id": service.name, "object": "model", "created": service.created, "owned_by": "hy-edge"}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatBody, request: Request):
+        if body.max_completion_tokens is not None:
+            body.max_tokens = body.max_completion_tokens
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        ids = await _encode(service, lambda: service.model.encode_prompt(messages))
+        return await _complete(service, request, body, ids, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, request: Request):
+        prompt = body.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise ApiError(400, "prompt: exactly one prompt per request is supported", param="prompt")
+            prompt = prompt[0]
+        ids = await _encode(service, lambda: service.model.encode_prompt(prompt, raw=True))
+        return await _complete(service, request, body, ids, chat=False)
+
+    return app
+
+
+async def _encode(service: Service, encode) -> list[int]:
+    """Tokenize off the event loop (a long prompt takes a while); a template error is the client's."""
+    try:
+        return await anyio.to_thread.run_sync(encode)
+    except HyEdgeError as e:
+        raise ApiError(400, str(e).splitlines()[0]) from None
+    except Exception as e:  # jinja raises for message orders a template refuses
+        raise ApiError(400, f"the messages cannot be rendered by the chat template: {e}") from None
+
+
+def _engine_request(service: Service, body: _Sampling, ids: list[int], emit) -> EngineRequest:
+    if body.model is not None and body.model != service.name:
+        raise ApiError(
+            404,
+            f"model '{body.model}' does not exist (this server runs '{service.name}')",
+            param="model",
+            code="model_not_found",
+        )
+    if body.n != 1:
+        raise ApiError(400, "n: only n=1 is supported", param="n")
+    context = service.engine.max_context
+    max_prompt = service.limits.max_prompt_tokens or context
+    if len(ids) > min(max_prompt, context):
+        raise ApiError(
+            400,
+            f"the prompt has {len(ids)} tokens, more than the limit of {min(max_prompt, context)} "
+            f"(context length {context})",
+            param="messages" if hasattr(body, "messages") else "prompt",
+            code="context_length_exceeded",
+        )
+    cap = service.limits.max_tokens or context
+    max_tokens = cap if body.max_tokens is None else body.max_tokens
+    if not 1 <= max_tokens <= cap:
+        raise ApiError(400, f"max_tokens should be between 1 and {cap}, got {max_tokens}", param="max_tokens")
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > MAX_STOP:
+        raise ApiError(400, f"stop: at most {MAX_STOP} stop strings", param="stop")
+    if body.seed is not None and body.seed < 0:
+        raise ApiError(400, "seed should be >= 0", param="seed")
+    try:
+        sampler = make_sampler(body.temperature, top_p=body.top_p, seed=body.seed)
+        processors = make_openai_penalties(len(ids), body.frequency_penalty, body.presence_penalty)
+    except HyEdgeError as e:
+        raise ApiError(400, str(e)) from None
+    return EngineRequest(ids, max_tokens, emit, sampler, processors, tuple(stop))
+
+
+async def _complete(service: Service, request: Request, body: _Sampling, ids: list[int], chat: bool):
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+
+    def emit(event) -> None:  # engine thread → this event loop
+        loop.call_soon_threadsafe(events.put_nowait, event)
+
+    req = _engine_request(service, body, ids, emit)
+    engine = service.engine
+    try:
+        engine.submit(req)
+    except QueueFull as e:
+        raise ApiError(429, str(e), "rate_limit_error", code="server_busy") from None
+    except NotAccepting as e:
+        raise ApiError(503, str(e), "server_error") from None
+    except (BudgetError, HyEdgeError) as e:
+        raise ApiError(400, str(e)) from None
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    shape = _Shape(rid, service.name, chat, int(time.time()))
+    if body.stream:
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(
+            _stream(engine, req, events, shape, usage),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
+    text, last = [], None
+    try:
+        while last is None:
+            try:
+                event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return PlainTextResponse("", status_code=499)
+                continue
+            if isinstance(event, Failed):
+                raise ApiError(event.status, event.message, "server_error")
+            text.append(event.text)
+            if event.finish_reason:
+                last = event
+    finally:
+        if last is None:
+            engine.cancel(req)
+    return shape.whole("".join(text), last)
+
+
+async def _stream(
+    engine: Engine, req: EngineRequest, events: asyncio.Queue, shape: _Shape, usage: bool
+) -> AsyncIterator[str]:
+    """Server-sent events: one chunk per piece of text, the finish reason, usage if asked, [DONE]. A
+    client that goes away ends this generator (GeneratorExit / cancellation): the engine frees its slot."""
+    done = False
+    try:
+        if shape.chat:
+            yield shape.sse(shape.chunk({"role": "assistant", "content": ""}, None))
+        while True:
+            event = await events.get()
+            if isinstance(event, Failed):
+                yield shape.sse(
+                    {"error": {"message": event.message, "type": "server_error", "param": None, "code": None}}
+                )
+                break
+            if event.text:
+                yield shape.sse(shape.chunk({"content": event.text} if shape.chat else event.text, None))
+            if event.finish_reason:
+                yield shape.sse(shape.chunk({} if shape.chat else "", event.finish_reason))
+                if usage:
+                    yield shape.sse({**shape.head(), "choices": [], "usage": _usage(event)})
+                break
+        done = True
+        yield "data: [DONE]\n\n"
+    finally:
+        if not done:
+            engine.cancel(req)
+
+
+def _usage(r: GenerationResponse) -> dict:
+    return {
+        "prompt_tokens": r.prompt_tokens,
+        "completion_tokens": r.completion_tokens,
+        "total_tokens": r.prompt_tokens + r.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": r.cached_tokens},
+    }
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """OpenAI's response objects for one request."""
+
+    id: str
+    model: str
+    chat: bool
+    created: int = 0
+
+    def head(self) -> dict:
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def chunk(self, delta, finish: str | None) -> dict:
+        if self.chat:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}
+        return {**self.head(), "choices": [choice]}
+
+    @staticmethod
+    def sse(obj: dict) -> str:
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    def whole(self, text: str, last: GenerationResponse) -> dict:
+        if self.chat:
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": last.finish_reason,
+            }
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": last.finish_reason}
+        obj = {**self.head(), "choices": [choice], "usage": _usage(last)}
+        obj["object"] = "chat.completion" if self.chat else "text_completion"
+        return obj
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets 413 — refused by its Content-Length before
+    anything is read, or as soon as a chunked body passes the limit."""
+
+    def __init__(self, app, limit: int, on_reject=lambda: None):
+        self.app, self.limit, self.on_reject = app, limit, on_reject
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await self._reject(send)
+        body, more = bytearray(), True
+        while more:  # read the body first (it is small, or refused): the app then gets it in one piece
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                return await self._reject(send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _reject(self, send):
+        self.on_reject()
+        body = json.dumps(
+            {
+                "error": {
+                    "message": f"the request body is larger than {self.limit} bytes",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": None,
+                }
+            }
+        ).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def build_asgi(service: Service):
+    """The app wrapped in the body limit: what uvicorn serves."""
+    return BodyLimit(create_app(service), service.limits.max_body_bytes, lambda: service.count("413"))

@@ -1,0 +1,124 @@
+"""`hy-edge serve` on the bundled SmolLM2 through the official `openai` client: streaming and not, chat and
+completions, token for token what `hy-edge run` says at temperature 0; eight concurrent streams give
+each prompt's sequential answer (the batched decode step is batch-invariant)."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+from click.testing import CliRunner
+from serve_helpers import child_env, metric, serving
+
+from edge_runtime.cli import main
+
+openai = pytest.importorskip("openai")
+
+QUESTION = "What is the capital of France? Answer in one sentence."
+# (prompt, max_tokens): different prompts, different lengths, some ending at EOS, some at the limit
+EIGHT = [
+    ("Name three planets.", 24),
+    ("Write a haiku about the sea.", 40),
+    (QUESTION, 16),
+    ("Say hello.", 8),
+    ("Explain in two sentences why the sky is blue.", 48),
+    ("List the first five prime numbers.", 20),
+    ("Translate 'good morning' into French.", 12),
+    ("What is 2 + 2? " * 12, 30),
+]
+
+
+@pytest.fixture(scope="module")
+def server(default_model_file):
+    args = ["--model", str(default_model_file), "--max-batch", "8", "--max-context", "512", "--threads", "2"]
+    with serving(args, env=child_env()) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def hy_edge_run(model_file, prompt: str, max_tokens: int, tmp_path, raw: bool = False) -> dict:
+    path = tmp_path / "prompt.txt"
+    path.write_text(prompt)
+    args = ["run", str(path), "--model", str(model_file), "--temperature", "0", "--max-tokens", str(max_tokens)]
+    r = CliRunner().invoke(main, [*args, "--json", *(["--raw"] if raw else [])])
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+def chat_stream(client, prompt: str, max_tokens: int) -> tuple[str, str, int]:
+    stream = client.chat.completions.create(
+        model=client.models.list().data[0].id,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    text, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            text.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    return "".join(text), finish, usage.completion_tokens
+
+
+def test_models_lists_the_file_stem(client, default_model_file):
+    assert [m.id for m in client.models.list().data] == [default_model_file.stem]
+
+
+def test_chat_equals_hy_edge_run_streaming_and_not(client, default_model_file, tmp_path):
+    want = hy_edge_run(default_model_file, QUESTION, 24, tmp_path)
+    assert want["text"] == "The capital of France is Paris."  # the golden answer (tests/test_default_model.py)
+    r = client.chat.completions.create(
+        model=default_model_file.stem, messages=[{"role": "user", "content": QUESTION}], max_tokens=24, temperature=0
+    )
+    got = r.choices[0]
+    assert (got.message.content, got.finish_reason) == (want["text"], want["finish_reason"])
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (want["prompt_tokens"], want["completion_tokens"])
+    assert chat_stream(client, QUESTION, 24) == (want["text"], want["finish_reason"], want["completion_tokens"])
+
+
+def test_completions_equal_hy_edge_run_raw(client, default_model_file, tmp_path):
+    prompt = "The three primary colours are"
+    want = hy_edge_run(default_model_file, prompt, 20, tmp_path, raw=True)
+    r = client.completions.create(model=default_model_file.stem, prompt=prompt, max_tokens=20, temperature=0)
+    assert (r.choices[0].text, r.choices[0].finish_reason) == (want["text"], want["finish_reason"])
+    assert r.usage.completion_tokens == want["completion_tokens"]
+    pieces = list(
+        client.completions.create(
+            model=default_model_file.stem, prompt=prompt, max_tokens=20, temperature=0, stream=True
+        )
+    )
+    assert "".join(c.choices[0].text for c in pieces if c.choices) == want["text"]
+    assert pieces[-1].choices[0].finish_reason == want["finish_reason"]
+
+
+def test_eight_concurrent_streams_equal_their_sequential_runs(client, server):
+    sequential = [chat_stream(client, p, n) for p, n in EIGHT]
+    results: list = [None] * len(EIGHT)
+    start = threading.Barrier(len(EIGHT))
+
+    def one(i: int) -> None:
+        start.wait(60)
+        try:
+            results[i] = chat_stream(client, *EIGHT[i])
+        except Exception as e:  # noqa: BLE001 - reported below
+            results[i] = e
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(EIGHT))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    for i, (got, want) in enumerate(zip(results, sequential, strict=True)):
+        assert got == want, f"stream {i} ({EIGHT[i][0]!r}) differs from its sequential run"
+    assert {finish for _, finish, _ in sequential} == {"stop", "length"}  # both ends were exercised
+    assert metric(server.url, "hy_edge_active_sequences") == 0
+    assert metric(server.url, "hy_edge_prompt_tokens_reused_total") > 0  # the chat template's shared prefix
