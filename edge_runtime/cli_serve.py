@@ -41,7 +41,9 @@ def _serve_options(fn):
         ),
         click.option("--api-key-file", default=None, help=f"File holding the API key (or set ${API_KEY_ENV})."),
         click.option("--threads", default=None, type=int, help="Threads (default: physical cores)."),
-        click.option("--max-memory", default="8GB", show_default=True, help="Memory budget of the process."),
+        click.option(
+            "--max-memory", default=None, help="Memory budget of the process (default: 3/4 of the available memory)."
+        ),
         click.option(
             "--max-context", default=None, type=int, help="Context length of each slot (default: up to 4096)."
         ),
@@ -128,7 +130,7 @@ def serve_cmd(
     except ImportError as e:
         fail(f"hy-edge serve needs the serve extra ({e.name} is missing): pip install 'hy-edge[serve]'")
     from .cli_model import resolve_model
-    from .memory import fmt_bytes, parse_size
+    from .memory import DEFAULT_BUDGET, fmt_bytes, parse_size
     from .model import load
     from .serve_engine import Engine
     from .systemd import Watchdog, notify
@@ -144,7 +146,7 @@ def serve_cmd(
         if shutdown_timeout < 0:
             raise HyEdgeError(f"--shutdown-timeout should be >= 0, got {shutdown_timeout}")
         body_limit = parse_size(max_body)
-        budget = parse_size(max_memory)
+        budget = parse_size(max_memory) if max_memory else DEFAULT_BUDGET
         api_key = _read_api_key(api_key_file)
         path = resolve_model(model_arg, notice=lambda m: click.echo(m, err=True))
         model = load(path, threads=threads, max_context=max_context, max_memory=budget)
@@ -230,7 +232,7 @@ def service_cmd():
 @click.option("--max-batch", default=4, show_default=True, type=int)
 @click.option("--max-queue", default=8, show_default=True, type=int)
 @click.option("--threads", default=None, type=int)
-@click.option("--max-memory", default="8GB", show_default=True)
+@click.option("--max-memory", default=None, help="Memory budget (default: 3/4 of the memory available now).")
 @click.option("--max-context", default=None, type=int)
 @click.option("--api-key-file", default=None, help="Key file, handed to the service as a systemd credential.")
 @click.option(
@@ -241,13 +243,13 @@ def install_cmd(
     model_arg, host, port, max_batch, max_queue, threads, max_memory, max_context, api_key_file, unit_path, print_only
 ):
     """Write the hy-edge.service unit."""
-    from .memory import parse_size
+    from .memory import MB, default_budget, parse_size
     from .systemd import UNIT_PATH, systemd_running, unit_file
 
     with user_errors():
-        budget = parse_size(max_memory)
+        budget = parse_size(max_memory) if max_memory else default_budget()
         args = ["--host", host, "--port", str(port), "--max-batch", str(max_batch), "--max-queue", str(max_queue)]
-        args += ["--max-memory", max_memory]
+        args += ["--max-memory", f"{budget // MB}MB"]  # written out: MemoryMax= is derived from it
         if model_arg is not None:
             model = Path(model_arg).resolve()
             if not model.exists():

@@ -178,14 +178,11 @@ class Engine:
         with self._cond:
             if not self._accepting:
                 raise NotAccepting("the server is " + ("shutting down" if self.ready.is_set() else "loading"))
-            if len(self._queue) >= self.max_queue and not self._free_slot_waiting():
-                raise QueueFull(f"server busy: {self.slots} sequences running and {len(self._queue)} queued")
+            free = sum(s.seq is None for s in self._slots)  # they take queued requests at the next step
+            if len(self._queue) >= self.max_queue + free:
+                raise QueueFull(f"server busy: {self.slots} sequences running and {self.max_queue} queued")
             self._queue.append(req)
             self._cond.notify_all()
-
-    def _free_slot_waiting(self) -> bool:
-        """A slot will take a queued request at the next step (so the queue is not really full)."""
-        return sum(s.seq is None for s in self._slots) > len(self._queue)
 
     def cancel(self, req: Request) -> None:
         """The client went away (any thread): its slot is freed at the next step."""

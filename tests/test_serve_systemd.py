@@ -1,0 +1,166 @@
+"""`hy-edge serve` under systemd: the unit `hy-edge service install` writes passes `systemd-analyze verify`;
+the server speaks sd_notify (READY=1 once warm, WATCHDOG=1 from the engine loop, STOPPING=1 on SIGTERM)
+and exits 0 after a running stream has ended; it serves as a non-root user with a read-only install, no
+HOME and only a state directory writable (the sandbox of the unit: DynamicUser, ProtectSystem=strict)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numba
+import pytest
+from click.testing import CliRunner
+from serve_helpers import ServerProcess, child_env
+
+from edge_runtime import systemd
+from edge_runtime.cli import main
+
+pytest.importorskip("uvicorn")
+
+
+def systemd_analyze() -> str:
+    """The systemd-analyze binary; Debian's systemd package is installed when missing and possible (root
+    with apt, as in CI), else the test is skipped with the reason."""
+    path = shutil.which("systemd-analyze")
+    if path:
+        return path
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("systemd-analyze is missing and cannot be installed here (needs root and apt-get)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "--no-install-recommends", "systemd"]):
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        if r.returncode != 0:
+            pytest.skip(f"systemd-analyze is missing and `{' '.join(cmd)}` failed: {r.stderr.strip()[-300:]}")
+    return shutil.which("systemd-analyze") or pytest.skip("the systemd package brought no systemd-analyze")
+
+
+def test_unit_file_passes_systemd_analyze_verify(default_model_file, tmp_path):
+    analyze = systemd_analyze()
+    key = tmp_path / "api-key"
+    key.write_text("secret\n")
+    args = ["service", "install", "--print", "--model", str(default_model_file), "--port", "8080"]
+    r = CliRunner().invoke(main, [*args, "--max-memory", "1GB", "--api-key-file", str(key)])
+    assert r.exit_code == 0, r.output
+    unit = r.stdout
+    for line in (
+        "Type=notify",
+        "Restart=on-failure",
+        "DynamicUser=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "NoNewPrivileges=yes",
+        "StateDirectory=hy-edge",
+        "CacheDirectory=hy-edge",
+        f"MemoryMax={1024 + systemd.MEMORY_HEADROOM // 2**20}M",
+        f"LoadCredential=api-key:{key}",
+    ):
+        assert f"\n{line}\n" in unit, line
+    assert "WatchdogSec=" in unit and "--api-key-file ${CREDENTIALS_DIRECTORY}/api-key" in unit
+    path = tmp_path / "hy-edge.service"
+    path.write_text(unit)
+    v = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True, timeout=120)
+    assert v.returncode == 0 and "hy-edge.service" not in v.stderr, v.stderr
+    # install / uninstall to a given path (the default is /etc/systemd/system/hy-edge.service)
+    assert (
+        CliRunner().invoke(main, ["service", "install", "--unit-path", str(path), "--max-memory", "1GB"]).exit_code == 0
+    )
+    assert path.read_text().startswith("[Unit]")
+    assert CliRunner().invoke(main, ["service", "uninstall", "--unit-path", str(path)]).exit_code == 0
+    assert not path.exists()
+    r = CliRunner().invoke(main, ["service", "install", "--print", "--model", "/home/x/model.onnx"])
+    assert r.exit_code == 2 and r.output.startswith("hy-edge: error:")
+
+
+def test_watchdog_interval_and_notify_to_a_path_socket(tmp_path):
+    assert not systemd.Watchdog({}).enabled
+    assert systemd.Watchdog({"WATCHDOG_USEC": "4000000"}).interval == 2.0
+    assert not systemd.Watchdog({"WATCHDOG_USEC": "4000000", "WATCHDOG_PID": "1"}).enabled  # another process's
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind(str(tmp_path / "notify"))
+        assert systemd.notify("READY=1", "STATUS=x", env={"NOTIFY_SOCKET": str(tmp_path / "notify")})
+        assert s.recv(4096) == b"READY=1\nSTATUS=x"
+    assert not systemd.notify("READY=1", env={})
+
+
+def receive_until(sock: socket.socket, want: str, seen: list[str], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while want not in seen:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            seen += sock.recv(4096).decode().split("\n")
+        except TimeoutError:
+            raise AssertionError(f"no {want} within {timeout} s; got {seen}") from None
+
+
+def test_notify_ready_watchdog_and_sigterm_during_a_stream(default_model_file):
+    name = f"hy-edge-test-{os.getpid()}-{time.monotonic_ns()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name)  # an abstract socket, as systemd's NOTIFY_SOCKET may be
+        env = child_env(NOTIFY_SOCKET="@" + name, WATCHDOG_USEC="1000000")
+        server = ServerProcess(["--model", str(default_model_file), "--max-context", "256"], env=env)
+        try:
+            seen: list[str] = []
+            receive_until(sock, "READY=1", seen, 300)
+            assert httpx.get(server.wait_listening() + "/health").status_code == 200  # ready means ready
+            receive_until(sock, "WATCHDOG=1", seen, 10)
+            assert seen.index("READY=1") < seen.index("WATCHDOG=1")
+            body = {"prompt": "Once upon a time", "max_tokens": 150, "temperature": 0, "stream": True}
+            with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=120) as r:
+                lines = r.iter_lines()
+                assert next(lines).startswith("data: ")
+                server.proc.send_signal(15)  # SIGTERM with the stream running
+                rest = [line for line in lines if line]
+            chunks = [json.loads(line[6:]) for line in rest[:-1]]
+            assert rest[-1] == "data: [DONE]" and chunks[-1]["choices"][0]["finish_reason"] == "length"
+            assert server.proc.wait(60) == 0, server.log()
+            receive_until(sock, "STOPPING=1", seen, 5)
+        finally:
+            server.cleanup()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv to drop to nobody")
+def test_non_root_read_only_install_no_home_only_a_state_directory(default_model_file):
+    root = Path(tempfile.mkdtemp(prefix="hy-edge-nobody-"))
+    try:
+        root.chmod(0o755)
+        models, state = root / "models", root / "state"
+        models.mkdir()
+        for f in (default_model_file, default_model_file.with_name(default_model_file.name + ".data")):
+            shutil.copy(f, models / f.name)  # root-owned, 0644: read-only for the service user
+        state.mkdir()
+        jit = Path(numba.config.CACHE_DIR or "")
+        if jit.is_dir():  # kernels compiled once, as on a provisioned box (a cold compile costs ~40 s here;
+            # test_hardening_readonly compiles into $STATE_DIRECTORY); stale entries are compiled again
+            shutil.copytree(jit, state / "numba", ignore=shutil.ignore_patterns("tests_*"))
+        for p in (state, *state.rglob("*")):
+            os.chown(p, 65534, 65534)
+        env = {k: v for k, v in child_env().items() if k not in ("HOME", "XDG_CACHE_HOME", "NUMBA_CACHE_DIR")}
+        env["STATE_DIRECTORY"] = str(state)
+        prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+        args = ["--model", str(models / default_model_file.name), "--max-context", "128", "--max-batch", "2"]
+        before = sorted(p.name for p in models.iterdir())
+        server = ServerProcess(args, env=env, prefix=prefix, cwd=str(root))
+        try:
+            url = server.wait_ready()
+            body = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8, "temperature": 0}
+            r = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+            assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"], r.text
+        finally:
+            assert server.stop() == 0, server.log()
+            log = server.log()
+            server.cleanup()
+        assert "warning" not in log.lower() and "Traceback" not in log, log
+        assert any((state / "numba").rglob("*.nbi")), "numba's kernel cache is in $STATE_DIRECTORY"
+        assert sorted(p.name for p in models.iterdir()) == before
+        assert sorted(p.name for p in root.iterdir()) == ["models", "state"]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
