@@ -1,0 +1,140 @@
+"""Aggregate decode tokens/s of the serving engine at 1, 2, 4, 8 concurrent streams (issue 10's target:
+>= 2.5x at 4 streams vs 1), on the full Hunyuan-0.5B shapes with deterministic random weights.
+
+For each stream count N, N requests with different prompts of the same length are submitted together to
+the engine of `hy-edge serve` (edge_runtime.serve_engine, in this process, no HTTP); every token's arrival
+time is recorded. The figure is the steady state: tokens that arrived while all N streams were decoding,
+divided by the length of that window (prefill and the ragged ends are left out). EOS is ignored so every
+stream runs its full length. `--url` measures a running `hy-edge serve` over HTTP instead (streamed
+completions, token arrivals as server-sent events; text prompts).
+
+    python bench/serve_load.py                     # 24 layers, 1 2 4 8 streams, 128 tokens each
+    python bench/serve_load.py --layers 2 --tokens 32 --streams 1 2 4   # a smoke run
+    python bench/serve_load.py --url http://127.0.0.1:8000 --streams 1 4
+Writes bench/out/serve_load.json (or --out) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def steady_tps(arrivals: list[list[float]]) -> tuple[float, float, int]:
+    """(tokens/s, window s, tokens) over the window in which every stream had started and none had ended."""
+    start = max(a[0] for a in arrivals)
+    end = min(a[-1] for a in arrivals)
+    if end <= start:
+        return 0.0, 0.0, 0
+    n = sum(sum(1 for t in a if start < t <= end) for a in arrivals)
+    return n / (end - start), end - start, n
+
+
+def run_engine(model, streams: int, tokens: int, prompt_tokens: int, threads: int | None, kv_cache: str) -> dict:
+    from edge_runtime.serve_engine import Engine, Request
+
+    session = model.session(slots=streams, max_context=prompt_tokens + tokens + 1, threads=threads, kv_cache=kv_cache)
+    engine = Engine(session, None, max_queue=streams)
+    engine.eos_ids = frozenset()  # random weights: run every stream to its full length
+    engine.start()
+    engine.ready.wait()
+    rng = np.random.default_rng(0)
+    arrivals: list[list[float]] = [[] for _ in range(streams)]
+    done = threading.Semaphore(0)
+
+    def emit_to(i: int):
+        def emit(event) -> None:
+            arrivals[i].append(time.perf_counter())
+            if getattr(event, "finish_reason", None) or not hasattr(event, "finish_reason"):
+                done.release()
+
+        return emit
+
+    V = model.spec.vocab_size
+    for i in range(streams):
+        prompt = rng.integers(0, V, prompt_tokens).tolist()
+        engine.submit(Request(prompt, tokens, emit_to(i)))
+    for _ in range(streams):
+        done.acquire()
+    engine.stop()
+    tps, window, n = steady_tps(arrivals)
+    return {"streams": streams, "decode_tps": tps, "window_s": window, "tokens_in_window": n}
+
+
+def run_http(url: str, streams: int, tokens: int) -> dict:
+    import httpx
+
+    arrivals: list[list[float]] = [[] for _ in range(streams)]
+    barrier = threading.Barrier(streams)
+
+    def one(i: int) -> None:
+        body = {"prompt": f"Story {i}: once upon a time", "max_tokens": tokens, "temperature": 0, "stream": True}
+        barrier.wait()
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    arrivals[i].append(time.perf_counter())
+
+    ts = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    tps, window, n = steady_tps(arrivals)
+    return {"streams": streams, "decode_tps": tps, "window_s": window, "tokens_in_window": n}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=24, help="layers of the random Hunyuan-0.5B checkpoint")
+    ap.add_argument("--model", default=None, help="a converted .onnx instead of the random checkpoint")
+    ap.add_argument("--url", default=None, help="measure a running hy-edge serve over HTTP instead")
+    ap.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--tokens", type=int, default=128, help="generated tokens per stream")
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--kv-cache", default="fp32", choices=["fp32", "fp16"])
+    ap.add_argument("--out", default=str(HERE / "out" / "serve_load.json"))
+    args = ap.parse_args()
+
+    if args.url:
+        label = args.url
+        results = [run_http(args.url.rstrip("/"), n, args.tokens) for n in args.streams]
+    else:
+        import artifacts
+
+        import edge_runtime
+
+        path = Path(args.model) if args.model else artifacts.hy_edge_model(artifacts.checkpoint(args.layers), {})
+        label = path.name
+        model = edge_runtime.load(path)
+        results = [
+            run_engine(model, n, args.tokens, args.prompt_tokens, args.threads, args.kv_cache) for n in args.streams
+        ]
+    base = next((r["decode_tps"] for r in results if r["streams"] == 1), None)
+    print(f"serve load: {label}, {args.tokens} tokens per stream")
+    print("| streams | aggregate decode tok/s | per stream | vs 1 stream |")
+    print("|---:|---:|---:|---:|")
+    for r in results:
+        r["speedup"] = r["decode_tps"] / base if base else None
+        ratio = f"{r['speedup']:.2f}x" if base else "-"
+        print(f"| {r['streams']} | {r['decode_tps']:.1f} | {r['decode_tps'] / r['streams']:.1f} | {ratio} |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"model": label, "tokens": args.tokens, "prompt_tokens": args.prompt_tokens, "machine": platform.machine()}
+    out.write_text(json.dumps({**meta, "threads": args.threads, "results": results}, indent=1) + "\n")
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    main()
