@@ -107,7 +107,8 @@ class ChatSession:
 @click.command("chat")
 @sampling_options
 @model_options
-def chat_cmd(system: str | None, thinking: bool | None, sampling: Sampling, **model_args) -> None:
+@click.option("--url", default=None, help="Chat with a running `hy-edge serve` (e.g. http://127.0.0.1:8000).")
+def chat_cmd(system: str | None, thinking: bool | None, sampling: Sampling, url: str | None, **model_args) -> None:
     """Chat with the model: one line per turn; /help lists the commands."""
     interactive = sys.stdin.isatty()
 
@@ -117,12 +118,19 @@ def chat_cmd(system: str | None, thinking: bool | None, sampling: Sampling, **mo
     with user_errors():
         if system is not None:
             check_text(system, "--system")
-        model = open_model(sampling, **model_args)
-        if model.tokenizer is None:
-            raise HyEdgeError(f"{model.path.name}: the model file carries no tokenizer")
-        chat = ChatSession(model, sampling, system, template_kwargs(thinking))
+        if url is not None:
+            from .chat_remote import RemoteChat
+
+            if model_args.get("model_arg") is not None:
+                raise HyEdgeError("--model and --url exclude each other (the server has its model)")
+            chat, name = RemoteChat(url, sampling, system), url
+        else:
+            model = open_model(sampling, **model_args)
+            if model.tokenizer is None:
+                raise HyEdgeError(f"{model.path.name}: the model file carries no tokenizer")
+            chat, name = ChatSession(model, sampling, system, template_kwargs(thinking)), model.path.name
         if interactive:
-            click.echo(f"hy-edge chat ({model.path.name}); {HELP}; Ctrl-C stops a reply", err=True)
+            click.echo(f"hy-edge chat ({name}); {HELP}; Ctrl-C stops a reply", err=True)
         while True:
             if interactive:
                 click.echo(">>> ", nl=False, err=True)

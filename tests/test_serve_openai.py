@@ -122,3 +122,14 @@ def test_eight_concurrent_streams_equal_their_sequential_runs(client, server):
     assert {finish for _, finish, _ in sequential} == {"stop", "length"}  # both ends were exercised
     assert metric(server.url, "hy_edge_active_sequences") == 0
     assert metric(server.url, "hy_edge_prompt_tokens_reused_total") > 0  # the chat template's shared prefix
+
+
+def test_chat_url_talks_to_the_server(server, default_model_file):
+    r = CliRunner().invoke(
+        main, ["chat", "--url", server.url, "--temperature", "0", "--max-tokens", "24"], input=QUESTION + "\n/stats\n"
+    )
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip() == "The capital of France is Paris."
+    assert "generated tokens]" in r.stderr
+    r = CliRunner().invoke(main, ["chat", "--url", server.url, "--model", str(default_model_file)], input="hi\n")
+    assert r.exit_code == 2 and "exclude" in r.stderr
