@@ -81,7 +81,6 @@ def unit_file(
     memory_mb = (budget_bytes + MEMORY_HEADROOM) // 1024**2
     return f"""[Unit]
 Description=hy-edge: OpenAI-compatible LLM server
-Documentation=https://github.com/hy-edge/hy-edge#iot-deployment-hy-edge-serve
 After=network-online.target
 Wants=network-online.target
 
