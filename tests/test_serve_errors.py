@@ -4,6 +4,7 @@ correctly, and nothing leaks: slots return to free and /metrics shows nothing ac
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -137,3 +138,24 @@ def test_fifty_requests_on_two_slots_and_a_queue_of_eight(url):
     text = httpx.get(url + "/metrics", headers=AUTH).text
     assert 'hy_edge_requests_total{status="429"}' in text and "hy_edge_kv_slots_in_use 0.0" in text
     assert httpx.get(url + "/health").json() == {"status": "ok"}
+
+
+def test_serve_option_errors_are_one_line(default_model_file, tmp_path):
+    from click.testing import CliRunner
+
+    from edge_runtime.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for args, says in (
+            (["--max-batch", "0"], "--max-batch"),
+            (["--port", "99999"], "--port"),
+            (["--api-key-file", str(tmp_path / "missing")], "no such file"),
+            (["--max-memory", "10MB"], "too small"),
+            (["--port", port], "Address already in use"),
+        ):
+            r = CliRunner().invoke(main, ["serve", "--model", str(default_model_file), "--max-context", "64", *args])
+            assert r.exit_code == 2 and r.stderr.startswith("hy-edge: error:") and says in r.stderr, r.stderr
+            assert len(r.stderr.strip().splitlines()) == 1, r.stderr
