@@ -36,8 +36,8 @@ RESULTS = HERE / "results" / "latest"
 # hy-edge numba variants, one line each: (label, QuantPolicy fields). The first is the default conversion
 # (whatever hy_edge_convert's defaults are); the onnxruntime backend runs on that same file.
 VARIANTS = [
-    ("default", {}),
-    ("FP8 lm_head", {"lm_head_fp8": True}),
+    ("default", {}),  # E4M3 per channel, FP8 copy of the tied head
+    ("FP16 lm_head", {"lm_head_fp8": False}),  # the head read from the FP16 embedding
 ]
 CONTENTION_TOKENS = 32  # decode tokens under contention (a step may take ~0.5 s there)
 CONTENTION_CASES = ("hy-edge numba default", "llama.cpp Q8_0")
@@ -54,6 +54,7 @@ class Case:
     figures: tuple[str, ...] = ("ttft32", "ttft128", "ttft512", "decode")
     contention: bool = False
     env: dict = field(default_factory=dict)
+    threads: int | None = None  # None: --threads; 0: the runtime's own default
 
 
 def build_cases(args, ckpt: Path, notes: list[str]) -> list[Case]:
@@ -65,6 +66,9 @@ def build_cases(args, ckpt: Path, notes: list[str]) -> list[Case]:
         cases.append(Case(f"hy-edge numba {label}", "numba", model, artifacts.hy_edge_bytes_per_token(model), full))
         if i == 0 and not args.quick:
             onnx_case = Case("hy-edge onnxruntime default", "onnxruntime", model, cases[0].bytes_per_token, full)
+            kv16 = Case("hy-edge numba default, FP16 KV", "numba", model, cases[0].bytes_per_token, full)
+            kv16.env = {"BENCH_KV_CACHE": "fp16"}
+            cases.append(kv16)
     if not args.quick:
         cases.append(onnx_case)
     if llama_cpp_available(notes):
@@ -82,6 +86,9 @@ def build_cases(args, ckpt: Path, notes: list[str]) -> list[Case]:
         for c in list(cases):
             if c.name in CONTENTION_CASES:
                 cases.append(Case(c.name + " + busy", c.runtime, c.path, c.bytes_per_token, ("decode",), True))
+            if c.name == CONTENTION_CASES[0]:  # hy-edge's default thread count gives way to busy processes
+                name = c.name + ", default threads + busy"
+                cases.append(Case(name, c.runtime, c.path, c.bytes_per_token, ("decode",), True, threads=0))
     return cases
 
 
@@ -117,7 +124,8 @@ def note(notes: list[str], text: str) -> None:
 
 def run_child(case: Case, args, rnd: int) -> dict:
     """Start a fresh process for `case`; cold start = process start -> its `ready` line."""
-    cmd = [sys.executable, str(HERE / "runners.py"), case.runtime, str(case.path), "--threads", str(args.threads)]
+    threads = args.threads if case.threads is None else case.threads
+    cmd = [sys.executable, str(HERE / "runners.py"), case.runtime, str(case.path), "--threads", str(threads)]
     tokens = CONTENTION_TOKENS if case.contention else args.decode_tokens
     cmd += ["--figures", ",".join(case.figures), "--decode-tokens", str(tokens)]
     env = {**os.environ, **case.env, "OMP_NUM_THREADS": str(args.threads)}

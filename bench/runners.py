@@ -39,8 +39,10 @@ class HyEdgeRunner(Runner):
     def __init__(self, path: str, backend: str, threads: int) -> None:
         import edge_runtime
 
-        model = edge_runtime.load(path, backend=backend, threads=threads, max_context=CONTEXT)
-        self.session = model.session()
+        # threads 0: hy-edge's default (physical cores, giving way to other busy processes)
+        model = edge_runtime.load(path, backend=backend, threads=threads or None, max_context=CONTEXT)
+        kv = os.environ.get("BENCH_KV_CACHE")  # set by run.py for its FP16 KV case
+        self.session = model.session(kv_cache=kv) if kv else model.session()
 
     def prefill(self, ids: np.ndarray) -> int:
         self.session.reset()
@@ -171,13 +173,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runtime", choices=RUNTIMES)
     ap.add_argument("path", type=Path)
-    ap.add_argument("--threads", type=int, required=True)
+    ap.add_argument("--threads", type=int, required=True, help="0: the runtime's default (hy-edge only)")
     ap.add_argument("--figures", default=",".join(FIGURES), help="comma-separated subset of " + ", ".join(FIGURES))
     ap.add_argument("--decode-tokens", type=int, default=128)
     args = ap.parse_args()
     figures = [f for f in args.figures.split(",") if f]
     bad = [f for f in figures if f not in FIGURES]
-    if bad or args.threads < 1 or args.decode_tokens < 1 or not args.path.exists():
+    default_ok = args.threads == 0 and args.runtime in ("numba", "onnxruntime")
+    if bad or (args.threads < 1 and not default_ok) or args.decode_tokens < 1 or not args.path.exists():
         what = f"unknown figure {bad[0]!r}" if bad else f"{args.path} does not exist or a count is < 1"
         sys.exit(f"runners: {what}")
     t0 = time.perf_counter()

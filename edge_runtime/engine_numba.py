@@ -225,6 +225,7 @@ class NumbaSession:
         self._blocks = [self._prepare_block(i, prepared) for i in range(spec.num_hidden_layers)]
         self._head = linear.FusedLinear([self._op(weights.output, prepared)])
         self._scale = np.float32(spec.head_dim**-0.5)
+        self._single_step_is_grouped = False  # set by _warm_up: see _one_token_kernels_match
         # the layer loop as one compiled call where the model allows it (engine_step.py)
         self._compiled = (
             CompiledLayers(spec, self._blocks, weights.norm)
@@ -241,9 +242,23 @@ class NumbaSession:
         if n >= 1:
             self.forward(np.zeros(n, np.int64))
             self.forward(np.zeros(1, np.int64))
-        if self.slots > 1:
-            self.decode_batch(np.zeros(2, np.int64), np.arange(2))
         self.reset()
+        if self.slots > 1 and self.max_context >= 2:
+            self._single_step_is_grouped = self._one_token_kernels_match()
+
+    def _one_token_kernels_match(self) -> bool:
+        """Whether, on this CPU, the one-token kernels give a sequence's logits bit-identical to the
+        grouped kernels of a batched step. Both compute the same sums; whether the compiler vectorised
+        their reductions the same way is checked here, on this model, rather than assumed. When they
+        match, a batched step with one sequence takes the one-token kernels (4x less arithmetic) and
+        stays batch-invariant; otherwise every batched step takes the grouped kernels."""
+        ids = np.array([1, 2], np.int64) % self.spec.vocab_size
+        self.forward(ids[:1], slot=0)
+        self.forward(ids[:1], slot=1)  # the same history in two slots
+        grouped = self._step(ids[1:], np.array([0], np.int64), batched=True).copy()
+        one = self._step(ids[1:], np.array([1], np.int64), batched=False).copy()
+        self.reset()
+        return bool(np.array_equal(grouped, one))
 
     @property
     def n_cached(self) -> int:
@@ -399,12 +414,15 @@ class NumbaSession:
             raise BudgetError(f"context full in slot {int(full[0])}: {self.max_context} tokens cached")
         if self._governor is not None:
             self._governor.tick()
-        b = self.buf
+        return self._step(ids, slots, batched=B > 1 or not self._single_step_is_grouped)
+
+    def _step(self, ids: np.ndarray, slots: np.ndarray, batched: bool) -> np.ndarray:
+        B, b = ids.shape[0], self.buf
         b.row_slots[:B] = slots
         b.positions[:B] = self.positions[slots]
-        h = self._forward_rows(ids, batched=True)
+        h = self._forward_rows(ids, batched)
         logits = b.logits[:B]
-        self._head(h, (logits,), batched=True)
+        self._head(h, (logits,), batched)
         self.positions[slots] += 1
         return logits
 
@@ -420,7 +438,7 @@ class NumbaSession:
         self._embed(ids, x)
         norm._add_rms_norm(x, b.y[:0], self._blocks[0].input_norm, eps, h)
         for i, blk in enumerate(self._blocks):
-            y = self._attention(i, blk, h, batched) if blk.kind == "attention" else self._dwconv(i, blk, h)
+            y = self._attention(i, blk, h, batched) if blk.kind == "attention" else self._dwconv(i, blk, h, batched)
             norm._add_rms_norm(x, y, blk.post_norm, eps, h)  # x += y; h = norm(x)
             y = self._mlp(blk, h, batched)
             nxt = self._blocks[i + 1].input_norm if i + 1 < len(self._blocks) else self.weights.norm
@@ -445,7 +463,7 @@ class NumbaSession:
         self._linears(blk, ((blk.o, (0,)),), q, (y,), batched)
         return y
 
-    def _dwconv(self, i: int, blk: _Block, h: np.ndarray) -> np.ndarray:
+    def _dwconv(self, i: int, blk: _Block, h: np.ndarray, batched: bool) -> np.ndarray:
         b, T = self.buf, h.shape[0]
         c = self._slot[i]
         mix = b.mix[:T]
@@ -460,7 +478,7 @@ class NumbaSession:
                 b.conv_hist[c, s, p] = h[t]
                 conv.dwconv_causal(h[t : t + 1], blk.conv, b.conv_state[c, s], mix[t : t + 1])
         y = b.y[:T]
-        self._linears(blk, ((blk.out_proj, (0,)),), mix, (y,), False)
+        self._linears(blk, ((blk.out_proj, (0,)),), mix, (y,), batched)
         return y
 
     def _mlp(self, blk: _Block, h: np.ndarray, batched: bool) -> np.ndarray:

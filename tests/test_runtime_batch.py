@@ -9,6 +9,7 @@ import pytest
 from runtime_helpers import PROMPT_IDS, converted, make_seed_checkpoint
 
 import edge_runtime
+from edge_runtime.engine_numba import NumbaSession
 from edge_runtime.errors import BudgetError
 
 PROMPTS = [PROMPT_IDS[:7], PROMPT_IDS[3:15], PROMPT_IDS[:2], PROMPT_IDS[5:9], PROMPT_IDS[1:12]]
@@ -44,8 +45,13 @@ def greedy_batched(model, prompts: list, slots_used: list[int], steps: int, n_sl
     return out
 
 
+@pytest.mark.parametrize("one_token_kernels", ["checked", "never"])
 @pytest.mark.parametrize("which", ["hy_fp8", "conv_model"])
-def test_batched_decode_is_batch_invariant_and_matches_one_sequence(which, request):
+def test_batched_decode_is_batch_invariant_and_matches_one_sequence(which, one_token_kernels, request, monkeypatch):
+    # "checked": a step with one sequence takes the one-token kernels when the session found them
+    # bit-identical to the grouped ones on this CPU; "never": every step takes the grouped kernels
+    if one_token_kernels == "never":
+        monkeypatch.setattr(NumbaSession, "_one_token_kernels_match", lambda self: False)
     model = edge_runtime.load(request.getfixturevalue(which))
     steps = 6
     alone = {i: greedy_batched(model, [p], [0], steps, 1)[0] for i, p in enumerate(PROMPTS)}
