@@ -36,6 +36,7 @@ class SessionOptions:
     max_context: int | None = None  # None: min(model limit, 4096, what the budget allows)
     max_memory: int | None = None  # bytes; None: memory.DEFAULT_BUDGET
     prefill_chunk: int | None = None  # None: the backend's default
+    kv_cache: str = "fp32"  # numba backend: "fp16" halves the KV cache (keys/values rounded to half)
 
 
 class Model:
@@ -72,6 +73,8 @@ class Model:
         opts = dict(
             threads=o.threads, max_context=o.max_context, max_memory=o.max_memory, prefill_chunk=o.prefill_chunk
         )
+        if o.kv_cache != "fp32":
+            opts["kv_cache"] = o.kv_cache
         opts.update(kwargs)
         return open_session(self, backend or o.backend, **opts)
 
@@ -139,6 +142,7 @@ def load(
     max_context: int | None = None,
     max_memory: int | str | None = None,
     prefill_chunk: int | None = None,
+    kv_cache: str = "fp32",
 ) -> Model:
     """Open a converted .onnx file: check its format version, map its weights, check every tensor
     the spec needs (ModelFileError naming the first bad one), load its tokenizer. No session is
@@ -171,5 +175,9 @@ def load(
     if backend not in ("numba", "onnxruntime"):
         raise HyEdgeError(f"backend '{backend}' is not one of numba, onnxruntime")
     budget = parse_size(max_memory) if max_memory is not None else None
-    options = SessionOptions(backend, threads, max_context, budget, prefill_chunk)
+    if kv_cache not in ("fp32", "fp16"):
+        raise HyEdgeError(f"kv cache type '{kv_cache}' is not one of fp32, fp16")
+    if kv_cache != "fp32" and backend != "numba":
+        raise HyEdgeError("an fp16 KV cache is a numba-backend option")
+    options = SessionOptions(backend, threads, max_context, budget, prefill_chunk, kv_cache)
     return Model(path, spec, weights, tokenizer, quant, meta, options)

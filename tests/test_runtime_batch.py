@@ -10,7 +10,7 @@ from runtime_helpers import PROMPT_IDS, converted, make_seed_checkpoint
 
 import edge_runtime
 from edge_runtime.engine_numba import NumbaSession
-from edge_runtime.errors import BudgetError
+from edge_runtime.errors import BudgetError, HyEdgeError
 
 PROMPTS = [PROMPT_IDS[:7], PROMPT_IDS[3:15], PROMPT_IDS[:2], PROMPT_IDS[5:9], PROMPT_IDS[1:12]]
 
@@ -114,3 +114,8 @@ def test_fp16_kv_cache(hy_fp8):
     a, b = s32.forward(ids, all_logits=True), s16.forward(ids, all_logits=True)
     assert 0 < np.abs(a - b).max() < 1e-3 * np.abs(a).max()
     assert (a.argmax(-1) == b.argmax(-1)).mean() > 0.9
+    assert edge_runtime.load(hy_fp8, kv_cache="fp16", max_context=64).session().kv_cache == "fp16"
+    with pytest.raises(HyEdgeError, match="kv cache"):
+        edge_runtime.load(hy_fp8, kv_cache="fp8")
+    with pytest.raises(HyEdgeError, match="numba"):
+        edge_runtime.load(hy_fp8, kv_cache="fp16", backend="onnxruntime")
