@@ -290,3 +290,18 @@ def test_external_tensors_start_on_64k_boundaries(tmp_path):
     ]
     assert len(offsets) > 2 and all(offset % 65536 == 0 for offset in offsets)
     assert verify_checksums(proto, out) == len(offsets)  # the padding between them is not data
+
+
+def test_file_rope_table_is_the_engines(tmp_path):
+    """The converter writes the RoPE frequencies the numba engine computes at load: the same bits."""
+    from hy_edge_ops.rope import rope_inv_freq
+
+    import edge_runtime
+
+    out = tmp_path / "model.onnx"
+    convert(make_seed_checkpoint(tmp_path / "seed"), out, QuantPolicy(format="none"))
+    proto = onnx.load(str(out), load_external_data=False)
+    (mul,) = [n for n in proto.graph.node if n.name == "/model/rope/Mul"]
+    (table,) = [onnx.numpy_helper.to_array(t) for t in proto.graph.initializer if t.name == mul.input[1]]
+    spec = edge_runtime.load(out).spec
+    assert table.dtype == np.float32 and table.tobytes() == rope_inv_freq(spec.head_dim, spec.rope_theta).tobytes()
