@@ -70,14 +70,14 @@ def unit_file(
     """The hy-edge.service unit: Type=notify, watchdog, restart on failure, a memory limit of the budget
     plus headroom, and a sandbox (dynamic user, read-only system, no homes, private /tmp) whose only
     writable places are the state and cache directories (converted models, numba's kernel cache)."""
-    args = list(serve_args)
+    # systemd expands %-specifiers and $VARIABLES in ExecStart=: a literal % or $ is doubled
+    argv = [python, "-m", "edge_runtime", "serve", *serve_args]
+    words = [shlex.quote(a).replace("%", "%%").replace("$", "$$") for a in argv]
     credential = ""
     if api_key_file:  # the dynamic user cannot read root's files: systemd hands the key over as a credential
         credential = f"LoadCredential=api-key:{api_key_file}\n"
-        args += ["--api-key-file", "${CREDENTIALS_DIRECTORY}/api-key"]
-    command = " ".join(
-        shlex.quote(a) if not a.startswith("${") else a for a in [python, "-m", "edge_runtime", "serve", *args]
-    )
+        words += ["--api-key-file", "%d/api-key"]  # %d: the service's $CREDENTIALS_DIRECTORY
+    command = " ".join(words)
     memory_mb = (budget_bytes + MEMORY_HEADROOM) // 1024**2
     return f"""[Unit]
 Description=hy-edge: OpenAI-compatible LLM server

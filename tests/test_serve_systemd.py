@@ -64,7 +64,9 @@ def test_unit_file_passes_systemd_analyze_verify(default_model_file, tmp_path):
         f"LoadCredential=api-key:{key}",
     ):
         assert f"\n{line}\n" in unit, line
-    assert "WatchdogSec=" in unit and "--api-key-file ${CREDENTIALS_DIRECTORY}/api-key" in unit
+    assert "WatchdogSec=" in unit and " --api-key-file %d/api-key\n" in unit  # %d: $CREDENTIALS_DIRECTORY
+    odd = systemd.unit_file(["--model", "/srv/50% $HOME.onnx"], python="/opt/py", budget_bytes=2**30)
+    assert "ExecStart=/opt/py -m edge_runtime serve --model '/srv/50%% $$HOME.onnx'\n" in odd  # no expansion
     path = tmp_path / "hy-edge.service"
     path.write_text(unit)
     v = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True, timeout=120)
