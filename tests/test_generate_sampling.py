@@ -7,7 +7,7 @@ import pytest
 
 from edge_runtime.errors import HyEdgeError
 from edge_runtime.generate import StopMatcher, common_prefix
-from edge_runtime.sampling import filtered_probs, make_logits_processors, make_sampler
+from edge_runtime.sampling import filtered_probs, make_logits_processors, make_openai_penalties, make_sampler
 
 P = np.array([0.05, 0.5, 0.15, 0.3], np.float64)
 LOGITS = np.log(P).astype(np.float32)
@@ -98,3 +98,13 @@ def test_common_prefix():
     assert common_prefix([1, 2, 3], [1, 2, 4]) == 2
     assert common_prefix([1, 2], [1, 2, 3]) == 2
     assert common_prefix([], [1]) == 0
+
+
+def test_openai_penalties_count_generated_tokens_only():
+    assert make_openai_penalties(3) == []
+    (penalize,) = make_openai_penalties(3, frequency_penalty=0.5, presence_penalty=0.25)
+    tokens = [1, 1, 3] + [2, 2, 2, 0]  # a prompt of 3 tokens, then 4 generated
+    out = penalize(tokens, np.zeros(4, np.float32))
+    np.testing.assert_array_equal(out, [-0.75, 0.0, -1.75, 0.0])  # count * 0.5 + 0.25; prompt tokens untouched
+    with pytest.raises(HyEdgeError, match="presence_penalty"):
+        make_openai_penalties(0, presence_penalty=3.0)
