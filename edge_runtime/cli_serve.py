@@ -164,19 +164,26 @@ def serve_cmd(
         err=True,
     )
     metrics, watchdog = Metrics(), Watchdog()
-    engine = Engine(session, model.tokenizer, max_queue=max_queue, observer=metrics, heartbeat=watchdog.ping)
+
+    def ready() -> None:  # on the engine thread, warm, before its first watchdog ping
+        notify("READY=1", f"STATUS=serving {name} on {max_batch} slots")
+        click.echo("hy-edge: ready", err=True)
+
+    engine = Engine(
+        session, model.tokenizer, max_queue=max_queue, observer=metrics, heartbeat=watchdog.ping, on_ready=ready
+    )
     metrics.engine = engine
     service = Service(model, name, engine, metrics, api_key, Limits(max_body_bytes=body_limit))
     config = uvicorn.Config(
         build_asgi(service),
         lifespan="off",
         log_level="info",
-        timeout_graceful_shutdown=int(shutdown_timeout) if shutdown_timeout else None,
+        timeout_graceful_shutdown=shutdown_timeout,  # 0: running streams are closed at once
         timeout_keep_alive=5,
     )
-    server = _Server(config, engine)
+    server = _server(config, engine)
     engine.start()
-    threading.Thread(target=_announce, args=(engine, server, notify), daemon=True).start()
+    threading.Thread(target=_end_with_the_engine, args=(engine, server), daemon=True).start()
     for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn re-raises the signal it handled: let it land here
         signal.signal(sig, lambda *_: None)
     server.run(sockets=[sock])
@@ -187,34 +194,26 @@ def serve_cmd(
     click.echo("hy-edge: stopped", err=True)
 
 
-class _Server:
+def _server(config, engine):
     """uvicorn's Server, told about SIGTERM first: the engine stops accepting and systemd hears
     STOPPING=1; uvicorn then closes the listener and waits (bounded) for running streams."""
+    import uvicorn
 
-    def __new__(cls, config, engine):
-        import uvicorn
+    from .systemd import notify
 
-        from .systemd import notify
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            if not self.should_exit:
+                notify("STOPPING=1")
+                engine.drain(0)
+            super().handle_exit(sig, frame)
 
-        class Server(uvicorn.Server):
-            def handle_exit(self, sig, frame):
-                if not self.should_exit:
-                    notify("STOPPING=1")
-                    engine.drain(0)
-                super().handle_exit(sig, frame)
-
-        return Server(config)
+    return Server(config)
 
 
-def _announce(engine, server, notify) -> None:
-    """READY=1 once the kernels are warm; if the engine loop dies, the server ends (systemd restarts it)."""
-    while not engine.ready.wait(0.5):
-        if engine.error is not None:
-            server.should_exit = True
-            return
-    notify("READY=1", f"STATUS=serving on {engine.slots} slots")
-    click.echo("hy-edge: ready", err=True)
-    engine._thread.join()
+def _end_with_the_engine(engine, server) -> None:
+    """If the engine loop dies, the server ends with exit code 1 (systemd restarts it)."""
+    engine.join()
     if engine.error is not None:
         server.should_exit = True
 

@@ -117,6 +117,7 @@ class Engine:
         prefill_per_step: int | None = None,
         observer: Observer | None = None,
         heartbeat: Callable[[], None] | None = None,
+        on_ready: Callable[[], None] | None = None,
         idle_wait: float = 0.5,
     ):
         if max_queue < 0:
@@ -130,7 +131,8 @@ class Engine:
         self.max_queue = max_queue
         self.prefill_per_step = prefill_per_step or session.prefill_chunk
         self.observer = observer or Observer()
-        self.heartbeat = heartbeat or (lambda: None)
+        self.heartbeat = heartbeat or (lambda: None)  # called every loop iteration (systemd's watchdog)
+        self.on_ready = on_ready or (lambda: None)  # called once warm, before the first heartbeat
         self.idle_wait = idle_wait
         self.ready = threading.Event()
         self.error: BaseException | None = None  # what ended the loop, if not a stop
@@ -164,6 +166,12 @@ class Engine:
         """Start the loop thread; `ready` is set once the kernels are warm and requests are accepted."""
         self._thread = threading.Thread(target=self._run, args=(warmup,), name="hy-edge-engine", daemon=True)
         self._thread.start()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the loop thread to end; True if it has."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self._thread is None or not self._thread.is_alive()
 
     def submit(self, req: Request) -> None:
         """Queue a request (any thread). QueueFull when the queue is at its limit, NotAccepting while
@@ -219,6 +227,7 @@ class Engine:
             with self._cond:
                 self._accepting = not self._stopping
             self.ready.set()
+            self.on_ready()
             while True:
                 self.heartbeat()
                 with self._cond:
