@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
+import numpy as np
 import pytest
 from runtime_helpers import converted
 
@@ -84,6 +86,7 @@ def test_concurrent_answers_equal_sequential_ones_and_the_generator(model, make_
 
 def test_a_long_prompt_is_prefilled_between_decode_steps(model, make_engine):
     engine = make_engine(slots=2, prefill_per_step=4)
+    engine.eos_ids = frozenset()  # random weights may sample EOS: the running stream must keep going
     running = Collector(model.encode_prompt("Hello"), 60)
     engine.submit(running.request)
     first = running.events.get(timeout=TIMEOUT)
@@ -120,7 +123,13 @@ def test_full_queue_is_refused_at_once_and_cancel_frees_the_slot(model, make_eng
             finished.append(status)
 
     engine = make_engine(slots=1, max_queue=1, observer=Counting())
-    a, b, c = (Collector(model.encode_prompt(t), 100) for t in ("one", "two", "three"))
+    engine.eos_ids = frozenset()
+
+    def slow(logits) -> int:  # a holds its slot for seconds, however fast the machine
+        time.sleep(0.05)
+        return int(np.argmax(logits))
+
+    a, b, c = (Collector(model.encode_prompt(t), 100, sampler=slow) for t in ("one", "two", "three"))
     engine.submit(a.request)
     a.events.get(timeout=TIMEOUT)  # a holds the only slot
     engine.submit(b.request)  # b waits in the queue

@@ -111,8 +111,8 @@ def test_client_disconnecting_mid_stream_frees_its_slot(url):
 
 
 def test_fifty_requests_on_two_slots_and_a_queue_of_eight(url):
-    prompts = ["Say hello.", "Name a colour."]
-    bodies = [{**HELLO, "messages": [{"role": "user", "content": p}]} for p in prompts]
+    prompts = ["Write a poem about the sea.", "List ten animals."]
+    bodies = [{**HELLO, "max_tokens": 32, "messages": [{"role": "user", "content": p}]} for p in prompts]
     want = [post(url, b).json()["choices"][0]["message"]["content"] for b in bodies]
     results: list = [None] * 50
     start = threading.Barrier(50)
