@@ -41,11 +41,11 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
 
 
-def hy_edge_run(model_file, prompt: str, max_tokens: int, tmp_path, raw: bool = False) -> dict:
+def hy_edge_run(model_file, prompt: str, max_tokens: int, tmp_path, raw: bool = False, extra=()) -> dict:
     path = tmp_path / "prompt.txt"
     path.write_text(prompt)
     args = ["run", str(path), "--model", str(model_file), "--temperature", "0", "--max-tokens", str(max_tokens)]
-    r = CliRunner().invoke(main, [*args, "--json", *(["--raw"] if raw else [])])
+    r = CliRunner().invoke(main, [*args, "--json", *(["--raw"] if raw else []), *extra])
     assert r.exit_code == 0, r.output
     return json.loads(r.stdout)
 
@@ -83,6 +83,27 @@ def test_chat_equals_hy_edge_run_streaming_and_not(client, default_model_file, t
     assert (got.message.content, got.finish_reason) == (want["text"], want["finish_reason"])
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (want["prompt_tokens"], want["completion_tokens"])
     assert chat_stream(client, QUESTION, 24) == (want["text"], want["finish_reason"], want["completion_tokens"])
+
+
+def test_stop_strings_and_seeded_sampling_equal_hy_edge_run(client, default_model_file, tmp_path):
+    want = hy_edge_run(default_model_file, QUESTION, 24, tmp_path, extra=["--stop", "France"])
+    messages = [{"role": "user", "content": QUESTION}]
+    r = client.chat.completions.create(
+        model=default_model_file.stem, messages=messages, max_tokens=24, temperature=0, stop=["France"]
+    )
+    assert (
+        (r.choices[0].message.content, r.choices[0].finish_reason)
+        == ("The capital of ", "stop")
+        == (
+            want["text"],
+            want["finish_reason"],
+        )
+    )
+    seeded = hy_edge_run(default_model_file, QUESTION, 16, tmp_path, extra=["--temperature", "0.9", "--seed", "7"])
+    r = client.chat.completions.create(
+        model=default_model_file.stem, messages=messages, max_tokens=16, temperature=0.9, seed=7
+    )
+    assert r.choices[0].message.content == seeded["text"]  # same seed, same draws as the CLI
 
 
 def test_completions_equal_hy_edge_run_raw(client, default_model_file, tmp_path):
