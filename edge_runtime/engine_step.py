@@ -18,31 +18,31 @@ ONE, GROUPED, PREFILL = 0, 1, 2  # kernel choice, as linear.FusedLinear.__call__
 
 
 @njit(cache=True, inline="always")
-def _lin1(mode, x, w, s, out, bk, st, st2, st4):
+def _lin1(mode, x, w, s, out, bk, st, st4):
     if mode == ONE:
         linear._mv(x[0], (w,), (s,), (out[0],), bk, st)
     elif mode == GROUPED:
-        linear._mm(x, (w,), (s,), (out,), bk, st2)
+        linear._mm(x, (w,), (s,), (out,), bk, st)
     else:
         linear._mm_prefill(x, (w,), (s,), (out,), bk, st4)
 
 
 @njit(cache=True, inline="always")
-def _lin2(mode, x, w0, w1, s0, s1, o0, o1, bk, st, st2, st4):
+def _lin2(mode, x, w0, w1, s0, s1, o0, o1, bk, st, st4):
     if mode == ONE:
         linear._mv(x[0], (w0, w1), (s0, s1), (o0[0], o1[0]), bk, st)
     elif mode == GROUPED:
-        linear._mm(x, (w0, w1), (s0, s1), (o0, o1), bk, st2)
+        linear._mm(x, (w0, w1), (s0, s1), (o0, o1), bk, st)
     else:
         linear._mm_prefill(x, (w0, w1), (s0, s1), (o0, o1), bk, st4)
 
 
 @njit(cache=True, inline="always")
-def _lin3(mode, x, w0, w1, w2, s0, s1, s2, o0, o1, o2, bk, st, st2, st4):
+def _lin3(mode, x, w0, w1, w2, s0, s1, s2, o0, o1, o2, bk, st, st4):
     if mode == ONE:
         linear._mv(x[0], (w0, w1, w2), (s0, s1, s2), (o0[0], o1[0], o2[0]), bk, st)
     elif mode == GROUPED:
-        linear._mm(x, (w0, w1, w2), (s0, s1, s2), (o0, o1, o2), bk, st2)
+        linear._mm(x, (w0, w1, w2), (s0, s1, s2), (o0, o1, o2), bk, st)
     else:
         linear._mm_prefill(x, (w0, w1, w2), (s0, s1, s2), (o0, o1, o2), bk, st4)
 
@@ -53,12 +53,13 @@ def forward_layers(
     k_cache, v_cache, scores, cos, sin,
     in_norm, post_norm, final_norm, q_norm, k_norm,
     wq, wk, wv, wo, wg, wu, wd, sq, sk, sv, so, sg, su, sd,
-    bk, st3, st3_2, st3_4, st2, st2_2, st2_4, st1o, st1o_2, st1o_4, st1d, st1d_2, st1d_4,
+    bk3, bko, bk2, bkd, st3, st3_4, st2, st2_4, st1o, st1o_4, st1d, st1d_4,
     n_heads, n_kv, eps, scale, act_kind,
 ):  # fmt: skip
     # ids, rows, pos: i64 (T,); x, h, y: f32 (T, C); q (T, H*D), k, v (T, Hkv*D); gate, up, act (T, F);
-    # k/v_cache (L, B, Hkv, S, D); per-layer typed lists of weights (N, K) and scales (N, G); bk (L, 7)
-    # columns per scale block of q k v o gate up down. Returns h = the final-normed hidden states.
+    # k/v_cache (L, B, Hkv, S, D); per-layer typed lists of weights (N, K) and scales (N, G); bk3, bko,
+    # bk2, bkd (L, m): columns per scale block of q k v | o | gate up | down.
+    # Returns h = the final-normed hidden states.
     n_tok = ids.shape[0]
     d = q.shape[1] // n_heads
     linear._gather(embed, ids, x)
@@ -66,21 +67,21 @@ def forward_layers(
     norm._add_rms_norm(x, empty, in_norm[0], eps, h)
     n_layers = len(wq)
     for i in range(n_layers):
-        _lin3(mode, h, wq[i], wk[i], wv[i], sq[i], sk[i], sv[i], q, k, v, bk[i, :3], st3, st3_2, st3_4)
+        _lin3(mode, h, wq[i], wk[i], wv[i], sq[i], sk[i], sv[i], q, k, v, bk3[i], st3, st3_4)
         q3 = q.reshape(n_tok, n_heads, d)
         k3 = k.reshape(n_tok, n_kv, d)
         v3 = v.reshape(n_tok, n_kv, d)
         attention._rope_norm_store(q3, k3, v3, pos, rows, cos, sin, q_norm[i], k_norm[i], eps, k_cache[i], v_cache[i])
         attention._attention_rows(q3, k_cache[i], v_cache[i], rows, pos, q3, scale, scores)  # output over q
-        _lin1(mode, q, wo[i], so[i], y, bk[i, 3:4], st1o, st1o_2, st1o_4)
+        _lin1(mode, q, wo[i], so[i], y, bko[i], st1o, st1o_4)
         norm._add_rms_norm(x, y, post_norm[i], eps, h)  # x += y; h = norm(x)
-        _lin2(mode, h, wg[i], wu[i], sg[i], su[i], gate, up, bk[i, 4:6], st2, st2_2, st2_4)
+        _lin2(mode, h, wg[i], wu[i], sg[i], su[i], gate, up, bk2[i], st2, st2_4)
         g, u, a = gate.reshape(-1), up.reshape(-1), act.reshape(-1)
         if g.shape[0] <= activation._CHUNK:
             activation.glu_serial(g, u, a, act_kind)
         else:
             activation._glu(g, u, a, act_kind)
-        _lin1(mode, act, wd[i], sd[i], y, bk[i, 6:7], st1d, st1d_2, st1d_4)
+        _lin1(mode, act, wd[i], sd[i], y, bkd[i], st1d, st1d_4)
         if i + 1 < n_layers:
             norm._add_rms_norm(x, y, in_norm[i + 1], eps, h)
         else:
@@ -89,12 +90,11 @@ def forward_layers(
 
 
 def _starts(*sizes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cumulative row counts for `_mv`, 2-row block counts for `_mm`, 4-row block counts for
-    `_mm_prefill` (as linear.FusedLinear keeps them)."""
+    """Cumulative row counts for `_mv` and `_mm`, 4-row block counts for `_mm_prefill` (as
+    linear.FusedLinear keeps them)."""
     rows = np.cumsum([0, *sizes]).astype(np.int64)
-    pairs = np.cumsum([0, *((n + 1) // 2 for n in sizes)]).astype(np.int64)
     blocks = np.cumsum([0, *((n + 3) // 4 for n in sizes)]).astype(np.int64)
-    return rows, pairs, blocks
+    return rows, blocks
 
 
 class CompiledLayers:
@@ -108,7 +108,12 @@ class CompiledLayers:
                + list(b.down.ops) for b in blocks]  # fmt: skip
         self.lists = [typed.List([layer[j].w for layer in ops]) for j in range(7)]
         self.lists += [typed.List([layer[j].scales for layer in ops]) for j in range(7)]
-        self.bk = np.array([[op.bk for op in layer] for layer in ops], np.int64)
+        bk = np.array([[op.bk for op in layer] for layer in ops], np.int64)  # (L, 7)
+        # one contiguous (L, m) array per group: row i is then typed exactly as FusedLinear.bks is, so the
+        # kernels are the same specializations (and give the same bits) as from the Python loop
+        self.bk = tuple(
+            np.ascontiguousarray(bk[:, cols]) for cols in (slice(0, 3), slice(3, 4), slice(4, 6), slice(6, 7))
+        )
         first = ops[0]
         self.starts = (
             *_starts(first[0].shape[0], first[1].shape[0], first[2].shape[0]),  # q, k, v
@@ -145,6 +150,6 @@ class CompiledLayers:
             mode, ids, rows, pos, embed, b.x[:T], b.h[:T], b.y[:T], b.q[:T], b.k[:T], b.v[:T],
             b.gate[:T], b.up[:T], b.act[:T], b.k_cache, b.v_cache, b.scores, b.cos, b.sin,
             self.in_norm, self.post_norm, self.final_norm, self.q_norm, self.k_norm,
-            *self.lists, self.bk, *self.starts, spec.num_attention_heads, spec.num_key_value_heads,
+            *self.lists, *self.bk, *self.starts, spec.num_attention_heads, spec.num_key_value_heads,
             float(spec.rms_norm_eps), np.float32(spec.head_dim**-0.5), 1 if spec.hidden_act == "relu6" else 0,
         )  # fmt: skip

@@ -13,8 +13,9 @@ writes them and the loader refuses files that contain them (`fp8.has_nan_codes`)
 Kernels, parallel over output rows (few rows at a time: each thread reads one or two sequential
 streams, which the hardware prefetcher follows; 4 interleaved rows halved the speed from memory):
 - `_mv`: one token (decode). Each weight is decoded once and multiplied with x.
-- `_mm`: T tokens in groups of 4 (batched decode, short chunks), rows in pairs. A row's weights are
-  decoded once per group and used for 4 tokens. Every token runs the same instruction sequence
+- `_mm`: T tokens in groups of 4 (batched decode, short chunks). A row's weights are decoded once
+  per group and used for 4 tokens (4 tokens cost 1.9x one; pairing rows to share x's loads cost less
+  arithmetic but read two interleaved streams, slower from memory). Every token runs the same instruction sequence
   whatever the other three are (missing ones repeat a real row and are not written), so a token's
   outputs are bit-identical for every T: the batched decode step is batch-invariant.
 Both take a tuple of up to 3 weights sharing one input (q/k/v, gate/up) and run them in one
@@ -60,60 +61,36 @@ def _row_tok1(x, w, sc, out, n, bk):
 
 
 @njit(cache=True, fastmath=_FM, inline="always")
-def _rows2_tok4(x, w, sc, out, n, t, bk):
-    # x f32 (T, K), out f32 (T, N): out[t..t+3, n..n+1]. Rows n, n+1 are adjacent (two streams the
-    # prefetcher follows) and share the loads of x; each weight is decoded once for 4 tokens (1.5x the
-    # cost of one token, against 1.9x for one row x 4 tokens). Tokens past T repeat row T-1 and rows
-    # past N repeat row N-1; neither is written.
-    n_rows, k_dim = w.shape
+def _row_tok4(x, w, sc, out, n, t, bk):
+    # x f32 (T, K), out f32 (T, N): out[t..t+3, n]; tokens past T repeat row T-1 and are not written
+    k_dim = w.shape[1]
     n_tok = x.shape[0]
-    i1 = min(n + 1, n_rows - 1)
     j1, j2, j3 = min(t + 1, n_tok - 1), min(t + 2, n_tok - 1), min(t + 3, n_tok - 1)
-    u0 = u1 = u2 = u3 = v0 = v1 = v2 = v3 = np.float32(0.0)  # u: row n, v: row n+1; digit: token
+    u0 = u1 = u2 = u3 = np.float32(0.0)
     for g in range(sc.shape[1]):
         k0 = g * bk
         k1 = min(k_dim, k0 + bk)
         x0, x1, x2, x3 = x[t, k0:k1], x[j1, k0:k1], x[j2, k0:k1], x[j3, k0:k1]
-        r0, r1 = w[n, k0:k1], w[i1, k0:k1]
-        a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
+        r = w[n, k0:k1]
+        a0 = a1 = a2 = a3 = np.float32(0.0)
         for k in range(k1 - k0):
-            p = _weight(r0[k])
-            q = _weight(r1[k])
-            y0 = x0[k]
-            y1 = x1[k]
-            y2 = x2[k]
-            y3 = x3[k]
-            a0 += p * y0
-            a1 += p * y1
-            a2 += p * y2
-            a3 += p * y3
-            b0 += q * y0
-            b1 += q * y1
-            b2 += q * y2
-            b3 += q * y3
-        s0, s1 = sc[n, g], sc[i1, g]
-        u0 += a0 * s0
-        u1 += a1 * s0
-        u2 += a2 * s0
-        u3 += a3 * s0
-        v0 += b0 * s1
-        v1 += b1 * s1
-        v2 += b2 * s1
-        v3 += b3 * s1
-    _put2(out, t, n, n_rows, u0, v0)
+            v = _weight(r[k])  # decoded once, used for 4 tokens
+            a0 += v * x0[k]
+            a1 += v * x1[k]
+            a2 += v * x2[k]
+            a3 += v * x3[k]
+        s = sc[n, g]
+        u0 += a0 * s
+        u1 += a1 * s
+        u2 += a2 * s
+        u3 += a3 * s
+    out[t, n] = u0
     if t + 1 < n_tok:
-        _put2(out, t + 1, n, n_rows, u1, v1)
+        out[t + 1, n] = u1
     if t + 2 < n_tok:
-        _put2(out, t + 2, n, n_rows, u2, v2)
+        out[t + 2, n] = u2
     if t + 3 < n_tok:
-        _put2(out, t + 3, n, n_rows, u3, v3)
-
-
-@njit(cache=True, inline="always")
-def _put2(out, t, n, n_rows, a, b):
-    out[t, n] = a
-    if n + 1 < n_rows:
-        out[t, n + 1] = b
+        out[t + 3, n] = u3
 
 
 @njit(cache=True, fastmath=_FM, inline="always")
@@ -214,15 +191,14 @@ def _mv(x, ws, scs, outs, bks, starts):
 
 
 @njit(cache=True, parallel=True, fastmath=_FM)
-def _mm(x, ws, scs, outs, bks, starts2):
-    # x f32 (T, K); outs: tuple of f32 (T, N_m); starts2: cumulative 2-row block counts; every block
-    # runs all token groups
+def _mm(x, ws, scs, outs, bks, starts):
+    # x f32 (T, K); outs: tuple of f32 (T, N_m); every row runs all token groups
     n_tok = x.shape[0]
-    for blk in prange(starts2[-1]):
-        m, b = _locate(blk, starts2)
+    for blk in prange(starts[-1]):
+        m, n = _locate(blk, starts)
         w, sc, out, bk = ws[m], scs[m], outs[m], bks[m]
         for t in range(0, n_tok, 4):
-            _rows2_tok4(x, w, sc, out, b * 2, t, bk)
+            _row_tok4(x, w, sc, out, n, t, bk)
 
 
 @njit(cache=True, parallel=True, fastmath=_FM)
@@ -301,14 +277,13 @@ class FusedLinear:
         self.scs = tuple(op.scales for op in ops)
         self.bks = np.array([op.bk for op in ops], np.int64)
         self.starts = _starts(ops)
-        self.starts2 = np.cumsum([0] + [(op.w.shape[0] + 1) // 2 for op in ops]).astype(np.int64)
         self.starts4 = np.cumsum([0] + [(op.w.shape[0] + 3) // 4 for op in ops]).astype(np.int64)
         self.k_dim = ops[0].w.shape[1]
 
     def __call__(self, x: np.ndarray, outs: tuple, batched: bool = False) -> None:
         n_tok = x.shape[0]
         if batched or 1 < n_tok < PREFILL_MIN:
-            _mm(x, self.ws, self.scs, outs, self.bks, self.starts2)
+            _mm(x, self.ws, self.scs, outs, self.bks, self.starts)
         elif n_tok == 1:
             _mv(x[0], self.ws, self.scs, tuple(o[0] for o in outs), self.bks, self.starts)
         else:
