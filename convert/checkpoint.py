@@ -50,7 +50,9 @@ class TokenizerData:
     data: bytes
     # chat_template (str | None), bos_token, eos_token (str | None), add_bos_token, add_eos_token
     # (bool, or None when the directory does not say: tokenizer.json's post-processor decides),
-    # eos_token_ids (list[int]: union of config, generation_config and the tokenizer's eos token)
+    # eos_token_ids (list[int]: union of config, generation_config and the tokenizer's eos token);
+    # for sentencepiece also legacy, add_prefix_space (bool | None), added_tokens (added_tokens_decoder
+    # as [{"id", "content", "special", "lstrip", "rstrip", "single_word"}]), additional_special_tokens
     config: dict
 
 
@@ -224,6 +226,34 @@ def _eos_list(value: Any) -> list[int]:
     return []
 
 
+def _added_tokens(file: Path, tok_config: dict) -> list[dict]:
+    """tokenizer_config.json's added_tokens_decoder ({"32000": {"content": ..., "special": ...}})."""
+    decoder = tok_config.get("added_tokens_decoder") or {}
+    if not isinstance(decoder, dict):
+        raise CheckpointError(f"{file}: added_tokens_decoder should be an object")
+    out = []
+    for key, t in decoder.items():
+        t = t if isinstance(t, dict) else {"content": t}
+        if not str(key).isdigit() or not isinstance(t.get("content"), str):
+            raise CheckpointError(f"{file}: added_tokens_decoder entry {key!r} is not an id with a content string")
+        flags = ("lstrip", "rstrip", "single_word")
+        out.append(
+            {"id": int(key), "content": t["content"], "special": bool(t.get("special", False))}
+            | {f: bool(t.get(f, False)) for f in flags}
+        )
+    return out
+
+
+def _additional_special_tokens(file: Path, tok_config: dict) -> list[str]:
+    key = next((k for k in ("additional_special_tokens", "extra_special_tokens") if k in tok_config), None)
+    tokens = tok_config.get(key) or []
+    if isinstance(tokens, dict):  # transformers 5's extra_special_tokens may name them
+        tokens = list(tokens.values())
+    if not isinstance(tokens, list) or not all(isinstance(_token_str(t), str) for t in tokens):
+        raise CheckpointError(f"{file}: {key} should be a list of tokens")
+    return [_token_str(t) for t in tokens]
+
+
 def _chat_template(path: Path, tok_config: dict) -> str | None:
     """transformers 5 saves the template to chat_template.jinja; older ones keep it in the config."""
     if (path / "chat_template.jinja").is_file():
@@ -282,6 +312,13 @@ def _directory_tokenizer(path: Path, config: dict) -> TokenizerData | None:
         "add_eos_token": tok_config.get("add_eos_token"),
         "eos_token_ids": list(dict.fromkeys(eos_ids)),
     }
+    if kind == "sentencepiece":  # what tokenizer.json would otherwise carry
+        config_file = path / "tokenizer_config.json"
+        switches = {k: tok_config.get(k) for k in ("legacy", "add_prefix_space")}
+        cfg |= {k: v if isinstance(v, bool) else None for k, v in switches.items()} | {
+            "added_tokens": _added_tokens(config_file, tok_config),
+            "additional_special_tokens": _additional_special_tokens(config_file, tok_config),
+        }
     return TokenizerData(kind, data, cfg)
 
 
