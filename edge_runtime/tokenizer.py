@@ -7,6 +7,7 @@ import base64
 from dataclasses import dataclass, field
 
 from .errors import ModelFileError
+from .spm_tokenizer import AddedToken, SentencePieceTokenizer
 
 REPLACEMENT = "\ufffd"  # what a decoder produces for an incomplete UTF-8 sequence
 
@@ -18,9 +19,17 @@ class TokenizerConfig:
     chat_template: str | None = None
     bos_token: str | None = None
     eos_token: str | None = None
+    unk_token: str | None = None
+    pad_token: str | None = None
     add_bos_token: bool | None = None  # None: whatever the tokenizer's post-processor does
     add_eos_token: bool = False
     eos_token_ids: tuple[int, ...] = ()
+    # SentencePiece only (a tokenizer.json carries its own): LlamaTokenizer's switches, and the tokens
+    # matched whole before the text is encoded
+    legacy: bool | None = None
+    add_prefix_space: bool | None = None
+    added_tokens: tuple[AddedToken, ...] = ()
+    additional_special_tokens: tuple[str, ...] = ()
 
     @classmethod
     def from_dict(cls, d: dict | None) -> TokenizerConfig:
@@ -28,6 +37,10 @@ class TokenizerConfig:
 
         def token(v):  # tokenizer_config may hold AddedToken dicts ({"content": ...})
             return v.get("content") if isinstance(v, dict) else v
+
+        def flag(key):
+            v = d.get(key)
+            return v if isinstance(v, bool) else None
 
         template = d.get("chat_template")
         if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}]
@@ -40,10 +53,20 @@ class TokenizerConfig:
             chat_template=template if isinstance(template, str) else None,
             bos_token=token(d.get("bos_token")),
             eos_token=token(d.get("eos_token")),
+            unk_token=token(d.get("unk_token")),
+            pad_token=token(d.get("pad_token")),
             add_bos_token=d.get("add_bos_token"),
             add_eos_token=bool(d.get("add_eos_token", False)),
             eos_token_ids=tuple(int(i) for i in eos_ids),
+            legacy=flag("legacy"),
+            add_prefix_space=flag("add_prefix_space"),
+            added_tokens=tuple(AddedToken.from_dict(t) for t in d.get("added_tokens") or ()),
+            additional_special_tokens=tuple(str(token(t)) for t in d.get("additional_special_tokens") or ()),
         )
+
+    @property
+    def special_tokens(self) -> tuple[str, ...]:
+        return tuple(t for t in (self.bos_token, self.eos_token, self.unk_token, self.pad_token) if t)
 
 
 class Tokenizer:
@@ -69,9 +92,14 @@ class Tokenizer:
 
                 return cls(HFTokenizer.from_str(meta["json"]), kind, config)
             if kind == "sentencepiece":
-                import sentencepiece as spm
-
-                sp = spm.SentencePieceProcessor(model_proto=base64.b64decode(meta["model_b64"]))
+                sp = SentencePieceTokenizer(
+                    base64.b64decode(meta["model_b64"]),
+                    config.added_tokens,
+                    config.special_tokens,
+                    config.additional_special_tokens,
+                    legacy=config.legacy,
+                    add_prefix_space=config.add_prefix_space,
+                )
                 return cls(sp, kind, config)
         except ModelFileError:
             raise
@@ -87,13 +115,10 @@ class Tokenizer:
     def vocab_size(self) -> int:
         if self.kind == "tokenizers":
             return self._tok.get_vocab_size(with_added_tokens=True)
-        return self._tok.get_piece_size()
+        return self._tok.vocab_size
 
     def token_to_id(self, token: str) -> int | None:
-        if self.kind == "tokenizers":
-            return self._tok.token_to_id(token)
-        i = self._tok.piece_to_id(token)
-        return None if i == self._tok.unk_id() and token != self._tok.id_to_piece(i) else i
+        return self._tok.token_to_id(token)
 
     # -- encode / decode -------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -104,23 +129,22 @@ class Tokenizer:
         else:
             ids = list(self._tok.encode(text))
         if add_special_tokens:
+            # a tokenizer.json post-processor may have added them already; SentencePiece never does, and
+            # text that starts with "<s>" gets a second one, as from LlamaTokenizer
+            own = self.kind == "sentencepiece"
             add_bos = self.config.add_bos_token
             if add_bos is None:
-                add_bos = self.kind == "sentencepiece"  # LlamaTokenizer's default
-            if add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+                add_bos = own  # LlamaTokenizer's default
+            if add_bos and self.bos_id is not None and (own or not ids or ids[0] != self.bos_id):
                 ids.insert(0, self.bos_id)
             eos = self.token_to_id(self.config.eos_token) if self.config.eos_token else None
-            if self.config.add_eos_token and eos is not None and (not ids or ids[-1] != eos):
+            if self.config.add_eos_token and eos is not None and (own or not ids or ids[-1] != eos):
                 ids.append(eos)
         return ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         ids = [int(i) for i in ids]
-        if self.kind == "tokenizers":
-            return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
-        if skip_special_tokens:
-            ids = [i for i in ids if not (self._tok.is_control(i) or self._tok.is_unknown(i))]
-        return self._tok.decode(ids)
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def detokenizer(self) -> IncrementalDetokenizer:
         return IncrementalDetokenizer(self)
