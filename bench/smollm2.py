@@ -1,0 +1,145 @@
+"""hy-edge against llama.cpp on the bundled SmolLM2-135M-Instruct, where small matrices (576 hidden,
+30 layers) make per-call overhead matter: decode tok/s and TTFT of a 128-token prompt, each runtime in
+a fresh process, interleaved, `--rounds` rounds, median (min-max).
+
+llama.cpp runs a Q8_0 requantization of the same Q4_1 GGUF (llama.cpp's own quantizer through
+llama-cpp-python), hy-edge the default E4M3 conversion of it (the one `make run` uses).
+
+    python bench/smollm2.py [--rounds 3] [--threads 2] [--decode-tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out"
+PROMPT = 128
+
+
+def _gguf() -> Path:
+    from edge_runtime.cli_model import default_gguf
+
+    return Path(default_gguf())
+
+
+def _q8_0(src: Path) -> Path:
+    """llama.cpp's Q8_0 requantization of the bundled GGUF, made once under bench/out."""
+    import ctypes
+
+    import llama_cpp
+
+    dst = OUT / "smollm2-135m-instruct.q8_0.gguf"
+    if not dst.exists():
+        OUT.mkdir(exist_ok=True)
+        tmp = dst.with_name(dst.name + ".partial")
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+        params.allow_requantize = True
+        if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
+            sys.exit("smollm2: llama.cpp could not requantize the GGUF to Q8_0")
+        os.replace(tmp, dst)
+    return dst
+
+
+def _hy_edge_model(src: Path) -> Path:
+    from edge_runtime.cli_model import resolve_model
+
+    return Path(resolve_model(None, notice=lambda m: print(m, file=sys.stderr)))
+
+
+def child(runtime: str, path: str, threads: int, decode_tokens: int) -> dict:
+    """One measurement in this (fresh) process: TTFT of a 128-token prompt, then greedy decode."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 49152, PROMPT).astype(np.int64)
+    if runtime == "hy-edge":
+        import edge_runtime
+
+        session = edge_runtime.load(path, threads=threads, max_context=1024).session()
+
+        def prefill(x):
+            session.reset()
+            return int(np.argmax(session.forward(x)))
+
+        def step(t):
+            return int(np.argmax(session.forward(np.array([t], np.int64))))
+
+    else:
+        import llama_cpp
+
+        llm = llama_cpp.Llama(path, n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False)
+
+        def prefill(x):
+            llm.reset()
+            llm.eval(x.tolist())
+            return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+
+        def step(t):
+            llm.eval([t])
+            return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+
+    step(prefill(ids[:8]))  # warm
+    t0 = time.perf_counter()
+    tok = prefill(ids)
+    ttft = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(decode_tokens):
+        tok = step(tok)
+    decode = decode_tokens / (time.perf_counter() - t0)
+    from edge_runtime.memory import peak_rss_mb
+
+    return {"ttft128_s": ttft, "decode_tps": decode, "peak_rss_mb": peak_rss_mb()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--child", nargs=2, metavar=("RUNTIME", "PATH"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child[0], args.child[1], args.threads, args.decode_tokens)))
+        return
+    if args.rounds < 1 or args.threads < 1 or args.decode_tokens < 1:
+        sys.exit("smollm2: --rounds, --threads and --decode-tokens must be >= 1")
+    src = _gguf()
+    paths = {"hy-edge": _hy_edge_model(src), "llama.cpp Q8_0": _q8_0(src)}
+    runs: dict[str, list[dict]] = {name: [] for name in paths}
+    for r in range(args.rounds):
+        for name, path in paths.items():
+            runtime = "hy-edge" if name == "hy-edge" else "llama.cpp"
+            cmd = [sys.executable, __file__, "--child", runtime, str(path), "--threads", str(args.threads)]
+            cmd += ["--decode-tokens", str(args.decode_tokens)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            runs[name].append(json.loads(out.strip().splitlines()[-1]))
+            print(f"round {r + 1}/{args.rounds}: {name} done", file=sys.stderr)
+
+    def med(name, key):
+        vals = [x[key] for x in runs[name]]
+        return statistics.median(vals), min(vals), max(vals)
+
+    print(f"\nSmolLM2-135M-Instruct, {args.threads} threads, {args.rounds} interleaved rounds, median (min-max)\n")
+    print("| runtime | decode tok/s | TTFT 128 (s) | peak RSS (MB) |\n|---|---|---|---|")
+    for name in paths:
+        d, t, m = med(name, "decode_tps"), med(name, "ttft128_s"), med(name, "peak_rss_mb")
+        print(f"| {name} | {d[0]:.1f} ({d[1]:.1f}-{d[2]:.1f}) | {t[0]:.3f} ({t[1]:.3f}-{t[2]:.3f}) | {m[0]:.0f} |")
+    hy, ll = "hy-edge", "llama.cpp Q8_0"
+    print(
+        f"\nhy-edge / llama.cpp Q8_0: decode {med(hy, 'decode_tps')[0] / med(ll, 'decode_tps')[0]:.2f}x, "
+        f"TTFT {med(hy, 'ttft128_s')[0] / med(ll, 'ttft128_s')[0]:.2f}x, "
+        f"RSS {med(hy, 'peak_rss_mb')[0] / med(ll, 'peak_rss_mb')[0]:.2f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()
