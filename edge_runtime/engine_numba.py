@@ -19,6 +19,7 @@ with SiLU or ReLU6; final norm; logits = h @ lm_head^T (the embedding when tied)
 from __future__ import annotations
 
 import mmap
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -158,18 +159,19 @@ class _Block:
     linears: dict  # id(FusedLinear) -> [Linear] (input scales for activation fake-quant)
 
 
-_CHECKED: set[int] = set()  # ids of Weights objects whose FP8 codes were scanned for NaN codes
+_CHECKED: dict[int, weakref.ref] = {}  # Weights objects whose FP8 codes were scanned, by id
 
 
 def check_fp8_codes(weights: Weights) -> None:
     """Refuse FP8 weights holding NaN codes: the fused kernels do not decode NaN (ops/linear.py) and the
     converter never writes them, so such a file is corrupt. Scanned once per loaded model."""
-    if id(weights) in _CHECKED:
+    seen = _CHECKED.get(id(weights))
+    if seen is not None and seen() is weights:  # the same object, not a new one at a reused address
         return
     for lin in weights.unique_linears():
         if lin.storage in FP8_FORMATS and fp8.has_nan_codes(lin.w, lin.storage):
             raise ModelFileError(f"weight '{lin.name}' holds FP8 NaN codes: the model file is corrupt")
-    _CHECKED.add(id(weights))
+    _CHECKED[id(weights)] = weakref.ref(weights)
 
 
 class NumbaSession:
