@@ -10,31 +10,30 @@ from .checks import need_array as _need
 _CHUNK = 4096
 
 
-@njit(cache=True, parallel=True)
-def _glu(gate, up, out, kind):
-    # gate, up, out: f32 (M,) flat (may alias); kind 0 = silu, 1 = relu6
-    m = gate.shape[0]
-    for c in prange((m + _CHUNK - 1) // _CHUNK):
-        for i in range(c * _CHUNK, min(m, (c + 1) * _CHUNK)):
-            g = gate[i]
-            if kind == 0:
-                a = g / (np.float32(1.0) + np.exp(-g))
-            else:
-                a = min(max(g, np.float32(0.0)), np.float32(6.0))
-            out[i] = a * up[i]
-
-
-@njit(cache=True)
-def glu_serial(gate, up, out, kind):
-    # as _glu on the calling thread: a decode step's few thousand values are done before a parallel
-    # region would start
-    for i in range(gate.shape[0]):
+@njit(cache=True, inline="always")
+def _glu_range(gate, up, out, kind, lo, hi):
+    # gate, up, out: f32 (M,) flat (may alias); kind 0 = silu, 1 = relu6; elements lo..hi-1
+    for i in range(lo, hi):
         g = gate[i]
         if kind == 0:
             a = g / (np.float32(1.0) + np.exp(-g))
         else:
             a = min(max(g, np.float32(0.0)), np.float32(6.0))
         out[i] = a * up[i]
+
+
+@njit(cache=True, parallel=True)
+def _glu(gate, up, out, kind):
+    m = gate.shape[0]
+    for c in prange((m + _CHUNK - 1) // _CHUNK):
+        _glu_range(gate, up, out, kind, c * _CHUNK, min(m, (c + 1) * _CHUNK))
+
+
+@njit(cache=True)
+def glu_serial(gate, up, out, kind):
+    # on the calling thread: a decode step's few thousand values are done before a parallel region
+    # would start
+    _glu_range(gate, up, out, kind, 0, gate.shape[0])
 
 
 def _run(gate, up, out, kind: int) -> np.ndarray:
