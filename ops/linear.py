@@ -10,15 +10,19 @@ Weights stay in their stored form and are decoded in registers, once per row blo
 The FP8 NaN codes (E4M3 0x7F/0xFF, E5M2 exponent 31) are not decoded as NaN: the converter never
 writes them and the loader refuses files that contain them (`fp8.has_nan_codes`).
 
-Kernels, parallel over output rows (few rows at a time: each thread reads one or two sequential
-streams, which the hardware prefetcher follows; 4 interleaved rows halved the speed from memory):
-- `_mv`: one token (decode). Each weight is decoded once and multiplied with x.
-- `_mm`: T tokens in groups of 4 (batched decode, short chunks). A row's weights are decoded once
-  per group and used for 4 tokens (4 tokens cost 1.9x one; pairing rows to share x's loads cost less
-  arithmetic but read two interleaved streams, slower from memory). Every token runs the same instruction sequence
-  whatever the other three are (missing ones repeat a real row and are not written), so a token's
-  outputs are bit-identical for every T: the batched decode step is batch-invariant.
-Both take a tuple of up to 3 weights sharing one input (q/k/v, gate/up) and run them in one
+Kernels, parallel over output rows:
+- `_mv`: one token (decode). One row at a time: each thread reads one sequential stream, which the
+  hardware prefetcher follows (4 interleaved rows read half as fast from memory). Each weight is
+  decoded once and multiplied with x.
+- `_mm`: T tokens in groups of 4 (batched decode, short chunks), one row at a time. A row's weights
+  are decoded once per group and used for 4 tokens (4 tokens cost 1.9x one; pairing rows to share
+  x's loads cost less arithmetic but read two interleaved streams, slower from memory). Every token
+  runs the same instruction sequence whatever the other three are (missing ones repeat a real row
+  and are not written), so a token's outputs are bit-identical for every T: the batched decode step
+  is batch-invariant.
+- `_mm_prefill`: a prefill chunk, 4 rows x 4 tokens per block (weights reused from cache for every
+  token group, so the interleaved rows cost little).
+Each takes a tuple of up to 3 weights sharing one input (q/k/v, gate/up) and runs them in one
 parallel region. Scales are (N, G): column k of row n uses scales[n, k // bk].
 """
 
