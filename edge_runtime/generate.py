@@ -37,6 +37,39 @@ class GenerationResponse:
     decode_tps: float  # tokens after the first / time since the first
     peak_rss_mb: float
 
+    @classmethod
+    def timed(
+        cls,
+        text: str,
+        token: int,
+        finish: str | None,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_tokens: int,
+        *,
+        start: float,
+        first: float,
+        prefilled: int,
+        prefill_s: float,
+        now: float,
+        rss: bool = True,
+    ) -> GenerationResponse:
+        """A response whose rates come from the clock: `start` the request, `first` the first token
+        sampled, `now` this token (perf_counter seconds); `rss` reads the peak RSS (a /proc read)."""
+        n, decode_s = completion_tokens, now - first
+        return cls(
+            text=text,
+            token=int(token),
+            finish_reason=finish,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=n,
+            cached_tokens=cached_tokens,
+            ttft_s=first - start,
+            prefill_tps=prefilled / prefill_s if prefill_s > 0 else 0.0,
+            decode_tps=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+            peak_rss_mb=peak_rss_mb() if rss else 0.0,
+        )
+
 
 @dataclass
 class GenerationResult:
@@ -276,20 +309,10 @@ class Generator:
     def _response(
         text: str, token: int, finish: str | None, P: int, n: int, cached: int, clock: _Clock
     ) -> GenerationResponse:
-        now = time.perf_counter()
-        decode_s = now - clock.first
-        return GenerationResponse(
-            text=text,
-            token=int(token),
-            finish_reason=finish,
-            prompt_tokens=P,
-            completion_tokens=n,
-            cached_tokens=cached,
-            ttft_s=clock.first - clock.start,
-            prefill_tps=clock.prefilled / clock.prefill_s if clock.prefill_s > 0 else 0.0,
-            decode_tps=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
-            peak_rss_mb=peak_rss_mb(),
-        )
+        return GenerationResponse.timed(
+            text, token, finish, P, n, cached, start=clock.start, first=clock.first,
+            prefilled=clock.prefilled, prefill_s=clock.prefill_s, now=time.perf_counter(),
+        )  # fmt: skip
 
 
 def stream_generate(

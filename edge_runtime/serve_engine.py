@@ -29,7 +29,6 @@ import numpy as np
 
 from .errors import BudgetError, HyEdgeError
 from .generate import GenerationResponse, Generator, TextOut, common_prefix
-from .memory import peak_rss_mb
 from .sampling import LogitsProcessor, Sampler, make_sampler
 
 
@@ -355,20 +354,11 @@ class Engine:
 
     @staticmethod
     def _response(seq: _Seq, text: str, token: int, finish: str | None, now: float) -> GenerationResponse:
-        n, P = seq.out.n, len(seq.req.prompt_ids)
-        decode_s = now - seq.first_at
-        return GenerationResponse(
-            text=text,
-            token=int(token),
-            finish_reason=finish,
-            prompt_tokens=P,
-            completion_tokens=n,
-            cached_tokens=seq.cached,
-            ttft_s=seq.first_at - seq.req.submitted,
-            prefill_tps=(P - seq.cached) / seq.prefill_s if seq.prefill_s > 0 else 0.0,
-            decode_tps=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
-            peak_rss_mb=peak_rss_mb() if finish else 0.0,
-        )
+        P = len(seq.req.prompt_ids)
+        return GenerationResponse.timed(
+            text, token, finish, P, seq.out.n, seq.cached, start=seq.req.submitted, first=seq.first_at,
+            prefilled=P - seq.cached, prefill_s=seq.prefill_s, now=now, rss=bool(finish),
+        )  # fmt: skip
 
     def _finish(self, slot: _Slot, status: str, last: Event | None) -> None:
         """The sequence leaves its slot (the slot keeps its KV for prefix reuse)."""
