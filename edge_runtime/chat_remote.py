@@ -9,12 +9,13 @@ import os
 import urllib.error
 import urllib.request
 
+from .chat_commands import ChatCommands
 from .errors import HyEdgeError
 
 API_KEY_ENV = "HY_EDGE_API_KEY"
 
 
-class RemoteChat:
+class RemoteChat(ChatCommands):
     """The same interface as cli_chat.ChatSession: turn(), command(), reset(), last (always None: the
     stats line is local-only; /stats shows the server's usage of the last turn)."""
 
@@ -80,27 +81,9 @@ class RemoteChat:
         write("\n")
         self.messages = [*messages, {"role": "assistant", "content": "".join(reply)}]
 
-    def command(self, line: str) -> str | None:
-        from .cli_chat import HELP
-
-        name, _, arg = line.partition(" ")
-        if name in ("/exit", "/quit"):
-            return None
-        if name == "/reset":
-            self.reset()
-            return "(conversation reset)"
-        if name == "/system":
-            self.system = arg.strip() or None
-            self.reset()
-            return f"(system message {'set' if self.system else 'cleared'}; conversation reset)"
-        if name == "/stats":
-            u = self.usage
-            return (
-                f"[{u['prompt_tokens']} prompt + {u['completion_tokens']} generated tokens]" if u else "(no reply yet)"
-            )
-        if name == "/help":
-            return HELP
-        return f"unknown command {name}; {HELP}"
+    def stats_text(self) -> str:
+        u = self.usage
+        return f"[{u['prompt_tokens']} prompt + {u['completion_tokens']} generated tokens]" if u else "(no reply yet)"
 
 
 def _error_message(e: urllib.error.HTTPError) -> str:

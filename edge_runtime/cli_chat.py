@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from .chat_commands import HELP, ChatCommands
 from .cli_common import (
     Sampling,
     check_text,
@@ -23,10 +24,8 @@ from .cli_common import (
 )
 from .errors import HyEdgeError
 
-HELP = "commands: /reset (forget the conversation), /system TEXT (new system message), /stats, /help, /exit"
 
-
-class ChatSession:
+class ChatSession(ChatCommands):
     """The conversation: messages, the model's generator (its cache), the last turn's stats."""
 
     def __init__(self, model, sampling: Sampling, system: str | None, template: dict):
@@ -85,23 +84,8 @@ class ChatSession:
                 return ids, dropped  # the new turn alone too long: the generator says so
             dropped += 1
 
-    def command(self, line: str) -> str | None:
-        """Run a /command; returns what to print, or None to end the session."""
-        name, _, arg = line.partition(" ")
-        if name in ("/exit", "/quit"):
-            return None
-        if name == "/reset":
-            self.reset()
-            return "(conversation reset)"
-        if name == "/system":
-            self.system = arg.strip() or None
-            self.reset()
-            return f"(system message {'set' if self.system else 'cleared'}; conversation reset)"
-        if name == "/stats":
-            return stats_line(self.last) if self.last else "(no reply yet)"
-        if name == "/help":
-            return HELP
-        return f"unknown command {name}; {HELP}"
+    def stats_text(self) -> str:
+        return stats_line(self.last) if self.last else "(no reply yet)"
 
 
 @click.command("chat")
