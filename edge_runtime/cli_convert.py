@@ -169,7 +169,8 @@ def info_cmd(model: Path, verify: bool) -> None:
             f"activations {quant.get('activations')}; tensors: "
             + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
         )
-        from .engine_numba import DEFAULT_PREFILL_CHUNK, memory_plan
+        from .buffers import memory_plan
+        from .engine_numba import DEFAULT_PREFILL_CHUNK
         from .memory import DEFAULT_BUDGET, fmt_bytes
 
         weights = data.stat().st_size if data.exists() else 0
