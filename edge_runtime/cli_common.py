@@ -66,7 +66,7 @@ def check_text(text: str, what: str) -> str:
 
 
 def model_options(fn: Callable) -> Callable:
-    """--model, --backend, --threads, --max-memory, --max-context: which model, and how to run it."""
+    """--model, --backend, --threads, --max-memory, --max-context, --kv-cache: which model, and how to run it."""
     options = [
         click.option(
             "--model",
@@ -85,6 +85,13 @@ def model_options(fn: Callable) -> Callable:
             "within the cgroup's limit).",
         ),
         click.option("--max-context", default=None, type=int, help="Context length (default: up to 4096)."),
+        click.option(
+            "--kv-cache",
+            default="fp32",
+            show_default=True,
+            type=click.Choice(["fp32", "fp16"]),
+            help="KV cache precision (numba backend): fp16 halves its memory, keys and values rounded to half.",
+        ),
     ]
     return functools.reduce(lambda f, o: o(f), reversed(options), fn)
 
@@ -144,6 +151,7 @@ def open_model(
     threads: int | None,
     max_memory: str | None,
     max_context: int | None,
+    kv_cache: str = "fp32",
 ):
     """Check the options a user typed, find (or convert) the model, load it."""
     from .cli_model import resolve_model
@@ -170,7 +178,7 @@ def open_model(
         raise HyEdgeError(f"--max-context should be >= 1, got {max_context}")
     budget = parse_size(max_memory) if max_memory is not None else None  # None: memory.DEFAULT_BUDGET
     path = resolve_model(model_arg, notice=lambda message: click.echo(message, err=True))
-    return load(path, backend=backend, threads=threads, max_context=max_context, max_memory=budget)
+    return load(path, backend=backend, threads=threads, max_context=max_context, max_memory=budget, kv_cache=kv_cache)
 
 
 def template_kwargs(thinking: bool | None) -> dict:
