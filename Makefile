@@ -13,7 +13,7 @@ MAKE_VENV := $(filter $(VENV)/bin/python,$(PYTHON))
 PIP := $(PYTHON) -m pip
 PROMPT ?= examples/prompt.txt
 
-.PHONY: install install-test install-bench run serve test bench bench-quick bench-quality lint
+.PHONY: install install-test install-bench run serve test test-arm bench bench-quick bench-quality lint
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV) || { rm -rf $(VENV); \
@@ -40,6 +40,13 @@ serve: install
 
 test: install-test
 	$(PYTHON) -m pytest
+
+# the torch-free tests and one greedy run of the bundled model on an emulated Raspberry Pi 5 (Debian bookworm
+# arm64 under qemu-user, Cortex-A76), token ids compared with this host's run. Needs root; not part of CI.
+# ARM_TESTS=... picks the tests (default tests/test_ops_*.py); the root filesystem is cached in
+# ~/.cache/hy-edge-arm ($HY_EDGE_ARM_CACHE).
+test-arm: install
+	PYTHON=$(PYTHON) bash tests/arm/run.sh
 
 # llama-cpp-python has no wheel here: pip builds llama.cpp from source. Without it the bench runs the
 # other runtimes and says so.
