@@ -204,16 +204,21 @@ class _Clock:
     first: float | None = None  # when the first token was sampled
 
 
+def eos_ids_of(spec, tokenizer: Tokenizer | None, extra: Iterable[int] = ()) -> frozenset[int]:
+    """Token ids that end a generation: the caller's, the spec's and the tokenizer's."""
+    eos = set(extra) | set(spec.eos_token_id)
+    if tokenizer is not None:
+        eos |= set(tokenizer.eos_ids)
+    return frozenset(eos)
+
+
 class Generator:
     """Generation over one backend session, reusing its cache across calls."""
 
     def __init__(self, backend: Backend, tokenizer: Tokenizer | None, eos_ids: Iterable[int] = ()):
         self.backend = backend
         self.tokenizer = tokenizer
-        eos = set(eos_ids) | set(backend.spec.eos_token_id)
-        if tokenizer is not None:
-            eos |= set(tokenizer.eos_ids)
-        self.eos_ids = frozenset(eos)
+        self.eos_ids = eos_ids_of(backend.spec, tokenizer, eos_ids)
         self.tokens: list[int] = []  # what the backend's cache holds, position by position
         self.reused = 0  # prompt tokens the last prefill took from the cache
         self._one = np.zeros(1, np.int64)  # (1,) the decode step's input

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import BudgetError, HyEdgeError
-from .generate import GenerationResponse, Generator, TextOut, common_prefix
+from .generate import GenerationResponse, Generator, TextOut, common_prefix, eos_ids_of
 from .sampling import LogitsProcessor, Sampler, make_sampler
 
 
@@ -123,10 +123,7 @@ class Engine:
             raise HyEdgeError(f"max queue should be >= 0, got {max_queue}")
         self.session = session
         self.tokenizer = tokenizer
-        eos = set(eos_ids) | set(session.spec.eos_token_id)
-        if tokenizer is not None:
-            eos |= set(tokenizer.eos_ids)
-        self.eos_ids = frozenset(eos)
+        self.eos_ids = eos_ids_of(session.spec, tokenizer, eos_ids)
         self.max_queue = max_queue
         self.prefill_per_step = prefill_per_step or session.prefill_chunk
         self.observer = observer or Observer()
