@@ -43,7 +43,7 @@ test: install-test
 
 # the torch-free tests and one greedy run of the bundled model on an emulated Raspberry Pi 5 (Debian bookworm
 # arm64 under qemu-user, Cortex-A76), token ids compared with this host's run. Needs root; not part of CI.
-# ARM_TESTS=... picks the tests (default: the kernel, engine and CLI tests, listed in the script); the root
+# ARM_TESTS=... picks the tests (default: all; those needing torch skip); the root
 # filesystem is cached in ~/.cache/hy-edge-arm ($HY_EDGE_ARM_CACHE).
 test-arm: install
 	PYTHON=$(PYTHON) bash tests/arm/run.sh

@@ -17,7 +17,18 @@ from pathlib import Path
 
 import httpx
 
-START_TIMEOUT = 300  # a first start compiles the kernels into an empty cache
+# Under emulation (make test-arm runs these as an aarch64 guest under qemu-user) everything is many times
+# slower: every wait below is multiplied by HY_EDGE_TEST_TIME_SCALE (default 1).
+TIME_SCALE = float(os.environ.get("HY_EDGE_TEST_TIME_SCALE") or 1)
+
+
+def seconds(t: float) -> float:
+    """A wait of `t` seconds on this machine, scaled for a slow (emulated) one."""
+    return t * TIME_SCALE
+
+
+START_TIMEOUT = seconds(300)  # a first start compiles the kernels into an empty cache
+HTTP_TIMEOUT = seconds(120)  # one request, from sending it to its last byte
 
 
 class ServerProcess:
@@ -49,21 +60,21 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx.TransportError):
-                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                if httpx.get(self.url + "/health", timeout=seconds(5)).status_code == 200:
                     return self.url
             if self.proc.poll() is not None:
                 raise AssertionError(f"hy-edge serve exited with {self.proc.returncode}:\n{self.log()}")
             time.sleep(0.2)
         raise AssertionError(f"hy-edge serve was not ready in {timeout} s:\n{self.log()}")
 
-    def stop(self, timeout: float = 60) -> int:
+    def stop(self, timeout: float = seconds(60)) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait(10)
+                self.proc.wait(seconds(10))
         self._log.close()
         return self.proc.returncode
 
@@ -91,7 +102,7 @@ def child_env(**extra) -> dict:
 
 def metric(url: str, name: str, headers: dict | None = None) -> float:
     """The value of an unlabelled sample in /metrics."""
-    text = httpx.get(url + "/metrics", headers=headers or {}, timeout=10).text
+    text = httpx.get(url + "/metrics", headers=headers or {}, timeout=HTTP_TIMEOUT).text
     m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
     assert m, f"{name} not in /metrics"
     return float(m.group(1))

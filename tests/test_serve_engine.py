@@ -11,13 +11,14 @@ import time
 import numpy as np
 import pytest
 from runtime_helpers import converted
+from serve_helpers import seconds
 
 import edge_runtime
 from edge_runtime.errors import BudgetError
 from edge_runtime.generate import GenerationResponse
 from edge_runtime.serve_engine import Engine, Failed, NotAccepting, Observer, QueueFull, Request
 
-TIMEOUT = 60
+TIMEOUT = seconds(60)
 
 
 @pytest.fixture(scope="module")
@@ -138,9 +139,8 @@ def test_full_queue_is_refused_at_once_and_cancel_frees_the_slot(model, make_eng
     engine.cancel(a.request)
     assert b.events.get(timeout=TIMEOUT).completion_tokens == 1  # b got the slot
     engine.cancel(b.request)
-    for _ in range(TIMEOUT * 10):
-        if engine.active == 0:
-            break
+    deadline = time.monotonic() + TIMEOUT
+    while engine.active and time.monotonic() < deadline:
         threading.Event().wait(0.1)
     assert engine.active == 0 and engine.queued == 0 and finished == ["cancelled", "cancelled"]
 

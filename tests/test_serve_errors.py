@@ -10,7 +10,7 @@ import time
 
 import httpx
 import pytest
-from serve_helpers import child_env, metric, serving
+from serve_helpers import HTTP_TIMEOUT, child_env, metric, seconds, serving
 
 KEY = "test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -25,7 +25,11 @@ def url(default_model_file):
 
 
 def post(url: str, body=None, path: str = "/v1/chat/completions", headers=AUTH, **kwargs) -> httpx.Response:
-    return httpx.post(url + path, json=body, headers=headers, timeout=120, **kwargs)
+    return httpx.post(url + path, json=body, headers=headers, timeout=HTTP_TIMEOUT, **kwargs)
+
+
+def get(url: str, **kwargs) -> httpx.Response:
+    return httpx.get(url, timeout=HTTP_TIMEOUT, **kwargs)
 
 
 def error_of(r: httpx.Response, status: int) -> dict:
@@ -37,26 +41,30 @@ def error_of(r: httpx.Response, status: int) -> dict:
 
 def settled(url: str) -> None:
     """Within a bounded wait, nothing is active or queued any more."""
-    for _ in range(100):
+    deadline = time.monotonic() + seconds(10)
+    while time.monotonic() < deadline:
         if metric(url, "hy_edge_active_sequences", AUTH) == 0 and metric(url, "hy_edge_queue_depth", AUTH) == 0:
             return
         time.sleep(0.1)
-    raise AssertionError("sequences still active 10 s after every client finished")
+    raise AssertionError(f"sequences still active {seconds(10):g} s after every client finished")
 
 
 def test_api_key(url):
-    assert httpx.get(url + "/health").status_code == 200  # exempt
-    assert "key" in error_of(httpx.get(url + "/v1/models"), 401)["message"]
-    error_of(httpx.get(url + "/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
-    error_of(httpx.get(url + "/v1/models", headers={"Authorization": f"Basic {KEY}"}), 401)
+    assert get(url + "/health").status_code == 200  # exempt
+    assert "key" in error_of(get(url + "/v1/models"), 401)["message"]
+    error_of(get(url + "/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
+    error_of(get(url + "/v1/models", headers={"Authorization": f"Basic {KEY}"}), 401)
     error_of(post(url, HELLO, headers={}), 401)
-    error_of(httpx.get(url + "/metrics"), 401)
-    assert httpx.get(url + "/v1/models", headers=AUTH).status_code == 200
+    error_of(get(url + "/metrics"), 401)
+    assert get(url + "/v1/models", headers=AUTH).status_code == 200
 
 
 def test_malformed_and_mistyped_requests(url):
     r = httpx.post(
-        url + "/v1/chat/completions", content=b'{"messages": [', headers={**AUTH, "content-type": "application/json"}
+        url + "/v1/chat/completions",
+        content=b'{"messages": [',
+        headers={**AUTH, "content-type": "application/json"},
+        timeout=HTTP_TIMEOUT,
     )
     assert "JSON" in error_of(r, 400)["message"]
     msg = [{"role": "user", "content": "hi"}]
@@ -73,7 +81,7 @@ def test_malformed_and_mistyped_requests(url):
     assert error_of(post(url, {"messages": msg, "n": 2}), 400)["param"] == "n"
     assert error_of(post(url, {"messages": msg, "model": "/etc/passwd"}), 404)["code"] == "model_not_found"
     error_of(post(url, {"prompt": 5}, path="/v1/completions"), 400)
-    assert error_of(httpx.get(url + "/v1/nothing", headers=AUTH), 404)
+    assert error_of(get(url + "/v1/nothing", headers=AUTH), 404)
     r = post(url, {**HELLO, "some_unknown_field": {"x": 1}})  # unknown fields are ignored
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
 
@@ -81,7 +89,12 @@ def test_malformed_and_mistyped_requests(url):
 def test_huge_body_is_refused(url):
     body = b'{"prompt": "' + b"a" * (10 << 20) + b'"}'
     try:
-        r = httpx.post(url + "/v1/completions", content=body, headers={**AUTH, "content-type": "application/json"})
+        r = httpx.post(
+            url + "/v1/completions",
+            content=body,
+            headers={**AUTH, "content-type": "application/json"},
+            timeout=HTTP_TIMEOUT,
+        )
     except httpx.TransportError:  # the server may close before the client has sent it all: a clean close
         pass
     else:
@@ -100,7 +113,7 @@ def test_context_and_max_tokens_limits(url):
 
 def test_client_disconnecting_mid_stream_frees_its_slot(url):
     body = {"messages": [{"role": "user", "content": "Write a long story."}], "max_tokens": 100, "stream": True}
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=AUTH, timeout=60) as r:
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=AUTH, timeout=HTTP_TIMEOUT) as r:
         assert r.status_code == 200
         lines = r.iter_lines()
         for _ in range(6):
@@ -118,14 +131,14 @@ def test_fifty_requests_on_two_slots_and_a_queue_of_eight(url):
     start = threading.Barrier(50)
 
     def one(i: int) -> None:
-        start.wait(60)
+        start.wait(seconds(60))
         results[i] = post(url, bodies[i % 2])
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(50)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(300)
+        t.join(seconds(300))
     statuses = [r.status_code for r in results]
     assert set(statuses) <= {200, 429}
     assert statuses.count(200) >= 10 and statuses.count(429) >= 1
@@ -135,9 +148,9 @@ def test_fifty_requests_on_two_slots_and_a_queue_of_eight(url):
         else:
             assert error_of(r, 429)["type"] == "rate_limit_error"
     settled(url)
-    text = httpx.get(url + "/metrics", headers=AUTH).text
+    text = get(url + "/metrics", headers=AUTH).text
     assert 'hy_edge_requests_total{status="429"}' in text and "hy_edge_kv_slots_in_use 0.0" in text
-    assert httpx.get(url + "/health").json() == {"status": "ok"}
+    assert get(url + "/health").json() == {"status": "ok"}
 
 
 def test_serve_option_errors_are_one_line(default_model_file, tmp_path):

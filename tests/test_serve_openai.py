@@ -9,7 +9,7 @@ import threading
 
 import pytest
 from click.testing import CliRunner
-from serve_helpers import child_env, metric, serving
+from serve_helpers import child_env, metric, seconds, serving
 
 from edge_runtime.cli import main
 
@@ -38,7 +38,7 @@ def server(default_model_file):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=seconds(300))
 
 
 def hy_edge_run(model_file, prompt: str, max_tokens: int, tmp_path, raw: bool = False, extra=()) -> dict:
@@ -127,7 +127,7 @@ def test_eight_concurrent_streams_equal_their_sequential_runs(client, server):
     start = threading.Barrier(len(EIGHT))
 
     def one(i: int) -> None:
-        start.wait(60)
+        start.wait(seconds(60))
         try:
             results[i] = chat_stream(client, *EIGHT[i])
         except Exception as e:  # noqa: BLE001 - reported below
@@ -137,7 +137,7 @@ def test_eight_concurrent_streams_equal_their_sequential_runs(client, server):
     for t in threads:
         t.start()
     for t in threads:
-        t.join(300)
+        t.join(seconds(300))
     for i, (got, want) in enumerate(zip(results, sequential, strict=True)):
         assert got == want, f"stream {i} ({EIGHT[i][0]!r}) differs from its sequential run"
     assert {finish for _, finish, _ in sequential} == {"stop", "length"}  # both ends were exercised

@@ -18,7 +18,7 @@ import httpx
 import numba
 import pytest
 from click.testing import CliRunner
-from serve_helpers import ServerProcess, child_env
+from serve_helpers import HTTP_TIMEOUT, START_TIMEOUT, ServerProcess, child_env, seconds
 
 from edge_runtime import systemd
 from edge_runtime.cli import main
@@ -111,20 +111,21 @@ def test_notify_ready_watchdog_and_sigterm_during_a_stream(default_model_file):
         server = ServerProcess(["--model", str(default_model_file), "--max-context", "256"], env=env)
         try:
             seen: list[str] = []
-            receive_until(sock, "READY=1", seen, 300)
-            assert httpx.get(server.wait_listening() + "/health").status_code == 200  # ready means ready
-            receive_until(sock, "WATCHDOG=1", seen, 10)
+            receive_until(sock, "READY=1", seen, START_TIMEOUT)
+            health = httpx.get(server.wait_listening() + "/health", timeout=HTTP_TIMEOUT)
+            assert health.status_code == 200  # ready means ready
+            receive_until(sock, "WATCHDOG=1", seen, seconds(10))
             assert seen.index("READY=1") < seen.index("WATCHDOG=1")
             body = {"prompt": "Once upon a time", "max_tokens": 150, "temperature": 0, "stream": True}
-            with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=120) as r:
+            with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=HTTP_TIMEOUT) as r:
                 lines = r.iter_lines()
                 assert next(lines).startswith("data: ")
                 server.proc.send_signal(15)  # SIGTERM with the stream running
                 rest = [line for line in lines if line]
             chunks = [json.loads(line[6:]) for line in rest[:-1]]
             assert rest[-1] == "data: [DONE]" and chunks[-1]["choices"][0]["finish_reason"] == "length"
-            assert server.proc.wait(60) == 0, server.log()
-            receive_until(sock, "STOPPING=1", seen, 5)
+            assert server.proc.wait(seconds(60)) == 0, server.log()
+            receive_until(sock, "STOPPING=1", seen, seconds(5))
         finally:
             server.cleanup()
 
@@ -154,7 +155,7 @@ def test_non_root_read_only_install_no_home_only_a_state_directory(default_model
         try:
             url = server.wait_ready()
             body = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8, "temperature": 0}
-            r = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+            r = httpx.post(url + "/v1/chat/completions", json=body, timeout=HTTP_TIMEOUT)
             assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"], r.text
         finally:
             assert server.stop() == 0, server.log()
