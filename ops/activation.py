@@ -6,30 +6,34 @@ import numpy as np
 from numba import njit, prange
 
 from .checks import need_array as _need
+from .expf import expf
 
 _CHUNK = 4096
 
 
 @njit(cache=True, inline="always")
 def _glu_range(gate, up, out, kind, lo, hi):
-    # gate, up, out: f32 (M,) flat (may alias); kind 0 = silu, 1 = relu6; elements lo..hi-1
-    for i in range(lo, hi):
-        g = gate[i]
-        if kind == 0:
-            a = g / (np.float32(1.0) + np.exp(-g))
-        else:
-            a = min(max(g, np.float32(0.0)), np.float32(6.0))
-        out[i] = a * up[i]
+    # gate, up, out: f32 (M,) flat (may alias); kind 0 = silu, 1 = relu6; elements lo..hi-1. Zero-based
+    # loops over slices, one per kind, and the callers' numpy error model (no zero-division check on
+    # the silu divide) let the loop vectorise
+    g, u, o = gate[lo:hi], up[lo:hi], out[lo:hi]
+    if kind == 0:
+        for i in range(hi - lo):
+            x = g[i]
+            o[i] = x / (np.float32(1.0) + expf(-x)) * u[i]
+    else:
+        for i in range(hi - lo):
+            o[i] = min(max(g[i], np.float32(0.0)), np.float32(6.0)) * u[i]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def _glu(gate, up, out, kind):
     m = gate.shape[0]
     for c in prange((m + _CHUNK - 1) // _CHUNK):
         _glu_range(gate, up, out, kind, c * _CHUNK, min(m, (c + 1) * _CHUNK))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def glu_serial(gate, up, out, kind):
     # on the calling thread: a decode step's few thousand values are done before a parallel region
     # would start

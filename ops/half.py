@@ -89,3 +89,22 @@ def _put_impl(a, i, value):
         a[i] = value
 
     return put_plain
+
+
+@intrinsic
+def _bits_to_f32(typingctx, bits):
+    sig = types.float32(bits)
+
+    def codegen(context, builder, signature, args):
+        v = args[0]
+        if v.type.width != 32:
+            v = builder.trunc(v, ir.IntType(32)) if v.type.width > 32 else builder.zext(v, ir.IntType(32))
+        return builder.bitcast(v, ir.FloatType())
+
+    return sig, codegen
+
+
+@njit(cache=True, inline="always")
+def bits_to_f32(bits):
+    """The float32 whose IEEE bit pattern is the low 32 bits of the integer `bits` (a vectorisable cast)."""
+    return _bits_to_f32(np.int32(bits))
