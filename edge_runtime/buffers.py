@@ -7,7 +7,7 @@ import mmap
 from dataclasses import dataclass
 
 import numpy as np
-from hy_edge_ops import rope
+from hy_edge_ops import attention, rope
 
 from .memory import MemoryPlan
 from .spec import ModelSpec
@@ -37,7 +37,8 @@ class Buffers:
     logits: np.ndarray  # (B, V) last token's logits per slot
     k_cache: np.ndarray  # (La, B, Hkv, S, D) float32 or uint16 half bits
     v_cache: np.ndarray  # (La, B, Hkv, S, D)
-    scores: np.ndarray  # (threads, H/Hkv, S) attention scores of one work item per thread
+    scores: np.ndarray  # (threads, QB*H/Hkv, S) attention scores of one work item per thread
+    values_t: np.ndarray  # (threads, D, S + 16) one kv head's values, transposed, for a prefill chunk
     conv_state: np.ndarray  # (Lc, B, C, k-1) last k-1 dwconv inputs, oldest first
     conv_hist: np.ndarray  # (Lc, B, S, C) every dwconv input so far: truncate() rebuilds conv_state from it
     cos: np.ndarray  # (S, D/2) RoPE tables
@@ -48,8 +49,6 @@ def buffer_shapes(
     spec: ModelSpec, chunk: int, context: int, act_quant: bool, slots: int = 1, kv_cache: str = "fp32"
 ) -> dict[str, tuple]:
     """Name → (shape, dtype) of every Buffers field: sizes the memory plan before anything exists."""
-    import numba
-
     C, H, Hkv, D = spec.hidden_size, spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
     F, V, S, R, B = spec.intermediate_size, spec.vocab_size, context, max(chunk, slots), slots
     La, Lc, k = len(spec.attention_layers), len(spec.conv_layers), spec.conv_kernel_size
@@ -73,7 +72,8 @@ def buffer_shapes(
         logits=((B, V), f32),
         k_cache=((La, B, Hkv, S, D), kv),
         v_cache=((La, B, Hkv, S, D), kv),
-        scores=((numba.config.NUMBA_NUM_THREADS, H // Hkv, S), f32),
+        scores=(attention.scratch_shape(H, Hkv, S), f32),
+        values_t=(attention.values_scratch_shape(D, S), f32),
         conv_state=((Lc, B, C, k - 1), f32),
         conv_hist=((Lc, B, S, C), f32),
         cos=((S, D // 2), f32),

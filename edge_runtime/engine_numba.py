@@ -355,7 +355,12 @@ class NumbaSession:
         attention._rope_norm_store(
             q3, k3, v3, pos, rows, b.cos, b.sin, blk.q_norm, blk.k_norm, spec.rms_norm_eps, kc, vc
         )
-        attention._attention_rows(q3, kc, vc, rows, pos, q3, self._scale, b.scores)  # output over q
+        if not batched and T >= linear.PREFILL_MIN:  # one sequence's chunk, as forward_layers' PREFILL mode
+            attention._attention_chunk(
+                q3, kc, vc, rows[0], pos[0], q3, self._scale, b.scores, b.values_t
+            )  # output over q
+        else:
+            attention._attention_rows(q3, kc, vc, rows, pos, q3, self._scale, b.scores)
         y = b.y[:T]
         self._linears(blk, ((blk.o, (0,)),), q, (y,), batched)
         return y

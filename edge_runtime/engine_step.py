@@ -50,7 +50,7 @@ def _lin3(mode, x, w0, w1, w2, s0, s1, s2, o0, o1, o2, bk, st, st4):
 @njit(cache=True)
 def forward_layers(
     mode, ids, rows, pos, embed, x, h, y, q, k, v, gate, up, act,
-    k_cache, v_cache, scores, cos, sin,
+    k_cache, v_cache, scores, values_t, cos, sin,
     in_norm, post_norm, final_norm, q_norm, k_norm,
     wq, wk, wv, wo, wg, wu, wd, sq, sk, sv, so, sg, su, sd,
     bk3, bko, bk2, bkd, st3, st3_4, st2, st2_4, st1o, st1o_4, st1d, st1d_4,
@@ -72,7 +72,10 @@ def forward_layers(
         k3 = k.reshape(n_tok, n_kv, d)
         v3 = v.reshape(n_tok, n_kv, d)
         attention._rope_norm_store(q3, k3, v3, pos, rows, cos, sin, q_norm[i], k_norm[i], eps, k_cache[i], v_cache[i])
-        attention._attention_rows(q3, k_cache[i], v_cache[i], rows, pos, q3, scale, scores)  # output over q
+        if mode == PREFILL:  # one sequence's chunk (output over q)
+            attention._attention_chunk(q3, k_cache[i], v_cache[i], rows[0], pos[0], q3, scale, scores, values_t)
+        else:
+            attention._attention_rows(q3, k_cache[i], v_cache[i], rows, pos, q3, scale, scores)
         _lin1(mode, q, wo[i], so[i], y, bko[i], st1o, st1o_4)
         norm._add_rms_norm(x, y, post_norm[i], eps, h)  # x += y; h = norm(x)
         _lin2(mode, h, wg[i], wu[i], sg[i], su[i], gate, up, bk2[i], st2, st2_4)
@@ -148,7 +151,7 @@ class CompiledLayers:
         spec, b, T = self.spec, buf, n_tok
         return forward_layers(
             mode, ids, rows, pos, embed, b.x[:T], b.h[:T], b.y[:T], b.q[:T], b.k[:T], b.v[:T],
-            b.gate[:T], b.up[:T], b.act[:T], b.k_cache, b.v_cache, b.scores, b.cos, b.sin,
+            b.gate[:T], b.up[:T], b.act[:T], b.k_cache, b.v_cache, b.scores, b.values_t, b.cos, b.sin,
             self.in_norm, self.post_norm, self.final_norm, self.q_norm, self.k_norm,
             *self.lists, *self.bk, *self.starts, spec.num_attention_heads, spec.num_key_value_heads,
             float(spec.rms_norm_eps), np.float32(spec.head_dim**-0.5), 1 if spec.hidden_act == "relu6" else 0,

@@ -13,6 +13,7 @@ import numpy as np
 from numba import njit, prange
 
 from .checks import need_array as _need
+from .expf import expf
 from .half import as_f32, put
 
 _FM = {"reassoc", "contract"}
@@ -47,7 +48,7 @@ def _attention_rows(q, k_cache, v_cache, slots, pos, out, scale, scratch):
                 m = max(m, row[j])
             total = np.float32(0.0)
             for j in range(n_keys):
-                e = np.exp(row[j] - m)
+                e = expf(row[j] - m)
                 row[j] = e
                 total += e
             inv = np.float32(1.0) / total
@@ -65,40 +66,235 @@ def _attention_rows(q, k_cache, v_cache, slots, pos, out, scale, scratch):
                     o[i] += p * as_f32(vj[i])
 
 
+QB = 16  # query rows of a prefill chunk per work item of `_attention_chunk`
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _query(q, t0, g, rep, i):
+    # query vector i of a work item: row t0 + i // rep, head g * rep + i % rep
+    return q[t0 + i // rep, g * rep + i % rep]
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _dot4x4(x0, x1, x2, x3, y0, y1, y2, y3, n):
+    # the 16 dot products x_u[:n] . y_w[:n] (y decoded from the cache's storage): each y load serves 4
+    # x vectors and each x load 4 y vectors; returns a<u><w>
+    a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = np.float32(0.0)
+    a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = np.float32(0.0)
+    for e in range(n):
+        v0 = as_f32(y0[e])
+        v1 = as_f32(y1[e])
+        v2 = as_f32(y2[e])
+        v3 = as_f32(y3[e])
+        u0 = x0[e]
+        u1 = x1[e]
+        u2 = x2[e]
+        u3 = x3[e]
+        a00 += u0 * v0
+        a01 += u0 * v1
+        a02 += u0 * v2
+        a03 += u0 * v3
+        a10 += u1 * v0
+        a11 += u1 * v1
+        a12 += u1 * v2
+        a13 += u1 * v3
+        a20 += u2 * v0
+        a21 += u2 * v1
+        a22 += u2 * v2
+        a23 += u2 * v3
+        a30 += u3 * v0
+        a31 += u3 * v1
+        a32 += u3 * v2
+        a33 += u3 * v3
+    return a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33
+
+
+@njit(cache=True, inline="always")
+def _put4(row, j, n, scale, a, b, c, d):
+    # row[j..j+3] = scale * (a, b, c, d), the entries below n only
+    row[j] = a * scale
+    if j + 1 < n:
+        row[j + 1] = b * scale
+    if j + 2 < n:
+        row[j + 2] = c * scale
+    if j + 3 < n:
+        row[j + 3] = d * scale
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _softmax_prefix(row, n, n_all):
+    # row[:n] = softmax(row[:n]); row[n:n_all] = 0 (keys past the query's position)
+    m = -np.inf
+    for j in range(n):
+        m = max(m, row[j])
+    total = np.float32(0.0)
+    for j in range(n):
+        e = expf(row[j] - m)
+        row[j] = e
+        total += e
+    inv = np.float32(1.0) / total
+    for j in range(n):
+        row[j] *= inv
+    for j in range(n, n_all):
+        row[j] = 0.0
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _transpose_values(vc, vt, j0, j1):
+    # vt[:, j0:j1] = decoded vc[j0:j1].T, 16 value rows (8 KB at D = 128) at a time so they stay in L1
+    d = vc.shape[1]
+    for jb in range(j0, j1, 16):
+        for e in range(d):
+            for j in range(jb, min(j1, jb + 16)):
+                vt[e, j] = as_f32(vc[j, e])
+
+
+@njit(cache=True, parallel=True, fastmath=_FM)
+def _attention_chunk(q, k_cache, v_cache, slot, p0, out, scale, scratch, vt_scratch):
+    # One sequence's prefill chunk: row t of q, out f32 (T, H, D) (may alias) is at position p0 + t of
+    # slot `slot` of k/v_cache f32 | u16 (slots, Hkv, S, D) and attends keys 0..p0 + t.
+    # scratch: f32 (threads, >= QB * H // Hkv, >= p0 + T); vt_scratch: f32 (threads, D, >= p0 + T).
+    # Work items are (kv head, QB rows) with their QB * rep queries. Scores: 4 queries x 4 keys per
+    # block. P.V: each thread keeps the values of its current kv head transposed (extended as its items
+    # reach further keys: with kv head-major items, once per head and thread), so that 4 queries x 4 dims
+    # per block are again dot products over contiguous memory.
+    n_tok, n_heads, d = q.shape
+    n_kv = k_cache.shape[1]
+    rep = n_heads // n_kv
+    n_blk = (n_tok + QB - 1) // QB
+    done = np.full((vt_scratch.shape[0], 2), -1, np.int64)  # per thread: kv head in vt, keys transposed
+    for item in prange(n_kv * n_blk):
+        g = item // n_blk  # kv head-major: each thread gets whole heads, so causal blocks balance
+        t0 = (item % n_blk) * QB
+        t1 = min(n_tok, t0 + QB)
+        nq = (t1 - t0) * rep
+        n_keys = p0 + t1
+        tid = numba.get_thread_id()
+        sc = scratch[tid]
+        vt = vt_scratch[tid]
+        kc = k_cache[slot, g]
+        for i in range(0, nq, 4):  # queries past nq / keys past n_keys repeat the last and are not written
+            i1, i2, i3 = min(i + 1, nq - 1), min(i + 2, nq - 1), min(i + 3, nq - 1)
+            x0, x1 = _query(q, t0, g, rep, i), _query(q, t0, g, rep, i1)
+            x2, x3 = _query(q, t0, g, rep, i2), _query(q, t0, g, rep, i3)
+            for j in range(0, p0 + t0 + i3 // rep + 1, 4):  # the keys of the last of the 4
+                j1, j2, j3 = min(j + 1, n_keys - 1), min(j + 2, n_keys - 1), min(j + 3, n_keys - 1)
+                a = _dot4x4(x0, x1, x2, x3, kc[j], kc[j1], kc[j2], kc[j3], d)
+                _put4(sc[i], j, n_keys, scale, a[0], a[1], a[2], a[3])
+                if i + 1 < nq:
+                    _put4(sc[i1], j, n_keys, scale, a[4], a[5], a[6], a[7])
+                if i + 2 < nq:
+                    _put4(sc[i2], j, n_keys, scale, a[8], a[9], a[10], a[11])
+                if i + 3 < nq:
+                    _put4(sc[i3], j, n_keys, scale, a[12], a[13], a[14], a[15])
+        for i in range(nq):  # q is no longer read by this item: out may alias it from here on
+            _softmax_prefix(sc[i], p0 + t0 + i // rep + 1, n_keys)
+        if done[tid, 0] != g:
+            done[tid, 0] = g
+            done[tid, 1] = 0
+        if done[tid, 1] < n_keys:
+            _transpose_values(v_cache[slot, g], vt, done[tid, 1], n_keys)
+            done[tid, 1] = n_keys
+        one = np.float32(1.0)
+        for i in range(0, nq, 4):
+            i1, i2, i3 = min(i + 1, nq - 1), min(i + 2, nq - 1), min(i + 3, nq - 1)
+            n = p0 + t0 + i3 // rep + 1  # keys of the last of the 4 (P is 0 past the others' own)
+            p_0, p_1, p_2, p_3 = sc[i], sc[i1], sc[i2], sc[i3]
+            o0, o1 = _query(out, t0, g, rep, i), _query(out, t0, g, rep, i1)
+            o2, o3 = _query(out, t0, g, rep, i2), _query(out, t0, g, rep, i3)
+            for e in range(0, d, 4):
+                e1, e2, e3 = min(e + 1, d - 1), min(e + 2, d - 1), min(e + 3, d - 1)
+                a = _dot4x4(p_0, p_1, p_2, p_3, vt[e], vt[e1], vt[e2], vt[e3], n)
+                _put4(o0, e, d, one, a[0], a[1], a[2], a[3])
+                if i + 1 < nq:
+                    _put4(o1, e, d, one, a[4], a[5], a[6], a[7])
+                if i + 2 < nq:
+                    _put4(o2, e, d, one, a[8], a[9], a[10], a[11])
+                if i + 3 < nq:
+                    _put4(o3, e, d, one, a[12], a[13], a[14], a[15])
+
+
+def scratch_shape(n_heads: int, n_kv: int, context: int) -> tuple[int, int, int]:
+    """The scores scratch `attention_rows` and `attention_chunk` need: (threads in numba's pool,
+    QB * H / Hkv, context), float32."""
+    return numba.config.NUMBA_NUM_THREADS, QB * (n_heads // n_kv), context
+
+
 def attention_scratch(n_heads: int, n_kv: int, context: int) -> np.ndarray:
-    """The scores scratch `attention_rows` needs: f32 (threads in numba's pool, H / Hkv, context)."""
-    return np.empty((numba.config.NUMBA_NUM_THREADS, n_heads // n_kv, context), np.float32)
+    return np.empty(scratch_shape(n_heads, n_kv, context), np.float32)
+
+
+def values_scratch_shape(head_dim: int, context: int) -> tuple[int, int, int]:
+    """The transposed-values scratch `attention_chunk` needs: (threads in numba's pool, D, context + 16),
+    float32 (the 16: rows whose distance is a multiple of 4 KB would share few cache sets)."""
+    return numba.config.NUMBA_NUM_THREADS, head_dim, context + 16
 
 
 def attention_rows(q, k_cache, v_cache, slots, pos, out, scale: float, scratch=None) -> np.ndarray:
     """Causal GQA where row t of q f32 (T, H, D) attends keys 0..pos[t] of slot slots[t] of
     k_cache, v_cache (slots, Hkv, S_max, D) float32 or uint16 half bits; out f32 (T, H, D) may be q.
     Head h reads kv head h // (H // Hkv)."""
-    _need("q", q, np.float32, 3)
-    if not isinstance(k_cache, np.ndarray) or k_cache.dtype not in (np.float32, np.uint16):
-        raise ValueError("k_cache must be a float32 or uint16 (half bits) array")
-    _need("k_cache", k_cache, k_cache.dtype, 4)
-    _need("v_cache", v_cache, k_cache.dtype, 4, k_cache.shape)
-    _need("out", out, np.float32, 3, q.shape)
-    n_tok, n_heads, d = q.shape
-    n_slots, n_kv, s_max, d_kv = k_cache.shape
-    if d_kv != d:
-        raise ValueError(f"k_cache head_dim {d_kv} != q head_dim {d}")
-    if n_kv == 0 or n_heads % n_kv:
-        raise ValueError(f"q heads ({n_heads}) must be a multiple of k_cache heads ({n_kv})")
+    n_heads, n_slots, n_kv, s_max = _check_caches(q, k_cache, v_cache, out)
+    n_tok = q.shape[0]
     _need("slots", slots, np.int64, 1, (n_tok,))
     _need("pos", pos, np.int64, 1, (n_tok,))
     if n_tok and (slots.min() < 0 or slots.max() >= n_slots):
         raise ValueError(f"slots must lie in [0, {n_slots})")
     if n_tok and (pos.min() < 0 or pos.max() >= s_max):
         raise ValueError(f"positions must lie in [0, {s_max}): pos + 1 exceeds k_cache capacity {s_max}")
-    if scratch is None:
-        scratch = attention_scratch(n_heads, n_kv, s_max)
-    else:
-        _need("scratch", scratch, np.float32, 3)
-        if scratch.shape[0] < numba.config.NUMBA_NUM_THREADS or scratch.shape[1:] != (n_heads // n_kv, s_max):
-            raise ValueError(f"scratch has shape {scratch.shape}, expected from attention_scratch()")
+    scratch = _scratch(scratch, n_heads, n_kv, s_max)
     _attention_rows(q, k_cache, v_cache, slots, pos, out, np.float32(scale), scratch)
+    return out
+
+
+def _check_caches(q, k_cache, v_cache, out) -> tuple[int, int, int, int]:
+    _need("q", q, np.float32, 3)
+    if not isinstance(k_cache, np.ndarray) or k_cache.dtype not in (np.float32, np.uint16):
+        raise ValueError("k_cache must be a float32 or uint16 (half bits) array")
+    _need("k_cache", k_cache, k_cache.dtype, 4)
+    _need("v_cache", v_cache, k_cache.dtype, 4, k_cache.shape)
+    _need("out", out, np.float32, 3, q.shape)
+    n_heads, d = q.shape[1:]
+    n_slots, n_kv, s_max, d_kv = k_cache.shape
+    if d_kv != d:
+        raise ValueError(f"k_cache head_dim {d_kv} != q head_dim {d}")
+    if n_kv == 0 or n_heads % n_kv:
+        raise ValueError(f"q heads ({n_heads}) must be a multiple of k_cache heads ({n_kv})")
+    return n_heads, n_slots, n_kv, s_max
+
+
+def _scratch(scratch, n_heads: int, n_kv: int, s_max: int) -> np.ndarray:
+    if scratch is None:
+        return attention_scratch(n_heads, n_kv, s_max)
+    _need("scratch", scratch, np.float32, 3)
+    want = scratch_shape(n_heads, n_kv, s_max)
+    if any(have < need for have, need in zip(scratch.shape, want, strict=True)):
+        raise ValueError(f"scratch has shape {scratch.shape}, expected from attention_scratch()")
+    return scratch
+
+
+def attention_chunk(
+    q, k_cache, v_cache, slot: int, start: int, out, scale: float, scratch=None, values_scratch=None
+) -> np.ndarray:
+    """Causal GQA for one sequence's chunk: row t of q f32 (T, H, D) is at position start + t of slot
+    `slot` of k_cache, v_cache (slots, Hkv, S_max, D) float32 or uint16 half bits (already holding
+    positions < start + T) and attends keys 0..start + t; out f32 (T, H, D) may be q. The same result as
+    `attention_rows` with slots = slot, pos = start + arange(T), faster from a few rows on."""
+    n_heads, n_slots, n_kv, s_max = _check_caches(q, k_cache, v_cache, out)
+    if not 0 <= slot < n_slots:
+        raise ValueError(f"slot must lie in [0, {n_slots})")
+    if start < 0 or start + q.shape[0] > s_max:
+        raise ValueError(f"start + T = {start + q.shape[0]} exceeds k_cache capacity {s_max}")
+    scratch = _scratch(scratch, n_heads, n_kv, s_max)
+    want = values_scratch_shape(q.shape[2], s_max)
+    if values_scratch is None:
+        values_scratch = np.empty(want, np.float32)
+    else:
+        _need("values_scratch", values_scratch, np.float32, 3)
+        if any(have < need for have, need in zip(values_scratch.shape, want, strict=True)):
+            raise ValueError(f"values_scratch has shape {values_scratch.shape}, expected {want}")
+    slot, start = np.int64(slot), np.int64(start)
+    _attention_chunk(q, k_cache, v_cache, slot, start, out, np.float32(scale), scratch, values_scratch)
     return out
 
 

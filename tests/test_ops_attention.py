@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 from hy_edge_ops import reference as ref
-from hy_edge_ops.attention import attention, attention_rows, rope_norm_store
+from hy_edge_ops.attention import QB, attention, attention_chunk, attention_rows, rope_norm_store
 from hy_edge_ops.rope import rope_inv_freq, rope_tables
 
 
@@ -46,6 +46,35 @@ def test_rows_of_several_slots(cache):
         np.testing.assert_allclose(out[i : i + 1], want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("cache", ["fp32", "fp16"])
+@pytest.mark.parametrize("h,hkv", [(6, 2), (9, 3), (4, 4)])
+@pytest.mark.parametrize("t,start", [(1, 0), (3, 5), (QB, 0), (QB + 5, 0), (2 * QB + 3, 17)])
+def test_chunk(cache, h, hkv, t, start):
+    # one sequence's prefill chunk in (kv head, QB rows) items, 4 x 4 score blocks and 4-query P.V (with
+    # their tails), in a slot other than 0, against the float64 reference and the per-row kernel
+    d, s_max, slot = 40, 96, 2
+    rng = np.random.default_rng(11)
+    q = rng.standard_normal((t, h, d)).astype(np.float32)
+    kf = rng.standard_normal((3, hkv, s_max, d)).astype(np.float32)
+    vf = rng.standard_normal((3, hkv, s_max, d)).astype(np.float32)
+    if cache == "fp16":
+        kf, vf = kf.astype(np.float16).astype(np.float32), vf.astype(np.float16).astype(np.float32)
+        kc, vc = kf.astype(np.float16).view(np.uint16), vf.astype(np.float16).view(np.uint16)
+    else:
+        kc, vc = kf.copy(), vf.copy()
+        kc[slot, :, start + t :] = np.nan  # positions past the chunk must never be read
+        vc[slot, :, start + t :] = np.nan
+    want = ref.attention(q, kf[slot], vf[slot], start, d**-0.5)
+    out = np.full_like(q, np.nan)
+    attention_chunk(q, kc, vc, slot, start, out, d**-0.5)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    rows = np.empty_like(q)
+    attention_rows(q, kc, vc, np.full(t, slot, np.int64), np.arange(start, start + t, dtype=np.int64), rows, d**-0.5)
+    np.testing.assert_allclose(out, rows, rtol=1e-5, atol=1e-6)
+    attention_chunk(q, kc, vc, slot, start, q, d**-0.5)  # out aliasing q
+    np.testing.assert_array_equal(q, out)
+
+
 def test_rope_norm_store():
     t, h, hkv, d, s_max = 3, 4, 2, 16, 10
     rng = np.random.default_rng(10)
@@ -76,6 +105,13 @@ def test_rope_norm_store():
 def test_errors():
     q = np.zeros((1, 6, 8), np.float32)
     kv = np.zeros((4, 8, 8), np.float32)
+    q3, kv2 = np.zeros((3, 6, 8), np.float32), np.zeros((1, 2, 8, 8), np.float32)
+    with pytest.raises(ValueError, match="exceeds"):
+        attention_chunk(q3, kv2, kv2, 0, 6, q3, 1.0)
+    with pytest.raises(ValueError, match="slot"):
+        attention_chunk(q3, kv2, kv2, 1, 0, q3, 1.0)
+    with pytest.raises(ValueError, match="scratch"):
+        attention_chunk(q3, kv2, kv2, 0, 0, q3, 1.0, scratch=np.zeros((1, 1, 8), np.float32))
     with pytest.raises(ValueError, match="k_cache"):
         attention(q, kv, kv, 0, q, 1.0)
     kv = np.zeros((2, 8, 8), np.float32)
