@@ -8,10 +8,17 @@ used. Nothing here ever produces a directory literally named `~`.
 numba resolves a cache location for every `@njit(cache=True)` kernel when the kernel is *defined*
 (hy_edge_ops import time) and raises "no locator available" when none is writable, so
 `configure_jit_cache` runs when `edge_runtime` is imported, before anything imports hy_edge_ops.
+
+numba validates a cached kernel by its own source file's time stamp only, while a compiled kernel
+contains the kernels it calls from other files (engine_step's layer loop holds the linear kernels): after
+a change to ops/ alone it would load the old code. Our kernels are therefore cached in a subdirectory
+named by a hash of every kernel source (`kernel_sources_hash`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import os
 import pwd
 import sys
@@ -96,6 +103,19 @@ def choose_jit_cache_dir(env: Mapping[str, str] | None = None) -> tuple[Path | N
     return None, False
 
 
+def kernel_sources_hash() -> str:
+    """12 hex digits of a hash of hy_edge_ops' sources and engine_step.py (found without importing them:
+    importing hy_edge_ops defines its kernels)."""
+    spec = importlib.util.find_spec("hy_edge_ops")
+    ops_dirs = list(spec.submodule_search_locations or []) if spec else []
+    files = sorted(p for d in ops_dirs for p in Path(d).glob("*.py"))
+    files.append(Path(__file__).with_name("engine_step.py"))
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
 _configured: Path | None | bool = False  # False: not yet
 
 
@@ -108,6 +128,7 @@ def configure_jit_cache() -> Path | None:
     directory, users = choose_jit_cache_dir()
     if directory is not None:
         if not users:
+            directory = directory / f"src-{kernel_sources_hash()}"
             os.environ["NUMBA_CACHE_DIR"] = str(directory)
         if "numba" in sys.modules:  # numba reads the variable at import; keep its config in step
             sys.modules["numba"].config.CACHE_DIR = str(directory)

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from runtime_helpers import converted
@@ -128,3 +129,26 @@ def test_model_cache_prefers_systemd_directories(tmp_path):
     assert cache_dirs.model_cache_dir(env) == tmp_path / "s"
     assert cache_dirs.model_cache_dir({**env, "HY_EDGE_CACHE": "/c"}) == Path("/c")
     assert cache_dirs.model_cache_dir({"HOME": "/home/x"}) == Path("/home/x/.cache/hy-edge")
+
+
+def test_jit_cache_follows_every_kernel_source(tmp_path, monkeypatch):
+    # numba checks a cached kernel against its own file only; a kernel compiled into another (the layer
+    # loop holds the linear kernels) would come back stale after a change to ops/ alone, so the cache
+    # directory is named by all kernel sources
+    ops = tmp_path / "ops"
+    ops.mkdir()
+    (ops / "linear.py").write_text("A = 1\n")
+    (ops / "attention.py").write_text("B = 1\n")
+    spec = SimpleNamespace(submodule_search_locations=[str(ops)])
+    monkeypatch.setattr(cache_dirs.importlib.util, "find_spec", lambda name: spec)
+    first = cache_dirs.kernel_sources_hash()
+    assert first == cache_dirs.kernel_sources_hash() and len(first) == 12
+    (ops / "linear.py").write_text("A = 2\n")
+    assert cache_dirs.kernel_sources_hash() != first
+    monkeypatch.undo()
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "XDG_CACHE_HOME", "CACHE_DIRECTORY")}
+    env.update(HOME=str(tmp_path / "home"), STATE_DIRECTORY="")
+    code = "import edge_runtime, numba; print(numba.config.CACHE_DIR)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    want = tmp_path / "home" / ".cache" / "hy-edge" / "numba" / f"src-{cache_dirs.kernel_sources_hash()}"
+    assert Path(out.strip()) == want

@@ -143,7 +143,7 @@ def test_non_root_read_only_install_no_home_only_a_state_directory(default_model
         jit = Path(numba.config.CACHE_DIR or "")
         if jit.is_dir():  # kernels compiled once, as on a provisioned box (a cold compile costs ~40 s here;
             # test_hardening_readonly compiles into $STATE_DIRECTORY); stale entries are compiled again
-            shutil.copytree(jit, state / "numba", ignore=shutil.ignore_patterns("tests_*"))
+            shutil.copytree(jit, state / "numba" / jit.name, ignore=shutil.ignore_patterns("tests_*"))
         for p in (state, *state.rglob("*")):
             os.chown(p, 65534, 65534)
         env = {k: v for k, v in child_env().items() if k not in ("HOME", "XDG_CACHE_HOME", "NUMBA_CACHE_DIR")}
