@@ -59,10 +59,16 @@ _CHECKED: dict[int, weakref.ref] = {}  # Weights objects whose FP8 codes were sc
 
 def check_fp8_codes(weights: Weights) -> None:
     """Refuse FP8 weights holding NaN codes: the fused kernels do not decode NaN (ops/linear.py) and the
-    converter never writes them, so such a file is corrupt. Scanned once per loaded model."""
+    converter never writes them, so such a file is corrupt. Scanned once per loaded model. Refuse, too,
+    a process whose threads flush float32 subnormals to zero (FP8 subnormal codes decode to them)."""
     seen = _CHECKED.get(id(weights))
     if seen is not None and seen() is weights:  # the same object, not a new one at a reused address
         return
+    if any(lin.storage in FP8_FORMATS for lin in weights.unique_linears()) and not linear.subnormals_work():
+        raise HyEdgeError(
+            "this process flushes float32 subnormals to zero (a library set FTZ/DAZ): FP8 weights would "
+            "decode wrongly; run without that library or use --backend onnxruntime"
+        )
     for lin in weights.unique_linears():
         if lin.storage in FP8_FORMATS and fp8.has_nan_codes(lin.w, lin.storage):
             raise ModelFileError(f"weight '{lin.name}' holds FP8 NaN codes: the model file is corrupt")
@@ -100,10 +106,10 @@ class NumbaSession:
             raise HyEdgeError(f"slots should be a positive integer, got {slots!r}")
         if kv_cache not in KV_CACHE_TYPES:
             raise HyEdgeError(f"kv cache type '{kv_cache}' is not one of {', '.join(KV_CACHE_TYPES)}")
-        check_fp8_codes(weights)
         self.spec = spec
         self.weights = weights
         self.threads = set_threads(threads)
+        check_fp8_codes(weights)  # on the session's threads
         # threads chosen by default (not by the user) give way to other busy processes (threads.py)
         self._governor = ThreadGovernor(self.threads) if adaptive_threads and self.threads > 1 else None
         self.activations = activations  # none | e4m3 | e5m2 | static (see _fake_quant)

@@ -1,12 +1,15 @@
 """Linear layers on HF-layout weights (N, K): y = x @ W^T with the weight decode fused into the dot.
 
 Weights stay in their stored form and are decoded in registers, once per row block:
-- E4M3 (codes viewed as int8): sign and the 7 low bits are moved into an IEEE half bit pattern
-  ((int16(c) << 7) & 0xBFFF is the same value times 2**-8, subnormals included), widened to float32
-  by the CPU's half→float instruction (x86 F16C `vcvtph2ps`, ARM `fcvtl`); the 2**8 is folded into
-  the row scale. No float32 denormal is ever formed, so any code distribution runs at one speed.
-- E5M2: the code is the top byte of a half.
-- FP16: raw half bits; FP32: read as is.
+- FP8 (E4M3 viewed as int8, E5M2 as uint8): sign-extended to 32 bits, shifted and masked into a
+  float32 bit pattern that is the code's value times 2**-120 (E5M2: 2**-112), subnormal codes as
+  float32 subnormals — 3 integer vector ops per 16 weights, no conversion instruction
+  (hy_edge_ops.half.as_f32). Each dot product's sum is multiplied by 2**60 (2**56) and the rest of the
+  power of two is folded into the row scales, so neither overflows. Any code distribution runs at one
+  speed (this CPU reads subnormals at full speed; `subnormals_work` checks the process does not flush
+  them to zero).
+- FP16: raw half bits, widened by the CPU's half→float instruction (x86 `vcvtph2ps`, ARM `fcvtl`);
+  FP32: read as is.
 The FP8 NaN codes (E4M3 0x7F/0xFF, E5M2 exponent 31) are not decoded as NaN: the converter never
 writes them and the loader refuses files that contain them (`fp8.has_nan_codes`).
 
@@ -35,6 +38,8 @@ from numba import njit, prange
 
 from .checks import need_array as _need
 from .fp8 import E4M3, E5M2, block_size
+from .half import FP8_FOLD
+from .half import acc_scale as _acc
 from .half import as_f32 as _weight
 
 _FM = {"reassoc", "contract"}  # lets LLVM vectorise the reductions; keeps inf/NaN semantics
@@ -43,7 +48,7 @@ STORAGES = ("e4m3", "e5m2", "fp16", "fp32")
 # in fewer vector ops, see hy_edge_ops.half.as_f32)
 _VIEW = {E4M3: np.int8, E5M2: np.uint8, "fp16": np.uint16, "fp32": np.float32}
 PREFILL_MIN = 8  # tokens of one sequence from which the row-blocked prefill kernel is faster
-_POW2 = {E4M3: 256.0, E5M2: 1.0, "fp16": 1.0, "fp32": 1.0}  # value = decoded half * _POW2
+_POW2 = {E4M3: FP8_FOLD[E4M3], E5M2: FP8_FOLD[E5M2], "fp16": 1.0, "fp32": 1.0}  # folded into the scales
 
 
 @njit(cache=True, fastmath=_FM, inline="always")
@@ -60,7 +65,7 @@ def _row_tok1(x, w, sc, out, n, bk):
         a = np.float32(0.0)
         for k in range(k1 - k0):  # zero-based loops over slices vectorise
             a += _weight(r[k]) * xs[k]
-        total += a * sc[n, g]
+        total += (a * _acc(w)) * sc[n, g]
     out[n] = total
 
 
@@ -84,10 +89,10 @@ def _row_tok4(x, w, sc, out, n, t, bk):
             a2 += v * x2[k]
             a3 += v * x3[k]
         s = sc[n, g]
-        u0 += a0 * s
-        u1 += a1 * s
-        u2 += a2 * s
-        u3 += a3 * s
+        u0 += (a0 * _acc(w)) * s
+        u1 += (a1 * _acc(w)) * s
+        u2 += (a2 * _acc(w)) * s
+        u3 += (a3 * _acc(w)) * s
     out[t, n] = u0
     if t + 1 < n_tok:
         out[t + 1, n] = u1
@@ -141,22 +146,22 @@ def _rows4_tok4(x, w, sc, out, n, t, bk):
             a32 += v3 * y2
             a33 += v3 * y3
         s0, s1, s2, s3 = sc[n, g], sc[i1, g], sc[i2, g], sc[i3, g]
-        u00 += a00 * s0
-        u01 += a01 * s0
-        u02 += a02 * s0
-        u03 += a03 * s0
-        u10 += a10 * s1
-        u11 += a11 * s1
-        u12 += a12 * s1
-        u13 += a13 * s1
-        u20 += a20 * s2
-        u21 += a21 * s2
-        u22 += a22 * s2
-        u23 += a23 * s2
-        u30 += a30 * s3
-        u31 += a31 * s3
-        u32 += a32 * s3
-        u33 += a33 * s3
+        u00 += (a00 * _acc(w)) * s0
+        u01 += (a01 * _acc(w)) * s0
+        u02 += (a02 * _acc(w)) * s0
+        u03 += (a03 * _acc(w)) * s0
+        u10 += (a10 * _acc(w)) * s1
+        u11 += (a11 * _acc(w)) * s1
+        u12 += (a12 * _acc(w)) * s1
+        u13 += (a13 * _acc(w)) * s1
+        u20 += (a20 * _acc(w)) * s2
+        u21 += (a21 * _acc(w)) * s2
+        u22 += (a22 * _acc(w)) * s2
+        u23 += (a23 * _acc(w)) * s2
+        u30 += (a30 * _acc(w)) * s3
+        u31 += (a31 * _acc(w)) * s3
+        u32 += (a32 * _acc(w)) * s3
+        u33 += (a33 * _acc(w)) * s3
     _put4(out, t, n, n_rows, u00, u10, u20, u30)
     if t + 1 < n_tok:
         _put4(out, t + 1, n, n_rows, u01, u11, u21, u31)
@@ -216,6 +221,23 @@ def _mm_prefill(x, ws, scs, outs, bks, starts4):
             _rows4_tok4(x, w, sc, out, b * 4, t, bk)
 
 
+@njit(cache=True, parallel=True, fastmath=_FM)
+def _decode_rows(w, fold, out):
+    # out[n] = the decoded code w[n, 0] with its power of two put back, on the thread pool
+    for n in prange(w.shape[0]):
+        out[n] = (_weight(w[n, 0]) * _acc(w)) * fold
+
+
+def subnormals_work() -> bool:
+    """True if FP8 subnormal codes decode exactly on numba's threads. A library built with -ffast-math
+    can switch on flush-to-zero / denormals-are-zero for the whole process; the FP8 kernels would then
+    read every subnormal code as 0."""
+    codes = np.arange(1, 8, dtype=np.uint8)  # the E4M3 subnormals m / 8 * 2**-6
+    out = np.empty(codes.shape[0], np.float32)
+    _decode_rows(codes.reshape(-1, 1).view(np.int8), np.float32(_POW2[E4M3]), out)
+    return bool(np.array_equal(out, codes.astype(np.float32) * np.float32(2.0**-9)))
+
+
 # -- prepared linears: checked and laid out once, called without checks on the hot path -----------
 
 
@@ -250,7 +272,11 @@ def prepare(w: np.ndarray, storage: str, scales: np.ndarray | None = None) -> Li
         _need("scales", scales, np.float32, 2)
         if scales.shape[0] != n_rows or not 1 <= scales.shape[1] <= k_dim:
             raise ValueError(f"scales has shape {scales.shape}, expected ({n_rows}, G) with 1 <= G <= {k_dim}")
-        s = scales * np.float32(_POW2[storage])
+        with np.errstate(over="ignore"):
+            s = scales * np.float32(_POW2[storage])
+        if not np.isfinite(s).all():
+            limit = float(np.finfo(np.float32).max) / _POW2[storage]
+            raise ValueError(f"scales must be finite and below {limit:.3g} in magnitude")
     else:
         s = np.ones((n_rows, 1), np.float32)
     bk = block_size(k_dim, s.shape[1])

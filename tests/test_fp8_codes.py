@@ -4,7 +4,10 @@ weights and the loader refuses a file whose FP8 bytes hold a NaN code."""
 from __future__ import annotations
 
 import json
+import platform
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -51,3 +54,32 @@ def test_converter_refuses_nan_weights(hunyuan_f32_dir, tmp_path):
         convert(src, out, QuantPolicy(format="e4m3"))
     assert not list(out.parent.iterdir())  # nothing half-written
     assert json.loads((src / "config.json").read_text())  # the source is untouched
+
+
+DAZ_CHILD = """
+import ctypes, ctypes.util, sys
+import numba
+import edge_runtime
+from edge_runtime.errors import HyEdgeError
+from hy_edge_ops.linear import subnormals_work
+numba.set_num_threads(1)  # the kernels run on this thread, whose flags are set below
+assert subnormals_work()
+libm = ctypes.CDLL(ctypes.util.find_library("m"))
+env = (ctypes.c_uint32 * 8)()  # glibc's x86-64 fenv_t: the x87 environment, then MXCSR
+assert libm.fegetenv(env) == 0
+env[7] |= 0x8040  # DAZ and FTZ, as a library built with -ffast-math sets them at load
+assert libm.fesetenv(env) == 0
+assert not subnormals_work()
+try:
+    edge_runtime.load(sys.argv[1], threads=1).session()
+except HyEdgeError as e:
+    print(e)
+"""
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="sets the x86 MXCSR DAZ/FTZ flags")
+def test_a_process_flushing_subnormals_is_refused(hy_fp8):
+    # FP8 subnormal codes decode to float32 subnormals: with DAZ on they would read as 0, silently
+    r = subprocess.run([sys.executable, "-c", DAZ_CHILD, str(hy_fp8)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "flushes float32 subnormals to zero" in r.stdout

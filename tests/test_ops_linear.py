@@ -55,6 +55,22 @@ def test_every_finite_code_decodes_exactly(fmt):
     np.testing.assert_array_equal(out, want.astype(np.float32))
 
 
+@pytest.mark.parametrize("fmt", [E4M3, E5M2])
+def test_scales_far_beyond_the_weights_range(fmt):
+    # the decode's power of two is put back partly on the sum, partly in the scales: neither overflows
+    # for scales up to ~1e20 (weights to ~1e22), nor loses small ones; beyond, prepare() refuses
+    codes, scales = quantized(16, 64, 2, fmt)
+    x = RNG.standard_normal(64).astype(np.float32)
+    with pytest.raises(ValueError, match="scales must be finite and below"):
+        prepare(codes, fmt, scales * np.float32(1e30))
+    for factor in (1e-30, 1e18):
+        big = (scales * np.float32(factor)).astype(np.float32)
+        out = np.empty(16, np.float32)
+        got = gemv_fp8(x, codes, big, fmt, out)
+        assert np.isfinite(got).all()
+        close(got, ref.linear(x, ref.dequantize(codes, big, fmt)))
+
+
 @pytest.mark.parametrize("dist", ["gaussian", "uniform codes"])
 def test_any_code_distribution(dist):
     # uniformly random codes include every small (subnormal) code: same results as the reference
