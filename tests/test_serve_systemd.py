@@ -108,7 +108,9 @@ def test_notify_ready_watchdog_and_sigterm_during_a_stream(default_model_file):
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind("\0" + name)  # an abstract socket, as systemd's NOTIFY_SOCKET may be
         env = child_env(NOTIFY_SOCKET="@" + name, WATCHDOG_USEC="1000000")
-        server = ServerProcess(["--model", str(default_model_file), "--max-context", "256"], env=env)
+        # the stream below must end within the grace SIGTERM gives it (30 s by default; scaled when emulated)
+        args = ["--model", str(default_model_file), "--max-context", "256", "--shutdown-timeout", str(seconds(30))]
+        server = ServerProcess(args, env=env)
         try:
             seen: list[str] = []
             receive_until(sock, "READY=1", seen, START_TIMEOUT)
