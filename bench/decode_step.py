@@ -1,0 +1,76 @@
+"""Where a decode step goes: one step of the numba engine against the same step's GEMVs alone (every
+prepared linear of the model, the head included, in the engine's order, on a fixed input), interleaved.
+
+    python bench/decode_step.py [MODEL.onnx] [--threads 2] [--rounds 5] [--steps 16]
+
+MODEL defaults to the bench's Hunyuan-0.5B default conversion (bench/out, made by `make bench`).
+The difference between the two is everything that is not a GEMV: attention, norms, RoPE, SwiGLU, the
+layer loop and Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+import edge_runtime
+
+OUT = Path(__file__).resolve().parent / "out"
+
+
+def default_model() -> Path:
+    found = sorted(OUT.glob("hunyuan-0.5b-random.*.onnx"))
+    for path in found:  # the default conversion: E4M3 with an FP8 head
+        policy = Path(str(path) + ".policy.json")
+        if policy.exists() and '"lm_head_fp8": true' in policy.read_text() and '"format": "e4m3"' in policy.read_text():
+            return path
+    raise SystemExit("decode_step: no default Hunyuan conversion in bench/out (run `make bench` once)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model", nargs="?", type=Path)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=16)
+    args = ap.parse_args()
+    path = args.model or default_model()
+    session = edge_runtime.load(path, threads=args.threads, max_context=1024).session()
+    rng = np.random.default_rng(0)
+    vocab = session.spec.vocab_size
+    session.forward(rng.integers(0, vocab, 128))
+
+    linears = [g for b in session._blocks for g, _ in (*b.qkv, (b.o, None), *b.gate_up, (b.down, None))]
+    linears.append(session._head)
+    inputs = {f.k_dim: rng.standard_normal((1, f.k_dim)).astype(np.float32) for f in linears}
+    plan = [(f, inputs[f.k_dim], tuple(np.empty((1, op.w.shape[0]), np.float32) for op in f.ops)) for f in linears]
+    weight_bytes = sum(op.w.nbytes for f in linears for op in f.ops)
+
+    def steps() -> None:
+        for _ in range(args.steps):
+            session.forward(rng.integers(0, vocab, 1))
+
+    def gemvs() -> None:
+        for _ in range(args.steps):
+            for f, x, outs in plan:
+                f(x, outs)
+
+    steps(), gemvs()  # warm
+    times: dict[str, list[float]] = {"decode step": [], "its GEMVs alone": []}
+    for _ in range(args.rounds):
+        for name, fn in (("decode step", steps), ("its GEMVs alone", gemvs)):
+            t = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t) / args.steps)
+    print(f"{path.name}, {args.threads} threads, {weight_bytes / 1e6:.0f} MB of weights per step")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"{name:>16}: {med * 1e3:6.2f} ms (min {min(ts) * 1e3:.2f}), {weight_bytes / med / 1e9:5.1f} GB/s")
+
+
+if __name__ == "__main__":
+    main()
