@@ -14,9 +14,10 @@ UNIT_PATH = Path("/etc/systemd/system/hy-edge.service")
 MEMORY_HEADROOM = 256 * 1024**2  # above the budget: allocator slack and the HTTP stack, before the OOM kill
 
 
-def notify(*states: str, env: Mapping[str, str] | None = None) -> bool:
-    """Send e.g. "READY=1" to the service manager; False when not run by systemd (no $NOTIFY_SOCKET).
-    An address starting with '@' is an abstract socket."""
+def notify(*states: str, env: Mapping[str, str] | None = None, wait: float = 1.0) -> bool:
+    """Send e.g. "READY=1" to the service manager; False when not run by systemd (no $NOTIFY_SOCKET) or
+    when the message could not be queued within `wait` seconds (a datagram socket blocks the sender once
+    the reader is ten messages behind; 0: never block). An address starting with '@' is abstract."""
     env = os.environ if env is None else env
     address = env.get("NOTIFY_SOCKET", "")
     if not address or address[0] not in "/@":
@@ -25,9 +26,10 @@ def notify(*states: str, env: Mapping[str, str] | None = None) -> bool:
         address = "\0" + address[1:]
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.settimeout(wait)
             s.connect(address)
             s.sendall("\n".join(states).encode())
-    except OSError:
+    except OSError:  # timeouts included
         return False
     return True
 
@@ -55,7 +57,7 @@ class Watchdog:
         now = time.monotonic()
         if now - self._last >= self.interval:
             self._last = now
-            notify("WATCHDOG=1", env=self._env)
+            notify("WATCHDOG=1", env=self._env, wait=0)  # a manager that does not read must not stall the loop
 
 
 def unit_file(

@@ -61,10 +61,10 @@ def as_f32(c):
 # and mantissa land where a float32 keeps them, the sign copies above the exponent cleared: the float32
 # is the code's value times 2**-120 (E4M3) or 2**-112 (E5M2), subnormal codes included (as float32
 # subnormals, which these CPUs read at full speed). 3 integer vector ops per 16 weights (x86: vpmovsxbd,
-# vpslld, vpandd); the half route (shift into a half, then vcvtph2ps) ran at 18.9 against 23.7 GB/s
-# per core. The power of two comes back in two halves: 2**60 (2**56) on each dot product's sum before its
-# scale (`acc_scale`), 2**60 (2**56) folded into the scales, so no scale overflows.
-FP8_FOLD = {"e4m3": 2.0**60, "e5m2": 2.0**56}
+# vpslld, vpandd); the half route (shift into a half, then vcvtph2ps) ran at 15-19 against 22-25 GB/s per
+# core (bench/bench_ops.py). The power of two comes back in two halves: FP8_FOLD on each dot product's sum
+# before its scale (`acc_scale`), FP8_FOLD folded into the scales, so no scale overflows.
+FP8_FOLD = {"e4m3": 2.0**60, "e5m2": 2.0**56}  # 2**120 = 2**60 * 2**60, 2**112 = 2**56 * 2**56
 _E4M3_MASK = np.int32(0x87F00000 - (1 << 32))  # sign, then 4 exponent and 3 mantissa bits
 _E5M2_MASK = np.int32(0x8FE00000 - (1 << 32))  # sign, then 5 exponent and 2 mantissa bits
 
@@ -97,7 +97,7 @@ def acc_scale(w):
 @overload(acc_scale, inline="always")
 def _acc_scale_impl(w):
     dtype = w.dtype if isinstance(w, types.Array) else w
-    value = {types.int8: 2.0**60, types.uint8: 2.0**56}.get(dtype, 1.0)
+    value = {types.int8: FP8_FOLD["e4m3"], types.uint8: FP8_FOLD["e5m2"]}.get(dtype, 1.0)
     return lambda w: np.float32(value)
 
 

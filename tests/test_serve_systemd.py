@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -93,14 +94,55 @@ def test_watchdog_interval_and_notify_to_a_path_socket(tmp_path):
     assert not systemd.notify("READY=1", env={})
 
 
-def receive_until(sock: socket.socket, want: str, seen: list[str], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while want not in seen:
-        sock.settimeout(max(0.01, deadline - time.monotonic()))
-        try:
-            seen += sock.recv(4096).decode().split("\n")
-        except TimeoutError:
-            raise AssertionError(f"no {want} within {timeout} s; got {seen}") from None
+def test_watchdog_pings_never_block_the_engine(tmp_path):
+    # a datagram reader that falls behind (systemd busy) makes the sender block once 10 messages are
+    # queued: the engine loop's pings must be dropped, not wait; state changes wait a bounded time
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind(path)
+        dog = systemd.Watchdog({"WATCHDOG_USEC": "1", "NOTIFY_SOCKET": path})  # a ping at every call
+
+        def flood() -> None:
+            for _ in range(200):
+                dog.ping()
+            for _ in range(20):
+                systemd.notify("STATUS=x", env={"NOTIFY_SOCKET": path}, wait=0.01)
+
+        t = threading.Thread(target=flood, daemon=True)
+        t.start()
+        t.join(10)
+        assert not t.is_alive(), "a notification blocked its sender"
+        assert s.recv(4096) == b"WATCHDOG=1"  # the first ones were delivered
+
+
+class Notifications:
+    """What the server sends to $NOTIFY_SOCKET, read continuously on a thread (as systemd does)."""
+
+    def __init__(self, sock: socket.socket):
+        self.seen: list[str] = []
+        self._sock = sock
+        sock.settimeout(0.1)
+        self._stop = False
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop:
+            try:
+                self.seen += self._sock.recv(4096).decode().split("\n")
+            except TimeoutError:
+                pass
+
+    def wait_for(self, want: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while want not in self.seen:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {want} within {timeout} s; got {self.seen}")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(5)
 
 
 def test_notify_ready_watchdog_and_sigterm_during_a_stream(default_model_file):
@@ -111,13 +153,13 @@ def test_notify_ready_watchdog_and_sigterm_during_a_stream(default_model_file):
         # the stream below must end within the grace SIGTERM gives it (30 s by default; scaled when emulated)
         args = ["--model", str(default_model_file), "--max-context", "256", "--shutdown-timeout", str(seconds(30))]
         server = ServerProcess(args, env=env)
+        notes = Notifications(sock)
         try:
-            seen: list[str] = []
-            receive_until(sock, "READY=1", seen, START_TIMEOUT)
+            notes.wait_for("READY=1", START_TIMEOUT)
             health = httpx.get(server.wait_listening() + "/health", timeout=HTTP_TIMEOUT)
             assert health.status_code == 200  # ready means ready
-            receive_until(sock, "WATCHDOG=1", seen, seconds(10))
-            assert seen.index("READY=1") < seen.index("WATCHDOG=1")
+            notes.wait_for("WATCHDOG=1", seconds(10))
+            assert notes.seen.index("READY=1") < notes.seen.index("WATCHDOG=1")
             body = {"prompt": "Once upon a time", "max_tokens": 150, "temperature": 0, "stream": True}
             with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=HTTP_TIMEOUT) as r:
                 lines = r.iter_lines()
@@ -127,9 +169,10 @@ def test_notify_ready_watchdog_and_sigterm_during_a_stream(default_model_file):
             chunks = [json.loads(line[6:]) for line in rest[:-1]]
             assert rest[-1] == "data: [DONE]" and chunks[-1]["choices"][0]["finish_reason"] == "length"
             assert server.proc.wait(seconds(60)) == 0, server.log()
-            receive_until(sock, "STOPPING=1", seen, seconds(5))
+            notes.wait_for("STOPPING=1", seconds(5))
         finally:
             server.cleanup()
+            notes.close()
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv to drop to nobody")
