@@ -68,7 +68,9 @@ def test_decode_step_allocates_no_arrays(tmp_path):
     # hidden size 1024: one hidden-state row (4 KB) is larger than the Python objects (views, kernel
     # dispatch) a decode step creates, so a freed temporary array of any activation stands out
     src = make_seed_checkpoint(tmp_path / "wide", hidden_size=1024, intermediate_size=256, num_hidden_layers=2)
-    s = edge_runtime.load(converted(src, "e4m3")).session()
+    # threads given: with the default, the thread governor reads /proc/stat every 0.5 s, and a step slow
+    # enough (emulated aarch64) catches that read's buffer inside the traced window
+    s = edge_runtime.load(converted(src, "e4m3"), threads=2).session()
     row = s.spec.hidden_size * 4
     s.forward(np.asarray(PROMPT_IDS))
     s.forward(np.asarray([5]))  # warm: every kernel compiled / loaded
