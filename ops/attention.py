@@ -19,6 +19,24 @@ from .half import as_f32, put
 _FM = {"reassoc", "contract"}
 
 
+@njit(cache=True, fastmath=_FM, inline="always")
+def _softmax_prefix(row, n, n_all):
+    # row[:n] = softmax(row[:n]); row[n:n_all] = 0 (keys past the query's position)
+    m = -np.inf
+    for j in range(n):
+        m = max(m, row[j])
+    total = np.float32(0.0)
+    for j in range(n):
+        e = expf(row[j] - m)
+        row[j] = e
+        total += e
+    inv = np.float32(1.0) / total
+    for j in range(n):
+        row[j] *= inv
+    for j in range(n, n_all):
+        row[j] = 0.0
+
+
 @njit(cache=True, parallel=True, fastmath=_FM)
 def _attention_rows(q, k_cache, v_cache, slots, pos, out, scale, scratch):
     # q, out: f32 (T, H, D) (may alias); k/v_cache: f32 | u16 (slots, Hkv, S, D); slots, pos: i64 (T,);
@@ -42,18 +60,7 @@ def _attention_rows(q, k_cache, v_cache, slots, pos, out, scale, scratch):
                     s += qv[i] * as_f32(kj[i])
                 sc[r, j] = s * scale
         for r in range(rep):
-            row = sc[r]
-            m = -np.inf
-            for j in range(n_keys):
-                m = max(m, row[j])
-            total = np.float32(0.0)
-            for j in range(n_keys):
-                e = expf(row[j] - m)
-                row[j] = e
-                total += e
-            inv = np.float32(1.0) / total
-            for j in range(n_keys):
-                row[j] *= inv
+            _softmax_prefix(sc[r], n_keys, n_keys)
             o = out[t, g * rep + r]  # q of this group is no longer read: out may alias q
             for i in range(d):
                 o[i] = 0.0
@@ -119,24 +126,6 @@ def _put4(row, j, n, scale, a, b, c, d):
         row[j + 2] = c * scale
     if j + 3 < n:
         row[j + 3] = d * scale
-
-
-@njit(cache=True, fastmath=_FM, inline="always")
-def _softmax_prefix(row, n, n_all):
-    # row[:n] = softmax(row[:n]); row[n:n_all] = 0 (keys past the query's position)
-    m = -np.inf
-    for j in range(n):
-        m = max(m, row[j])
-    total = np.float32(0.0)
-    for j in range(n):
-        e = expf(row[j] - m)
-        row[j] = e
-        total += e
-    inv = np.float32(1.0) / total
-    for j in range(n):
-        row[j] *= inv
-    for j in range(n, n_all):
-        row[j] = 0.0
 
 
 @njit(cache=True, fastmath=_FM, inline="always")
