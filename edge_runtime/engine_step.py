@@ -92,6 +92,16 @@ def forward_layers(
     return h
 
 
+@njit(cache=True)
+def _as_list(arrays):
+    # a numba typed List of a tuple's arrays. `typed.List([...])` from Python compiles its helpers in
+    # every process (they are not cached): ~0.3 s and ~15 MB of LLVM per element type at each start.
+    out = typed.List()
+    for a in arrays:
+        out.append(a)
+    return out
+
+
 def _starts(*sizes: int) -> tuple[np.ndarray, np.ndarray]:
     """Cumulative row counts for `_mv` and `_mm`, 4-row block counts for `_mm_prefill` (as
     linear.FusedLinear keeps them)."""
@@ -109,8 +119,8 @@ class CompiledLayers:
 
         ops = [[op for g, _ in b.qkv for op in g.ops] + list(b.o.ops) + [op for g, _ in b.gate_up for op in g.ops]
                + list(b.down.ops) for b in blocks]  # fmt: skip
-        self.lists = [typed.List([layer[j].w for layer in ops]) for j in range(7)]
-        self.lists += [typed.List([layer[j].scales for layer in ops]) for j in range(7)]
+        self.lists = [_as_list(tuple(layer[j].w for layer in ops)) for j in range(7)]
+        self.lists += [_as_list(tuple(layer[j].scales for layer in ops)) for j in range(7)]
         bk = np.array([[op.bk for op in layer] for layer in ops], np.int64)  # (L, 7)
         # one contiguous (L, m) array per group: row i is then typed exactly as FusedLinear.bks is, so the
         # kernels are the same specializations (and give the same bits) as from the Python loop
@@ -124,10 +134,10 @@ class CompiledLayers:
             *_starts(first[3].shape[0]),  # o
             *_starts(first[6].shape[0]),  # down
         )
-        self.in_norm = typed.List([vec(b.input_norm) for b in blocks])
-        self.post_norm = typed.List([vec(b.post_norm) for b in blocks])
-        self.q_norm = typed.List([vec(b.q_norm) for b in blocks])
-        self.k_norm = typed.List([vec(b.k_norm) for b in blocks])
+        self.in_norm = _as_list(tuple(vec(b.input_norm) for b in blocks))
+        self.post_norm = _as_list(tuple(vec(b.post_norm) for b in blocks))
+        self.q_norm = _as_list(tuple(vec(b.q_norm) for b in blocks))
+        self.k_norm = _as_list(tuple(vec(b.k_norm) for b in blocks))
         self.final_norm = vec(final_norm)
         self.spec = spec
 
