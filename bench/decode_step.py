@@ -1,12 +1,14 @@
 """Where a decode step goes: one step of the numba engine against the same step's GEMVs alone (every
 prepared linear of the model, the head included, in the engine's order, on a fixed input), interleaved.
 
-    python bench/decode_step.py [MODEL.onnx] [--threads 2] [--rounds 5] [--steps 16] [--batch B]
+    python bench/decode_step.py [MODEL.onnx] [--threads 2] [--rounds 5] [--steps 16] [--batch B | --prefill T]
 
 MODEL defaults to the bench's Hunyuan-0.5B default conversion (bench/out, made by `make bench`).
 The difference between the two is everything that is not a GEMV: attention, norms, RoPE, SwiGLU, the
 layer loop and Python. With --batch B, a step is `decode_batch` of B sequences (the serving engine's
-step) and the GEMVs take B rows each, as in that step.
+step) and the GEMVs take B rows each, as in that step. With --prefill T, a step is the prefill of a
+T-token prompt from an empty cache (the time to first token) against its GEMMs (T rows through every
+layer's linears, one through the head).
 """
 
 from __future__ import annotations
@@ -39,12 +41,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--batch", type=int, default=0, help="B sequences per step through decode_batch")
+    ap.add_argument("--prefill", type=int, default=0, help="a step is the prefill of T tokens")
     args = ap.parse_args()
-    if args.batch < 0 or args.threads < 1 or args.rounds < 1 or args.steps < 1:
-        raise SystemExit("decode_step: --threads, --rounds and --steps must be >= 1, --batch >= 0")
+    if min(args.batch, args.prefill) < 0 or min(args.threads, args.rounds, args.steps) < 1:
+        raise SystemExit("decode_step: --threads, --rounds and --steps must be >= 1, --batch and --prefill >= 0")
+    if args.batch and args.prefill:
+        raise SystemExit("decode_step: --batch or --prefill, not both")
     path = args.model or default_model()
     B = max(1, args.batch)
-    max_context = 128 + 2 * args.steps * (args.rounds + 1)
+    max_context = max(128 + 2 * args.steps * (args.rounds + 1), args.prefill)
     session = edge_runtime.load(path, threads=args.threads, max_context=max_context).session(slots=B)
     rng = np.random.default_rng(0)
     vocab = session.spec.vocab_size
@@ -54,13 +59,20 @@ def main() -> None:
 
     linears = [g for b in session._blocks for g, _ in (*b.qkv, (b.o, None), *b.gate_up, (b.down, None))]
     linears.append(session._head)
-    inputs = {f.k_dim: rng.standard_normal((B, f.k_dim)).astype(np.float32) for f in linears}
-    plan = [(f, inputs[f.k_dim], tuple(np.empty((B, op.w.shape[0]), np.float32) for op in f.ops)) for f in linears]
+    rows = [args.prefill or B] * (len(linears) - 1) + [B]  # a prefill runs the head on its last row only
+    pairs = list(zip(rows, linears, strict=True))
+    inputs = {(r, f.k_dim): rng.standard_normal((r, f.k_dim)).astype(np.float32) for r, f in pairs}
+    plan = [(f, inputs[r, f.k_dim], tuple(np.empty((r, op.w.shape[0]), np.float32) for op in f.ops)) for r, f in pairs]
     weight_bytes = sum(op.w.nbytes for f in linears for op in f.ops)
+    flops = sum(2 * r * op.w.size for r, f in pairs for op in f.ops)
+    prompt = rng.integers(0, vocab, max(1, args.prefill))
 
     def steps() -> None:
         for _ in range(args.steps):
-            if args.batch:
+            if args.prefill:
+                session.reset()
+                session.forward(prompt)
+            elif args.batch:
                 session.decode_batch(rng.integers(0, vocab, B), slots)
             else:
                 session.forward(rng.integers(0, vocab, 1))
@@ -71,19 +83,20 @@ def main() -> None:
                 f(x, outs, batched=args.batch > 1)
 
     steps(), gemvs()  # warm
-    times: dict[str, list[float]] = {"decode step": [], "its GEMVs alone": []}
+    step = f"prefill of {args.prefill}" if args.prefill else "decode step"
+    times: dict[str, list[float]] = {step: [], "its GEMVs alone": []}
     for _ in range(args.rounds):
-        for name, fn in (("decode step", steps), ("its GEMVs alone", gemvs)):
+        for name, fn in ((step, steps), ("its GEMVs alone", gemvs)):
             t = time.perf_counter()
             fn()
             times[name].append((time.perf_counter() - t) / args.steps)
-    what = f"decode_batch of {B}" if args.batch else "one token"
+    what = f"decode_batch of {B}" if args.batch else f"a {args.prefill}-token prompt" if args.prefill else "one token"
     print(f"{path.name}, {args.threads} threads, {what}, {weight_bytes / 1e6:.0f} MB of weights per step")
     for name, ts in times.items():
         med = statistics.median(ts)
+        rate = f"{flops / med / 1e9:6.1f} GFLOP/s" if args.prefill else f"{B / med:6.1f} tok/s"
         print(
-            f"{name:>16}: {med * 1e3:6.2f} ms (min {min(ts) * 1e3:.2f}), {weight_bytes / med / 1e9:5.1f} GB/s,"
-            f" {B / med:6.1f} tok/s"
+            f"{name:>16}: {med * 1e3:6.2f} ms (min {min(ts) * 1e3:.2f}), {weight_bytes / med / 1e9:5.1f} GB/s, {rate}"
         )
 
 
