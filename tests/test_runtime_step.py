@@ -3,6 +3,10 @@ of NumbaSession: every logit must be bit-identical, for prefill chunks, decode s
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from runtime_helpers import PROMPT_IDS, converted
@@ -39,3 +43,33 @@ def test_batched_step_bit_identical(model):
     for step in range(3):
         ids, slots = [5 + step, 9, 11], [2, 0, 1]
         np.testing.assert_array_equal(fast.decode_batch(ids, slots), slow.decode_batch(ids, slots))
+
+
+_COMPILED_AT_START = r"""
+import gc, json, sys
+import edge_runtime
+from numba.core.registry import CPUDispatcher
+
+session = edge_runtime.load(sys.argv[1]).session()
+assert session._compiled is not None
+# every kernel a session start needed and did not find in the JIT cache (uncached ones included)
+missed = [f"{d.py_func.__module__}.{d.py_func.__qualname__}" for d in gc.get_objects()
+          if isinstance(d, CPUDispatcher) and sum(d.stats.cache_misses.values())]
+print(json.dumps(sorted(missed)))
+"""
+
+
+def test_a_session_start_compiles_nothing_once_the_cache_is_warm(hunyuan_f32_dir):
+    """Starting a session on a warm JIT cache loads every kernel from it: nothing is compiled in the
+    process (numba's typed.List([...]) from Python used to compile its helpers at every start)."""
+    path = converted(hunyuan_f32_dir, "e4m3", lm_head_fp8=True)
+
+    def start() -> list[str]:
+        proc = subprocess.run(
+            [sys.executable, "-c", _COMPILED_AT_START, str(path)], capture_output=True, text=True, timeout=600
+        )
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    start()  # warms the cache for this model's shapes if this run has not yet
+    assert start() == []
