@@ -26,7 +26,7 @@ Kernels, parallel over output rows:
   and are not written), so a token's outputs are bit-identical for every T: the batched decode step
   is batch-invariant.
 - `_mm_prefill`: a prefill chunk, 4 rows x 4 tokens per block (weights reused from cache for every
-  token group, so the interleaved rows cost little).
+  token group, so the interleaved rows cost little; the next block's rows are prefetched meanwhile).
 Each takes a tuple of up to 3 weights sharing one input (q/k/v, gate/up) and runs them in one
 parallel region. Scales are (N, G): column k of row n uses scales[n, k // bk].
 """
@@ -223,6 +223,9 @@ def _mm_prefill(x, ws, scs, outs, bks, starts4):
     for blk in prange(starts4[-1]):
         m, b = _locate(blk, starts4)
         w, sc, out, bk = ws[m], scs[m], outs[m], bks[m]
+        block = 4 * w.shape[1] * w.itemsize
+        for i in range(4):  # the next block's rows, read while this one runs all token groups
+            prefetch_rows(w, b * 4 + i, block)
         for t in range(0, n_tok, 4):
             _rows4_tok4(x, w, sc, out, b * 4, t, bk)
 
