@@ -95,7 +95,7 @@ def forward_layers(
 @njit(cache=True)
 def _as_list(arrays):
     # a numba typed List of a tuple's arrays. `typed.List([...])` from Python compiles its helpers in
-    # every process (they are not cached): ~0.3 s and ~15 MB of LLVM per element type at each start.
+    # every process (they are not cached): ~0.3 s per element type and LLVM's optimizer at each start.
     out = typed.List()
     for a in arrays:
         out.append(a)
