@@ -59,7 +59,6 @@ def _row_tok1(x, w, sc, out, n, bk):
     # x f32 (K,), w (N, K), sc f32 (N, G), out f32 (N,): out[n]. One row at a time keeps the reads of a
     # thread one sequential stream, which the hardware prefetcher follows (4 interleaved 1 KB rows ran
     # at half the speed from memory)
-    prefetch_rows(w, n, AHEAD)  # the rows 8 KiB ahead, into L2: the hardware prefetcher stops at pages
     k_dim = w.shape[1]
     total = np.float32(0.0)
     for g in range(sc.shape[1]):
@@ -76,8 +75,6 @@ def _row_tok1(x, w, sc, out, n, bk):
 @njit(cache=True, fastmath=_FM, inline="always")
 def _row_tok4(x, w, sc, out, n, t, bk):
     # x f32 (T, K), out f32 (T, N): out[t..t+3, n]; tokens past T repeat row T-1 and are not written
-    if t == 0:
-        prefetch_rows(w, n, AHEAD)
     k_dim = w.shape[1]
     n_tok = x.shape[0]
     j1, j2, j3 = min(t + 1, n_tok - 1), min(t + 2, n_tok - 1), min(t + 3, n_tok - 1)
@@ -202,6 +199,7 @@ def _mv(x, ws, scs, outs, bks, starts):
     # x f32 (K,); ws: tuple of (N_m, K); scs: tuple of f32 (N_m, G_m); outs: tuple of f32 (N_m,)
     for blk in prange(starts[-1]):
         m, n = _locate(blk, starts)
+        prefetch_rows(ws[m], n, AHEAD)  # the rows 8 KiB ahead, into L2: hardware prefetchers stop at pages
         _row_tok1(x, ws[m], scs[m], outs[m], n, bks[m])
 
 
@@ -212,6 +210,7 @@ def _mm(x, ws, scs, outs, bks, starts):
     for blk in prange(starts[-1]):
         m, n = _locate(blk, starts)
         w, sc, out, bk = ws[m], scs[m], outs[m], bks[m]
+        prefetch_rows(w, n, AHEAD)
         for t in range(0, n_tok, 4):
             _row_tok4(x, w, sc, out, n, t, bk)
 
