@@ -151,10 +151,10 @@ class NumbaSession:
 
     def _one_token_kernels_match(self) -> bool:
         """Whether, on this CPU, the one-token kernels give a sequence's logits bit-identical to the
-        grouped kernels of a batched step. Both compute the same sums; whether the compiler vectorised
-        their reductions the same way is checked here, on this model, rather than assumed. When they
-        match, a batched step with one sequence takes the one-token kernels (4x less arithmetic) and
-        stays batch-invariant; otherwise every batched step takes the grouped kernels."""
+        grouped kernels of a batched step. The linears sum in one order by construction
+        (hy_edge_ops.dot); the whole step is checked here, on this model, rather than assumed. When
+        they match, a batched step with one sequence takes the one-token kernels (4x less arithmetic)
+        and stays batch-invariant; otherwise every batched step takes the grouped kernels."""
         ids = np.array([1, 2], np.int64) % self.spec.vocab_size
         self.forward(ids[:1], slot=0)
         grouped = self._step(ids[1:], np.array([0], np.int64), batched=True).copy()

@@ -20,7 +20,7 @@ ONE, GROUPED, PREFILL = 0, 1, 2  # kernel choice, as linear.FusedLinear.__call__
 @njit(cache=True, inline="always")
 def _lin1(mode, x, w, s, out, bk, st, st4):
     if mode == ONE:
-        linear._mv(x[0], (w,), (s,), (out[0],), bk, st)
+        linear._mv(x, (w,), (s,), (out,), bk, st)
     elif mode == GROUPED:
         linear._mm(x, (w,), (s,), (out,), bk, st)
     else:
@@ -30,7 +30,7 @@ def _lin1(mode, x, w, s, out, bk, st, st4):
 @njit(cache=True, inline="always")
 def _lin2(mode, x, w0, w1, s0, s1, o0, o1, bk, st, st4):
     if mode == ONE:
-        linear._mv(x[0], (w0, w1), (s0, s1), (o0[0], o1[0]), bk, st)
+        linear._mv(x, (w0, w1), (s0, s1), (o0, o1), bk, st)
     elif mode == GROUPED:
         linear._mm(x, (w0, w1), (s0, s1), (o0, o1), bk, st)
     else:
@@ -40,7 +40,7 @@ def _lin2(mode, x, w0, w1, s0, s1, o0, o1, bk, st, st4):
 @njit(cache=True, inline="always")
 def _lin3(mode, x, w0, w1, w2, s0, s1, s2, o0, o1, o2, bk, st, st4):
     if mode == ONE:
-        linear._mv(x[0], (w0, w1, w2), (s0, s1, s2), (o0[0], o1[0], o2[0]), bk, st)
+        linear._mv(x, (w0, w1, w2), (s0, s1, s2), (o0, o1, o2), bk, st)
     elif mode == GROUPED:
         linear._mm(x, (w0, w1, w2), (s0, s1, s2), (o0, o1, o2), bk, st)
     else:

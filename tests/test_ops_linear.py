@@ -1,3 +1,9 @@
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hy_edge_ops import reference as ref
@@ -98,23 +104,56 @@ def test_matmul_fp8(fmt, t):
     close(matmul_fp8(x, codes, scales, fmt, out, batched=True), want)
 
 
-@pytest.mark.parametrize("fmt", [E4M3, E5M2])
-def test_batched_rows_are_batch_invariant(fmt):
-    # a row's outputs in the batched kernel are bit-identical whatever the other rows are, for every
-    # batch size (the batched decode step relies on it)
-    n, k = 203, 160
-    codes, scales = quantized(n, k, 1, fmt)
-    x = RNG.standard_normal((9, k)).astype(np.float32)
+@pytest.mark.parametrize("storage", [E4M3, E5M2, "fp16", "fp32"])
+def test_batched_rows_are_batch_invariant(storage):
+    # a token's outputs in the batched kernel are bit-identical to the one-token kernel's, whatever the
+    # other tokens are, for every batch size (the batched decode step relies on it); odd row count,
+    # several scale groups, rows that are not a whole number of vectors
+    n, k, g = 203, 170, 3
+    if storage in (E4M3, E5M2):
+        codes, scales = quantized(n, k, g, storage)
+        op = prepare(codes, storage, scales)
+        want = ref.dequantize(codes, scales, storage)
+    else:
+        w = (RNG.standard_normal((n, k)) * 0.05).astype(np.float32)
+        want = w.astype(np.float16).astype(np.float32) if storage == "fp16" else w
+        op = prepare(w.astype(np.float16).view(np.uint16) if storage == "fp16" else w, storage)
+    (lin,) = fuse([op])
+    x = RNG.standard_normal((1, k)).astype(np.float32)
     alone = np.empty((1, n), np.float32)
-    matmul_fp8(x[2:3], codes, scales, fmt, alone, batched=True)
+    lin(x, (alone,))  # the one-token kernel
+    close(alone[0], ref.linear(x[0], want))
     for b in range(1, 10):
         others = RNG.standard_normal((b, k)).astype(np.float32)
         for i in range(b):
             batch = others.copy()
-            batch[i] = x[2]
+            batch[i] = x[0]
             out = np.empty((b, n), np.float32)
-            matmul_fp8(batch, codes, scales, fmt, out, batched=True)
+            lin(batch, (out,), batched=True)
             np.testing.assert_array_equal(out[i], alone[0])
+
+
+# AVX2 without AVX-512 (Haswell and most laptops): 16 vector registers, so the kernels use 16 lanes
+# and one row per batched block (hy_edge_ops.dot); compiled for it here, run on this CPU
+_HASWELL = (
+    "+64bit,+avx,+avx2,+fma,+f16c,+bmi,+bmi2,+cmov,+cx16,+lzcnt,+movbe,+popcnt,+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3"
+)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="compiles for an x86 CPU")
+def test_batched_rows_are_batch_invariant_without_avx512(tmp_path):
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES=_HASWELL, NUMBA_CACHE_DIR=str(tmp_path))
+    check = "from hy_edge_ops import dot; assert (dot.LANES, dot.BATCH_ROWS) == (16, 1), (dot.LANES, dot.BATCH_ROWS)"
+    subprocess.run([sys.executable, "-c", check], env=env, check=True)
+    test = f"{Path(__file__)}::test_batched_rows_are_batch_invariant"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", test],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "4 passed" in run.stdout
 
 
 def test_fused_groups_equal_separate_linears():
