@@ -16,8 +16,8 @@ writes them and the loader refuses files that contain them (`fp8.has_nan_codes`)
 Kernels, parallel over output rows:
 - `_mv`: one token (decode). One row at a time: each thread reads one sequential stream, which the
   hardware prefetcher follows (4 interleaved rows read half as fast from memory), helped across page
-  boundaries by a software prefetch 8 KiB ahead (hy_edge_ops.prefetch). Each weight is decoded once
-  and multiplied with x.
+  boundaries by a software prefetch 8 KiB ahead in the row being read (hy_edge_ops.dot). Each weight
+  is decoded once and multiplied with x.
 - `_mm`: T tokens in groups of 4 (batched decode, short chunks), BATCH_ROWS rows at a time. A block's
   weights are decoded once per group and used for 4 tokens, each x load shared by the block's rows.
   `_mv` and `_mm` sum through hy_edge_ops.dot, whose order is the same for every number of rows and
@@ -62,12 +62,12 @@ def _batch_block(x, w, sc, out, n, t, bk):
     rows = (n, min(n + 1, n_rows - 1)) if BATCH_ROWS == 2 else (n,)
     left = n_tok - t
     if left == 1:
-        _put(out, n, t, row_dots(w, sc, bk, rows, x, (t,)), len(rows), 1)
+        _put(out, n, t, row_dots(w, sc, bk, rows, x, (t,), AHEAD), len(rows), 1)
     elif left == 2:
-        _put(out, n, t, row_dots(w, sc, bk, rows, x, (t, t + 1)), len(rows), 2)
+        _put(out, n, t, row_dots(w, sc, bk, rows, x, (t, t + 1), AHEAD), len(rows), 2)
     else:
         toks = (t, t + 1, t + 2, min(t + 3, n_tok - 1))
-        _put(out, n, t, row_dots(w, sc, bk, rows, x, toks), len(rows), 4)
+        _put(out, n, t, row_dots(w, sc, bk, rows, x, toks, AHEAD), len(rows), 4)
 
 
 @njit(cache=True, inline="always")
@@ -187,8 +187,7 @@ def _mv(x, ws, scs, outs, bks, starts):
     # x f32 (1, K); ws: tuple of (N_m, K); scs: tuple of f32 (N_m, G_m); outs: tuple of f32 (1, N_m)
     for blk in prange(starts[-1]):
         m, n = _locate(blk, starts)
-        prefetch_rows(ws[m], n, AHEAD)  # the rows 8 KiB ahead, into L2: hardware prefetchers stop at pages
-        outs[m][0, n] = row_dots(ws[m], scs[m], bks[m], (n,), x, (0,))[0]
+        outs[m][0, n] = row_dots(ws[m], scs[m], bks[m], (n,), x, (0,), AHEAD)[0]
 
 
 @njit(cache=True, parallel=True)
@@ -202,8 +201,6 @@ def _mm(x, ws, scs, outs, bks, starts):
     for blk in prange(n_blocks):
         m, n = _locate_block(blk, starts)
         w, sc, out, bk = ws[m], scs[m], outs[m], bks[m]
-        for i in range(BATCH_ROWS):
-            prefetch_rows(w, n + i, AHEAD)
         for t in range(0, n_tok, 4):
             _batch_block(x, w, sc, out, n, t, bk)
 

@@ -1,15 +1,17 @@
 """A software prefetch for the linear kernels' weight streams.
 
 `prefetch_rows(w, n, n_bytes)` asks the CPU to bring the rows of `w` that start `n_bytes` past row n
-into its L2 cache (x86 `prefetcht1`, ARM `prfm pldl2keep`), one request per 64-byte line of one row.
-A hint only: it never faults, changes no result, and compiles to nothing where a CPU has no prefetch.
+into its L2 cache (x86 `prefetcht1`, ARM `prfm pldl2keep`), one request per 64-byte line of one row;
+`emit_prefetch_l2` is the same request for one line, for intrinsics that stream their rows
+(hy_edge_ops.dot prefetches AHEAD bytes on in the row it reads, line by line). A hint only: it never
+faults, changes no result, and compiles to nothing where a CPU has no prefetch.
 
-Why: a thread of `_mv` reads its rows as one sequential stream, but hardware prefetchers do not cross
-a 4 KiB page boundary and have to find the stream again on each page (a 1 KiB row of Hunyuan-0.5B is a
-quarter page). The decode's 169 GEMVs and the head, read from memory on 2 threads of a Zen 4 host:
-18.7 ms without, 15.6 ms with the rows 8 KiB ahead (4 or 16 KiB ahead: 16.4 ms; into L1 instead of
-L2, 4 KiB ahead: 19.1 ms); on 1 thread 41.7 against 28.9 ms. The prefill kernel prefetches its next
-4-row block the same way (a 128-token prefill: 626 -> 593 ms).
+Why: a thread of the one-token GEMV reads its rows as one sequential stream, but hardware prefetchers
+do not cross a 4 KiB page boundary and have to find the stream again on each page (a 1 KiB row of
+Hunyuan-0.5B is a quarter page). The decode's 169 GEMVs and the head, read from memory on 2 threads of
+a Zen 4 host: 18.7 ms without, 15.6 ms with the rows 8 KiB ahead (4 or 16 KiB ahead: 16.4 ms; into L1
+instead of L2, 4 KiB ahead: 19.1 ms); on 1 thread 41.7 against 28.9 ms. The prefill kernel prefetches
+its next 4-row block with `prefetch_rows` (a 128-token prefill: 626 -> 593 ms).
 """
 
 from __future__ import annotations
@@ -23,19 +25,24 @@ AHEAD = 8192  # bytes past the row being read
 _LINE = 64
 
 
+def emit_prefetch_l2(builder, ptr) -> None:
+    """llvm.prefetch(address, read, locality 2 = keep in L2 and out, data cache) of the byte at `ptr`,
+    for intrinsics that stream their own rows (hy_edge_ops.dot)."""
+    i8p = ir.IntType(8).as_pointer()
+    i32 = ir.IntType(32)
+    fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+    builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(2), i32(1)])
+
+
 @intrinsic
 def _prefetch_l2(typingctx, arr, offset):
-    # llvm.prefetch(address, read, locality 2 = keep in L2 and out, data cache) of arr's byte `offset`
+    # the prefetch of arr's byte `offset`
     sig = types.void(arr, types.intp)
 
     def codegen(context, builder, signature, args):
         ary = context.make_array(signature.args[0])(context, builder, args[0])
-        i8p = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        ptr = builder.gep(builder.bitcast(ary.data, i8p), [args[1]])
-        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
-        builder.call(fn, [ptr, i32(0), i32(2), i32(1)])
+        emit_prefetch_l2(builder, builder.gep(builder.bitcast(ary.data, ir.IntType(8).as_pointer()), [args[1]]))
         return context.get_dummy_value()
 
     return sig, codegen
