@@ -2,11 +2,12 @@
 >= 2.5x at 4 streams vs 1), on the full Hunyuan-0.5B shapes with deterministic random weights.
 
 For each stream count N, N requests with different prompts of the same length are submitted together to
-the engine of `hy-edge serve` (edge_runtime.serve_engine, in this process, no HTTP); every token's arrival
-time is recorded. The figure is the steady state: tokens that arrived while all N streams were decoding,
-divided by the length of that window (prefill and the ragged ends are left out). EOS is ignored so every
-stream runs its full length. `--url` measures a running `hy-edge serve` over HTTP instead (streamed
-completions, token arrivals as server-sent events; text prompts).
+the engine of `hy-edge serve` (edge_runtime.serve_engine, in this process, no HTTP; as in the server, the
+engine runs on the thread that loaded the model); every token's arrival time is recorded. The figure is
+the steady state: tokens that arrived while all N streams were decoding, divided by the length of that
+window (prefill and the ragged ends are left out). EOS is ignored so every stream runs its full length.
+`--url` measures a running `hy-edge serve` over HTTP instead (streamed completions, token arrivals as
+server-sent events; text prompts).
 
     python bench/serve_load.py                     # 24 layers, 1 2 4 8 streams, 128 tokens each
     python bench/serve_load.py --layers 2 --tokens 32 --streams 1 2 4   # a smoke run
@@ -44,10 +45,6 @@ def run_engine(model, streams: int, tokens: int, prompt_tokens: int, threads: in
     from edge_runtime.serve_engine import Engine, Request
 
     session = model.session(slots=streams, max_context=prompt_tokens + tokens + 1, threads=threads, kv_cache=kv_cache)
-    engine = Engine(session, None, max_queue=streams)
-    engine.eos_ids = frozenset()  # random weights: run every stream to its full length
-    engine.start()
-    engine.ready.wait()
     rng = np.random.default_rng(0)
     arrivals: list[list[float]] = [[] for _ in range(streams)]
     done = threading.Semaphore(0)
@@ -61,12 +58,21 @@ def run_engine(model, streams: int, tokens: int, prompt_tokens: int, threads: in
         return emit
 
     V = model.spec.vocab_size
-    for i in range(streams):
-        prompt = rng.integers(0, V, prompt_tokens).tolist()
-        engine.submit(Request(prompt, tokens, emit_to(i)))
-    for _ in range(streams):
-        done.acquire()
-    engine.stop()
+
+    def submit_all() -> None:  # on the engine's thread, once warm
+        for i in range(streams):
+            prompt = rng.integers(0, V, prompt_tokens).tolist()
+            engine.submit(Request(prompt, tokens, emit_to(i)))
+
+    def stop_when_done() -> None:
+        for _ in range(streams):
+            done.acquire()
+        engine.stop()
+
+    engine = Engine(session, None, max_queue=streams, on_ready=submit_all)
+    engine.eos_ids = frozenset()  # random weights: run every stream to its full length
+    threading.Thread(target=stop_when_done, daemon=True).start()
+    engine.run()  # on this thread, which loaded the model, as `hy-edge serve` does (Engine.run)
     tps, window, n = steady_tps(arrivals)
     return {"streams": streams, "decode_tps": tps, "window_s": window, "tokens_in_window": n}
 

@@ -1,6 +1,7 @@
 """`hy-edge serve` (an OpenAI-compatible server for one model) and `hy-edge service install|uninstall`
 (its systemd unit). A recipe: check the options, load the model, size the slots by the budget, bind,
-start the engine loop, serve until SIGTERM, drain, exit 0.
+serve HTTP from a second thread while the main thread runs the engine loop, until SIGTERM; drain,
+exit 0.
 
 FastAPI and uvicorn come with the `serve` extra and are imported only here (and in serve_http)."""
 
@@ -182,14 +183,23 @@ def serve_cmd(
         timeout_keep_alive=5,
     )
     server = _server(config, engine)
-    engine.start()
-    threading.Thread(target=_end_with_the_engine, args=(engine, server), daemon=True).start()
-    for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn re-raises the signal it handled: let it land here
-        signal.signal(sig, lambda *_: None)
-    server.run(sockets=[sock])
-    engine.stop()
+    failed: list[BaseException] = []
+    http = threading.Thread(target=_serve_http, args=(server, sock, engine, failed), name="hy-edge-http")
+    for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn listens to signals only on the main thread
+        signal.signal(sig, server.handle_exit)
+    http.start()
+    try:
+        engine.run()  # on the thread that loaded the model (Engine.run says why)
+    except Exception:  # kept in engine.error, reported below
+        pass
+    finally:
+        server.should_exit = True  # the engine died: close the listener and the streams
+        http.join()
     if engine.error is not None:
         click.echo(f"hy-edge: error: the engine loop failed: {engine.error!r}", err=True)
+        sys.exit(1)
+    if failed:
+        click.echo(f"hy-edge: error: the HTTP server failed: {failed[0]!r}", err=True)
         sys.exit(1)
     click.echo("hy-edge: stopped", err=True)
 
@@ -211,11 +221,14 @@ def _server(config, engine):
     return Server(config)
 
 
-def _end_with_the_engine(engine, server) -> None:
-    """If the engine loop dies, the server ends with exit code 1 (systemd restarts it)."""
-    engine.join()
-    if engine.error is not None:
-        server.should_exit = True
+def _serve_http(server, sock, engine, failed: list) -> None:
+    """uvicorn on its own thread; when it ends (signal, engine death, error) the engine loop stops."""
+    try:
+        server.run(sockets=[sock])
+    except BaseException as e:
+        failed.append(e)
+    finally:
+        engine.stop()
 
 
 # -- hy-edge service install | uninstall -------------------------------------------------------------------

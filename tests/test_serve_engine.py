@@ -156,3 +156,29 @@ def test_requests_that_cannot_run_are_refused(model, make_engine):
     engine.stop()
     with pytest.raises(NotAccepting):
         engine.submit(Request([1, 2], 4, lambda ev: None))
+
+
+def test_run_serves_on_the_calling_thread_until_stopped(model):
+    # `hy-edge serve` runs the loop on the thread that loaded the model (Engine.run): the kernels and
+    # the emitted events happen there; `stop` from another thread ends it and fails what is queued
+    threads: set[int] = set()
+    answered = Collector(model.encode_prompt("Hello there"), 6)
+    late = Collector(model.encode_prompt("x"), 6)
+    engine = Engine(model.session(slots=1, max_context=128), model.tokenizer, max_queue=1)
+
+    def emit(event) -> None:
+        threads.add(threading.get_ident())
+        answered.events.put(event)
+        if getattr(event, "finish_reason", None):
+            engine.submit(late.request)  # queued behind nothing, but the engine stops first
+            engine.stop()
+
+    engine.on_ready = lambda: engine.submit(Request(answered.request.prompt_ids, 6, emit))
+    engine.run()
+    tokens, reason, _ = answered.result()
+    assert reason == "length" and len(tokens) == 6
+    assert threads == {threading.get_ident()}
+    _, reason, failed = late.result()
+    assert reason == "failed" and failed.status == 503
+    with pytest.raises(NotAccepting):
+        engine.submit(Collector([1], 1).request)
