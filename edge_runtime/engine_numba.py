@@ -131,7 +131,7 @@ class NumbaSession:
         self._single_step_is_grouped = False  # set by _warm_up: see _one_token_kernels_match
         # the layer loop as one compiled call where the model allows it (engine_step.py)
         self._compiled = (
-            CompiledLayers(spec, self._blocks, weights.norm)
+            CompiledLayers(spec, self._blocks, weights.norm, self.buf)
             if compiled and CompiledLayers.applies(spec, self._blocks, activations)
             else None
         )
@@ -335,7 +335,7 @@ class NumbaSession:
         spec, b, T = self.spec, self.buf, ids.shape[0]
         if self._compiled is not None:
             mode = ONE if T == 1 and not batched else GROUPED if batched or T < linear.PREFILL_MIN else PREFILL
-            return self._compiled(mode, ids, b.row_slots[:T], b.positions[:T], self.weights.embed.w, b, T)
+            return self._compiled(mode, ids, self.weights.embed.w, T)
         eps = spec.rms_norm_eps
         x, h = b.x[:T], b.h[:T]
         self._embed(ids, x)

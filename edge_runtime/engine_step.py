@@ -111,9 +111,10 @@ def _starts(*sizes: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class CompiledLayers:
-    """The per-session arguments of `forward_layers`, built once from the prepared blocks."""
+    """The per-session arguments of `forward_layers`, built once from the prepared blocks and the
+    session's buffers."""
 
-    def __init__(self, spec, blocks: list, final_norm: np.ndarray):
+    def __init__(self, spec, blocks: list, final_norm: np.ndarray, buf):
         def vec(a):
             return np.array(a, np.float32, copy=True)  # one array type for every list (writable, C)
 
@@ -140,6 +141,8 @@ class CompiledLayers:
         self.k_norm = _as_list(tuple(vec(b.k_norm) for b in blocks))
         self.final_norm = vec(final_norm)
         self.spec = spec
+        self.buf = buf
+        self._rows: dict[int, tuple] = {}  # T -> the buffers' first T rows (views made once, not per token)
 
     @staticmethod
     def applies(spec, blocks: list, activations: str) -> bool:
@@ -157,11 +160,20 @@ class CompiledLayers:
         writable = {op.w.flags.writeable for b in blocks for g, _ in (*b.qkv, *b.gate_up) for op in g.ops}
         return all(k == kinds[0] for k in kinds) and len(writable) == 1
 
-    def __call__(self, mode: int, ids, rows, pos, embed, buf, n_tok: int) -> np.ndarray:
-        spec, b, T = self.spec, buf, n_tok
+    def __call__(self, mode: int, ids, embed, n_tok: int) -> np.ndarray:
+        spec, T = self.spec, n_tok
+        views = self._rows.get(T)
+        if views is None:
+            b = self.buf
+            views = self._rows[T] = (
+                b.row_slots[:T], b.positions[:T], b.x[:T], b.h[:T], b.y[:T], b.q[:T], b.k[:T], b.v[:T],
+                b.gate[:T], b.up[:T], b.act[:T],
+            )  # fmt: skip
+        rows, pos, x, h, y, q, k, v, gate, up, act = views
+        b = self.buf
         return forward_layers(
-            mode, ids, rows, pos, embed, b.x[:T], b.h[:T], b.y[:T], b.q[:T], b.k[:T], b.v[:T],
-            b.gate[:T], b.up[:T], b.act[:T], b.k_cache, b.v_cache, b.scores, b.values_t, b.cos, b.sin,
+            mode, ids, rows, pos, embed, x, h, y, q, k, v, gate, up, act,
+            b.k_cache, b.v_cache, b.scores, b.values_t, b.cos, b.sin,
             self.in_norm, self.post_norm, self.final_norm, self.q_norm, self.k_norm,
             *self.lists, *self.bk, *self.starts, spec.num_attention_heads, spec.num_key_value_heads,
             float(spec.rms_norm_eps), np.float32(spec.head_dim**-0.5), 1 if spec.hidden_act == "relu6" else 0,
