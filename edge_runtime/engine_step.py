@@ -161,16 +161,14 @@ class CompiledLayers:
         return all(k == kinds[0] for k in kinds) and len(writable) == 1
 
     def __call__(self, mode: int, ids, embed, n_tok: int) -> np.ndarray:
-        spec, T = self.spec, n_tok
+        spec, b, T = self.spec, self.buf, n_tok
         views = self._rows.get(T)
         if views is None:
-            b = self.buf
             views = self._rows[T] = (
                 b.row_slots[:T], b.positions[:T], b.x[:T], b.h[:T], b.y[:T], b.q[:T], b.k[:T], b.v[:T],
                 b.gate[:T], b.up[:T], b.act[:T],
             )  # fmt: skip
         rows, pos, x, h, y, q, k, v, gate, up, act = views
-        b = self.buf
         return forward_layers(
             mode, ids, rows, pos, embed, x, h, y, q, k, v, gate, up, act,
             b.k_cache, b.v_cache, b.scores, b.values_t, b.cos, b.sin,

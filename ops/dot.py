@@ -39,7 +39,7 @@ from numba.core import cgutils, config
 from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
-from .half import FP8_FOLD
+from .half import FP8_BITS, FP8_FOLD
 from .prefetch import emit_prefetch_l2
 
 
@@ -61,10 +61,7 @@ _F32 = ir.FloatType()
 _I32 = ir.IntType(32)
 # E4M3 viewed as int8, E5M2 as uint8 (sign-extended through int8): shift, then keep sign, exponent and
 # mantissa (hy_edge_ops.half.as_f32); the fold puts the power of two back on each group's sum
-_FP8 = {
-    types.int8: (20, 0x87F00000 - (1 << 32), FP8_FOLD["e4m3"]),
-    types.uint8: (21, 0x8FE00000 - (1 << 32), FP8_FOLD["e5m2"]),
-}
+_FP8 = {types.int8: (*FP8_BITS["e4m3"], FP8_FOLD["e4m3"]), types.uint8: (*FP8_BITS["e5m2"], FP8_FOLD["e5m2"])}
 _STORED = (types.int8, types.uint8, types.uint16, types.float32)
 
 
@@ -127,14 +124,14 @@ def row_dots(typingctx, w, sc, bk, rows, x, toks, ahead):
         sa = context.make_array(scty)(context, builder, args[1])
         xa = context.make_array(xty)(context, builder, args[4])
         bk_, intp = args[2], args[2].type
-        item = context.get_abi_sizeof(context.get_data_type(wty.dtype))
+        stored = context.get_data_type(wty.dtype)
+        item = context.get_abi_sizeof(stored)
         ahead_elems = builder.sdiv(args[6], intp(item))
         every = max(1, _LINE // (LANES * item))  # vector steps per 64-byte line
         row_ix = cgutils.unpack_tuple(builder, args[3], n_r)
         tok_ix = cgutils.unpack_tuple(builder, args[5], n_t)
         k_dim = builder.extract_value(wa.shape, 1)
         n_groups = builder.extract_value(sa.shape, 1)
-        stored = context.get_data_type(wty.dtype)
         vw, vf = ir.VectorType(stored, LANES), ir.VectorType(_F32, LANES)
         zero_f, zero_w = ir.Constant(vf, None), ir.Constant(vw, None)
         fold = _F32(_FP8[wty.dtype][2] if wty.dtype in _FP8 else 1.0)

@@ -65,8 +65,11 @@ def as_f32(c):
 # core (bench/bench_ops.py). The power of two comes back in two halves: FP8_FOLD on each dot product's sum
 # before its scale (`acc_scale`), FP8_FOLD folded into the scales, so no scale overflows.
 FP8_FOLD = {"e4m3": 2.0**60, "e5m2": 2.0**56}  # 2**120 = 2**60 * 2**60, 2**112 = 2**56 * 2**56
-_E4M3_MASK = np.int32(0x87F00000 - (1 << 32))  # sign, then 4 exponent and 3 mantissa bits
-_E5M2_MASK = np.int32(0x8FE00000 - (1 << 32))  # sign, then 5 exponent and 2 mantissa bits
+# (shift, mask) of the sign-extended code: sign, then 4 exponent and 3 mantissa bits (E4M3) or 5 and 2
+# (E5M2); hy_edge_ops.dot emits the same two ops on whole vectors
+FP8_BITS = {"e4m3": (20, 0x87F00000 - (1 << 32)), "e5m2": (21, 0x8FE00000 - (1 << 32))}
+_E4M3_SHIFT, _E4M3_MASK = FP8_BITS["e4m3"][0], np.int32(FP8_BITS["e4m3"][1])
+_E5M2_SHIFT, _E5M2_MASK = FP8_BITS["e5m2"][0], np.int32(FP8_BITS["e5m2"][1])
 
 
 @overload(as_f32, inline="always")
@@ -74,13 +77,13 @@ def _as_f32_impl(c):
     if c == types.int8:  # E4M3 viewed as int8
 
         def e4m3(c):
-            return _bits_to_f32((np.int32(c) << 20) & _E4M3_MASK)
+            return _bits_to_f32((np.int32(c) << _E4M3_SHIFT) & _E4M3_MASK)
 
         return e4m3
     if c == types.uint8:  # E5M2
 
         def e5m2(c):
-            return _bits_to_f32((np.int32(np.int8(c)) << 21) & _E5M2_MASK)
+            return _bits_to_f32((np.int32(np.int8(c)) << _E5M2_SHIFT) & _E5M2_MASK)
 
         return e5m2
     if c == types.uint16:

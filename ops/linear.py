@@ -161,23 +161,15 @@ def _put4(out, t, n, n_rows, a, b, c, d):
 
 
 @njit(cache=True, inline="always")
-def _locate(blk, starts):
-    # which matrix of the tuple owns global row `blk`, and its row there; starts: cumulative rows
-    m = 0
-    while blk >= starts[m + 1]:
-        m += 1
-    return m, blk - starts[m]
-
-
-@njit(cache=True, inline="always")
-def _locate_block(blk, starts):
-    # the matrix owning block `blk` of BATCH_ROWS rows, and the block's first row there
+def _locate(blk, starts, size):
+    # which matrix of the tuple owns block `blk` of `size` units, and the block's first unit there;
+    # starts: cumulative units (rows, or 4-row blocks for the prefill kernel)
     m = 0
     first = 0
     while True:
-        n_blocks = (starts[m + 1] - starts[m] + BATCH_ROWS - 1) // BATCH_ROWS
+        n_blocks = (starts[m + 1] - starts[m] + size - 1) // size
         if blk < first + n_blocks:
-            return m, (blk - first) * BATCH_ROWS
+            return m, (blk - first) * size
         first += n_blocks
         m += 1
 
@@ -186,7 +178,7 @@ def _locate_block(blk, starts):
 def _mv(x, ws, scs, outs, bks, starts):
     # x f32 (1, K); ws: tuple of (N_m, K); scs: tuple of f32 (N_m, G_m); outs: tuple of f32 (1, N_m)
     for blk in prange(starts[-1]):
-        m, n = _locate(blk, starts)
+        m, n = _locate(blk, starts, 1)
         outs[m][0, n] = row_dots(ws[m], scs[m], bks[m], (n,), x, (0,), AHEAD)[0]
 
 
@@ -199,7 +191,7 @@ def _mm(x, ws, scs, outs, bks, starts):
     for m in range(len(starts) - 1):
         n_blocks += (starts[m + 1] - starts[m] + BATCH_ROWS - 1) // BATCH_ROWS
     for blk in prange(n_blocks):
-        m, n = _locate_block(blk, starts)
+        m, n = _locate(blk, starts, BATCH_ROWS)
         w, sc, out, bk = ws[m], scs[m], outs[m], bks[m]
         for t in range(0, n_tok, 4):
             _batch_block(x, w, sc, out, n, t, bk)
@@ -210,7 +202,7 @@ def _mm_prefill(x, ws, scs, outs, bks, starts4):
     # x f32 (T, K) of one sequence; starts4: cumulative 4-row block counts. Blocks of 4 rows x 4 tokens
     n_tok = x.shape[0]
     for blk in prange(starts4[-1]):
-        m, b = _locate(blk, starts4)
+        m, b = _locate(blk, starts4, 1)
         w, sc, out, bk = ws[m], scs[m], outs[m], bks[m]
         block = 4 * w.shape[1] * w.itemsize
         for i in range(4):  # the next block's rows, read while this one runs all token groups
