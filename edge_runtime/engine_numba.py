@@ -27,7 +27,7 @@ from hy_edge_ops import activation, attention, conv, fp8, linear, norm
 from .buffers import KV_CACHE_TYPES, allocate_buffers, memory_plan
 from .engine_step import GROUPED, ONE, PREFILL, CompiledLayers
 from .errors import BudgetError, HyEdgeError, ModelFileError
-from .memory import DEFAULT_BUDGET, plan_context
+from .memory import DEFAULT_BUDGET, plan_context, release_compiler_pages
 from .spec import ModelSpec
 from .weights import Linear, Weights
 
@@ -148,6 +148,7 @@ class NumbaSession:
         self.reset()
         if self.max_context >= 2:
             self._single_step_is_grouped = self._one_token_kernels_match()
+        release_compiler_pages()  # every kernel a generation uses is loaded: LLVM's pages can go
 
     def _one_token_kernels_match(self) -> bool:
         """Whether, on this CPU, the one-token kernels give a sequence's logits bit-identical to the

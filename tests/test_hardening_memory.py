@@ -118,3 +118,52 @@ def test_a_session_without_max_memory_uses_the_default_budget(model_file, monkey
     monkeypatch.setattr(memory, "DEFAULT_BUDGET", model.session(max_context=16).plan.total(100))
     with pytest.warns(UserWarning, match="allows a context of 100 tokens"):
         assert model.session().max_context == 100
+
+
+_LLVM_RESIDENT_KB = """
+def llvm_kb():
+    kb, mine = 0, False
+    for line in open('/proc/self/smaps'):
+        f = line.split()
+        if not f[0].endswith(':'):
+            mine = len(f) >= 6 and 'libllvmlite' in f[5]
+        elif f[0] == 'Rss:' and mine:
+            kb += int(f[1])
+    return kb
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_a_session_unmaps_the_compiler_once_its_kernels_are_loaded(model_file):
+    code = (
+        _LLVM_RESIDENT_KB
+        + """
+import json, sys
+import numba, numpy as np
+import edge_runtime
+s = edge_runtime.load(sys.argv[1]).session(max_context=64)
+loaded = llvm_kb()  # after the warm-up, which loaded every kernel through LLVM
+first = s.forward(np.arange(1, 9))
+for t in range(4):
+    s.forward(np.array([t + 1]))
+decoded = llvm_kb()
+s.reset()
+again = s.forward(np.arange(1, 9))
+double = numba.njit(lambda a: (a * 2.0).sum())  # a kernel compiled after the release
+print(json.dumps([loaded, decoded, bool(np.array_equal(first, again)), float(double(np.arange(10.0))), llvm_kb()]))
+"""
+    )
+    before = subprocess.run(
+        [sys.executable, "-c", _LLVM_RESIDENT_KB + "import numba\nnumba.njit(lambda a: a + 1)(1)\nprint(llvm_kb())"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(model_file)], capture_output=True, text=True, timeout=300)
+    assert before.returncode == 0 and r.returncode == 0, before.stderr + r.stderr
+    compiling = int(before.stdout)  # LLVM's resident pages in a process that compiled one function
+    loaded, decoded, same, doubled, after_compile = json.loads(r.stdout)
+    assert compiling > 20_000  # kB: tens of MB of compiler code and tables
+    assert loaded < compiling / 20 and decoded < compiling / 20  # released, and decoding does not bring it back
+    assert same and doubled == 90.0  # the model and the compiler still work
+    assert after_compile > loaded  # compiling maps the pages back in
