@@ -20,6 +20,7 @@ class Buffers:
     """Everything the forward pass writes. R = rows per pass = max(prefill chunk, slots), B = slots,
     S = context per slot, F = intermediate size, La / Lc = attention / dwconv layers, k = conv kernel."""
 
+    rows: np.ndarray  # (R * C,) f32: the embedding rows of a forward as stored (fp16 bits: the first half)
     x: np.ndarray  # (R, C) residual stream
     h: np.ndarray  # (R, C) normed input of a block
     y: np.ndarray  # (R, C) block output (o_proj / out_proj / down_proj)
@@ -55,6 +56,7 @@ def buffer_shapes(
     f32, kv = np.float32, KV_CACHE_TYPES[kv_cache]
     kmax = max(C, F, H * D)
     return dict(
+        rows=((R * C,), f32),
         x=((R, C), f32),
         h=((R, C), f32),
         y=((R, C), f32),

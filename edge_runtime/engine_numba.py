@@ -121,6 +121,8 @@ class NumbaSession:
         self.max_context = plan_context(self.plan, max_memory, max_context, spec.max_position_embeddings)
         self.buf = allocate_buffers(spec, prefill_chunk, self.max_context, act_quant, slots, kv_cache)
         self.positions = np.zeros(slots, np.int64)  # positions cached per slot
+        table = weights.embed.w  # (V, C) fp16 bits or fp32; a forward's token rows are read into b.rows
+        self._rows = self.buf.rows.view(table.dtype)[: self.buf.x.size].reshape(self.buf.x.shape)
         # per-layer index into k_cache / conv_state
         self._slot = {i: n for n, i in enumerate(spec.attention_layers)}
         self._slot.update({i: n for n, i in enumerate(spec.conv_layers)})
@@ -334,12 +336,13 @@ class NumbaSession:
         """The model on T rows (b.row_slots / b.positions say whose and where); returns the final-normed
         hidden states h (T, C), a view into the buffers."""
         spec, b, T = self.spec, self.buf, ids.shape[0]
+        rows = self.weights.embed_rows.read(ids, self._rows)  # token t's embedding is rows[t]
         if self._compiled is not None:
             mode = ONE if T == 1 and not batched else GROUPED if batched or T < linear.PREFILL_MIN else PREFILL
-            return self._compiled(mode, ids, self.weights.embed.w, T)
+            return self._compiled(mode, b.ramp[:T], rows, T)
         eps = spec.rms_norm_eps
         x, h = b.x[:T], b.h[:T]
-        self._embed(ids, x)
+        linear._gather(rows, b.ramp[:T], x)  # widen to f32 (weights.py allows fp16 or fp32 only)
         norm._add_rms_norm(x, b.y[:0], self._blocks[0].input_norm, eps, h)
         for i, blk in enumerate(self._blocks):
             y = self._attention(i, blk, h, batched) if blk.kind == "attention" else self._dwconv(i, blk, h, batched)
@@ -406,8 +409,6 @@ class NumbaSession:
             g(xin, tuple(outs[j] for j in idx), batched)
 
     # -- weights -----------------------------------------------------------------------------------
-    def _embed(self, ids: np.ndarray, out: np.ndarray) -> None:
-        linear._gather(self.weights.embed.w, ids, out)  # fp16 or fp32 (weights.py refuses anything else)
 
     def _fake_quant(self, x: np.ndarray, lin: Linear) -> np.ndarray:
         """x → decode(encode(x / s)) · s before an FP8 linear, as the converter's graph does:

@@ -167,3 +167,43 @@ print(json.dumps([loaded, decoded, bool(np.array_equal(first, again)), float(dou
     assert loaded < compiling / 20 and decoded < compiling / 20  # released, and decoding does not bring it back
     assert same and doubled == 90.0  # the model and the compiler still work
     assert after_compile > loaded  # compiling maps the pages back in
+
+
+def _mapped_kb(path) -> int:
+    kb, mine = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if not fields[0].endswith(":"):
+                mine = len(fields) >= 6 and fields[5] == str(path)
+            elif fields[0] == "Rss:" and mine:
+                kb += int(fields[1])
+    return kb
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_embedding_rows_are_read_from_the_file_not_through_the_map(tmp_path):
+    import numpy as np
+
+    from edge_runtime.errors import ModelFileError
+    from edge_runtime.weights import RowReader
+
+    rng = np.random.default_rng(0)
+    table = rng.integers(0, 1 << 16, (4096, 1024), dtype=np.uint16)  # 8 MB of fp16 rows after a 64 KiB header
+    path = tmp_path / "model.onnx.data"
+    path.write_bytes(b"\0" * 65536 + table.tobytes())
+    mapped = np.memmap(path, dtype=np.uint8, mode="r")[65536:].view(np.ndarray).view(np.uint16).reshape(table.shape)
+    reader = RowReader(mapped, (path, 65536))
+    ids = rng.integers(0, 4096, 300)
+    out = np.empty((512, 1024), np.uint16)
+    rows = reader.read(ids, out)
+    assert rows.shape == (300, 1024) and np.array_equal(rows, table[ids])
+    assert _mapped_kb(path) == 0  # through the map, each row brought in up to 64 KiB around it
+    np.asarray(mapped[ids[:50]]).sum()
+    assert _mapped_kb(path) > 50 * 4  # (the measure sees a gather through the map)
+    in_memory = RowReader(table).read(ids[:7], out)
+    assert np.array_equal(in_memory, table[ids[:7]])
+    with open(path, "r+b") as f:
+        f.truncate(65536 + 100 * 2048)
+    with pytest.raises(ModelFileError, match="embedding row"):
+        reader.read(np.array([3000]), out)
