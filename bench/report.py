@@ -18,6 +18,11 @@ SEED_TTFT_CLAIM_S = 1.2
 ZEN4_FLOP_PER_CYCLE = 32  # fp32 FMA: two 256-bit pipes (AVX-512 is double-pumped on Zen 4)
 
 
+def side_case(case: str) -> bool:
+    """Cases outside the main table: decode beside a busy process, peak RSS with the context filled."""
+    return case.endswith("+ busy") or case.endswith(" filled")
+
+
 def summarize(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
@@ -118,7 +123,7 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for case, f in figs.items():
-        if case.endswith("+ busy"):
+        if side_case(case):
             continue
         b = result["bytes_per_token"].get(case)
         gbs = f"{f['decode']['median'] * b / 1e9:.2f} ({100 * f['decode']['median'] * b / 1e9 / bw['numba_gbs']:.0f}%)"
@@ -142,6 +147,7 @@ def markdown(result: dict) -> str:
             mine = figs[c]["decode"]
             slow = f"{alone['median'] / mine['median']:.2f}×" if alone else "-"
             lines.append(f"| {c[: -len(' + busy')]} | {_fmt(alone, 1)} | {_fmt(mine, 1)} | {slow} |")
+    lines += _filled_markdown(figs, meta)
     if result["ratios"]:
         lines += ["", "**hy-edge ÷ llama.cpp Q8_0** (medians; decode > 1 is faster, TTFT and RSS < 1 are better):", ""]
         lines += ["| hy-edge | decode | TTFT 128 | TTFT 512 | peak RSS |", "|---|---|---|---|---|"]
@@ -172,6 +178,37 @@ def markdown(result: dict) -> str:
     if result.get("notes"):
         lines += ["", *(f"- {n}" for n in result["notes"])]
     return "\n".join(lines) + "\n"
+
+
+def _filled_markdown(figs: dict, meta: dict) -> list[str]:
+    """Peak RSS after the whole context is cached (prefill of context - 1 tokens, then a step), beside
+    the bench workload's (which caches at most 512 positions of its 1,024)."""
+    contexts = meta.get("filled_contexts", ())
+    names = list(dict.fromkeys(c.rsplit(" @ ", 1)[0] for c in figs if c.endswith(" filled")))
+    if not names:
+        return []
+    ref = "llama.cpp Q8_0"
+    head = " | ".join(f"{n:,} filled: RSS MB (÷ {ref}) · prefill s" for n in contexts)
+    lines = [
+        "",
+        "**Peak RSS with the context filled** (a fresh process allocates the context, prefills context − 1 tokens "
+        "and decodes one; its peak RSS, and the time that took):",
+        "",
+        f"| runtime | bench workload, 1,024 context: RSS MB | {head} |",
+        "|---|---|" + "---|" * len(contexts),
+    ]
+    for name in names:
+        cells = [_fmt(figs.get(name, {}).get("peak_rss_mb"), 0)]
+        for n in contexts:
+            mine = figs.get(f"{name} @ {n} filled", {})
+            theirs = figs.get(f"{ref} @ {n} filled", {}).get("peak_rss_mb")
+            if "peak_rss_mb" not in mine:
+                cells.append("-")
+                continue
+            ratio = f" ({mine['peak_rss_mb']['median'] / theirs['median']:.2f}×)" if theirs else ""
+            cells.append(f"{_fmt(mine['peak_rss_mb'], 0)}{ratio} · {_fmt(mine.get('fill'), 1)}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _pi_markdown(pi: dict | None) -> list[str]:
@@ -220,7 +257,7 @@ def chart(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figs = {c: f for c, f in result["figures"].items() if not c.endswith("+ busy")}
+    figs = {c: f for c, f in result["figures"].items() if not side_case(c)}
     cases = list(figs)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 0.6 * len(cases) + 2), sharey=True)
     y = range(len(cases))

@@ -3,8 +3,8 @@
 
 Figures per runtime: decode tok/s, TTFT at 32/128/512 prompt tokens, peak RSS, cold start, weight bytes
 per token and the GB/s decode reaches against the machine's read bandwidth measured in the same run;
-decode under one competing busy process; the ratios hy-edge / llama.cpp Q8_0; a Raspberry Pi 5
-projection. Writes bench/results/latest.{json,md,png}.
+decode under one competing busy process; peak RSS with the whole context cached (1,024 and 2,048
+tokens); the ratios hy-edge / llama.cpp Q8_0; a Raspberry Pi 5 projection. Writes bench/results/latest.{json,md,png}.
 
     python bench/run.py [--rounds 3] [--threads 2] [--quick] [--layers 24] [--out bench/results/latest]
     python bench/run.py --quick     # one round: decode + TTFT 128, hy-edge numba vs llama.cpp Q8_0
@@ -41,6 +41,9 @@ VARIANTS = [
 ]
 CONTENTION_TOKENS = 32  # decode tokens under contention (a step may take ~0.5 s there)
 CONTENTION_CASES = ("hy-edge numba default", "llama.cpp Q8_0")
+# peak RSS with every position of the context cached, at these context lengths (llama.cpp's n_ctx)
+FILLED_CONTEXTS = (1024, 2048)
+FILLED_CASES = ("hy-edge numba default", "hy-edge numba default, FP16 KV", "llama.cpp Q8_0")
 
 
 @dataclass
@@ -55,6 +58,7 @@ class Case:
     contention: bool = False
     env: dict = field(default_factory=dict)
     threads: int | None = None  # None: --threads; 0: the runtime's own default
+    context: int = 1024  # KV cache length the runtime allocates
 
 
 def build_cases(args, ckpt: Path, notes: list[str]) -> list[Case]:
@@ -89,6 +93,10 @@ def build_cases(args, ckpt: Path, notes: list[str]) -> list[Case]:
             if c.name == CONTENTION_CASES[0]:  # hy-edge's default thread count gives way to busy processes
                 name = c.name + ", default threads + busy"
                 cases.append(Case(name, c.runtime, c.path, c.bytes_per_token, ("decode",), True, threads=0))
+            if c.name in FILLED_CASES:
+                for n in FILLED_CONTEXTS:
+                    name = f"{c.name} @ {n} filled"
+                    cases.append(Case(name, c.runtime, c.path, c.bytes_per_token, ("fill",), env=c.env, context=n))
     return cases
 
 
@@ -127,7 +135,7 @@ def run_child(case: Case, args, rnd: int) -> dict:
     threads = args.threads if case.threads is None else case.threads
     cmd = [sys.executable, str(HERE / "runners.py"), case.runtime, str(case.path), "--threads", str(threads)]
     tokens = CONTENTION_TOKENS if case.contention else args.decode_tokens
-    cmd += ["--figures", ",".join(case.figures), "--decode-tokens", str(tokens)]
+    cmd += ["--figures", ",".join(case.figures), "--decode-tokens", str(tokens), "--context", str(case.context)]
     env = {**os.environ, **case.env, "OMP_NUM_THREADS": str(args.threads)}
     busy = None
     if case.contention:  # one competing busy process for the whole run
@@ -295,7 +303,7 @@ def main() -> None:
     agg = report.aggregate(runs)
     bandwidth = statistics.median(bw_runs)
     machine = machine_info()
-    hy_cases = [c.name for c in cases if c.name.startswith("hy-edge") and not c.contention]
+    hy_cases = [c.name for c in cases if c.name.startswith("hy-edge") and not c.contention and "fill" not in c.figures]
     result = {
         "meta": {
             "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
@@ -308,6 +316,7 @@ def main() -> None:
             "decode_prompt": 16,
             "contention_tokens": CONTENTION_TOKENS,
             "context": 1024,
+            "filled_contexts": FILLED_CONTEXTS,
             "quick": args.quick,
             "variants": VARIANTS,
             "machine": machine,

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 RUNTIMES = ("numba", "onnxruntime", "llama.cpp", "torch")
-FIGURES = ("ttft32", "ttft128", "ttft512", "decode")
-CONTEXT = 1024  # KV cache length every runtime allocates (llama.cpp n_ctx)
+FIGURES = ("ttft32", "ttft128", "ttft512", "decode", "fill")  # fill: prefill the whole context, then a step
+CONTEXT = 1024  # KV cache length every runtime allocates (llama.cpp n_ctx) unless --context says otherwise
 DECODE_PROMPT = 16  # tokens before the timed decode
 TOKEN_RANGE = (3, 49152)  # ids every runtime's vocabulary holds as ordinary tokens (see artifacts.py)
 
@@ -36,11 +36,11 @@ class Runner:
 
 
 class HyEdgeRunner(Runner):
-    def __init__(self, path: str, backend: str, threads: int) -> None:
+    def __init__(self, path: str, backend: str, threads: int, context: int) -> None:
         import edge_runtime
 
         # threads 0: hy-edge's default (physical cores, giving way to other busy processes)
-        model = edge_runtime.load(path, backend=backend, threads=threads or None, max_context=CONTEXT)
+        model = edge_runtime.load(path, backend=backend, threads=threads or None, max_context=context)
         kv = os.environ.get("BENCH_KV_CACHE")  # set by run.py for its FP16 KV case
         self.session = model.session(kv_cache=kv) if kv else model.session()
 
@@ -53,12 +53,12 @@ class HyEdgeRunner(Runner):
 
 
 class LlamaCppRunner(Runner):
-    def __init__(self, path: str, threads: int) -> None:
+    def __init__(self, path: str, threads: int, context: int) -> None:
         import llama_cpp
 
         self.llm = llama_cpp.Llama(
             model_path=path,
-            n_ctx=CONTEXT,
+            n_ctx=context,
             n_batch=512,
             n_ubatch=512,
             n_threads=threads,
@@ -104,11 +104,11 @@ class TorchRunner(Runner):
         return self._forward(self.torch.tensor([[token]]))
 
 
-def open_runner(runtime: str, path: str, threads: int) -> Runner:
+def open_runner(runtime: str, path: str, threads: int, context: int = CONTEXT) -> Runner:
     if runtime in ("numba", "onnxruntime"):
-        return HyEdgeRunner(path, runtime, threads)
+        return HyEdgeRunner(path, runtime, threads, context)
     if runtime == "llama.cpp":
-        return LlamaCppRunner(path, threads)
+        return LlamaCppRunner(path, threads, context)
     return TorchRunner(path, threads)
 
 
@@ -150,11 +150,16 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
-def measure(runner: Runner, figures: Sequence[str], decode_tokens: int, seed: int = 0) -> dict:
+def measure(runner: Runner, figures: Sequence[str], decode_tokens: int, seed: int = 0, context: int = CONTEXT) -> dict:
     rng = np.random.default_rng(seed)
     out: dict = {}
     for fig in figures:
-        if fig.startswith("ttft"):
+        if fig == "fill":  # every position of the context cached: the KV cache at its largest
+            ids = rng.integers(*TOKEN_RANGE, context - 1).astype(np.int64)
+            with CpuMeter() as m:
+                runner.step(runner.prefill(ids))
+            out[fig] = {"value": m.wall, **m.record()}
+        elif fig.startswith("ttft"):
             ids = rng.integers(*TOKEN_RANGE, int(fig[4:])).astype(np.int64)
             with CpuMeter() as m:
                 runner.prefill(ids)
@@ -176,18 +181,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, required=True, help="0: the runtime's default (hy-edge only)")
     ap.add_argument("--figures", default=",".join(FIGURES), help="comma-separated subset of " + ", ".join(FIGURES))
     ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--context", type=int, default=CONTEXT, help="KV cache length (tokens) the runtime allocates")
     args = ap.parse_args()
     figures = [f for f in args.figures.split(",") if f]
     bad = [f for f in figures if f not in FIGURES]
     default_ok = args.threads == 0 and args.runtime in ("numba", "onnxruntime")
-    if bad or (args.threads < 1 and not default_ok) or args.decode_tokens < 1 or not args.path.exists():
-        what = f"unknown figure {bad[0]!r}" if bad else f"{args.path} does not exist or a count is < 1"
+    longest = max([int(f[4:]) for f in figures if f.startswith("ttft")] + [DECODE_PROMPT + args.decode_tokens])
+    short = args.context <= longest
+    if bad or (args.threads < 1 and not default_ok) or args.decode_tokens < 1 or short or not args.path.exists():
+        what = f"unknown figure {bad[0]!r}" if bad else f"{args.path} is missing, a count < 1 or --context too short"
         sys.exit(f"runners: {what}")
     t0 = time.perf_counter()
-    runner = open_runner(args.runtime, str(args.path), args.threads)
+    runner = open_runner(args.runtime, str(args.path), args.threads, args.context)
     runner.step(runner.prefill(np.arange(*TOKEN_RANGE)[:8]))  # warm: JIT cache load, first allocations
     print(json.dumps({"ready": time.perf_counter() - t0}), flush=True)
-    print(json.dumps(measure(runner, figures, args.decode_tokens)), flush=True)
+    print(json.dumps(measure(runner, figures, args.decode_tokens, context=args.context)), flush=True)
 
 
 if __name__ == "__main__":
