@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from runtime_helpers import converted
+from runtime_helpers import converted, make_seed_checkpoint
 
 import edge_runtime
 from edge_runtime import memory
@@ -134,7 +134,8 @@ def llvm_kb():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
-def test_a_session_unmaps_the_compiler_once_its_kernels_are_loaded(model_file):
+def test_a_session_unmaps_the_compiler_once_its_kernels_are_loaded(tmp_path):
+    model_file = converted(make_seed_checkpoint(tmp_path / "seed"), "e4m3")  # no torch: runs on aarch64 too
     code = (
         _LLVM_RESIDENT_KB
         + """
