@@ -35,6 +35,13 @@ FP8_FORMATS = ("e4m3", "e5m2")
 DEFAULT_PREFILL_CHUNK = 128
 
 
+def _kernels(n_rows: int, batched: bool) -> int:
+    """The linears' (and attention's) kernels for n_rows rows, as linear.FusedLinear.__call__ picks them."""
+    if n_rows == 1 and not batched:
+        return ONE
+    return GROUPED if batched or n_rows < linear.PREFILL_MIN else PREFILL
+
+
 @dataclass(frozen=True)
 class _Block:
     """One layer's weights with their kernels chosen (mlx-lm's QuantizedLinear idea): `qkv` and `gate_up`
@@ -292,7 +299,8 @@ class NumbaSession:
             n = chunk.shape[0]
             b.row_slots[:n] = slot
             np.add(b.ramp[:n], self.positions[slot], out=b.positions[:n])
-            h = self._forward_rows(chunk, batched=False)
+            wanted = n if out is not None else 1 if s + n == T else 0  # rows whose logits are used
+            h = self._forward_rows(chunk, batched=False, n_out=wanted)
             if out is not None:
                 self._head(h, (out[s : s + n],))
             elif s + n == T:
@@ -332,27 +340,38 @@ class NumbaSession:
         self.positions[slots] += 1
         return logits
 
-    def _forward_rows(self, ids: np.ndarray, batched: bool) -> np.ndarray:
+    def _forward_rows(self, ids: np.ndarray, batched: bool, n_out: int | None = None) -> np.ndarray:
         """The model on T rows (b.row_slots / b.positions say whose and where); returns the final-normed
-        hidden states h (T, C), a view into the buffers."""
+        hidden states h (T, C), a view into the buffers. With n_out < T only h's last n_out rows are
+        computed: a prompt chunk's last layer, once its keys and values are cached, runs on the rows
+        whose logits are wanted (llama.cpp does the same), 1/L of a prompt's arithmetic."""
         spec, b, T = self.spec, self.buf, ids.shape[0]
+        n_out = T if n_out is None or self._blocks[-1].kind != "attention" else n_out
+        mode, tail_mode = _kernels(T, batched), _kernels(n_out, batched)
         rows = self.weights.embed_rows.read(ids, self._rows)  # token t's embedding is rows[t]
         if self._compiled is not None:
-            mode = ONE if T == 1 and not batched else GROUPED if batched or T < linear.PREFILL_MIN else PREFILL
-            return self._compiled(mode, b.ramp[:T], rows, T)
+            return self._compiled(mode, b.ramp[:T], rows, T, n_out, tail_mode)
         eps = spec.rms_norm_eps
         x, h = b.x[:T], b.h[:T]
         linear._gather(rows, b.ramp[:T], x)  # widen to f32 (weights.py allows fp16 or fp32 only)
         norm._add_rms_norm(x, b.y[:0], self._blocks[0].input_norm, eps, h)
         for i, blk in enumerate(self._blocks):
-            y = self._attention(i, blk, h, batched) if blk.kind == "attention" else self._dwconv(i, blk, h, batched)
-            norm._add_rms_norm(x, y, blk.post_norm, eps, h)  # x += y; h = norm(x)
-            y = self._mlp(blk, h, batched)
-            nxt = self._blocks[i + 1].input_norm if i + 1 < len(self._blocks) else self.weights.norm
-            norm._add_rms_norm(x, y, nxt, eps, h)
+            last = i + 1 == len(self._blocks)
+            if blk.kind == "attention":
+                r = T - n_out if last else 0  # the first row whose output is needed
+                y = self._attention(i, blk, h, batched, r)
+                if r == T:
+                    break  # the chunk's keys and values are cached: nothing else of it is used
+            else:
+                r, y = 0, self._dwconv(i, blk, h, batched)
+            xr, hr = x[r:], h[r:]
+            norm._add_rms_norm(xr, y, blk.post_norm, eps, hr)  # x += y; h = norm(x)
+            y = self._mlp(blk, hr, batched)
+            norm._add_rms_norm(xr, y, self.weights.norm if last else self._blocks[i + 1].input_norm, eps, hr)
         return h
 
-    def _attention(self, i: int, blk: _Block, h: np.ndarray, batched: bool) -> np.ndarray:
+    def _attention(self, i: int, blk: _Block, h: np.ndarray, batched: bool, r: int = 0) -> np.ndarray:
+        """q/k/v of every row and their KV write; attention and o_proj for rows r.. (their y)."""
         spec, b, T = self.spec, self.buf, h.shape[0]
         H, Hkv, D = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
         q, k, v = b.q[:T], b.k[:T], b.v[:T]
@@ -365,13 +384,16 @@ class NumbaSession:
         attention._rope_norm_store(
             q3, k3, v3, pos, rows, b.cos, b.sin, blk.q_norm, blk.k_norm, spec.rms_norm_eps, kc, vc
         )
-        if not batched and T >= linear.PREFILL_MIN:  # one sequence's chunk, as forward_layers' PREFILL mode
+        if r == T:
+            return b.y[:0]
+        q, q3 = q[r:], q3[r:]
+        if _kernels(T - r, batched) == PREFILL:  # one sequence's chunk, as forward_layers' PREFILL mode
             attention._attention_chunk(
-                q3, kc, vc, rows[0], pos[0], q3, self._scale, b.scores, b.values_t
+                q3, kc, vc, rows[r], pos[r], q3, self._scale, b.scores, b.values_t
             )  # output over q
         else:
-            attention._attention_rows(q3, kc, vc, rows, pos, q3, self._scale, b.scores)
-        y = b.y[:T]
+            attention._attention_rows(q3, kc, vc, rows[r:], pos[r:], q3, self._scale, b.scores)
+        y = b.y[r:T]
         self._linears(blk, ((blk.o, (0,)),), q, (y,), batched)
         return y
 

@@ -54,12 +54,13 @@ def forward_layers(
     in_norm, post_norm, final_norm, q_norm, k_norm,
     wq, wk, wv, wo, wg, wu, wd, sq, sk, sv, so, sg, su, sd,
     bk3, bko, bk2, bkd, st3, st3_4, st2, st2_4, st1o, st1o_4, st1d, st1d_4,
-    n_heads, n_kv, eps, scale, act_kind,
+    n_heads, n_kv, eps, scale, act_kind, n_out, tail_mode,
 ):  # fmt: skip
     # ids, rows, pos: i64 (T,); x, h, y: f32 (T, C); q (T, H*D), k, v (T, Hkv*D); gate, up, act (T, F);
     # k/v_cache (L, B, Hkv, S, D); per-layer typed lists of weights (N, K) and scales (N, G); bk3, bko,
     # bk2, bkd (L, m): columns per scale block of q k v | o | gate up | down.
-    # Returns h = the final-normed hidden states.
+    # Returns h = the final-normed hidden states; only its last n_out rows are computed, the last layer
+    # running past its KV write on those rows alone, with the kernels of tail_mode.
     n_tok = ids.shape[0]
     d = q.shape[1] // n_heads
     linear._gather(embed, ids, x)
@@ -72,23 +73,31 @@ def forward_layers(
         k3 = k.reshape(n_tok, n_kv, d)
         v3 = v.reshape(n_tok, n_kv, d)
         attention._rope_norm_store(q3, k3, v3, pos, rows, cos, sin, q_norm[i], k_norm[i], eps, k_cache[i], v_cache[i])
-        if mode == PREFILL:  # one sequence's chunk (output over q)
-            attention._attention_chunk(q3, k_cache[i], v_cache[i], rows[0], pos[0], q3, scale, scores, values_t)
+        r, m = 0, mode  # the first row whose output is needed, and the kernels for rows r..
+        if i + 1 == n_layers and n_out < n_tok:
+            r, m = n_tok - n_out, tail_mode
+            if n_out == 0:
+                break  # the chunk's keys and values are cached: nothing else of it is used
+        qr, xr, hr, yr = q[r:], x[r:], h[r:], y[r:]
+        q3r = q3[r:]
+        if m == PREFILL:  # one sequence's chunk (output over q)
+            attention._attention_chunk(q3r, k_cache[i], v_cache[i], rows[r], pos[r], q3r, scale, scores, values_t)
         else:
-            attention._attention_rows(q3, k_cache[i], v_cache[i], rows, pos, q3, scale, scores)
-        _lin1(mode, q, wo[i], so[i], y, bko[i], st1o, st1o_4)
-        norm._add_rms_norm(x, y, post_norm[i], eps, h)  # x += y; h = norm(x)
-        _lin2(mode, h, wg[i], wu[i], sg[i], su[i], gate, up, bk2[i], st2, st2_4)
-        g, u, a = gate.reshape(-1), up.reshape(-1), act.reshape(-1)
+            attention._attention_rows(q3r, k_cache[i], v_cache[i], rows[r:], pos[r:], q3r, scale, scores)
+        _lin1(m, qr, wo[i], so[i], yr, bko[i], st1o, st1o_4)
+        norm._add_rms_norm(xr, yr, post_norm[i], eps, hr)  # x += y; h = norm(x)
+        gr, ur, ar = gate[r:], up[r:], act[r:]
+        _lin2(m, hr, wg[i], wu[i], sg[i], su[i], gr, ur, bk2[i], st2, st2_4)
+        g, u, a = gr.reshape(-1), ur.reshape(-1), ar.reshape(-1)
         if g.shape[0] <= activation._CHUNK:
             activation.glu_serial(g, u, a, act_kind)
         else:
             activation._glu(g, u, a, act_kind)
-        _lin1(mode, act, wd[i], sd[i], y, bkd[i], st1d, st1d_4)
+        _lin1(m, ar, wd[i], sd[i], yr, bkd[i], st1d, st1d_4)
         if i + 1 < n_layers:
-            norm._add_rms_norm(x, y, in_norm[i + 1], eps, h)
+            norm._add_rms_norm(xr, yr, in_norm[i + 1], eps, hr)
         else:
-            norm._add_rms_norm(x, y, final_norm, eps, h)
+            norm._add_rms_norm(xr, yr, final_norm, eps, hr)
     return h
 
 
@@ -160,7 +169,7 @@ class CompiledLayers:
         writable = {op.w.flags.writeable for b in blocks for g, _ in (*b.qkv, *b.gate_up) for op in g.ops}
         return all(k == kinds[0] for k in kinds) and len(writable) == 1
 
-    def __call__(self, mode: int, ids, embed, n_tok: int) -> np.ndarray:
+    def __call__(self, mode: int, ids, embed, n_tok: int, n_out: int, tail_mode: int) -> np.ndarray:
         spec, b, T = self.spec, self.buf, n_tok
         views = self._rows.get(T)
         if views is None:
@@ -175,4 +184,5 @@ class CompiledLayers:
             self.in_norm, self.post_norm, self.final_norm, self.q_norm, self.k_norm,
             *self.lists, *self.bk, *self.starts, spec.num_attention_heads, spec.num_key_value_heads,
             float(spec.rms_norm_eps), np.float32(spec.head_dim**-0.5), 1 if spec.hidden_act == "relu6" else 0,
+            n_out, tail_mode,
         )  # fmt: skip

@@ -48,6 +48,22 @@ def test_prefill_decode_chunked_and_token_by_token_agree(which, request):
 
 
 @pytest.mark.parametrize("which", ["hy_fp8", "conv_model"])
+@pytest.mark.parametrize("chunk", [4, 5, 64])
+def test_a_prompt_last_layer_runs_on_its_last_row_only(which, chunk, request):
+    # forward() without all_logits runs the last layer past its KV write on the last row of the last chunk
+    # alone: the same logits as when every row is computed, and the same cache (the next token agrees)
+    model = edge_runtime.load(request.getfixturevalue(which))
+    ids = np.asarray(PROMPT_IDS)
+    every_row = model.session(prefill_chunk=chunk).forward(ids, all_logits=True)
+    ort = model.session("onnxruntime").forward(ids, all_logits=True)
+    s = model.session(prefill_chunk=chunk)
+    last = s.forward(ids[:-1]).copy()
+    np.testing.assert_allclose(last, every_row[-2], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(last, ort[-2], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(s.forward(ids[-1:]), every_row[-1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["hy_fp8", "conv_model"])
 def test_truncate_then_continue_equals_fresh(which, request):
     model = edge_runtime.load(request.getfixturevalue(which))
     ids = np.asarray(PROMPT_IDS)
