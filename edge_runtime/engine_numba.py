@@ -25,7 +25,7 @@ import numpy as np
 from hy_edge_ops import activation, attention, conv, fp8, linear, norm
 
 from .buffers import KV_CACHE_TYPES, allocate_buffers, memory_plan
-from .engine_step import GROUPED, ONE, PREFILL, CompiledLayers
+from .engine_step import CompiledLayers
 from .errors import BudgetError, HyEdgeError, ModelFileError
 from .memory import DEFAULT_BUDGET, plan_context, release_compiler_pages
 from .spec import ModelSpec
@@ -33,13 +33,6 @@ from .weights import Linear, Weights
 
 FP8_FORMATS = ("e4m3", "e5m2")
 DEFAULT_PREFILL_CHUNK = 128
-
-
-def _kernels(n_rows: int, batched: bool) -> int:
-    """The linears' (and attention's) kernels for n_rows rows, as linear.FusedLinear.__call__ picks them."""
-    if n_rows == 1 and not batched:
-        return ONE
-    return GROUPED if batched or n_rows < linear.PREFILL_MIN else PREFILL
 
 
 @dataclass(frozen=True)
@@ -347,7 +340,7 @@ class NumbaSession:
         whose logits are wanted (llama.cpp does the same), 1/L of a prompt's arithmetic."""
         spec, b, T = self.spec, self.buf, ids.shape[0]
         n_out = T if n_out is None or self._blocks[-1].kind != "attention" else n_out
-        mode, tail_mode = _kernels(T, batched), _kernels(n_out, batched)
+        mode, tail_mode = linear.kernel_for(T, batched), linear.kernel_for(n_out, batched)
         rows = self.weights.embed_rows.read(ids, self._rows)  # token t's embedding is rows[t]
         if self._compiled is not None:
             return self._compiled(mode, b.ramp[:T], rows, T, n_out, tail_mode)
@@ -387,7 +380,7 @@ class NumbaSession:
         if r == T:
             return b.y[:0]
         q, q3 = q[r:], q3[r:]
-        if _kernels(T - r, batched) == PREFILL:  # one sequence's chunk, as forward_layers' PREFILL mode
+        if linear.kernel_for(T - r, batched) == linear.PREFILL:  # one sequence's chunk, as forward_layers' PREFILL mode
             attention._attention_chunk(
                 q3, kc, vc, rows[r], pos[r], q3, self._scale, b.scores, b.values_t
             )  # output over q

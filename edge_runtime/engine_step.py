@@ -14,7 +14,7 @@ import numpy as np
 from hy_edge_ops import activation, attention, linear, norm
 from numba import njit, typed
 
-ONE, GROUPED, PREFILL = 0, 1, 2  # kernel choice, as linear.FusedLinear.__call__ makes it
+ONE, GROUPED, PREFILL = linear.ONE, linear.GROUPED, linear.PREFILL  # linear.kernel_for's choice
 
 
 @njit(cache=True, inline="always")

@@ -51,6 +51,17 @@ STORAGES = ("e4m3", "e5m2", "fp16", "fp32")
 # in fewer vector ops, see hy_edge_ops.half.as_f32)
 _VIEW = {E4M3: np.int8, E5M2: np.uint8, "fp16": np.uint16, "fp32": np.float32}
 PREFILL_MIN = 8  # tokens of one sequence from which the row-blocked prefill kernel is faster
+ONE, GROUPED, PREFILL = 0, 1, 2  # the kernel for a number of rows: `_mv`, `_mm`, `_mm_prefill`
+
+
+def kernel_for(n_rows: int, batched: bool) -> int:
+    """The kernel FusedLinear runs on n_rows rows (and the attention beside it): one token, tokens of
+    several sequences or a short chunk, or a prefill chunk of at least PREFILL_MIN tokens."""
+    if batched or 1 < n_rows < PREFILL_MIN:
+        return GROUPED
+    return ONE if n_rows == 1 else PREFILL
+
+
 _POW2 = {E4M3: FP8_FOLD[E4M3], E5M2: FP8_FOLD[E5M2], "fp16": 1.0, "fp32": 1.0}  # folded into the scales
 
 
@@ -301,10 +312,10 @@ class FusedLinear:
         self.k_dim = ops[0].w.shape[1]
 
     def __call__(self, x: np.ndarray, outs: tuple, batched: bool = False) -> None:
-        n_tok = x.shape[0]
-        if batched or 1 < n_tok < PREFILL_MIN:
+        kernel = kernel_for(x.shape[0], batched)
+        if kernel == GROUPED:
             _mm(x, self.ws, self.scs, outs, self.bks, self.starts)
-        elif n_tok == 1:
+        elif kernel == ONE:
             _mv(x, self.ws, self.scs, outs, self.bks, self.starts)
         else:
             _mm_prefill(x, self.ws, self.scs, outs, self.bks, self.starts4)
