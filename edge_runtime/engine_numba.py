@@ -27,7 +27,7 @@ from hy_edge_ops import activation, attention, conv, fp8, linear, norm
 from .buffers import KV_CACHE_TYPES, allocate_buffers, memory_plan
 from .engine_step import CompiledLayers
 from .errors import BudgetError, HyEdgeError, ModelFileError
-from .memory import DEFAULT_BUDGET, plan_context, release_compiler_pages
+from .memory import DEFAULT_BUDGET, plan_context, release_library_pages, trim_heap
 from .spec import ModelSpec
 from .weights import Linear, Weights
 
@@ -72,6 +72,7 @@ def check_fp8_codes(weights: Weights) -> None:
     for lin in weights.unique_linears():
         if lin.storage in FP8_FORMATS and fp8.has_nan_codes(lin.w, lin.storage):
             raise ModelFileError(f"weight '{lin.name}' holds FP8 NaN codes: the model file is corrupt")
+        weights.release_padding(lin)  # the pass made the pages around it resident too
     _CHECKED[id(weights)] = weakref.ref(weights)
 
 
@@ -97,6 +98,7 @@ class NumbaSession:
         kv_cache: str = "fp32",
         adaptive_threads: bool = False,
         compiled: bool = True,
+        warm_up: bool = True,
     ):
         from .threads import ThreadGovernor, set_threads
 
@@ -109,7 +111,6 @@ class NumbaSession:
         self.spec = spec
         self.weights = weights
         self.threads = set_threads(threads)
-        check_fp8_codes(weights)  # on the session's threads
         # threads chosen by default (not by the user) give way to other busy processes (threads.py)
         self._governor = ThreadGovernor(self.threads) if adaptive_threads and self.threads > 1 else None
         self.activations = activations  # none | e4m3 | e5m2 | static (see _fake_quant)
@@ -119,6 +120,7 @@ class NumbaSession:
         self.kv_cache = kv_cache
         self.plan = memory_plan(spec, weights.nbytes, prefill_chunk, act_quant, slots, kv_cache)
         self.max_context = plan_context(self.plan, max_memory, max_context, spec.max_position_embeddings)
+        self._max_memory = max_memory
         self.buf = allocate_buffers(spec, prefill_chunk, self.max_context, act_quant, slots, kv_cache)
         self.positions = np.zeros(slots, np.int64)  # positions cached per slot
         table = weights.embed.w  # (V, C) fp16 bits or fp32; a forward's token rows are read into b.rows
@@ -137,20 +139,52 @@ class NumbaSession:
             if compiled and CompiledLayers.applies(spec, self._blocks, activations)
             else None
         )
-        self._warm_up()
+        if warm_up:
+            self._warm_up()
+        else:  # a warm-up's twin (its own weights are zeros), or a caller that warms up itself
+            check_fp8_codes(weights)
 
     def _warm_up(self) -> None:
-        """Run each kernel specialization a generation uses once (a prefill chunk, a decode step, a
-        batched step), so that loading them from the JIT cache happens here, at start-up, and not inside
-        the first answer's time to first token (as llama.cpp's warm-up run does)."""
+        """Load each kernel specialization a generation uses from the JIT cache here, at start-up, and not
+        inside the first answer's time to first token (as llama.cpp's warm-up run does); then scan the
+        FP8 codes and check the one-token kernels on the real weights.
+
+        The kernels load while a twin session runs them on `Weights.blank()` (zeros of the same types,
+        so the same specializations; their pages are never resident): loading holds ~70 MB of LLVM's
+        code resident, which goes (`release_library_pages`) before the real weights are first touched,
+        so that the two never count in the peak RSS together."""
+        twin = NumbaSession(
+            self.spec,
+            self.weights.blank(),
+            activations=self.activations,
+            max_context=self.max_context,
+            prefill_chunk=self.prefill_chunk,
+            max_memory=self._max_memory,
+            threads=self.threads,
+            slots=self.slots,
+            kv_cache=self.kv_cache,
+            compiled=self._compiled is not None,
+            warm_up=False,
+        )
+        twin._run_each_kernel()
+        del twin
+        release_library_pages()  # every kernel a generation uses is loaded: LLVM's pages can go
+        trim_heap()
+        check_fp8_codes(self.weights)  # on the session's threads
+        if self.max_context >= 2:
+            self._single_step_is_grouped = self._one_token_kernels_match()
+        self.weights.release_padding()  # every matrix has been read: the pages beside them can go
+
+    def _run_each_kernel(self) -> None:
+        """Each kernel specialization a generation uses, once (the FP8 code scan ran in __init__): a
+        prefill chunk, a decode step, a batched step."""
         n = min(linear.PREFILL_MIN, self.max_context - 1)
         if n >= 1:
             self.forward(np.zeros(n, np.int64))
             self.forward(np.zeros(1, np.int64))
         self.reset()
         if self.max_context >= 2:
-            self._single_step_is_grouped = self._one_token_kernels_match()
-        release_compiler_pages()  # every kernel a generation uses is loaded: LLVM's pages can go
+            self._one_token_kernels_match()
 
     def _one_token_kernels_match(self) -> bool:
         """Whether, on this CPU, the one-token kernels give a sequence's logits bit-identical to the

@@ -181,18 +181,20 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
 
 
-COMPILER_LIBRARIES = ("libllvmlite",)  # numba's LLVM: ~70 MB of code, unused once every kernel is loaded
 _MADV_DONTNEED = 4  # linux/mman.h; the same value on x86-64 and aarch64
+_SHARED_OBJECT = re.compile(r"\.so(\.[0-9.]+)?$")  # libfoo.so, libfoo.so.6.0.30, ext.cpython-311-x86_64-linux-gnu.so
 
 
-def release_compiler_pages(smaps: Path = Path("/proc/self/smaps")) -> int:
-    """Unmap the resident pages of the JIT compiler's shared library; the resident bytes released.
+def release_library_pages(smaps: Path = Path("/proc/self/smaps")) -> int:
+    """Unmap the resident pages of the shared libraries' code and constants; the bytes released.
 
-    Once a session has loaded its kernels (the warm-up), decoding runs compiled code only: LLVM's pages
-    (~70 MB of the ~830 MB a Hunyuan-0.5B session holds) stay resident without being used. Only mappings
-    that are not writable and hold no private (copy-on-write) page are dropped: for those the file is the
-    only content, so MADV_DONTNEED just removes them from this process's page tables. The pages stay in the
-    page cache; should a new kernel need compiling later, they map back in on first touch (minor faults).
+    Once a session has loaded its kernels (the warm-up), decoding runs compiled code and a little of the
+    interpreter and numpy: most library pages made resident while loading stay so unused, above all the
+    JIT compiler's (LLVM: ~70 MB of the ~830 MB a Hunyuan-0.5B session held), then the model file's
+    parsers (onnx, the tokenizer's), ~20 MB more. Only mappings that are not writable and hold no private
+    (copy-on-write) page are dropped: for those the file is the only content, so MADV_DONTNEED just
+    removes them from this process's page tables. The pages stay in the page cache; what is used again
+    (the interpreter's loop, a later compile) maps back in on first touch (minor faults, once).
     Returns 0 where /proc or madvise is not available."""
     try:
         text = smaps.read_text()
@@ -216,18 +218,40 @@ def release_compiler_pages(smaps: Path = Path("/proc/self/smaps")) -> int:
             continue
         close()  # a new mapping begins: "start-end perms offset dev inode path"
         parts = line.split()
-        mine = len(parts) >= 6 and "w" not in parts[1] and any(n in parts[5] for n in COMPILER_LIBRARIES)
+        mine = len(parts) >= 6 and "w" not in parts[1] and _SHARED_OBJECT.search(parts[5]) is not None
         head = tuple(int(a, 16) for a in parts[0].split("-")) if mine else None
         rss, anon = 0, 0
     close()
+    return sum(resident for start, end, resident in ranges if drop_pages(start, end))
+
+
+def drop_pages(start: int, end: int) -> bool:
+    """madvise(MADV_DONTNEED) on the page-aligned address range [start, end) of a file mapping that
+    holds no private page: its resident pages leave this process (they stay in the page cache and map
+    back in when touched). False where madvise is not available or refuses."""
+    global _madvise
+    if _madvise is None:
+        try:
+            _madvise = ctypes.CDLL(None, use_errno=True).madvise
+        except (OSError, AttributeError):
+            _madvise = False
+        else:
+            _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return bool(_madvise) and end > start and _madvise(start, end - start, _MADV_DONTNEED) == 0
+
+
+_madvise = None
+
+
+def trim_heap() -> bool:
+    """Return the C heap's free pages to the OS (glibc's malloc_trim); True if any went back.
+
+    Parsing a model's tokenizer (the Rust `tokenizers` builds and drops ~30 MB of temporaries) and a
+    session's warm-up free more than glibc gives back on its own: the pages stay resident in the heap,
+    unused. False where the C library has no malloc_trim (musl, macOS)."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        madvise = libc.madvise
+        trim = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
-        return 0
-    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    released = 0
-    for start, end, resident in ranges:
-        if madvise(start, end - start, _MADV_DONTNEED) == 0:
-            released += resident
-    return released
+        return False
+    trim.argtypes = (ctypes.c_size_t,)
+    return bool(trim(0))

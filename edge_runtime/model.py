@@ -18,7 +18,7 @@ from .backend import Backend, open_session
 from .chat import encode_chat, make_messages
 from .errors import HyEdgeError, ModelFileError
 from .generate import GenerationResponse, GenerationResult, Generator, collect
-from .memory import parse_size
+from .memory import parse_size, trim_heap
 from .sampling import make_logits_processors, make_sampler
 from .spec import ModelSpec
 from .tokenizer import Tokenizer, TokenizerConfig
@@ -172,6 +172,7 @@ def load(
         tok_config = parse_json_meta(meta, fmt.META_TOKENIZER_CONFIG, path, required=False)
         config = TokenizerConfig.from_dict(tok_config)
         tokenizer = Tokenizer.from_metadata(tok_meta, config)
+        trim_heap()  # parsing it freed ~30 MB that glibc keeps resident otherwise (memory.trim_heap)
     if backend not in ("numba", "onnxruntime"):
         raise HyEdgeError(f"backend '{backend}' is not one of numba, onnxruntime")
     budget = parse_size(max_memory) if max_memory is not None else None

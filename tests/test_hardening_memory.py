@@ -210,3 +210,78 @@ def test_embedding_rows_are_read_from_the_file_not_through_the_map(tmp_path):
         f.truncate(65536 + 100 * 2048)
     with pytest.raises(ModelFileError, match="embedding row"):
         reader.read(np.array([3000]), out)
+
+
+def test_blank_weights_are_typed_as_the_weights_and_hold_zeros(tmp_path):
+    import numba
+
+    model = edge_runtime.load(converted(make_seed_checkpoint(tmp_path / "seed"), "e4m3"))
+    w, blank = model.weights, model.weights.blank()
+    pairs = list(zip(w.unique_linears(), blank.unique_linears(), strict=True))
+    assert len(pairs) > 1
+    for real, zero in pairs:
+        assert numba.typeof(zero.w) == numba.typeof(real.w), real.name  # the same kernel specializations
+        assert zero.w.shape == real.w.shape and not zero.w.any() and real.w.any()
+        assert zero.scales is real.scales
+    assert blank.lm_head is None and blank.output is blank.embed
+
+
+_START_UP = """
+import json, sys
+import edge_runtime
+
+def status():
+    lines = open('/proc/self/status').read().splitlines()
+    return {l.split(':')[0]: int(l.split()[1]) // 1024 for l in lines if l.startswith(('VmRSS', 'VmHWM'))}
+
+model = edge_runtime.load(sys.argv[1])
+loaded = status()
+s = model.session(max_context=64)
+print(json.dumps([loaded, status(), model.weights.nbytes // 2**20]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_a_session_start_up_peaks_at_its_settled_memory(tmp_path):
+    # 73 MB of FP8 weights, more than LLVM's ~70 MB resident while the warm-up loads the kernels: were the
+    # two resident together (a warm-up on the real weights), the start-up peak would pass the settled RSS
+    # by about LLVM's share (66 MB on x86-64)
+    src = make_seed_checkpoint(tmp_path / "seed", hidden_size=1024, intermediate_size=6144, num_hidden_layers=4)
+    model_file = converted(src, "e4m3")
+    r = subprocess.run(
+        [sys.executable, "-c", _START_UP, str(model_file)], capture_output=True, text=True, timeout=seconds(600)
+    )
+    assert r.returncode == 0, r.stderr
+    loaded, opened, weights_mb = json.loads(r.stdout)
+    assert weights_mb >= 70
+    assert opened["VmRSS"] - loaded["VmRSS"] >= 0.9 * weights_mb  # the weights are resident after the check
+    assert opened["VmHWM"] - opened["VmRSS"] < 16, (loaded, opened)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_a_session_keeps_only_its_matrices_of_the_data_file_resident(tmp_path):
+    import mmap
+    from pathlib import Path
+
+    import numpy as np
+
+    from edge_runtime.weights import _mapping
+
+    # tiny matrices at 64 KiB-aligned offsets: the data file is mostly padding, which the pages mapped
+    # around each fault made resident with the matrices, once the file is in the page cache (as after
+    # its checksum was verified)
+    model = edge_runtime.load(converted(make_seed_checkpoint(tmp_path / "seed", seed=3), "e4m3"))
+    Path(_mapping(model.weights.output.w).filename).read_bytes()
+    session = model.session(max_context=32)
+    first = session.forward(np.arange(1, 9))
+    session.forward(np.array([3]))
+    w = model.weights
+    lins = [w.output] + [x for layer in w.layers for x in layer.linears()]
+    page = mmap.PAGESIZE
+    spans = {(x.w.ctypes.data // page, -(-(x.w.ctypes.data + x.w.nbytes) // page)) for x in lins}
+    matrices_kb = sum(b - a for a, b in spans) * page // 1024
+    data = _mapping(lins[0].w)
+    assert data is not None and data.nbytes > 4 * matrices_kb * 1024
+    assert 0 < _mapped_kb(data.filename) <= matrices_kb  # before: the whole file (~64 KiB per matrix)
+    session.reset()
+    assert np.array_equal(session.forward(np.arange(1, 9)), first)
