@@ -182,6 +182,7 @@ def peak_rss_mb() -> float:
 
 
 _MADV_DONTNEED = 4  # linux/mman.h; the same value on x86-64 and aarch64
+_madvise = None  # libc's madvise, looked up on first use (False where there is none)
 _SHARED_OBJECT = re.compile(r"\.so(\.[0-9.]+)?$")  # libfoo.so, libfoo.so.6.0.30, ext.cpython-311-x86_64-linux-gnu.so
 
 
@@ -238,9 +239,6 @@ def drop_pages(start: int, end: int) -> bool:
         else:
             _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     return bool(_madvise) and end > start and _madvise(start, end - start, _MADV_DONTNEED) == 0
-
-
-_madvise = None
 
 
 def trim_heap() -> bool:
