@@ -25,6 +25,7 @@ import numpy as np
 
 from . import format as fmt
 from .errors import ModelFileError
+from .memory import drop_pages
 from .spec import ModelSpec
 
 # ONNX TensorProto.DataType -> (numpy dtype the runtime views the bytes as, storage name)
@@ -316,8 +317,6 @@ class Weights:
         resident: 19 MB of SmolLM2-135M's 149 MB. All of it, or only the gaps beside `near` (a pass
         calls it after each matrix, so that at most one's padding is resident at a time). Mapped bytes
         dropped (resident or not)."""
-        from .memory import drop_pages
-
         gaps = self._padding.get(id(near), []) if near is not None else self._padding[0]
         return sum(b - a for a, b in gaps if drop_pages(a, b))
 
