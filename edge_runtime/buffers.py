@@ -3,13 +3,12 @@ RunState): the shapes beside each field, and the memory plan read from the same 
 
 from __future__ import annotations
 
-import mmap
 from dataclasses import dataclass
 
 import numpy as np
 from hy_edge_ops import attention, rope
 
-from .memory import MemoryPlan
+from .memory import MemoryPlan, lazy_zeros
 from .spec import ModelSpec
 
 KV_CACHE_TYPES = {"fp32": np.float32, "fp16": np.uint16}  # fp16: half bits, rounded to nearest
@@ -95,26 +94,15 @@ def memory_plan(
     return MemoryPlan(weights=weights_bytes, fixed=fixed, per_token=per_token)
 
 
-def _lazy_zeros(shape: tuple, dtype) -> np.ndarray:
-    """A zero-filled array whose pages become resident only when written: an anonymous mapping that
-    refuses huge pages. (numpy asks the kernel for 2 MB pages on large arrays, so the first KV entry
-    written into each 2 MB of the cache made all of it resident: +194 MB on a 128-token prompt.)"""
-    count = int(np.prod(shape))
-    mm = mmap.mmap(-1, max(1, count * np.dtype(dtype).itemsize), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_NOHUGEPAGE"):
-        mm.madvise(mmap.MADV_NOHUGEPAGE)
-    return np.frombuffer(mm, dtype, count=count).reshape(shape)  # the array keeps the mapping alive
-
-
 def allocate_buffers(
     spec: ModelSpec, chunk: int, context: int, act_quant: bool, slots: int = 1, kv_cache: str = "fp32"
 ) -> Buffers:
     """The one place a session allocates. Caches are zero-filled and become resident only where a
-    position is written (`_lazy_zeros`); activations are left uninitialised."""
+    position is written (`memory.lazy_zeros`); activations are left uninitialised."""
     out = {}
     for name, (shape, dtype) in buffer_shapes(spec, chunk, context, act_quant, slots, kv_cache).items():
         cached = name in ("k_cache", "v_cache", "conv_state", "conv_hist")
-        out[name] = _lazy_zeros(shape, dtype) if cached else np.empty(shape, dtype)
+        out[name] = lazy_zeros(shape, dtype) if cached else np.empty(shape, dtype)
     out["ramp"][:] = np.arange(out["ramp"].shape[0])
     inv_freq = rope.rope_inv_freq(spec.head_dim, spec.rope_theta)
     out["cos"][...], out["sin"][...] = rope.rope_tables(inv_freq, context)
