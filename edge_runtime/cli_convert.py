@@ -7,14 +7,15 @@ import sys
 from pathlib import Path
 
 import click
-import onnx
 
 from . import format as F
+from . import onnx_header
 from .cli_common import user_errors
 from .errors import ModelFileError
 from .integrity import check_data_size, stored_checksums, verify_checksums
 from .memory import peak_rss_mb
 from .spec import ModelSpec
+from .weights import read_onnx
 
 
 def _mb(n: int) -> str:
@@ -120,14 +121,9 @@ def convert_cmd(
         click.echo(f"peak RSS: {peak_rss_mb():.0f} MB")
 
 
-def read_header(path: Path) -> tuple[ModelSpec, dict, dict[str, str], onnx.ModelProto]:
-    """Spec, quantization report, metadata and graph proto of a converted file, without its weights."""
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except FileNotFoundError:
-        raise
-    except Exception as e:
-        raise ModelFileError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
+def read_header(path: Path) -> tuple[ModelSpec, dict, dict[str, str], onnx_header.Model]:
+    """Spec, quantization report, metadata and initializer headers of a converted file, without its weights."""
+    proto = read_onnx(path)
     meta = F.metadata(proto)
     if F.META_SPEC not in meta:
         raise ModelFileError(f"{path}: not a hy-edge model (no {F.META_SPEC} metadata)")

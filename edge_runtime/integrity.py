@@ -17,8 +17,7 @@ import numpy as np
 
 from . import format as F
 from .errors import ModelFileError
-
-_EXTERNAL = 1  # onnx.TensorProto.EXTERNAL
+from .onnx_header import EXTERNAL
 
 
 @dataclass(frozen=True)
@@ -38,7 +37,7 @@ class Extent:
 def extent(proto) -> Extent:
     out = {}
     for t in proto.graph.initializer:
-        if t.data_location == _EXTERNAL:
+        if t.data_location == EXTERNAL:
             info = {e.key: e.value for e in t.external_data}
             out[t.name] = (info.get("location", ""), int(info.get("offset", 0)), int(info.get("length", 0)))
     return Extent(out)

@@ -24,7 +24,7 @@ BUDGET_FRACTION = 0.75  # of the memory available; the rest stays with the OS, o
 FALLBACK_BUDGET = 8 * 1024**3  # where the machine's memory cannot be read (no /proc/meminfo)
 DEFAULT_CONTEXT = 4096  # when neither the user nor the budget asks for less
 MB = 1024**2
-# Resident memory of the runtime before any weight or buffer: the interpreter, numpy, onnx, the
+# Resident memory of the runtime before any weight or buffer: the interpreter, numpy, the
 # tokenizer, and numba's loaded kernels or onnxruntime's session machinery. Measured as the peak RSS
 # of `hy-edge run` on a 0.2 MB model (x86-64 Linux, Python 3.11, warm kernel cache): numba 199 MB,
 # onnxruntime 89 MB; rounded up for other platforms.
@@ -194,8 +194,8 @@ def release_library_pages(smaps: Path = Path("/proc/self/smaps")) -> int:
 
     Once a session has loaded its kernels (the warm-up), decoding runs compiled code and a little of the
     interpreter and numpy: most library pages made resident while loading stay so unused, above all the
-    JIT compiler's (LLVM: ~70 MB of the ~830 MB a Hunyuan-0.5B session held), then the model file's
-    parsers (onnx, the tokenizer's), ~20 MB more. Only mappings that are not writable and hold no private
+    JIT compiler's (LLVM: ~70 MB of the ~830 MB a Hunyuan-0.5B session held), then the tokenizer's
+    parser and the other libraries', ~20 MB more. Only mappings that are not writable and hold no private
     (copy-on-write) page are dropped: for those the file is the only content, so MADV_DONTNEED just
     removes them from this process's page tables. The pages stay in the page cache; what is used again
     (the interpreter's loop, a later compile) maps back in on first touch (minor faults, once).

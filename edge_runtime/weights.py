@@ -1,10 +1,10 @@
 """Weights of a converted .onnx file, memory-mapped from its external data.
 
-The graph proto is parsed without its external data; every external initializer becomes a numpy view
-into one read-only `np.memmap` of `model.onnx.data` (offsets are 64 KiB-aligned by the converter), so
-the weights are never copied wholesale and only the pages a kernel touches become resident. Small
-inline initializers (norm weights, scales) are read from the proto. The embedding's token rows are read
-from the file (`RowReader`), not through the map.
+The file's header is parsed without its external data (edge_runtime.onnx_header); every external
+initializer becomes a numpy view into one read-only `np.memmap` of `model.onnx.data` (offsets are
+64 KiB-aligned by the converter), so the weights are never copied wholesale and only the pages a
+kernel touches become resident. Small inline initializers (norm weights, scales) are read from the
+header. The embedding's token rows are read from the file (`RowReader`), not through the map.
 
 Storage follows `format.py`: FP8 weights are `W.qweight` (uint8 view of FLOAT8E4M3FN / FLOAT8E5M2)
 plus `W.scale` (reshaped here to (N, G)); FP16 weights keep their raw half bits as uint16.
@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from . import format as fmt
+from . import onnx_header
 from .errors import ModelFileError
 from .memory import drop_pages, lazy_zeros
 from .spec import ModelSpec
@@ -69,16 +70,17 @@ class Linear:
         return self.w.nbytes + (0 if self.scales is None else self.scales.nbytes)
 
 
-def read_onnx(path: Path):
-    """Parse the graph proto without external data; ModelFileError (one line) for anything unreadable."""
-    import onnx
-
+def read_onnx(path: Path) -> onnx_header.Model:
+    """Metadata and initializer headers of an .onnx file (edge_runtime.onnx_header: onnx itself is not
+    imported); ModelFileError (one line) for anything unreadable."""
     if not path.is_file():
         raise ModelFileError(f"model file not found: {path}")
     try:
-        return onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf's DecodeError and friends: the file is not an ONNX model
-        raise ModelFileError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
+        return onnx_header.parse(path.read_bytes())
+    except onnx_header.HeaderError as e:
+        raise ModelFileError(f"{path}: not a readable ONNX model ({e})") from None
+    except OSError as e:
+        raise ModelFileError(f"{path}: cannot be read ({e.strerror or e})") from None
 
 
 def metadata(proto) -> dict[str, str]:
@@ -96,7 +98,7 @@ def read_tensors(proto, path: Path) -> dict[str, Tensor]:
         shape = tuple(int(d) for d in t.dims)
         count = int(np.prod(shape, dtype=np.int64)) if shape else 1
         source = None
-        if t.data_location == 1:  # TensorProto.EXTERNAL
+        if t.data_location == onnx_header.EXTERNAL:
             data, source = _external(t, path, maps, np.dtype(dtype), count)
         else:
             data = _inline(t, np.dtype(dtype), count, path)
