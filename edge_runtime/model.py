@@ -49,7 +49,7 @@ class Model:
         weights: Weights,
         tokenizer: Tokenizer | None,
         quantization: dict,
-        meta: dict[str, str],
+        meta: dict[str, str],  # the file's metadata, but the tokenizer's text (parsed into `tokenizer`)
         options: SessionOptions,
     ):
         self.path = path
@@ -172,6 +172,8 @@ def load(
         tok_config = parse_json_meta(meta, fmt.META_TOKENIZER_CONFIG, path, required=False)
         config = TokenizerConfig.from_dict(tok_config)
         tokenizer = Tokenizer.from_metadata(tok_meta, config)
+        del tok_meta
+        meta = {k: v for k, v in meta.items() if k != fmt.META_TOKENIZER}  # its text (2 MB) is parsed: not kept
         trim_heap()  # parsing it freed ~30 MB that glibc keeps resident otherwise (memory.trim_heap)
     if backend not in ("numba", "onnxruntime"):
         raise HyEdgeError(f"backend '{backend}' is not one of numba, onnxruntime")
