@@ -3,8 +3,9 @@
 The file's header is parsed without its external data (edge_runtime.onnx_header); every external
 initializer becomes a numpy view into one read-only `np.memmap` of `model.onnx.data` (offsets are
 64 KiB-aligned by the converter), so the weights are never copied wholesale and only the pages a
-kernel touches become resident. Small inline initializers (norm weights, scales) are read from the
-header. The embedding's token rows are read from the file (`RowReader`), not through the map.
+kernel touches become resident. The small tensors (norm weights, scales) are private copies, read
+from the header or with read(2), and the embedding's token rows are read from the file (`RowReader`):
+nothing but the matrices is read through the map, which refuses huge pages (memory.refuse_huge_pages).
 
 Storage follows `format.py`: FP8 weights are `W.qweight` (uint8 view of FLOAT8E4M3FN / FLOAT8E5M2)
 plus `W.scale` (reshaped here to (N, G)); FP16 weights keep their raw half bits as uint16.
@@ -26,7 +27,7 @@ import numpy as np
 from . import format as fmt
 from . import onnx_header
 from .errors import ModelFileError
-from .memory import drop_pages, lazy_zeros
+from .memory import drop_pages, lazy_zeros, refuse_huge_pages
 from .spec import ModelSpec
 
 # ONNX TensorProto.DataType -> (numpy dtype the runtime views the bytes as, storage name)
@@ -118,6 +119,8 @@ def _external(t, path: Path, maps: dict, dtype: np.dtype, count: int) -> tuple[n
         if data_path.stat().st_size == 0:
             raise ModelFileError(f"{path.name}: external data file is empty: {data_path}")
         maps[location] = np.memmap(data_path, dtype=np.uint8, mode="r")
+        start = maps[location].ctypes.data  # the mapping's first byte (offset 0: page-aligned)
+        refuse_huge_pages(start, start + -(-maps[location].nbytes // mmap.PAGESIZE) * mmap.PAGESIZE)
     mm = maps[location]
     offset = int(info.get("offset", 0))
     length = int(info.get("length", count * dtype.itemsize))
@@ -162,12 +165,29 @@ def _float_tensor(tensors: dict[str, Tensor], name: str, shape: tuple, path: Pat
     return t
 
 
+def _private(t: Tensor, path: Path) -> np.ndarray:
+    """A private copy of a small tensor (norm weights, scales) of the data file, read with read(2), not
+    through the map: a page cache of large folios (ext4 and xfs on recent kernels, after a cold read)
+    maps a whole folio, up to 2 MB of matrices, on the first touch of any byte of it, so reading the
+    ~400 scales of SmolLM2-135M through the map made its matrices resident while the kernels loaded
+    (start-up peak 233 -> 296 MB), and each norm read refaulted the padding beside it."""
+    if t.source is None:
+        return np.array(t.data)
+    data_path, offset = t.source
+    try:
+        out = np.fromfile(data_path, t.data.dtype, t.data.size, offset=offset)
+    except OSError as e:
+        raise ModelFileError(f"{path.name}: cannot read tensor '{t.name}' ({e.strerror or e})") from None
+    if out.size != t.data.size:
+        raise ModelFileError(f"{path.name}: tensor '{t.name}' lies outside its data file (truncated)")
+    return out.reshape(t.data.shape)
+
+
 def _float_vector(tensors: dict[str, Tensor], name: str, shape: tuple, path: Path) -> np.ndarray:
-    """Norm weights and conv kernels: small, float; returned as contiguous float32 (copied if fp16)."""
+    """Norm weights and conv kernels: small, float; returned as private contiguous float32."""
     t = _float_tensor(tensors, name, shape, path)
-    if t.storage == "fp16":
-        return t.data.view(np.float16).astype(np.float32)
-    return np.ascontiguousarray(t.data)
+    data = _private(t, path)
+    return data.view(np.float16).astype(np.float32) if t.storage == "fp16" else data
 
 
 def _linear(tensors: dict[str, Tensor], name: str, shape: tuple, path: Path) -> Linear:
@@ -193,11 +213,11 @@ def _scales(tensors: dict[str, Tensor], name: str, shape: tuple, path: Path) -> 
         raise ModelFileError(f"{path.name}: tensor '{s.name}' has storage {s.storage}, expected fp32")
     d = s.data
     if d.ndim == 0 or d.shape == (1,):
-        return np.full((N, 1), float(d.reshape(())), np.float32)
+        return np.full((N, 1), float(_private(s, path).reshape(())), np.float32)
     if d.shape == (N,):
-        return np.ascontiguousarray(d.reshape(N, 1))
+        return _private(s, path).reshape(N, 1)
     if d.ndim == 2 and d.shape[0] == N and 1 <= d.shape[1] <= K:
-        return np.ascontiguousarray(d)
+        return _private(s, path)
     raise ModelFileError(f"{path.name}: tensor '{s.name}' has shape {d.shape}, expected (), ({N},) or ({N}, G)")
 
 
@@ -207,7 +227,7 @@ def _input_scale(tensors: dict[str, Tensor], name: str, path: Path) -> float | N
         return None
     if s.storage != "fp32" or s.data.size != 1:
         raise ModelFileError(f"{path.name}: tensor '{s.name}' should be one float32")
-    return float(s.data.reshape(()))
+    return float(_private(s, path).reshape(()))
 
 
 LINEAR_FIELDS = ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "gate_proj", "up_proj", "down_proj")
