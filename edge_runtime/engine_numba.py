@@ -29,7 +29,7 @@ from .engine_step import CompiledLayers
 from .errors import BudgetError, HyEdgeError, ModelFileError
 from .memory import DEFAULT_BUDGET, plan_context, release_library_pages, trim_heap
 from .spec import ModelSpec
-from .weights import Linear, Weights
+from .weights import Linear, Weights, read_private
 
 FP8_FORMATS = ("e4m3", "e5m2")
 DEFAULT_PREFILL_CHUNK = 128
@@ -209,7 +209,8 @@ class NumbaSession:
     @staticmethod
     def _op(lin: Linear, prepared: dict) -> linear.LinearOp:
         if id(lin) not in prepared:  # shared layers reuse their owner's prepared weights
-            prepared[id(lin)] = linear.prepare(lin.w, lin.storage, lin.scales)
+            scales = None if lin.scales is None else read_private(lin.scales, f"the scales of '{lin.name}'")
+            prepared[id(lin)] = linear.prepare(lin.w, lin.storage, scales)  # folds them into its own copy
         return prepared[id(lin)]
 
     def _group(self, lins: list[Linear], prepared: dict, linears: dict) -> tuple:

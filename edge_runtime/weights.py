@@ -59,7 +59,9 @@ class Linear:
     name: str
     storage: str  # e4m3 | e5m2 | fp16 | fp32
     w: np.ndarray  # (N, K) uint8 FP8 codes | uint16 half bits | float32
-    scales: np.ndarray | None = None  # (N, G) float32, FP8 only; column k uses scales[n, k // ceil(K/G)]
+    # (N, G) float32, FP8 only; column k uses scales[n, k // ceil(K/G)]. May view the data file: read it
+    # with read_private (a touch through the map maps the matrix's pages around it)
+    scales: np.ndarray | None = None
     input_scale: float | None = None  # static activation scale (FP8 only, optional)
 
     @property
@@ -165,28 +167,30 @@ def _float_tensor(tensors: dict[str, Tensor], name: str, shape: tuple, path: Pat
     return t
 
 
-def _private(t: Tensor, path: Path) -> np.ndarray:
-    """A private copy of a small tensor (norm weights, scales) of the data file, read with read(2), not
-    through the map: a page cache of large folios (ext4 and xfs on recent kernels, after a cold read)
-    maps a whole folio, up to 2 MB of matrices, on the first touch of any byte of it, so reading the
-    ~400 scales of SmolLM2-135M through the map made its matrices resident while the kernels loaded
-    (start-up peak 233 -> 296 MB), and each norm read refaulted the padding beside it."""
-    if t.source is None:
-        return np.array(t.data)
-    data_path, offset = t.source
+def read_private(a: np.ndarray, name: str = "a weight") -> np.ndarray:
+    """A private copy of a small array; one that views the memory-mapped data file (norm weights,
+    scales) is read from the file with read(2), not through the map. A page cache of large folios
+    (ext4 and xfs on recent kernels, after a cold read) maps a whole folio, up to 2 MB of matrices, on
+    the first touch of any byte of it: reading SmolLM2-135M's ~400 scales through the map made its
+    matrices resident while a session loaded its kernels (start-up peak 233 -> 296 MB), and each norm
+    read brought back the padding beside it."""
+    root = _mapping(a)
+    if root is None or not a.flags.c_contiguous:
+        return np.array(a)
+    offset = root.offset + (a.ctypes.data - root.ctypes.data)
     try:
-        out = np.fromfile(data_path, t.data.dtype, t.data.size, offset=offset)
+        out = np.fromfile(root.filename, a.dtype, a.size, offset=offset)
     except OSError as e:
-        raise ModelFileError(f"{path.name}: cannot read tensor '{t.name}' ({e.strerror or e})") from None
-    if out.size != t.data.size:
-        raise ModelFileError(f"{path.name}: tensor '{t.name}' lies outside its data file (truncated)")
-    return out.reshape(t.data.shape)
+        raise ModelFileError(f"cannot read {name} from {root.filename} ({e.strerror or e})") from None
+    if out.size != a.size:
+        raise ModelFileError(f"{name} lies outside {root.filename} (a truncated data file)")
+    return out.reshape(a.shape)
 
 
 def _float_vector(tensors: dict[str, Tensor], name: str, shape: tuple, path: Path) -> np.ndarray:
     """Norm weights and conv kernels: small, float; returned as private contiguous float32."""
     t = _float_tensor(tensors, name, shape, path)
-    data = _private(t, path)
+    data = read_private(t.data, f"tensor '{name}'")  # read by every forward: resident, not mapped
     return data.view(np.float16).astype(np.float32) if t.storage == "fp16" else data
 
 
@@ -204,7 +208,9 @@ def _linear(tensors: dict[str, Tensor], name: str, shape: tuple, path: Path) -> 
 
 
 def _scales(tensors: dict[str, Tensor], name: str, shape: tuple, path: Path) -> np.ndarray:
-    """`W.scale` as (N, G): () per tensor → (N, 1) filled, (N,) per channel → (N, 1), (N, G) per block."""
+    """`W.scale` as (N, G): () per tensor → (N, 1) filled, (N,) per channel → (N, 1), (N, G) per block.
+    The last two view the data file: a session reads them once, with `read_private`, to fold them into
+    its kernels' own scales, so they are never resident twice."""
     N, K = shape
     s = tensors.get(name + fmt.SCALE)
     if s is None:
@@ -213,11 +219,11 @@ def _scales(tensors: dict[str, Tensor], name: str, shape: tuple, path: Path) -> 
         raise ModelFileError(f"{path.name}: tensor '{s.name}' has storage {s.storage}, expected fp32")
     d = s.data
     if d.ndim == 0 or d.shape == (1,):
-        return np.full((N, 1), float(_private(s, path).reshape(())), np.float32)
+        return np.full((N, 1), float(read_private(d, f"tensor '{s.name}'").reshape(())), np.float32)
     if d.shape == (N,):
-        return _private(s, path).reshape(N, 1)
+        return np.ascontiguousarray(d.reshape(N, 1))
     if d.ndim == 2 and d.shape[0] == N and 1 <= d.shape[1] <= K:
-        return _private(s, path)
+        return np.ascontiguousarray(d)
     raise ModelFileError(f"{path.name}: tensor '{s.name}' has shape {d.shape}, expected (), ({N},) or ({N}, G)")
 
 
@@ -227,7 +233,7 @@ def _input_scale(tensors: dict[str, Tensor], name: str, path: Path) -> float | N
         return None
     if s.storage != "fp32" or s.data.size != 1:
         raise ModelFileError(f"{path.name}: tensor '{s.name}' should be one float32")
-    return float(_private(s, path).reshape(()))
+    return float(read_private(s.data, f"tensor '{s.name}'").reshape(()))
 
 
 LINEAR_FIELDS = ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "gate_proj", "up_proj", "down_proj")
