@@ -11,6 +11,7 @@ import sys
 import pytest
 from runtime_helpers import converted, make_seed_checkpoint
 from serve_helpers import seconds
+from smaps import mapped_kb, matrices_kb
 
 import edge_runtime
 from edge_runtime import memory
@@ -180,18 +181,6 @@ print(json.dumps([loaded, decoded, bool(np.array_equal(first, again)), float(dou
     assert after_compile > loaded  # compiling maps the pages back in
 
 
-def _mapped_kb(path) -> int:
-    kb, mine = 0, False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            fields = line.split()
-            if not fields[0].endswith(":"):
-                mine = len(fields) >= 6 and fields[5] == str(path)
-            elif fields[0] == "Rss:" and mine:
-                kb += int(fields[1])
-    return kb
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 def test_embedding_rows_are_read_from_the_file_not_through_the_map(tmp_path):
     import numpy as np
@@ -209,9 +198,9 @@ def test_embedding_rows_are_read_from_the_file_not_through_the_map(tmp_path):
     out = np.empty((512, 1024), np.uint16)
     rows = reader.read(ids, out)
     assert rows.shape == (300, 1024) and np.array_equal(rows, table[ids])
-    assert _mapped_kb(path) == 0  # through the map, each row brought in up to 64 KiB around it
+    assert mapped_kb(path) == 0  # through the map, each row brought in up to 64 KiB around it
     np.asarray(mapped[ids[:50]]).sum()
-    assert _mapped_kb(path) > 50 * 4  # (the measure sees a gather through the map)
+    assert mapped_kb(path) > 50 * 4  # (the measure sees a gather through the map)
     in_memory = RowReader(table).read(ids[:7], out)
     assert np.array_equal(in_memory, table[ids[:7]])
     with open(path, "r+b") as f:
@@ -268,7 +257,6 @@ def test_a_session_start_up_peaks_at_its_settled_memory(tmp_path):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 def test_a_session_keeps_only_its_matrices_of_the_data_file_resident(tmp_path):
-    import mmap
     from pathlib import Path
 
     import numpy as np
@@ -283,14 +271,10 @@ def test_a_session_keeps_only_its_matrices_of_the_data_file_resident(tmp_path):
     session = model.session(max_context=32)
     first = session.forward(np.arange(1, 9))
     session.forward(np.array([3]))
-    w = model.weights
-    lins = [w.output] + [x for layer in w.layers for x in layer.linears()]
-    page = mmap.PAGESIZE
-    spans = {(x.w.ctypes.data // page, -(-(x.w.ctypes.data + x.w.nbytes) // page)) for x in lins}
-    matrices_kb = sum(b - a for a, b in spans) * page // 1024
-    data = _mapping(lins[0].w)
-    assert data is not None and data.nbytes > 4 * matrices_kb * 1024
-    assert 0 < _mapped_kb(data.filename) <= matrices_kb  # before: the whole file (~64 KiB per matrix)
+    matrices = matrices_kb(model.weights)
+    data = _mapping(model.weights.output.w)
+    assert data is not None and data.nbytes > 4 * matrices * 1024
+    assert 0 < mapped_kb(data.filename) <= matrices  # before: the whole file (~64 KiB per matrix)
     session.reset()
     assert np.array_equal(session.forward(np.arange(1, 9)), first)
 
@@ -330,54 +314,47 @@ def _cache_in_large_folios(path) -> bool:
 
 
 _LARGE_FOLIOS = """
-import json, mmap, sys
+import json, sys
 import numpy as np
 import edge_runtime
 from edge_runtime.weights import _mapping
+sys.path.insert(0, sys.argv[2])
+from smaps import mapped_kb, matrices_kb
 
 def status():
     lines = open('/proc/self/status').read().splitlines()
     return {l.split(':')[0]: int(l.split()[1]) // 1024 for l in lines if l.startswith(('VmRSS', 'VmHWM'))}
-
-def mapped_kb(path):
-    kb, mine = 0, False
-    for line in open('/proc/self/smaps'):
-        fields = line.split()
-        if not fields[0].endswith(':'):
-            mine = len(fields) >= 6 and fields[5] == path
-        elif fields[0] == 'Rss:' and mine:
-            kb += int(fields[1])
-    return kb
 
 model = edge_runtime.load(sys.argv[1])
 s = model.session(max_context=64)
 opened = status()
 s.forward(np.arange(1, 9))
 s.forward(np.array([3]))
-w = model.weights
-lins = [w.output] + [x for layer in w.layers for x in layer.linears()]
-page = mmap.PAGESIZE
-spans = {(x.w.ctypes.data // page, -(-(x.w.ctypes.data + x.w.nbytes) // page)) for x in lins}
-matrices_kb = sum(b - a for a, b in spans) * page // 1024
-print(json.dumps([opened, mapped_kb(str(_mapping(lins[0].w).filename)), matrices_kb]))
+data = _mapping(model.weights.output.w).filename
+print(json.dumps([opened, mapped_kb(data), matrices_kb(model.weights)]))
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 def test_a_page_cache_of_large_folios_maps_only_the_matrices(tmp_path):
     # a first touch of any byte of a cached 2 MB folio mapped all of it: the scales and norms read through
-    # the map while the kernels loaded made the matrices resident beside LLVM (start-up peak +60 MB on
-    # this model), and every later fault brought the padding back (SmolLM2-135M: 148 MB of its data file
-    # resident against 128 of matrices)
+    # the map while the kernels loaded made the matrices resident beside LLVM (start-up peak 54 MB above
+    # the settled RSS on this model), and every later fault brought the padding back (SmolLM2-135M:
+    # 148 MB of its data file resident against 128 of matrices)
     src = make_seed_checkpoint(tmp_path / "seed", hidden_size=1024, intermediate_size=6144, num_hidden_layers=4)
     model_file = converted(src, "e4m3")
+    from pathlib import Path
+
     if not _cache_in_large_folios(str(model_file) + ".data"):
         pytest.skip("this kernel and filesystem cache no 2 MB folios")
     r = subprocess.run(
-        [sys.executable, "-c", _LARGE_FOLIOS, str(model_file)], capture_output=True, text=True, timeout=seconds(600)
+        [sys.executable, "-c", _LARGE_FOLIOS, str(model_file), str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        timeout=seconds(600),
     )
     assert r.returncode == 0, r.stderr
-    opened, data_kb, matrices_kb = json.loads(r.stdout)
-    assert matrices_kb >= 70 * 1024
-    assert opened["VmHWM"] - opened["VmRSS"] < 16, opened  # before: 67 MB above
-    assert matrices_kb * 0.95 <= data_kb <= matrices_kb + 1024, (data_kb, matrices_kb)  # before: +4 MB
+    opened, data, matrices = json.loads(r.stdout)
+    assert matrices >= 70 * 1024
+    assert opened["VmHWM"] - opened["VmRSS"] < 16, opened  # before: 54 MB above
+    assert matrices * 0.95 <= data <= matrices + 1024, (data, matrices)
