@@ -2,7 +2,7 @@
 from protobuf's wire format without importing onnx.
 
 Why not `onnx.load(path, load_external_data=False)`: importing onnx (its C++ checker, helpers and
-generated classes) costs ~60 ms and ~5 MB of heap that stay for the process's life, and a run reads
+generated classes) costs ~45 ms and ~5 MB of heap that stay for the process's life, and a run reads
 nothing of the file but the fields below; the graph's nodes are onnxruntime's business (its backend
 still uses onnx). The objects have onnx's field names, so code written against a ModelProto reads
 them unchanged, and tests/test_onnx_header.py holds every field equal to onnx's own parse.

@@ -3,9 +3,10 @@
 The file's header is parsed without its external data (edge_runtime.onnx_header); every external
 initializer becomes a numpy view into one read-only `np.memmap` of `model.onnx.data` (offsets are
 64 KiB-aligned by the converter), so the weights are never copied wholesale and only the pages a
-kernel touches become resident. The small tensors (norm weights, scales) are private copies, read
-from the header or with read(2), and the embedding's token rows are read from the file (`RowReader`):
-nothing but the matrices is read through the map, which refuses huge pages (memory.refuse_huge_pages).
+kernel touches become resident. The small tensors are read from the header or with read(2) (norm
+weights into private copies at load, scales when a session folds them into its own), and the
+embedding's token rows are read from the file (`RowReader`): nothing but the matrices is read through
+the map, which refuses huge pages (memory.refuse_huge_pages).
 
 Storage follows `format.py`: FP8 weights are `W.qweight` (uint8 view of FLOAT8E4M3FN / FLOAT8E5M2)
 plus `W.scale` (reshaped here to (N, G)); FP16 weights keep their raw half bits as uint16.
@@ -172,8 +173,8 @@ def read_private(a: np.ndarray, name: str = "a weight") -> np.ndarray:
     scales) is read from the file with read(2), not through the map. A page cache of large folios
     (ext4 and xfs on recent kernels, after a cold read) maps a whole folio, up to 2 MB of matrices, on
     the first touch of any byte of it: reading SmolLM2-135M's ~400 scales through the map made its
-    matrices resident while a session loaded its kernels (start-up peak 233 -> 296 MB), and each norm
-    read brought back the padding beside it."""
+    matrices resident while a session loaded its kernels (a start-up peak of 297 MB instead of 234), and
+    each norm read brought back the padding beside it."""
     root = _mapping(a)
     if root is None or not a.flags.c_contiguous:
         return np.array(a)
