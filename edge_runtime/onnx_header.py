@@ -104,8 +104,10 @@ def _fields(buf: memoryview, start: int, end: int):
             size, i = _varint(buf, i, end)
             value = (i, i + size)
             i += size
+        elif wire in (3, 4):
+            raise HeaderError(f"wire type {wire}, a group (ONNX has none)")
         else:
-            raise HeaderError(f"wire type {wire} (groups are not used by ONNX)")
+            raise HeaderError(f"wire type {wire}, which protobuf does not have")
         if i > end:
             raise HeaderError("a field runs past the end of its message")
         yield number, wire, value
