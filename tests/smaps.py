@@ -6,15 +6,15 @@ from __future__ import annotations
 import mmap
 
 
-def mapped_kb(path) -> int:
-    """Resident kB of this process's mappings of the file at `path`."""
+def mapped_kb(path, field: str = "Rss:") -> int:
+    """Resident kB (or another smaps field's kB) of this process's mappings of the file at `path`."""
     kb, mine = 0, False
     with open("/proc/self/smaps") as f:
         for line in f:
             fields = line.split()
             if not fields[0].endswith(":"):
                 mine = len(fields) >= 6 and fields[5] == str(path)
-            elif fields[0] == "Rss:" and mine:
+            elif fields[0] == field and mine:
                 kb += int(fields[1])
     return kb
 

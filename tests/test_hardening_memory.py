@@ -298,15 +298,7 @@ def _cache_in_large_folios(path) -> bool:
         mm.madvise(mmap.MADV_HUGEPAGE)
         view = np.frombuffer(mm, np.uint8)
         int(view[:: mmap.PAGESIZE].sum())
-        start = view.ctypes.data
-        pmd, mine = 0, False
-        with open("/proc/self/smaps") as f:
-            for line in f:
-                fields = line.split()
-                if not fields[0].endswith(":"):
-                    mine = int(fields[0].split("-")[0], 16) == start
-                elif fields[0] == "FilePmdMapped:" and mine:
-                    pmd = int(fields[1])
+        pmd = mapped_kb(path, "FilePmdMapped:")
         del view
         return pmd > 0
     finally:
