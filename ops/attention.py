@@ -3,7 +3,8 @@
 Every query row t carries its own slot and absolute position: it attends keys 0..pos[t] of its slot.
 One prefill chunk is rows of one slot at consecutive positions; a batched decode step is one row per
 slot. Work items are (row, kv head) pairs: each reads its keys and values once for the whole group of
-H / Hkv query heads. The cache is float32 or float16 (uint16 half bits, decoded in the kernel).
+H / Hkv query heads. The cache is float32, float16 (uint16 half bits) or FP8 (int8 rows of E4M3 codes
+and their scale), decoded in the kernels (hy_edge_ops.kvrow).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from numba import njit, prange
 
 from .checks import need_array as _need
 from .expf import expf
-from .half import as_f32, put
+from .half import acc_scale, as_f32
+from .kvrow import EXTRA, STORAGE, factor, store
 
 _FM = {"reassoc", "contract"}
 
@@ -39,7 +41,7 @@ def _softmax_prefix(row, n, n_all):
 
 @njit(cache=True, parallel=True, fastmath=_FM)
 def _attention_rows(q, k_cache, v_cache, slots, pos, out, scale, scratch):
-    # q, out: f32 (T, H, D) (may alias); k/v_cache: f32 | u16 (slots, Hkv, S, D); slots, pos: i64 (T,);
+    # q, out: f32 (T, H, D) (may alias); k/v_cache: f32 | u16 | i8 (slots, Hkv, S, D [+ 4]); slots, pos: i64 (T,);
     # scratch: f32 (threads, H // Hkv, >= max(pos) + 1) scores of one work item
     n_tok, n_heads, d = q.shape
     n_kv = k_cache.shape[1]
@@ -50,15 +52,17 @@ def _attention_rows(q, k_cache, v_cache, slots, pos, out, scale, scratch):
         sc = scratch[numba.get_thread_id()]
         kc = k_cache[slots[t], g]
         vc = v_cache[slots[t], g]
+        acc = acc_scale(kc)  # 1 and factor() 1 unless FP8 (hy_edge_ops.kvrow)
         n_keys = pos[t] + 1
         for j in range(n_keys):  # scores: each key row is read once for all `rep` query heads
             kj = kc[j]
+            f = factor(kj, d) * scale
             for r in range(rep):
                 qv = q[t, g * rep + r]
                 s = np.float32(0.0)
                 for i in range(d):
                     s += qv[i] * as_f32(kj[i])
-                sc[r, j] = s * scale
+                sc[r, j] = (s * acc) * f
         for r in range(rep):
             _softmax_prefix(sc[r], n_keys, n_keys)
             o = out[t, g * rep + r]  # q of this group is no longer read: out may alias q
@@ -66,11 +70,17 @@ def _attention_rows(q, k_cache, v_cache, slots, pos, out, scale, scratch):
                 o[i] = 0.0
         for j in range(n_keys):
             vj = vc[j]
+            f = factor(vj, d)
             for r in range(rep):
-                p = sc[r, j]
+                p = sc[r, j] * f
                 o = out[t, g * rep + r]
                 for i in range(d):
                     o[i] += p * as_f32(vj[i])
+        if acc != 1.0:  # FP8 values were summed 2**-60 low (factor() folds in the other half)
+            for r in range(rep):
+                o = out[t, g * rep + r]
+                for i in range(d):
+                    o[i] *= acc
 
 
 QB = 16  # query rows of a prefill chunk per work item of `_attention_chunk`
@@ -128,20 +138,34 @@ def _put4(row, j, n, scale, a, b, c, d):
         row[j + 3] = d * scale
 
 
+@njit(cache=True, inline="always")
+def _put4_scores(row, j, n, acc, f, a, b, c, d):
+    # row[j..j+3] = (a, b, c, d) * acc * f[0..3] (the keys' factor() times the softmax scale), below n
+    row[j] = (a * acc) * f[0]
+    if j + 1 < n:
+        row[j + 1] = (b * acc) * f[1]
+    if j + 2 < n:
+        row[j + 2] = (c * acc) * f[2]
+    if j + 3 < n:
+        row[j + 3] = (d * acc) * f[3]
+
+
 @njit(cache=True, fastmath=_FM, inline="always")
 def _transpose_values(vc, vt, j0, j1):
-    # vt[:, j0:j1] = decoded vc[j0:j1].T, 16 value rows (8 KB at D = 128) at a time so they stay in L1
-    d = vc.shape[1]
+    # vt[:, j0:j1] = decoded vc[j0:j1].T (FP8 rows times their scale), 16 value rows (8 KB at D = 128) at
+    # a time so they stay in L1
+    d = vt.shape[0]
+    acc = acc_scale(vc)
     for jb in range(j0, j1, 16):
         for e in range(d):
             for j in range(jb, min(j1, jb + 16)):
-                vt[e, j] = as_f32(vc[j, e])
+                vt[e, j] = (as_f32(vc[j, e]) * acc) * factor(vc[j], d)
 
 
 @njit(cache=True, parallel=True, fastmath=_FM)
 def _attention_chunk(q, k_cache, v_cache, slot, p0, out, scale, scratch, vt_scratch):
     # One sequence's prefill chunk: row t of q, out f32 (T, H, D) (may alias) is at position p0 + t of
-    # slot `slot` of k/v_cache f32 | u16 (slots, Hkv, S, D) and attends keys 0..p0 + t.
+    # slot `slot` of k/v_cache f32 | u16 | i8 (slots, Hkv, S, D [+ 4]) and attends keys 0..p0 + t.
     # scratch: f32 (threads, >= QB * H // Hkv, >= p0 + T); vt_scratch: f32 (threads, D, >= p0 + T).
     # Work items are (kv head, QB rows) with their QB * rep queries. Scores: 4 queries x 4 keys per
     # block. P.V: each thread keeps the values of its current kv head transposed (extended as its items
@@ -162,6 +186,7 @@ def _attention_chunk(q, k_cache, v_cache, slot, p0, out, scale, scratch, vt_scra
         sc = scratch[tid]
         vt = vt_scratch[tid]
         kc = k_cache[slot, g]
+        acc = acc_scale(kc)
         for i in range(0, nq, 4):  # queries past nq / keys past n_keys repeat the last and are not written
             i1, i2, i3 = min(i + 1, nq - 1), min(i + 2, nq - 1), min(i + 3, nq - 1)
             x0, x1 = _query(q, t0, g, rep, i), _query(q, t0, g, rep, i1)
@@ -169,13 +194,15 @@ def _attention_chunk(q, k_cache, v_cache, slot, p0, out, scale, scratch, vt_scra
             for j in range(0, p0 + t0 + i3 // rep + 1, 4):  # the keys of the last of the 4
                 j1, j2, j3 = min(j + 1, n_keys - 1), min(j + 2, n_keys - 1), min(j + 3, n_keys - 1)
                 a = _dot4x4(x0, x1, x2, x3, kc[j], kc[j1], kc[j2], kc[j3], d)
-                _put4(sc[i], j, n_keys, scale, a[0], a[1], a[2], a[3])
+                f0, f1 = factor(kc[j], d) * scale, factor(kc[j1], d) * scale
+                f = (f0, f1, factor(kc[j2], d) * scale, factor(kc[j3], d) * scale)
+                _put4_scores(sc[i], j, n_keys, acc, f, a[0], a[1], a[2], a[3])
                 if i + 1 < nq:
-                    _put4(sc[i1], j, n_keys, scale, a[4], a[5], a[6], a[7])
+                    _put4_scores(sc[i1], j, n_keys, acc, f, a[4], a[5], a[6], a[7])
                 if i + 2 < nq:
-                    _put4(sc[i2], j, n_keys, scale, a[8], a[9], a[10], a[11])
+                    _put4_scores(sc[i2], j, n_keys, acc, f, a[8], a[9], a[10], a[11])
                 if i + 3 < nq:
-                    _put4(sc[i3], j, n_keys, scale, a[12], a[13], a[14], a[15])
+                    _put4_scores(sc[i3], j, n_keys, acc, f, a[12], a[13], a[14], a[15])
         for i in range(nq):  # q is no longer read by this item: out may alias it from here on
             _softmax_prefix(sc[i], p0 + t0 + i // rep + 1, n_keys)
         if done[tid, 0] != g:
@@ -221,7 +248,8 @@ def values_scratch_shape(head_dim: int, context: int) -> tuple[int, int, int]:
 
 def attention_rows(q, k_cache, v_cache, slots, pos, out, scale: float, scratch=None) -> np.ndarray:
     """Causal GQA where row t of q f32 (T, H, D) attends keys 0..pos[t] of slot slots[t] of
-    k_cache, v_cache (slots, Hkv, S_max, D) float32 or uint16 half bits; out f32 (T, H, D) may be q.
+    k_cache, v_cache (slots, Hkv, S_max, row) in a KV storage of hy_edge_ops.kvrow (float32, uint16 half
+    bits, or int8 E4M3 rows of D codes and a scale); out f32 (T, H, D) may be q.
     Head h reads kv head h // (H // Hkv)."""
     n_heads, n_slots, n_kv, s_max = _check_caches(q, k_cache, v_cache, out)
     n_tok = q.shape[0]
@@ -238,15 +266,17 @@ def attention_rows(q, k_cache, v_cache, slots, pos, out, scale: float, scratch=N
 
 def _check_caches(q, k_cache, v_cache, out) -> tuple[int, int, int, int]:
     _need("q", q, np.float32, 3)
-    if not isinstance(k_cache, np.ndarray) or k_cache.dtype not in (np.float32, np.uint16):
-        raise ValueError("k_cache must be a float32 or uint16 (half bits) array")
+    kinds = {np.dtype(t): kind for kind, t in STORAGE.items()}
+    if not isinstance(k_cache, np.ndarray) or k_cache.dtype not in kinds:
+        raise ValueError("k_cache must be a float32, uint16 (half bits) or int8 (E4M3 rows) array")
     _need("k_cache", k_cache, k_cache.dtype, 4)
     _need("v_cache", v_cache, k_cache.dtype, 4, k_cache.shape)
     _need("out", out, np.float32, 3, q.shape)
     n_heads, d = q.shape[1:]
-    n_slots, n_kv, s_max, d_kv = k_cache.shape
-    if d_kv != d:
-        raise ValueError(f"k_cache head_dim {d_kv} != q head_dim {d}")
+    n_slots, n_kv, s_max, row = k_cache.shape
+    extra = EXTRA[kinds[k_cache.dtype]]
+    if row != d + extra:
+        raise ValueError(f"k_cache rows hold {row} elements, expected head_dim {d} + {extra}")
     if n_kv == 0 or n_heads % n_kv:
         raise ValueError(f"q heads ({n_heads}) must be a multiple of k_cache heads ({n_kv})")
     return n_heads, n_slots, n_kv, s_max
@@ -266,7 +296,7 @@ def attention_chunk(
     q, k_cache, v_cache, slot: int, start: int, out, scale: float, scratch=None, values_scratch=None
 ) -> np.ndarray:
     """Causal GQA for one sequence's chunk: row t of q f32 (T, H, D) is at position start + t of slot
-    `slot` of k_cache, v_cache (slots, Hkv, S_max, D) float32 or uint16 half bits (already holding
+    `slot` of k_cache, v_cache (slots, Hkv, S_max, row) as `attention_rows`'s (already holding
     positions < start + T) and attends keys 0..start + t; out f32 (T, H, D) may be q. The same result as
     `attention_rows` with slots = slot, pos = start + arange(T), faster from a few rows on."""
     n_heads, n_slots, n_kv, s_max = _check_caches(q, k_cache, v_cache, out)
@@ -324,17 +354,14 @@ def _rope_norm_store(q, k, v, pos, slots, cos, sin, q_w, k_w, eps, k_cache, v_ca
                     for i in range(xh.shape[0]):
                         xh[i] = w[i] * (xh[i] * inv)
         for h in range(k.shape[1]):
-            kd = k_cache[slots[t], h, pos[t]]
-            vd = v_cache[slots[t], h, pos[t]]
-            for i in range(k.shape[2]):
-                put(kd, i, k[t, h, i])
-                put(vd, i, v[t, h, i])
+            store(k_cache[slots[t], h, pos[t]], k[t, h])
+            store(v_cache[slots[t], h, pos[t]], v[t, h])
 
 
 def rope_norm_store(q, k, v, pos, slots, cos, sin, q_norm, k_norm, eps: float, k_cache, v_cache) -> None:
     """Rotate q f32 (T, H, D) and k f32 (T, Hkv, D) in place at positions pos (T,) with tables cos/sin
     (P, D/2); then, if q_norm / k_norm (D,) are given, RMSNorm each head in place; then store k and v
-    (T, Hkv, D) at cache[slots[t], :, pos[t]] (cache float32 or uint16 half bits, rounded to nearest)."""
+    (T, Hkv, D) at cache[slots[t], :, pos[t]] in the cache's storage (hy_edge_ops.kvrow.store)."""
     _need("q", q, np.float32, 3)
     _need("k", k, np.float32, 3)
     _need("v", v, np.float32, 3, k.shape)

@@ -3,6 +3,18 @@ import pytest
 from hy_edge_ops import reference as ref
 from hy_edge_ops.attention import QB, attention, attention_chunk, attention_rows, rope_norm_store
 from hy_edge_ops.rope import rope_inv_freq, rope_tables
+from kv_reference import fp8_rows
+
+
+def caches(kind, kf, vf):
+    """The caches the kernels read for float32 keys and values kf, vf, and the values they hold."""
+    if kind == "fp16":  # half bits; the reference gets the same rounded values
+        kf, vf = kf.astype(np.float16).astype(np.float32), vf.astype(np.float16).astype(np.float32)
+        return kf.astype(np.float16).view(np.uint16), vf.astype(np.float16).view(np.uint16), kf, vf
+    if kind == "fp8":  # E4M3 rows with their scale (built with ml_dtypes)
+        (kc, kf), (vc, vf) = fp8_rows(kf), fp8_rows(vf)
+        return kc, vc, kf, vf
+    return kf.copy(), vf.copy(), kf, vf
 
 
 @pytest.mark.parametrize("h,hkv", [(6, 2), (4, 4)])
@@ -24,18 +36,14 @@ def test_attention(h, hkv, t, start):
     np.testing.assert_allclose(q, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("cache", ["fp32", "fp16"])
+@pytest.mark.parametrize("cache", ["fp32", "fp16", "fp8"])
 def test_rows_of_several_slots(cache):
     # one decode row per sequence slot, each at its own position, against the one-sequence reference
     h, hkv, d, s_max, n_slots = 8, 2, 32, 40, 5
     rng = np.random.default_rng(9)
-    kf = rng.standard_normal((n_slots, hkv, s_max, d)).astype(np.float32)
+    kf = rng.standard_normal((n_slots, hkv, s_max, d)).astype(np.float32) * 3
     vf = rng.standard_normal((n_slots, hkv, s_max, d)).astype(np.float32)
-    if cache == "fp16":  # the kernel reads half bits; the reference gets the same rounded values
-        kf, vf = kf.astype(np.float16).astype(np.float32), vf.astype(np.float16).astype(np.float32)
-        kc, vc = kf.astype(np.float16).view(np.uint16), vf.astype(np.float16).view(np.uint16)
-    else:
-        kc, vc = kf, vf
+    kc, vc, kf, vf = caches(cache, kf, vf)
     slots = np.array([3, 0, 4], np.int64)
     pos = np.array([39, 0, 17], np.int64)
     q = rng.standard_normal((3, h, d)).astype(np.float32)
@@ -46,7 +54,7 @@ def test_rows_of_several_slots(cache):
         np.testing.assert_allclose(out[i : i + 1], want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("cache", ["fp32", "fp16"])
+@pytest.mark.parametrize("cache", ["fp32", "fp16", "fp8"])
 @pytest.mark.parametrize("h,hkv", [(6, 2), (9, 3), (4, 4)])
 @pytest.mark.parametrize("t,start", [(1, 0), (3, 5), (QB, 0), (QB + 5, 0), (2 * QB + 3, 17)])
 def test_chunk(cache, h, hkv, t, start):
@@ -57,13 +65,10 @@ def test_chunk(cache, h, hkv, t, start):
     q = rng.standard_normal((t, h, d)).astype(np.float32)
     kf = rng.standard_normal((3, hkv, s_max, d)).astype(np.float32)
     vf = rng.standard_normal((3, hkv, s_max, d)).astype(np.float32)
-    if cache == "fp16":
-        kf, vf = kf.astype(np.float16).astype(np.float32), vf.astype(np.float16).astype(np.float32)
-        kc, vc = kf.astype(np.float16).view(np.uint16), vf.astype(np.float16).view(np.uint16)
-    else:
-        kc, vc = kf.copy(), vf.copy()
-        kc[slot, :, start + t :] = np.nan  # positions past the chunk must never be read
-        vc[slot, :, start + t :] = np.nan
+    kc, vc, kf, vf = caches(cache, kf, vf)
+    if cache != "fp16":  # positions past the chunk must never be read (FP8: their scales are NaN)
+        past = (slot, slice(None), slice(start + t, None), slice(d, None) if cache == "fp8" else slice(None))
+        kc[past] = vc[past] = np.array([np.nan], np.float32).view(np.int8) if cache == "fp8" else np.nan
     want = ref.attention(q, kf[slot], vf[slot], start, d**-0.5)
     out = np.full_like(q, np.nan)
     attention_chunk(q, kc, vc, slot, start, out, d**-0.5)
@@ -100,6 +105,11 @@ def test_rope_norm_store():
     rope_norm_store(q.copy(), k.copy(), v, pos, slots, cos, sin, None, None, 1e-5, half, half.copy())
     rotated = ref.apply_rope(k, pos, inv)
     np.testing.assert_array_equal(half[1][:, 4:7], rotated.transpose(1, 0, 2).astype(np.float16).view(np.uint16))
+    fp8 = np.zeros((2, hkv, s_max, d + 4), np.int8)  # FP8 rows: codes and the row's scale
+    fp8_v = fp8.copy()
+    rope_norm_store(q.copy(), k.copy(), v, pos, slots, cos, sin, None, None, 1e-5, fp8, fp8_v)
+    np.testing.assert_array_equal(fp8[1][:, 4:7], fp8_rows(rotated.transpose(1, 0, 2))[0])
+    np.testing.assert_array_equal(fp8_v[1][:, 4:7], fp8_rows(v.transpose(1, 0, 2))[0])
 
 
 def test_errors():
@@ -119,3 +129,9 @@ def test_errors():
         attention(q, kv, kv, 8, q, 1.0)
     with pytest.raises(ValueError, match="slots"):
         attention_rows(q, kv[None], kv[None], np.array([1], np.int64), np.array([0], np.int64), q, 1.0)
+    rows = np.zeros((1, 2, 8, 8), np.int8)  # FP8 rows need D + 4 bytes
+    with pytest.raises(ValueError, match="rows hold 8 elements, expected head_dim 8 \\+ 4"):
+        attention_rows(q, rows, rows, np.array([0], np.int64), np.array([0], np.int64), q, 1.0)
+    wide, zero = kv[None].astype(np.float64), np.zeros(1, np.int64)
+    with pytest.raises(ValueError, match="int8"):
+        attention_rows(q, wide, wide, zero, zero, q, 1.0)
