@@ -18,6 +18,7 @@ from .errors import BudgetError, HyEdgeError, ModelFileError
 configure_jit_cache()  # before anything imports hy_edge_ops: numba picks kernel cache paths at definition
 
 _LAZY = {
+    "KV_CACHES": ".backend",
     "GenerationResponse": ".generate",
     "GenerationResult": ".generate",
     "Generator": ".generate",

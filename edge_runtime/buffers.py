@@ -6,12 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from hy_edge_ops import attention, rope
+from hy_edge_ops import attention, kvrow, rope
 
 from .memory import MemoryPlan, lazy_zeros
 from .spec import ModelSpec
 
-KV_CACHE_TYPES = {"fp32": np.float32, "fp16": np.uint16}  # fp16: half bits, rounded to nearest
+# stored dtype per KV cache type: fp16 half bits rounded to nearest; fp8 rows of E4M3 codes and a scale
+KV_CACHE_TYPES = kvrow.STORAGE
 
 
 @dataclass
@@ -35,8 +36,8 @@ class Buffers:
     positions: np.ndarray  # (R,) int64 absolute position of each row
     row_slots: np.ndarray  # (R,) int64 sequence slot of each row
     logits: np.ndarray  # (B, V) last token's logits per slot
-    k_cache: np.ndarray  # (La, B, Hkv, S, D) float32 or uint16 half bits
-    v_cache: np.ndarray  # (La, B, Hkv, S, D)
+    k_cache: np.ndarray  # (La, B, Hkv, S, D) float32 or uint16 half bits; (.., D + 4) int8 FP8 rows
+    v_cache: np.ndarray  # (La, B, Hkv, S, D) as k_cache
     scores: np.ndarray  # (threads, QB*H/Hkv, S) attention scores of one work item per thread
     values_t: np.ndarray  # (threads, D, S + 16) one kv head's values, transposed, for a prefill chunk
     conv_state: np.ndarray  # (Lc, B, C, k-1) last k-1 dwconv inputs, oldest first
@@ -52,7 +53,7 @@ def buffer_shapes(
     C, H, Hkv, D = spec.hidden_size, spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
     F, V, S, R, B = spec.intermediate_size, spec.vocab_size, context, max(chunk, slots), slots
     La, Lc, k = len(spec.attention_layers), len(spec.conv_layers), spec.conv_kernel_size
-    f32, kv = np.float32, KV_CACHE_TYPES[kv_cache]
+    f32, kv, row = np.float32, KV_CACHE_TYPES[kv_cache], kvrow.row_length(kv_cache, spec.head_dim)
     kmax = max(C, F, H * D)
     return dict(
         rows=((R * C,), f32),
@@ -71,8 +72,8 @@ def buffer_shapes(
         positions=((R,), np.int64),
         row_slots=((R,), np.int64),
         logits=((B, V), f32),
-        k_cache=((La, B, Hkv, S, D), kv),
-        v_cache=((La, B, Hkv, S, D), kv),
+        k_cache=((La, B, Hkv, S, row), kv),
+        v_cache=((La, B, Hkv, S, row), kv),
         scores=(attention.scratch_shape(H, Hkv, S), f32),
         values_t=(attention.values_scratch_shape(D, S), f32),
         conv_state=((Lc, B, C, k - 1), f32),

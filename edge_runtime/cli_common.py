@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import click
 
+from .backend import KV_CACHES
 from .errors import HyEdgeError
 
 EXIT_USER_ERROR = 2
@@ -89,8 +90,9 @@ def model_options(fn: Callable) -> Callable:
             "--kv-cache",
             default="fp32",
             show_default=True,
-            type=click.Choice(["fp32", "fp16"]),
-            help="KV cache precision (numba backend): fp16 halves its memory, keys and values rounded to half.",
+            type=click.Choice(KV_CACHES),
+            help="KV cache precision (numba backend): fp16 halves its memory, keys and values rounded to half; "
+            "fp8 stores each key and value row as E4M3 codes with a scale (about a quarter of fp32).",
         ),
     ]
     return functools.reduce(lambda f, o: o(f), reversed(options), fn)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import click
 
+from .backend import KV_CACHES
 from .cli_common import fail, user_errors
 from .errors import HyEdgeError
 
@@ -48,7 +49,7 @@ def _serve_options(fn):
         click.option(
             "--max-context", default=None, type=int, help="Context length of each slot (default: up to 4096)."
         ),
-        click.option("--kv-cache", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"])),
+        click.option("--kv-cache", default="fp32", show_default=True, type=click.Choice(KV_CACHES)),
         click.option("--max-body", default="1MB", show_default=True, help="Largest request body."),
         click.option(
             "--shutdown-timeout",

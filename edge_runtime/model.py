@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import format as fmt
-from .backend import Backend, open_session
+from .backend import KV_CACHES, Backend, open_session
 from .chat import encode_chat, make_messages
 from .errors import HyEdgeError, ModelFileError
 from .generate import GenerationResponse, GenerationResult, Generator, collect
@@ -36,7 +36,7 @@ class SessionOptions:
     max_context: int | None = None  # None: min(model limit, 4096, what the budget allows)
     max_memory: int | None = None  # bytes; None: memory.DEFAULT_BUDGET
     prefill_chunk: int | None = None  # None: the backend's default
-    kv_cache: str = "fp32"  # numba backend: "fp16" halves the KV cache (keys/values rounded to half)
+    kv_cache: str = "fp32"  # numba backend: "fp16" halves the KV cache (rounded to half), "fp8" E4M3 rows
 
 
 class Model:
@@ -178,9 +178,9 @@ def load(
     if backend not in ("numba", "onnxruntime"):
         raise HyEdgeError(f"backend '{backend}' is not one of numba, onnxruntime")
     budget = parse_size(max_memory) if max_memory is not None else None
-    if kv_cache not in ("fp32", "fp16"):
-        raise HyEdgeError(f"kv cache type '{kv_cache}' is not one of fp32, fp16")
+    if kv_cache not in KV_CACHES:
+        raise HyEdgeError(f"kv cache type '{kv_cache}' is not one of {', '.join(KV_CACHES)}")
     if kv_cache != "fp32" and backend != "numba":
-        raise HyEdgeError("an fp16 KV cache is a numba-backend option")
+        raise HyEdgeError(f"an {kv_cache} KV cache is a numba-backend option")
     options = SessionOptions(backend, threads, max_context, budget, prefill_chunk, kv_cache)
     return Model(path, spec, weights, tokenizer, quant, meta, options)

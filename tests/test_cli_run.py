@@ -54,12 +54,15 @@ def test_json_output(model_file, prompt):
     assert json.loads(run(*args).stdout)["token_ids"] == out["token_ids"]  # same seed, same tokens
 
 
-def test_fp16_kv_cache_option(model_file, prompt):
-    r = run(prompt, "--model", model_file, "--max-tokens", "4", "--kv-cache", "fp16", "--json")
+@pytest.mark.parametrize("kv", ["fp16", "fp8"])
+def test_kv_cache_option(model_file, prompt, kv):
+    r = run(prompt, "--model", model_file, "--max-tokens", "4", "--kv-cache", kv, "--json")
     assert r.exit_code == 0, r.stderr
     assert 1 <= json.loads(r.stdout)["completion_tokens"] <= 4
-    r = run(prompt, "--model", model_file, "--backend", "onnxruntime", "--kv-cache", "fp16")
-    assert r.exit_code == 2 and r.stderr.strip() == "hy-edge: error: an fp16 KV cache is a numba-backend option"
+    r = run(prompt, "--model", model_file, "--backend", "onnxruntime", "--kv-cache", kv)
+    assert r.exit_code == 2 and r.stderr.strip() == f"hy-edge: error: an {kv} KV cache is a numba-backend option"
+    r = run(prompt, "--model", model_file, "--kv-cache", "int4")
+    assert r.exit_code == 2 and "'int4' is not one of 'fp32', 'fp16', 'fp8'" in r.stderr
 
 
 def test_stdin_raw_and_onnxruntime(model_file):

@@ -115,7 +115,34 @@ def test_fp16_kv_cache(hy_fp8):
     assert 0 < np.abs(a - b).max() < 1e-3 * np.abs(a).max()
     assert (a.argmax(-1) == b.argmax(-1)).mean() > 0.9
     assert edge_runtime.load(hy_fp8, kv_cache="fp16", max_context=64).session().kv_cache == "fp16"
-    with pytest.raises(HyEdgeError, match="kv cache"):
-        edge_runtime.load(hy_fp8, kv_cache="fp8")
+    with pytest.raises(HyEdgeError, match="kv cache type 'int4' is not one of fp32, fp16, fp8"):
+        edge_runtime.load(hy_fp8, kv_cache="int4")
     with pytest.raises(HyEdgeError, match="numba"):
         edge_runtime.load(hy_fp8, kv_cache="fp16", backend="onnxruntime")
+
+
+def test_fp8_kv_cache(hy_fp8):
+    # FP8 KV: each key and value row as E4M3 codes and its scale, D + 4 bytes against 4 D. The logits
+    # move by E4M3's rounding of k and v (3 mantissa bits, relative 2**-4 per element at most)
+    model = edge_runtime.load(hy_fp8)
+    spec = model.spec
+    ids = np.asarray(PROMPT_IDS)
+    s32, s8 = model.session(max_context=64), model.session(max_context=64, kv_cache="fp8")
+    assert s8.buf.k_cache.shape[-1] == spec.head_dim + 4 and s8.buf.k_cache.dtype == np.int8
+    assert s8.buf.k_cache.nbytes * 4 * spec.head_dim == s32.buf.k_cache.nbytes * (spec.head_dim + 4)
+    assert s32.plan.per_token - s8.plan.per_token == s32.buf.k_cache.nbytes * 2 // 64 - s8.buf.k_cache.nbytes * 2 // 64
+    a, b = s32.forward(ids, all_logits=True), s8.forward(ids, all_logits=True)  # a prefill chunk
+    assert 0 < np.abs(a - b).max() < 0.03 * np.abs(a).max()  # 1.2% here
+    assert (a.argmax(-1) == b.argmax(-1)).mean() > 0.9
+    # token by token (the decode kernels) reads the same FP8 cache: the same logits but for float32 order
+    s8.reset()
+    steps = np.stack([s8.forward(ids[t : t + 1]).copy() for t in range(len(ids))])
+    np.testing.assert_allclose(steps, b, rtol=0, atol=1e-5 * np.abs(b).max())
+    # batched decode with the FP8 cache stays batch-invariant
+    together = greedy_batched(edge_runtime.load(hy_fp8, kv_cache="fp8"), PROMPTS[:3], [0, 1, 2], 3, 3)
+    for i, p in enumerate(PROMPTS[:3]):
+        alone = greedy_batched(edge_runtime.load(hy_fp8, kv_cache="fp8"), [p], [0], 3, 1)[0]
+        for x, y in zip(alone, together[i], strict=True):
+            np.testing.assert_array_equal(x, y)
+    with pytest.raises(HyEdgeError, match="an fp8 KV cache is a numba-backend option"):
+        edge_runtime.load(hy_fp8, kv_cache="fp8", backend="onnxruntime")
