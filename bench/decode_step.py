@@ -2,6 +2,7 @@
 prepared linear of the model, the head included, in the engine's order, on a fixed input), interleaved.
 
     python bench/decode_step.py [MODEL.onnx] [--threads 2] [--rounds 5] [--steps 16] [--batch B | --prefill T]
+                                [--kv-cache fp32|fp16|fp8]
 
 MODEL defaults to the bench's Hunyuan-0.5B default conversion (bench/out, made by `make bench`).
 The difference between the two is everything that is not a GEMV: attention, norms, RoPE, SwiGLU, the
@@ -42,6 +43,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--batch", type=int, default=0, help="B sequences per step through decode_batch")
     ap.add_argument("--prefill", type=int, default=0, help="a step is the prefill of T tokens")
+    ap.add_argument("--kv-cache", default="fp32", choices=edge_runtime.KV_CACHES)
     args = ap.parse_args()
     if min(args.batch, args.prefill) < 0 or min(args.threads, args.rounds, args.steps) < 1:
         raise SystemExit("decode_step: --threads, --rounds and --steps must be >= 1, --batch and --prefill >= 0")
@@ -50,7 +52,8 @@ def main() -> None:
     path = args.model or default_model()
     B = max(1, args.batch)
     max_context = max(128 + 2 * args.steps * (args.rounds + 1), args.prefill)
-    session = edge_runtime.load(path, threads=args.threads, max_context=max_context).session(slots=B)
+    model = edge_runtime.load(path, threads=args.threads, max_context=max_context, kv_cache=args.kv_cache)
+    session = model.session(slots=B)
     rng = np.random.default_rng(0)
     vocab = session.spec.vocab_size
     for slot in range(B):
@@ -91,7 +94,8 @@ def main() -> None:
             fn()
             times[name].append((time.perf_counter() - t) / args.steps)
     what = f"decode_batch of {B}" if args.batch else f"a {args.prefill}-token prompt" if args.prefill else "one token"
-    print(f"{path.name}, {args.threads} threads, {what}, {weight_bytes / 1e6:.0f} MB of weights per step")
+    per_step = f"{weight_bytes / 1e6:.0f} MB of weights per step"
+    print(f"{path.name}, {args.threads} threads, {what}, {args.kv_cache} KV, {per_step}")
     for name, ts in times.items():
         med = statistics.median(ts)
         rate = f"{flops / med / 1e9:6.1f} GFLOP/s" if args.prefill else f"{B / med:6.1f} tok/s"

@@ -1,5 +1,6 @@
 """FP8 quality on the real default model: each FP8 conversion of SmolLM2-135M-Instruct against its
-unquantized (fp32) conversion, on the committed English text and prompts in examples/eval/.
+unquantized (fp32) conversion, on the committed English text and prompts in examples/eval/; and the
+KV cache's precision (fp16, fp8: `load(kv_cache=...)`, numba backend) on the fp32 and E4M3 weights.
 
 Per variant: perplexity of the text (teacher-forced, windows of <= 512 tokens) and its ratio to fp32;
 greedy-token agreement (how often the variant's argmax equals fp32's argmax, teacher-forced on the
@@ -41,6 +42,7 @@ class Variant:
     name: str
     format: str  # QuantPolicy.format: none | e4m3 | e5m2 | auto
     granularity: str = "channel"
+    kv_cache: str = "fp32"  # the session's KV cache (numba backend): fp32 | fp16 | fp8
 
     @property
     def filename(self) -> str:
@@ -57,6 +59,9 @@ VARIANTS = (
     REFERENCE,
     *(Variant(f"{f}/{g}", f, g) for f in ("e4m3", "e5m2") for g in ("channel", "tensor", "block:32")),
     Variant("auto/channel", "auto", "channel"),
+    # the KV cache's precision, on the unquantized weights (its effect alone) and on the default E4M3 ones
+    *(Variant(f"fp32 + {kv} KV", "none", kv_cache=kv) for kv in ("fp16", "fp8")),
+    Variant("e4m3/channel + fp8 KV", "e4m3", "channel", kv_cache="fp8"),
 )
 
 
@@ -223,12 +228,13 @@ def run_variant(
     max_tokens: int = 64,
     window: int = WINDOW,
     tensors: dict | None = None,
+    kv_cache: str = "fp32",
 ) -> VariantRun:
     """Teacher-forced NLL and argmax over `text` (one fresh cache per window), then a greedy chat
     generation per prompt (fresh cache each, so no prompt depends on the previous one)."""
     import edge_runtime
 
-    model = edge_runtime.load(path, backend=backend, threads=threads)
+    model = edge_runtime.load(path, backend=backend, threads=threads, kv_cache=kv_cache)
     ids = np.asarray(model.tokenizer.encode(text, add_special_tokens=True), np.int64)
     t0 = time.perf_counter()
     sess = model.session(max_context=window)
@@ -363,6 +369,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if unknown:
             ap.error(f"--variants: unknown {', '.join(sorted(unknown))}")
         variants = [v for v in VARIANTS if v is REFERENCE or v.name in wanted]
+    if args.backend != "numba":  # the KV cache's precision is a numba-backend option
+        variants = [v for v in variants if v.kv_cache == "fp32"]
     src = smollm2_gguf_path().resolve()
     text = (EVAL_DIR / "text.txt").read_text()
     prompts = load_prompts(EVAL_DIR / "prompts.jsonl")
@@ -380,6 +388,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             threads=args.threads,
             max_tokens=args.max_tokens,
             tensors=tensors,
+            kv_cache=v.kv_cache,
         )
         r = runs[v.name]
         log(

@@ -43,7 +43,12 @@ CONTENTION_TOKENS = 32  # decode tokens under contention (a step may take ~0.5 s
 CONTENTION_CASES = ("hy-edge numba default", "llama.cpp Q8_0")
 # peak RSS with every position of the context cached, at these context lengths (llama.cpp's n_ctx)
 FILLED_CONTEXTS = (1024, 2048)
-FILLED_CASES = ("hy-edge numba default", "hy-edge numba default, FP16 KV", "llama.cpp Q8_0")
+FILLED_CASES = (
+    "hy-edge numba default",
+    "hy-edge numba default, FP16 KV",
+    "hy-edge numba default, FP8 KV",
+    "llama.cpp Q8_0",
+)
 
 
 @dataclass
@@ -70,9 +75,10 @@ def build_cases(args, ckpt: Path, notes: list[str]) -> list[Case]:
         cases.append(Case(f"hy-edge numba {label}", "numba", model, artifacts.hy_edge_bytes_per_token(model), full))
         if i == 0 and not args.quick:
             onnx_case = Case("hy-edge onnxruntime default", "onnxruntime", model, cases[0].bytes_per_token, full)
-            kv16 = Case("hy-edge numba default, FP16 KV", "numba", model, cases[0].bytes_per_token, full)
-            kv16.env = {"BENCH_KV_CACHE": "fp16"}
-            cases.append(kv16)
+            for kv in ("fp16", "fp8"):  # the default conversion with a smaller KV cache
+                case = Case(f"hy-edge numba default, {kv.upper()} KV", "numba", model, cases[0].bytes_per_token, full)
+                case.env = {"BENCH_KV_CACHE": kv}
+                cases.append(case)
     if not args.quick:
         cases.append(onnx_case)
     if llama_cpp_available(notes):

@@ -41,7 +41,7 @@ class HyEdgeRunner(Runner):
 
         # threads 0: hy-edge's default (physical cores, giving way to other busy processes)
         model = edge_runtime.load(path, backend=backend, threads=threads or None, max_context=context)
-        kv = os.environ.get("BENCH_KV_CACHE")  # set by run.py for its FP16 KV case
+        kv = os.environ.get("BENCH_KV_CACHE")  # set by run.py for its FP16 and FP8 KV cases
         self.session = model.session(kv_cache=kv) if kv else model.session()
 
     def prefill(self, ids: np.ndarray) -> int:

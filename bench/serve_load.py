@@ -109,7 +109,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128, help="generated tokens per stream")
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--kv-cache", default="fp32", choices=["fp32", "fp16"])
+    ap.add_argument("--kv-cache", default="fp32", choices=["fp32", "fp16", "fp8"])
     ap.add_argument("--out", default=str(HERE / "out" / "serve_load.json"))
     args = ap.parse_args()
 
