@@ -2,14 +2,15 @@
 prepared linear of the model, the head included, in the engine's order, on a fixed input), interleaved.
 
     python bench/decode_step.py [MODEL.onnx] [--threads 2] [--rounds 5] [--steps 16] [--batch B | --prefill T]
-                                [--kv-cache fp32|fp16|fp8]
+                                [--kv-cache fp32|fp16|fp8] [--prompt 128]
 
 MODEL defaults to the bench's Hunyuan-0.5B default conversion (bench/out, made by `make bench`).
 The difference between the two is everything that is not a GEMV: attention, norms, RoPE, SwiGLU, the
 layer loop and Python. With --batch B, a step is `decode_batch` of B sequences (the serving engine's
 step) and the GEMVs take B rows each, as in that step. With --prefill T, a step is the prefill of a
 T-token prompt from an empty cache (the time to first token) against its GEMMs (T rows through every
-layer's linears, one through the head).
+layer's linears, one through the head). Decode steps start after a --prompt-token prompt in each
+sequence (the attention's share grows with it; --kv-cache picks the cache's precision).
 """
 
 from __future__ import annotations
@@ -44,20 +45,23 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=0, help="B sequences per step through decode_batch")
     ap.add_argument("--prefill", type=int, default=0, help="a step is the prefill of T tokens")
     ap.add_argument("--kv-cache", default="fp32", choices=edge_runtime.KV_CACHES)
+    ap.add_argument("--prompt", type=int, default=128, help="tokens cached in each sequence before decoding")
     args = ap.parse_args()
-    if min(args.batch, args.prefill) < 0 or min(args.threads, args.rounds, args.steps) < 1:
-        raise SystemExit("decode_step: --threads, --rounds and --steps must be >= 1, --batch and --prefill >= 0")
+    if min(args.batch, args.prefill) < 0 or min(args.threads, args.rounds, args.steps, args.prompt) < 1:
+        raise SystemExit(
+            "decode_step: --threads, --rounds, --steps and --prompt must be >= 1, --batch and --prefill >= 0"
+        )
     if args.batch and args.prefill:
         raise SystemExit("decode_step: --batch or --prefill, not both")
     path = args.model or default_model()
     B = max(1, args.batch)
-    max_context = max(128 + 2 * args.steps * (args.rounds + 1), args.prefill)
+    max_context = max(args.prompt + 2 * args.steps * (args.rounds + 1), args.prefill)
     model = edge_runtime.load(path, threads=args.threads, max_context=max_context, kv_cache=args.kv_cache)
     session = model.session(slots=B)
     rng = np.random.default_rng(0)
     vocab = session.spec.vocab_size
     for slot in range(B):
-        session.forward(rng.integers(0, vocab, 128), slot=slot)
+        session.forward(rng.integers(0, vocab, args.prompt), slot=slot)
     slots = np.arange(B)
 
     linears = [g for b in session._blocks for g, _ in (*b.qkv, (b.o, None), *b.gate_up, (b.down, None))]
@@ -94,6 +98,7 @@ def main() -> None:
             fn()
             times[name].append((time.perf_counter() - t) / args.steps)
     what = f"decode_batch of {B}" if args.batch else f"a {args.prefill}-token prompt" if args.prefill else "one token"
+    what += "" if args.prefill else f" after {args.prompt} cached"
     per_step = f"{weight_bytes / 1e6:.0f} MB of weights per step"
     print(f"{path.name}, {args.threads} threads, {what}, {args.kv_cache} KV, {per_step}")
     for name, ts in times.items():
