@@ -18,9 +18,13 @@ SEED_TTFT_CLAIM_S = 1.2
 ZEN4_FLOP_PER_CYCLE = 32  # fp32 FMA: two 256-bit pipes (AVX-512 is double-pumped on Zen 4)
 
 
+BATCH_SUFFIX = ", 4 sequences batched"  # run.py's name for a case measuring the batch4 figure
+
+
 def side_case(case: str) -> bool:
-    """Cases outside the main table: decode beside a busy process, peak RSS with the context filled."""
-    return case.endswith("+ busy") or case.endswith(" filled")
+    """Cases outside the main table: decode beside a busy process, peak RSS with the context filled,
+    batched decode."""
+    return case.endswith("+ busy") or case.endswith(" filled") or case.endswith(BATCH_SUFFIX)
 
 
 def summarize(values: list[float]) -> dict:
@@ -148,6 +152,7 @@ def markdown(result: dict) -> str:
             slow = f"{alone['median'] / mine['median']:.2f}×" if alone else "-"
             lines.append(f"| {c[: -len(' + busy')]} | {_fmt(alone, 1)} | {_fmt(mine, 1)} | {slow} |")
     lines += _filled_markdown(figs, meta)
+    lines += _batch_markdown(figs, meta)
     if result["ratios"]:
         lines += ["", "**hy-edge ÷ llama.cpp Q8_0** (medians; decode > 1 is faster, TTFT and RSS < 1 are better):", ""]
         lines += ["| hy-edge | decode | TTFT 128 | TTFT 512 | peak RSS |", "|---|---|---|---|---|"]
@@ -178,6 +183,29 @@ def markdown(result: dict) -> str:
     if result.get("notes"):
         lines += ["", *(f"- {n}" for n in result["notes"])]
     return "\n".join(lines) + "\n"
+
+
+def _batch_markdown(figs: dict, meta: dict) -> list[str]:
+    """Aggregate decode of 4 sequences in one process (decode_batch: one pass over the weights per step)
+    against the same runtime's one-sequence decode of the same run (issue 8's target: >= 2.5x)."""
+    cases = [c for c in figs if c.endswith(BATCH_SUFFIX)]
+    if not cases:
+        return []
+    lines = [
+        "",
+        f"**Batched decode** (one process, 4 sequences each after its own {meta['decode_prompt']}-token prompt, "
+        f"{meta['decode_tokens']} `decode_batch` steps; aggregate tokens/s against the same runtime's decode of one "
+        "sequence above):",
+        "",
+        "| runtime | 4 sequences: tok/s | 1 sequence: tok/s | ratio |",
+        "|---|---|---|---|",
+    ]
+    for c in cases:
+        base = c[: -len(BATCH_SUFFIX)]
+        four, one = figs[c].get("batch4"), figs.get(base, {}).get("decode")
+        ratio = f"{four['median'] / one['median']:.2f}×" if four and one else "-"
+        lines.append(f"| {base} | {_fmt(four, 1)} | {_fmt(one, 1)} | {ratio} |")
+    return lines
 
 
 def _filled_markdown(figs: dict, meta: dict) -> list[str]:

@@ -4,7 +4,8 @@
 Figures per runtime: decode tok/s, TTFT at 32/128/512 prompt tokens, peak RSS, cold start, weight bytes
 per token and the GB/s decode reaches against the machine's read bandwidth measured in the same run;
 decode under one competing busy process; peak RSS with the whole context cached (1,024 and 2,048
-tokens); the ratios hy-edge / llama.cpp Q8_0; a Raspberry Pi 5 projection. Writes bench/results/latest.{json,md,png}.
+tokens); hy-edge's batched decode (4 sequences per `decode_batch` step, against one); the ratios hy-edge /
+llama.cpp Q8_0; a Raspberry Pi 5 projection. Writes bench/results/latest.{json,md,png}.
 
     python bench/run.py [--rounds 3] [--threads 2] [--quick] [--layers 24] [--out bench/results/latest]
     python bench/run.py --quick     # one round: decode + TTFT 128, hy-edge numba vs llama.cpp Q8_0
@@ -41,6 +42,7 @@ VARIANTS = [
 ]
 CONTENTION_TOKENS = 32  # decode tokens under contention (a step may take ~0.5 s there)
 CONTENTION_CASES = ("hy-edge numba default", "llama.cpp Q8_0")
+BATCH_CASES = ("hy-edge numba default",)  # 4 sequences decoded together, in a process of their own
 # peak RSS with every position of the context cached, at these context lengths (llama.cpp's n_ctx)
 FILLED_CONTEXTS = (1024, 2048)
 FILLED_CASES = (
@@ -99,6 +101,9 @@ def build_cases(args, ckpt: Path, notes: list[str]) -> list[Case]:
             if c.name == CONTENTION_CASES[0]:  # hy-edge's default thread count gives way to busy processes
                 name = c.name + ", default threads + busy"
                 cases.append(Case(name, c.runtime, c.path, c.bytes_per_token, ("decode",), True, threads=0))
+            if c.name in BATCH_CASES:
+                name = c.name + report.BATCH_SUFFIX
+                cases.append(Case(name, c.runtime, c.path, c.bytes_per_token, ("batch4",), env=c.env))
             if c.name in FILLED_CASES:
                 for n in FILLED_CONTEXTS:
                     name = f"{c.name} @ {n} filled"
@@ -309,7 +314,7 @@ def main() -> None:
     agg = report.aggregate(runs)
     bandwidth = statistics.median(bw_runs)
     machine = machine_info()
-    hy_cases = [c.name for c in cases if c.name.startswith("hy-edge") and not c.contention and "fill" not in c.figures]
+    hy_cases = [c.name for c in cases if c.name.startswith("hy-edge") and not report.side_case(c.name)]
     result = {
         "meta": {
             "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),

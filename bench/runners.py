@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 
 RUNTIMES = ("numba", "onnxruntime", "llama.cpp", "torch")
-FIGURES = ("ttft32", "ttft128", "ttft512", "decode", "fill")  # fill: prefill the whole context, then a step
+# fill: prefill the whole context, then a step; batch4: 4 sequences decoded together (hy-edge numba only)
+FIGURES = ("ttft32", "ttft128", "ttft512", "decode", "fill", "batch4")
+BATCH = 4  # sequences of the batch4 figure, one decode_batch step (one pass over the weights) per token
 CONTEXT = 1024  # KV cache length every runtime allocates (llama.cpp n_ctx) unless --context says otherwise
 DECODE_PROMPT = 16  # tokens before the timed decode
 TOKEN_RANGE = (3, 49152)  # ids every runtime's vocabulary holds as ordinary tokens (see artifacts.py)
@@ -42,6 +44,7 @@ class HyEdgeRunner(Runner):
         # threads 0: hy-edge's default (physical cores, giving way to other busy processes)
         model = edge_runtime.load(path, backend=backend, threads=threads or None, max_context=context)
         kv = os.environ.get("BENCH_KV_CACHE")  # set by run.py for its FP16 and FP8 KV cases
+        self.model, self.kv = model, kv or "fp32"
         self.session = model.session(kv_cache=kv) if kv else model.session()
 
     def prefill(self, ids: np.ndarray) -> int:
@@ -50,6 +53,19 @@ class HyEdgeRunner(Runner):
 
     def step(self, token: int) -> int:
         return int(np.argmax(self.session.forward(np.array([token], np.int64))))
+
+    def batched(self, prompts: list[np.ndarray]) -> Callable[[], None]:
+        """A session of len(prompts) slots with each prompt prefilled in its own; returns the step that
+        decodes every sequence's next greedy token in one `decode_batch`."""
+        session = self.model.session(slots=len(prompts), kv_cache=self.kv)
+        slots = np.arange(len(prompts))
+        tokens = [int(np.argmax(session.forward(p.astype(np.int64), slot=i))) for i, p in enumerate(prompts)]
+
+        def step() -> None:
+            logits = session.decode_batch(tokens, slots)
+            tokens[:] = [int(t) for t in np.argmax(logits, axis=1)]
+
+        return step
 
 
 class LlamaCppRunner(Runner):
@@ -170,6 +186,12 @@ def measure(runner: Runner, figures: Sequence[str], decode_tokens: int, seed: in
                 for _ in range(decode_tokens):
                     token = runner.step(token)
             out[fig] = {"value": decode_tokens / m.wall, "tokens": decode_tokens, **m.record()}
+        elif fig == "batch4":  # aggregate tokens/s of BATCH sequences, each after its own DECODE_PROMPT
+            step = runner.batched([rng.integers(*TOKEN_RANGE, DECODE_PROMPT).astype(np.int64) for _ in range(BATCH)])
+            with CpuMeter() as m:
+                for _ in range(decode_tokens):
+                    step()
+            out[fig] = {"value": BATCH * decode_tokens / m.wall, "tokens": BATCH * decode_tokens, **m.record()}
     out["peak_rss_mb"] = peak_rss_mb()
     return out
 
@@ -186,6 +208,8 @@ def main() -> None:
     figures = [f for f in args.figures.split(",") if f]
     bad = [f for f in figures if f not in FIGURES]
     default_ok = args.threads == 0 and args.runtime in ("numba", "onnxruntime")
+    if "batch4" in figures and args.runtime != "numba":
+        sys.exit("runners: batch4 is a figure of hy-edge's numba backend")
     longest = max([int(f[4:]) for f in figures if f.startswith("ttft")] + [DECODE_PROMPT + args.decode_tokens])
     short = args.context <= longest
     if bad or (args.threads < 1 and not default_ok) or args.decode_tokens < 1 or short or not args.path.exists():

@@ -9,6 +9,7 @@ import pytest
 from runtime_helpers import PROMPT_IDS, converted, make_seed_checkpoint
 
 import edge_runtime
+from edge_runtime.buffers import KV_CACHE_TYPES
 from edge_runtime.engine_numba import NumbaSession
 from edge_runtime.errors import BudgetError, HyEdgeError
 
@@ -124,6 +125,7 @@ def test_fp16_kv_cache(hy_fp8):
 def test_fp8_kv_cache(hy_fp8):
     # FP8 KV: each key and value row as E4M3 codes and its scale, D + 4 bytes against 4 D. The logits
     # move by E4M3's rounding of k and v (3 mantissa bits, relative 2**-4 per element at most)
+    assert edge_runtime.KV_CACHES == tuple(KV_CACHE_TYPES)  # what load accepts = what sessions allocate
     model = edge_runtime.load(hy_fp8)
     spec = model.spec
     ids = np.asarray(PROMPT_IDS)
