@@ -107,8 +107,10 @@ def test_rope_norm_store():
     np.testing.assert_array_equal(half[1][:, 4:7], rotated.transpose(1, 0, 2).astype(np.float16).view(np.uint16))
     fp8 = np.zeros((2, hkv, s_max, d + 4), np.int8)  # FP8 rows: codes and the row's scale
     fp8_v = fp8.copy()
-    rope_norm_store(q.copy(), k.copy(), v, pos, slots, cos, sin, None, None, 1e-5, fp8, fp8_v)
-    np.testing.assert_array_equal(fp8[1][:, 4:7], fp8_rows(rotated.transpose(1, 0, 2))[0])
+    k_rot = k.copy()  # rotated in place: the values the kernel stores (its RoPE may fuse multiply-adds)
+    rope_norm_store(q.copy(), k_rot, v, pos, slots, cos, sin, None, None, 1e-5, fp8, fp8_v)
+    np.testing.assert_allclose(k_rot, rotated, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(fp8[1][:, 4:7], fp8_rows(k_rot.transpose(1, 0, 2))[0])
     np.testing.assert_array_equal(fp8_v[1][:, 4:7], fp8_rows(v.transpose(1, 0, 2))[0])
 
 
