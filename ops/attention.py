@@ -16,7 +16,7 @@ from numba import njit, prange
 from .checks import need_array as _need
 from .expf import expf
 from .half import acc_scale, as_f32
-from .kvrow import EXTRA, STORAGE, factor, store
+from .kvrow import STORAGE, factor, row_length, store
 
 _FM = {"reassoc", "contract"}
 
@@ -127,20 +127,9 @@ def _dot4x4(x0, x1, x2, x3, y0, y1, y2, y3, n):
 
 
 @njit(cache=True, inline="always")
-def _put4(row, j, n, scale, a, b, c, d):
-    # row[j..j+3] = scale * (a, b, c, d), the entries below n only
-    row[j] = a * scale
-    if j + 1 < n:
-        row[j + 1] = b * scale
-    if j + 2 < n:
-        row[j + 2] = c * scale
-    if j + 3 < n:
-        row[j + 3] = d * scale
-
-
-@njit(cache=True, inline="always")
-def _put4_scores(row, j, n, acc, f, a, b, c, d):
-    # row[j..j+3] = (a, b, c, d) * acc * f[0..3] (the keys' factor() times the softmax scale), below n
+def _put4(row, j, n, acc, f, a, b, c, d):
+    # row[j..j+3] = (a, b, c, d) * acc * f[0..3], the entries below n only (scores: f = the keys' factor()
+    # times the softmax scale; P.V outputs: 1)
     row[j] = (a * acc) * f[0]
     if j + 1 < n:
         row[j + 1] = (b * acc) * f[1]
@@ -196,13 +185,13 @@ def _attention_chunk(q, k_cache, v_cache, slot, p0, out, scale, scratch, vt_scra
                 a = _dot4x4(x0, x1, x2, x3, kc[j], kc[j1], kc[j2], kc[j3], d)
                 f0, f1 = factor(kc[j], d) * scale, factor(kc[j1], d) * scale
                 f = (f0, f1, factor(kc[j2], d) * scale, factor(kc[j3], d) * scale)
-                _put4_scores(sc[i], j, n_keys, acc, f, a[0], a[1], a[2], a[3])
+                _put4(sc[i], j, n_keys, acc, f, a[0], a[1], a[2], a[3])
                 if i + 1 < nq:
-                    _put4_scores(sc[i1], j, n_keys, acc, f, a[4], a[5], a[6], a[7])
+                    _put4(sc[i1], j, n_keys, acc, f, a[4], a[5], a[6], a[7])
                 if i + 2 < nq:
-                    _put4_scores(sc[i2], j, n_keys, acc, f, a[8], a[9], a[10], a[11])
+                    _put4(sc[i2], j, n_keys, acc, f, a[8], a[9], a[10], a[11])
                 if i + 3 < nq:
-                    _put4_scores(sc[i3], j, n_keys, acc, f, a[12], a[13], a[14], a[15])
+                    _put4(sc[i3], j, n_keys, acc, f, a[12], a[13], a[14], a[15])
         for i in range(nq):  # q is no longer read by this item: out may alias it from here on
             _softmax_prefix(sc[i], p0 + t0 + i // rep + 1, n_keys)
         if done[tid, 0] != g:
@@ -212,6 +201,7 @@ def _attention_chunk(q, k_cache, v_cache, slot, p0, out, scale, scratch, vt_scra
             _transpose_values(v_cache[slot, g], vt, done[tid, 1], n_keys)
             done[tid, 1] = n_keys
         one = np.float32(1.0)
+        ones = (one, one, one, one)
         for i in range(0, nq, 4):
             i1, i2, i3 = min(i + 1, nq - 1), min(i + 2, nq - 1), min(i + 3, nq - 1)
             n = p0 + t0 + i3 // rep + 1  # keys of the last of the 4 (P is 0 past the others' own)
@@ -221,13 +211,13 @@ def _attention_chunk(q, k_cache, v_cache, slot, p0, out, scale, scratch, vt_scra
             for e in range(0, d, 4):
                 e1, e2, e3 = min(e + 1, d - 1), min(e + 2, d - 1), min(e + 3, d - 1)
                 a = _dot4x4(p_0, p_1, p_2, p_3, vt[e], vt[e1], vt[e2], vt[e3], n)
-                _put4(o0, e, d, one, a[0], a[1], a[2], a[3])
+                _put4(o0, e, d, one, ones, a[0], a[1], a[2], a[3])
                 if i + 1 < nq:
-                    _put4(o1, e, d, one, a[4], a[5], a[6], a[7])
+                    _put4(o1, e, d, one, ones, a[4], a[5], a[6], a[7])
                 if i + 2 < nq:
-                    _put4(o2, e, d, one, a[8], a[9], a[10], a[11])
+                    _put4(o2, e, d, one, ones, a[8], a[9], a[10], a[11])
                 if i + 3 < nq:
-                    _put4(o3, e, d, one, a[12], a[13], a[14], a[15])
+                    _put4(o3, e, d, one, ones, a[12], a[13], a[14], a[15])
 
 
 def scratch_shape(n_heads: int, n_kv: int, context: int) -> tuple[int, int, int]:
@@ -274,9 +264,9 @@ def _check_caches(q, k_cache, v_cache, out) -> tuple[int, int, int, int]:
     _need("out", out, np.float32, 3, q.shape)
     n_heads, d = q.shape[1:]
     n_slots, n_kv, s_max, row = k_cache.shape
-    extra = EXTRA[kinds[k_cache.dtype]]
-    if row != d + extra:
-        raise ValueError(f"k_cache rows hold {row} elements, expected head_dim {d} + {extra}")
+    want = row_length(kinds[k_cache.dtype], d)
+    if row != want:
+        raise ValueError(f"k_cache rows hold {row} elements, expected head_dim {d} + {want - d}")
     if n_kv == 0 or n_heads % n_kv:
         raise ValueError(f"q heads ({n_heads}) must be a multiple of k_cache heads ({n_kv})")
     return n_heads, n_slots, n_kv, s_max
