@@ -45,7 +45,7 @@ class HyEdgeRunner(Runner):
         model = edge_runtime.load(path, backend=backend, threads=threads or None, max_context=context)
         kv = os.environ.get("BENCH_KV_CACHE")  # set by run.py for its FP16 and FP8 KV cases
         self.model, self.kv = model, kv or "fp32"
-        self.session = model.session(kv_cache=kv) if kv else model.session()
+        self.session = model.session(kv_cache=self.kv)
 
     def prefill(self, ids: np.ndarray) -> int:
         self.session.reset()
