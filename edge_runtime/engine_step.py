@@ -11,7 +11,7 @@ call per forward. Other models keep the Python loop.
 from __future__ import annotations
 
 import numpy as np
-from hy_edge_ops import activation, attention, linear, norm
+from hy_edge_ops import activation, attention, gemm, linear, norm
 from numba import njit, typed
 
 ONE, GROUPED, PREFILL = linear.ONE, linear.GROUPED, linear.PREFILL  # linear.kernel_for's choice
@@ -24,7 +24,7 @@ def _lin1(mode, x, w, s, out, bk, st, st4):
     elif mode == GROUPED:
         linear._mm(x, (w,), (s,), (out,), bk, st)
     else:
-        linear._mm_prefill(x, (w,), (s,), (out,), bk, st4)
+        gemm.mm_prefill(x, (w,), (s,), (out,), bk, st4)
 
 
 @njit(cache=True, inline="always")
@@ -34,7 +34,7 @@ def _lin2(mode, x, w0, w1, s0, s1, o0, o1, bk, st, st4):
     elif mode == GROUPED:
         linear._mm(x, (w0, w1), (s0, s1), (o0, o1), bk, st)
     else:
-        linear._mm_prefill(x, (w0, w1), (s0, s1), (o0, o1), bk, st4)
+        gemm.mm_prefill(x, (w0, w1), (s0, s1), (o0, o1), bk, st4)
 
 
 @njit(cache=True, inline="always")
@@ -44,7 +44,7 @@ def _lin3(mode, x, w0, w1, w2, s0, s1, s2, o0, o1, o2, bk, st, st4):
     elif mode == GROUPED:
         linear._mm(x, (w0, w1, w2), (s0, s1, s2), (o0, o1, o2), bk, st)
     else:
-        linear._mm_prefill(x, (w0, w1, w2), (s0, s1, s2), (o0, o1, o2), bk, st4)
+        gemm.mm_prefill(x, (w0, w1, w2), (s0, s1, s2), (o0, o1, o2), bk, st4)
 
 
 @njit(cache=True)
@@ -112,11 +112,9 @@ def _as_list(arrays):
 
 
 def _starts(*sizes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cumulative row counts for `_mv` and `_mm`, 4-row block counts for `_mm_prefill` (as
+    """Cumulative row counts for `_mv` and `_mm`, task counts for `gemm.mm_prefill` (as
     linear.FusedLinear keeps them)."""
-    rows = np.cumsum([0, *sizes]).astype(np.int64)
-    blocks = np.cumsum([0, *((n + 3) // 4 for n in sizes)]).astype(np.int64)
-    return rows, blocks
+    return np.cumsum([0, *sizes]).astype(np.int64), gemm.task_starts(sizes)
 
 
 class CompiledLayers:

@@ -3,9 +3,10 @@
 Weights stay in their stored form and are decoded in registers, once per row block:
 - FP8 (E4M3 viewed as int8, E5M2 as uint8): sign-extended to 32 bits, shifted and masked into a
   float32 bit pattern that is the code's value times 2**-120 (E5M2: 2**-112), subnormal codes as
-  float32 subnormals — 3 integer vector ops per 16 weights, no conversion instruction
-  (hy_edge_ops.half.as_f32). Each dot product's sum is multiplied by 2**60 (2**56) and the rest of the
-  power of two is folded into the row scales, so neither overflows. Any code distribution runs at one
+  float32 subnormals — 3 integer vector ops per vector of weights on x86, no conversion instruction
+  (hy_edge_ops.half.as_f32; NEON widens through 16-bit lanes, hy_edge_ops.dot). Each dot product's sum
+  is multiplied by 2**60 (2**56) and the rest of the power of two is folded into the row scales, so
+  neither overflows. Any code distribution runs at one
   speed (this CPU reads subnormals at full speed; `subnormals_work` checks the process does not flush
   them to zero).
 - FP16: raw half bits, widened by the CPU's half→float instruction (x86 `vcvtph2ps`, ARM `fcvtl`);
@@ -18,14 +19,15 @@ Kernels, parallel over output rows:
   hardware prefetcher follows (4 interleaved rows read half as fast from memory), helped across page
   boundaries by a software prefetch 8 KiB ahead in the row being read (hy_edge_ops.dot). Each weight
   is decoded once and multiplied with x.
-- `_mm`: T tokens in groups of 4 (batched decode, short chunks), BATCH_ROWS rows at a time. A block's
-  weights are decoded once per group and used for 4 tokens, each x load shared by the block's rows.
+- `_mm`: T tokens in groups of BATCH_TOKENS (batched decode, short chunks), BATCH_ROWS rows at a time
+  (both per vector ISA, hy_edge_ops.dot). A block's weights are decoded once per group and used for
+  its tokens, each x load shared by the block's rows.
   `_mv` and `_mm` sum through hy_edge_ops.dot, whose order is the same for every number of rows and
   tokens: a token's outputs are bit-identical for every T and equal to `_mv`'s, so the batched decode
   step is batch-invariant. Four tokens cost 1.5x one (Zen 4, from memory; 2.4x before the blocks of 2
   rows, which an auto-vectorised loop could not have without changing the one-token sums).
-- `_mm_prefill`: a prefill chunk, 4 rows x 4 tokens per block (weights reused from cache for every
-  token group, so the interleaved rows cost little; the next block's rows are prefetched meanwhile).
+- `gemm.mm_prefill`: a prefill chunk: each row dequantized once into float32, then multiplied with
+  every token by a register-blocked microkernel (hy_edge_ops.gemm).
 Each takes a tuple of up to 3 weights sharing one input (q/k/v, gate/up) and runs them in one
 parallel region. Scales are (N, G): column k of row n uses scales[n, k // bk].
 """
@@ -37,13 +39,14 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
+from . import gemm
 from .checks import need_array as _need
-from .dot import BATCH_ROWS, row_dots
+from .dot import BATCH_ROWS, BATCH_TOKENS, LANES, row_dots, scales_on_weights
 from .fp8 import E4M3, E5M2, block_size
 from .half import FP8_FOLD
 from .half import acc_scale as _acc
 from .half import as_f32 as _weight
-from .prefetch import AHEAD, prefetch_rows
+from .prefetch import AHEAD
 
 _FM = {"reassoc", "contract"}  # lets LLVM vectorise the reductions; keeps inf/NaN semantics
 STORAGES = ("e4m3", "e5m2", "fp16", "fp32")
@@ -51,7 +54,7 @@ STORAGES = ("e4m3", "e5m2", "fp16", "fp32")
 # in fewer vector ops, see hy_edge_ops.half.as_f32)
 _VIEW = {E4M3: np.int8, E5M2: np.uint8, "fp16": np.uint16, "fp32": np.float32}
 PREFILL_MIN = 8  # tokens of one sequence from which the row-blocked prefill kernel is faster
-ONE, GROUPED, PREFILL = 0, 1, 2  # the kernel for a number of rows: `_mv`, `_mm`, `_mm_prefill`
+ONE, GROUPED, PREFILL = 0, 1, 2  # the kernel for a number of rows: `_mv`, `_mm`, gemm.mm_prefill
 
 
 def kernel_for(n_rows: int, batched: bool) -> int:
@@ -67,15 +70,16 @@ _POW2 = {E4M3: FP8_FOLD[E4M3], E5M2: FP8_FOLD[E5M2], "fp16": 1.0, "fp32": 1.0}  
 
 @njit(cache=True, inline="always")
 def _batch_block(x, w, sc, out, n, t, bk):
-    # out[t.., n..]: BATCH_ROWS rows from n x up to 4 tokens from t (x f32 (T, K), out f32 (T, N)), both
-    # clamped, duplicates not written; 1, 2 or 4 tokens per call, each with the same sums (hy_edge_ops.dot)
+    # out[t.., n..]: BATCH_ROWS rows from n x up to BATCH_TOKENS tokens from t (x f32 (T, K), out f32
+    # (T, N)), both clamped, duplicates not written; 1, 2 or 4 tokens per call, each with the same sums
+    # (hy_edge_ops.dot)
     n_rows, n_tok = w.shape[0], x.shape[0]
     rows = (n, min(n + 1, n_rows - 1)) if BATCH_ROWS == 2 else (n,)
     left = n_tok - t
     if left == 1:
         _put(out, n, t, row_dots(w, sc, bk, rows, x, (t,), AHEAD), len(rows), 1)
-    elif left == 2:
-        _put(out, n, t, row_dots(w, sc, bk, rows, x, (t, t + 1), AHEAD), len(rows), 2)
+    elif left == 2 or BATCH_TOKENS == 2:
+        _put(out, n, t, row_dots(w, sc, bk, rows, x, (t, min(t + 1, n_tok - 1)), AHEAD), len(rows), 2)
     else:
         toks = (t, t + 1, t + 2, min(t + 3, n_tok - 1))
         _put(out, n, t, row_dots(w, sc, bk, rows, x, toks, AHEAD), len(rows), 4)
@@ -89,86 +93,6 @@ def _put(out, n, t, sums, n_r, n_t):
         for j in range(n_t):
             if n + i < n_rows and t + j < n_tok:
                 out[t + j, n + i] = sums[i * n_t + j]
-
-
-@njit(cache=True, fastmath=_FM, inline="always")
-def _rows4_tok4(x, w, sc, out, n, t, bk):
-    # prefill: rows n..n+3 x tokens t..t+3 (both clamped; duplicates not written), 16 accumulators:
-    # each weight decoded once for 4 tokens and each x load shared by 4 rows. The 4 interleaved rows
-    # defeat the hardware prefetcher, which matters little here: the block is reused for all T tokens.
-    n_rows, k_dim = w.shape
-    n_tok = x.shape[0]
-    i1, i2, i3 = min(n + 1, n_rows - 1), min(n + 2, n_rows - 1), min(n + 3, n_rows - 1)
-    j1, j2, j3 = min(t + 1, n_tok - 1), min(t + 2, n_tok - 1), min(t + 3, n_tok - 1)
-    u00 = u01 = u02 = u03 = u10 = u11 = u12 = u13 = np.float32(0.0)  # u<row><token>
-    u20 = u21 = u22 = u23 = u30 = u31 = u32 = u33 = np.float32(0.0)
-    for g in range(sc.shape[1]):
-        k0 = g * bk
-        k1 = min(k_dim, k0 + bk)
-        x0, x1, x2, x3 = x[t, k0:k1], x[j1, k0:k1], x[j2, k0:k1], x[j3, k0:k1]
-        r0, r1, r2, r3 = w[n, k0:k1], w[i1, k0:k1], w[i2, k0:k1], w[i3, k0:k1]
-        a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = np.float32(0.0)
-        a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = np.float32(0.0)
-        for k in range(k1 - k0):
-            v0 = _weight(r0[k])
-            v1 = _weight(r1[k])
-            v2 = _weight(r2[k])
-            v3 = _weight(r3[k])
-            y0 = x0[k]
-            y1 = x1[k]
-            y2 = x2[k]
-            y3 = x3[k]
-            a00 += v0 * y0
-            a01 += v0 * y1
-            a02 += v0 * y2
-            a03 += v0 * y3
-            a10 += v1 * y0
-            a11 += v1 * y1
-            a12 += v1 * y2
-            a13 += v1 * y3
-            a20 += v2 * y0
-            a21 += v2 * y1
-            a22 += v2 * y2
-            a23 += v2 * y3
-            a30 += v3 * y0
-            a31 += v3 * y1
-            a32 += v3 * y2
-            a33 += v3 * y3
-        s0, s1, s2, s3 = sc[n, g], sc[i1, g], sc[i2, g], sc[i3, g]
-        u00 += (a00 * _acc(w)) * s0
-        u01 += (a01 * _acc(w)) * s0
-        u02 += (a02 * _acc(w)) * s0
-        u03 += (a03 * _acc(w)) * s0
-        u10 += (a10 * _acc(w)) * s1
-        u11 += (a11 * _acc(w)) * s1
-        u12 += (a12 * _acc(w)) * s1
-        u13 += (a13 * _acc(w)) * s1
-        u20 += (a20 * _acc(w)) * s2
-        u21 += (a21 * _acc(w)) * s2
-        u22 += (a22 * _acc(w)) * s2
-        u23 += (a23 * _acc(w)) * s2
-        u30 += (a30 * _acc(w)) * s3
-        u31 += (a31 * _acc(w)) * s3
-        u32 += (a32 * _acc(w)) * s3
-        u33 += (a33 * _acc(w)) * s3
-    _put4(out, t, n, n_rows, u00, u10, u20, u30)
-    if t + 1 < n_tok:
-        _put4(out, t + 1, n, n_rows, u01, u11, u21, u31)
-    if t + 2 < n_tok:
-        _put4(out, t + 2, n, n_rows, u02, u12, u22, u32)
-    if t + 3 < n_tok:
-        _put4(out, t + 3, n, n_rows, u03, u13, u23, u33)
-
-
-@njit(cache=True, inline="always")
-def _put4(out, t, n, n_rows, a, b, c, d):
-    out[t, n] = a
-    if n + 1 < n_rows:
-        out[t, n + 1] = b
-    if n + 2 < n_rows:
-        out[t, n + 2] = c
-    if n + 3 < n_rows:
-        out[t, n + 3] = d
 
 
 @njit(cache=True, inline="always")
@@ -204,22 +128,8 @@ def _mm(x, ws, scs, outs, bks, starts):
     for blk in prange(n_blocks):
         m, n = _locate(blk, starts, BATCH_ROWS)
         w, sc, out, bk = ws[m], scs[m], outs[m], bks[m]
-        for t in range(0, n_tok, 4):
+        for t in range(0, n_tok, BATCH_TOKENS):
             _batch_block(x, w, sc, out, n, t, bk)
-
-
-@njit(cache=True, parallel=True, fastmath=_FM)
-def _mm_prefill(x, ws, scs, outs, bks, starts4):
-    # x f32 (T, K) of one sequence; starts4: cumulative 4-row block counts. Blocks of 4 rows x 4 tokens
-    n_tok = x.shape[0]
-    for blk in prange(starts4[-1]):
-        m, b = _locate(blk, starts4, 1)
-        w, sc, out, bk = ws[m], scs[m], outs[m], bks[m]
-        block = 4 * w.shape[1] * w.itemsize
-        for i in range(4):  # the next block's rows, read while this one runs all token groups
-            prefetch_rows(w, b * 4 + i, block)
-        for t in range(0, n_tok, 4):
-            _rows4_tok4(x, w, sc, out, b * 4, t, bk)
 
 
 @njit(cache=True, parallel=True, fastmath=_FM)
@@ -278,10 +188,27 @@ def prepare(w: np.ndarray, storage: str, scales: np.ndarray | None = None) -> Li
         if not np.isfinite(s).all():
             limit = float(np.finfo(np.float32).max) / _POW2[storage]
             raise ValueError(f"scales must be finite and below {limit:.3g} in magnitude")
+        bk = block_size(k_dim, s.shape[1])
+        if scales_on_weights(k_dim, s.shape[1], bk):  # the decode's whole power of two in the scales
+            with np.errstate(over="ignore"):
+                whole = s * np.float32(_POW2[storage])
+            if np.isfinite(whole).all():
+                s = whole
+            else:  # scales beyond ~2**8 (weights beyond ~1e5): the same scales in groups the sums take
+                s, bk = _split_groups(s, bk)
     else:
         s = np.ones((n_rows, 1), np.float32)
-    bk = block_size(k_dim, s.shape[1])
+        bk = k_dim
     return LinearOp(storage, w.view(_VIEW[storage]), np.ascontiguousarray(s, np.float32), bk)
+
+
+def _split_groups(s: np.ndarray, bk: int) -> tuple[np.ndarray, int]:
+    """The same scales over groups of fewer columns that are not whole vectors (each repeated), so that
+    the kernels apply them to each group's sum (hy_edge_ops.dot)."""
+    part = bk
+    while part % LANES == 0:
+        part //= 2
+    return np.ascontiguousarray(np.repeat(s, bk // part, axis=1)), part
 
 
 def _starts(ops) -> np.ndarray:
@@ -296,7 +223,7 @@ class FusedLinear:
     - one token: `_mv`;
     - `batched` (one token of each of T sequences): `_mm`, whose per-token arithmetic is the same for
       every T, so a token's result does not depend on the batch around it;
-    - a prefill chunk of >= PREFILL_MIN tokens: `_mm_prefill`, register-blocked over rows too."""
+    - a prefill chunk of >= PREFILL_MIN tokens: hy_edge_ops.gemm.mm_prefill."""
 
     def __init__(self, ops: list[LinearOp]):
         if not 1 <= len(ops) <= 3:
@@ -308,7 +235,7 @@ class FusedLinear:
         self.scs = tuple(op.scales for op in ops)
         self.bks = np.array([op.bk for op in ops], np.int64)
         self.starts = _starts(ops)
-        self.starts4 = np.cumsum([0] + [(op.w.shape[0] + 3) // 4 for op in ops]).astype(np.int64)
+        self.tasks = gemm.task_starts([op.w.shape[0] for op in ops])
         self.k_dim = ops[0].w.shape[1]
 
     def __call__(self, x: np.ndarray, outs: tuple, batched: bool = False) -> None:
@@ -318,7 +245,7 @@ class FusedLinear:
         elif kernel == ONE:
             _mv(x, self.ws, self.scs, outs, self.bks, self.starts)
         else:
-            _mm_prefill(x, self.ws, self.scs, outs, self.bks, self.starts4)
+            gemm.mm_prefill(x, self.ws, self.scs, outs, self.bks, self.tasks)
 
 
 def fuse(ops: list[LinearOp]) -> list[FusedLinear]:

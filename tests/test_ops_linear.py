@@ -1,11 +1,11 @@
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hy_edge_ops import isa
 from hy_edge_ops import reference as ref
 from hy_edge_ops.fp8 import E4M3, E5M2, FP8_MAX, quantize_fp8
 from hy_edge_ops.linear import (
@@ -62,10 +62,11 @@ def test_every_finite_code_decodes_exactly(fmt):
 
 
 @pytest.mark.parametrize("fmt", [E4M3, E5M2])
-def test_scales_far_beyond_the_weights_range(fmt):
+@pytest.mark.parametrize("g", [2, 3])  # groups of whole vectors (scales on the weights), and not
+def test_scales_far_beyond_the_weights_range(fmt, g):
     # the decode's power of two is put back partly on the sum, partly in the scales: neither overflows
     # for scales up to ~1e20 (weights to ~1e22), nor loses small ones; beyond, prepare() refuses
-    codes, scales = quantized(16, 64, 2, fmt)
+    codes, scales = quantized(16, 64, g, fmt)
     x = RNG.standard_normal(64).astype(np.float32)
     with pytest.raises(ValueError, match="scales must be finite and below"):
         prepare(codes, fmt, scales * np.float32(1e30))
@@ -94,8 +95,9 @@ def test_any_code_distribution(dist):
 
 @pytest.mark.parametrize("fmt", [E4M3, E5M2])
 @pytest.mark.parametrize("t", [1, 2, 9, 130])
-def test_matmul_fp8(fmt, t):
-    n, k, g = 301, 75, 4
+@pytest.mark.parametrize("k,g", [(75, 4), (128, 4)])  # groups of 19 columns; of 32 (whole vectors)
+def test_matmul_fp8(fmt, t, k, g):
+    n = 301
     codes, scales = quantized(n, k, g, fmt)
     x = RNG.standard_normal((t, k)).astype(np.float32)
     want = ref.linear(x, ref.dequantize(codes, scales, fmt))
@@ -105,11 +107,12 @@ def test_matmul_fp8(fmt, t):
 
 
 @pytest.mark.parametrize("storage", [E4M3, E5M2, "fp16", "fp32"])
-def test_batched_rows_are_batch_invariant(storage):
+@pytest.mark.parametrize("k,g", [(170, 3), (127, 2)])  # groups of 57 columns; of 64 (whole vectors), 63
+def test_batched_rows_are_batch_invariant(storage, k, g):
     # a token's outputs in the batched kernel are bit-identical to the one-token kernel's, whatever the
     # other tokens are, for every batch size (the batched decode step relies on it); odd row count,
     # several scale groups, rows that are not a whole number of vectors
-    n, k, g = 203, 170, 3
+    n = 203
     if storage in (E4M3, E5M2):
         codes, scales = quantized(n, k, g, storage)
         op = prepare(codes, storage, scales)
@@ -133,17 +136,15 @@ def test_batched_rows_are_batch_invariant(storage):
             np.testing.assert_array_equal(out[i], alone[0])
 
 
-# AVX2 without AVX-512 (Haswell and most laptops): 16 vector registers, so the kernels use 16 lanes
-# and one row per batched block (hy_edge_ops.dot); compiled for it here, run on this CPU
-_HASWELL = (
-    "+64bit,+avx,+avx2,+fma,+f16c,+bmi,+bmi2,+cmov,+cx16,+lzcnt,+movbe,+popcnt,+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3"
-)
-
-
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="compiles for an x86 CPU")
-def test_batched_rows_are_batch_invariant_without_avx512(tmp_path):
-    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES=_HASWELL, NUMBA_CACHE_DIR=str(tmp_path))
-    check = "from hy_edge_ops import dot; assert (dot.LANES, dot.BATCH_ROWS) == (16, 1), (dot.LANES, dot.BATCH_ROWS)"
+# AVX2 without AVX-512 (most laptops, desktops and VMs): 16 vector registers, so the kernels block
+# differently (hy_edge_ops.dot); compiled for it here (hy_edge_ops.isa.codegen_env), run on this CPU
+@pytest.mark.skipif(isa.ISA != "avx512", reason="compiles AVX2 code on an AVX-512 host")
+def test_batched_rows_are_batch_invariant_on_avx2(tmp_path):
+    env = dict(os.environ, **isa.codegen_env("avx2"), NUMBA_CACHE_DIR=str(tmp_path))
+    check = (
+        "from hy_edge_ops import dot, isa, linear\n"
+        "assert (isa.ISA, dot.LANES, dot.BATCH_ROWS, dot.BATCH_TOKENS) == ('avx2', 32, 1, 2)\n"
+    )
     subprocess.run([sys.executable, "-c", check], env=env, check=True)
     test = f"{Path(__file__)}::test_batched_rows_are_batch_invariant"
     run = subprocess.run(
@@ -153,7 +154,7 @@ def test_batched_rows_are_batch_invariant_without_avx512(tmp_path):
         text=True,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "4 passed" in run.stdout
+    assert "8 passed" in run.stdout
 
 
 def test_fused_groups_equal_separate_linears():
