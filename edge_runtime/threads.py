@@ -1,9 +1,13 @@
-"""Thread count: default the number of physical cores (SMT siblings share the memory bandwidth a
-bandwidth-bound decode needs, so they add nothing)."""
+"""Thread count: default the number of physical cores the process may use (SMT siblings share the memory
+bandwidth a bandwidth-bound decode needs, so they add nothing), within its affinity and its cgroup's CPU
+quota (a container given 1.5 CPUs of a 4-core Pi: threads beyond the quota are throttled for the rest of
+each period, and every parallel region waits for them at its barrier)."""
 
 from __future__ import annotations
 
+import math
 import os
+from pathlib import Path
 
 from .errors import HyEdgeError
 
@@ -33,6 +37,54 @@ def physical_cores() -> int:
     return max(1, len(allowed))
 
 
+def cpu_quota(root: Path = Path("/sys/fs/cgroup"), proc_self: Path = Path("/proc/self/cgroup")) -> float | None:
+    """CPUs this process's cgroups allow (quota / period, the smallest along the hierarchy), or None when
+    no quota is set or it cannot be read. cgroup v2 (`cpu.max`: "max 100000" or "150000 100000") and v1
+    (`cpu.cfs_quota_us` / `cpu.cfs_period_us`, -1 for none)."""
+    try:
+        lines = proc_self.read_text().splitlines()
+    except OSError:
+        return None
+    limits = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":  # v2: the unified hierarchy
+            base, files = root, ("cpu.max",)
+        elif "cpu" in controllers.split(","):
+            base = next((root / d for d in (controllers, "cpu", "cpu,cpuacct") if (root / d).is_dir()), None)
+            if base is None:
+                continue
+            files = ("cpu.cfs_quota_us", "cpu.cfs_period_us")
+        else:
+            continue
+        rel = Path(path.lstrip("/"))
+        for d in (rel, *rel.parents):  # the cgroup and its ancestors: the smallest limit binds
+            try:
+                values = [(base / d / f).read_text().split() for f in files]
+            except OSError:
+                continue
+            try:
+                if len(files) == 1:
+                    quota, period = values[0][0], values[0][1]
+                else:
+                    quota, period = values[0][0], values[1][0]
+                if quota not in ("max", "-1") and int(period) > 0 and int(quota) > 0:
+                    limits.append(int(quota) / int(period))
+            except (IndexError, ValueError):
+                continue
+    return min(limits) if limits else None
+
+
+def available_cores() -> int:
+    """Physical cores, capped by the cgroup's CPU quota (rounded down, at least one)."""
+    cores = physical_cores()
+    quota = cpu_quota()
+    return cores if quota is None else max(1, min(cores, math.floor(quota + 1e-9)))
+
+
 def max_threads() -> int:
     """CPUs this process may run on: more threads than that only queue behind each other (numba's
     pool is sized to the CPU count when it starts)."""
@@ -44,7 +96,7 @@ def max_threads() -> int:
 
 def resolve_threads(threads: int | None) -> int:
     if threads is None:
-        return physical_cores()
+        return available_cores()
     if not isinstance(threads, int) or threads < 1:
         raise HyEdgeError(f"threads should be a positive integer, got {threads!r}")
     return threads

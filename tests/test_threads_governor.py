@@ -58,3 +58,47 @@ def test_no_proc_stat_keeps_the_count(machine, monkeypatch):
 def test_reads_this_machine():
     busy = T._busy_seconds()
     assert busy is None or busy > 0
+
+
+def _cgroup(tmp_path, files: dict[str, str], proc: str):
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    (tmp_path / "self-cgroup").write_text(proc)
+    return tmp_path, tmp_path / "self-cgroup"
+
+
+def test_cpu_quota_cgroup_v2(tmp_path):
+    # a container of 1.5 CPUs inside a slice of 3: the smaller binds; "max" is no limit
+    root, proc = _cgroup(
+        tmp_path,
+        {"sys/system.slice/cpu.max": "300000 100000\n", "sys/system.slice/box.service/cpu.max": "150000 100000\n"},
+        "0::/system.slice/box.service\n",
+    )
+    assert T.cpu_quota(root / "sys", proc) == 1.5
+    (root / "sys/system.slice/box.service/cpu.max").write_text("max 100000\n")
+    assert T.cpu_quota(root / "sys", proc) == 3.0
+    (root / "sys/system.slice/cpu.max").write_text("max 100000\n")
+    assert T.cpu_quota(root / "sys", proc) is None
+
+
+def test_cpu_quota_cgroup_v1(tmp_path):
+    root, proc = _cgroup(
+        tmp_path,
+        {
+            "sys/cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "50000\n",
+            "sys/cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000\n",
+        },
+        "12:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n",
+    )
+    assert T.cpu_quota(root / "sys", proc) == 0.5
+    (root / "sys/cpu,cpuacct/docker/abc/cpu.cfs_quota_us").write_text("-1\n")
+    assert T.cpu_quota(root / "sys", proc) is None
+
+
+def test_default_threads_honour_the_quota(monkeypatch):
+    monkeypatch.setattr(T, "physical_cores", lambda: 4)
+    for quota, want in ((None, 4), (1.5, 1), (0.3, 1), (2.0, 2), (8.0, 4)):
+        monkeypatch.setattr(T, "cpu_quota", lambda q=quota: q)
+        assert T.resolve_threads(None) == want
+    assert T.resolve_threads(3) == 3  # a count the user asked for is theirs
