@@ -82,6 +82,48 @@ def llama_cpp_source() -> Path:
     return root
 
 
+# llama.cpp's CPU backend for an AVX2 machine (no AVX-512): the same version built with its native tuning
+# off and the x86 features an AVX2 + FMA CPU has (Haswell and later, AMD Zen 1-3)
+LLAMA_CPP_CMAKE = {
+    "avx2": "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON "
+    "-DGGML_AVX512=OFF -DGGML_AVX512_VBMI=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AVX512_BF16=OFF -DGGML_AVX_VNNI=OFF",
+}
+
+
+def llama_cpp_site(isa: str) -> Path | None:
+    """A directory to put first on PYTHONPATH so that `import llama_cpp` loads llama-cpp-python built for
+    `isa` (built once into bench/out, about 5 minutes); None: the installed build (the host's own ISA)."""
+    if isa not in LLAMA_CPP_CMAKE:
+        return None
+    site = OUT / f"llama-cpp-python-{LLAMA_CPP_PYTHON}-{isa}"
+    if (site / "llama_cpp" / "__init__.py").exists():
+        return site
+    tmp = OUT / f"{site.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(
+        f"building llama-cpp-python {LLAMA_CPP_PYTHON} for {isa} into {site} (once, about 5 minutes)", file=sys.stderr
+    )
+    env = {**os.environ, "CMAKE_ARGS": LLAMA_CPP_CMAKE[isa], "FORCE_CMAKE": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-deps",
+        "--no-cache-dir",
+        "--no-binary",
+        "llama-cpp-python",
+    ]
+    r = subprocess.run([*cmd, "--target", str(tmp), f"llama-cpp-python=={LLAMA_CPP_PYTHON}"], env=env,
+                       capture_output=True, text=True)  # fmt: skip
+    if r.returncode != 0 or not (tmp / "llama_cpp" / "__init__.py").exists():
+        (OUT / f"llama-cpp-python-{isa}.log").write_text(r.stdout + r.stderr)
+        raise ArtifactError(f"llama-cpp-python did not build for {isa} (see bench/out/llama-cpp-python-{isa}.log)")
+    os.replace(tmp, site)
+    return site
+
+
 def write_gguf_tokenizer(directory: Path) -> None:
     """A tokenizer the converter's HunYuanDenseV1 class accepts, for a checkpoint that has none.
 

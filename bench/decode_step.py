@@ -2,7 +2,7 @@
 prepared linear of the model, the head included, in the engine's order, on a fixed input), interleaved.
 
     python bench/decode_step.py [MODEL.onnx] [--threads 2] [--rounds 5] [--steps 16] [--batch B | --prefill T]
-                                [--kv-cache fp32|fp16|fp8] [--prompt 128]
+                                [--kv-cache fp32|fp16|fp8] [--prompt 128] [--json]
 
 MODEL defaults to the bench's Hunyuan-0.5B default conversion (bench/out, made by `make bench`).
 The difference between the two is everything that is not a GEMV: attention, norms, RoPE, SwiGLU, the
@@ -10,12 +10,14 @@ layer loop and Python. With --batch B, a step is `decode_batch` of B sequences (
 step) and the GEMVs take B rows each, as in that step. With --prefill T, a step is the prefill of a
 T-token prompt from an empty cache (the time to first token) against its GEMMs (T rows through every
 layer's linears, one through the head). Decode steps start after a --prompt-token prompt in each
-sequence (the attention's share grows with it; --kv-cache picks the cache's precision).
+sequence (the attention's share grows with it; --kv-cache picks the cache's precision). --json prints one
+line of JSON (milliseconds per step, FLOPs, weight bytes) instead of the table (make bench reads it).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
@@ -46,6 +48,7 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=0, help="a step is the prefill of T tokens")
     ap.add_argument("--kv-cache", default="fp32", choices=edge_runtime.KV_CACHES)
     ap.add_argument("--prompt", type=int, default=128, help="tokens cached in each sequence before decoding")
+    ap.add_argument("--json", action="store_true", help="one JSON line instead of the table")
     args = ap.parse_args()
     if min(args.batch, args.prefill) < 0 or min(args.threads, args.rounds, args.steps, args.prompt) < 1:
         raise SystemExit(
@@ -97,6 +100,12 @@ def main() -> None:
             t = time.perf_counter()
             fn()
             times[name].append((time.perf_counter() - t) / args.steps)
+    if args.json:
+        med = {name: statistics.median(ts) for name, ts in times.items()}
+        step_s, gemm_s = med[step], med["its GEMVs alone"]
+        figures = {"step_ms": step_s * 1e3, "gemm_ms": gemm_s * 1e3, "flops": flops, "weight_bytes": weight_bytes}
+        print(json.dumps({**figures, "gemm_gflops": flops / gemm_s / 1e9, "threads": args.threads}))
+        return
     what = f"decode_batch of {B}" if args.batch else f"a {args.prefill}-token prompt" if args.prefill else "one token"
     what += "" if args.prefill else f" after {args.prompt} cached"
     per_step = f"{weight_bytes / 1e6:.0f} MB of weights per step"

@@ -8,6 +8,11 @@ import os
 import statistics
 from pathlib import Path
 
+HERE = Path(__file__).resolve().parent
+# the Cortex-A76 kernel estimate `make test-arm` writes: llvm-mca on the hot loops numba compiles on the
+# emulated Pi (bench/kernel_asm.py, bench/mca.py)
+A76_ESTIMATE = HERE / "results" / "cortex-a76" / "mca-neoverse-n1.json"
+
 OTHER_CPU_FLAG = 0.25  # other processes used > a quarter of one core on average during the run
 
 # Raspberry Pi 5, published figures: 4x Cortex-A76 at 2.4 GHz, 2x128-bit NEON FMA pipes per core
@@ -15,7 +20,6 @@ OTHER_CPU_FLAG = 0.25  # other processes used > a quarter of one core on average
 # 0.5B model at ~20 tok/s there. The seed article claims a first token in under 1.2 s.
 PI5 = {"cores": 4, "ghz": 2.4, "flop_per_cycle": 16, "bandwidth_gbs": (10.0, 13.0), "llama_q8_tok_s": 20.0}
 SEED_TTFT_CLAIM_S = 1.2
-ZEN4_FLOP_PER_CYCLE = 32  # fp32 FMA: two 256-bit pipes (AVX-512 is double-pumped on Zen 4)
 
 
 BATCH_SUFFIX = ", 4 sequences batched"  # run.py's name for a case measuring the batch4 figure
@@ -73,26 +77,53 @@ def ratios(figures: dict, hy_edge: list[str], reference: str = "llama.cpp Q8_0")
     return out
 
 
-def pi5_projection(figures: dict, bytes_per_token: dict, bandwidth_gbs: float, machine: dict) -> dict:
-    """Decode from the bandwidth efficiency measured here; TTFT from the ratio of peak fp32 FLOP/s."""
-    here_gflops = machine["cores"] * machine["ghz"] * ZEN4_FLOP_PER_CYCLE
-    pi_gflops = PI5["cores"] * PI5["ghz"] * PI5["flop_per_cycle"]
-    out = {"here_gflops": here_gflops, "pi_gflops": pi_gflops, "bandwidth_here_gbs": bandwidth_gbs, "cases": {}}
+def a76_estimate(path: Path = A76_ESTIMATE) -> dict | None:
+    """The static estimate of the kernels on a Cortex-A76, or None when `make test-arm` has not made one."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def pi5_projection(
+    figures: dict, bytes_per_token: dict, bandwidth_gbs: float, gemms: dict | None, a76: dict | None
+) -> dict:
+    """Decode: the bandwidth efficiency measured here applied to the Pi's bandwidth, unless the kernels'
+    estimated speed on the Pi's 4 cores is lower (then that). TTFT: scaled by the prefill GEMMs' speed here
+    (measured) against the A76 estimate of the same microkernel on 4 cores."""
+    out: dict = {"bandwidth_here_gbs": bandwidth_gbs, "cases": {}, "a76": a76 is not None}
+    pi_peak = PI5["cores"] * PI5["ghz"] * PI5["flop_per_cycle"]
+    if a76 is not None:
+        k = a76["kernels"]
+        out["gemv_gbs"] = PI5["cores"] * k["gemv"]["fp8_gbs_per_core"] * PI5["ghz"] / a76["ghz"]
+        out["pi_gemm_gflops"] = PI5["cores"] * k["prefill"]["flops_per_cycle"] * PI5["ghz"]
+    else:  # no estimate: the same fraction of peak as here
+        out["pi_gemm_gflops"] = pi_peak * (gemms["gemm_gflops"] / gemms["peak_gflops"]) if gemms and gemms.get(
+            "peak_gflops") else None  # fmt: skip
+    out["here_gemm_gflops"] = gemms["gemm_gflops"] if gemms else None
     for case, figs in figures.items():
         if "decode" not in figs or case not in bytes_per_token:
             continue
         b = bytes_per_token[case]
         achieved = figs["decode"]["median"] * b / 1e9
         eff = achieved / bandwidth_gbs
+        rates = [eff * bw for bw in PI5["bandwidth_gbs"]]
+        if "gemv_gbs" in out and case.startswith("hy-edge numba"):  # the kernels may not keep up
+            rates = [min(r, out["gemv_gbs"]) for r in rates]
         row = {
             "bytes_per_token": b,
             "achieved_gbs": achieved,
             "efficiency": eff,
-            "decode_tok_s": [eff * bw * 1e9 / b for bw in PI5["bandwidth_gbs"]],
+            "decode_tok_s": [r * 1e9 / b for r in rates],
         }
+        scale = (
+            out["here_gemm_gflops"] / out["pi_gemm_gflops"]
+            if out["here_gemm_gflops"] and out["pi_gemm_gflops"]
+            else None
+        )
         for key in ("ttft32", "ttft128", "ttft512"):
-            if key in figs:
-                row[key + "_s"] = figs[key]["median"] * here_gflops / pi_gflops
+            if key in figs and scale and case.startswith("hy-edge numba"):
+                row[key + "_s"] = figs[key]["median"] * scale
         out["cases"][case] = row
     return out
 
@@ -122,9 +153,11 @@ def markdown(result: dict) -> str:
         f"Machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores at {meta['machine']['ghz']:.2f} GHz, "
         f"{meta['machine']['mem_gb']:.0f} GB; flags: {' '.join(meta['machine']['flags'])}.",
         "",
-        "| runtime | decode tok/s | TTFT 32 (s) | TTFT 128 (s) | TTFT 512 (s) | peak RSS (MB) | cold start (s) "
+        _isa_line(meta),
+        "",
+        "| runtime | ISA | decode tok/s | TTFT 32 (s) | TTFT 128 (s) | TTFT 512 (s) | peak RSS (MB) | cold start (s) "
         "| weight MB/token | decode GB/s (% of read bw) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case, f in figs.items():
         if side_case(case):
@@ -132,7 +165,8 @@ def markdown(result: dict) -> str:
         b = result["bytes_per_token"].get(case)
         gbs = f"{f['decode']['median'] * b / 1e9:.2f} ({100 * f['decode']['median'] * b / 1e9 / bw['numba_gbs']:.0f}%)"
         lines.append(
-            f"| {case} | {_fmt(f.get('decode'), 1)} | {_fmt(f.get('ttft32'))} | {_fmt(f.get('ttft128'))} "
+            f"| {case} | {meta.get('case_isa', {}).get(case, '-')} | {_fmt(f.get('decode'), 1)} "
+            f"| {_fmt(f.get('ttft32'))} | {_fmt(f.get('ttft128'))} "
             f"| {_fmt(f.get('ttft512'))} | {_fmt(f.get('peak_rss_mb'), 0)} | {_fmt(f.get('cold_start_s'), 1)} "
             f"| {b / 1e6:.0f} | {gbs if 'decode' in f else '-'} |"
         )
@@ -167,6 +201,7 @@ def markdown(result: dict) -> str:
         + (f"{bw['c_gbs']:.1f} GB/s in the same run." if bw.get("c_gbs") else "nothing (not built).")
         + " Decode GB/s = weight bytes read per token × tok/s.",
     ]
+    lines += _peak_lines(result)
     if result.get("first_jit_s") is not None:
         lines += [
             "",
@@ -183,6 +218,36 @@ def markdown(result: dict) -> str:
     if result.get("notes"):
         lines += ["", *(f"- {n}" for n in result["notes"])]
     return "\n".join(lines) + "\n"
+
+
+def _isa_line(meta: dict) -> str:
+    isa, host = meta.get("isa", "?"), meta.get("host_isa", "?")
+    if isa == host:
+        return f"Vector ISA: **{isa}** (this host's own)."
+    return (
+        f"Vector ISA: **{isa}**, compiled for on this {host} host: hy-edge's kernels by numba with the host CPU's "
+        f"{host} features off, llama.cpp from a llama-cpp-python build for {isa}; the ISA column says what each "
+        "row ran."
+    )
+
+
+def _peak_lines(result: dict) -> list[str]:
+    peak, gemms = result.get("fma_peak"), result.get("prefill_gemms")
+    if not peak:
+        return []
+    runs = peak["runs"]
+    lines = [
+        "",
+        f"**FMA peak** ({result['meta'].get('isa', '?')} code, bench/fma_peak.c, {result['meta']['threads']} threads): "
+        f"{peak['gflops']:.1f} GFLOP/s (median of {len(runs)}, {min(runs):.1f}–{max(runs):.1f}).",
+    ]
+    if gemms:
+        lines[-1] += (
+            f" The GEMMs of a 128-token prefill alone (bench/decode_step.py --prefill 128, hy-edge numba default) ran "
+            f"at {gemms['gemm_gflops']:.1f} GFLOP/s = **{100 * gemms['gemm_gflops'] / peak['gflops']:.0f}% of that "
+            f"peak**, {gemms['gemm_ms']:.0f} of the prefill's {gemms['step_ms']:.0f} ms."
+        )
+    return lines
 
 
 def _batch_markdown(figs: dict, meta: dict) -> list[str]:
@@ -243,16 +308,25 @@ def _pi_markdown(pi: dict | None) -> list[str]:
     if not pi or not pi["cases"]:
         return []
     lo, hi = PI5["bandwidth_gbs"]
+    if pi["a76"]:
+        how = (
+            f"The kernels' speed on the Pi is the static estimate `make test-arm` makes of their hot loops as numba "
+            "compiles them on an emulated Cortex-A76 (llvm-mca's Neoverse-N1 model, "
+            f"bench/{A76_ESTIMATE.relative_to(HERE)}): "
+            f"the one-token GEMV at {pi['gemv_gbs']:.1f} GB/s of FP8 weights on {PI5['cores']} cores, the prefill "
+            f"microkernel at {pi['pi_gemm_gflops']:.0f} GFLOP/s. "
+        )
+    else:
+        how = "No Cortex-A76 estimate (`make test-arm` makes it): the Pi's GEMMs at the same fraction of peak as here. "
+    gemm = f"{pi['here_gemm_gflops']:.0f}" if pi.get("here_gemm_gflops") else "?"
     lines = [
         "",
         "## Raspberry Pi 5 projection",
         "",
-        f"Decode is bandwidth-bound: Pi tok/s = (GB/s achieved here ÷ {pi['bandwidth_here_gbs']:.1f} GB/s "
-        f"measured here) × Pi bandwidth ({lo:.0f}–{hi:.0f} GB/s) ÷ weight bytes per token. Prefill is "
-        f"arithmetic: Pi TTFT = TTFT here × {pi['here_gflops']:.0f} ÷ {pi['pi_gflops']:.0f} GFLOP/s peak fp32 "
-        f"(here: cores × GHz × {ZEN4_FLOP_PER_CYCLE} FLOP/cycle; Pi 5: {PI5['cores']} × {PI5['ghz']} GHz × "
-        f"{PI5['flop_per_cycle']}), i.e. the same fraction of peak on both. Neither accounts for NEON lacking "
-        "Zen 4's AVX-512 conversions nor for the Pi's smaller caches, so read these as upper-end estimates.",
+        how + f"Decode: Pi tok/s = (GB/s achieved here ÷ {pi['bandwidth_here_gbs']:.1f} GB/s measured here) × Pi "
+        f"bandwidth ({lo:.0f}–{hi:.0f} GB/s), or the GEMV estimate where lower, ÷ weight bytes per token. TTFT: "
+        f"TTFT here × the prefill GEMMs' {gemm} GFLOP/s here ÷ the Pi estimate (the rest of a prefill assumed to scale "
+        "alike). Estimates of the loops from L1: read them as upper ends.",
         "",
         "| runtime | GB/s here | efficiency | Pi decode tok/s | Pi TTFT 32 / 128 / 512 (s) |",
         "|---|---|---|---|---|",
@@ -261,7 +335,6 @@ def _pi_markdown(pi: dict | None) -> list[str]:
         tt = " / ".join(f"{r[k + '_s']:.2f}" if k + "_s" in r else "-" for k in ("ttft32", "ttft128", "ttft512"))
         lines.append(
             f"| {case} | {r['achieved_gbs']:.2f} | {100 * r['efficiency']:.0f}% | "
-            f"{r['efficiency']:.2f} × {lo:.0f}–{hi:.0f} GB/s ÷ {r['bytes_per_token'] / 1e9:.3f} GB = "
             f"{r['decode_tok_s'][0]:.1f}–{r['decode_tok_s'][1]:.1f} | {tt} |"
         )
     ref = pi["cases"].get("llama.cpp Q8_0")

@@ -7,8 +7,14 @@ decode under one competing busy process; peak RSS with the whole context cached 
 tokens); hy-edge's batched decode (4 sequences per `decode_batch` step, against one); the ratios hy-edge /
 llama.cpp Q8_0; a Raspberry Pi 5 projection. Writes bench/results/latest.{json,md,png}.
 
-    python bench/run.py [--rounds 3] [--threads 2] [--quick] [--layers 24] [--out bench/results/latest]
+    python bench/run.py [--rounds 3] [--threads 2] [--quick] [--layers 24] [--isa native|avx2] [--out PREFIX]
     python bench/run.py --quick     # one round: decode + TTFT 128, hy-edge numba vs llama.cpp Q8_0
+
+--isa avx2 on an AVX-512 host measures what most laptops, desktops and VMs run: hy-edge's kernels compiled
+by numba for the host CPU without its AVX-512 features (hy_edge_ops.isa.codegen_env), llama.cpp from a
+second llama-cpp-python build with AVX-512 off (kept under bench/out), PyTorch with ATEN_CPU_CAPABILITY=avx2,
+and the FMA peak of AVX2 code. onnxruntime chooses its kernels at run time: it runs with the host's ISA.
+Results go to bench/results/latest-<isa>.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -28,11 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import artifacts
+import fma_peak
 import report
 from bandwidth import build_c_reference, c_read_gbs, numba_read_gbs
+from hy_edge_ops import isa as isa_mod
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results" / "latest"
+RESULTS = HERE / "results"
 
 # hy-edge numba variants, one line each: (label, QuantPolicy fields). The first is the default conversion
 # (whatever hy_edge_convert's defaults are); the onnxruntime backend runs on that same file.
@@ -66,6 +74,35 @@ class Case:
     env: dict = field(default_factory=dict)
     threads: int | None = None  # None: --threads; 0: the runtime's own default
     context: int = 1024  # KV cache length the runtime allocates
+    isa: str = ""  # the vector ISA the runtime's kernels use in this run (isa_env)
+
+
+def isa_env(runtime: str, isa: str, notes: list[str]) -> tuple[dict, str]:
+    """Environment for a child of `runtime` to run kernels of `isa`, and the ISA its row names."""
+    if isa == isa_mod.ISA:
+        return {}, isa
+    if runtime == "numba":
+        return isa_mod.codegen_env(isa), isa
+    if runtime == "llama.cpp":
+        site = artifacts.llama_cpp_site(isa)  # raises ArtifactError when it cannot be built
+        return {"PYTHONPATH": os.pathsep.join(filter(None, (str(site), os.environ.get("PYTHONPATH"))))}, isa
+    if runtime == "torch" and isa == "avx2":
+        return {"ATEN_CPU_CAPABILITY": "avx2"}, isa
+    return {}, f"{isa_mod.ISA} (chosen at run time)"
+
+
+def apply_isa(cases: list[Case], isa: str, notes: list[str]) -> list[Case]:
+    """Each case with its ISA's environment; llama.cpp cases dropped (with a note) if no build for `isa`."""
+    kept = []
+    for c in cases:
+        try:
+            env, c.isa = isa_env(c.runtime, isa, notes)
+        except artifacts.ArtifactError as e:
+            note(notes, f"{c.name}: {e}; going on without it")
+            continue
+        c.env = {**env, **c.env}
+        kept.append(c)
+    return kept
 
 
 def build_cases(args, ckpt: Path, notes: list[str]) -> list[Case]:
@@ -174,10 +211,21 @@ def run_child(case: Case, args, rnd: int) -> dict:
     return run
 
 
+def prefill_gemms(case: Case, args) -> dict | None:
+    """The GEMMs of a 128-token prefill alone against the whole prefill, in one process (bench/decode_step.py):
+    the GEMMs' GFLOP/s, compared with the FMA peak of the same ISA."""
+    cmd = [sys.executable, str(HERE / "decode_step.py"), str(case.path), "--prefill", "128", "--json"]
+    cmd += ["--threads", str(args.threads), "--rounds", "3", "--steps", "2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **case.env}, timeout=args.timeout)
+    if r.returncode != 0:
+        return None
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def first_jit(case: Case, args) -> float | None:
     """Cold start with an empty numba cache: the first-ever JIT compile."""
     with tempfile.TemporaryDirectory(dir=artifacts.OUT) as d:
-        c = Case(case.name, case.runtime, case.path, 0, ("ttft32",), env={"NUMBA_CACHE_DIR": d})
+        c = Case(case.name, case.runtime, case.path, 0, ("ttft32",), env={**case.env, "NUMBA_CACHE_DIR": d})
         run = run_child(c, args, 0)
     return run.get("ready_s")
 
@@ -267,28 +315,38 @@ def main() -> None:
     )
     ap.add_argument("--layers", type=int, default=24, help="fewer layers for a smoke run (not Hunyuan-0.5B then)")
     ap.add_argument("--timeout", type=int, default=900, help="seconds one child process may take")
-    ap.add_argument("--out", type=Path, help="output prefix (default bench/results/latest; --quick: bench/out/quick)")
+    ap.add_argument("--isa", default="native", help="native, or avx2 on an AVX-512 host (see above)")
+    ap.add_argument(
+        "--out", type=Path, help="output prefix (default bench/results/latest-<isa>; --quick: bench/out/quick-<isa>)"
+    )
     args = ap.parse_args()
+    isa = isa_mod.ISA if args.isa == "native" else args.isa
+    try:
+        isa_mod.codegen_env(isa)
+    except ValueError as e:
+        sys.exit(f"bench: --isa: {e}")
     if args.rounds < 1 or args.threads < 1 or args.decode_tokens < 1 or not 1 <= args.layers <= 24:
         sys.exit("bench: --rounds, --threads and --decode-tokens must be >= 1, --layers 1..24")
     if args.quick:
         args.rounds = 1
-    out = args.out or (artifacts.OUT / "quick" if args.quick else RESULTS)
+    out = args.out or (artifacts.OUT / f"quick-{isa}" if args.quick else RESULTS / f"latest-{isa}")
     if args.layers != 24 and args.out is None and not args.quick:
-        out = artifacts.OUT / f"smoke-{args.layers}l"  # never overwrite the committed results with a smoke run
+        out = artifacts.OUT / f"smoke-{args.layers}l-{isa}"  # never overwrite the committed results with a smoke run
     artifacts.OUT.mkdir(exist_ok=True)
     notes: list[str] = []
 
     print("building artifacts (once, cached under bench/out) ...", file=sys.stderr)
     ckpt = artifacts.checkpoint(args.layers)
-    cases = build_cases(args, ckpt, notes)
+    cases = apply_isa(build_cases(args, ckpt, notes), isa, notes)
     bytes_per_token = {c.name: c.bytes_per_token for c in cases}
     numba_case = cases[0]
-    prog = Progress(args.rounds * (len(cases) + 1) + (1 if args.quick else 2) + 1)
+    prog = Progress(args.rounds * (len(cases) + 1) + (1 if args.quick else 2) + 2)
     prog.show("read bandwidth")
     c_exe = build_c_reference(artifacts.OUT)
     c_gbs = c_read_gbs(c_exe, args.threads) if c_exe else None
     bw_runs = [numba_read_gbs(args.threads)]
+    fma_exe = fma_peak.build(artifacts.OUT, isa)
+    fma_runs = [fma_peak.gflops(fma_exe, args.threads)] if fma_exe else []
     prog.step("bandwidth")
     first_jit_s = None
     if not args.quick:
@@ -296,7 +354,7 @@ def main() -> None:
         first_jit_s = first_jit(numba_case, args)
         prog.step("first JIT")
     prog.show("warming the JIT cache")  # kernels changed since the last run compile here, not in round 1
-    run_child(Case(numba_case.name, "numba", numba_case.path, 0, ("ttft32",)), args, 0)
+    run_child(Case(numba_case.name, "numba", numba_case.path, 0, ("ttft32",), env=numba_case.env), args, 0)
     prog.step("JIT cache warm")
     runs = []
     for rnd in range(1, args.rounds + 1):
@@ -308,7 +366,16 @@ def main() -> None:
             runs.append(run)
             prog.step(case.name)
         bw_runs.append(numba_read_gbs(args.threads))  # bandwidth sampled between rounds, like the runtimes
+        if fma_exe:
+            fma_runs.append(fma_peak.gflops(fma_exe, args.threads))
         prog.step("bandwidth")
+    prog.show("prefill GEMMs alone")
+    gemms = prefill_gemms(numba_case, args)
+    if gemms is None:
+        note(notes, "the prefill GEMM probe (bench/decode_step.py --prefill 128) failed")
+    if gemms is not None and fma_runs:
+        gemms["peak_gflops"] = statistics.median(fma_runs)  # the same ISA, the same run
+    prog.step("prefill GEMMs")
     print(file=sys.stderr)
 
     agg = report.aggregate(runs)
@@ -331,17 +398,26 @@ def main() -> None:
             "quick": args.quick,
             "variants": VARIANTS,
             "machine": machine,
+            "isa": isa,
+            "host_isa": isa_mod.ISA,
+            "case_isa": {c.name: c.isa for c in cases},
             "gguf": "llama.cpp convert_hf_to_gguf.py from the llama-cpp-python "
             f"{artifacts.LLAMA_CPP_PYTHON} sdist; tokenizer: SmolLM2's BPE padded to {artifacts.VOCAB} ids",
         },
         "bandwidth": {"numba_gbs": bandwidth, "numba_runs": bw_runs, "c_gbs": c_gbs},
+        "fma_peak": {"gflops": statistics.median(fma_runs), "runs": fma_runs} if fma_runs else None,
+        "prefill_gemms": gemms,
         "first_jit_s": first_jit_s,
         "bytes_per_token": bytes_per_token,
         "figures": agg["figures"],
         "flagged": agg["flagged"],
         "ratios": report.ratios(agg["figures"], hy_cases),
         "pi5": report.pi5_projection(
-            {k: v for k, v in agg["figures"].items() if not k.endswith("+ busy")}, bytes_per_token, bandwidth, machine
+            {k: v for k, v in agg["figures"].items() if not k.endswith("+ busy")},
+            bytes_per_token,
+            bandwidth,
+            gemms,
+            report.a76_estimate(),
         ),
         "runs": runs,
         "notes": notes,

@@ -111,6 +111,20 @@ status=0
 arm sh -c "python -m pytest -p no:cacheprovider -rs --durations=10 $ARM_TESTS" || status=1
 phase "tests done"
 
+# --- the kernels' hot loops as numba compiles them for the A76, estimated by llvm-mca on the host -------
+# bench/results/cortex-a76/: the loops (.s), what they compute (kernels.json) and the estimate that make
+# bench's Raspberry Pi 5 projection reads (mca-neoverse-n1.json)
+KERNELS=$REPO/bench/results/cortex-a76
+if arm python bench/kernel_asm.py /opt/hy-edge/kernels-a76 >/dev/null; then
+    rm -rf "$KERNELS.tmp" && cp -r "$ROOT/opt/hy-edge/kernels-a76" "$KERNELS.tmp"
+    rm -rf "$KERNELS" && mv "$KERNELS.tmp" "$KERNELS"
+    command -v llvm-mca-19 >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq llvm-19 >/dev/null
+    (cd "$REPO" && "$HOST_PY" bench/mca.py "$KERNELS") || status=1
+else
+    say "could not dump the kernels' aarch64 assembly" && status=1
+fi
+phase "kernel estimate done"
+
 # --- one greedy run of the bundled model, here and there -----------------------------------------------
 (cd "$REPO" && "$HOST_PY" -m edge_runtime "${RUN_ARGS[@]}") >"$CACHE/host.json" 2>"$CACHE/host.err" || status=1
 arm python -m edge_runtime "${RUN_ARGS[@]}" >"$CACHE/arm.json" 2>"$CACHE/arm.err" || status=1
