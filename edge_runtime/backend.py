@@ -56,10 +56,12 @@ def open_session(
     `slots` (sequences decoded together, `NumbaSession.decode_batch`) and `kv_cache` (KV_CACHES: 'fp16'
     halves the KV memory, 'fp8' quarters it) are numba-backend options."""
     from .memory import DEFAULT_BUDGET
-    from .threads import resolve_threads
+    from .threads import resolve_threads, warn_if_busy
 
     adaptive = threads is None  # the default count gives way to other busy processes
     threads = resolve_threads(threads)
+    if not adaptive:
+        warn_if_busy(threads)  # a count the caller chose does not: say so once if others are busy
     budget = DEFAULT_BUDGET if max_memory is None else max_memory
     if backend == "numba":
         from .engine_numba import DEFAULT_PREFILL_CHUNK, NumbaSession

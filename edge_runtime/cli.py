@@ -28,19 +28,24 @@ MAX_PROMPT_BYTES = 16 << 20  # a prompt file larger than this is not a prompt
 
 
 def _notes_as_one_line() -> None:
-    """The library's notices (memory.ContextLimited) as `hy-edge: note: ...`, once each."""
+    """The library's notices (memory.ContextLimited, threads.ThreadsBusy) as `hy-edge: note: ...` and
+    `hy-edge: warning: ...`, once each."""
     from .memory import ContextLimited
+    from .threads import ThreadsBusy
 
     shown = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, ContextLimited):
             click.echo(f"hy-edge: note: {message}", err=True)
+        elif issubclass(category, ThreadsBusy):
+            click.echo(f"hy-edge: warning: {message}", err=True)
         else:
             shown(message, category, filename, lineno, file, line)
 
     warnings.showwarning = show
     warnings.simplefilter("once", ContextLimited)
+    warnings.simplefilter("once", ThreadsBusy)
 
 
 class OneLineErrors(click.Group):

@@ -11,7 +11,7 @@ import click
 from . import format as F
 from . import onnx_header
 from .cli_common import user_errors
-from .errors import ModelFileError
+from .errors import HyEdgeError, ModelFileError
 from .integrity import check_data_size, stored_checksums, verify_checksums
 from .memory import peak_rss_mb
 from .spec import ModelSpec
@@ -131,11 +131,21 @@ def read_header(path: Path) -> tuple[ModelSpec, dict, dict[str, str], onnx_heade
 
 
 @click.command("info")
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model", type=click.Path(path_type=Path), required=False)
 @click.option("--verify", is_flag=True, help="Check every weight tensor against its stored checksum.")
-def info_cmd(model: Path, verify: bool) -> None:
+@click.option(
+    "--default-model-path", "default_path", is_flag=True, help="Print the bundled default model's GGUF file and exit."
+)
+def info_cmd(model: Path | None, verify: bool, default_path: bool) -> None:
     """Print the spec, quantization and sizes of a converted model."""
     with user_errors():
+        if default_path:  # the package is installed without its dependencies: found, never imported
+            from .cli_model import default_gguf
+
+            click.echo(default_gguf())
+            return
+        if model is None:
+            raise HyEdgeError("info needs a MODEL (a converted .onnx), or --default-model-path")
         spec, quant, meta, proto = read_header(model)
         check_data_size(proto, model)  # a truncated data file is an error, not a size
         checked = verify_checksums(proto, model) if verify else None

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 import os
+import time
+import warnings
 from pathlib import Path
 
 from .errors import HyEdgeError
@@ -88,10 +90,14 @@ def available_cores() -> int:
 def max_threads() -> int:
     """CPUs this process may run on: more threads than that only queue behind each other (numba's
     pool is sized to the CPU count when it starts)."""
+    return max(1, len(_allowed_cpus()))
+
+
+def _allowed_cpus() -> set[int]:
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        return os.sched_getaffinity(0)
     except AttributeError:
-        return os.cpu_count() or 1
+        return set(range(os.cpu_count() or 1))
 
 
 def resolve_threads(threads: int | None) -> int:
@@ -111,6 +117,50 @@ def set_threads(threads: int | None) -> int:
     return n
 
 
+class ThreadsBusy(UserWarning):
+    """More threads were asked for than the CPUs other busy processes leave free (shown once)."""
+
+
+_checked = False
+
+
+def warn_if_busy(threads: int, window: float = 0.2) -> None:
+    """Once per process, for a thread count the caller chose: measure for `window` seconds the cores
+    other processes keep busy, and warn (ThreadsBusy) when `threads` exceeds the CPUs they leave. Every
+    parallel region waits at its barrier for a thread pushed off its core (`make bench` measures decode
+    beside one competing busy process, pinned threads against the default count, which gives way)."""
+    global _checked
+    if _checked or threads < 2:
+        return
+    _checked = True
+    allowed = _allowed_cpus()  # only these: on a big host, processes on other CPUs take none of ours
+    before, own0 = _busy_seconds_on(allowed), _own_seconds()
+    t0 = time.monotonic()
+    time.sleep(window)
+    after, own1 = _busy_seconds_on(allowed), _own_seconds()
+    elapsed = time.monotonic() - t0
+    if before is None or after is None or elapsed <= 0:
+        return
+    cpus = len(allowed)
+    others = min(cpus, max(0.0, (after - before) - (own1 - own0)) / elapsed)  # their cores kept busy
+    free = max(0, cpus - int(others + 0.5))
+    if threads > free:
+        warnings.warn(
+            ThreadsBusy(
+                f"{threads} threads asked for, but other processes keep {others:.1f} of the {cpus} CPUs busy "
+                f"({free} free): every parallel step waits for a thread pushed off its core, so decoding may "
+                "run several times slower; the default thread count (no --threads, threads=None) gives way "
+                "to them"
+            ),
+            stacklevel=2,
+        )
+
+
+def _own_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 def _busy_seconds() -> float | None:
     """CPU seconds every CPU of the machine has spent busy since boot (/proc/stat), or None."""
     try:
@@ -120,10 +170,25 @@ def _busy_seconds() -> float | None:
         return None
     if not fields or fields[0] != "cpu":
         return None
+    return _busy_ticks(fields) / os.sysconf("SC_CLK_TCK")
+
+
+def _busy_seconds_on(cpus: set[int]) -> float | None:
+    """CPU seconds the CPUs `cpus` have spent busy since boot (/proc/stat's `cpuN` lines), or None."""
+    try:
+        with open("/proc/stat") as f:
+            rows = [line.split() for line in f if line.startswith("cpu") and line[3:4].isdigit()]
+    except OSError:
+        return None
+    mine = [fields for fields in rows if int(fields[0][3:]) in cpus]
+    return sum(_busy_ticks(fields) for fields in mine) / os.sysconf("SC_CLK_TCK") if mine else None
+
+
+def _busy_ticks(fields: list[str]) -> int:
     ticks = [int(v) for v in fields[1:]]
     idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
     # fields 0-7: user nice system idle iowait irq softirq steal (guest time is already in user)
-    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    return sum(ticks[:8]) - idle
 
 
 class ThreadGovernor:

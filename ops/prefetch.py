@@ -28,11 +28,12 @@ _LINE = 64
 def emit_prefetch_l2(builder, ptr) -> None:
     """llvm.prefetch(address, read, locality 2 = keep in L2 and out, data cache) of the byte at `ptr`,
     for intrinsics that stream their own rows (hy_edge_ops.dot)."""
-    i8p = ir.IntType(8).as_pointer()
+    # LLVM's pointers are opaque (typed pointers are gone since LLVM 17): the intrinsic takes any `ptr`
+    # as it is, under its opaque-pointer name (the typed `.p0i8` name parses only through auto-upgrade)
     i32 = ir.IntType(32)
-    fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
-    builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(2), i32(1)])
+    fnty = ir.FunctionType(ir.VoidType(), [ir.PointerType(), i32, i32, i32])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+    builder.call(fn, [ptr, i32(0), i32(2), i32(1)])
 
 
 @intrinsic
@@ -42,7 +43,7 @@ def _prefetch_l2(typingctx, arr, offset):
 
     def codegen(context, builder, signature, args):
         ary = context.make_array(signature.args[0])(context, builder, args[0])
-        emit_prefetch_l2(builder, builder.gep(builder.bitcast(ary.data, ir.IntType(8).as_pointer()), [args[1]]))
+        emit_prefetch_l2(builder, builder.gep(ary.data, [args[1]], source_etype=ir.IntType(8)))  # byte offset
         return context.get_dummy_value()
 
     return sig, codegen

@@ -103,8 +103,12 @@ def _importable(name: str) -> bool:
 
 
 def pytest_collection_modifyitems(session, config, items):
-    if not any("smollm2_reference" in getattr(item, "fixturenames", ()) for item in items):
+    waiting = {item.module for item in items if "smollm2_reference" in getattr(item, "fixturenames", ())}
+    if not waiting:
         return
+    # the modules that wait for the reference run last, in their own order, so that its child works
+    # beside the rest of the suite instead of holding it up (it held the suite for ~60 s at the first)
+    items.sort(key=lambda item: item.module in waiting)
     if not (_importable("torch") and _importable("transformers")):
         return  # smollm2_reference skips (checkpoints.need_torch)
     path = ck.smollm2_gguf_path()
@@ -153,4 +157,59 @@ def smollm2_reference(request, smollm2_gguf) -> dict:
         result = gguf_reference.reference(smollm2_gguf)
     if cache is not None:
         cache.set(key, result)
+    return result
+
+
+# -- a child that compiles every kernel without a cache, started early -------------------------------
+# test_hardening_readonly's `hy-edge run` with nothing writable compiles every kernel uncached (a minute of
+# one core on 2 cores). The suite runs one test at a time and leaves the other core idle most of the time:
+# the child starts with the first test and the test collects its result.
+
+_UNCACHED = "tests/test_hardening_readonly.py::test_read_only_system_generates_without_cache"
+
+
+def _start_uncached_run(request) -> tuple[subprocess.Popen, Path]:
+    import readonly_fs
+    from runtime_helpers import converted
+
+    model = converted(request.getfixturevalue("hunyuan_f32_dir"), "e4m3")
+    work = request.getfixturevalue("tmp_path_factory").mktemp("uncached")
+    (work / "p.txt").write_text("Hi")
+    args = ["run", str(work / "p.txt"), "--model", str(model), "--max-tokens", "2", "--threads", "1"]
+    argv, env = readonly_fs.cli_command(args, [], {"HOME": str(work / "nohome")})
+    log = work / "child.log"
+    with open(log, "w") as out, open(work / "child.err", "w") as err:
+        proc = subprocess.Popen(argv, env=env, cwd=work, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+    return proc, work
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _uncached_run_started(request):
+    """Starts the uncached run at the first test when it is selected (and can run: torch builds the model)."""
+    selected = any(item.nodeid.endswith(_UNCACHED) for item in request.session.items)
+    job = None
+    if selected and _importable("torch") and _importable("transformers"):
+        job = _start_uncached_run(request)
+    request.config.stash[_UNCACHED_JOB] = job
+    yield
+    if job is not None and job[0].poll() is None:
+        job[0].kill()
+        job[0].wait()
+
+
+_UNCACHED_JOB = pytest.StashKey[object]()
+
+
+@pytest.fixture
+def uncached_run(request):
+    """() -> the uncached run's CompletedProcess (started now if it was not started early)."""
+    job = request.config.stash.get(_UNCACHED_JOB, None) or _start_uncached_run(request)
+
+    def result() -> subprocess.CompletedProcess:
+        proc, work = job
+        proc.wait(timeout=600)
+        return subprocess.CompletedProcess(
+            proc.args, proc.returncode, (work / "child.log").read_text(), (work / "child.err").read_text()
+        )
+
     return result

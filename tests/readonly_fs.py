@@ -11,7 +11,29 @@ import builtins
 import errno
 import io
 import os
+import sys
 from pathlib import Path
+
+TESTS = Path(__file__).parent
+
+
+def cli_command(args: list[str], writable: list[Path], env: dict, drop_home: bool = False) -> tuple[list[str], dict]:
+    """argv and environment of `hy-edge ARGS` in a child whose file system is read-only except `writable`
+    (env HY_EDGE_NO_PASSWD: and whose UID has no passwd entry)."""
+    code = (
+        "import sys, readonly_fs; readonly_fs.install(sys.argv[1].split(':') if sys.argv[1] else []); "
+        "from edge_runtime.cli import main; main(sys.argv[2:], prog_name='hy-edge')"
+    )
+    base = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "XDG_CACHE_HOME", "HY_EDGE_CACHE")}
+    if drop_home:
+        base.pop("HOME", None)
+    base.update(
+        PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])),
+        PYTHONDONTWRITEBYTECODE="1",
+        **env,
+    )
+    return [sys.executable, "-c", code, ":".join(str(w) for w in writable), *args], base
+
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 

@@ -4,10 +4,17 @@ module asks first), the seed-options checkpoint, transformers references."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
+import gc
 import json
+import mmap
 import shutil
 import tempfile
+import tracemalloc
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +124,57 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
 
 
 PROMPT_IDS = [1, 17, 42, 99, 3, 250, 7, 8, 19, 101, 64, 33, 5, 200, 12, 90, 91, 92]
+
+
+NUMPY_TRACE_DOMAIN = 389047  # numpy reports its data buffers to tracemalloc in this domain (NPY_TRACE_DOMAIN)
+
+
+@dataclass
+class Allocated:
+    """What a block of code allocated and still holds at its end: `heap` bytes of numpy data buffers
+    (traced by tracemalloc in numpy's domain, so the interpreter's own objects and free lists do not
+    count) and `mapped` bytes of anonymous mappings made through Python's mmap (the KV and conv caches:
+    lazy zero pages, which tracemalloc never sees)."""
+
+    heap: int = 0
+    mapped: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.heap + self.mapped
+
+
+@contextlib.contextmanager
+def allocations(monkeypatch) -> Iterator[Allocated]:
+    """Measure `Allocated` over the with-block. Every mmap.mmap made meanwhile is recorded by a subclass
+    that keeps a weak reference to each, so that those released before the end do not count."""
+    out, maps = Allocated(), []
+
+    class Recorded(mmap.mmap):
+        def __new__(cls, *args, **kwargs):
+            m = super().__new__(cls, *args, **kwargs)
+            maps.append(weakref.ref(m))
+            return m
+
+    with monkeypatch.context() as patch:
+        patch.setattr(mmap, "mmap", Recorded)
+        tracemalloc.start()  # traces only what is allocated from here on
+        try:
+            yield out
+            gc.collect()  # garbage in reference cycles is not held
+            held = tracemalloc.take_snapshot().filter_traces([tracemalloc.DomainFilter(True, NUMPY_TRACE_DOMAIN)])
+            out.heap = sum(t.size for t in held.traces)
+            out.mapped = sum(len(m) for m in (ref() for ref in maps) if m is not None and not m.closed)
+        finally:
+            tracemalloc.stop()
+
+
+# bytes per cached position of one sequence slot, from the spec alone: K and V rows of every attention
+# layer (the KV cache type's row: fp32 4 D, fp16 2 D, fp8 D E4M3 codes and a float32 scale), and each
+# dwconv layer's input row (float32 C) kept for truncate()
+KV_ROW = {"fp32": lambda d: 4 * d, "fp16": lambda d: 2 * d, "fp8": lambda d: d + 4}
+
+
+def cached_bytes_per_token(spec, kv_cache: str = "fp32") -> int:
+    kv = 2 * len(spec.attention_layers) * spec.num_key_value_heads * KV_ROW[kv_cache](spec.head_dim)
+    return kv + len(spec.conv_layers) * spec.hidden_size * 4

