@@ -105,9 +105,17 @@ def _lane_sum(builder, v):
     return builder.extract_element(v, _I32(0))
 
 
-def _load(builder, base, k, vty, align):
-    # the vector of `vty` at element k of `base`
-    return builder.load(builder.bitcast(builder.gep(base, [k]), vty.as_pointer()), align=align)
+def load_vector(builder, base, k, vty, align):
+    """The vector of `vty` at element k of `base` (the load names its type: no pointer bitcast)."""
+    return builder.load(builder.gep(base, [k]), typ=vty, align=align)
+
+
+def store_vector(builder, value, base, k, align) -> None:
+    """`value` (a vector) at element k of `base`. llvmlite's check that a pointer's element type is the
+    stored type predates opaque pointers; the store LLVM reads (`store <8 x float> %v, ptr %p`) is valid."""
+    st = ir.instructions.StoreInstr(builder.block, value, builder.gep(base, [k]))
+    st.align = align
+    builder._insert(st)
 
 
 def _fma(builder, acc, a, b):
@@ -192,10 +200,10 @@ def row_dots(typingctx, w, sc, bk, rows, x, toks, ahead):
                         for line in range(lines_per_step):
                             at = builder.add(k, builder.add(ahead_elems, intp(line * line_elems)))
                             emit_prefetch_l2(builder, builder.gep(p, [at]))
-                ws = [_decode(builder, _load(builder, p, k, vw, 1), wty.dtype) for p in w_rows]
+                ws = [_decode(builder, load_vector(builder, p, k, vw, 1), wty.dtype) for p in w_rows]
                 if s_at is not None:
                     ws = [builder.fmul(v, s) for v, s in zip(ws, s_at(step.index), strict=True)]
-                accumulate(ws, [_load(builder, p, k, vf, 4) for p in x_rows])
+                accumulate(ws, [load_vector(builder, p, k, vf, 4) for p in x_rows])
 
         def tail(k0, n):
             # columns k0 .. k0 + n (n < LANES), zero-padded to one vector (0 * 0 adds nothing)

@@ -29,7 +29,7 @@ from numba.core import cgutils
 from numba.core.errors import TypingError
 from numba.extending import intrinsic
 
-from .dot import _STORED, LANES, _decode, _splat_value, scales_on_weights
+from .dot import _STORED, LANES, _decode, _splat_value, load_vector, scales_on_weights, store_vector
 from .half import acc_scale as _acc
 from .half import as_f32 as _weight
 from .isa import ISA
@@ -63,13 +63,12 @@ def _emit_tile(builder, context, sig, args, tv):
     ]
     t_pad = builder.extract_value(part.shape, 1)
 
-    def part_at(r, v):  # part[r0 + r, (j0 + v) * VL ...] as a vector pointer
-        row = builder.mul(builder.add(r0, intp(r)), t_pad)
-        return builder.bitcast(
-            builder.gep(part.data, [builder.add(row, builder.mul(builder.add(j0, intp(v)), intp(VL)))]), vf.as_pointer()
+    def part_at(r, v):  # the element index of part[r0 + r, (j0 + v) * VL]
+        return builder.add(
+            builder.mul(builder.add(r0, intp(r)), t_pad), builder.mul(builder.add(j0, intp(v)), intp(VL))
         )
 
-    part_ptrs = [[part_at(r, v) for v in range(tv)] for r in range(NR)]
+    part_ix = [[part_at(r, v) for v in range(tv)] for r in range(NR)]
     accs = [[cgutils.alloca_once(builder, vf) for _ in range(tv)] for _ in range(NR)]
     with builder.if_else(builder.icmp_signed("==", k0, intp(0))) as (first, later):
         with first:
@@ -77,15 +76,12 @@ def _emit_tile(builder, context, sig, args, tv):
                 for acc in row:
                     builder.store(ir.Constant(vf, None), acc)
         with later:
-            for row, ptrs in zip(accs, part_ptrs, strict=True):
-                for acc, ptr in zip(row, ptrs, strict=True):
-                    builder.store(builder.load(ptr, align=4), acc)
+            for row, ixs in zip(accs, part_ix, strict=True):
+                for acc, ix in zip(row, ixs, strict=True):
+                    builder.store(load_vector(builder, part.data, ix, vf, 4), acc)
     with cgutils.for_range(builder, builder.sub(k1, k0), intp=intp) as loop:
         k = builder.add(k0, loop.index)
-        xs = [
-            builder.load(builder.bitcast(builder.gep(p, [builder.mul(k, intp(VL))]), vf.as_pointer()), align=4)
-            for p in x_rows
-        ]
+        xs = [load_vector(builder, p, builder.mul(k, intp(VL)), vf, 4) for p in x_rows]
         for r in range(NR):
             s = builder.load(builder.gep(w_rows[r], [k]))
             b = builder.shuffle_vector(builder.insert_element(ir.Constant(vf, ir.Undefined), s, _I32(0)),
@@ -96,23 +92,23 @@ def _emit_tile(builder, context, sig, args, tv):
                 builder.store(builder.fadd(builder.load(acc), prod, flags=_CONTRACT), acc)
     with builder.if_else(builder.icmp_signed("<", k1, k_dim)) as (partial, done):
         with partial:
-            for row, ptrs in zip(accs, part_ptrs, strict=True):
-                for acc, ptr in zip(row, ptrs, strict=True):
-                    builder.store(builder.load(acc), ptr, align=4)
+            for row, ixs in zip(accs, part_ix, strict=True):
+                for acc, ix in zip(row, ixs, strict=True):
+                    store_vector(builder, builder.load(acc), part.data, ix, 4)
         with done:  # out[t, n] for the tile's rows and tokens that exist
-            base = builder.bitcast(out.data, ir.IntType(8).as_pointer())
-            t_stride, n_stride = (builder.extract_value(out.strides, i) for i in (0, 1))
+            t_stride, n_stride = (builder.extract_value(out.strides, i) for i in (0, 1))  # bytes
             for r in range(NR):
                 n = builder.add(n0, intp(r))
                 with builder.if_then(builder.icmp_signed("<", n, n_out)):
-                    col = builder.gep(base, [builder.mul(n, n_stride)])
+                    col = builder.mul(n, n_stride)
                     for v in range(tv):
                         acc = builder.load(accs[r][v])
                         for lane in range(VL):
                             t = builder.add(t0, intp(v * VL + lane))
                             with builder.if_then(builder.icmp_signed("<", t, n_tok)):
-                                at = builder.bitcast(builder.gep(col, [builder.mul(t, t_stride)]), _F32.as_pointer())
-                                builder.store(builder.extract_element(acc, _I32(lane)), at)
+                                at = builder.add(col, builder.mul(t, t_stride))  # a byte offset
+                                ptr = builder.gep(out.data, [at], source_etype=ir.IntType(8))
+                                builder.store(builder.extract_element(acc, _I32(lane)), ptr)
     return context.get_dummy_value()
 
 
@@ -188,11 +184,9 @@ def _dequantize_vectors(typingctx, w, n, k0, k1, unfold, s, wp, r):
         n_full = builder.sdiv(builder.sub(k1, k0), intp(LANES))
         with cgutils.for_range(builder, n_full, intp=intp) as step:
             k = builder.add(k0, builder.mul(step.index, intp(LANES)))
-            v = _decode(
-                builder, builder.load(builder.bitcast(builder.gep(src, [k]), vw.as_pointer()), align=1), wty.dtype
-            )
+            v = _decode(builder, load_vector(builder, src, k, vw, 1), wty.dtype)
             v = builder.fmul(v, unfolds)  # exact: a power of two
-            builder.store(builder.fmul(v, splat), builder.bitcast(builder.gep(dst, [k]), vf.as_pointer()), align=4)
+            store_vector(builder, builder.fmul(v, splat), dst, k, 4)
         return builder.add(k0, builder.mul(n_full, intp(LANES)))
 
     return sig, codegen

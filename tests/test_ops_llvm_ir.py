@@ -1,4 +1,4 @@
-"""The LLVM IR that hy_edge_ops writes by hand (hy_edge_ops.dot, .prefetch, .half intrinsics) is in the
+"""The LLVM IR that hy_edge_ops writes by hand (hy_edge_ops.dot, .gemm, .prefetch, .half intrinsics) is in the
 form the pinned LLVM reads as written: no intrinsic that only survives LLVM's auto-upgrade (typed-pointer
 names such as `llvm.prefetch.p0i8`, renamed when the text is parsed) and no pointer-to-pointer bitcast
 (a typed-pointer idiom: with opaque pointers a load or gep names its element type instead). A numba or
@@ -11,7 +11,7 @@ compile), so only our instructions are checked: numba's own IR still uses typed-
 from __future__ import annotations
 
 import pytest
-from hy_edge_ops import dot, half, prefetch
+from hy_edge_ops import dot, gemm, half, prefetch
 from llvmlite import binding as llvm
 from llvmlite import ir
 from numba import types
@@ -35,8 +35,42 @@ CASES = {
     **{
         f"row_dots-{d}-{r}x{t}": _row_dots(getattr(types, d), r, t)
         for d in ("int8", "uint8", "uint16", "float32")
-        for r, t in ((1, 1), (2, 4))
+        for r, t in ((1, 1), (1, 2), (2, 4))
     },
+    **{
+        f"gemm-{name}": (
+            fn,
+            (
+                _arr(types.float32),
+                types.intp,
+                _arr(types.float32, 3),
+                types.intp,
+                _arr(types.float32),
+                types.intp,
+                types.intp,
+                types.intp,
+                types.intp,
+                _arr(types.float32),
+            ),
+        )
+        for name, fn in (("tile", gemm._tile), ("tile1", gemm._tile1))
+    },  # fmt: skip
+    **{
+        f"gemm-dequantize-{d}": (
+            gemm._dequantize_vectors,
+            (
+                _arr(getattr(types, d)),
+                types.intp,
+                types.intp,
+                types.intp,
+                types.float32,
+                types.float32,
+                _arr(types.float32),
+                types.intp,
+            ),
+        )
+        for d in ("int8", "uint8", "uint16", "float32")
+    },  # fmt: skip
     **{f"prefetch-{d}": (prefetch._prefetch_l2, (_arr(getattr(types, d)), types.intp)) for d in ("uint8", "float32")},
     "half_bits_to_f32-uint16": (half._half_bits_to_f32, (types.uint16,)),
     "half_bits_to_f32-int32": (half._half_bits_to_f32, (types.int32,)),
@@ -101,13 +135,7 @@ def test_intrinsics_need_no_auto_upgrade(case):
     assert upgraded_names(module) == []
 
 
-# ops/dot.py's `_load` still reaches a vector through a bitcast of its element pointer; the opaque-pointer
-# form is `builder.load(builder.gep(base, [k]), typ=vty, align=align)` (the same machine code with
-# numba 0.68.1 / llvmlite 0.50.0). When it lands these cases pass and the marker goes.
-_DOT_LOAD = pytest.mark.xfail(strict=True, reason="ops/dot.py _load bitcasts the element pointer to a vector one")
-
-
-@pytest.mark.parametrize("case", [pytest.param(c, marks=_DOT_LOAD) if c.startswith("row_dots") else c for c in CASES])
+@pytest.mark.parametrize("case", CASES)
 def test_intrinsics_write_no_pointer_bitcasts(case):
     intrinsic, argtypes = CASES[case]
     assert pointer_bitcasts(emit(intrinsic, argtypes)) == []
