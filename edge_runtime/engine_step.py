@@ -18,33 +18,29 @@ ONE, GROUPED, PREFILL = linear.ONE, linear.GROUPED, linear.PREFILL  # linear.ker
 
 
 @njit(cache=True, inline="always")
-def _lin1(mode, x, w, s, out, bk, st, st4):
-    if mode == ONE:
-        linear._mv(x, (w,), (s,), (out,), bk, st)
-    elif mode == GROUPED:
-        linear._mm(x, (w,), (s,), (out,), bk, st)
-    else:
-        gemm.mm_prefill(x, (w,), (s,), (out,), bk, st4)
-
-
-@njit(cache=True, inline="always")
-def _lin2(mode, x, w0, w1, s0, s1, o0, o1, bk, st, st4):
-    if mode == ONE:
-        linear._mv(x, (w0, w1), (s0, s1), (o0, o1), bk, st)
-    elif mode == GROUPED:
-        linear._mm(x, (w0, w1), (s0, s1), (o0, o1), bk, st)
-    else:
-        gemm.mm_prefill(x, (w0, w1), (s0, s1), (o0, o1), bk, st4)
-
-
-@njit(cache=True, inline="always")
-def _lin3(mode, x, w0, w1, w2, s0, s1, s2, o0, o1, o2, bk, st, st4):
+def _lin(mode, x, w0, w1, w2, s0, s1, s2, o0, o1, o2, bk, st, stp):
+    # the kernels take 3 weights (linear.FUSE): one compiled specialization each
     if mode == ONE:
         linear._mv(x, (w0, w1, w2), (s0, s1, s2), (o0, o1, o2), bk, st)
     elif mode == GROUPED:
         linear._mm(x, (w0, w1, w2), (s0, s1, s2), (o0, o1, o2), bk, st)
     else:
-        gemm.mm_prefill(x, (w0, w1, w2), (s0, s1, s2), (o0, o1, o2), bk, st4)
+        gemm.mm_prefill(x, (w0, w1, w2), (s0, s1, s2), (o0, o1, o2), bk, stp)
+
+
+@njit(cache=True, inline="always")
+def _lin1(mode, x, w, s, out, bk, st, stp):
+    _lin(mode, x, w, w[:0], w[:0], s, s[:0], s[:0], out, out[:0], out[:0], bk, st, stp)
+
+
+@njit(cache=True, inline="always")
+def _lin2(mode, x, w0, w1, s0, s1, o0, o1, bk, st, stp):
+    _lin(mode, x, w0, w1, w0[:0], s0, s1, s0[:0], o0, o1, o0[:0], bk, st, stp)
+
+
+@njit(cache=True, inline="always")
+def _lin3(mode, x, w0, w1, w2, s0, s1, s2, o0, o1, o2, bk, st, stp):
+    _lin(mode, x, w0, w1, w2, s0, s1, s2, o0, o1, o2, bk, st, stp)
 
 
 @njit(cache=True)
@@ -112,8 +108,9 @@ def _as_list(arrays):
 
 
 def _starts(*sizes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cumulative row counts for `_mv` and `_mm`, task counts for `gemm.mm_prefill` (as
-    linear.FusedLinear keeps them)."""
+    """Cumulative row counts for `_mv` and `_mm`, task counts for `gemm.mm_prefill`, padded to
+    linear.FUSE weights (as linear.FusedLinear keeps them)."""
+    sizes = linear.pad(sizes, 0)
     return np.cumsum([0, *sizes]).astype(np.int64), gemm.task_starts(sizes)
 
 
@@ -129,11 +126,12 @@ class CompiledLayers:
                + list(b.down.ops) for b in blocks]  # fmt: skip
         self.lists = [_as_list(tuple(layer[j].w for layer in ops)) for j in range(7)]
         self.lists += [_as_list(tuple(layer[j].scales for layer in ops)) for j in range(7)]
-        bk = np.array([[op.bk for op in layer] for layer in ops], np.int64)  # (L, 7)
-        # one contiguous (L, m) array per group: row i is then typed exactly as FusedLinear.bks is, so the
-        # kernels are the same specializations (and give the same bits) as from the Python loop
+        # one contiguous (L, FUSE) array per group, padded as FusedLinear pads its bks: row i is then typed
+        # exactly as FusedLinear.bks is, so the kernels are the same specializations (and give the same
+        # bits) as from the Python loop
         self.bk = tuple(
-            np.ascontiguousarray(bk[:, cols]) for cols in (slice(0, 3), slice(3, 4), slice(4, 6), slice(6, 7))
+            np.array([linear.pad([layer[j].bk for j in cols], 1) for layer in ops], np.int64)
+            for cols in ((0, 1, 2), (3,), (4, 5), (6,))
         )
         first = ops[0]
         self.starts = (

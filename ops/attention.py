@@ -151,6 +151,61 @@ def _transpose_values(vc, vt, j0, j1):
                 vt[e, j] = (as_f32(vc[j, e]) * acc) * factor(vc[j], d)
 
 
+@njit(cache=True, fastmath=_FM)
+def _chunk_item(q, k_cache, v_cache, slot, p0, out, scale, sc, vt, done, g, t0, t1):
+    # one work item of _attention_chunk: kv head g, query rows t0 .. t1 (a function of its own, compiled
+    # once, not inlined into the parallel loop: a fifth of the first run's compile time went there);
+    # sc, vt: this thread's scratch rows; done: its (kv head in vt, keys transposed)
+    n_tok, n_heads, d = q.shape
+    rep = n_heads // k_cache.shape[1]
+    nq = (t1 - t0) * rep
+    n_keys = p0 + t1
+    kc = k_cache[slot, g]
+    acc = acc_scale(kc)
+    for i in range(0, nq, 4):  # queries past nq / keys past n_keys repeat the last and are not written
+        i1, i2, i3 = min(i + 1, nq - 1), min(i + 2, nq - 1), min(i + 3, nq - 1)
+        x0, x1 = _query(q, t0, g, rep, i), _query(q, t0, g, rep, i1)
+        x2, x3 = _query(q, t0, g, rep, i2), _query(q, t0, g, rep, i3)
+        for j in range(0, p0 + t0 + i3 // rep + 1, 4):  # the keys of the last of the 4
+            j1, j2, j3 = min(j + 1, n_keys - 1), min(j + 2, n_keys - 1), min(j + 3, n_keys - 1)
+            a = _dot4x4(x0, x1, x2, x3, kc[j], kc[j1], kc[j2], kc[j3], d)
+            f0, f1 = factor(kc[j], d) * scale, factor(kc[j1], d) * scale
+            f = (f0, f1, factor(kc[j2], d) * scale, factor(kc[j3], d) * scale)
+            _put4(sc[i], j, n_keys, acc, f, a[0], a[1], a[2], a[3])
+            if i + 1 < nq:
+                _put4(sc[i1], j, n_keys, acc, f, a[4], a[5], a[6], a[7])
+            if i + 2 < nq:
+                _put4(sc[i2], j, n_keys, acc, f, a[8], a[9], a[10], a[11])
+            if i + 3 < nq:
+                _put4(sc[i3], j, n_keys, acc, f, a[12], a[13], a[14], a[15])
+    for i in range(nq):  # q is no longer read by this item: out may alias it from here on
+        _softmax_prefix(sc[i], p0 + t0 + i // rep + 1, n_keys)
+    if done[0] != g:
+        done[0] = g
+        done[1] = 0
+    if done[1] < n_keys:
+        _transpose_values(v_cache[slot, g], vt, done[1], n_keys)
+        done[1] = n_keys
+    one = np.float32(1.0)
+    ones = (one, one, one, one)
+    for i in range(0, nq, 4):
+        i1, i2, i3 = min(i + 1, nq - 1), min(i + 2, nq - 1), min(i + 3, nq - 1)
+        n = p0 + t0 + i3 // rep + 1  # keys of the last of the 4 (P is 0 past the others' own)
+        p_0, p_1, p_2, p_3 = sc[i], sc[i1], sc[i2], sc[i3]
+        o0, o1 = _query(out, t0, g, rep, i), _query(out, t0, g, rep, i1)
+        o2, o3 = _query(out, t0, g, rep, i2), _query(out, t0, g, rep, i3)
+        for e in range(0, d, 4):
+            e1, e2, e3 = min(e + 1, d - 1), min(e + 2, d - 1), min(e + 3, d - 1)
+            a = _dot4x4(p_0, p_1, p_2, p_3, vt[e], vt[e1], vt[e2], vt[e3], n)
+            _put4(o0, e, d, one, ones, a[0], a[1], a[2], a[3])
+            if i + 1 < nq:
+                _put4(o1, e, d, one, ones, a[4], a[5], a[6], a[7])
+            if i + 2 < nq:
+                _put4(o2, e, d, one, ones, a[8], a[9], a[10], a[11])
+            if i + 3 < nq:
+                _put4(o3, e, d, one, ones, a[12], a[13], a[14], a[15])
+
+
 @njit(cache=True, parallel=True, fastmath=_FM)
 def _attention_chunk(q, k_cache, v_cache, slot, p0, out, scale, scratch, vt_scratch):
     # One sequence's prefill chunk: row t of q, out f32 (T, H, D) (may alias) is at position p0 + t of
@@ -162,62 +217,15 @@ def _attention_chunk(q, k_cache, v_cache, slot, p0, out, scale, scratch, vt_scra
     # per block are again dot products over contiguous memory.
     n_tok, n_heads, d = q.shape
     n_kv = k_cache.shape[1]
-    rep = n_heads // n_kv
+    n_heads // n_kv
     n_blk = (n_tok + QB - 1) // QB
     done = np.full((vt_scratch.shape[0], 2), -1, np.int64)  # per thread: kv head in vt, keys transposed
     for item in prange(n_kv * n_blk):
         g = item // n_blk  # kv head-major: each thread gets whole heads, so causal blocks balance
         t0 = (item % n_blk) * QB
         t1 = min(n_tok, t0 + QB)
-        nq = (t1 - t0) * rep
-        n_keys = p0 + t1
         tid = numba.get_thread_id()
-        sc = scratch[tid]
-        vt = vt_scratch[tid]
-        kc = k_cache[slot, g]
-        acc = acc_scale(kc)
-        for i in range(0, nq, 4):  # queries past nq / keys past n_keys repeat the last and are not written
-            i1, i2, i3 = min(i + 1, nq - 1), min(i + 2, nq - 1), min(i + 3, nq - 1)
-            x0, x1 = _query(q, t0, g, rep, i), _query(q, t0, g, rep, i1)
-            x2, x3 = _query(q, t0, g, rep, i2), _query(q, t0, g, rep, i3)
-            for j in range(0, p0 + t0 + i3 // rep + 1, 4):  # the keys of the last of the 4
-                j1, j2, j3 = min(j + 1, n_keys - 1), min(j + 2, n_keys - 1), min(j + 3, n_keys - 1)
-                a = _dot4x4(x0, x1, x2, x3, kc[j], kc[j1], kc[j2], kc[j3], d)
-                f0, f1 = factor(kc[j], d) * scale, factor(kc[j1], d) * scale
-                f = (f0, f1, factor(kc[j2], d) * scale, factor(kc[j3], d) * scale)
-                _put4(sc[i], j, n_keys, acc, f, a[0], a[1], a[2], a[3])
-                if i + 1 < nq:
-                    _put4(sc[i1], j, n_keys, acc, f, a[4], a[5], a[6], a[7])
-                if i + 2 < nq:
-                    _put4(sc[i2], j, n_keys, acc, f, a[8], a[9], a[10], a[11])
-                if i + 3 < nq:
-                    _put4(sc[i3], j, n_keys, acc, f, a[12], a[13], a[14], a[15])
-        for i in range(nq):  # q is no longer read by this item: out may alias it from here on
-            _softmax_prefix(sc[i], p0 + t0 + i // rep + 1, n_keys)
-        if done[tid, 0] != g:
-            done[tid, 0] = g
-            done[tid, 1] = 0
-        if done[tid, 1] < n_keys:
-            _transpose_values(v_cache[slot, g], vt, done[tid, 1], n_keys)
-            done[tid, 1] = n_keys
-        one = np.float32(1.0)
-        ones = (one, one, one, one)
-        for i in range(0, nq, 4):
-            i1, i2, i3 = min(i + 1, nq - 1), min(i + 2, nq - 1), min(i + 3, nq - 1)
-            n = p0 + t0 + i3 // rep + 1  # keys of the last of the 4 (P is 0 past the others' own)
-            p_0, p_1, p_2, p_3 = sc[i], sc[i1], sc[i2], sc[i3]
-            o0, o1 = _query(out, t0, g, rep, i), _query(out, t0, g, rep, i1)
-            o2, o3 = _query(out, t0, g, rep, i2), _query(out, t0, g, rep, i3)
-            for e in range(0, d, 4):
-                e1, e2, e3 = min(e + 1, d - 1), min(e + 2, d - 1), min(e + 3, d - 1)
-                a = _dot4x4(p_0, p_1, p_2, p_3, vt[e], vt[e1], vt[e2], vt[e3], n)
-                _put4(o0, e, d, one, ones, a[0], a[1], a[2], a[3])
-                if i + 1 < nq:
-                    _put4(o1, e, d, one, ones, a[4], a[5], a[6], a[7])
-                if i + 2 < nq:
-                    _put4(o2, e, d, one, ones, a[8], a[9], a[10], a[11])
-                if i + 3 < nq:
-                    _put4(o3, e, d, one, ones, a[12], a[13], a[14], a[15])
+        _chunk_item(q, k_cache, v_cache, slot, p0, out, scale, scratch[tid], vt_scratch[tid], done[tid], g, t0, t1)
 
 
 def scratch_shape(n_heads: int, n_kv: int, context: int) -> tuple[int, int, int]:

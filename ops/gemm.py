@@ -210,37 +210,42 @@ def _dequantize_rows(w, sc, bk, n0, wp):
                 wp[r, k] = (_weight(w[n, k]) * unfold) * s
 
 
+@njit(cache=True)
+def _task(xp, n_tok, w, sc, bk, n0, out):
+    # rows n0 .. n0 + RT of w (those that exist) x every token: out[t, n0 ..]. Compiled once per weight
+    # type, not inlined into each tuple size of mm_prefill (a third of the first run's compile time)
+    k_dim = w.shape[1]
+    n_j = xp.shape[0]
+    # per task: numba.get_num_threads() in compiled code cannot be cached
+    wp = np.empty((RT, k_dim), np.float32)  # the task's rows, dequantized
+    part = np.empty((RT, n_j * VL), np.float32)  # sums over the column blocks done so far
+    _dequantize_rows(w, sc, bk, n0, wp)
+    for k0 in range(0, k_dim, KC):
+        k1 = min(k_dim, k0 + KC)
+        t0 = 0
+        while t0 < n_tok:  # a tile's KC columns of tokens stay in L1 for the task's panels
+            if n_tok - t0 > (TV - 1) * VL:  # a full-width tile (the last may be partly padding)
+                for p in range(PANELS):
+                    _tile(wp, p * NR, xp, t0 // VL, out, n0 + p * NR, t0, k0, k1, part)
+                t0 += TV * VL
+            else:
+                for p in range(PANELS):
+                    _tile1(wp, p * NR, xp, t0 // VL, out, n0 + p * NR, t0, k0, k1, part)
+                t0 += VL
+
+
 @njit(cache=True, parallel=True)
 def mm_prefill(x, ws, scs, outs, bks, starts):
     """outs[m] (T, N_m) = x (T, K) @ dequant(ws[m])^T for a tuple of up to 3 weights sharing x.
     starts: cumulative RT-row task counts per weight."""
     n_tok, k_dim = x.shape
-    n_j = (n_tok + VL - 1) // VL
-    xp = np.empty((n_j, k_dim, VL), np.float32)
+    xp = np.empty(((n_tok + VL - 1) // VL, k_dim, VL), np.float32)
     _pack(x, xp)
-    wide = TV * VL
     for task in prange(starts[-1]):
         m = 0
         while task >= starts[m + 1]:
             m += 1
-        n0 = (task - starts[m]) * RT
-        # per task: numba.get_num_threads() in compiled code cannot be cached
-        wp = np.empty((RT, k_dim), np.float32)  # the task's rows, dequantized
-        part = np.empty((RT, n_j * VL), np.float32)  # sums over the column blocks done so far
-        _dequantize_rows(ws[m], scs[m], bks[m], n0, wp)
-        out = outs[m]
-        for k0 in range(0, k_dim, KC):
-            k1 = min(k_dim, k0 + KC)
-            t0 = 0
-            while t0 < n_tok:  # a tile's KC columns of tokens stay in L1 for the task's panels
-                if n_tok - t0 > (TV - 1) * VL:  # a full-width tile (the last may be partly padding)
-                    for p in range(PANELS):
-                        _tile(wp, p * NR, xp, t0 // VL, out, n0 + p * NR, t0, k0, k1, part)
-                    t0 += wide
-                else:
-                    for p in range(PANELS):
-                        _tile1(wp, p * NR, xp, t0 // VL, out, n0 + p * NR, t0, k0, k1, part)
-                    t0 += VL
+        _task(xp, n_tok, ws[m], scs[m], bks[m], (task - starts[m]) * RT, outs[m])
 
 
 def task_starts(row_counts) -> np.ndarray:

@@ -211,8 +211,16 @@ def _split_groups(s: np.ndarray, bk: int) -> tuple[np.ndarray, int]:
     return np.ascontiguousarray(np.repeat(s, bk // part, axis=1)), part
 
 
-def _starts(ops) -> np.ndarray:
-    return np.cumsum([0] + [op.w.shape[0] for op in ops]).astype(np.int64)
+def _starts(row_counts) -> np.ndarray:
+    return np.cumsum([0, *row_counts]).astype(np.int64)
+
+
+FUSE = 3  # the tuples every kernel takes: fewer linears are padded with empty ones (see FusedLinear)
+
+
+def pad(items: tuple, empty) -> tuple:
+    """`items` followed by `empty` up to FUSE entries."""
+    return tuple(items) + (empty,) * (FUSE - len(items))
 
 
 class FusedLinear:
@@ -223,23 +231,27 @@ class FusedLinear:
     - one token: `_mv`;
     - `batched` (one token of each of T sequences): `_mm`, whose per-token arithmetic is the same for
       every T, so a token's result does not depend on the batch around it;
-    - a prefill chunk of >= PREFILL_MIN tokens: hy_edge_ops.gemm.mm_prefill."""
+    - a prefill chunk of >= PREFILL_MIN tokens: hy_edge_ops.gemm.mm_prefill.
+    The kernels always take FUSE weights (empty ones, zero rows, after the real): one compiled
+    specialization per weight type instead of one per tuple size. Each parallel function costs numba
+    ~2.5 s to compile (Zen 5), nine of them a third of a first run."""
 
     def __init__(self, ops: list[LinearOp]):
-        if not 1 <= len(ops) <= 3:
-            raise ValueError("FusedLinear takes 1 to 3 linears")
+        if not 1 <= len(ops) <= FUSE:
+            raise ValueError(f"FusedLinear takes 1 to {FUSE} linears")
         if len({op.w.dtype for op in ops}) != 1 or len({op.w.shape[1] for op in ops}) != 1:
             raise ValueError("fused linears need one storage and one input size")
         self.ops = tuple(ops)
-        self.ws = tuple(op.w for op in ops)
-        self.scs = tuple(op.scales for op in ops)
-        self.bks = np.array([op.bk for op in ops], np.int64)
-        self.starts = _starts(ops)
-        self.tasks = gemm.task_starts([op.w.shape[0] for op in ops])
+        self.ws = pad([op.w for op in ops], ops[0].w[:0])
+        self.scs = pad([op.scales for op in ops], ops[0].scales[:0])
+        self.bks = np.array(pad([op.bk for op in ops], 1), np.int64)
+        self.starts = _starts(pad([op.w.shape[0] for op in ops], 0))
+        self.tasks = gemm.task_starts(pad([op.w.shape[0] for op in ops], 0))
         self.k_dim = ops[0].w.shape[1]
 
     def __call__(self, x: np.ndarray, outs: tuple, batched: bool = False) -> None:
         kernel = kernel_for(x.shape[0], batched)
+        outs = pad(outs, outs[0][:0])
         if kernel == GROUPED:
             _mm(x, self.ws, self.scs, outs, self.bks, self.starts)
         elif kernel == ONE:
