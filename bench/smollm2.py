@@ -3,9 +3,13 @@
 a fresh process, interleaved, `--rounds` rounds, median (min-max).
 
 llama.cpp runs a Q8_0 requantization of the same Q4_1 GGUF (llama.cpp's own quantizer through
-llama-cpp-python), hy-edge the default E4M3 conversion of it (the one `make run` uses).
+llama-cpp-python), hy-edge the default E4M3 conversion of it (the one `make run` uses) and, with
+--granularity, conversions with other scale layouts (e.g. block:32, against per-channel).
+--isa avx2 on an AVX-512 host compiles hy-edge's kernels for AVX2 and runs llama.cpp's AVX2 build (as
+make bench ISA=avx2). The raw runs go to bench/results/smollm2-<isa>.json.
 
-    python bench/smollm2.py [--rounds 3] [--threads 2] [--decode-tokens 128]
+    python bench/smollm2.py [--rounds 3] [--threads 2] [--decode-tokens 128] [--isa native|avx2]
+                            [--granularity block:32]
 """
 
 from __future__ import annotations
@@ -51,10 +55,19 @@ def _q8_0(src: Path) -> Path:
     return dst
 
 
-def _hy_edge_model(src: Path) -> Path:
-    from edge_runtime.cli_model import resolve_model
+def _hy_edge_model(src: Path, granularity: str | None = None) -> Path:
+    """The default conversion (as `make run` makes it), or one with another scale granularity (bench/out)."""
+    if granularity is None:
+        from edge_runtime.cli_model import resolve_model
 
-    return Path(resolve_model(None, notice=lambda m: print(m, file=sys.stderr)))
+        return Path(resolve_model(None, notice=lambda m: print(m, file=sys.stderr)))
+    from hy_edge_convert import QuantPolicy, convert
+
+    dst = OUT / f"smollm2-135m-instruct.e4m3-{granularity.replace(':', '')}.onnx"
+    if not dst.exists():
+        OUT.mkdir(exist_ok=True)
+        convert(src, dst, QuantPolicy(granularity=granularity))
+    return dst
 
 
 def child(runtime: str, path: str, threads: int, decode_tokens: int) -> dict:
@@ -105,6 +118,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--isa", default="native", help="native, or avx2 on an AVX-512 host")
+    ap.add_argument("--granularity", action="append", default=[], help="also hy-edge with this granularity")
     ap.add_argument("--child", nargs=2, metavar=("RUNTIME", "PATH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -112,33 +127,54 @@ def main() -> None:
         return
     if args.rounds < 1 or args.threads < 1 or args.decode_tokens < 1:
         sys.exit("smollm2: --rounds, --threads and --decode-tokens must be >= 1")
+    sys.path.insert(0, str(HERE))
+    import artifacts
+    from hy_edge_ops import isa as isa_mod
+
+    isa = isa_mod.ISA if args.isa == "native" else args.isa
+    try:
+        numba_env = isa_mod.codegen_env(isa)
+        site = artifacts.llama_cpp_site(isa)
+    except (ValueError, artifacts.ArtifactError) as e:
+        sys.exit(f"smollm2: --isa: {e}")
+    llama_env = {"PYTHONPATH": str(site)} if site else {}
     src = _gguf()
     paths = {"hy-edge": _hy_edge_model(src), "llama.cpp Q8_0": _q8_0(src)}
+    for g in args.granularity:
+        paths[f"hy-edge {g}"] = _hy_edge_model(src, g)
     runs: dict[str, list[dict]] = {name: [] for name in paths}
     for r in range(args.rounds):
         for name, path in paths.items():
-            runtime = "hy-edge" if name == "hy-edge" else "llama.cpp"
+            runtime = "llama.cpp" if name.startswith("llama.cpp") else "hy-edge"
             cmd = [sys.executable, __file__, "--child", runtime, str(path), "--threads", str(args.threads)]
             cmd += ["--decode-tokens", str(args.decode_tokens)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            env = {**os.environ, **(llama_env if runtime == "llama.cpp" else numba_env)}
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
             runs[name].append(json.loads(out.strip().splitlines()[-1]))
             print(f"round {r + 1}/{args.rounds}: {name} done", file=sys.stderr)
+    record = {"date": time.strftime("%Y-%m-%d %H:%M"), "isa": isa, "host_isa": isa_mod.ISA, "threads": args.threads,
+              "rounds": args.rounds, "decode_tokens": args.decode_tokens, "runs": runs}  # fmt: skip
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / f"smollm2-{isa}.json").write_text(json.dumps(record, indent=1) + "\n")
 
     def med(name, key):
         vals = [x[key] for x in runs[name]]
         return statistics.median(vals), min(vals), max(vals)
 
-    print(f"\nSmolLM2-135M-Instruct, {args.threads} threads, {args.rounds} interleaved rounds, median (min-max)\n")
+    print(
+        f"\nSmolLM2-135M-Instruct, {isa}, {args.threads} threads, {args.rounds} interleaved rounds, median (min-max)\n"
+    )
     print("| runtime | decode tok/s | TTFT 128 (s) | peak RSS (MB) |\n|---|---|---|---|")
     for name in paths:
         d, t, m = med(name, "decode_tps"), med(name, "ttft128_s"), med(name, "peak_rss_mb")
         print(f"| {name} | {d[0]:.1f} ({d[1]:.1f}-{d[2]:.1f}) | {t[0]:.3f} ({t[1]:.3f}-{t[2]:.3f}) | {m[0]:.0f} |")
-    hy, ll = "hy-edge", "llama.cpp Q8_0"
-    print(
-        f"\nhy-edge / llama.cpp Q8_0: decode {med(hy, 'decode_tps')[0] / med(ll, 'decode_tps')[0]:.2f}x, "
-        f"TTFT {med(hy, 'ttft128_s')[0] / med(ll, 'ttft128_s')[0]:.2f}x, "
-        f"RSS {med(hy, 'peak_rss_mb')[0] / med(ll, 'peak_rss_mb')[0]:.2f}x"
-    )
+    ll = "llama.cpp Q8_0"
+    for hy in (n for n in paths if n.startswith("hy-edge")):
+        print(
+            f"\n{hy} / llama.cpp Q8_0: decode {med(hy, 'decode_tps')[0] / med(ll, 'decode_tps')[0]:.2f}x, "
+            f"TTFT {med(hy, 'ttft128_s')[0] / med(ll, 'ttft128_s')[0]:.2f}x, "
+            f"RSS {med(hy, 'peak_rss_mb')[0] / med(ll, 'peak_rss_mb')[0]:.2f}x"
+        )
 
 
 if __name__ == "__main__":
