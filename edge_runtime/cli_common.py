@@ -180,7 +180,11 @@ def open_model(
         raise HyEdgeError(f"--max-context should be >= 1, got {max_context}")
     budget = parse_size(max_memory) if max_memory is not None else None  # None: memory.DEFAULT_BUDGET
     path = resolve_model(model_arg, notice=lambda message: click.echo(message, err=True), max_memory=budget)
-    return load(path, backend=backend, threads=threads, max_context=max_context, max_memory=budget, kv_cache=kv_cache)
+    model = load(path, backend=backend, threads=threads, max_context=max_context, max_memory=budget, kv_cache=kv_cache)
+    from . import bus_error
+
+    bus_error.install()  # a data file truncated while mapped: one line, not "Bus error"
+    return model
 
 
 def template_kwargs(thinking: bool | None) -> dict:

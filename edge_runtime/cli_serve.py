@@ -155,6 +155,9 @@ def serve_cmd(
         asked = budget if max_memory else None  # an explicit budget: a first-run conversion runs under it
         path = resolve_model(model_arg, notice=lambda m: click.echo(m, err=True), max_memory=asked)
         model = load(path, threads=threads, max_context=max_context, max_memory=budget)
+        from . import bus_error
+
+        bus_error.install()  # a data file truncated under the running server: one line, not "Bus error"
         if model.tokenizer is None:
             raise HyEdgeError(f"{path.name}: the model file carries no tokenizer; the server needs one")
         # a chat template every request would fail on is a bad model: refused now, not with 400 per request
