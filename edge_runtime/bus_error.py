@@ -26,10 +26,21 @@ _MESSAGE = np.frombuffer(
 # libc's functions by symbol (resolved when the compiled handler is loaded): cacheable, unlike ctypes pointers
 _write = types.ExternalFunction("write", types.intp(types.int32, types.voidptr, types.uintp))
 _exit = types.ExternalFunction("_exit", types.void(types.int32))
+_getpid = types.ExternalFunction("getpid", types.int32())
+_gettid = types.ExternalFunction("gettid", types.int32())
+_tgkill = types.ExternalFunction("tgkill", types.int32(types.int32, types.int32, types.int32))
+_pause = types.ExternalFunction("pause", types.int32())
 
 
 @cfunc(types.void(types.int32), cache=True)
 def _on_sigbus(signum):
+    # the kernels' threads fault together: a worker hands the signal to the main thread (whose id is the
+    # process id) and waits for the exit, so that the line is written once
+    pid = _getpid()
+    if _gettid() != pid:
+        _tgkill(pid, pid, signum)
+        while True:
+            _pause()
     _write(2, _MESSAGE.ctypes.data, _MESSAGE.size)  # the array is a constant of the compiled code
     _exit(2)
 
