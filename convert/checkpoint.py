@@ -376,7 +376,10 @@ def _open_gguf(path: Path) -> Checkpoint:
         meta = f.metadata
         arch = meta.get("general.architecture")
         if arch != "llama":
-            raise CheckpointError(f"{path}: GGUF architecture '{arch}' is not supported (supported: llama)")
+            raise CheckpointError(
+                f"{path}: GGUF metadata 'general.architecture' = {safe_json.show(arch)} is not supported "
+                "(supported: llama)"
+            )
         config = llama_config(meta, f.tensors, path)
         tensors = {}
         for hf, (info, n_head) in llama_tensors(f, config).items():

@@ -233,8 +233,9 @@ class GGUFFile:
                 return bf16_to_f32(raw.view("<u2")).reshape(shape)
             rows = raw.reshape(-1, raw.size // max(1, math.prod(shape[:-1])))  # (rows, bytes per row)
             out = np.empty((rows.shape[0], shape[-1]), np.float32)
-            for r in range(0, rows.shape[0], DEQUANT_ROWS):  # the dequantizer's temporaries stay small
-                out[r : r + DEQUANT_ROWS] = dequantize(rows[r : r + DEQUANT_ROWS], qt)
+            with np.errstate(all="ignore"):  # corrupt block scales make inf / NaN: the pipeline names them
+                for r in range(0, rows.shape[0], DEQUANT_ROWS):  # the dequantizer's temporaries stay small
+                    out[r : r + DEQUANT_ROWS] = dequantize(rows[r : r + DEQUANT_ROWS], qt)
             return out.reshape(shape)
         finally:
             del raw

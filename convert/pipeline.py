@@ -100,13 +100,8 @@ def _finite(ckpt: Checkpoint, name: str, w: np.ndarray, what: str = "weight") ->
 
 
 def _in_range(ckpt: Checkpoint, name: str, q: Quantized) -> None:
-    """A weight the target storage cannot hold is refused, not stored as inf (FP16) or with a scale the
-    runtime refuses later (FP8: format.MAX_SCALE)."""
-    if q.storage == "fp16" and q.data.size and not (np.isfinite(q.data.max()) and np.isfinite(q.data.min())):
-        raise CheckpointError(
-            f"{ckpt.path}: weight '{name}' holds values beyond what FP16 holds (|w| > {F.FP16_MAX:g}); "
-            f"keep it in fp32 (--format none) or fix the checkpoint"
-        )
+    """An FP8 weight whose scale the runtime's kernels cannot fold (format.MAX_SCALE) is refused, not
+    stored to fail at run time."""
     if q.storage in FP8_TYPES:
         limit = F.MAX_SCALE[q.storage]
         s = np.asarray(q.scale, np.float32)
@@ -149,6 +144,13 @@ def _quantized(ckpt: Checkpoint, name: str, shape: tuple[int, ...], policy: Quan
     _finite(ckpt, src_name, w)
     if not F.is_linear(name) or len(shape) != 2:
         return Quantized("fp32", np.ascontiguousarray(w))
+    if policy.format != "none" and (name == F.EMBED or policy.stays_float(name)):  # stored as FP16
+        amax = max(float(w.max()), -float(w.min())) if w.size else 0.0
+        if amax > F.FP16_MAX:  # it would be stored as inf
+            raise CheckpointError(
+                f"{ckpt.path}: weight '{name}' holds {amax:.4g}, beyond what FP16 holds ({F.FP16_MAX:g}); "
+                "convert with --format none, or fix the checkpoint"
+            )
     if name == F.EMBED:  # gathered row by row: float16 when quantizing, fp32 for the reference
         return Quantized("fp32", np.ascontiguousarray(w)) if policy.format == "none" else to_fp16(w)
     return quantize_weight(name, w, policy)

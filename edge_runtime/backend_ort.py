@@ -19,6 +19,12 @@ from .memory import DEFAULT_BUDGET, MemoryPlan, plan_context, runtime_overhead
 from .model_file import Tensor, read_header, read_tensors
 from .spec import ModelSpec
 
+# onnxruntime's own errors (its pybind11 exception classes): raised running a graph it loaded, they come
+# from the file's graph (a hy-edge file's graph runs; one from elsewhere, or edited, may not)
+_ORT_ERRORS = tuple(
+    e for e in vars(ort.capi.onnxruntime_pybind11_state).values() if isinstance(e, type) and issubclass(e, Exception)
+)
+
 
 def ort_memory_plan(spec: ModelSpec, tensors: dict[str, Tensor]) -> MemoryPlan:
     """What an InferenceSession on this file holds (`tensors`: its initializers, model_file.read_tensors).
@@ -52,7 +58,7 @@ class OrtSession:
         max_context: int | None = None,
         max_memory: int = DEFAULT_BUDGET,
     ):
-        path = Path(path)
+        path = self.path = Path(path)
         header = read_header(path)  # checked as load() checks it
         self.spec = header.spec
         self.quantization = header.quantization
@@ -108,7 +114,11 @@ class OrtSession:
         if self.n_cached + T > self.max_context:
             raise BudgetError(f"context of {self.n_cached + T} tokens exceeds the limit of {self.max_context}")
         positions = np.arange(self.n_cached, self.n_cached + T, dtype=np.int64).reshape(1, -1)
-        outputs = self.session.run(None, {F.INPUT_IDS: ids, F.POSITION_IDS: positions, **self._past})
+        try:
+            outputs = self.session.run(None, {F.INPUT_IDS: ids, F.POSITION_IDS: positions, **self._past})
+        except _ORT_ERRORS as e:
+            why = " ".join(str(e).split())[:200]
+            raise ModelFileError(f"{self.path}: onnxruntime cannot run its graph: {why}") from None
         names = [o.name for o in self.session.get_outputs()]
         result = dict(zip(names, outputs, strict=True))
         for i in range(self.spec.num_hidden_layers):

@@ -77,7 +77,12 @@ class Model:
         if o.kv_cache != "fp32":
             opts["kv_cache"] = o.kv_cache
         opts.update(kwargs)
-        return open_session(self, backend or o.backend, **opts)
+        try:
+            return open_session(self, backend or o.backend, **opts)
+        except ModelFileError as e:  # a session's checks (FP8 codes, scales) name the tensor, not the file
+            if str(e).startswith((self.path.name, str(self.path))):
+                raise
+            raise ModelFileError(f"{self.path.name}: {e}") from None
 
     def generator(self, backend: str | None = None, **kwargs) -> Generator:
         """A Generator on a new session: keeps its cache across calls (multi-turn chat)."""

@@ -71,6 +71,11 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def is_finite(value: Any) -> bool:
+    """A number float() takes and that is finite (an integer of 400 digits is not: float() overflows)."""
+    return is_number(value) and (abs(value) < 2**1023 if isinstance(value, int) else math.isfinite(value))
+
+
 def field(obj: dict, key: str, kind: str, default: Any = ..., where: str = "") -> Any:
     """obj[key] checked against `kind`: "int", "number" (finite int or float, returned as float), "bool",
     "str", "dict", "list", "str-list", "int-list"; `default` when absent or null (a required key without
@@ -83,7 +88,7 @@ def field(obj: dict, key: str, kind: str, default: Any = ..., where: str = "") -
         return default
     ok = {
         "int": is_int,
-        "number": lambda v: is_number(v) and math.isfinite(v),
+        "number": is_finite,
         "bool": lambda v: isinstance(v, bool),
         "str": lambda v: isinstance(v, str),
         "dict": lambda v: isinstance(v, dict),

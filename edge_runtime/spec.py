@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import SpecError
-from .safe_json import JSONInputError, is_int, is_number, show
+from .safe_json import JSONInputError, is_finite, is_int, show
 from .safe_json import loads as json_loads
 
 LAYER_TYPES = ("attention", "dwconv")
@@ -99,7 +99,7 @@ def _get(cfg: dict, key: str, kind: type, default: Any = ...) -> Any:
             raise SpecError(f"config.json: missing field '{key}'")
         return default
     value = cfg[key]
-    if kind is float and is_int(value):
+    if kind is float and is_int(value) and is_finite(value):
         value = float(value)
     if kind is int and isinstance(value, float) and value.is_integer():
         value = int(value)
@@ -134,10 +134,10 @@ def _rope_base(cfg: dict, head_dim: int) -> float:
         if not isinstance(scaling, dict):
             raise SpecError(f"config.json: field 'rope_scaling' should be an object, got {show(scaling)}")
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if not is_number(theta) or not 0 < theta < math.inf:
+    if not is_finite(theta) or not theta > 0:
         raise SpecError(f"config.json: field 'rope_theta' should be a positive number, got {show(theta)}")
     alpha = scaling.get("alpha")
-    if alpha is not None and (not is_number(alpha) or not 0 <= alpha < math.inf):
+    if alpha is not None and (not is_finite(alpha) or not alpha >= 0):
         raise SpecError(f"config.json: field 'rope_scaling.alpha' should be a positive number, got {show(alpha)}")
     if rope_type == "dynamic" and alpha:
         if head_dim <= 2:
@@ -247,7 +247,7 @@ def _build(data: dict, source: str = "config.json") -> ModelSpec:
         if not is_int(data[name]) or not 0 < data[name] <= LIMITS[name]:
             fail(name, f"should be an integer in 1..{LIMITS[name]}, got {show(data[name])}")
     for name, kind in _KINDS.items():
-        if kind is float and is_number(data[name]):
+        if kind is float and is_finite(data[name]):
             data[name] = float(data[name])
         if not isinstance(data[name], kind):
             fail(name, f"should be {'a number' if kind is float else 'true or false'}, got {show(data[name])}")

@@ -120,7 +120,9 @@ class Tokenizer:
     @classmethod
     def from_metadata(cls, meta: dict, config: TokenizerConfig) -> Tokenizer:
         kind = meta.get("type")
-        payload = meta.get({"tokenizers": "json", "sentencepiece": "model_b64"}.get(kind, "json"))
+        if kind not in ("tokenizers", "sentencepiece"):
+            raise ModelFileError(f"tokenizer type {show(kind)} is not supported (tokenizers, sentencepiece)")
+        payload = meta.get("json" if kind == "tokenizers" else "model_b64")
         if kind in ("tokenizers", "sentencepiece") and not isinstance(payload, str):
             raise ModelFileError(f"the model's {kind} tokenizer metadata holds no text, got {show(payload)}")
         try:
