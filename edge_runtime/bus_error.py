@@ -17,6 +17,8 @@ import signal
 import numpy as np
 from numba import cfunc, types
 
+from .cache_dirs import configure_jit_cache
+
 _MESSAGE = np.frombuffer(
     b"hy-edge: error: bus error reading the model's memory-mapped data: its data file was truncated or "
     b"replaced in place while in use (a copy over a running model?); start again once it is complete\n",
@@ -32,7 +34,7 @@ _tgkill = types.ExternalFunction("tgkill", types.int32(types.int32, types.int32,
 _pause = types.ExternalFunction("pause", types.int32())
 
 
-@cfunc(types.void(types.int32), cache=True)
+@cfunc(types.void(types.int32), cache=configure_jit_cache() is not None)  # None: no writable cache
 def _on_sigbus(signum):
     # the kernels' threads fault together: a worker hands the signal to the main thread (whose id is the
     # process id) and waits for the exit, so that the line is written once

@@ -181,9 +181,10 @@ def open_model(
     budget = parse_size(max_memory) if max_memory is not None else None  # None: memory.DEFAULT_BUDGET
     path = resolve_model(model_arg, notice=lambda message: click.echo(message, err=True), max_memory=budget)
     model = load(path, backend=backend, threads=threads, max_context=max_context, max_memory=budget, kv_cache=kv_cache)
-    from . import bus_error
+    if backend == "numba":  # onnxruntime reads the data file into its own memory when it loads
+        from . import bus_error
 
-    bus_error.install()  # a data file truncated while mapped: one line, not "Bus error"
+        bus_error.install()  # a data file truncated while mapped: one line, not "Bus error"
     return model
 
 

@@ -12,7 +12,7 @@ from .cli_common import user_errors
 from .integrity import check_data_size, stored_checksums, verify_checksums
 from .memory import peak_rss_mb
 from .model_file import read_header
-from .safe_json import is_number, show
+from .safe_json import is_number
 
 
 def _mb(n: int) -> str:
@@ -151,7 +151,7 @@ def info_cmd(model: Path, verify: bool) -> None:
         for t in tensors.values():
             counts[str(t.get("storage"))] = counts.get(str(t.get("storage")), 0) + 1
         click.echo(
-            f"quantization: format {show(quant.get('format'))}, granularity {show(quant.get('granularity'))}, "
+            f"quantization: format {str(quant.get('format'))[:20]}, granularity {str(quant.get('granularity'))[:20]}, "
             f"activations {quant.get('activations', 'none')}; tensors: "
             + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
         )

@@ -211,10 +211,7 @@ def safetensors_case(base_dir: Path, rng: random.Random, work: Path) -> Case:
         key = rng.choice(list(cfg) + ["rope_scaling", "layer_types", "shared_layers"])
         old, cfg[key] = cfg.get(key), json_value(rng)
         target.write_text(dumps(cfg))
-        new = cfg[key]
-        numeric = type(old) in (int, float) and (type(new) is int or (isinstance(new, float) and new.is_integer()))
-        wrong_type = None not in (old, new) and type(new) is not type(old) and not numeric  # null: the default
-        named = (key,) if key in _TYPED_CONFIG and wrong_type else ()  # a right-typed value may fail elsewhere
+        named = (key,) if key in _TYPED_CONFIG and _wrong_type(old, cfg[key]) else ()
     else:
         name = rng.choice(names + ["__metadata__"])
         deep = None
@@ -324,9 +321,16 @@ def _mutate_meta(meta: dict, rng: random.Random) -> tuple[str, ...]:
         meta[key] = dumps(json_value(rng))
         return ()
     field = rng.choice(list(value))
-    value[field] = json_value(rng)
+    old, value[field] = value[field], json_value(rng)
     meta[key] = dumps(value)
-    return (field,) if key == "hy_edge.spec" else ()
+    return (field,) if key == "hy_edge.spec" and _wrong_type(old, value[field]) else ()
+
+
+def _wrong_type(old, new) -> bool:
+    """A value of another type than the field had (an integral float for a number, null for a default:
+    not a type error; a right-typed value may fail a later check, which names what it checks)."""
+    numeric = type(old) in (int, float) and (type(new) is int or (isinstance(new, float) and new.is_integer()))
+    return None not in (old, new) and type(new) is not type(old) and not numeric
 
 
 def _mutate_init(proto, rng: random.Random) -> tuple[str, ...]:
