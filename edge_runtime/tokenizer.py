@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 
 from . import safe_json
 from .errors import ModelFileError
+from .format import META_TOKENIZER_CONFIG
 from .safe_json import JSONInputError, is_int, show
 from .spm_tokenizer import AddedToken, SentencePieceTokenizer
 
-META_KEY = "hy_edge.tokenizer_config"  # format.META_TOKENIZER_CONFIG (format imports spec; this stays light)
+META_KEY = META_TOKENIZER_CONFIG  # the metadata the config is read from, named in its errors
 
 
 def token_text(v):
