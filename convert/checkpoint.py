@@ -12,7 +12,7 @@ stored so the converter can carry them over byte-exactly.
 
 from __future__ import annotations
 
-import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_runtime import safe_json
 from edge_runtime.errors import CheckpointError
 
 from .gguf_reader import GGUFFile, llama_config, llama_tensors, unpermute_qk
@@ -36,6 +37,7 @@ class TensorRef:
     shape: tuple[int, ...]
     dtype: str  # source storage: "f32" | "f16" | "bf16" | "f8_e4m3" (GGUF block types load as "f32")
     _load: Callable[[], np.ndarray] | None = field(default=None, repr=False, compare=False)
+    nbytes: int = 0  # bytes it takes in the file (a GGUF block type: fewer than its float32 load)
 
     def load(self) -> np.ndarray:
         """float32 for float dtypes (bf16 expanded exactly); uint8 raw codes for f8_e4m3."""
@@ -107,13 +109,24 @@ def open_checkpoint(path: Path | str) -> Checkpoint:
 # -- Hugging Face directories -------------------------------------------------------------------
 
 
+MAX_JSON_BYTES = 256 << 20  # a tokenizer.json of a 256k vocabulary is ~35 MB; a config a few KB
+
+
 def _read_json(path: Path) -> Any:
+    """A JSON file of the checkpoint, bounded in size and nesting (safe_json)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        with open(path, "rb") as f:
+            data = f.read(MAX_JSON_BYTES + 1)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if len(data) > MAX_JSON_BYTES:
+        raise CheckpointError(
+            f"{path}: larger than {MAX_JSON_BYTES >> 20} MB, too large for a JSON file of a checkpoint"
+        )
+    try:
+        return safe_json.loads(data)
+    except safe_json.JSONInputError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def _read_json_object(path: Path) -> dict:
@@ -149,6 +162,11 @@ def _open_directory(path: Path) -> Checkpoint:
         weight_map = _read_json_object(index_path).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index_path}: no 'weight_map'")
+        for name, file in weight_map.items():
+            if not isinstance(file, str):
+                raise CheckpointError(
+                    f"{index_path}: weight_map entry '{name}' should name a file, got {safe_json.show(file)}"
+                )
         shards = {}
         for file in sorted(set(weight_map.values())):
             shard = path / str(file)
@@ -164,10 +182,11 @@ def _open_directory(path: Path) -> Checkpoint:
         for key, shard in shards.items():
             f = SafetensorsFile(shard)
             files.append(f)
-            for name, (kind, shape, _, _) in f.entries.items():
+            for name, (kind, shape, np_dtype, _) in f.entries.items():
                 if weight_map is not None and weight_map.get(name) != key:
                     continue  # listed under another shard, or not at all
-                tensors[name] = TensorRef(name, shape, kind, _safetensors_loader(f, name, kind))
+                nbytes = math.prod(shape) * np_dtype.itemsize
+                tensors[name] = TensorRef(name, shape, kind, _safetensors_loader(f, name, kind), nbytes)
         if weight_map is not None:
             missing = sorted(set(weight_map) - set(tensors))
             if missing:
@@ -189,13 +208,14 @@ def _check_quantization(config: dict, config_path: Path) -> None:
     method = q.get("quant_method") if isinstance(q, dict) else None
     if method != "compressed-tensors":
         raise CheckpointError(
-            f"{config_path}: quantization_config quant_method '{method}' is not supported "
+            f"{config_path}: quantization_config quant_method {safe_json.show(method)} is not supported "
             "(supported: compressed-tensors FP8)"
         )
     fmt = q.get("format")
     if fmt not in (None, "float-quantized", "naive-quantized"):
         raise CheckpointError(
-            f"{config_path}: compressed-tensors format '{fmt}' is not supported (supported: float-quantized)"
+            f"{config_path}: compressed-tensors format {safe_json.show(fmt)} is not supported "
+            "(supported: float-quantized)"
         )
     groups = q.get("config_groups") or {}
     if not isinstance(groups, dict):
@@ -208,7 +228,7 @@ def _check_quantization(config: dict, config_path: Path) -> None:
         if weights.get("type") != "float" or weights.get("num_bits") != 8:
             raise CheckpointError(
                 f"{config_path}: compressed-tensors group '{name}' stores weights as "
-                f"{weights.get('type')}{weights.get('num_bits')}, not FP8 (float 8)"
+                f"{safe_json.show(weights.get('type'))} {safe_json.show(weights.get('num_bits'))}, not FP8 (float 8)"
             )
 
 
@@ -216,6 +236,13 @@ def _token_str(value: Any) -> str | None:
     if isinstance(value, dict):  # a serialized AddedToken
         value = value.get("content")
     return value if isinstance(value, str) else None
+
+
+def _flag(file: Path, tok_config: dict, key: str) -> bool | None:
+    try:
+        return safe_json.field(tok_config, key, "bool", None)
+    except safe_json.JSONInputError as e:
+        raise CheckpointError(f"{file}: {e}") from None
 
 
 def _eos_list(value: Any) -> list[int]:
@@ -234,7 +261,7 @@ def _added_tokens(file: Path, tok_config: dict) -> list[dict]:
     out = []
     for key, t in decoder.items():
         t = t if isinstance(t, dict) else {"content": t}
-        if not str(key).isdigit() or not isinstance(t.get("content"), str):
+        if not (key.isascii() and key.isdigit() and len(key) <= 9) or not isinstance(t.get("content"), str):
             raise CheckpointError(f"{file}: added_tokens_decoder entry {key!r} is not an id with a content string")
         flags = ("lstrip", "rstrip", "single_word")
         out.append(
@@ -265,7 +292,9 @@ def _chat_template(path: Path, tok_config: dict) -> str | None:
     if template is None and (path / "chat_template.json").is_file():
         template = _read_json_object(path / "chat_template.json").get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        named = {
+            t.get("name"): t.get("template") for t in template if isinstance(t, dict) and isinstance(t.get("name"), str)
+        }
         template = named.get("default")
     return template if isinstance(template, str) else None
 
@@ -278,9 +307,12 @@ def _directory_tokenizer(path: Path, config: dict) -> TokenizerData | None:
     else:
         return None
     try:
-        data = file.read_bytes()
+        with open(file, "rb") as f:
+            data = f.read(MAX_JSON_BYTES + 1)
     except OSError as e:
         raise CheckpointError(f"{file}: cannot read ({e.strerror})") from None
+    if len(data) > MAX_JSON_BYTES:
+        raise CheckpointError(f"{file}: larger than {MAX_JSON_BYTES >> 20} MB, too large for a tokenizer")
     tok_config = {}
     if (path / "tokenizer_config.json").is_file():
         tok_config = _read_json_object(path / "tokenizer_config.json")
@@ -292,11 +324,16 @@ def _directory_tokenizer(path: Path, config: dict) -> TokenizerData | None:
     eos_ids = _eos_list(config.get("eos_token_id")) + _eos_list(generation.get("eos_token_id"))
     if kind == "tokenizers":
         try:
-            tj = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{file}: not valid JSON ({e})") from None
-        ids = {t.get("content"): t.get("id") for t in tj.get("added_tokens") or () if isinstance(t, dict)}
-        vocab = (tj.get("model") or {}).get("vocab")
+            tj = safe_json.loads(data)
+            if not isinstance(tj, dict):
+                raise safe_json.JSONInputError("top level should be a JSON object")
+            added = safe_json.field(tj, "added_tokens", "list", [])
+            vocab = safe_json.field(tj, "model", "dict", {}).get("vocab")  # a dict (BPE) or a list (Unigram)
+        except safe_json.JSONInputError as e:
+            raise CheckpointError(f"{file}: {e}") from None
+        ids = {
+            t.get("content"): t.get("id") for t in added if isinstance(t, dict) and isinstance(t.get("content"), str)
+        }
         if eos_token is not None:
             eos_id = ids.get(eos_token)
             if eos_id is None and isinstance(vocab, dict):
@@ -308,8 +345,8 @@ def _directory_tokenizer(path: Path, config: dict) -> TokenizerData | None:
         "eos_token": eos_token,
         "unk_token": _token_str(tok_config.get("unk_token")),
         "pad_token": _token_str(tok_config.get("pad_token")),
-        "add_bos_token": tok_config.get("add_bos_token"),
-        "add_eos_token": tok_config.get("add_eos_token"),
+        "add_bos_token": _flag(path / "tokenizer_config.json", tok_config, "add_bos_token"),
+        "add_eos_token": _flag(path / "tokenizer_config.json", tok_config, "add_eos_token"),
         "eos_token_ids": list(dict.fromkeys(eos_ids)),
     }
     if kind == "sentencepiece":  # what tokenizer.json would otherwise carry
@@ -339,12 +376,15 @@ def _open_gguf(path: Path) -> Checkpoint:
         meta = f.metadata
         arch = meta.get("general.architecture")
         if arch != "llama":
-            raise CheckpointError(f"{path}: GGUF architecture '{arch}' is not supported (supported: llama)")
+            raise CheckpointError(
+                f"{path}: GGUF metadata 'general.architecture' = {safe_json.show(arch)} is not supported "
+                "(supported: llama)"
+            )
         config = llama_config(meta, f.tensors, path)
         tensors = {}
         for hf, (info, n_head) in llama_tensors(f, config).items():
             kind = {"f16": "f16", "bf16": "bf16"}.get(info.ggml_type.name.lower(), "f32")
-            tensors[hf] = TensorRef(hf, info.shape, kind, _gguf_loader(f, info, n_head))
+            tensors[hf] = TensorRef(hf, info.shape, kind, _gguf_loader(f, info, n_head), info.nbytes)
         built = tokenizer_from_gguf(meta, path)
         tokenizer = None
         if built is not None:

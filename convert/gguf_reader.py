@@ -24,6 +24,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
 from edge_runtime.errors import CheckpointError
+from edge_runtime.safe_json import is_int, is_number, show
+from edge_runtime.spec import LIMITS
 
 from .safetensors_reader import bf16_to_f32
 
@@ -65,10 +67,16 @@ _NUMPY = {
     12: "<f8",
 }
 _STRING, _ARRAY = 8, 9
+MAX_DIMS = 4  # GGML_MAX_DIMS
+DEQUANT_ROWS = 1024  # rows dequantized at a time (gguf's dequantizer makes several float copies of its input)
 
 
 class _Truncated(Exception):
     pass
+
+
+class _Malformed(Exception):
+    """A header value the format does not allow (the message names it)."""
 
 
 @dataclass(frozen=True)
@@ -100,22 +108,26 @@ class _Cursor:
         self.pos += n
         return raw.decode("utf-8", errors="replace")
 
-    def value(self, vtype: int):
+    def value(self, vtype: int, nested: bool = False):
         if vtype in _SCALARS:
             return self.take(_SCALARS[vtype])
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
+            if nested:  # llama.cpp reads no array of arrays either; each level would recurse once
+                raise _Malformed("is an array of arrays, which is not supported")
             etype, count = self.take("<I"), self.take("<Q")
             if etype in _NUMPY:
                 dt = np.dtype(_NUMPY[etype])
-                if self.pos + count * dt.itemsize > self.size:
+                if count * dt.itemsize > self.size - self.pos:
                     raise _Truncated
                 arr = np.frombuffer(self.buf, dt, count, self.pos).copy()
                 self.pos += count * dt.itemsize
                 return arr.astype(bool).tolist() if etype == 7 else arr.tolist()
-            return [self.value(etype) for _ in range(count)]
-        raise ValueError(f"unknown metadata value type {vtype}")
+            if etype == _STRING and count * 8 > self.size - self.pos:  # each string is >= 8 bytes
+                raise _Truncated
+            return [self.value(etype, nested=True) for _ in range(count)]
+        raise _Malformed(f"has value type {vtype}, which GGUF does not have")
 
 
 class GGUFFile:
@@ -136,9 +148,6 @@ class GGUFFile:
         except _Truncated:
             self.close()
             raise CheckpointError(f"{self.path}: truncated GGUF file (header runs past the end)") from None
-        except (ValueError, UnicodeDecodeError) as e:
-            self.close()
-            raise CheckpointError(f"{self.path}: malformed GGUF header ({e})") from None
         except CheckpointError:
             self.close()
             raise
@@ -152,22 +161,37 @@ class GGUFFile:
         if version not in (2, 3):
             raise CheckpointError(f"{self.path}: GGUF version {version} is not supported (2, 3)")
         n_tensors, n_kv = c.take("<Q"), c.take("<Q")
+        if n_kv * 12 > size or n_tensors * 24 > size:  # the smallest entries: 12 and 24 bytes
+            raise _Truncated
         self.metadata: dict = {}
         for _ in range(n_kv):
             key = c.string()
-            self.metadata[key] = c.value(c.take("<I"))
-        raw_infos = []
+            if key in self.metadata:
+                raise CheckpointError(f"{self.path}: GGUF metadata key '{key}' appears twice")
+            try:
+                self.metadata[key] = c.value(c.take("<I"))
+            except _Malformed as e:
+                raise CheckpointError(f"{self.path}: GGUF metadata '{key}' {e}") from None
+        raw_infos = {}
         for _ in range(n_tensors):
             name = c.string()
             n_dims = c.take("<I")
-            if n_dims > 8:
-                raise ValueError(f"tensor '{name}' has {n_dims} dimensions")
+            if not 0 < n_dims <= MAX_DIMS:
+                raise CheckpointError(
+                    f"{self.path}: tensor '{name}' has {n_dims} dimensions (GGUF allows 1..{MAX_DIMS})"
+                )
             dims = [c.take("<Q") for _ in range(n_dims)]
-            raw_infos.append((name, dims, c.take("<I"), c.take("<Q")))
-        align = int(self.metadata.get("general.alignment", 32))
+            if name in raw_infos:
+                raise CheckpointError(f"{self.path}: tensor '{name}' appears twice in the GGUF tensor table")
+            raw_infos[name] = (dims, c.take("<I"), c.take("<Q"))
+        align = self.metadata.get("general.alignment", 32)
+        if not is_int(align) or not 0 < align <= 1 << 30 or align & (align - 1):
+            raise CheckpointError(
+                f"{self.path}: GGUF metadata 'general.alignment' should be a power of two, got {show(align)}"
+            )
         data_start = -(-c.pos // align) * align
         self.tensors: dict[str, GGUFTensorInfo] = {}
-        for name, dims, type_id, offset in raw_infos:
+        for name, (dims, type_id, offset) in raw_infos.items():
             try:
                 qtype = GGMLQuantizationType(type_id)
             except ValueError:
@@ -193,7 +217,8 @@ class GGUFFile:
             self.tensors[name] = GGUFTensorInfo(name, tuple(reversed(dims)), qtype, start, nbytes)
 
     def read(self, name: str) -> np.ndarray:
-        """The tensor as float32 (numpy order), dequantized if block-quantized."""
+        """The tensor as float32 (numpy order), dequantized if block-quantized; its pages of the file are
+        dropped afterwards (reading a GGUF tensor by tensor never holds the whole file resident)."""
         info = self.tensors[name]
         if self._mm is None:
             raise CheckpointError(f"{self.path}: read after close")
@@ -206,10 +231,17 @@ class GGUFFile:
                 return raw.view("<f2").reshape(shape).astype(np.float32)
             if qt == GGMLQuantizationType.BF16:
                 return bf16_to_f32(raw.view("<u2")).reshape(shape)
-            rows = raw.reshape(*shape[:-1], -1)  # (..., bytes per row)
-            return dequantize(rows, qt).astype(np.float32, copy=False).reshape(shape)
+            rows = raw.reshape(-1, raw.size // max(1, math.prod(shape[:-1])))  # (rows, bytes per row)
+            out = np.empty((rows.shape[0], shape[-1]), np.float32)
+            with np.errstate(all="ignore"):  # corrupt block scales make inf / NaN: the pipeline names them
+                for r in range(0, rows.shape[0], DEQUANT_ROWS):  # the dequantizer's temporaries stay small
+                    out[r : r + DEQUANT_ROWS] = dequantize(rows[r : r + DEQUANT_ROWS], qt)
+            return out.reshape(shape)
         finally:
             del raw
+            start = info.offset - info.offset % mmap.PAGESIZE
+            if info.nbytes:
+                self._mm.madvise(mmap.MADV_DONTNEED, start, info.offset + info.nbytes - start)
 
     def close(self) -> None:
         if getattr(self, "_mm", None) is not None:
@@ -268,45 +300,93 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def llama_config(meta: dict, tensors: dict[str, GGUFTensorInfo], path: Path) -> dict:
-    """A Hugging Face LlamaConfig dict (config.json key names) from llama.* GGUF metadata."""
+# HF config key -> the llama.* GGUF key it is read from (named in errors)
+GGUF_KEYS = {
+    "hidden_size": "llama.embedding_length",
+    "intermediate_size": "llama.feed_forward_length",
+    "num_hidden_layers": "llama.block_count",
+    "num_attention_heads": "llama.attention.head_count",
+    "num_key_value_heads": "llama.attention.head_count_kv",
+    "head_dim": "llama.attention.key_length",
+    "vocab_size": "llama.vocab_size",
+    "max_position_embeddings": "llama.context_length",
+    "rms_norm_eps": "llama.attention.layer_norm_rms_epsilon",
+    "rope_theta": "llama.rope.freq_base",
+}
 
-    def key(name: str, default=...):
-        value = meta.get(f"llama.{name}", default)
-        if value is ...:
-            raise CheckpointError(f"{path}: GGUF metadata lacks 'llama.{name}'")
+
+class _Meta:
+    """Typed reads of GGUF metadata; CheckpointError naming the file, the key and the value."""
+
+    def __init__(self, meta: dict, path: Path):
+        self.meta, self.path = meta, path
+
+    def get(self, key: str, kind: str, default=..., limit: int | None = None):
+        value = self.meta.get(key)
+        if value is None:
+            if default is ...:
+                raise CheckpointError(f"{self.path}: GGUF metadata lacks '{key}'")
+            return default
+        if kind == "size":  # a positive integer, bounded before anything is sized by it
+            ok, what = is_int(value) and 0 < value <= (limit or 1 << 62), f"an integer in 1..{limit or 1 << 62}"
+        elif kind == "id":
+            ok, what = is_int(value) and value >= 0, "a token id"
+        elif kind == "number":
+            ok, what = is_number(value) and math.isfinite(value), "a finite number"
+        else:
+            ok, what = isinstance(value, str), "a string"
+        if not ok:
+            raise CheckpointError(f"{self.path}: GGUF metadata '{key}' should be {what}, got {show(value)}")
         return value
 
-    hidden, heads = int(key("embedding_length")), int(key("attention.head_count"))
-    kv_heads = key("attention.head_count_kv", heads)
-    if isinstance(heads, list) or isinstance(kv_heads, list):
-        raise CheckpointError(f"{path}: per-layer head counts are not supported")
-    head_dim = int(meta.get("llama.attention.key_length") or meta.get("llama.rope.dimension_count") or hidden // heads)
-    vocab = meta.get("llama.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or ())
-    if not vocab and "token_embd.weight" in tensors:
+
+def llama_config(meta: dict, tensors: dict[str, GGUFTensorInfo], path: Path) -> dict:
+    """A Hugging Face LlamaConfig dict (config.json key names) from llama.* GGUF metadata, every value
+    typed and the structural sizes bounded (spec.LIMITS) here, where the GGUF key can be named."""
+    m = _Meta(meta, path)
+
+    def size(hf: str, default=...):
+        return m.get(GGUF_KEYS[hf], "size", default, LIMITS[hf])
+
+    for hf in ("num_attention_heads", "num_key_value_heads"):
+        if isinstance(meta.get(GGUF_KEYS[hf]), list):
+            raise CheckpointError(f"{path}: GGUF metadata '{GGUF_KEYS[hf]}' is per layer, which is not supported")
+    hidden, heads = size("hidden_size"), size("num_attention_heads")
+    kv_heads = size("num_key_value_heads", heads)
+    head_dim = (
+        m.get("llama.attention.key_length", "size", None, LIMITS["head_dim"])
+        or m.get("llama.rope.dimension_count", "size", None, LIMITS["head_dim"])
+        or hidden // heads
+    )
+    vocab = size("vocab_size", None)
+    if vocab is None:
+        tokens = meta.get("tokenizer.ggml.tokens")
+        vocab = len(tokens) if isinstance(tokens, list) and tokens else None
+    if vocab is None and "token_embd.weight" in tensors:
         vocab = tensors["token_embd.weight"].shape[0]
+    ids = {k: m.get(f"tokenizer.ggml.{k}", "id", None) for k in ("bos_token_id", "eos_token_id", "padding_token_id")}
     cfg = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "vocab_size": int(vocab),
+        "vocab_size": vocab,
         "hidden_size": hidden,
-        "intermediate_size": int(key("feed_forward_length")),
-        "num_hidden_layers": int(key("block_count")),
+        "intermediate_size": size("intermediate_size"),
+        "num_hidden_layers": size("num_hidden_layers"),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(kv_heads),
+        "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
-        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": float(key("rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(key("context_length", 2048)),
+        "rms_norm_eps": float(m.get(GGUF_KEYS["rms_norm_eps"], "number", 1e-5)),
+        "rope_theta": float(m.get(GGUF_KEYS["rope_theta"], "number", 10000.0)),
+        "max_position_embeddings": size("max_position_embeddings", 2048),
         "tie_word_embeddings": "output.weight" not in tensors,
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
-        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
-        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
+        "bos_token_id": ids["bos_token_id"],
+        "eos_token_id": ids["eos_token_id"],
+        "pad_token_id": ids["padding_token_id"],
     }
-    scaling = meta.get("llama.rope.scaling.type")
+    scaling = m.get("llama.rope.scaling.type", "str", None)
     if scaling not in (None, "none"):
         # Carried over so that spec_from_hf_config refuses what it cannot compute.
         cfg["rope_scaling"] = {"rope_type": scaling, "factor": meta.get("llama.rope.scaling.factor")}

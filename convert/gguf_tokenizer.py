@@ -17,6 +17,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from edge_runtime.errors import CheckpointError
+from edge_runtime.safe_json import is_int, is_number, show
 
 # llama.cpp token types (gguf.TokenType)
 _UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4
@@ -72,12 +73,68 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs), strict=True))
 
 
+# tokenizer.* key -> (check, what it should be): every value is typed before the tokenizer is built
+_KINDS = {
+    "tokenizer.ggml.model": (lambda v: isinstance(v, str), "a string"),
+    "tokenizer.ggml.pre": (lambda v: isinstance(v, str), "a string"),
+    "tokenizer.ggml.tokens": (
+        lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v),
+        "a list of strings",
+    ),
+    "tokenizer.ggml.token_type": (lambda v: isinstance(v, list) and all(is_int(t) for t in v), "a list of integers"),
+    "tokenizer.ggml.merges": (
+        lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v),
+        "a list of strings",
+    ),
+    "tokenizer.ggml.scores": (lambda v: isinstance(v, list) and all(is_number(t) for t in v), "a list of numbers"),
+    "tokenizer.ggml.add_bos_token": (lambda v: isinstance(v, bool), "true or false"),
+    "tokenizer.ggml.add_eos_token": (lambda v: isinstance(v, bool), "true or false"),
+    "tokenizer.ggml.add_space_prefix": (lambda v: isinstance(v, bool), "true or false"),
+    "tokenizer.chat_template": (lambda v: isinstance(v, str), "a string"),
+    **{
+        f"tokenizer.ggml.{k}_token_id": (lambda v: is_int(v) and v >= 0, "a token id")
+        for k in ("bos", "eos", "eot", "unknown", "padding")
+    },
+}
+
+
+def _check_types(meta: dict, path: Path) -> None:
+    for key, (ok, what) in _KINDS.items():
+        if key in meta and not ok(meta[key]):
+            raise CheckpointError(f"{path}: GGUF metadata '{key}' should be {what}, got {show(meta[key])}")
+
+
 def tokenizer_from_gguf(meta: dict, path: Path) -> tuple[str, dict] | None:
-    """(tokenizer.json text, tokenizer config) from GGUF metadata, or None without a vocabulary."""
+    """(tokenizer.json text, tokenizer config) from GGUF metadata, or None without a vocabulary.
+    CheckpointError (one line, naming the key) for metadata the tokenizer cannot be built from."""
+    _check_types(meta, path)
     model = meta.get("tokenizer.ggml.model")
     tokens = meta.get("tokenizer.ggml.tokens")
     if model is None or not tokens:
         return None
+    try:
+        return _build(meta, model, tokens, path)
+    except BaseException as e:
+        if not is_library_error(e):
+            raise
+        raise CheckpointError(
+            f"{path}: the GGUF tokenizer metadata does not describe a tokenizer ({_why(e)})"
+        ) from None
+
+
+def is_library_error(e: BaseException) -> bool:
+    """An error of the `tokenizers` library itself: it raises plain Exception for what it refuses, and
+    its Rust panics arrive as pyo3's PanicException (a BaseException). Errors of any other type are
+    bugs and keep their traceback."""
+    return type(e) is Exception or type(e).__name__ == "PanicException"
+
+
+def _why(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:160] if text else type(e).__name__
+
+
+def _build(meta: dict, model: str, tokens: list[str], path: Path) -> tuple[str, dict]:
     types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     if len(types) != len(tokens):
         raise CheckpointError(f"{path}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")

@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import json
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,10 +17,13 @@ from hy_edge_ops.fp8 import has_nan_codes
 from onnx import helper
 
 from edge_runtime import format as F
-from edge_runtime.errors import CheckpointError, HyEdgeError
+from edge_runtime.errors import CheckpointError, HyEdgeError, SpecError
+from edge_runtime.memory import trim_heap
 from edge_runtime.spec import ModelSpec, spec_from_hf_config
 
+from .budget import check_budget
 from .checkpoint import Checkpoint, TensorRef, open_checkpoint
+from .gguf_reader import GGUF_KEYS
 from .graph import FP8_TYPES, IR_VERSION, OPSET, GraphBuilder, StoredWeight, io_value_infos
 from .quantize import Quantized, QuantPolicy, carry_fp8, dequantize_carried, quantize_weight, to_fp16
 from .writer import ExternalData, commit
@@ -70,7 +74,54 @@ def _source(ckpt: Checkpoint, name: str, shape: tuple[int, ...]) -> TensorRef:
     return ref
 
 
+def _spec(ckpt: Checkpoint) -> ModelSpec:
+    """The checkpoint's spec; for a GGUF the error names its file and the metadata key, not config.json
+    (its config is read from the metadata)."""
+    try:
+        return spec_from_hf_config(ckpt.config)
+    except SpecError as e:
+        message = str(e).removeprefix("config.json: ")
+        if ckpt.kind != "gguf":
+            raise SpecError(f"{Path(ckpt.path) / 'config.json'}: {message}") from None
+        for hf, key in GGUF_KEYS.items():
+            message = message.replace(f"'{hf}'", f"'{key}'")
+        raise SpecError(f"{ckpt.path}: GGUF metadata: {message}") from None
+
+
+def _finite(ckpt: Checkpoint, name: str, w: np.ndarray, what: str = "weight") -> None:
+    """NaN or infinity in a source tensor is a corrupt checkpoint: FP8 encoding would saturate it to
+    the format's largest value, silently. max/min propagate NaN and need no temporary array."""
+    if w.size and not (np.isfinite(w.max()) and np.isfinite(w.min())):
+        i = np.unravel_index(int(np.flatnonzero(~np.isfinite(w))[0]), w.shape)
+        value = w[i]
+        raise CheckpointError(
+            f"{ckpt.path}: {what} '{name}' holds {value} at {list(map(int, i))}: the checkpoint is corrupt"
+        )
+
+
+def _in_range(ckpt: Checkpoint, name: str, q: Quantized) -> None:
+    """An FP8 weight whose scale the runtime's kernels cannot fold (format.MAX_SCALE) is refused, not
+    stored to fail at run time."""
+    if q.storage in FP8_TYPES:
+        limit = F.MAX_SCALE[q.storage]
+        s = np.asarray(q.scale, np.float32)
+        if s.size and not (np.isfinite(s.max()) and np.isfinite(s.min()) and s.min() >= 0 and s.max() <= limit):
+            bad = s.reshape(-1)[~((s >= 0) & (s <= limit))].reshape(-1)[0]
+            raise CheckpointError(
+                f"{ckpt.path}: weight '{name}' needs an FP8 scale of {bad:.4g}, beyond what the format holds "
+                f"(0..{limit:.3g}): its values are too large or the checkpoint's scales are corrupt"
+            )
+        if q.input_scale is not None and not (np.isfinite(q.input_scale) and q.input_scale > 0):
+            raise CheckpointError(f"{ckpt.path}: input_scale of '{name}' is {float(q.input_scale)}: not a scale")
+
+
 def _produce(ckpt: Checkpoint, name: str, shape: tuple[int, ...], policy: QuantPolicy) -> Quantized:
+    q = _quantized(ckpt, name, shape, policy)
+    _in_range(ckpt, name, q)
+    return q
+
+
+def _quantized(ckpt: Checkpoint, name: str, shape: tuple[int, ...], policy: QuantPolicy) -> Quantized:
     ref = _source(ckpt, name, shape)
     src_name = ref.name
     if ref.dtype == "f8_e4m3":  # an FP8 release: carry the bytes, or expand them for --format none
@@ -80,15 +131,26 @@ def _produce(ckpt: Checkpoint, name: str, shape: tuple[int, ...], policy: QuantP
             raise CheckpointError(f"{ckpt.path}: FP8 tensor '{src_name}' has no weight_scale")
         inp = ckpt.tensors.get(base + ".input_scale")
         codes, scale = ref.load(), scale_ref.load()
+        _finite(ckpt, scale_ref.name, scale, "scale")
         if policy.format == "none":
-            return Quantized("fp32", dequantize_carried(codes, scale))
+            w = dequantize_carried(codes, scale)
+            _finite(ckpt, src_name, w)  # NaN codes decode to NaN
+            return Quantized("fp32", w)
         q = carry_fp8(codes, scale, None if inp is None else inp.load())
         if policy.format not in ("e4m3", "auto") or policy.granularity != "channel":
             q = dataclasses.replace(q, note="FP8 checkpoint: its bytes and scales are carried over as they are")
         return q
     w = ref.load().astype(np.float32, copy=False)
+    _finite(ckpt, src_name, w)
     if not F.is_linear(name) or len(shape) != 2:
         return Quantized("fp32", np.ascontiguousarray(w))
+    if policy.format != "none" and (name == F.EMBED or policy.stays_float(name)):  # stored as FP16
+        amax = max(float(w.max()), -float(w.min())) if w.size else 0.0
+        if amax > F.FP16_MAX:  # it would be stored as inf
+            raise CheckpointError(
+                f"{ckpt.path}: weight '{name}' holds {amax:.4g}, beyond what FP16 holds ({F.FP16_MAX:g}); "
+                "convert with --format none, or fix the checkpoint"
+            )
     if name == F.EMBED:  # gathered row by row: float16 when quantizing, fp32 for the reference
         return Quantized("fp32", np.ascontiguousarray(w)) if policy.format == "none" else to_fp16(w)
     return quantize_weight(name, w, policy)
@@ -120,9 +182,12 @@ def convert(
     policy: QuantPolicy | None = None,
     progress: Progress | None = None,
     source_extra: dict | None = None,
+    max_memory: int | None = None,
 ) -> ConversionReport:
     """Convert a Hugging Face checkpoint directory or a GGUF file to `out` (.onnx + .onnx.data).
-    `source_extra` is recorded in the file's source metadata (the cache keys its files by it)."""
+    `source_extra` is recorded in the file's source metadata (the cache keys its files by it);
+    `max_memory` (bytes) is a budget the conversion must hold, checked before anything is read
+    (BudgetError)."""
     policy = policy or QuantPolicy()
     out = Path(out)
     if not out.parent.is_dir():
@@ -131,12 +196,14 @@ def convert(
         raise HyEdgeError(f"output {out} should end in .onnx")
     start = time.perf_counter()
     with open_checkpoint(src) as ckpt:
-        spec = spec_from_hf_config(ckpt.config)
+        spec = _spec(ckpt)
         names = F.model_tensors(spec)
         if head_copy(policy, spec):
             names[F.LM_HEAD] = (spec.vocab_size, spec.hidden_size)  # an FP8 copy of the tied embedding
         for name, shape in names.items():  # fail before writing anything
             _source(ckpt, name, shape)
+        if max_memory is not None:
+            check_budget(ckpt, names, policy, max_memory)
         report = ConversionReport(out, spec, _source_bytes(Path(ckpt.path)))
         data = ExternalData(out)
         try:
@@ -150,8 +217,10 @@ def convert(
                         f"--activations static needs an input_scale for '{name}' (only FP8-static checkpoints have one)"
                     )
                 if q.storage in FP8_TYPES and has_nan_codes(q.data, q.storage):
-                    # the runtime's kernels do not decode NaN: a weight with NaN/inf is refused here
-                    raise HyEdgeError(f"weight '{name}' holds NaN or infinite values: the checkpoint is corrupt")
+                    # the runtime's kernels do not decode NaN: a weight with NaN codes is refused here
+                    raise CheckpointError(
+                        f"{ckpt.path}: weight '{name}' holds FP8 NaN codes: the checkpoint is corrupt"
+                    )
                 if q.storage in FP8_TYPES:
                     inits.append(data.add(name + F.QWEIGHT, q.data, FP8_TYPES[q.storage]))
                     inits.append(data.add(name + F.SCALE, q.scale))
@@ -161,8 +230,13 @@ def convert(
                     inits.append(data.add(name, q.data))
                 stored[name] = StoredWeight(q.storage, tuple(shape), () if q.scale is None else q.scale.shape)
                 report.tensors[name] = q.report()
+                del q
+                trim_heap()  # a tensor's temporaries, freed, go back: the next one's peak starts low
             model = _model(spec, stored, inits, policy, report, ckpt, source_extra or {})
-            helper.set_model_props(model, {**F.metadata(model), F.META_CHECKSUMS: F.checksums_json(data.checksums)})
+            # the header's checksum: the file's bytes but the entry that holds it (integrity.header_crc)
+            header = zlib.crc32(model.SerializeToString())
+            sums = F.checksums_json(data.checksums, header)
+            helper.set_model_props(model, {**F.metadata(model), F.META_CHECKSUMS: sums})
             commit(model, out, data)
         except BaseException:
             data.discard()

@@ -87,13 +87,14 @@ def _scales(w: np.ndarray, fmt: str, granularity: str) -> np.ndarray:
     """(N, G) float32 scales for w (N, K)."""
     N, K = w.shape
     amax_to_scale = np.float32(1.0 / FP8_MAX[fmt])
+    # max(max, -min) rather than abs().max(): no temporary the size of the weight
     if granularity == "tensor":
-        amax = np.full((N, 1), np.abs(w).max() if w.size else 0.0, np.float32)
+        amax = np.full((N, 1), max(w.max(), -w.min()) if w.size else 0.0, np.float32)
     elif granularity == "channel":
-        amax = np.abs(w).max(axis=1, keepdims=True)
+        amax = np.maximum(w.max(axis=1, keepdims=True), -w.min(axis=1, keepdims=True))
     else:
-        B = block_size(granularity)
-        amax = np.abs(w.reshape(N, K // B, B)).max(axis=2)
+        blocks = w.reshape(N, K // block_size(granularity), -1)
+        amax = np.maximum(blocks.max(axis=2), -blocks.min(axis=2))
     scale = (amax * amax_to_scale).astype(np.float32)
     scale[~(scale > 0) | ~np.isfinite(scale)] = 1.0  # all-zero rows/blocks: any scale decodes to 0
     return scale

@@ -7,7 +7,6 @@ data; offsets are relative to the first byte after the header.
 
 from __future__ import annotations
 
-import json
 import math
 import mmap
 import os
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_runtime import safe_json
 from edge_runtime.errors import CheckpointError
 
 # safetensors dtype -> (our dtype name, numpy storage dtype)
@@ -27,6 +27,7 @@ DTYPES = {
 }
 
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
+MAX_DIMS = 8
 
 
 class SafetensorsFile:
@@ -50,12 +51,14 @@ class SafetensorsFile:
         except OSError as e:
             raise CheckpointError(f"{self.path}: cannot read ({e.strerror})") from None
         try:
-            header = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{self.path}: safetensors header is not valid JSON ({e})") from None
+            header = safe_json.loads(raw, max_depth=3)  # {name: {"shape": [...]}}: three levels
+        except safe_json.JSONInputError as e:
+            raise CheckpointError(f"{self.path}: safetensors header is {e}") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{self.path}: safetensors header should be a JSON object")
         self.metadata: dict = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict) or not all(isinstance(v, str) for v in self.metadata.values()):
+            raise CheckpointError(f"{self.path}: safetensors __metadata__ should map names to strings")
         self._data_start = 8 + n
         data_size = size - self._data_start
         # name -> (dtype name, shape, numpy storage dtype, byte offset in file)
@@ -64,17 +67,22 @@ class SafetensorsFile:
             self.entries[name] = self._entry(name, info, data_size)
 
     def _entry(self, name: str, info, data_size: int):
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{self.path}: header entry of tensor '{name}' should be an object")
         try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-            if not all(isinstance(d, int) and d >= 0 for d in shape):
-                raise ValueError
-            if not (isinstance(begin, int) and isinstance(end, int)):
-                raise ValueError
-        except (TypeError, KeyError, ValueError):
-            raise CheckpointError(f"{self.path}: malformed header entry for tensor '{name}'") from None
+            dtype = safe_json.field(info, "dtype", "str", where=f"{name}.")
+            shape = tuple(safe_json.field(info, "shape", "int-list", where=f"{name}."))
+            offsets = safe_json.field(info, "data_offsets", "int-list", where=f"{name}.")
+        except safe_json.JSONInputError as e:
+            raise CheckpointError(f"{self.path}: {e}") from None
+        if len(shape) > MAX_DIMS or any(d < 0 for d in shape):
+            raise CheckpointError(f"{self.path}: tensor '{name}' has shape {list(shape)}")
+        if len(offsets) != 2:
+            raise CheckpointError(f"{self.path}: tensor '{name}' data_offsets should be [begin, end], got {offsets}")
+        begin, end = offsets
         if dtype not in DTYPES:
             raise CheckpointError(
-                f"{self.path}: tensor '{name}' has dtype {dtype}, which is not supported "
+                f"{self.path}: tensor '{name}' has dtype {safe_json.show(dtype)}, which is not supported "
                 f"(supported: {', '.join(DTYPES)})"
             )
         kind, np_dtype = DTYPES[dtype]

@@ -47,9 +47,10 @@ class ExternalData:
         t.name = name
         t.dims.extend(array.shape)
         t.data_type = data_type if data_type is not None else NP_TO_ONNX[array.dtype]
-        raw = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes() if array.nbytes else b""
+        little = array.astype(array.dtype.newbyteorder("<"), copy=False)  # no copy on a little-endian host
+        raw = memoryview(little.reshape(-1)).cast("B")  # its bytes, not a copy of them
         if array.nbytes < INLINE_LIMIT:
-            t.raw_data = raw
+            t.raw_data = raw.tobytes()
             return t
         pad = -self.size % ALIGN
         self._f.seek(pad, os.SEEK_CUR)  # the tensor written next fills the file up to it

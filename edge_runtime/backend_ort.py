@@ -8,36 +8,43 @@ are kept as the graph's present outputs and fed back as the next call's past inp
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
 from . import format as F
 from .errors import BudgetError, ModelFileError
-from .memory import DEFAULT_BUDGET, RUNTIME_OVERHEAD, MemoryPlan, plan_context
+from .memory import DEFAULT_BUDGET, MemoryPlan, plan_context, runtime_overhead
+from .model_file import Tensor, read_header, read_tensors
 from .spec import ModelSpec
 
+# onnxruntime's own errors (its pybind11 exception classes): raised running a graph it loaded, they come
+# from the file's graph (a hy-edge file's graph runs; one from elsewhere, or edited, may not)
+_ORT_ERRORS = tuple(
+    e for e in vars(ort.capi.onnxruntime_pybind11_state).values() if isinstance(e, type) and issubclass(e, Exception)
+)
 
-def ort_memory_plan(spec: ModelSpec, proto, path: Path) -> MemoryPlan:
-    """What an InferenceSession on this file holds. Weights: the file's mapped bytes plus every
-    initializer folded to float32 (session.disable_quant_qdq). Per token: the KV cache twice (the
-    past inputs and the present outputs are both alive during a call, float32), the logits row and
-    the activations of a prompt token (the whole prompt runs as one call)."""
-    folded = sum(int(np.prod(t.dims, dtype=np.int64)) * 4 for t in proto.graph.initializer)
-    data = path.with_name(path.name + ".data")
-    mapped = data.stat().st_size if data.exists() else 0
+
+def ort_memory_plan(spec: ModelSpec, tensors: dict[str, Tensor]) -> MemoryPlan:
+    """What an InferenceSession on this file holds (`tensors`: its initializers, model_file.read_tensors).
+
+    Weights: onnxruntime folds DequantizeLinear when the session loads (session.disable_quant_qdq) and
+    keeps every weight as float32 but the FP16 embedding the Gather reads (a head tied to it is a folded
+    float32 copy); while MatMul pre-packs them a second copy exists. Measured on SmolLM2-135M (FP8
+    head copy, or the head tied to the FP16 embedding): 595 MB of initializers kept, peak RSS 1,188 /
+    1,187 MB = the runtime (85 MB) + 2.0 x 595 MB. Per token: the KV cache twice (the past inputs and
+    the present outputs are both alive during a call, float32), the logits row and the activations of
+    a prompt token (the whole prompt runs as one call)."""
+    kept = sum(t.data.size * (2 if t.name == F.EMBED and t.storage == "fp16" else 4) for t in tensors.values())
+    if F.LM_HEAD not in tensors and F.LM_HEAD + F.QWEIGHT not in tensors:  # the head reads the embedding
+        kept += 4 * spec.vocab_size * spec.hidden_size
     C, F_, V = spec.hidden_size, spec.intermediate_size, spec.vocab_size
     kv = 2 * len(spec.attention_layers) * spec.num_key_value_heads * spec.head_dim * 4
     activations = (8 * max(C, F_, spec.num_attention_heads * spec.head_dim) + V) * 4
     conv = len(spec.conv_layers) * C * spec.conv_kernel_size * 4 * 2
     return MemoryPlan(
-        weights=mapped + folded,
-        fixed=conv,
-        per_token=2 * kv + activations,
-        runtime=RUNTIME_OVERHEAD["onnxruntime"],
+        weights=2 * kept, fixed=conv, per_token=2 * kv + activations, runtime=runtime_overhead("onnxruntime", 0)
     )
 
 
@@ -51,20 +58,12 @@ class OrtSession:
         max_context: int | None = None,
         max_memory: int = DEFAULT_BUDGET,
     ):
-        path = Path(path)
-        try:
-            proto = onnx.load(str(path), load_external_data=False)
-        except Exception as e:  # a file onnx cannot parse is the user's file, not our bug
-            raise ModelFileError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
-        meta = {p.key: p.value for p in proto.metadata_props}
-        if meta.get(F.META_FORMAT) != str(F.FORMAT_VERSION):
-            raise ModelFileError(
-                f"{path}: not a hy-edge model of format version {F.FORMAT_VERSION} "
-                f"(found {meta.get(F.META_FORMAT)!r}); convert it again"
-            )
-        self.spec = ModelSpec.from_json(meta[F.META_SPEC])
-        self.quantization = json.loads(meta.get(F.META_QUANT, "{}"))
-        self.plan = ort_memory_plan(self.spec, proto, path)
+        path = self.path = Path(path)
+        header = read_header(path)  # checked as load() checks it
+        self.spec = header.spec
+        self.quantization = header.quantization
+        self.plan = ort_memory_plan(self.spec, read_tensors(header.proto, path))  # sizes checked; nothing read
+        del header
         # checked before onnxruntime folds the weights (the allocation the budget is about)
         self.max_context = plan_context(self.plan, max_memory, max_context, self.spec.max_position_embeddings)
         opts = ort.SessionOptions()
@@ -115,7 +114,11 @@ class OrtSession:
         if self.n_cached + T > self.max_context:
             raise BudgetError(f"context of {self.n_cached + T} tokens exceeds the limit of {self.max_context}")
         positions = np.arange(self.n_cached, self.n_cached + T, dtype=np.int64).reshape(1, -1)
-        outputs = self.session.run(None, {F.INPUT_IDS: ids, F.POSITION_IDS: positions, **self._past})
+        try:
+            outputs = self.session.run(None, {F.INPUT_IDS: ids, F.POSITION_IDS: positions, **self._past})
+        except _ORT_ERRORS as e:
+            why = " ".join(str(e).split())[:200]
+            raise ModelFileError(f"{self.path}: onnxruntime cannot run its graph: {why}") from None
         names = [o.name for o in self.session.get_outputs()]
         result = dict(zip(names, outputs, strict=True))
         for i in range(self.spec.num_hidden_layers):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from hy_edge_ops import attention, kvrow, rope
 
-from .memory import MemoryPlan, lazy_zeros
+from .memory import MemoryPlan, lazy_zeros, runtime_overhead
 from .spec import ModelSpec
 
 # stored dtype per KV cache type: fp16 half bits rounded to nearest; fp8 rows of E4M3 codes and a scale
@@ -92,7 +92,7 @@ def memory_plan(
     nbytes = {n: int(np.prod(s)) * np.dtype(d).itemsize for n, (s, d) in one.items()}
     per_token = sum(int(np.prod(two[n][0])) * np.dtype(two[n][1]).itemsize - nbytes[n] for n in one)
     fixed = sum(nbytes.values()) - per_token
-    return MemoryPlan(weights=weights_bytes, fixed=fixed, per_token=per_token)
+    return MemoryPlan(weights_bytes, fixed, per_token, runtime_overhead("numba", weights_bytes))
 
 
 def allocate_buffers(

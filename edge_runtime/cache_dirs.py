@@ -68,6 +68,13 @@ def model_cache_dir(env: Mapping[str, str] | None = None) -> Path | None:
     return systemd[0] if systemd else _xdg_cache(env)
 
 
+def verification_dir(env: Mapping[str, str] | None = None) -> Path | None:
+    """Where first-use verifications of model files are remembered (integrity.verify_on_first_use):
+    beside the converted-model cache."""
+    directory = model_cache_dir(env)
+    return None if directory is None else directory / "verified"
+
+
 def is_writable_dir(path: Path) -> bool:
     """Create `path` if needed and write a file into it (root ignores permission bits, so os.access
     would say yes on a read-only mount)."""

@@ -22,6 +22,7 @@ from .cli_common import (
     template_kwargs,
     user_errors,
 )
+from .environment import check_environment
 from .errors import HyEdgeError
 
 MAX_PROMPT_BYTES = 16 << 20  # a prompt file larger than this is not a prompt
@@ -54,6 +55,10 @@ class OneLineErrors(click.Group):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         _notes_as_one_line()
+        try:
+            check_environment()  # before anything imports numba, which reads it at import
+        except HyEdgeError as e:
+            fail(str(e))
         try:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.Exit as e:

@@ -13,9 +13,7 @@ from dataclasses import dataclass
 import click
 
 from .backend import KV_CACHES
-from .errors import HyEdgeError
-
-EXIT_USER_ERROR = 2
+from .errors import EXIT_USER_ERROR, HyEdgeError
 
 
 def fail(message: str) -> None:
@@ -157,10 +155,12 @@ def open_model(
 ):
     """Check the options a user typed, find (or convert) the model, load it."""
     from .cli_model import resolve_model
+    from .environment import check_threading_layer
     from .memory import parse_size
     from .model import load
     from .sampling import check_options
 
+    check_threading_layer()
     s = sampling
     check_options(s.temperature, s.top_k, s.top_p, s.min_p, s.repetition_penalty)
     if s.max_tokens < 1:
@@ -179,8 +179,13 @@ def open_model(
     if max_context is not None and max_context < 1:
         raise HyEdgeError(f"--max-context should be >= 1, got {max_context}")
     budget = parse_size(max_memory) if max_memory is not None else None  # None: memory.DEFAULT_BUDGET
-    path = resolve_model(model_arg, notice=lambda message: click.echo(message, err=True))
-    return load(path, backend=backend, threads=threads, max_context=max_context, max_memory=budget, kv_cache=kv_cache)
+    path = resolve_model(model_arg, notice=lambda message: click.echo(message, err=True), max_memory=budget)
+    model = load(path, backend=backend, threads=threads, max_context=max_context, max_memory=budget, kv_cache=kv_cache)
+    if backend == "numba":  # onnxruntime reads the data file into its own memory when it loads
+        from . import bus_error
+
+        bus_error.install()  # a data file truncated while mapped: one line, not "Bus error"
+    return model
 
 
 def template_kwargs(thinking: bool | None) -> dict:

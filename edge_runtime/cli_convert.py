@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import click
 
 from . import format as F
-from . import onnx_header
 from .cli_common import user_errors
-from .errors import HyEdgeError, ModelFileError
+from .errors import HyEdgeError
 from .integrity import check_data_size, stored_checksums, verify_checksums
 from .memory import peak_rss_mb
-from .spec import ModelSpec
-from .weights import read_onnx
+from .model_file import read_header
+from .safe_json import is_number
 
 
 def _mb(n: int) -> str:
@@ -121,15 +119,6 @@ def convert_cmd(
         click.echo(f"peak RSS: {peak_rss_mb():.0f} MB")
 
 
-def read_header(path: Path) -> tuple[ModelSpec, dict, dict[str, str], onnx_header.Model]:
-    """Spec, quantization report, metadata and initializer headers of a converted file, without its weights."""
-    proto = read_onnx(path)
-    meta = F.metadata(proto)
-    if F.META_SPEC not in meta:
-        raise ModelFileError(f"{path}: not a hy-edge model (no {F.META_SPEC} metadata)")
-    return ModelSpec.from_json(meta[F.META_SPEC]), json.loads(meta.get(F.META_QUANT, "{}")), meta, proto
-
-
 @click.command("info")
 @click.argument("model", type=click.Path(path_type=Path), required=False)
 @click.option("--verify", is_flag=True, help="Check every weight tensor against its stored checksum.")
@@ -146,7 +135,8 @@ def info_cmd(model: Path | None, verify: bool, default_path: bool) -> None:
             return
         if model is None:
             raise HyEdgeError("info needs a MODEL (a converted .onnx), or --default-model-path")
-        spec, quant, meta, proto = read_header(model)
+        header = read_header(model)
+        spec, quant, meta, proto = header.spec, header.quantization, header.meta, header.proto
         check_data_size(proto, model)  # a truncated data file is an error, not a size
         checked = verify_checksums(proto, model) if verify else None
         data = model.with_name(model.name + ".data")
@@ -166,13 +156,14 @@ def info_cmd(model: Path | None, verify: bool, default_path: bool) -> None:
         shared = {i: j for i, j in enumerate(spec.shared_layers) if i != j}
         if shared:
             click.echo(f"shared layers (layer: owner): {shared}")
-        tensors = quant.get("tensors", {})
+        # the converter's report, informational: entries of another shape are left out
+        tensors = {n: t for n, t in quant.get("tensors", {}).items() if isinstance(t, dict)}
         counts: dict[str, int] = {}
         for t in tensors.values():
-            counts[t["storage"]] = counts.get(t["storage"], 0) + 1
+            counts[str(t.get("storage"))] = counts.get(str(t.get("storage")), 0) + 1
         click.echo(
-            f"quantization: format {quant.get('format')}, granularity {quant.get('granularity')}, "
-            f"activations {quant.get('activations')}; tensors: "
+            f"quantization: format {str(quant.get('format'))[:20]}, granularity {str(quant.get('granularity'))[:20]}, "
+            f"activations {quant.get('activations', 'none')}; tensors: "
             + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
         )
         from .buffers import memory_plan
@@ -183,15 +174,19 @@ def info_cmd(model: Path | None, verify: bool, default_path: bool) -> None:
         plan = memory_plan(spec, weights, DEFAULT_PREFILL_CHUNK, quant.get("activations", "none") != "none")
         allowed = min(plan.max_context(DEFAULT_BUDGET), spec.max_position_embeddings)
         click.echo(
-            f"memory (numba backend): runtime ~{fmt_bytes(plan.runtime)} + weights {fmt_bytes(weights)} mapped + "
+            f"memory (numba backend): runtime ~{fmt_bytes(plan.runtime)} + weights up to {fmt_bytes(weights)} mapped + "
             f"buffers {fmt_bytes(plan.fixed)} + KV cache {fmt_bytes(plan.per_token * 1024)} per 1k "
             f"tokens; this machine's default {fmt_bytes(DEFAULT_BUDGET)} budget allows a context of {allowed} tokens"
         )
         if checked is not None:
             click.echo(f"checksums: all {checked} weight tensors match")
-        elif stored_checksums(proto) is None:
+        elif stored_checksums(proto, model) is None:
             click.echo("checksums: none stored (converted by an older hy-edge)")
-        fp8 = {n: t["rel_error"] for n, t in tensors.items() if t["storage"] in ("e4m3", "e5m2")}
+        fp8 = {
+            n: float(t["rel_error"])
+            for n, t in tensors.items()
+            if t.get("storage") in ("e4m3", "e5m2") and is_number(t.get("rel_error"))
+        }
         if fp8:
             worst = max(fp8, key=fp8.get)
             click.echo(f"FP8 relative error: mean {sum(fp8.values()) / len(fp8):.4f}, worst {fp8[worst]:.4f} ({worst})")

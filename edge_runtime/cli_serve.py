@@ -132,6 +132,7 @@ def serve_cmd(
     except ImportError as e:
         fail(f"hy-edge serve needs the serve extra ({e.name} is missing): pip install 'hy-edge[serve]'")
     from .cli_model import resolve_model
+    from .environment import check_threading_layer
     from .memory import DEFAULT_BUDGET, fmt_bytes, parse_size
     from .model import load
     from .serve_engine import Engine
@@ -147,13 +148,20 @@ def serve_cmd(
                 raise HyEdgeError(f"{name} should be >= {low}, got {value}")
         if shutdown_timeout < 0:
             raise HyEdgeError(f"--shutdown-timeout should be >= 0, got {shutdown_timeout}")
+        check_threading_layer()
         body_limit = parse_size(max_body)
         budget = parse_size(max_memory) if max_memory else DEFAULT_BUDGET
         api_key = _read_api_key(api_key_file)
-        path = resolve_model(model_arg, notice=lambda m: click.echo(m, err=True))
+        asked = budget if max_memory else None  # an explicit budget: a first-run conversion runs under it
+        path = resolve_model(model_arg, notice=lambda m: click.echo(m, err=True), max_memory=asked)
         model = load(path, threads=threads, max_context=max_context, max_memory=budget)
+        from . import bus_error
+
+        bus_error.install()  # a data file truncated under the running server: one line, not "Bus error"
         if model.tokenizer is None:
             raise HyEdgeError(f"{path.name}: the model file carries no tokenizer; the server needs one")
+        # a chat template every request would fail on is a bad model: refused now, not with 400 per request
+        model.encode_prompt([{"role": "user", "content": "Hello"}])
         session = model.session(slots=max_batch, kv_cache=kv_cache)
         sock = _bind(host, port)
     name = model_name(model_arg)

@@ -29,7 +29,7 @@ from .engine_step import CompiledLayers
 from .errors import BudgetError, HyEdgeError, ModelFileError
 from .memory import DEFAULT_BUDGET, plan_context, release_library_pages, trim_heap
 from .spec import ModelSpec
-from .weights import Linear, Weights, read_private
+from .weights import Linear, Weights, read_scales
 
 FP8_FORMATS = ("e4m3", "e5m2")
 DEFAULT_PREFILL_CHUNK = 128
@@ -118,9 +118,8 @@ class NumbaSession:
         self.prefill_chunk = prefill_chunk
         self.slots = slots
         self.kv_cache = kv_cache
-        self.plan = memory_plan(spec, weights.nbytes, prefill_chunk, act_quant, slots, kv_cache)
+        self.plan = memory_plan(spec, weights.resident_nbytes, prefill_chunk, act_quant, slots, kv_cache)
         self.max_context = plan_context(self.plan, max_memory, max_context, spec.max_position_embeddings)
-        self._max_memory = max_memory
         self.buf = allocate_buffers(spec, prefill_chunk, self.max_context, act_quant, slots, kv_cache)
         self.positions = np.zeros(slots, np.int64)  # positions cached per slot
         table = weights.embed.w  # (V, C) fp16 bits or fp32; a forward's token rows are read into b.rows
@@ -159,7 +158,7 @@ class NumbaSession:
             activations=self.activations,
             max_context=self.max_context,
             prefill_chunk=self.prefill_chunk,
-            max_memory=self._max_memory,
+            max_memory=1 << 62,  # this session checked the budget; the twin's weights are never resident
             threads=self.threads,
             slots=self.slots,
             kv_cache=self.kv_cache,
@@ -209,7 +208,7 @@ class NumbaSession:
     @staticmethod
     def _op(lin: Linear, prepared: dict) -> linear.LinearOp:
         if id(lin) not in prepared:  # shared layers reuse their owner's prepared weights
-            scales = None if lin.scales is None else read_private(lin.scales, f"the scales of '{lin.name}'")
+            scales = None if lin.scales is None else read_scales(lin)
             prepared[id(lin)] = linear.prepare(lin.w, lin.storage, scales)  # folds them into its own copy
         return prepared[id(lin)]
 

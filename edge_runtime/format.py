@@ -28,8 +28,9 @@ META_QUANT = "hy_edge.quantization"
 META_TOKENIZER = "hy_edge.tokenizer"
 META_TOKENIZER_CONFIG = "hy_edge.tokenizer_config"  # JSON: chat_template, bos/eos tokens, add_bos_token, ...
 META_SOURCE = "hy_edge.source"  # JSON: what the file was converted from
-# JSON {"algorithm": "crc32", "tensors": {name: CRC-32 of its bytes in the data file}}; files converted
-# before it existed lack it (optional: it changes nothing about how the weights are read)
+# JSON {"algorithm": "crc32", "tensors": {name: CRC-32 of its bytes in the data file}, "header": CRC-32 of
+# the .onnx file without this entry}; files converted before it existed lack it, or its "header"
+# (optional: it changes nothing about how the weights are read)
 META_CHECKSUMS = "hy_edge.checksums"
 
 
@@ -38,9 +39,16 @@ def metadata(model) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
-def checksums_json(checksums: dict[str, int]) -> str:
-    return json.dumps({"algorithm": "crc32", "tensors": checksums})
+def checksums_json(checksums: dict[str, int], header: int | None = None) -> str:
+    payload = {"algorithm": "crc32", "tensors": checksums}
+    return json.dumps(payload if header is None else {**payload, "header": header})
 
+
+# The largest scale an FP8 weight may have: the numba kernels fold 2**60 (E4M3) or 2**56 (E5M2) into each
+# scale (hy_edge_ops.half.FP8_FOLD, held equal by tests/test_hardening_values.py) and a larger one
+# overflows float32. A weight beyond FP8 max x this is beyond what the file format holds.
+MAX_SCALE = {"e4m3": 3.4028234663852886e38 / 2.0**60, "e5m2": 3.4028234663852886e38 / 2.0**56}
+FP16_MAX = 65504.0
 
 QWEIGHT = ".qweight"
 SCALE = ".scale"

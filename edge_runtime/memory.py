@@ -25,11 +25,17 @@ BUDGET_FRACTION = 0.75  # of the memory available; the rest stays with the OS, o
 FALLBACK_BUDGET = 8 * 1024**3  # where the machine's memory cannot be read (no /proc/meminfo)
 DEFAULT_CONTEXT = 4096  # when neither the user nor the budget asks for less
 MB = 1024**2
-# Resident memory of the runtime before any weight or buffer: the interpreter, numpy, the
-# tokenizer, and numba's loaded kernels or onnxruntime's session machinery. Measured as the peak RSS
-# of `hy-edge run` on a 0.2 MB model (x86-64 Linux, Python 3.11, warm kernel cache): numba 199 MB,
-# onnxruntime 89 MB; rounded up for other platforms.
-RUNTIME_OVERHEAD = {"numba": 220 * MB, "onnxruntime": 120 * MB}
+# Resident memory of the runtime itself (the interpreter, numpy, click, the tokenizer, numba's kernels or
+# onnxruntime's session machinery), measured with a warm kernel cache on x86-64 Linux, Python 3.11, and
+# rounded up for other platforms:
+# - numba while a session loads its kernels (LLVM resident, before any weight is touched): peak RSS of
+#   `hy-edge run` on a 0.2 MB model 165 MB;
+# - numba once they are loaded (memory.release_library_pages) and generating: SmolLM2-135M steady at
+#   229 MB = 129 MB of matrices read through the map + 100 MB (its 2 MB tokenizer, buffers, KV included);
+# - onnxruntime: 85 MB on the 0.2 MB model (its weights are planned by backend_ort.ort_memory_plan).
+# A first run that compiles the kernels (an empty JIT cache) holds LLVM's compiler too: ~390 MB, once.
+RUNTIME_OVERHEAD = {"numba": 110 * MB, "onnxruntime": 90 * MB}
+WARMUP_OVERHEAD = {"numba": 180 * MB, "onnxruntime": 0}
 
 _UNITS = {
     "": 1,
@@ -122,10 +128,10 @@ class ContextLimited(UserWarning):
 class MemoryPlan:
     """What a session's process will hold; all in bytes."""
 
-    weights: int  # weight bytes the forward pass reads (memory-mapped file pages, or folded copies)
+    weights: int  # weight bytes the forward pass makes resident (mapped file pages, or folded copies)
     fixed: int  # activations, logits, RoPE tables, scratch, conv states: independent of the context
     per_token: int  # KV cache (+ anything else sized by the context) per context position
-    runtime: int = RUNTIME_OVERHEAD["numba"]  # the process before any of the above
+    runtime: int = RUNTIME_OVERHEAD["numba"]  # the process before any of the above (runtime_overhead)
 
     def total(self, context: int) -> int:
         return self.runtime + self.weights + self.fixed + self.per_token * context
@@ -135,7 +141,7 @@ class MemoryPlan:
         return max(0, free // self.per_token) if self.per_token else (1 << 62 if free >= 0 else 0)
 
     def describe(self, context: int) -> str:
-        """'needs 512 MB: weights 157 MB, buffers 3 MB, KV cache 45 MB per 1k tokens (4096: 180 MB), runtime ~180 MB'"""
+        """'needs 512 MB: weights 157 MB, buffers 3 MB, KV cache 45 MB per 1k tokens (4096: 180 MB), runtime ~110 MB'"""
         return (
             f"needs {fmt_bytes(self.total(context))}: weights {fmt_bytes(self.weights)}, buffers "
             f"{fmt_bytes(self.fixed)}, KV cache {fmt_bytes(self.per_token * 1024)} per 1k tokens ({context} tokens: "
@@ -143,15 +149,24 @@ class MemoryPlan:
         )
 
 
-def plan_context(plan: MemoryPlan, budget: int, requested: int | None, model_limit: int) -> int:
+def runtime_overhead(backend: str, weights: int) -> int:
+    """The runtime's share of a plan with `weights` bytes of resident weights. The numba process peaks
+    twice: while a session loads its kernels (LLVM resident, no weight touched yet: WARMUP_OVERHEAD) and
+    while it generates (the weights resident, LLVM's pages released: RUNTIME_OVERHEAD + weights); the
+    plan's runtime is whichever makes the larger total."""
+    return max(RUNTIME_OVERHEAD[backend], WARMUP_OVERHEAD[backend] - weights)
+
+
+def plan_context(plan: MemoryPlan, budget: int, requested: int | None, model_limit: int, quiet: bool = False) -> int:
     """The context length to allocate: `requested` (default min(model limit, DEFAULT_CONTEXT)),
     checked against the model's limit and the budget. BudgetError (one line, with the numbers) when it
-    does not fit; a ContextLimited warning when the budget shortens the default context."""
+    does not fit; a ContextLimited warning when the budget shortens the default context (unless quiet:
+    a check made before loading, the session says it later)."""
     allowed = min(plan.max_context(budget), model_limit)
     if requested is None:
         wanted = min(model_limit, DEFAULT_CONTEXT)
         context = min(wanted, allowed)
-        if 0 < context < wanted:
+        if 0 < context < wanted and not quiet:
             warnings.warn(
                 ContextLimited(
                     f"the memory budget {fmt_bytes(budget)} allows a context of {context} tokens "

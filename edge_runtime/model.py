@@ -14,17 +14,18 @@ from pathlib import Path
 import numpy as np
 
 from . import format as fmt
-from .backend import KV_CACHES, Backend, open_session
+from .backend import BACKENDS, KV_CACHES, Backend, open_session
+from .cache_dirs import verification_dir
 from .chat import encode_chat, make_messages
 from .errors import HyEdgeError, ModelFileError
 from .generate import GenerationResponse, GenerationResult, Generator, collect
-from .memory import parse_size, trim_heap
+from .integrity import check_data_size, verify_on_first_use
+from .memory import DEFAULT_BUDGET, MemoryPlan, parse_size, plan_context, runtime_overhead, trim_heap
+from .model_file import parse_json_meta, read_header, read_tensors
 from .sampling import make_logits_processors, make_sampler
 from .spec import ModelSpec
 from .tokenizer import Tokenizer, TokenizerConfig
-from .weights import Weights, build_weights, metadata, parse_json_meta, read_onnx, read_tensors
-
-ACTIVATIONS = ("none", "e4m3", "e5m2", "static")
+from .weights import Weights, build_weights
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,12 @@ class Model:
         if o.kv_cache != "fp32":
             opts["kv_cache"] = o.kv_cache
         opts.update(kwargs)
-        return open_session(self, backend or o.backend, **opts)
+        try:
+            return open_session(self, backend or o.backend, **opts)
+        except ModelFileError as e:  # a session's checks (FP8 codes, scales) name the tensor, not the file
+            if str(e).startswith((self.path.name, str(self.path))):
+                raise
+            raise ModelFileError(f"{self.path.name}: {e}") from None
 
     def generator(self, backend: str | None = None, **kwargs) -> Generator:
         """A Generator on a new session: keeps its cache across calls (multi-turn chat)."""
@@ -144,43 +150,60 @@ def load(
     prefill_chunk: int | None = None,
     kv_cache: str = "fp32",
 ) -> Model:
-    """Open a converted .onnx file: check its format version, map its weights, check every tensor
-    the spec needs (ModelFileError naming the first bad one), load its tokenizer. No session is
-    opened (no KV cache allocated) until the first generation or `Model.session()`."""
+    """Open a converted .onnx file: check its header (checksum, format version, spec), refuse a budget
+    it cannot run in before anything is loaded, verify its weights' checksums on first use
+    (integrity.verify_on_first_use), map its weights, check every tensor the spec needs
+    (ModelFileError naming the first bad one), load its tokenizer. No session is opened (no KV cache
+    allocated) until the first generation or `Model.session()`."""
     path = Path(path)
-    proto = read_onnx(path)
-    meta = metadata(proto)
-    version = meta.get(fmt.META_FORMAT)
-    if version is None:
-        raise ModelFileError(f"{path.name}: not a hy-edge model (no '{fmt.META_FORMAT}' metadata)")
-    if version != str(fmt.FORMAT_VERSION):
-        raise ModelFileError(
-            f"{path.name}: format version {version} is not supported (this runtime reads "
-            f"version {fmt.FORMAT_VERSION}); convert the model again"
-        )
-    if fmt.META_SPEC not in meta:
-        raise ModelFileError(f"{path.name}: metadata '{fmt.META_SPEC}' is missing")
-    spec = ModelSpec.from_json(meta[fmt.META_SPEC])
-    quant = parse_json_meta(meta, fmt.META_QUANT, path, required=False) or {}
-    if quant.get("activations", "none") not in ACTIVATIONS:
-        raise ModelFileError(f"{path.name}: activation quantization {quant.get('activations')!r} is not supported")
-    weights = build_weights(spec, read_tensors(proto, path), path)
-    del proto  # the graph itself is onnxruntime's business
-    tokenizer = None
-    tok_meta = parse_json_meta(meta, fmt.META_TOKENIZER, path, required=False)
-    if tok_meta is not None:
-        tok_config = parse_json_meta(meta, fmt.META_TOKENIZER_CONFIG, path, required=False)
-        config = TokenizerConfig.from_dict(tok_config)
-        tokenizer = Tokenizer.from_metadata(tok_meta, config)
-        del tok_meta
-        meta = {k: v for k, v in meta.items() if k != fmt.META_TOKENIZER}  # its text (2 MB) is parsed: not kept
-        trim_heap()  # parsing it freed ~30 MB that glibc keeps resident otherwise (memory.trim_heap)
-    if backend not in ("numba", "onnxruntime"):
-        raise HyEdgeError(f"backend '{backend}' is not one of numba, onnxruntime")
-    budget = parse_size(max_memory) if max_memory is not None else None
+    if backend not in BACKENDS:
+        raise HyEdgeError(f"backend '{backend}' is not one of {', '.join(BACKENDS)}")
     if kv_cache not in KV_CACHES:
         raise HyEdgeError(f"kv cache type '{kv_cache}' is not one of {', '.join(KV_CACHES)}")
     if kv_cache != "fp32" and backend != "numba":
         raise HyEdgeError(f"an {kv_cache} KV cache is a numba-backend option")
+    budget = parse_size(max_memory) if max_memory is not None else None
+    header = read_header(path)
+    proto, meta, spec, quant = header.proto, header.meta, header.spec, header.quantization
+    check_data_size(proto, path)  # before anything is mapped: a read past a mapping's end is a bus error
+    tensors = read_tensors(proto, path)  # every initializer's size checked (mapped, not read)
+    if backend == "onnxruntime":  # the budget, before onnxruntime or the tokenizer take any of it
+        from .backend_ort import ort_memory_plan
+
+        check_budget(ort_memory_plan(spec, tensors), budget, max_context, spec)
+    verify_on_first_use(proto, path, verification_dir())
+    weights = build_weights(spec, tensors, path)
+    del proto, header, tensors  # the graph itself is onnxruntime's business
+    if backend == "numba":
+        check_budget(numba_plan(spec, weights, kv_cache), budget, max_context, spec)
+    tokenizer = None
+    tok_meta = parse_json_meta(meta, fmt.META_TOKENIZER, path, required=False)
+    if tok_meta is not None:
+        tok_config = parse_json_meta(meta, fmt.META_TOKENIZER_CONFIG, path, required=False)
+        try:
+            tokenizer = Tokenizer.from_metadata(tok_meta, TokenizerConfig.from_dict(tok_config))
+        except ModelFileError as e:  # the tokenizer's own errors do not know the file
+            raise ModelFileError(f"{path.name}: {e}") from None
+        del tok_meta
+        meta = {k: v for k, v in meta.items() if k != fmt.META_TOKENIZER}  # its text (2 MB) is parsed: not kept
+        trim_heap()  # parsing it freed ~30 MB that glibc keeps resident otherwise (memory.trim_heap)
     options = SessionOptions(backend, threads, max_context, budget, prefill_chunk, kv_cache)
     return Model(path, spec, weights, tokenizer, quant, meta, options)
+
+
+def check_budget(plan: MemoryPlan, budget: int | None, max_context: int | None, spec: ModelSpec) -> None:
+    """BudgetError (the session's own message) when even the smallest session does not fit: said before
+    the model is loaded, not after."""
+    plan_context(plan, DEFAULT_BUDGET if budget is None else budget, max_context, spec.max_position_embeddings, True)
+
+
+KV_BYTES = {"fp32": 4, "fp16": 2, "fp8": 1}  # per cached value (fp8 rows also carry a 4-byte scale)
+
+
+def numba_plan(spec: ModelSpec, weights: Weights, kv_cache: str) -> MemoryPlan:
+    """A lower bound of a one-sequence numba session's plan (buffers.memory_plan, which NumbaSession
+    uses, needs the kernels' modules): its weights, runtime and KV cache, no buffers. Enough to refuse
+    a budget before the tokenizer and numba are loaded; the session checks the exact plan."""
+    kv = 2 * len(spec.attention_layers) * spec.num_key_value_heads * spec.head_dim * KV_BYTES[kv_cache]
+    resident = weights.resident_nbytes
+    return MemoryPlan(resident, 0, kv, runtime_overhead("numba", resident))

@@ -35,6 +35,7 @@ class HeaderError(ValueError):
 class Entry:
     key: str = ""
     value: str = ""
+    span: tuple[int, int] = field(default=(0, 0), compare=False, repr=False)  # its bytes in the file, tag included
 
 
 @dataclass
@@ -86,10 +87,11 @@ def _signed(v: int, bits: int = 64) -> int:
 
 
 def _fields(buf: memoryview, start: int, end: int):
-    # (field number, wire type, value) of each field of the message in buf[start:end]: an int for a
-    # varint, a (start, end) span for the others
+    # (field number, wire type, value, first byte) of each field of the message in buf[start:end]: an int
+    # for a varint, a (start, end) span for the others
     i = start
     while i < end:
+        first = i
         tag, i = _varint(buf, i, end)
         number, wire = tag >> 3, tag & 7
         if number == 0:
@@ -110,7 +112,7 @@ def _fields(buf: memoryview, start: int, end: int):
             raise HeaderError(f"wire type {wire}, which protobuf does not have")
         if i > end:
             raise HeaderError("a field runs past the end of its message")
-        yield number, wire, value
+        yield number, wire, value, first
 
 
 def _need(wire: int, want: int, what: str) -> None:
@@ -127,7 +129,7 @@ def _text(buf: memoryview, span: tuple[int, int]) -> str:
 
 def _entry(buf: memoryview, span: tuple[int, int]) -> Entry:
     e = Entry()
-    for number, wire, value in _fields(buf, *span):
+    for number, wire, value, _ in _fields(buf, *span):
         if number in (1, 2):
             _need(wire, _LEN, "StringStringEntryProto key/value")
             setattr(e, "key" if number == 1 else "value", _text(buf, value))
@@ -158,7 +160,7 @@ def _numbers(buf, wire, value, out: list, fixed: str | None, bits: int = 64) -> 
 
 def _tensor(buf: memoryview, span: tuple[int, int]) -> Tensor:
     t = Tensor()
-    for number, wire, value in _fields(buf, *span):
+    for number, wire, value, _ in _fields(buf, *span):
         if number == 1:
             _numbers(buf, wire, value, t.dims, None)
         elif number in (2, 14):
@@ -188,14 +190,16 @@ def parse(data: bytes) -> Model:
     """A Model from the bytes of an .onnx file (HeaderError if they are not well-formed protobuf)."""
     buf = memoryview(data)
     model = Model()
-    for number, wire, value in _fields(buf, 0, len(buf)):
+    for number, wire, value, first in _fields(buf, 0, len(buf)):
         if number == 7:
             _need(wire, _LEN, "ModelProto graph")
-            for g_number, g_wire, g_value in _fields(buf, *value):
+            for g_number, g_wire, g_value, _ in _fields(buf, *value):
                 if g_number == 5:
                     _need(g_wire, _LEN, "GraphProto initializer")
                     model.graph.initializer.append(_tensor(buf, g_value))
         elif number == 14:
             _need(wire, _LEN, "ModelProto metadata_props")
-            model.metadata_props.append(_entry(buf, value))
+            entry = _entry(buf, value)
+            entry.span = (first, value[1])
+            model.metadata_props.append(entry)
     return model

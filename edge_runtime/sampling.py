@@ -20,20 +20,29 @@ Sampler = Callable[[np.ndarray], int]
 LogitsProcessor = Callable[[Sequence[int], np.ndarray], np.ndarray]
 
 
+# Ranges in which the float32 arithmetic of the sampler stays finite: logits (|l| < 1e4) divided by the
+# temperature or the repetition penalty. A temperature of 1e-39 is a float32 subnormal: l / T overflowed to
+# inf, the softmax to NaN, and the draw failed with a traceback.
+TEMPERATURE_RANGE = (1e-6, 1e6)  # or 0: greedy
+PENALTY_RANGE = (1e-3, 1e3)
+
+
 def check_options(
     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0
 ) -> None:
     """HyEdgeError (one line) for a value a user typed wrong."""
-    if not np.isfinite(temperature) or temperature < 0:
-        raise HyEdgeError(f"temperature should be >= 0, got {temperature}")
+    low, high = TEMPERATURE_RANGE
+    if temperature != 0 and not low <= temperature <= high:  # NaN fails both
+        raise HyEdgeError(f"temperature should be 0 (greedy) or in [{low:g}, {high:g}], got {temperature}")
     if top_k < 0:
         raise HyEdgeError(f"top-k should be >= 0 (0 = off), got {top_k}")
     if not 0.0 < top_p <= 1.0:
         raise HyEdgeError(f"top-p should be in (0, 1], got {top_p}")
     if not 0.0 <= min_p <= 1.0:
         raise HyEdgeError(f"min-p should be in [0, 1], got {min_p}")
-    if not np.isfinite(repetition_penalty) or repetition_penalty <= 0:
-        raise HyEdgeError(f"repetition penalty should be > 0, got {repetition_penalty}")
+    low, high = PENALTY_RANGE
+    if not low <= repetition_penalty <= high:
+        raise HyEdgeError(f"repetition penalty should be in [{low:g}, {high:g}], got {repetition_penalty}")
 
 
 def filtered_probs(

@@ -20,9 +20,26 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import SpecError
+from .safe_json import JSONInputError, is_finite, is_int, show
+from .safe_json import loads as json_loads
 
 LAYER_TYPES = ("attention", "dwconv")
 ACTIVATIONS = ("silu", "relu6")
+# Upper bounds of the structural sizes, checked before anything is sized by them (a config that says
+# 1e9 layers otherwise builds a 1e9-entry tuple until the OOM killer ends it). Far above any model a
+# CPU runs: Llama-3.1-405B has 126 layers, 128 heads, hidden 16384, intermediate 53248; Gemma 3's
+# vocabulary is 262,144 tokens.
+LIMITS = {
+    "vocab_size": 1 << 21,
+    "hidden_size": 1 << 16,
+    "intermediate_size": 1 << 18,
+    "num_hidden_layers": 1024,
+    "num_attention_heads": 1024,
+    "num_key_value_heads": 1024,
+    "head_dim": 1024,
+    "max_position_embeddings": 1 << 24,
+    "conv_kernel_size": 256,
+}
 
 
 @dataclass(frozen=True)
@@ -61,12 +78,16 @@ class ModelSpec:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> ModelSpec:
+    def from_json(cls, text: str, source: str = "model spec") -> ModelSpec:
+        """The spec a converted file carries (its own JSON form): every field typed and bounded; errors
+        begin with `source`."""
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SpecError(f"model spec is not valid JSON: {e}") from None
-        return _build(data)
+            data = json_loads(text)
+        except JSONInputError as e:
+            raise SpecError(f"{source}: {e}") from None
+        if not isinstance(data, dict):
+            raise SpecError(f"{source}: should be a JSON object, got {show(data)}")
+        return _build(data, source)
 
 
 # -- construction from a Hugging Face config ---------------------------------------------------
@@ -78,23 +99,25 @@ def _get(cfg: dict, key: str, kind: type, default: Any = ...) -> Any:
             raise SpecError(f"config.json: missing field '{key}'")
         return default
     value = cfg[key]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+    if kind is float and is_int(value) and is_finite(value):
         value = float(value)
     if kind is int and isinstance(value, float) and value.is_integer():
         value = int(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise SpecError(f"config.json: field '{key}' should be {kind.__name__}, got {value!r}")
+        raise SpecError(f"config.json: field '{key}' should be {kind.__name__}, got {show(value)}")
+    if key in LIMITS and not 0 < value <= LIMITS[key]:
+        raise SpecError(f"config.json: field '{key}' should be in 1..{LIMITS[key]}, got {value}")
     return value
 
 
-def _eos(value: Any) -> tuple[int, ...]:
+def _eos(value: Any, source: str = "config.json") -> tuple[int, ...]:
     if value is None:
         return ()
-    if isinstance(value, int) and not isinstance(value, bool):
+    if is_int(value):
         return (value,)
-    if isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value):
+    if isinstance(value, (list, tuple)) and all(is_int(v) for v in value):
         return tuple(value)
-    raise SpecError(f"config.json: field 'eos_token_id' should be an int or a list of ints, got {value!r}")
+    raise SpecError(f"{source}: field 'eos_token_id' should be an int or a list of ints, got {show(value)}")
 
 
 def _rope_base(cfg: dict, head_dim: int) -> float:
@@ -109,28 +132,33 @@ def _rope_base(cfg: dict, head_dim: int) -> float:
         theta = cfg.get("rope_theta", 10000.0)
         scaling = cfg.get("rope_scaling") or {}
         if not isinstance(scaling, dict):
-            raise SpecError(f"config.json: field 'rope_scaling' should be an object, got {scaling!r}")
+            raise SpecError(f"config.json: field 'rope_scaling' should be an object, got {show(scaling)}")
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if not isinstance(theta, (int, float)) or theta <= 0:
-        raise SpecError(f"config.json: field 'rope_theta' should be a positive number, got {theta!r}")
+    if not is_finite(theta) or not theta > 0:
+        raise SpecError(f"config.json: field 'rope_theta' should be a positive number, got {show(theta)}")
     alpha = scaling.get("alpha")
-    if alpha is not None and (not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha < 0):
-        raise SpecError(f"config.json: field 'rope_scaling.alpha' should be a positive number, got {alpha!r}")
+    if alpha is not None and (not is_finite(alpha) or not alpha >= 0):
+        raise SpecError(f"config.json: field 'rope_scaling.alpha' should be a positive number, got {show(alpha)}")
     if rope_type == "dynamic" and alpha:
-        return float(theta) * float(alpha) ** (head_dim / (head_dim - 2))
+        if head_dim <= 2:
+            raise SpecError(f"config.json: field 'head_dim' = {head_dim} is too small for dynamic RoPE scaling")
+        try:
+            return float(theta) * float(alpha) ** (head_dim / (head_dim - 2))
+        except OverflowError:
+            raise SpecError(f"config.json: field 'rope_scaling.alpha' = {alpha} makes the RoPE base infinite") from None
     if rope_type in ("default", None):
         return float(theta)
-    raise SpecError(f"config.json: field 'rope_scaling' type '{rope_type}' is not supported")
+    raise SpecError(f"config.json: field 'rope_scaling' type {show(rope_type)} is not supported")
 
 
 def _common(cfg: dict) -> dict:
     hidden = _get(cfg, "hidden_size", int)
     heads = _get(cfg, "num_attention_heads", int)
-    head_dim = _get(cfg, "head_dim", int, None) or _get(cfg, "attention_head_dim", int, None) or hidden // max(heads, 1)
+    head_dim = _get(cfg, "head_dim", int, None) or _get(cfg, "attention_head_dim", int, None) or hidden // heads
     for key in ("layer_types", "shared_layers"):
         if cfg.get(key) is not None and not isinstance(cfg[key], list):
-            raise SpecError(f"config.json: field '{key}' should be a list, got {cfg[key]!r}")
-    layers = _get(cfg, "num_hidden_layers", int)
+            raise SpecError(f"config.json: field '{key}' should be a list, got {show(cfg[key])}")
+    layers = _get(cfg, "num_hidden_layers", int)  # bounded (LIMITS) before the tuples below are built
     if cfg.get("attention_bias"):
         raise SpecError("config.json: field 'attention_bias' = true is not supported")
     if cfg.get("mlp_bias"):
@@ -166,7 +194,7 @@ def _hunyuan(cfg: dict) -> dict:
         raise SpecError("config.json: field 'num_experts' > 1 (MoE) is not supported")
     # transformers' HunYuanDenseV1Attention always has query/key layernorms; legacy configs say so
     # with use_qk_norm.
-    return dict(model_type="hunyuan_v1_dense", use_qk_norm=bool(cfg.get("use_qk_norm", True)), **_common(cfg))
+    return dict(model_type="hunyuan_v1_dense", use_qk_norm=_get(cfg, "use_qk_norm", bool, True), **_common(cfg))
 
 
 def _llama(cfg: dict) -> dict:
@@ -186,48 +214,63 @@ def spec_from_hf_config(cfg: dict) -> ModelSpec:
     """Build and validate a ModelSpec from a parsed Hugging Face config.json."""
     if not isinstance(cfg, dict):
         raise SpecError("config.json: top level should be an object")
-    keys = [cfg.get("model_type")] + list(cfg.get("architectures") or [])
+    architectures = cfg.get("architectures") or []
+    if not isinstance(architectures, list):
+        raise SpecError(f"config.json: field 'architectures' should be a list, got {show(architectures)}")
+    keys = [cfg.get("model_type")] + architectures
     for key in keys:
-        if key in REGISTRY:
-            try:
-                return _build(REGISTRY[key](cfg))
-            except (TypeError, ValueError, AttributeError) as e:  # a value of a type no check expected
-                raise SpecError(f"config.json: a field has a value of the wrong type ({e})") from None
-    name = cfg.get("model_type") or (cfg.get("architectures") or ["<none>"])[0]
-    raise SpecError(f"config.json: field 'model_type' = '{name}' is not supported (supported: hunyuan_v1_dense, llama)")
+        if isinstance(key, str) and key in REGISTRY:
+            return _build(REGISTRY[key](cfg))
+    name = cfg.get("model_type") or (architectures or ["<none>"])[0]
+    raise SpecError(
+        f"config.json: field 'model_type' = {show(name)} is not supported (supported: hunyuan_v1_dense, llama)"
+    )
 
 
-def _build(data: dict) -> ModelSpec:
+_SIZES = tuple(LIMITS)  # the integer fields, each positive and bounded
+_KINDS = {"rms_norm_eps": float, "rope_theta": float, "tie_word_embeddings": bool, "use_qk_norm": bool}
+
+
+def _build(data: dict, source: str = "config.json") -> ModelSpec:
+    """A ModelSpec from its fields (a converted file's spec, or what a config family produced):
+    every field's type, then its range and the fields' consistency (`_validate`)."""
+
+    def fail(field: str, why: str) -> None:
+        raise SpecError(f"{source}: field '{field}' {why}")
+
     fields = {f.name for f in dataclasses.fields(ModelSpec)}
     missing = fields - set(data)
     if missing:
-        raise SpecError(f"model spec: missing field '{sorted(missing)[0]}'")
+        raise SpecError(f"{source}: missing field '{sorted(missing)[0]}'")
     data = {k: v for k, v in data.items() if k in fields}
-    data["eos_token_id"] = _eos(data["eos_token_id"])
+    for name in _SIZES:
+        if not is_int(data[name]) or not 0 < data[name] <= LIMITS[name]:
+            fail(name, f"should be an integer in 1..{LIMITS[name]}, got {show(data[name])}")
+    for name, kind in _KINDS.items():
+        if kind is float and is_finite(data[name]):
+            data[name] = float(data[name])
+        if not isinstance(data[name], kind):
+            fail(name, f"should be {'a number' if kind is float else 'true or false'}, got {show(data[name])}")
+    for name in ("model_type", "hidden_act"):
+        if not isinstance(data[name], str):
+            fail(name, f"should be a string, got {show(data[name])}")
+    if data["model_type"] not in ("hunyuan_v1_dense", "llama"):
+        fail("model_type", f"= {show(data['model_type'])} is not supported (supported: hunyuan_v1_dense, llama)")
+    for name in ("layer_types", "shared_layers"):
+        if not isinstance(data[name], (list, tuple)):
+            fail(name, f"should be a list, got {show(data[name])}")
+    data["eos_token_id"] = _eos(data["eos_token_id"], source)
     data["layer_types"] = tuple(data["layer_types"])
     data["shared_layers"] = tuple(data["shared_layers"])
     spec = ModelSpec(**data)
-    _validate(spec)
+    _validate(spec, source)
     return spec
 
 
-def _validate(s: ModelSpec) -> None:
+def _validate(s: ModelSpec, source: str = "config.json") -> None:
     def fail(field: str, why: str) -> None:
-        raise SpecError(f"config.json: field '{field}' {why}")
+        raise SpecError(f"{source}: field '{field}' {why}")
 
-    for name in (
-        "vocab_size",
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "head_dim",
-        "max_position_embeddings",
-    ):
-        value = getattr(s, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            fail(name, f"should be a positive integer, got {value!r}")
     if s.num_attention_heads % s.num_key_value_heads:
         fail(
             "num_key_value_heads",
@@ -240,24 +283,24 @@ def _validate(s: ModelSpec) -> None:
     if not (s.rope_theta > 0 and math.isfinite(s.rope_theta)):
         fail("rope_theta", f"should be a positive number, got {s.rope_theta!r}")
     if s.hidden_act not in ACTIVATIONS:
-        fail("hidden_act", f"= '{s.hidden_act}' is not supported (supported: {', '.join(ACTIVATIONS)})")
+        fail("hidden_act", f"= {show(s.hidden_act)} is not supported (supported: {', '.join(ACTIVATIONS)})")
     if len(s.layer_types) != s.num_hidden_layers:
         fail("layer_types", f"has {len(s.layer_types)} entries for {s.num_hidden_layers} layers")
     for t in s.layer_types:
         if t not in LAYER_TYPES:
-            fail("layer_types", f"entry '{t}' is not one of {', '.join(LAYER_TYPES)}")
+            fail("layer_types", f"entry {show(t)} is not one of {', '.join(LAYER_TYPES)}")
     if s.conv_layers and s.conv_kernel_size < 2:
         fail("conv_kernel_size", f"should be >= 2, got {s.conv_kernel_size}")
     if len(s.shared_layers) != s.num_hidden_layers:
         fail("shared_layers", f"has {len(s.shared_layers)} entries for {s.num_hidden_layers} layers")
     for i, j in enumerate(s.shared_layers):
-        if not isinstance(j, int) or not 0 <= j <= i:
-            fail("shared_layers", f"entry {i} = {j!r} should name an earlier layer (0..{i})")
+        if not is_int(j) or not 0 <= j <= i:
+            fail("shared_layers", f"entry {i} = {show(j)} should name an earlier layer (0..{i})")
         if s.shared_layers[j] != j:
             fail("shared_layers", f"entry {i} = {j} names a layer that itself shares weights")
         if s.layer_types[j] != s.layer_types[i]:
             fail("shared_layers", f"entry {i} = {j} joins a '{s.layer_types[i]}' layer to a '{s.layer_types[j]}' layer")
     for name in ("bos_token_id", "pad_token_id"):
         value = getattr(s, name)
-        if value is not None and not (isinstance(value, int) and 0 <= value):
-            fail(name, f"should be a token id, got {value!r}")
+        if value is not None and not (is_int(value) and 0 <= value):
+            fail(name, f"should be a token id, got {show(value)}")

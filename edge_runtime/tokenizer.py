@@ -6,8 +6,19 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass, field
 
+from . import safe_json
 from .errors import ModelFileError
+from .format import META_TOKENIZER_CONFIG
+from .safe_json import JSONInputError, is_int, show
 from .spm_tokenizer import AddedToken, SentencePieceTokenizer
+
+META_KEY = META_TOKENIZER_CONFIG  # the metadata the config is read from, named in its errors
+
+
+def token_text(v):
+    """A token as tokenizer_config.json writes it: a string, or an AddedToken dict ({"content": ...})."""
+    return v.get("content") if isinstance(v, dict) else v
+
 
 REPLACEMENT = "\ufffd"  # what a decoder produces for an incomplete UTF-8 sequence
 
@@ -33,35 +44,59 @@ class TokenizerConfig:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> TokenizerConfig:
+        """From the model file's tokenizer_config metadata: every field typed (ModelFileError naming it).
+        Token strings may be AddedToken dicts ({"content": ...}), as tokenizer_config.json has them."""
         d = d or {}
 
-        def token(v):  # tokenizer_config may hold AddedToken dicts ({"content": ...})
-            return v.get("content") if isinstance(v, dict) else v
+        def get(key, kind, default=None):
+            try:
+                return safe_json.field(d, key, kind, default)
+            except JSONInputError as e:
+                raise ModelFileError(f"metadata '{META_KEY}': {e}") from None
 
-        def flag(key):
+        def token(key):
             v = d.get(key)
-            return v if isinstance(v, bool) else None
+            if isinstance(v, dict):
+                v = v.get("content")
+            if v is not None and not isinstance(v, str):
+                raise ModelFileError(f"metadata '{META_KEY}': field '{key}' should be a token string, got {show(v)}")
+            return v
 
         template = d.get("chat_template")
         if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            named = {k: v for k, v in named.items() if isinstance(k, str)}
             template = named.get("default") or next(iter(named.values()), None)
-        eos_ids = d.get("eos_token_ids") or ()
-        if isinstance(eos_ids, int):
-            eos_ids = (eos_ids,)
+        eos_ids = d.get("eos_token_ids") or []
+        if is_int(eos_ids):
+            eos_ids = [eos_ids]
+        if not isinstance(eos_ids, list) or not all(is_int(i) and i >= 0 for i in eos_ids):
+            raise ModelFileError(
+                f"metadata '{META_KEY}': field 'eos_token_ids' should be token ids, got {show(eos_ids)}"
+            )
+        added = get("added_tokens", "list", [])
+        try:
+            added_tokens = tuple(AddedToken.from_dict(t) for t in added)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise ModelFileError(
+                f"metadata '{META_KEY}': field 'added_tokens' holds an entry that is not a token"
+            ) from None
+        extra = [token_text(t) for t in get("additional_special_tokens", "list", [])]
+        if not all(isinstance(t, str) for t in extra):
+            raise ModelFileError(f"metadata '{META_KEY}': field 'additional_special_tokens' should be token strings")
         return cls(
             chat_template=template if isinstance(template, str) else None,
-            bos_token=token(d.get("bos_token")),
-            eos_token=token(d.get("eos_token")),
-            unk_token=token(d.get("unk_token")),
-            pad_token=token(d.get("pad_token")),
-            add_bos_token=d.get("add_bos_token"),
-            add_eos_token=bool(d.get("add_eos_token", False)),
-            eos_token_ids=tuple(int(i) for i in eos_ids),
-            legacy=flag("legacy"),
-            add_prefix_space=flag("add_prefix_space"),
-            added_tokens=tuple(AddedToken.from_dict(t) for t in d.get("added_tokens") or ()),
-            additional_special_tokens=tuple(str(token(t)) for t in d.get("additional_special_tokens") or ()),
+            bos_token=token("bos_token"),
+            eos_token=token("eos_token"),
+            unk_token=token("unk_token"),
+            pad_token=token("pad_token"),
+            add_bos_token=get("add_bos_token", "bool"),
+            add_eos_token=get("add_eos_token", "bool", False),
+            eos_token_ids=tuple(eos_ids),
+            legacy=d.get("legacy") if isinstance(d.get("legacy"), bool) else None,
+            add_prefix_space=d.get("add_prefix_space") if isinstance(d.get("add_prefix_space"), bool) else None,
+            added_tokens=added_tokens,
+            additional_special_tokens=tuple(extra),
         )
 
     @property
@@ -86,14 +121,19 @@ class Tokenizer:
     @classmethod
     def from_metadata(cls, meta: dict, config: TokenizerConfig) -> Tokenizer:
         kind = meta.get("type")
+        if kind not in ("tokenizers", "sentencepiece"):
+            raise ModelFileError(f"tokenizer type {show(kind)} is not supported (tokenizers, sentencepiece)")
+        payload = meta.get("json" if kind == "tokenizers" else "model_b64")
+        if kind in ("tokenizers", "sentencepiece") and not isinstance(payload, str):
+            raise ModelFileError(f"the model's {kind} tokenizer metadata holds no text, got {show(payload)}")
         try:
             if kind == "tokenizers":
                 from tokenizers import Tokenizer as HFTokenizer
 
-                return cls(HFTokenizer.from_str(meta["json"]), kind, config)
+                return cls(HFTokenizer.from_str(payload), kind, config)
             if kind == "sentencepiece":
                 sp = SentencePieceTokenizer(
-                    base64.b64decode(meta["model_b64"]),
+                    base64.b64decode(payload, validate=True),
                     config.added_tokens,
                     config.special_tokens,
                     config.additional_special_tokens,
@@ -103,12 +143,14 @@ class Tokenizer:
                 return cls(sp, kind, config)
         except ModelFileError:
             raise
-        except Exception as e:
+        except BaseException as e:  # the tokenizer libraries refusing the file's bytes
+            if not isinstance(e, Exception) and type(e).__name__ != "PanicException":  # Ctrl-C, exit
+                raise
             raise ModelFileError(
                 f"the model's tokenizer cannot be loaded ({type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''})"
+                f"{str(e).splitlines()[0][:160] if str(e).strip() else ''})"
             ) from None
-        raise ModelFileError(f"tokenizer type {kind!r} is not supported (tokenizers, sentencepiece)")
+        raise ModelFileError(f"tokenizer type {show(kind)} is not supported (tokenizers, sentencepiece)")
 
     # -- vocabulary ---------------------------------------------------------------------------
     @property

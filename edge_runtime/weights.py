@@ -1,6 +1,6 @@
 """Weights of a converted .onnx file, memory-mapped from its external data.
 
-The file's header is parsed without its external data (edge_runtime.onnx_header); every external
+The file's header is parsed and checked without its external data (edge_runtime.model_file); every external
 initializer becomes a numpy view into one read-only `np.memmap` of `model.onnx.data` (offsets are
 64 KiB-aligned by the converter), so the weights are never copied wholesale and only the pages a
 kernel touches become resident. The small tensors are read from the header or with read(2) (norm
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import mmap
 import os
 import weakref
@@ -26,31 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from . import format as fmt
-from . import onnx_header
 from .errors import ModelFileError
-from .memory import drop_pages, lazy_zeros, refuse_huge_pages
+from .memory import drop_pages, lazy_zeros
+from .model_file import Tensor
 from .spec import ModelSpec
-
-# ONNX TensorProto.DataType -> (numpy dtype the runtime views the bytes as, storage name)
-_DTYPES = {
-    1: (np.float32, "fp32"),
-    10: (np.uint16, "fp16"),  # raw IEEE half bits; kernels widen them (hy_edge_ops.half)
-    17: (np.uint8, "e4m3"),  # FLOAT8E4M3FN
-    19: (np.uint8, "e5m2"),  # FLOAT8E5M2
-    7: (np.int64, "int64"),
-    6: (np.int32, "int32"),
-    11: (np.float64, "fp64"),
-}
-
-
-@dataclass(frozen=True)
-class Tensor:
-    """One initializer as stored: `data` is a view (memory-mapped when external)."""
-
-    name: str
-    storage: str  # fp32 | fp16 | e4m3 | e5m2 | int64 | int32 | fp64
-    data: np.ndarray
-    source: tuple[Path, int] | None = None  # (data file, byte offset) of an external tensor
 
 
 @dataclass(frozen=True)
@@ -72,85 +50,6 @@ class Linear:
     @property
     def nbytes(self) -> int:
         return self.w.nbytes + (0 if self.scales is None else self.scales.nbytes)
-
-
-def read_onnx(path: Path) -> onnx_header.Model:
-    """Metadata and initializer headers of an .onnx file (edge_runtime.onnx_header: onnx itself is not
-    imported); ModelFileError (one line) for anything unreadable."""
-    if not path.is_file():
-        raise ModelFileError(f"model file not found: {path}")
-    try:
-        return onnx_header.parse(path.read_bytes())
-    except onnx_header.HeaderError as e:
-        raise ModelFileError(f"{path}: not a readable ONNX model ({e})") from None
-    except OSError as e:
-        raise ModelFileError(f"{path}: cannot be read ({e.strerror or e})") from None
-
-
-def metadata(proto) -> dict[str, str]:
-    return {p.key: p.value for p in proto.metadata_props}
-
-
-def read_tensors(proto, path: Path) -> dict[str, Tensor]:
-    """Every initializer of the graph, external ones as views into a read-only memmap."""
-    maps: dict[str, np.memmap] = {}
-    out: dict[str, Tensor] = {}
-    for t in proto.graph.initializer:
-        if t.data_type not in _DTYPES:
-            continue  # not a type any weight uses; model_tensors() will report what is missing
-        dtype, storage = _DTYPES[t.data_type]
-        shape = tuple(int(d) for d in t.dims)
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        source = None
-        if t.data_location == onnx_header.EXTERNAL:
-            data, source = _external(t, path, maps, np.dtype(dtype), count)
-        else:
-            data = _inline(t, np.dtype(dtype), count, path)
-        out[t.name] = Tensor(t.name, storage, data.reshape(shape), source)
-    return out
-
-
-def _external(t, path: Path, maps: dict, dtype: np.dtype, count: int) -> tuple[np.ndarray, tuple[Path, int]]:
-    info = {e.key: e.value for e in t.external_data}
-    location = info.get("location")
-    if not location:
-        raise ModelFileError(f"{path.name}: tensor '{t.name}' has external data without a location")
-    data_path = path.parent / location
-    if location not in maps:
-        if not data_path.is_file():
-            raise ModelFileError(f"{path.name}: external data file not found: {data_path}")
-        if data_path.stat().st_size == 0:
-            raise ModelFileError(f"{path.name}: external data file is empty: {data_path}")
-        maps[location] = np.memmap(data_path, dtype=np.uint8, mode="r")
-        start = maps[location].ctypes.data  # the mapping's first byte (offset 0: page-aligned)
-        refuse_huge_pages(start, start + -(-maps[location].nbytes // mmap.PAGESIZE) * mmap.PAGESIZE)
-    mm = maps[location]
-    offset = int(info.get("offset", 0))
-    length = int(info.get("length", count * dtype.itemsize))
-    if length != count * dtype.itemsize or offset < 0 or offset + length > mm.shape[0]:
-        raise ModelFileError(f"{path.name}: tensor '{t.name}' lies outside {location} (truncated or corrupt data file)")
-    if offset % dtype.itemsize:
-        raise ModelFileError(f"{path.name}: tensor '{t.name}' is misaligned in {location}")
-    # .view(np.ndarray) drops the memmap subclass (numba types plain arrays); still no copy.
-    return mm[offset : offset + length].view(np.ndarray).view(dtype), (data_path, offset)
-
-
-def _inline(t, dtype: np.dtype, count: int, path: Path) -> np.ndarray:
-    if t.raw_data:
-        data = np.frombuffer(t.raw_data, dtype=dtype)
-    elif dtype == np.float32 and len(t.float_data):
-        data = np.asarray(t.float_data, np.float32)
-    elif dtype == np.float64 and len(t.double_data):
-        data = np.asarray(t.double_data, np.float64)
-    elif dtype == np.int64 and len(t.int64_data):
-        data = np.asarray(t.int64_data, np.int64)
-    elif len(t.int32_data):  # int32, and FLOAT16 / FLOAT8 bits stored one per int32
-        data = np.asarray(t.int32_data, np.int64).astype(dtype)
-    else:
-        data = np.zeros(0, dtype)
-    if data.size != count:
-        raise ModelFileError(f"{path.name}: tensor '{t.name}' holds {data.size} values, expected {count}")
-    return data
 
 
 # -- the tensors a ModelSpec needs ---------------------------------------------------------------
@@ -188,6 +87,21 @@ def read_private(a: np.ndarray, name: str = "a weight") -> np.ndarray:
     return out.reshape(a.shape)
 
 
+def read_scales(lin: Linear) -> np.ndarray:
+    """A private copy of an FP8 linear's scales, checked: finite, not negative, and within what the
+    kernels can fold (format.MAX_SCALE). A file converted by this converter never holds others; one
+    that does is corrupt (or was converted before checksums covered it)."""
+    s = read_private(lin.scales, f"the scales of '{lin.name}'")
+    limit = fmt.MAX_SCALE[lin.storage]
+    good = (s >= 0) & (s <= limit)  # False for NaN too
+    if not good.all():
+        bad = float(s[~good].reshape(-1)[0])
+        raise ModelFileError(
+            f"tensor '{lin.name}{fmt.SCALE}' holds the scale {bad:.4g}, outside 0..{limit:.3g}: the file is corrupt"
+        )
+    return s
+
+
 def _float_vector(tensors: dict[str, Tensor], name: str, shape: tuple, path: Path) -> np.ndarray:
     """Norm weights and conv kernels: small, float; returned as private contiguous float32."""
     t = _float_tensor(tensors, name, shape, path)
@@ -202,8 +116,12 @@ def _linear(tensors: dict[str, Tensor], name: str, shape: tuple, path: Path) -> 
             raise ModelFileError(f"{path.name}: tensor '{q.name}' has storage {q.storage}, expected FP8")
         if q.data.shape != shape:
             raise ModelFileError(f"{path.name}: tensor '{q.name}' has shape {q.data.shape}, expected {shape}")
-        scales = _scales(tensors, name, shape, path)
-        return Linear(name, q.storage, q.data, scales, _input_scale(tensors, name, path))
+        lin = Linear(name, q.storage, q.data, _scales(tensors, name, shape, path), _input_scale(tensors, name, path))
+        try:
+            read_scales(lin)  # checked here, where the file can be named; a session reads them again to fold them
+        except ModelFileError as e:
+            raise ModelFileError(f"{path.name}: {e}") from None
+        return lin
     t = _float_tensor(tensors, name, shape, path)
     return Linear(name, t.storage, t.data)
 
@@ -234,7 +152,10 @@ def _input_scale(tensors: dict[str, Tensor], name: str, path: Path) -> float | N
         return None
     if s.storage != "fp32" or s.data.size != 1:
         raise ModelFileError(f"{path.name}: tensor '{s.name}' should be one float32")
-    return float(read_private(s.data, f"tensor '{s.name}'").reshape(()))
+    value = float(read_private(s.data, f"tensor '{s.name}'").reshape(()))
+    if not 0 < value < np.inf:
+        raise ModelFileError(f"{path.name}: tensor '{s.name}' holds the scale {value}: the model file is corrupt")
+    return value
 
 
 LINEAR_FIELDS = ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "gate_proj", "up_proj", "down_proj")
@@ -280,6 +201,11 @@ class RowReader:
             self._path, self._offset = source
             self._fd = os.open(source[0], os.O_RDONLY)
             weakref.finalize(self, os.close, self._fd)  # closed with the reader, like the memory map
+
+    @property
+    def reads_file(self) -> bool:
+        """Rows come from the file (pread), not from the table's pages."""
+        return self._fd is not None
 
     def read(self, ids: np.ndarray, out: np.ndarray) -> np.ndarray:
         """out[t] = table[ids[t]] for ids (T,) already checked to lie in 0..V-1; out (>= T, C), the
@@ -373,6 +299,13 @@ class Weights:
         return out
 
     @property
+    def resident_nbytes(self) -> int:
+        """Bytes of weights a generation makes resident: all it reads, but an embedding whose token rows
+        are read from the file (RowReader, when the output projection is another tensor)."""
+        by_rows = self.lm_head is not None and self.embed_rows.reads_file
+        return self.nbytes - (self.embed.nbytes if by_rows else 0)
+
+    @property
     def nbytes(self) -> int:
         """Bytes of every weight the forward pass reads (each shared tensor once)."""
         small = self.norm.nbytes + sum(
@@ -461,18 +394,3 @@ def _layer(spec: ModelSpec, tensors: dict, i: int, expected: dict, path: Path) -
             **qk,
         )
     return LayerWeights(**common, conv=vec("mixer.conv"), out_proj=lin("mixer.out_proj"))
-
-
-def parse_json_meta(meta: dict[str, str], key: str, path: Path, required: bool = True) -> dict | None:
-    text = meta.get(key)
-    if text is None:
-        if required:
-            raise ModelFileError(f"{path.name}: metadata '{key}' is missing (not a hy-edge model file?)")
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        raise ModelFileError(f"{path.name}: metadata '{key}' is not valid JSON") from None
-    if not isinstance(value, dict):
-        raise ModelFileError(f"{path.name}: metadata '{key}' should be a JSON object")
-    return value

@@ -165,7 +165,7 @@ def test_running_a_model_never_imports_onnx(hy_fp8):
     code = (
         "import sys, edge_runtime; m = edge_runtime.load(sys.argv[1]); s = m.session(); s.forward([1, 2, 3]);"
         "from edge_runtime import cli_model; cli_model.is_complete(m.path);"
-        "print('onnx' in sys.modules, 'onnx_header' in sys.modules.get('edge_runtime.weights').__dict__)"
+        "print('onnx' in sys.modules, 'onnx_header' in sys.modules.get('edge_runtime.model_file').__dict__)"
     )
     out = subprocess.run([sys.executable, "-c", code, str(hy_fp8)], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "True"]

@@ -84,6 +84,8 @@ def test_malformed_and_mistyped_requests(url):
     assert error_of(get(url + "/v1/nothing", headers=AUTH), 404)
     r = post(url, {**HELLO, "some_unknown_field": {"x": 1}})  # unknown fields are ignored
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+    # a subnormal temperature overflowed the sampler (issue 27: 500, an internal error): the client's mistake
+    assert "temperature" in error_of(post(url, {**HELLO, "temperature": 1e-39}), 400)["message"]
 
 
 def test_huge_body_is_refused(url):
