@@ -141,9 +141,14 @@ def test_batched_rows_are_batch_invariant(storage, k, g):
 @pytest.mark.skipif(isa.ISA != "avx512", reason="compiles AVX2 code on an AVX-512 host")
 def test_batched_rows_are_batch_invariant_on_avx2(tmp_path):
     env = dict(os.environ, **isa.codegen_env("avx2"), NUMBA_CACHE_DIR=str(tmp_path))
-    check = (
+    check = (  # the ISA the kernels are shaped for, and the code numba emits for them: 256-bit, no 512
+        "import numpy as np\n"
         "from hy_edge_ops import dot, isa, linear\n"
         "assert (isa.ISA, dot.LANES, dot.BATCH_ROWS, dot.BATCH_TOKENS) == ('avx2', 32, 1, 2)\n"
+        "op = linear.prepare(np.zeros((8, 64), np.uint8), 'e4m3', np.ones((8, 1), np.float32))\n"
+        "linear.FusedLinear([op])(np.zeros((1, 64), np.float32), (np.zeros((1, 8), np.float32),))\n"
+        "asm = next(iter(linear._mv.inspect_asm().values()))\n"
+        "assert 'ymm' in asm and 'zmm' not in asm\n"
     )
     subprocess.run([sys.executable, "-c", check], env=env, check=True)
     test = f"{Path(__file__)}::test_batched_rows_are_batch_invariant"
