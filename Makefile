@@ -87,12 +87,12 @@ install-bench: install-test
 		$(PIP) install -q 'matplotlib>=3.8'; }
 
 # hy-edge (numba variants, onnxruntime) vs llama.cpp Q8_0/F16 vs PyTorch, 3 interleaved rounds:
-# bench/results/latest-<isa>.{json,md,png}. ISA=avx2 on an AVX-512 host measures AVX2 code (bench/run.py)
+# bench/results/latest.{json,md,png}; ISA=avx2 on an AVX-512 host measures AVX2 code into latest-avx2.*
 ISA ?= native
 bench: install-bench
 	$(PYTHON) bench/run.py --isa $(ISA)
 
-# one round, decode + TTFT 128, hy-edge numba vs llama.cpp Q8_0: bench/out/quick-<isa>.{json,md,png}
+# one round, decode + TTFT 128, hy-edge numba vs llama.cpp Q8_0: bench/out/quick[-avx2].{json,md,png}
 bench-quick: install-bench
 	$(PYTHON) bench/run.py --quick --isa $(ISA)
 

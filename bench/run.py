@@ -14,7 +14,7 @@ llama.cpp Q8_0; a Raspberry Pi 5 projection. Writes bench/results/latest.{json,m
 by numba for the host CPU without its AVX-512 features (hy_edge_ops.isa.codegen_env), llama.cpp from a
 second llama-cpp-python build with AVX-512 off (kept under bench/out), PyTorch with ATEN_CPU_CAPABILITY=avx2,
 and the FMA peak of AVX2 code. onnxruntime chooses its kernels at run time: it runs with the host's ISA.
-Results go to bench/results/latest-<isa>.{json,md,png}.
+Results go to bench/results/latest.{json,md,png} for the host's own ISA, latest-avx2.* for --isa avx2.
 """
 
 from __future__ import annotations
@@ -317,7 +317,9 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=900, help="seconds one child process may take")
     ap.add_argument("--isa", default="native", help="native, or avx2 on an AVX-512 host (see above)")
     ap.add_argument(
-        "--out", type=Path, help="output prefix (default bench/results/latest-<isa>; --quick: bench/out/quick-<isa>)"
+        "--out",
+        type=Path,
+        help="output prefix (default bench/results/latest[-<isa>]; --quick: bench/out/quick[-<isa>])",
     )
     args = ap.parse_args()
     isa = isa_mod.ISA if args.isa == "native" else args.isa
@@ -329,9 +331,11 @@ def main() -> None:
         sys.exit("bench: --rounds, --threads and --decode-tokens must be >= 1, --layers 1..24")
     if args.quick:
         args.rounds = 1
-    out = args.out or (artifacts.OUT / f"quick-{isa}" if args.quick else RESULTS / f"latest-{isa}")
+    # the host's own ISA keeps the name bench/results/latest.* (tools read it); a narrower one gets its own
+    suffix = "" if isa == isa_mod.ISA else f"-{isa}"
+    out = args.out or (artifacts.OUT / f"quick{suffix}" if args.quick else RESULTS / f"latest{suffix}")
     if args.layers != 24 and args.out is None and not args.quick:
-        out = artifacts.OUT / f"smoke-{args.layers}l-{isa}"  # never overwrite the committed results with a smoke run
+        out = artifacts.OUT / f"smoke-{args.layers}l{suffix}"  # never overwrite the committed results with a smoke run
     artifacts.OUT.mkdir(exist_ok=True)
     notes: list[str] = []
 
