@@ -11,7 +11,7 @@ compile), so only our instructions are checked: numba's own IR still uses typed-
 from __future__ import annotations
 
 import pytest
-from hy_edge_ops import dot, gemm, half, prefetch
+from hy_edge_ops import dot, gemm, half
 from llvmlite import binding as llvm
 from llvmlite import ir
 from numba import types
@@ -30,7 +30,8 @@ def _row_dots(dtype, n_rows: int, n_toks: int) -> tuple:
     )
 
 
-# intrinsic, its argument types: every specialization the kernels use (stored types, row x token blocks)
+# intrinsic, its argument types: every specialization the kernels use (stored types, row x token blocks;
+# row_dots emits hy_edge_ops.prefetch's line prefetch)
 CASES = {
     **{
         f"row_dots-{d}-{r}x{t}": _row_dots(getattr(types, d), r, t)
@@ -71,7 +72,6 @@ CASES = {
         )
         for d in ("int8", "uint8", "uint16", "float32")
     },  # fmt: skip
-    **{f"prefetch-{d}": (prefetch._prefetch_l2, (_arr(getattr(types, d)), types.intp)) for d in ("uint8", "float32")},
     "half_bits_to_f32-uint16": (half._half_bits_to_f32, (types.uint16,)),
     "half_bits_to_f32-int32": (half._half_bits_to_f32, (types.int32,)),
     "f32_to_half_bits-float32": (half._f32_to_half_bits, (types.float32,)),
