@@ -64,23 +64,26 @@ def numba_read_gbs(threads: int, megabytes: int = 1024) -> float:
     return a.nbytes / best / 1e9
 
 
-def build_c_reference(out_dir: Path) -> Path | None:
-    """bench/out/bandwidth from bandwidth.c; None (with a one-line reason on stderr) without gcc/OpenMP."""
-    exe = out_dir / "bandwidth"
-    if exe.exists() and exe.stat().st_mtime >= C_SOURCE.stat().st_mtime:
+def build_c(source: Path, exe: Path, flags: list[str], what: str) -> Path | None:
+    """`exe` built from `source` with gcc -O3 `flags` -fopenmp (again when the source is newer), written to a
+    temporary name first; None, with a one-line reason on stderr naming `what`, without gcc or on failure."""
+    if exe.exists() and exe.stat().st_mtime >= source.stat().st_mtime:
         return exe
     if shutil.which("gcc") is None:
-        print("bandwidth: gcc not found, no C reference", file=sys.stderr)
+        print(f"{what}: gcc not found, not built", file=sys.stderr)
         return None
-    tmp = out_dir / "bandwidth.partial"
-    r = subprocess.run(
-        ["gcc", "-O3", "-march=native", "-fopenmp", str(C_SOURCE), "-o", str(tmp)], capture_output=True, text=True
-    )
+    tmp = exe.with_name(exe.name + ".partial")
+    r = subprocess.run(["gcc", "-O3", *flags, "-fopenmp", str(source), "-o", str(tmp)], capture_output=True, text=True)
     if r.returncode != 0:
-        print(f"bandwidth: the C reference did not build: {r.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        print(f"{what}: did not build: {r.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
         return None
     tmp.replace(exe)
     return exe
+
+
+def build_c_reference(out_dir: Path) -> Path | None:
+    """bench/out/bandwidth from bandwidth.c; None (with a one-line reason on stderr) without gcc/OpenMP."""
+    return build_c(C_SOURCE, out_dir / "bandwidth", ["-march=native"], "bandwidth: the C reference")
 
 
 def c_read_gbs(exe: Path, threads: int, megabytes: int = 1024) -> float:

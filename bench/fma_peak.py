@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import platform
-import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from bandwidth import build_c
 
 HERE = Path(__file__).resolve().parent
 C_SOURCE = HERE / "fma_peak.c"
@@ -28,21 +29,8 @@ def build(out_dir: Path, isa: str) -> Path | None:
     if isa not in FLAGS:
         print(f"fma_peak: no build for ISA {isa}", file=sys.stderr)
         return None
-    exe = out_dir / f"fma_peak-{isa}"
-    if exe.exists() and exe.stat().st_mtime >= C_SOURCE.stat().st_mtime:
-        return exe
-    if shutil.which("gcc") is None:
-        print("fma_peak: gcc not found, no FMA peak", file=sys.stderr)
-        return None
     flags, width = FLAGS[isa]
-    tmp = out_dir / f"fma_peak-{isa}.partial"
-    cmd = ["gcc", "-O3", "-ffp-contract=fast", *flags, f"-DVW={width}", "-fopenmp", str(C_SOURCE), "-o", str(tmp)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        print(f"fma_peak: did not build: {r.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
-        return None
-    tmp.replace(exe)
-    return exe
+    return build_c(C_SOURCE, out_dir / f"fma_peak-{isa}", ["-ffp-contract=fast", *flags, f"-DVW={width}"], "fma_peak")
 
 
 def gflops(exe: Path, threads: int, million_steps: int = 100) -> float:
