@@ -143,16 +143,27 @@ def row_dots(typingctx, w, sc, bk, rows, x, toks, ahead):
     """w (N, K) stored codes, sc f32 (N, G), bk columns per scale, rows: UniTuple of row indices,
     x f32 (T, K), toks: UniTuple of token indices, ahead: prefetch distance in bytes ->
     UniTuple(float32, R * T), row-major. Indices are not checked: the kernels clamp them."""
+    blocks = isinstance(w, types.Array) and w.ndim == 3 and w.dtype in (types.int8, types.uint8)  # blockq
     ok = (
-        isinstance(w, types.Array) and w.ndim == 2 and w.layout == "C" and w.dtype in _STORED
+        isinstance(w, types.Array) and w.layout == "C"
+        and ((w.ndim == 2 and w.dtype in _STORED) or blocks)
         and isinstance(x, types.Array) and x.ndim == 2 and x.layout == "C" and x.dtype == types.float32
         and isinstance(sc, types.Array) and sc.ndim == 2 and sc.layout == "C" and sc.dtype == types.float32
         and isinstance(rows, types.UniTuple) and isinstance(toks, types.UniTuple)
     )  # fmt: skip
     if not ok:
-        raise TypingError("row_dots: w (N, K) int8/uint8/uint16/float32, sc and x float32 2-D C arrays, tuples")
+        raise TypingError(
+            "row_dots: w (N, K) int8/uint8/uint16/float32 or block codes (N, G, 32 | 16) int8/uint8, "
+            "sc and x float32 2-D C arrays, tuples"
+        )
     n_r, n_t = rows.count, toks.count
     sig = types.UniTuple(types.float32, n_r * n_t)(w, sc, types.intp, rows, x, toks, types.intp)
+    if blocks:
+        from .blockq import emit_block_dots  # blockq's emitter uses this module's vector helpers
+
+        return sig, lambda context, builder, signature, args: emit_block_dots(
+            context, builder, signature, args, LANES, _lane_sum, _splat_value
+        )
 
     def codegen(context, builder, signature, args):
         wty, scty, _, _, xty, _, _ = signature.args

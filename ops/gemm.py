@@ -27,8 +27,9 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.core.errors import TypingError
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
+from .blockq import cols, decode_row
 from .dot import _STORED, LANES, _decode, _splat_value, load_vector, scales_on_weights, store_vector
 from .half import acc_scale as _acc
 from .half import as_f32 as _weight
@@ -210,16 +211,37 @@ def _dequantize_rows(w, sc, bk, n0, wp):
                 wp[r, k] = (_weight(w[n, k]) * unfold) * s
 
 
+def _dequantize_panel(w, sc, bk, n0, wp):
+    """wp[r] = row n0 + r of w dequantized, for any weight the kernels take (2-D, or block codes)."""
+
+
+@overload(_dequantize_panel, inline="always")
+def _dequantize_panel_impl(w, sc, bk, n0, wp):
+    if isinstance(w, types.Array) and w.ndim == 3:  # hy_edge_ops.blockq codes; sc: its packed half scales
+
+        def blocks(w, sc, bk, n0, wp):
+            halves = sc.view(np.uint16)
+            for r in range(wp.shape[0]):
+                n = n0 + r
+                if n >= w.shape[0]:
+                    wp[r, :] = 0.0
+                else:
+                    decode_row(w[n], halves[n], wp[r])
+
+        return blocks
+    return lambda w, sc, bk, n0, wp: _dequantize_rows(w, sc, bk, n0, wp)
+
+
 @njit(cache=True)
 def _task(xp, n_tok, w, sc, bk, n0, out):
     # rows n0 .. n0 + RT of w (those that exist) x every token: out[t, n0 ..]. Compiled once per weight
     # type, not inlined into each tuple size of mm_prefill (a third of the first run's compile time)
-    k_dim = w.shape[1]
+    k_dim = cols(w)
     n_j = xp.shape[0]
     # per task: numba.get_num_threads() in compiled code cannot be cached
     wp = np.empty((RT, k_dim), np.float32)  # the task's rows, dequantized
     part = np.empty((RT, n_j * VL), np.float32)  # sums over the column blocks done so far
-    _dequantize_rows(w, sc, bk, n0, wp)
+    _dequantize_panel(w, sc, bk, n0, wp)
     for k0 in range(0, k_dim, KC):
         k1 = min(k_dim, k0 + KC)
         t0 = 0

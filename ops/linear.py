@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-from . import gemm
+from . import blockq, gemm
 from .checks import need_array as _need
 from .dot import BATCH_ROWS, BATCH_TOKENS, LANES, row_dots, scales_on_weights
 from .fp8 import E4M3, E5M2, block_size
@@ -49,7 +49,7 @@ from .half import as_f32 as _weight
 from .prefetch import AHEAD
 
 _FM = {"reassoc", "contract"}  # lets LLVM vectorise the reductions; keeps inf/NaN semantics
-STORAGES = ("e4m3", "e5m2", "fp16", "fp32")
+STORAGES = ("e4m3", "e5m2", "fp16", "fp32", *blockq.STORAGES)
 # stored dtype the kernels see per storage (a distinct type selects each decode; E4M3 as int8 decodes
 # in fewer vector ops, see hy_edge_ops.half.as_f32)
 _VIEW = {E4M3: np.int8, E5M2: np.uint8, "fp16": np.uint16, "fp32": np.float32}
@@ -158,22 +158,32 @@ class LinearOp:
     the format's power of two folded in, `bk` columns per scale block."""
 
     storage: str
-    w: np.ndarray  # (N, K) int8 E4M3 | uint8 E5M2 | uint16 half bits | float32
-    scales: np.ndarray  # (N, G) float32
+    # (N, K) int8 E4M3 | uint8 E5M2 | uint16 half bits | float32; block codes (N, K/32, 32) int8 |
+    # (N, K/32, 16) uint8 (hy_edge_ops.blockq)
+    w: np.ndarray
+    scales: np.ndarray  # (N, G) float32; block codes: their half scales packed (blockq.pack_scales)
     bk: int
 
     @property
     def shape(self) -> tuple[int, int]:
+        """(N, K) of the weight (block codes: 32 columns per block)."""
+        if self.w.ndim == 3:
+            return self.w.shape[0], self.w.shape[1] * blockq.BLOCK
         return self.w.shape
 
 
-def prepare(w: np.ndarray, storage: str, scales: np.ndarray | None = None) -> LinearOp:
+def prepare(
+    w: np.ndarray, storage: str, scales: np.ndarray | None = None, offsets: np.ndarray | None = None
+) -> LinearOp:
     """Check a stored weight once and lay it out for the kernels (no copy of `w`).
 
     storage e4m3 | e5m2: w uint8 (N, K) codes, scales float32 (N, G); fp16: w uint16 half bits;
-    fp32: w float32. Raises ValueError naming the bad argument."""
+    fp32: w float32; int8 | uint4 (hy_edge_ops.blockq): w int8 (N, K) | uint8 (N, K/2) codes, scales
+    and (uint4) offsets uint16 half bits (N, K/32). Raises ValueError naming the bad argument."""
     if storage not in STORAGES:
         raise ValueError(f"storage must be one of {', '.join(STORAGES)}, got {storage!r}")
+    if storage in blockq.STORAGES:
+        return _prepare_blocks(w, storage, scales, offsets)
     raw = {E4M3: np.uint8, E5M2: np.uint8, "fp16": np.uint16, "fp32": np.float32}[storage]
     _need("w", w, raw, 2)
     n_rows, k_dim = w.shape
@@ -200,6 +210,24 @@ def prepare(w: np.ndarray, storage: str, scales: np.ndarray | None = None) -> Li
         s = np.ones((n_rows, 1), np.float32)
         bk = k_dim
     return LinearOp(storage, w.view(_VIEW[storage]), np.ascontiguousarray(s, np.float32), bk)
+
+
+def _prepare_blocks(w, storage, scales, offsets) -> LinearOp:
+    _need("w", w, np.int8 if storage == "int8" else np.uint8, 2)
+    n_rows = w.shape[0]
+    if n_rows == 0 or w.shape[1] == 0 or w.shape[1] % blockq.CODE_BYTES[storage]:
+        raise ValueError(f"w has shape {w.shape}: rows must be whole blocks of {blockq.BLOCK} weights")
+    n_groups = w.shape[1] // blockq.CODE_BYTES[storage]
+    _need("scales", scales, np.uint16, 2, (n_rows, n_groups))
+    if storage == "uint4":
+        _need("offsets", offsets, np.uint16, 2, (n_rows, n_groups))
+    elif offsets is not None:
+        raise ValueError("offsets: int8 blocks have none")
+    halves = [scales] if offsets is None else [scales, offsets]
+    if not all(np.isfinite(h.view(np.float16)).all() for h in halves):
+        raise ValueError("scales and offsets must be finite")
+    packed = blockq.pack_scales(storage, scales, offsets)
+    return LinearOp(storage, blockq.code_view(w, storage), packed, blockq.BLOCK)
 
 
 def _split_groups(s: np.ndarray, bk: int) -> tuple[np.ndarray, int]:
@@ -239,7 +267,7 @@ class FusedLinear:
     def __init__(self, ops: list[LinearOp]):
         if not 1 <= len(ops) <= FUSE:
             raise ValueError(f"FusedLinear takes 1 to {FUSE} linears")
-        if len({op.w.dtype for op in ops}) != 1 or len({op.w.shape[1] for op in ops}) != 1:
+        if len({(op.w.dtype, op.w.ndim) for op in ops}) != 1 or len({op.shape[1] for op in ops}) != 1:
             raise ValueError("fused linears need one storage and one input size")
         self.ops = tuple(ops)
         self.ws = pad([op.w for op in ops], ops[0].w[:0])
@@ -247,7 +275,7 @@ class FusedLinear:
         self.bks = np.array(pad([op.bk for op in ops], 1), np.int64)
         self.starts = _starts(pad([op.w.shape[0] for op in ops], 0))
         self.tasks = gemm.task_starts(pad([op.w.shape[0] for op in ops], 0))
-        self.k_dim = ops[0].w.shape[1]
+        self.k_dim = ops[0].shape[1]
 
     def __call__(self, x: np.ndarray, outs: tuple, batched: bool = False) -> None:
         kernel = kernel_for(x.shape[0], batched)
@@ -260,12 +288,16 @@ class FusedLinear:
             gemm.mm_prefill(x, self.ws, self.scs, outs, self.bks, self.tasks)
 
 
+def _kind(op: LinearOp) -> tuple:
+    return op.w.dtype, op.w.ndim
+
+
 def fuse(ops: list[LinearOp]) -> list[FusedLinear]:
     """Group linears that can share a parallel region (same dtype and K), in order, up to 3 each."""
     groups: list[list[LinearOp]] = []
     for op in ops:
         g = groups[-1] if groups else None
-        if g and len(g) < 3 and g[0].w.dtype == op.w.dtype and g[0].w.shape[1] == op.w.shape[1]:
+        if g and len(g) < 3 and _kind(g[0]) == _kind(op) and g[0].shape[1] == op.shape[1]:
             g.append(op)
         else:
             groups.append([op])
@@ -276,7 +308,7 @@ def fuse(ops: list[LinearOp]) -> list[FusedLinear]:
 
 
 def _run(op: LinearOp, x: np.ndarray, out: np.ndarray, batched: bool = False) -> np.ndarray:
-    n_rows, k_dim = op.w.shape
+    n_rows, k_dim = op.shape
     if x.ndim == 1:
         _need("x", x, np.float32, 1, (k_dim,))
         _need("out", out, np.float32, 1, (n_rows,))
@@ -305,6 +337,22 @@ def matmul_fp8(
     if fmt not in (E4M3, E5M2):
         raise ValueError(f"fmt must be 'e4m3' or 'e5m2', got {fmt!r}")
     return _run(prepare(w, fmt, scales), x, out, batched)
+
+
+def matmul_blocks(
+    x: np.ndarray,
+    w: np.ndarray,
+    storage: str,
+    scales: np.ndarray,
+    offsets: np.ndarray | None,
+    out: np.ndarray,
+    batched: bool = False,
+) -> np.ndarray:
+    """out (T, N) | (N,) = x @ dequant(w)^T for block codes (hy_edge_ops.blockq): storage int8 | uint4,
+    scales / offsets uint16 half bits (N, K/32)."""
+    if storage not in blockq.STORAGES:
+        raise ValueError(f"storage must be one of {', '.join(blockq.STORAGES)}, got {storage!r}")
+    return _run(prepare(w, storage, scales, offsets), x, out, batched)
 
 
 def gemv_f16(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> np.ndarray:
