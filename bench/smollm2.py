@@ -2,9 +2,10 @@
 30 layers) make per-call overhead matter: decode tok/s and TTFT of a 128-token prompt, each runtime in
 a fresh process, interleaved, `--rounds` rounds, median (min-max).
 
-llama.cpp runs a Q8_0 requantization of the same Q4_1 GGUF (llama.cpp's own quantizer through
-llama-cpp-python), hy-edge the default E4M3 conversion of it (the one `make run` uses) and, with
---granularity, conversions with other scale layouts (e.g. block:32, against per-channel).
+llama.cpp runs the bundled Q4_1 GGUF as it is and a Q8_0 requantization of it (llama.cpp's own quantizer
+through llama-cpp-python); hy-edge the default conversion (the one `make run` uses: the file's Q4_1 and
+Q8_0 blocks kept exactly), its E4M3 requantization (`--format e4m3`, the default before) and, with
+--granularity, E4M3 conversions with other scale layouts (e.g. block:32, against per-channel).
 --isa avx2 on an AVX-512 host compiles hy-edge's kernels for AVX2 and runs llama.cpp's AVX2 build (as
 make bench ISA=avx2). The raw runs go to bench/results/smollm2-<isa>.json.
 
@@ -66,7 +67,7 @@ def _hy_edge_model(src: Path, granularity: str | None = None) -> Path:
     dst = OUT / f"smollm2-135m-instruct.e4m3-{granularity.replace(':', '')}.onnx"
     if not dst.exists():
         OUT.mkdir(exist_ok=True)
-        convert(src, dst, QuantPolicy(granularity=granularity))
+        convert(src, dst, QuantPolicy(format="e4m3", granularity=granularity))
     return dst
 
 
@@ -139,9 +140,14 @@ def main() -> None:
         sys.exit(f"smollm2: --isa: {e}")
     llama_env = {"PYTHONPATH": str(site)} if site else {}
     src = _gguf()
-    paths = {"hy-edge": _hy_edge_model(src), "llama.cpp Q8_0": _q8_0(src)}
+    paths = {
+        "hy-edge": _hy_edge_model(src),
+        "hy-edge e4m3": _hy_edge_model(src, "channel"),
+        "llama.cpp Q4_1 (the bundled file)": src,
+        "llama.cpp Q8_0": _q8_0(src),
+    }
     for g in args.granularity:
-        paths[f"hy-edge {g}"] = _hy_edge_model(src, g)
+        paths[f"hy-edge e4m3 {g}"] = _hy_edge_model(src, g)
     runs: dict[str, list[dict]] = {name: [] for name in paths}
     for r in range(args.rounds):
         for name, path in paths.items():
@@ -168,13 +174,13 @@ def main() -> None:
     for name in paths:
         d, t, m = med(name, "decode_tps"), med(name, "ttft128_s"), med(name, "peak_rss_mb")
         print(f"| {name} | {d[0]:.1f} ({d[1]:.1f}-{d[2]:.1f}) | {t[0]:.3f} ({t[1]:.3f}-{t[2]:.3f}) | {m[0]:.0f} |")
-    ll = "llama.cpp Q8_0"
-    for hy in (n for n in paths if n.startswith("hy-edge")):
-        print(
-            f"\n{hy} / llama.cpp Q8_0: decode {med(hy, 'decode_tps')[0] / med(ll, 'decode_tps')[0]:.2f}x, "
-            f"TTFT {med(hy, 'ttft128_s')[0] / med(ll, 'ttft128_s')[0]:.2f}x, "
-            f"RSS {med(hy, 'peak_rss_mb')[0] / med(ll, 'peak_rss_mb')[0]:.2f}x"
-        )
+    for ll in (n for n in paths if n.startswith("llama.cpp")):
+        for hy in (n for n in paths if n.startswith("hy-edge")):
+            print(
+                f"\n{hy} / {ll}: decode {med(hy, 'decode_tps')[0] / med(ll, 'decode_tps')[0]:.2f}x, "
+                f"TTFT {med(hy, 'ttft128_s')[0] / med(ll, 'ttft128_s')[0]:.2f}x, "
+                f"RSS {med(hy, 'peak_rss_mb')[0] / med(ll, 'peak_rss_mb')[0]:.2f}x"
+            )
 
 
 if __name__ == "__main__":

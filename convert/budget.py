@@ -17,7 +17,7 @@ from edge_runtime.errors import BudgetError
 from edge_runtime.memory import MB, fmt_bytes
 
 from .checkpoint import Checkpoint
-from .quantize import QuantPolicy
+from .quantize import QuantPolicy, keeps_blocks
 
 CONVERT_OVERHEAD = 170 * MB  # held throughout (measured 156 MB with SmolLM2's 49k-token vocabulary)
 MARGIN = 1.15  # allocator slack and the quantizer's row-chunk temporaries, over the tensor's own arrays
@@ -30,6 +30,8 @@ def tensor_bytes(ckpt: Checkpoint, name: str, shape: tuple[int, ...], policy: Qu
     for d in shape:
         n *= d
     source = ref.nbytes if ref is not None and ref.nbytes else 4 * n
+    if ref is not None and keeps_blocks(policy, ref.block_type):
+        return 3 * source  # the rows read, then split into codes and scales
     if ref is not None and ref.dtype == "f8_e4m3" and policy.format != "none":
         return source + n  # codes carried over: no float32 copy
     linear = F.is_linear(name) and len(shape) == 2

@@ -23,7 +23,7 @@ import numpy as np
 from edge_runtime import safe_json
 from edge_runtime.errors import CheckpointError
 
-from .gguf_reader import GGUFFile, llama_config, llama_tensors, unpermute_qk
+from .gguf_reader import BLOCK_TYPES, GGUFFile, llama_config, llama_tensors, unpermute_qk
 from .gguf_tokenizer import tokenizer_from_gguf
 from .safetensors_reader import SafetensorsFile, bf16_to_f32
 
@@ -38,12 +38,21 @@ class TensorRef:
     dtype: str  # source storage: "f32" | "f16" | "bf16" | "f8_e4m3" (GGUF block types load as "f32")
     _load: Callable[[], np.ndarray] | None = field(default=None, repr=False, compare=False)
     nbytes: int = 0  # bytes it takes in the file (a GGUF block type: fewer than its float32 load)
+    # a GGUF block type kept exactly when the policy allows (quantize.BLOCK_TYPES: q8_0 | q4_0 | q4_1)
+    block_type: str | None = None
+    _load_blocks: Callable[[], np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     def load(self) -> np.ndarray:
         """float32 for float dtypes (bf16 expanded exactly); uint8 raw codes for f8_e4m3."""
         if self._load is None:
             raise CheckpointError(f"tensor '{self.name}' has no data source")
         return self._load()
+
+    def load_blocks(self) -> np.ndarray:
+        """uint8 (N, bytes per row): the source's blocks as they are (block_type says which)."""
+        if self._load_blocks is None:
+            raise CheckpointError(f"tensor '{self.name}' is not block-quantized")
+        return self._load_blocks()
 
 
 @dataclass(frozen=True)
@@ -370,6 +379,14 @@ def _gguf_loader(f: GGUFFile, info, n_head: int | None) -> Callable[[], np.ndarr
     return load
 
 
+def _gguf_block_loader(f: GGUFFile, info, n_head: int | None) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        rows = f.read_blocks(info.name)  # whole rows of blocks: llama.cpp's q/k row order undone as for floats
+        return unpermute_qk(rows, n_head) if n_head is not None else rows
+
+    return load
+
+
 def _open_gguf(path: Path) -> Checkpoint:
     f = GGUFFile(path)
     try:
@@ -384,7 +401,11 @@ def _open_gguf(path: Path) -> Checkpoint:
         tensors = {}
         for hf, (info, n_head) in llama_tensors(f, config).items():
             kind = {"f16": "f16", "bf16": "bf16"}.get(info.ggml_type.name.lower(), "f32")
-            tensors[hf] = TensorRef(hf, info.shape, kind, _gguf_loader(f, info, n_head), info.nbytes)
+            block = info.ggml_type.name.lower() if info.ggml_type.name.lower() in BLOCK_TYPES else None
+            blocks = _gguf_block_loader(f, info, n_head) if block and len(info.shape) == 2 else None
+            tensors[hf] = TensorRef(
+                hf, info.shape, kind, _gguf_loader(f, info, n_head), info.nbytes, block if blocks else None, blocks
+            )
         built = tokenizer_from_gguf(meta, path)
         tokenizer = None
         if built is not None:

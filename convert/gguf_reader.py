@@ -68,6 +68,9 @@ _NUMPY = {
 }
 _STRING, _ARRAY = 8, 9
 MAX_DIMS = 4  # GGML_MAX_DIMS
+# the block types whose values are blocks of 32 integer codes with a half scale (and offset): kept exactly
+# (hy_edge_convert.quantize.carry_blocks) unless a format is asked for
+BLOCK_TYPES = ("q8_0", "q4_0", "q4_1")
 DEQUANT_ROWS = 1024  # rows dequantized at a time (gguf's dequantizer makes several float copies of its input)
 
 
@@ -237,6 +240,21 @@ class GGUFFile:
                 for r in range(0, rows.shape[0], DEQUANT_ROWS):  # the dequantizer's temporaries stay small
                     out[r : r + DEQUANT_ROWS] = dequantize(rows[r : r + DEQUANT_ROWS], qt)
             return out.reshape(shape)
+        finally:
+            del raw
+            start = info.offset - info.offset % mmap.PAGESIZE
+            if info.nbytes:
+                self._mm.madvise(mmap.MADV_DONTNEED, start, info.offset + info.nbytes - start)
+
+    def read_blocks(self, name: str) -> np.ndarray:
+        """A block-quantized tensor's bytes as they are, one row per output row: uint8 (rows, bytes per
+        row), a copy (the file's pages are dropped afterwards, as by `read`)."""
+        info = self.tensors[name]
+        if self._mm is None:
+            raise CheckpointError(f"{self.path}: read after close")
+        raw = np.frombuffer(self._mm, np.uint8, info.nbytes, info.offset)
+        try:
+            return raw.reshape(math.prod(info.shape[:-1]), -1).copy()
         finally:
             del raw
             start = info.offset - info.offset % mmap.PAGESIZE

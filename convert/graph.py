@@ -22,13 +22,14 @@ from edge_runtime.spec import ModelSpec
 OPSET = 21
 IR_VERSION = 10
 FP8_TYPES = {"e4m3": TensorProto.FLOAT8E4M3FN, "e5m2": TensorProto.FLOAT8E5M2}
+BLOCK_TYPES = {"int8": TensorProto.INT8, "uint4": TensorProto.UINT4}  # blocks of 32 (hy_edge_ops.blockq)
 
 
 @dataclass(frozen=True)
 class StoredWeight:
     """How one weight sits in the file: what the graph needs to read it back."""
 
-    storage: str  # e4m3 | e5m2 | fp16 | fp32
+    storage: str  # e4m3 | e5m2 | int8 | uint4 | fp16 | fp32
     shape: tuple[int, ...]
     scale_shape: tuple[int, ...] = ()  # FP8: () per tensor, (N,) per channel, (N, G) per block
 
@@ -80,18 +81,47 @@ class GraphBuilder:
                 elif len(w.scale_shape) == 2:
                     attrs = {"axis": 1, "block_size": w.shape[1] // w.scale_shape[1]}
                 value = self.node("DequantizeLinear", [name + F.QWEIGHT, name + F.SCALE], path, **attrs)
+            elif w.storage in BLOCK_TYPES:
+                value = self.make_block_weight(name, w, path)
             elif w.storage == "fp16":
                 value = self.node("Cast", [value], path, to=TensorProto.FLOAT)
             self._dequant_cache[name] = value
         return self._dequant_cache[name]
 
+    def make_block_weight(self, name: str, w: StoredWeight, path: str) -> str:
+        """code * scale per block of 32, in float32 (the half scales widened first, so that code * scale is
+        exact, as the numba kernels compute). uint4 codes keep GGUF's byte order (byte j of a block holds
+        weights j and j + 16), which onnx unpacks as columns 2j and 2j + 1: the value returned has its
+        columns in that order (`uint4_columns`) and no offset; make_linear and make_model put both back.
+        One DequantizeLinear per weight, so that onnxruntime folds it as it folds FP8."""
+        scale = self.node("Cast", [name + F.SCALE], path + "/scale", to=TensorProto.FLOAT)  # (N, G)
+        return self.node("DequantizeLinear", [name + F.QWEIGHT, scale], path, axis=1, block_size=32)
+
+    def make_offsets(self, name: str) -> str:
+        """A uint4 weight's offsets per block (N, G) in float32."""
+        key = name + F.OFFSET
+        if key not in self._dequant_cache:
+            path = "/" + name.replace(".weight", "") + "/offset"
+            self._dequant_cache[key] = self.node("Cast", [key], path, to=TensorProto.FLOAT)
+        return self._dequant_cache[key]
+
     def make_linear(self, x: str, name: str, path: str) -> str:
         """x (B, T, K) @ W^T with W (N, K) in the Hugging Face layout."""
         w = self.make_weight(name)
-        if self.activations != "none" and self.weights[name].storage in FP8_TYPES:
+        stored = self.weights[name]
+        if self.activations != "none" and stored.storage in FP8_TYPES:
             x = self.make_fake_quant(x, name, path)
         wt = self.node("Transpose", [w], path + "/weight", perm=[1, 0])
-        return self.node("MatMul", [x, wt], path)
+        if stored.storage != "uint4":
+            return self.node("MatMul", [x, wt], path)
+        # sum_k (d q_k + m) x_k = (x in the codes' column order) @ (d q)^T + (x summed per block) @ m^T
+        K = stored.shape[1]
+        shuffled = self.node("Gather", [x, self.const(uint4_columns(K), np.int64)], path + "/x", axis=2)
+        y = self.node("MatMul", [shuffled, wt], path)
+        blocks = self.node("Reshape", [x, self.i64(0, 0, K // 32, 32)], path + "/x_blocks")
+        sums = self.node("ReduceSum", [blocks, self.i64(-1)], path + "/x_blocks", keepdims=0)  # (B, T, G)
+        offsets = self.node("Transpose", [self.make_offsets(name)], path + "/offset", perm=[1, 0])
+        return self.node("Add", [y, self.node("MatMul", [sums, offsets], path + "/offset")], path)
 
     def make_fake_quant(self, x: str, name: str, path: str) -> str:
         """x -> fp8(x / s) * s: s = input_scale (static) or amax(|x|) / FP8_MAX per token (dynamic)."""
@@ -231,9 +261,22 @@ class GraphBuilder:
         qpos = self.node("Unsqueeze", [qpos, self.i64(1)], p + "/qpos")  # (T, 1)
         return self.node("Greater", [kpos, qpos], p)
 
+    def make_uint4_rows(self, rows: str) -> str:
+        """Gathered rows (B, T, K) of a uint4 embedding, columns in the codes' order -> the weights."""
+        K, G, p = self.spec.hidden_size, self.spec.hidden_size // 32, "/model/embed_tokens"
+        order = np.argsort(uint4_columns(K))
+        rows = self.node("Gather", [rows, self.const(order, np.int64)], p + "/columns", axis=2)
+        offsets = self.node("Gather", [self.make_offsets(F.EMBED), F.INPUT_IDS], p + "/offset", axis=0)
+        blocks = self.node("Reshape", [rows, self.i64(0, 0, G, 32)], p + "/blocks")
+        blocks = self.node("Add", [blocks, self.node("Unsqueeze", [offsets, self.i64(-1)], p + "/offset")], p)
+        return self.node("Reshape", [blocks, self.i64(0, 0, K)], p)
+
     def make_model(self) -> None:
         s = self.spec
-        x = self.node("Gather", [F.EMBED, F.INPUT_IDS], "/model/embed_tokens", axis=0)
+        table = self.make_weight(F.EMBED) if self.weights[F.EMBED].storage in BLOCK_TYPES else F.EMBED
+        x = self.node("Gather", [table, F.INPUT_IDS], "/model/embed_tokens", axis=0)
+        if self.weights[F.EMBED].storage == "uint4":  # the rows' columns back in order, plus their offsets
+            x = self.make_uint4_rows(x)
         if self.weights[F.EMBED].storage == "fp16":  # gather the fp16 rows, then widen only those
             x = self.node("Cast", [x], "/model/embed_tokens", to=TensorProto.FLOAT)
         rope = mask = None
@@ -255,6 +298,14 @@ class GraphBuilder:
         head = F.LM_HEAD if F.LM_HEAD in self.weights else F.EMBED
         logits = self.make_linear(x, head, "/lm_head")
         self.nodes.append(helper.make_node("Identity", [logits], [F.LOGITS], name="/lm_head/logits"))
+
+
+def uint4_columns(n_cols: int) -> np.ndarray:
+    """Which weight each column of a uint4 weight holds as onnx unpacks it (element 2i from the low nibble
+    of byte i): block g's byte j holds weights j and j + 16, so column 32g + 2j + h is weight 32g + j + 16h."""
+    k = np.arange(n_cols)
+    r = k % 32
+    return k - r + r // 2 + 16 * (r % 2)
 
 
 def io_value_infos(spec: ModelSpec) -> tuple[list, list]:

@@ -24,8 +24,17 @@ from edge_runtime.spec import ModelSpec, spec_from_hf_config
 from .budget import check_budget
 from .checkpoint import Checkpoint, TensorRef, open_checkpoint
 from .gguf_reader import GGUF_KEYS
-from .graph import FP8_TYPES, IR_VERSION, OPSET, GraphBuilder, StoredWeight, io_value_infos
-from .quantize import Quantized, QuantPolicy, carry_fp8, dequantize_carried, quantize_weight, to_fp16
+from .graph import BLOCK_TYPES, FP8_TYPES, IR_VERSION, OPSET, GraphBuilder, StoredWeight, io_value_infos
+from .quantize import (
+    Quantized,
+    QuantPolicy,
+    carry_blocks,
+    carry_fp8,
+    dequantize_carried,
+    keeps_blocks,
+    quantize_weight,
+    to_fp16,
+)
 from .writer import ExternalData, commit
 
 Progress = Callable[[str, int, int], None]  # (tensor name, index, total)
@@ -137,8 +146,14 @@ def _quantized(ckpt: Checkpoint, name: str, shape: tuple[int, ...], policy: Quan
             _finite(ckpt, src_name, w)  # NaN codes decode to NaN
             return Quantized("fp32", w)
         q = carry_fp8(codes, scale, None if inp is None else inp.load())
-        if policy.format not in ("e4m3", "auto") or policy.granularity != "channel":
+        if policy.format not in ("source", "e4m3", "auto") or policy.granularity != "channel":
             q = dataclasses.replace(q, note="FP8 checkpoint: its bytes and scales are carried over as they are")
+        return q
+    if keeps_blocks(policy, ref.block_type) and F.is_linear(name):
+        q = carry_blocks(ref.block_type, ref.load_blocks(), tuple(shape))
+        for what, a in (("scale", q.scale), ("offset", q.offset)):
+            if a is not None:
+                _finite(ckpt, src_name, a, f"block {what} of")
         return q
     w = ref.load().astype(np.float32, copy=False)
     _finite(ckpt, src_name, w)
@@ -167,12 +182,19 @@ def _tokenizer_metadata(ckpt: Checkpoint) -> dict[str, str]:
     return {F.META_TOKENIZER: json.dumps(payload), F.META_TOKENIZER_CONFIG: json.dumps(tok.config)}
 
 
-def head_copy(policy: QuantPolicy, spec) -> bool:
+def head_copy(policy: QuantPolicy, spec, ckpt: Checkpoint | None = None) -> bool:
     """Whether a tied lm_head gets its own FP8 copy: by default yes (decode reads the head every token,
-    and in FP8 it is half the bytes of the FP16 embedding), except unquantized or with static activation
-    scales (a checkpoint has no input_scale for a head it does not store)."""
+    and in FP8 it is half the bytes of the FP16 embedding), except unquantized, with static activation
+    scales (a checkpoint has no input_scale for a head it does not store), or when the embedding is
+    kept in its source's blocks (the head reads them as they are: exact, and as small)."""
+    ref = None if ckpt is None else ckpt.tensors.get(F.EMBED)
+    kept = ref is not None and keeps_blocks(policy, ref.block_type)
     return (
-        policy.lm_head_fp8 and spec.tie_word_embeddings and policy.format != "none" and policy.activations != "static"
+        policy.lm_head_fp8
+        and spec.tie_word_embeddings
+        and policy.format != "none"
+        and policy.activations != "static"
+        and not kept
     )
 
 
@@ -198,7 +220,7 @@ def convert(
     with open_checkpoint(src) as ckpt:
         spec = _spec(ckpt)
         names = F.model_tensors(spec)
-        if head_copy(policy, spec):
+        if head_copy(policy, spec, ckpt):
             names[F.LM_HEAD] = (spec.vocab_size, spec.hidden_size)  # an FP8 copy of the tied embedding
         for name, shape in names.items():  # fail before writing anything
             _source(ckpt, name, shape)
@@ -221,7 +243,13 @@ def convert(
                     raise CheckpointError(
                         f"{ckpt.path}: weight '{name}' holds FP8 NaN codes: the checkpoint is corrupt"
                     )
-                if q.storage in FP8_TYPES:
+                if q.storage in BLOCK_TYPES:  # uint4: (N, G, 16) bytes are (N, K) codes (format.py)
+                    dims = q.data.shape if q.storage == "int8" else (q.data.shape[0], q.data[0].size * 2)
+                    inits.append(data.add(name + F.QWEIGHT, q.data, BLOCK_TYPES[q.storage], dims))
+                    inits.append(data.add(name + F.SCALE, q.scale))
+                    if q.offset is not None:
+                        inits.append(data.add(name + F.OFFSET, q.offset))
+                elif q.storage in FP8_TYPES:
                     inits.append(data.add(name + F.QWEIGHT, q.data, FP8_TYPES[q.storage]))
                     inits.append(data.add(name + F.SCALE, q.scale))
                     if q.input_scale is not None:

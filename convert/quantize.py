@@ -17,14 +17,17 @@ from hy_edge_ops.fp8 import FP8_MAX, dequantize_fp8, quantize_fp8
 from edge_runtime.errors import HyEdgeError
 from edge_runtime.format import EMBED
 
-FORMATS = ("e4m3", "e5m2", "auto", "none")
+# source: quantized tensors as they are (an FP8 release's bytes, GGUF Q8_0/Q4_0/Q4_1 blocks), float ones
+# as e4m3; e4m3 | e5m2 | auto: every float or block-quantized tensor (re)quantized to FP8
+FORMATS = ("source", "e4m3", "e5m2", "auto", "none")
+BLOCK = 32  # weights per GGUF block (hy_edge_ops.blockq.BLOCK)
 ACTIVATIONS = ("none", "e4m3", "e5m2", "static")
 ROWS_PER_CHUNK = 4096  # bounds the fp32 temporaries of one tensor (4096 x K floats)
 
 
 @dataclass(frozen=True)
 class QuantPolicy:
-    format: str = "e4m3"  # e4m3 | e5m2 | auto | none (fp32 everywhere: the reference point)
+    format: str = "source"  # source | e4m3 | e5m2 | auto | none (fp32 everywhere: the reference point)
     granularity: str = "channel"  # channel | tensor | block:N
     keep_fp16: tuple[str, ...] = (EMBED,)  # fnmatch patterns of 2-D weights that stay FP16
     # a tied lm_head gets its own FP8 copy (the embedding stays FP16 for the row gather): decode reads
@@ -59,18 +62,20 @@ class Quantized:
     """One weight as it will be stored. `scale` has the ONNX DequantizeLinear shape: () per tensor,
     (N,) per channel, (N, G) per block."""
 
-    storage: str  # e4m3 | e5m2 | fp16 | fp32
-    data: np.ndarray  # uint8 codes (N, K) | float16 | float32
-    scale: np.ndarray | None = None
+    storage: str  # e4m3 | e5m2 | int8 | uint4 | fp16 | fp32
+    # uint8 FP8 codes (N, K) | int8 codes (N, K) | uint4: uint8 (N, K/32, 16), two codes a byte | float16 | float32
+    data: np.ndarray
+    scale: np.ndarray | None = None  # int8 / uint4: float16 (N, K/32)
     granularity: str | None = None  # channel | tensor | block:N
     input_scale: np.ndarray | None = None  # float32 (), static activation scale
     rel_error: float = 0.0  # ||dequant(q) - w|| / ||w||
     carried: bool = False  # FP8 bytes taken over from the checkpoint unchanged
     note: str | None = None  # an option that could not be applied as asked (reported, never silent)
+    offset: np.ndarray | None = None  # uint4: float16 (N, K/32), added to each block's scaled codes
 
     @property
     def nbytes(self) -> int:
-        return self.data.nbytes + (0 if self.scale is None else self.scale.nbytes)
+        return sum(a.nbytes for a in (self.data, self.scale, self.offset) if a is not None)
 
     def report(self) -> dict:
         r = {"storage": self.storage, "shape": list(self.data.shape), "rel_error": float(self.rel_error)}
@@ -145,7 +150,7 @@ def quantize_weight(name: str, w: np.ndarray, policy: QuantPolicy) -> Quantized:
     if B is not None and w.shape[1] % B:
         granularity = "channel"  # blocks must tile K exactly
         note = f"{policy.granularity} does not divide the input size: scaled per channel instead"
-    fmts = ("e4m3", "e5m2") if policy.format == "auto" else (policy.format,)
+    fmts = {"auto": ("e4m3", "e5m2"), "source": ("e4m3",)}.get(policy.format, (policy.format,))
     best = None
     for fmt in fmts:
         codes, scales, err = _encode(w, fmt, granularity)
@@ -168,6 +173,35 @@ def carry_fp8(codes: np.ndarray, weight_scale: np.ndarray, input_scale: np.ndarr
         raise HyEdgeError(f"weight_scale of shape {ws.shape} does not fit a weight with {N} rows")
     inp = None if input_scale is None else np.asarray(input_scale, np.float32).reshape(())
     return Quantized("e4m3", np.ascontiguousarray(codes), scale, gran, input_scale=inp, carried=True)
+
+
+def keeps_blocks(policy: QuantPolicy, block_type: str | None) -> bool:
+    """Whether a block-quantized source tensor is stored as it is (format source)."""
+    return block_type is not None and policy.format == "source"
+
+
+def carry_blocks(block_type: str, rows: np.ndarray, shape: tuple[int, int]) -> Quantized:
+    """GGUF blocks taken over exactly (rows: uint8 (N, bytes per row) as the file holds them):
+    Q8_0 (half d, 32 int8 q: d * q) -> int8; Q4_1 (half d, half m, 16 bytes of 4-bit q: d * q + m) and
+    Q4_0 (half d, 16 bytes: d * (q - 8), i.e. offset -8d, exact in a half) -> uint4, the code bytes in
+    GGUF's order (byte j: weight j low, weight j + 16 high)."""
+    N, K = shape
+    G = K // BLOCK
+    per = {"q8_0": 34, "q4_0": 18, "q4_1": 20}[block_type]
+    if K % BLOCK or rows.shape != (N, G * per):
+        raise HyEdgeError(f"{block_type} data of shape {rows.shape} does not fit a weight of shape {shape}")
+    blocks = rows.reshape(N, G, per)
+    scale = np.ascontiguousarray(blocks[:, :, 0:2]).view("<f2").reshape(N, G).astype(np.float16)
+    if block_type == "q8_0":
+        codes = np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).reshape(N, K)
+        return Quantized("int8", codes, scale, granularity=f"block:{BLOCK}", carried=True)
+    if block_type == "q4_1":
+        offset = np.ascontiguousarray(blocks[:, :, 2:4]).view("<f2").reshape(N, G).astype(np.float16)
+    else:
+        with np.errstate(over="ignore"):
+            offset = (scale * np.float16(-8)).astype(np.float16)  # exact: a power of two
+    codes = np.ascontiguousarray(blocks[:, :, per - 16 :])
+    return Quantized("uint4", codes, scale, granularity=f"block:{BLOCK}", carried=True, offset=offset)
 
 
 def dequantize_carried(codes: np.ndarray, weight_scale: np.ndarray) -> np.ndarray:

@@ -19,7 +19,10 @@ from onnx import TensorProto
 # default kernel, Apple silicon), 64 KB (some arm64 server kernels). The file is mapped from offset 0, so
 # a smaller alignment is still correct, but then tensors share pages and a view's first page is partial.
 # The padding is a hole (seek, not written zeros): no disk cost where the file system supports them.
+# Tensors smaller than that (scales, norms: read with read(2), never mapped) start on a cache line instead:
+# 64 KB apiece would add 26 MB to SmolLM2's file of block weights, whose scales are 630 small tensors.
 ALIGN = 64 * 1024
+SMALL_ALIGN = 64
 INLINE_LIMIT = 1024  # smaller tensors (scales, norms of tiny models) live inside the .onnx itself
 
 NP_TO_ONNX = {
@@ -41,18 +44,22 @@ class ExternalData:
         self.size = 0
         self.checksums: dict[str, int] = {}  # tensor name -> CRC-32 of its bytes in the data file
 
-    def add(self, name: str, array: np.ndarray, data_type: int | None = None) -> TensorProto:
+    def add(
+        self, name: str, array: np.ndarray, data_type: int | None = None, dims: tuple[int, ...] | None = None
+    ) -> TensorProto:
+        """`array`'s bytes as initializer `name`; `dims` when they are not the array's shape (packed
+        4-bit codes: two to a byte)."""
         array = np.ascontiguousarray(array)
         t = TensorProto()
         t.name = name
-        t.dims.extend(array.shape)
+        t.dims.extend(array.shape if dims is None else dims)
         t.data_type = data_type if data_type is not None else NP_TO_ONNX[array.dtype]
         little = array.astype(array.dtype.newbyteorder("<"), copy=False)  # no copy on a little-endian host
         raw = memoryview(little.reshape(-1)).cast("B")  # its bytes, not a copy of them
         if array.nbytes < INLINE_LIMIT:
             t.raw_data = raw.tobytes()
             return t
-        pad = -self.size % ALIGN
+        pad = -self.size % (ALIGN if array.nbytes >= ALIGN else SMALL_ALIGN)
         self._f.seek(pad, os.SEEK_CUR)  # the tensor written next fills the file up to it
         offset = self.size + pad
         self._f.write(raw)

@@ -40,10 +40,12 @@ def _ratio(source: int, size: int) -> str:
 @click.option(
     "--format",
     "fmt",
-    default="e4m3",
+    default="source",
     show_default=True,
-    type=click.Choice(["e4m3", "e5m2", "auto", "none"]),
-    help="FP8 format of the linear weights; auto picks per tensor; none keeps fp32.",
+    type=click.Choice(["source", "e4m3", "e5m2", "auto", "none"]),
+    help="source keeps quantized sources exactly (FP8 releases; GGUF Q8_0/Q4_0/Q4_1 blocks) and makes "
+    "float weights E4M3; e4m3/e5m2 (re)quantize every linear weight to that FP8 format, auto picks one per "
+    "tensor; none keeps fp32.",
 )
 @click.option(
     "--granularity",

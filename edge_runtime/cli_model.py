@@ -206,8 +206,9 @@ def cache_name(src: Path, label: str) -> str:
     """The cached file's name: the checkpoint's identity and the format version are in it, so two
     installs (two venvs, an old and a new version) sharing one cache keep one file each instead of
     reconverting each other's on every alternation."""
-    # the default policy's name: E4M3 linears and an FP8 copy of a tied head
-    return f"{label}-{_source_id(src)[:8]}.v{F.FORMAT_VERSION}.e4m3-fp8head"
+    # the default policy's name: quantized sources kept (GGUF blocks, FP8 bytes), float linears E4M3 with an
+    # FP8 copy of a tied head
+    return f"{label}-{_source_id(src)[:8]}.v{F.FORMAT_VERSION}.source"
 
 
 def resolve_model(arg: str | Path | None, notice: Notice, max_memory: int | None = None) -> Path:

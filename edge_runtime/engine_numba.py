@@ -29,7 +29,7 @@ from .engine_step import CompiledLayers
 from .errors import BudgetError, HyEdgeError, ModelFileError
 from .memory import DEFAULT_BUDGET, plan_context, release_library_pages, trim_heap
 from .spec import ModelSpec
-from .weights import Linear, Weights, read_scales
+from .weights import BLOCK_STORAGES, Linear, Weights, read_blocks, read_scales
 
 FP8_FORMATS = ("e4m3", "e5m2")
 DEFAULT_PREFILL_CHUNK = 128
@@ -122,8 +122,8 @@ class NumbaSession:
         self.max_context = plan_context(self.plan, max_memory, max_context, spec.max_position_embeddings)
         self.buf = allocate_buffers(spec, prefill_chunk, self.max_context, act_quant, slots, kv_cache)
         self.positions = np.zeros(slots, np.int64)  # positions cached per slot
-        table = weights.embed.w  # (V, C) fp16 bits or fp32; a forward's token rows are read into b.rows
-        self._rows = self.buf.rows.view(table.dtype)[: self.buf.x.size].reshape(self.buf.x.shape)
+        # a forward's token rows are read into b.rows: fp16 bits or fp32 as stored, block codes decoded to fp32
+        self._rows = self.buf.rows.view(weights.embed_rows.dtype)[: self.buf.x.size].reshape(self.buf.x.shape)
         # per-layer index into k_cache / conv_state
         self._slot = {i: n for n, i in enumerate(spec.attention_layers)}
         self._slot.update({i: n for n, i in enumerate(spec.conv_layers)})
@@ -208,8 +208,11 @@ class NumbaSession:
     @staticmethod
     def _op(lin: Linear, prepared: dict) -> linear.LinearOp:
         if id(lin) not in prepared:  # shared layers reuse their owner's prepared weights
-            scales = None if lin.scales is None else read_scales(lin)
-            prepared[id(lin)] = linear.prepare(lin.w, lin.storage, scales)  # folds them into its own copy
+            if lin.storage in BLOCK_STORAGES:
+                prepared[id(lin)] = linear.prepare(lin.w, lin.storage, *read_blocks(lin))  # packs their halves
+            else:
+                scales = None if lin.scales is None else read_scales(lin)
+                prepared[id(lin)] = linear.prepare(lin.w, lin.storage, scales)  # folds them into its own copy
         return prepared[id(lin)]
 
     def _group(self, lins: list[Linear], prepared: dict, linears: dict) -> tuple:

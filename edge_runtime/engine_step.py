@@ -157,9 +157,13 @@ class CompiledLayers:
             return False
         if any(len(b.qkv) != 1 or len(b.gate_up) != 1 for b in blocks):
             return False
+
+        def kind(op):
+            return op.w.dtype, op.w.ndim  # ndim 3: block codes (hy_edge_ops.blockq)
+
         kinds = [
-            [op.w.dtype for g, _ in b.qkv for op in g.ops] + [b.o.ops[0].w.dtype]
-            + [op.w.dtype for g, _ in b.gate_up for op in g.ops] + [b.down.ops[0].w.dtype]
+            [kind(op) for g, _ in b.qkv for op in g.ops] + [kind(b.o.ops[0])]
+            + [kind(op) for g, _ in b.gate_up for op in g.ops] + [kind(b.down.ops[0])]
             for b in blocks
         ]  # fmt: skip
         writable = {op.w.flags.writeable for b in blocks for g, _ in (*b.qkv, *b.gate_up) for op in g.ops}

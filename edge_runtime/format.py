@@ -8,6 +8,10 @@ Storage of a weight `W` (a name from `layer_tensors` / `GLOBAL_TENSORS`):
 - FP8:  initializer `W.qweight` (FLOAT8E4M3FN or FLOAT8E5M2, (N, K)) and `W.scale` (float32: () per
         tensor, (N,) per output channel, (N, G) per block of ceil(K/G) inputs), optionally
         `W.input_scale` (float32 (), static activation scale);
+- blocks of 32 (GGUF Q8_0 / Q4_0 / Q4_1 kept exactly, hy_edge_ops.blockq): `W.qweight` INT8 (N, K), or
+        UINT4 (N, K) in GGUF's byte order (block g's byte j holds weight j in its low nibble and weight
+        j + 16 in its high one: onnx unpacks them as columns 2j, 2j + 1), `W.scale` FLOAT16
+        (N, K/32), and for UINT4 `W.offset` FLOAT16 (N, K/32): weight = code * scale (+ offset);
 - FP16: initializer `W` (FLOAT16), FP32: initializer `W` (FLOAT).
 Layers that share weights (`spec.shared_layers`) have no tensors of their own.
 """
@@ -52,6 +56,7 @@ FP16_MAX = 65504.0
 
 QWEIGHT = ".qweight"
 SCALE = ".scale"
+OFFSET = ".offset"
 INPUT_SCALE = ".input_scale"
 
 EMBED = "model.embed_tokens.weight"  # (V, C)

@@ -35,6 +35,8 @@ _DTYPES = {
     10: (np.uint16, "fp16"),  # raw IEEE half bits; kernels widen them (hy_edge_ops.half)
     17: (np.uint8, "e4m3"),  # FLOAT8E4M3FN
     19: (np.uint8, "e5m2"),  # FLOAT8E5M2
+    3: (np.int8, "int8"),  # block codes (hy_edge_ops.blockq)
+    21: (np.uint8, "uint4"),  # UINT4, two codes a byte: read as bytes, shape (..., K) -> (..., K / 2)
     7: (np.int64, "int64"),
     6: (np.int32, "int32"),
     11: (np.float64, "fp64"),
@@ -46,7 +48,7 @@ class Tensor:
     """One initializer as stored: `data` is a view (memory-mapped when external)."""
 
     name: str
-    storage: str  # fp32 | fp16 | e4m3 | e5m2 | int64 | int32 | fp64
+    storage: str  # fp32 | fp16 | e4m3 | e5m2 | int8 | uint4 | int64 | int32 | fp64
     data: np.ndarray
     source: tuple[Path, int] | None = None  # (data file, byte offset) of an external tensor
 
@@ -144,6 +146,10 @@ def read_tensors(proto, path: Path) -> dict[str, Tensor]:
         if any(d < 0 for d in shape) or math.prod(shape) > MAX_ELEMENTS:
             raise ModelFileError(f"{path.name}: tensor '{t.name}' has shape {show(list(shape))}")
         count = math.prod(shape)
+        if storage == "uint4":  # packed: two codes a byte along the last axis
+            if not shape or shape[-1] % 2:
+                raise ModelFileError(f"{path.name}: uint4 tensor '{t.name}' has shape {show(list(shape))}")
+            shape, count = (*shape[:-1], shape[-1] // 2), count // 2
         source = None
         if t.data_location == onnx_header.EXTERNAL:
             data, source = _external(t, path, maps, np.dtype(dtype), count)

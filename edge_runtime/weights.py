@@ -30,26 +30,32 @@ from .memory import drop_pages, lazy_zeros
 from .model_file import Tensor
 from .spec import ModelSpec
 
+BLOCK_STORAGES = ("int8", "uint4")  # hy_edge_ops.blockq
+
 
 @dataclass(frozen=True)
 class Linear:
     """A 2-D weight a matmul reads, in its stored form (y = x @ W^T, W (N, K))."""
 
     name: str
-    storage: str  # e4m3 | e5m2 | fp16 | fp32
-    w: np.ndarray  # (N, K) uint8 FP8 codes | uint16 half bits | float32
-    # (N, G) float32, FP8 only; column k uses scales[n, k // ceil(K/G)]. May view the data file: read it
-    # with read_private (a touch through the map maps the matrix's pages around it)
+    storage: str  # e4m3 | e5m2 | int8 | uint4 | fp16 | fp32
+    # (N, K) uint8 FP8 codes | int8 block codes | uint16 half bits | float32; uint4: (N, K/2) uint8 bytes
+    w: np.ndarray
+    # (N, G) float32, FP8 only; column k uses scales[n, k // ceil(K/G)]; int8 / uint4: (N, K/32) uint16
+    # half bits. May view the data file: read it with read_private (a touch through the map maps the
+    # matrix's pages around it)
     scales: np.ndarray | None = None
     input_scale: float | None = None  # static activation scale (FP8 only, optional)
+    offsets: np.ndarray | None = None  # uint4: (N, K/32) uint16 half bits, added to each block
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.w.shape
+        n_rows, n_cols = self.w.shape
+        return (n_rows, n_cols * 2) if self.storage == "uint4" else (n_rows, n_cols)
 
     @property
     def nbytes(self) -> int:
-        return self.w.nbytes + (0 if self.scales is None else self.scales.nbytes)
+        return sum(a.nbytes for a in (self.w, self.scales, self.offsets) if a is not None)
 
 
 # -- the tensors a ModelSpec needs ---------------------------------------------------------------
@@ -87,6 +93,21 @@ def read_private(a: np.ndarray, name: str = "a weight") -> np.ndarray:
     return out.reshape(a.shape)
 
 
+def read_blocks(lin: Linear) -> tuple[np.ndarray, np.ndarray | None]:
+    """Private copies of a block linear's half scales and offsets, checked finite (a converted file
+    never holds others)."""
+    out = []
+    for what, a in (("scale", lin.scales), ("offset", lin.offsets)):
+        if a is None:
+            out.append(None)
+            continue
+        h = read_private(a, f"the {what}s of '{lin.name}'")
+        if not np.isfinite(h.view(np.float16)).all():
+            raise ModelFileError(f"tensor '{lin.name}.{what}' holds a non-finite value: the file is corrupt")
+        out.append(h)
+    return out[0], out[1]
+
+
 def read_scales(lin: Linear) -> np.ndarray:
     """A private copy of an FP8 linear's scales, checked: finite, not negative, and within what the
     kernels can fold (format.MAX_SCALE). A file converted by this converter never holds others; one
@@ -109,8 +130,36 @@ def _float_vector(tensors: dict[str, Tensor], name: str, shape: tuple, path: Pat
     return data.view(np.float16).astype(np.float32) if t.storage == "fp16" else data
 
 
+def _block_linear(tensors: dict[str, Tensor], q: Tensor, name: str, shape: tuple, path: Path) -> Linear:
+    """int8 / uint4 codes with their half scales (and offsets) per block of 32."""
+    N, K = shape
+    per = 32 if q.storage == "int8" else 16
+    codes = q.data.reshape(q.data.shape[0], -1) if q.data.ndim else q.data
+    if K % 32 or codes.shape != (N, K // 32 * per):
+        raise ModelFileError(f"{path.name}: tensor '{q.name}' has shape {q.data.shape}, expected blocks of {shape}")
+    halves = []
+    for suffix in (fmt.SCALE, fmt.OFFSET) if q.storage == "uint4" else (fmt.SCALE,):
+        t = tensors.get(name + suffix)
+        if t is None:
+            raise ModelFileError(f"{path.name}: tensor '{name}{suffix}' is missing")
+        if t.storage != "fp16" or t.data.shape != (N, K // 32):
+            raise ModelFileError(
+                f"{path.name}: tensor '{t.name}' should be float16 of shape {(N, K // 32)}, "
+                f"got {t.storage} {t.data.shape}"
+            )
+        halves.append(t.data)
+    lin = Linear(name, q.storage, codes, halves[0], offsets=halves[1] if len(halves) > 1 else None)
+    try:
+        read_blocks(lin)  # checked here, where the file can be named
+    except ModelFileError as e:
+        raise ModelFileError(f"{path.name}: {e}") from None
+    return lin
+
+
 def _linear(tensors: dict[str, Tensor], name: str, shape: tuple, path: Path) -> Linear:
     q = tensors.get(name + fmt.QWEIGHT)
+    if q is not None and q.storage in BLOCK_STORAGES:
+        return _block_linear(tensors, q, name, shape, path)
     if q is not None:
         if q.storage not in ("e4m3", "e5m2"):
             raise ModelFileError(f"{path.name}: tensor '{q.name}' has storage {q.storage}, expected FP8")
@@ -193,10 +242,18 @@ class RowReader:
     the whole 236 MB table over a long chat, when only the FP8 lm_head is needed whole. A table held in
     memory (inline, or when pread is missing) is gathered from the array."""
 
-    def __init__(self, table: np.ndarray, source: tuple[Path, int] | None = None):
+    def __init__(self, table: np.ndarray, source: tuple[Path, int] | None = None, blocks: Linear | None = None):
         self.table = table
         self._row_bytes = table.shape[1] * table.itemsize
         self._fd = None
+        # block codes (int8 / uint4): rows are read as codes, then decoded to float32 with their scales
+        self._blocks = None
+        if blocks is not None:
+            from hy_edge_ops import blockq  # numba: imported by the numba backend only
+
+            scales, offsets = read_blocks(blocks)
+            halves = blockq.pack_scales(blocks.storage, scales, offsets).view(np.uint16)
+            self._blocks = (blocks.storage, halves, np.empty((0, table.shape[1]), table.dtype))
         if source is not None and hasattr(os, "preadv"):
             self._path, self._offset = source
             self._fd = os.open(source[0], os.O_RDONLY)
@@ -207,9 +264,28 @@ class RowReader:
         """Rows come from the file (pread), not from the table's pages."""
         return self._fd is not None
 
+    @property
+    def dtype(self) -> np.dtype:
+        """The dtype of the rows `read` writes: the table's, float32 for block codes."""
+        return np.dtype(np.float32) if self._blocks is not None else self.table.dtype
+
     def read(self, ids: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """out[t] = table[ids[t]] for ids (T,) already checked to lie in 0..V-1; out (>= T, C), the
-        table's dtype, C-contiguous. Returns out[:T]."""
+        """out[t] = table[ids[t]] for ids (T,) already checked to lie in 0..V-1; out (>= T, C), `dtype`,
+        C-contiguous. Returns out[:T]."""
+        T = ids.shape[0]
+        if self._blocks is not None:
+            from hy_edge_ops import blockq
+
+            storage, halves, codes = self._blocks
+            if codes.shape[0] < T:
+                codes = np.empty((T, self.table.shape[1]), self.table.dtype)
+                self._blocks = (storage, halves, codes)
+            self._read_rows(ids, codes)
+            blockq.decode_rows(blockq.code_view(codes[:T], storage), halves, ids, out[:T])
+            return out[:T]
+        return self._read_rows(ids, out)
+
+    def _read_rows(self, ids: np.ndarray, out: np.ndarray) -> np.ndarray:
         T = ids.shape[0]
         if self._fd is None:
             return np.take(self.table, ids, axis=0, out=out[:T])
@@ -261,7 +337,7 @@ class Weights:
             norm=self.norm,
             lm_head=lin(self.lm_head),
             layers=tuple(layers[id(layer)] for layer in self.layers),
-            embed_rows=RowReader(embed.w),
+            embed_rows=RowReader(embed.w, blocks=embed if embed.storage in BLOCK_STORAGES else None),
         )
 
     def release_padding(self, near: Linear | None = None) -> int:
@@ -353,13 +429,20 @@ def build_weights(spec: ModelSpec, tensors: dict[str, Tensor], path: Path) -> We
     lm_head = None
     if fmt.LM_HEAD in tensors or fmt.LM_HEAD + fmt.QWEIGHT in tensors or not spec.tie_word_embeddings:
         lm_head = _linear(tensors, fmt.LM_HEAD, (spec.vocab_size, spec.hidden_size), path)
-    embed = _float_tensor(tensors, fmt.EMBED, expected[fmt.EMBED], path)  # gathered by rows: fp16 or fp32
+    q = tensors.get(fmt.EMBED + fmt.QWEIGHT)
+    if q is not None and q.storage in BLOCK_STORAGES:  # rows decoded from their blocks
+        embed = _block_linear(tensors, q, fmt.EMBED, expected[fmt.EMBED], path)
+        rows = RowReader(embed.w, q.source, blocks=embed)
+    else:
+        t = _float_tensor(tensors, fmt.EMBED, expected[fmt.EMBED], path)  # gathered by rows: fp16 or fp32
+        embed = Linear(fmt.EMBED, t.storage, t.data)
+        rows = RowReader(t.data, t.source)
     return Weights(
-        embed=Linear(fmt.EMBED, embed.storage, embed.data),
+        embed=embed,
         norm=_float_vector(tensors, fmt.FINAL_NORM, expected[fmt.FINAL_NORM], path),
         lm_head=lm_head,
         layers=tuple(layers),
-        embed_rows=RowReader(embed.data, embed.source),
+        embed_rows=rows,
     )
 
 

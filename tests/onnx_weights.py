@@ -31,7 +31,10 @@ def dequantized(path: Path) -> dict[str, np.ndarray]:
     arrays, types = initializers(path)
     out = {}
     for name, arr in arrays.items():
-        if name.endswith(F.QWEIGHT):
+        if name.endswith(F.QWEIGHT) and types[name] in (TensorProto.INT8, TensorProto.UINT4):
+            base = name[: -len(F.QWEIGHT)]
+            out[base] = _blocks(arr, arrays[base + F.SCALE], arrays.get(base + F.OFFSET))
+        elif name.endswith(F.QWEIGHT):
             base = name[: -len(F.QWEIGHT)]
             w = arr.view(_FP8[types[name]]).astype(np.float32)
             s = arrays[base + F.SCALE].astype(np.float32)
@@ -42,8 +45,21 @@ def dequantized(path: Path) -> dict[str, np.ndarray]:
             else:
                 w = w * np.repeat(s, w.shape[1] // s.shape[1], axis=1)
             out[base] = w
-        elif name.endswith((F.SCALE, F.INPUT_SCALE)) or name.startswith("/"):
+        elif name.endswith((F.SCALE, F.OFFSET, F.INPUT_SCALE)) or name.startswith("/"):
             continue
         else:
             out[name] = arr.astype(np.float32)
     return out
+
+
+def _blocks(codes: np.ndarray, scale: np.ndarray, offset: np.ndarray | None) -> np.ndarray:
+    """Blocks of 32 as the file defines them: int8 (N, K) codes, or uint4 (N, K) codes as onnx unpacks
+    them (columns 2j and 2j + 1 of a block are its weights j and j + 16) x scale (+ offset)."""
+    n_rows = codes.shape[0]
+    q = codes.astype(np.float32).reshape(n_rows, -1, 32)
+    if codes.dtype != np.int8:  # uint4
+        q = q.reshape(n_rows, -1, 16, 2).transpose(0, 1, 3, 2).reshape(n_rows, -1, 32)
+    w = q * scale.astype(np.float32)[:, :, None]
+    if offset is not None:
+        w = w + offset.astype(np.float32)[:, :, None]
+    return w.reshape(n_rows, -1)
