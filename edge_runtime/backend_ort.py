@@ -34,9 +34,9 @@ def ort_memory_plan(spec: ModelSpec, tensors: dict[str, Tensor]) -> MemoryPlan:
     float32 copy); while MatMul pre-packs them a second copy exists. Measured on SmolLM2-135M (FP8
     head copy, or the head tied to the FP16 embedding): 595 MB of initializers kept, peak RSS 1,188 /
     1,187 MB = the runtime (85 MB) + 2.0 x 595 MB; its Q4_1 file kept as blocks (one DequantizeLinear a
-    weight, as FP8; uint4 folds to 8 bytes a stored byte): peak 1,356 MB. Per token: the KV cache twice (the past inputs and
-    the present outputs are both alive during a call, float32), the logits row and the activations of
-    a prompt token (the whole prompt runs as one call)."""
+    weight, as FP8; uint4 folds to 8 bytes a stored byte): peak 1,356 MB. Per token: the KV cache twice
+    (the past inputs and the present outputs are both alive during a call, float32), the logits row and
+    the activations of a prompt token (the whole prompt runs as one call)."""
 
     def folded(t: Tensor) -> int:  # bytes kept for a tensor: float32, but the Gather's FP16 embedding
         if t.name == F.EMBED and t.storage == "fp16":
