@@ -58,7 +58,7 @@ def _ratio(source: int, size: int) -> str:
     "keep",
     multiple=True,
     metavar="PATTERN",
-    help="Also keep weights matching this glob in FP16 (the embedding always is).",
+    help="Also keep weights matching this glob in FP16 (a float embedding always is).",
 )
 @click.option(
     "--lm-head-fp8/--lm-head-fp16",
