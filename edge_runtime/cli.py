@@ -73,7 +73,7 @@ class OneLineErrors(click.Group):
 @click.group(cls=OneLineErrors)
 @click.version_option(package_name="hy-edge")
 def main() -> None:
-    """Run small LLMs (Hunyuan-0.5B, Llama family) from one FP8 ONNX file on a CPU."""
+    """Run small LLMs (Hunyuan-0.5B, Llama family) from one ONNX file (FP8 or integer blocks) on a CPU."""
 
 
 def read_prompt(source: str) -> str:

@@ -125,7 +125,7 @@ def cached_conversion(src: Path, name: str, notice: Notice, max_memory: int | No
             shutil.rmtree(stale, ignore_errors=True)
 
         def started() -> None:  # once the source has been validated
-            notice(f"converting {src} to FP8 ONNX (once; cached as {out})")
+            notice(f"converting {src} to ONNX (once; cached as {out})")
 
         if max_memory is None:
             from hy_edge_convert import convert  # the runtime needs the converter only here

@@ -131,7 +131,7 @@ arm python -m edge_runtime "${RUN_ARGS[@]}" >"$CACHE/arm.json" 2>"$CACHE/arm.err
 phase "hy-edge run done"
 for side in host arm; do
     # the only stderr a --json run may print: the one-time conversion notice (no warning, no stats line)
-    if grep -v '^converting .* to FP8 ONNX (once; cached as ' "$CACHE/$side.err" | grep -q .; then
+    if grep -v '^converting .* to ONNX (once; cached as ' "$CACHE/$side.err" | grep -q .; then
         say "$side stderr is not clean:" && sed 's/^/    /' "$CACHE/$side.err" >&2 && status=1
     fi
 done
