@@ -20,6 +20,7 @@ here knows about HTTP.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -29,7 +30,7 @@ import numpy as np
 
 from .errors import BudgetError, HyEdgeError
 from .generate import GenerationResponse, Generator, TextOut, common_prefix, eos_ids_of
-from .sampling import LogitsProcessor, Sampler, make_sampler
+from .sampling import LogitsProcessor, Sampler, make_sampler, token_logprobs
 
 
 class QueueFull(HyEdgeError):
@@ -62,8 +63,9 @@ class Request:
     sampler: Sampler = field(default_factory=make_sampler)
     processors: Sequence[LogitsProcessor] = ()
     stop: tuple[str, ...] = ()
+    submitted: float = field(default_factory=time.perf_counter)  # the TTFT clock: the HTTP layer's arrival
+    logprobs: int | None = None  # None: not asked; k: each token's logprob and the k most likely
     cancelled: bool = False  # set by Engine.cancel (another thread); read at the next step
-    submitted: float = field(default_factory=time.perf_counter)
 
 
 class Observer:
@@ -138,6 +140,7 @@ class Engine:
         self._cond = threading.Condition()
         self._accepting = False
         self._stopping = False
+        self._draining = False  # drain or stop was called: no new request will be accepted
         self._thread: threading.Thread | None = None
 
     # -- what the HTTP layer and the metrics read -------------------------------------------------
@@ -152,6 +155,11 @@ class Engine:
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    @property
+    def stopping(self) -> bool:
+        """No longer accepting for good: draining after SIGTERM, or stopped."""
+        return self._draining
 
     @property
     def active(self) -> int:
@@ -208,7 +216,7 @@ class Engine:
         """Stop accepting; wait up to `timeout` s for queued and running requests to finish. True if
         they all did."""
         with self._cond:
-            self._accepting = False
+            self._accepting, self._draining = False, True
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self._queue and not self.active:
@@ -219,7 +227,7 @@ class Engine:
     def stop(self, timeout: float = 10.0) -> None:
         """End the loop; requests still queued or running get a Failed (503)."""
         with self._cond:
-            self._accepting = False
+            self._accepting, self._draining = False, True
             self._stopping = True
             self._cond.notify_all()
         if self._thread is not None and self._thread is not threading.current_thread():
@@ -344,6 +352,7 @@ class Engine:
         for process in seq.req.processors:
             logits = process(seq.history, logits)
         token = seq.req.sampler(logits)
+        logprobs = None if seq.req.logprobs is None else token_logprobs(logits, token, seq.req.logprobs)
         seq.history.append(token)
         now = time.perf_counter()
         first = seq.out.n == 0
@@ -353,6 +362,8 @@ class Engine:
         seq.last_at = now
         text, finish = seq.out.add(token)
         response = self._response(seq, text, token, finish, now)
+        if logprobs is not None:
+            response = dataclasses.replace(response, logprobs=logprobs)
         if finish is not None:
             self._finish(slot, finish, response)
         else:

@@ -3,18 +3,24 @@
 It only validates, queues and streams: a request becomes token ids and sampling options, goes to the
 engine's queue (serve_engine.Engine, its own thread), and the engine's events come back through an
 asyncio queue (`loop.call_soon_threadsafe`). Every error is OpenAI-shaped: {"error": {"message", "type",
-"param", "code"}}. Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
+"param", "code"}}. Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}], GET /health,
 GET /metrics.
+
+In front of the app sits one pure ASGI middleware (`Front`): it stamps the arrival time (the TTFT clock), checks
+the API key before the body is read, and refuses a body over the limit. It is pure ASGI on purpose: Starlette's
+`@app.middleware("http")` hands the app a wrapped `receive` on which `request.is_disconnected()` never turns true,
+so a non-streaming request whose client left decoded on to its end.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,12 +33,11 @@ from starlette.exceptions import HTTPException
 
 from .errors import BudgetError, HyEdgeError
 from .generate import GenerationResponse
-from .sampling import make_openai_penalties, make_sampler
+from .sampling import TokenLogprobs, make_logit_bias, make_logits_processors, make_openai_penalties, make_sampler
 from .serve_engine import Engine, Failed, NotAccepting, QueueFull
 from .serve_engine import Request as EngineRequest
 
 MAX_STOP = 16
-DISCONNECT_POLL_S = 0.5  # a non-streaming request checks this often whether its client is still there
 
 
 @dataclass(frozen=True)
@@ -42,15 +47,26 @@ class Limits:
     max_tokens: int | None = None  # largest max_tokens a request may ask for; None: the context length
 
 
+RETRY_AFTER_S = 1  # what a 429 tells the client to wait: about one decode step frees a slot or a queue place
+
+
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param=None, code=None):
+    def __init__(
+        self, status: int, message: str, type_: str = "invalid_request_error", param=None, code=None, headers=None
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
 
 
-def error_response(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None):
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
+def error_body(message: str, type_: str = "invalid_request_error", param=None, code=None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(
+    status: int, message: str, type_: str = "invalid_request_error", param=None, code=None, headers=None
+):
+    return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
 
 
 # -- request bodies (unknown fields are ignored; types are strict: "5" is not a number) -----------------
@@ -82,6 +98,11 @@ class _Sampling(_Body):
     max_tokens: int | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    # llama-server's extensions (defaults off: an answer equals `hy-edge run`'s)
+    top_k: int = Field(0, ge=0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = 1.0
+    logit_bias: dict[str, float] | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -94,10 +115,59 @@ class _Sampling(_Body):
 class ChatBody(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    # fields that would change the answer and are not supported: named in a 400, never dropped (`refused`)
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
+    audio: dict | None = None
+    modalities: list[str] | None = None
+    prediction: dict | None = None
+
+    def refused(self) -> str | None:
+        if self.response_format is not None and self.response_format != {"type": "text"}:
+            kind = self.response_format.get("type")
+            return f"response_format: {kind!r} is not supported (structured output is not implemented); only 'text'"
+        if self.tools:
+            return "tools: tool calls are not supported by this server"
+        if self.tool_choice not in (None, "none"):
+            return "tool_choice: tool calls are not supported by this server"
+        for name in ("functions", "function_call", "audio", "prediction"):
+            if getattr(self, name) is not None:
+                return f"{name}: not supported by this server"
+        if self.modalities not in (None, ["text"]):
+            return "modalities: only ['text'] is supported"
+        if self.top_logprobs is not None and not self.logprobs:
+            return "top_logprobs: requires logprobs: true"
+        return None
+
+    @property
+    def logprobs_k(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionBody(_Sampling):
     prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def refused(self) -> str | None:
+        if self.echo:
+            return "echo: not supported by this server"
+        if self.best_of not in (None, 1):
+            return "best_of: only 1 is supported"
+        if self.suffix:
+            return "suffix: not supported by this server (no fill-in-the-middle)"
+        return None
+
+    @property
+    def logprobs_k(self) -> int | None:
+        return self.logprobs
 
 
 # -- the app ------------------------------------------------------------------------------------
@@ -122,7 +192,7 @@ def create_app(service: Service) -> FastAPI:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
         service.count(str(e.status))
-        return error_response(e.status, e.message, e.type, e.param, e.code)
+        return error_response(e.status, e.message, e.type, e.param, e.code, e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
@@ -148,18 +218,6 @@ def create_app(service: Service) -> FastAPI:
         service.count("500")
         return error_response(500, f"internal error: {type(e).__name__}", "server_error")
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if service.api_key is not None and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), service.api_key):
-                service.count("401")
-                return error_response(
-                    401, "a valid API key is required (Authorization: Bearer KEY)", code="invalid_api_key"
-                )
-        return await call_next(request)
-
     @app.get("/health")
     async def health():
         engine = service.engine
@@ -167,6 +225,8 @@ def create_app(service: Service) -> FastAPI:
             return JSONResponse({"status": "error"}, status_code=503)
         if not engine.ready.is_set():
             return JSONResponse({"status": "loading"}, status_code=503)
+        if engine.stopping:
+            return JSONResponse({"status": "stopping"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -176,10 +236,18 @@ def create_app(service: Service) -> FastAPI:
         body, content_type = service.metrics.exposition()
         return PlainTextResponse(body, media_type=content_type)
 
+    def card() -> dict:
+        return {"id": service.name, "object": "model", "created": service.created, "owned_by": "hy-edge"}
+
     @app.get("/v1/models")
     async def models():
-        card = {"id": service.name, "object": "model", "created": service.created, "owned_by": "hy-edge"}
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != service.name:
+            raise ApiError(404, f"model '{model_id}' does not exist", param="model", code="model_not_found")
+        return card()
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, request: Request):
@@ -212,7 +280,7 @@ async def _encode(service: Service, encode) -> list[int]:
         raise ApiError(400, f"the messages cannot be rendered by the chat template: {e}") from None
 
 
-def _engine_request(service: Service, body: _Sampling, ids: list[int], emit) -> EngineRequest:
+def _engine_request(service: Service, body: _Sampling, ids: list[int], emit, arrived: float) -> EngineRequest:
     if body.model is not None and body.model != service.name:
         raise ApiError(
             404,
@@ -222,6 +290,9 @@ def _engine_request(service: Service, body: _Sampling, ids: list[int], emit) -> 
         )
     if body.n != 1:
         raise ApiError(400, "n: only n=1 is supported", param="n")
+    refused = body.refused()
+    if refused:
+        raise ApiError(400, refused, param=refused.split(":")[0])
     context = service.engine.max_context
     max_prompt = service.limits.max_prompt_tokens or context
     if len(ids) > min(max_prompt, context):
@@ -242,11 +313,21 @@ def _engine_request(service: Service, body: _Sampling, ids: list[int], emit) -> 
     if body.seed is not None and body.seed < 0:
         raise ApiError(400, "seed should be >= 0", param="seed")
     try:
-        sampler = make_sampler(body.temperature, top_p=body.top_p, seed=body.seed)
-        processors = make_openai_penalties(len(ids), body.frequency_penalty, body.presence_penalty)
+        bias = {int(k): v for k, v in (body.logit_bias or {}).items()}
+    except ValueError:
+        raise ApiError(400, "logit_bias: the keys should be token ids", param="logit_bias") from None
+    try:
+        sampler = make_sampler(body.temperature, top_k=body.top_k, top_p=body.top_p, min_p=body.min_p, seed=body.seed)
+        processors = [
+            *make_logits_processors(body.repetition_penalty),
+            *make_openai_penalties(len(ids), body.frequency_penalty, body.presence_penalty),
+            *make_logit_bias(bias, service.model.spec.vocab_size if bias else 0),
+        ]
     except HyEdgeError as e:
         raise ApiError(400, str(e)) from None
-    return EngineRequest(ids, max_tokens, emit, sampler, processors, tuple(stop))
+    return EngineRequest(
+        ids, max_tokens, emit, sampler, processors, tuple(stop), submitted=arrived, logprobs=body.logprobs_k
+    )
 
 
 async def _complete(service: Service, request: Request, body: _Sampling, ids: list[int], chat: bool):
@@ -256,43 +337,60 @@ async def _complete(service: Service, request: Request, body: _Sampling, ids: li
     def emit(event) -> None:  # engine thread → this event loop
         loop.call_soon_threadsafe(events.put_nowait, event)
 
-    req = _engine_request(service, body, ids, emit)
+    arrived = request.scope.get("state", {}).get("arrived", time.perf_counter())  # stamped by Front
+    req = _engine_request(service, body, ids, emit, arrived)
     engine = service.engine
     try:
         engine.submit(req)
     except QueueFull as e:
-        raise ApiError(429, str(e), "rate_limit_error", code="server_busy") from None
+        retry = {"Retry-After": str(RETRY_AFTER_S)}
+        raise ApiError(429, str(e), "rate_limit_error", code="server_busy", headers=retry) from None
     except NotAccepting as e:
         raise ApiError(503, str(e), "server_error") from None
     except (BudgetError, HyEdgeError) as e:
         raise ApiError(400, str(e)) from None
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-    shape = _Shape(rid, service.name, chat, int(time.time()))
+    piece = _token_piece(service.model.tokenizer) if req.logprobs is not None else None
+    shape = _Shape(rid, service.name, chat, int(time.time()), piece)
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(
+        return _EventStream(
             _stream(engine, req, events, shape, usage),
+            on_close=lambda: engine.cancel(req),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
-    text, last = [], None
+    text, logprobs, last = [], [], None
+    watcher = asyncio.create_task(_watch_disconnect(request.receive, events))
     try:
         while last is None:
-            try:
-                event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    return PlainTextResponse("", status_code=499)
-                continue
+            event = await events.get()
+            if event is _GONE:
+                return PlainTextResponse("", status_code=499)
             if isinstance(event, Failed):
                 raise ApiError(event.status, event.message, "server_error")
             text.append(event.text)
+            if event.logprobs is not None:
+                logprobs.append(event.logprobs)
             if event.finish_reason:
                 last = event
     finally:
+        watcher.cancel()
         if last is None:
             engine.cancel(req)
-    return shape.whole("".join(text), last)
+    return shape.whole("".join(text), last, logprobs)
+
+
+_GONE = object()  # put in a request's event queue when its client has disconnected
+
+
+async def _watch_disconnect(receive, events: asyncio.Queue) -> None:
+    """Wait for the client to go away (the body has been read: the server's next message is the
+    disconnect), then wake the request's reader. Waiting on `receive` notices it at once, however busy the
+    event queue is (a poll between events never ran while tokens kept arriving)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    events.put_nowait(_GONE)
 
 
 async def _stream(
@@ -300,7 +398,7 @@ async def _stream(
 ) -> AsyncIterator[str]:
     """Server-sent events: one chunk per piece of text, the finish reason, usage if asked, [DONE]. A
     client that goes away ends this generator (GeneratorExit / cancellation): the engine frees its slot."""
-    done = False
+    done, offset = False, 0  # offset: text_offset of completions' logprobs
     try:
         if shape.chat:
             yield shape.sse(shape.chunk({"role": "assistant", "content": ""}, None))
@@ -311,8 +409,10 @@ async def _stream(
                     {"error": {"message": event.message, "type": "server_error", "param": None, "code": None}}
                 )
                 break
-            if event.text:
-                yield shape.sse(shape.chunk({"content": event.text} if shape.chat else event.text, None))
+            if event.text or event.logprobs is not None:  # a held-back token still brings its logprobs
+                logprobs = shape.logprobs([event.logprobs], offset) if event.logprobs is not None else None
+                yield shape.sse(shape.chunk({"content": event.text} if shape.chat else event.text, None, logprobs))
+                offset += len(event.text)
             if event.finish_reason:
                 yield shape.sse(shape.chunk({} if shape.chat else "", event.finish_reason))
                 if usage:
@@ -325,6 +425,22 @@ async def _stream(
             engine.cancel(req)
 
 
+class _EventStream(StreamingResponse):
+    """A stream that cancels its request however the response ends: a client that leaves before the first
+    chunk never starts the generator, so the generator's own `finally` would not run (cancelling a request
+    that has finished is a no-op)."""
+
+    def __init__(self, content, on_close, **kwargs):
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
 def _usage(r: GenerationResponse) -> dict:
     return {
         "prompt_tokens": r.prompt_tokens,
@@ -332,6 +448,11 @@ def _usage(r: GenerationResponse) -> dict:
         "total_tokens": r.prompt_tokens + r.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": r.cached_tokens},
     }
+
+
+def _token_piece(tokenizer):
+    """token id -> its text, as logprobs name tokens (special tokens included)."""
+    return lambda token: tokenizer.decode([token], skip_special_tokens=False)
 
 
 @dataclass(frozen=True)
@@ -342,50 +463,88 @@ class _Shape:
     model: str
     chat: bool
     created: int = 0
+    piece: Callable[[int], str] | None = None  # token id -> text, when logprobs were asked for
+
+    def logprobs(self, items: list[TokenLogprobs], offset: int = 0) -> dict | None:
+        """chat: {"content": [{token, logprob, bytes, top_logprobs}]}; completions: the legacy columns."""
+        if self.piece is None:
+            return None
+        if self.chat:
+
+            def entry(token: int, logprob: float) -> dict:
+                text = self.piece(token)
+                return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+            return {
+                "content": [
+                    {**entry(lp.token, lp.logprob), "top_logprobs": [entry(*t) for t in lp.top]} for lp in items
+                ]
+            }
+        tokens = [self.piece(lp.token) for lp in items]
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp.logprob for lp in items],
+            "top_logprobs": [{self.piece(t): v for t, v in lp.top} for lp in items],
+            "text_offset": list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=offset)),
+        }
 
     def head(self) -> dict:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def chunk(self, delta, finish: str | None) -> dict:
+    def chunk(self, delta, finish: str | None, logprobs: dict | None = None) -> dict:
         if self.chat:
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": delta, "logprobs": logprobs, "finish_reason": finish}
         return {**self.head(), "choices": [choice]}
 
     @staticmethod
     def sse(obj: dict) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-    def whole(self, text: str, last: GenerationResponse) -> dict:
+    def whole(self, text: str, last: GenerationResponse, logprobs: list[TokenLogprobs]) -> dict:
         if self.chat:
             choice = {
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
-                "logprobs": None,
+                "logprobs": self.logprobs(logprobs),
                 "finish_reason": last.finish_reason,
             }
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": last.finish_reason}
+            choice = {
+                "index": 0,
+                "text": text,
+                "logprobs": self.logprobs(logprobs),
+                "finish_reason": last.finish_reason,
+            }
         obj = {**self.head(), "choices": [choice], "usage": _usage(last)}
         obj["object"] = "chat.completion" if self.chat else "text_completion"
         return obj
 
 
-class BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes gets 413 — refused by its Content-Length before
+class Front:
+    """Pure ASGI middleware before the app (see the module's docstring for why not Starlette's): stamps
+    `scope["state"]["arrived"]`, answers 401 for a missing or wrong key before any of the body is read
+    (/health is exempt), and 413 for a body over `limit` bytes -- refused by its Content-Length before
     anything is read, or as soon as a chunked body passes the limit."""
 
-    def __init__(self, app, limit: int, on_reject=lambda: None):
-        self.app, self.limit, self.on_reject = app, limit, on_reject
+    def __init__(self, app, limit: int, api_key: bytes | None = None, on_reject=lambda status: None):
+        self.app, self.limit, self.api_key, self.on_reject = app, limit, api_key, on_reject
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length")
+        scope.setdefault("state", {})["arrived"] = time.perf_counter()
+        headers = dict(scope.get("headers") or [])
+        if self.api_key is not None and scope.get("path") != "/health":
+            scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key):
+                message = "a valid API key is required (Authorization: Bearer KEY)"
+                return await self._reject(send, 401, error_body(message, code="invalid_api_key"))
+        length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return await self._reject(send)
+            return await self._too_large(send)
         body, more = bytearray(), True
         while more:  # read the body first (it is small, or refused): the app then gets it in one piece
             message = await receive()
@@ -394,10 +553,10 @@ class BodyLimit:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.limit:
-                return await self._reject(send)
+                return await self._too_large(send)
         replayed = False
 
-        async def replay():
+        async def replay():  # the body once, then the server's own receive (which reports a disconnect)
             nonlocal replayed
             if not replayed:
                 replayed = True
@@ -406,27 +565,21 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _reject(self, send):
-        self.on_reject()
-        body = json.dumps(
-            {
-                "error": {
-                    "message": f"the request body is larger than {self.limit} bytes",
-                    "type": "invalid_request_error",
-                    "param": None,
-                    "code": None,
-                }
-            }
-        ).encode()
+    async def _too_large(self, send):
+        return await self._reject(send, 413, error_body(f"the request body is larger than {self.limit} bytes"))
+
+    async def _reject(self, send, status: int, obj: dict):
+        self.on_reject(str(status))
+        body = json.dumps(obj).encode()
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"),
+            (b"connection", b"close"),  # the unread body must not be taken for the next request
         ]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
 
 def build_asgi(service: Service):
-    """The app wrapped in the body limit: what uvicorn serves."""
-    return BodyLimit(create_app(service), service.limits.max_body_bytes, lambda: service.count("413"))
+    """The app behind its front (arrival stamp, key, body limit): what uvicorn serves."""
+    return Front(create_app(service), service.limits.max_body_bytes, service.api_key, service.count)
