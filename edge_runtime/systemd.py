@@ -118,6 +118,13 @@ WantedBy=multi-user.target
 """
 
 
+def hidden_by_unit(path: str | Path) -> bool:
+    """Whether the unit's ProtectHome=yes hides `path` (absolute; symlinks are not resolved: a venv's python
+    links to /usr/bin but its packages stay in the venv)."""
+    parts = Path(os.path.abspath(path)).parts
+    return parts[1:2] in (("home",), ("root",), ("run",)) and (parts[1] != "run" or parts[2:3] == ("user",))
+
+
 def systemd_running() -> bool:
     """Whether systemd is PID 1 here (sd_booted(3))."""
     return os.path.isdir("/run/systemd/system")

@@ -189,6 +189,7 @@ def test_serve_option_errors_are_one_line(default_model_file, tmp_path):
             (["--api-key-file", str(tmp_path / "missing")], "no such file"),
             (["--max-memory", "10MB"], "too small"),
             (["--port", port], "Address already in use"),
+            (["--host", "0.0.0.0"], "--insecure-no-key"),  # open to the network without a key: refused
         ):
             r = CliRunner().invoke(main, ["serve", "--model", str(default_model_file), "--max-context", "64", *args])
             assert r.exit_code == 2 and r.stderr.startswith("hy-edge: error:") and says in r.stderr, r.stderr
