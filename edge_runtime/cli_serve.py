@@ -86,14 +86,18 @@ def _read_api_key(path: str | None) -> str | None:
     return key
 
 
-def check_loopback(host: str, remedy: str) -> None:
-    """HyEdgeError unless every address `host` names is a loopback one (127.0.0.0/8, ::1): a server open to
-    the network without a key is refused unless the user says --insecure-no-key."""
+def is_loopback(host: str) -> bool:
+    """Whether every address `host` names is a loopback one (127.0.0.0/8, ::1); HyEdgeError if it names none."""
     try:
         addresses = {info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
     except socket.gaierror as e:
         raise HyEdgeError(f"--host {host}: {e.strerror}") from None
-    if not all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
+    return all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+
+
+def check_loopback(host: str, remedy: str) -> None:
+    """A server open to the network without a key is refused unless the user says --insecure-no-key."""
+    if not is_loopback(host):
         raise HyEdgeError(f"--host {host} is reachable from the network: {remedy}, or pass --insecure-no-key")
 
 
@@ -327,8 +331,11 @@ def install_cmd(
                 f"the unit would run {python}, under /home or /root, which it hides (ProtectHome=yes): install "
                 "hy-edge outside them (python3 -m venv /opt/hy-edge) and run that one's hy-edge, or give --python"
             )
-        if api_key_file is None and not insecure_no_key:
-            check_loopback(host, "give --api-key-file")
+        loopback = is_loopback(host)
+        if not loopback and api_key_file is None and not insecure_no_key:
+            raise HyEdgeError(
+                f"--host {host} is reachable from the network: give --api-key-file, or pass --insecure-no-key"
+            )
         budget = parse_size(max_memory) if max_memory else default_budget()
         args = ["--host", host, "--port", str(port), "--max-batch", str(max_batch), "--max-queue", str(max_queue)]
         if insecure_no_key:
@@ -350,7 +357,7 @@ def install_cmd(
         key = str(Path(api_key_file).resolve()) if api_key_file else None
         if key and not Path(key).is_file():
             raise HyEdgeError(f"--api-key-file {api_key_file}: no such file")
-        text = unit_file(args, python=python, budget_bytes=budget, api_key_file=key)
+        text = unit_file(args, python=python, budget_bytes=budget, api_key_file=key, loopback_only=loopback)
         if print_only:
             click.echo(text, nl=False)
             return

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -82,6 +83,33 @@ def test_unit_file_passes_systemd_analyze_verify(default_model_file, tmp_path):
     assert not path.exists()
     r = CliRunner().invoke(main, ["service", "install", "--print", "--model", "/home/x/model.onnx"])
     assert r.exit_code == 2 and r.output.startswith("hy-edge: error:")
+
+
+def test_unit_sandbox_scores_at_most_2_in_systemd_analyze_security(tmp_path):
+    analyze = systemd_analyze()
+    key = tmp_path / "key"
+    key.write_text("k\n")
+    python = ["--python", "/usr/bin/python3"]  # --offline checks no paths
+    for host, extra, local in (("127.0.0.1", [], True), ("0.0.0.0", ["--api-key-file", str(key)], False)):
+        r = CliRunner().invoke(
+            main, ["service", "install", "--print", "--max-memory", "1GB", "--host", host, *python, *extra]
+        )
+        assert r.exit_code == 0, r.output
+        unit = r.stdout
+        for line in ("CapabilityBoundingSet=", "SystemCallArchitectures=native", "SystemCallFilter=@system-service",
+                     "RestrictNamespaces=yes", "LockPersonality=yes", "PrivateUsers=yes"):  # fmt: skip
+            assert f"\n{line}\n" in unit, line
+        assert "\nMemoryDenyWriteExecute=" not in unit  # numba's JIT needs W+X mappings
+        assert ("\nIPAddressAllow=localhost\n" in unit) == local
+        path = tmp_path / "hy-edge.service"
+        path.write_text(unit)
+        v = subprocess.run(
+            [analyze, "security", "--offline=true", str(path)], capture_output=True, text=True, timeout=60
+        )
+        if "--offline" in v.stderr:  # systemd < 250
+            pytest.skip(f"systemd-analyze security has no --offline: {v.stderr.strip()}")
+        score = re.search(r"Overall exposure level for hy-edge.service: ([\d.]+)", v.stdout)
+        assert score and float(score.group(1)) <= 2.0, v.stdout[-3000:]
 
 
 def test_install_refuses_an_open_host_without_a_key_and_a_python_the_unit_hides(tmp_path, monkeypatch):
