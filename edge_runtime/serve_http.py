@@ -117,8 +117,8 @@ class ChatBody(_Sampling):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: dict | None = None  # text, json_object, json_schema (grammar.py)
     # fields that would change the answer and are not supported: named in a 400, never dropped (`refused`)
-    response_format: dict | None = None
     tools: list | None = None
     tool_choice: str | dict | None = None
     functions: list | None = None
@@ -128,9 +128,6 @@ class ChatBody(_Sampling):
     prediction: dict | None = None
 
     def refused(self) -> str | None:
-        if self.response_format is not None and self.response_format != {"type": "text"}:
-            kind = self.response_format.get("type")
-            return f"response_format: {kind!r} is not supported (structured output is not implemented); only 'text'"
         if self.tools:
             return "tools: tool calls are not supported by this server"
         if self.tool_choice not in (None, "none"):
@@ -280,7 +277,28 @@ async def _encode(service: Service, encode) -> list[int]:
         raise ApiError(400, f"the messages cannot be rendered by the chat template: {e}") from None
 
 
-def _engine_request(service: Service, body: _Sampling, ids: list[int], emit, arrived: float) -> EngineRequest:
+async def _grammar(service: Service, response_format: dict, prompt_tokens: int):
+    """The structured-output processor of a request (grammar.py), built off the event loop (the first one
+    reads the whole vocabulary, a schema compiles in milliseconds)."""
+    from .grammar import json_processor
+
+    engine = service.engine
+    try:
+        return await anyio.to_thread.run_sync(
+            json_processor,
+            service.model.tokenizer,
+            service.model.spec.vocab_size,
+            engine.eos_ids,
+            response_format,
+            prompt_tokens,
+        )
+    except HyEdgeError as e:
+        raise ApiError(400, str(e).splitlines()[0], param="response_format") from None
+
+
+def _engine_request(
+    service: Service, body: _Sampling, ids: list[int], emit, arrived: float, grammar=None
+) -> EngineRequest:
     if body.model is not None and body.model != service.name:
         raise ApiError(
             404,
@@ -322,6 +340,7 @@ def _engine_request(service: Service, body: _Sampling, ids: list[int], emit, arr
             *make_logits_processors(body.repetition_penalty),
             *make_openai_penalties(len(ids), body.frequency_penalty, body.presence_penalty),
             *make_logit_bias(bias, service.model.spec.vocab_size if bias else 0),
+            *([grammar] if grammar is not None else []),  # last: nothing re-allows a token it forbids
         ]
     except HyEdgeError as e:
         raise ApiError(400, str(e)) from None
@@ -338,7 +357,10 @@ async def _complete(service: Service, request: Request, body: _Sampling, ids: li
         loop.call_soon_threadsafe(events.put_nowait, event)
 
     arrived = request.scope.get("state", {}).get("arrived", time.perf_counter())  # stamped by Front
-    req = _engine_request(service, body, ids, emit, arrived)
+    grammar = None
+    if getattr(body, "response_format", None) is not None:
+        grammar = await _grammar(service, body.response_format, len(ids))
+    req = _engine_request(service, body, ids, emit, arrived, grammar)
     engine = service.engine
     try:
         engine.submit(req)

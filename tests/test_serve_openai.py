@@ -156,3 +156,68 @@ def test_chat_url_talks_to_the_server(server, default_model_file):
     assert "generated tokens]" in r.stderr
     r = CliRunner().invoke(main, ["chat", "--url", server.url, "--model", str(default_model_file)], input="hi\n")
     assert r.exit_code == 2 and "exclude" in r.stderr
+
+
+def _object(properties: dict, required: list[str]) -> dict:
+    return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
+
+
+def _text(n: int) -> dict:
+    return {"type": "string", "maxLength": n}
+
+
+def _int(low: int, high: int) -> dict:
+    return {"type": "integer", "minimum": low, "maximum": high}
+
+
+# nested objects, enums, arrays, numbers with bounds, required and optional fields
+SCHEMAS = {
+    "nested": (
+        _object({"person": _object({"name": _text(20), "city": _text(20)}, ["name", "city"])}, ["person"]),
+        "Give a person and their city.",
+    ),
+    "enum": (_object({"colour": {"enum": ["red", "green", "blue"]}}, ["colour"]), "What colour is the sky?"),
+    "array": (
+        _object({"primes": {"type": "array", "items": _int(0, 1000), "minItems": 3, "maxItems": 5}}, ["primes"]),
+        "List the first prime numbers.",
+    ),
+    "bounds": (
+        _object(
+            {"celsius": {"type": "number", "minimum": -50, "maximum": 60}, "year": _int(1900, 2100)},
+            ["celsius", "year"],
+        ),
+        "A hot day in Paris: its temperature and year.",
+    ),
+    "required": (
+        _object({"title": _text(40), "pages": _int(1, 5000), "isbn": _text(20)}, ["title", "pages"]),
+        "Describe a book.",
+    ),
+}
+
+
+def test_structured_output_validates_against_its_schema(client, default_model_file):
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("llguidance")
+    model = default_model_file.stem
+    for name, (schema, question) in SCHEMAS.items():
+        response_format = {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+        messages = [{"role": "user", "content": question + " Answer in JSON."}]
+        r = client.chat.completions.create(
+            model=model, messages=messages, max_tokens=200, temperature=0, response_format=response_format
+        )
+        assert r.choices[0].finish_reason == "stop", (name, r.choices[0].message.content)
+        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+        stream = client.chat.completions.create(
+            model=model, messages=messages, max_tokens=200, temperature=0.8, seed=3, stream=True,
+            response_format=response_format,
+        )  # fmt: skip
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        jsonschema.validate(json.loads(text), schema)
+    r = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Say hello."}],
+        max_tokens=100,
+        temperature=0,
+        response_format={"type": "json_object"},
+    )
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
