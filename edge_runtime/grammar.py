@@ -1,11 +1,12 @@
 """Structured output: OpenAI's `response_format` (json_object, json_schema) enforced token by token by
 llguidance (a grammar engine made for it: Earley parser over the tokenizer's byte strings, ~0.1 ms per mask).
 
-`json_processor(tokenizer, vocab_size, response_format, prompt_tokens)` returns a logits processor (the
+`json_processor(tokenizer, vocab_size, eos_ids, response_format, prompt_tokens)` returns a logits processor (the
 `(tokens, logits) -> logits` shape of sampling.py): each call feeds the matcher the tokens sampled since the
 previous call, then sets every token the grammar does not allow next to -inf. Once the value is complete only
 an end-of-sequence token is allowed, so the answer ends there. An answer cut by max_tokens is cut JSON (as
-OpenAI's, finish_reason "length").
+OpenAI's, finish_reason "length"). `tool_processor` does the same for a tools.Tools' call list, from the first
+token or, for tool_choice "auto", from the call's opening tag on.
 
 llguidance comes with the `serve` extra and is imported only here, when a request asks for structured output.
 """
@@ -69,30 +70,99 @@ def json_processor(
     schema = schema_of(response_format)
     if schema is None:
         return None
+    ll = _ll_tokenizer(tokenizer, vocab_size, eos_ids)
     import llguidance
 
-    ll = _ll_tokenizer(tokenizer, vocab_size, eos_ids)
-    try:
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_OPTIONS)
-        matcher = llguidance.LLMatcher(ll, grammar, log_level=0)
-    except (ValueError, TypeError) as e:
-        raise HyEdgeError(f"response_format: the JSON schema is not usable: {str(e).splitlines()[0]}") from None
-    if matcher.is_error():
-        raise HyEdgeError(f"response_format: the JSON schema is not usable: {matcher.get_error().splitlines()[0]}")
-    words = (ll.vocab_size + 31) // 32
-    mask = np.zeros(words, np.int32)  # (ceil(V / 32),) one bit per token: allowed next
-    consumed = [prompt_tokens]
+    grammar = _compiled("response_format", lambda: llguidance.LLMatcher.grammar_from_json_schema(
+        json.dumps(schema), defaults=JSON_OPTIONS
+    ))  # fmt: skip
+    return _Constrained(ll, grammar, prompt_tokens, "response_format")
 
-    def constrain(tokens: Sequence[int], logits: np.ndarray) -> np.ndarray:
-        for token in tokens[consumed[0] :]:  # what was sampled since the last call
-            if not matcher.consume_token(int(token)):
-                raise HyEdgeError(f"structured output: the grammar refused a token ({matcher.get_error()})")
-        consumed[0] = len(tokens)
-        matcher.unsafe_compute_mask_ptr(mask.ctypes.data, mask.nbytes)
-        allowed = np.unpackbits(mask.view(np.uint8), bitorder="little")[: logits.shape[0]]
-        logits[allowed[: logits.shape[0]] == 0] = -np.inf
-        if allowed.shape[0] < logits.shape[0]:  # padded logits beyond the tokenizer
-            logits[allowed.shape[0] :] = -np.inf
+
+def tool_processor(tokenizer, vocab_size: int, eos_ids: Collection[int], tools, prompt_tokens: int) -> LogitsProcessor:
+    """A processor that holds the answer to a tools.Tools' call list between its family's tags: from the first
+    token (tool_choice "required" or named), or from the opening tag on ("auto": the model may answer in text;
+    a call, once opened, is a valid one)."""
+    ll = _ll_tokenizer(tokenizer, vocab_size, eos_ids)
+    import llguidance
+
+    schema = {**tools.calls_schema(), "x-guidance": JSON_OPTIONS}
+    calls = f"calls: %json {json.dumps(schema)}"
+    close = json.dumps(tools.format.close)
+    if tools.lazy:
+        lark = f"start: calls {close}\n{calls}"
+    else:
+        lark = f"start: {json.dumps(tools.format.open)} calls {close}\n{calls}"
+    grammar = _compiled("tools", lambda: llguidance.LLMatcher.grammar_from_lark(lark))
+    if not tools.lazy:
+        return _Constrained(ll, grammar, prompt_tokens, "tools")
+    return _Lazy(ll, grammar, prompt_tokens, tools.format.open.encode())
+
+
+def _compiled(field: str, build) -> str:
+    """A grammar llguidance accepts; HyEdgeError naming `field` otherwise."""
+    import llguidance
+
+    try:
+        grammar = build()
+        error = llguidance.LLMatcher.validate_grammar(grammar)
+    except (ValueError, TypeError) as e:
+        error = str(e)
+    if error:
+        raise HyEdgeError(f"{field}: the JSON schema is not usable: {error.splitlines()[0]}")
+    return grammar
+
+
+class _Constrained:
+    """A logits processor over one llguidance matcher: each call feeds the matcher the tokens sampled since the
+    previous call, then sets every token the grammar does not allow next to -inf."""
+
+    def __init__(self, ll, grammar: str, consumed: int, field: str = "grammar"):
+        import llguidance
+
+        self.matcher = llguidance.LLMatcher(ll, grammar, log_level=0)
+        if self.matcher.is_error():
+            raise HyEdgeError(f"{field}: the JSON schema is not usable: {self.matcher.get_error().splitlines()[0]}")
+        self.mask = np.zeros((ll.vocab_size + 31) // 32, np.int32)  # (ceil(V / 32),) one bit per token
+        self.consumed = consumed  # tokens of the history already fed to the matcher
+
+    def feed(self, tokens: Sequence[int]) -> None:
+        for token in tokens:
+            if not self.matcher.consume_token(int(token)):
+                raise HyEdgeError(f"structured output: the grammar refused a token ({self.matcher.get_error()})")
+
+    def __call__(self, tokens: Sequence[int], logits: np.ndarray) -> np.ndarray:
+        self.feed(tokens[self.consumed :])
+        self.consumed = len(tokens)
+        self.matcher.unsafe_compute_mask_ptr(self.mask.ctypes.data, self.mask.nbytes)
+        allowed = np.unpackbits(self.mask.view(np.uint8), bitorder="little")[: logits.shape[0]]
+        logits[: allowed.shape[0]][allowed == 0] = -np.inf
+        logits[allowed.shape[0] :] = -np.inf  # padded logits beyond the tokenizer
         return logits
 
-    return constrain
+
+class _Lazy:
+    """A grammar switched on by a trigger (the opening tag of a tool call): until the answer's bytes hold it, the
+    logits pass unchanged; from then on `_Constrained`, fed first with what followed the tag in its token."""
+
+    def __init__(self, ll, grammar: str, consumed: int, trigger: bytes):
+        self.ll, self.grammar, self.consumed, self.trigger = ll, grammar, consumed, trigger
+        self.text = b""  # the answer's bytes, until the trigger
+        self.active: _Constrained | None | bool = None  # False: the trigger came in a token no call can follow
+        _Constrained(ll, grammar, consumed)  # a grammar error is the request's, now, not at the trigger
+
+    def __call__(self, tokens: Sequence[int], logits: np.ndarray) -> np.ndarray:
+        if self.active is None:
+            new = tokens[self.consumed :]
+            self.consumed = len(tokens)
+            start = max(0, len(self.text) - len(self.trigger) + 1)
+            self.text += self.ll.decode_bytes([int(t) for t in new])
+            at = self.text.find(self.trigger, start)
+            if at < 0:
+                return logits
+            self.active = _Constrained(self.ll, self.grammar, len(tokens))
+            try:
+                self.active.feed(self.ll.tokenize_bytes(self.text[at + len(self.trigger) :]))
+            except HyEdgeError:  # the tag's token carried text no call starts with: the answer stays text
+                self.active = False
+        return self.active(tokens, logits) if self.active else logits

@@ -36,6 +36,7 @@ from .generate import GenerationResponse
 from .sampling import TokenLogprobs, make_logit_bias, make_logits_processors, make_openai_penalties, make_sampler
 from .serve_engine import Engine, Failed, NotAccepting, QueueFull
 from .serve_engine import Request as EngineRequest
+from .tools import FORMATS, ToolFormat, Tools, ToolStream, assistant_text, parse_tools, split
 
 MAX_STOP = 16
 
@@ -80,8 +81,11 @@ class TextPart(_Body):
 
 
 class Message(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[dict] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's answer: to which call
+    name: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -118,9 +122,10 @@ class ChatBody(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: dict | None = None  # text, json_object, json_schema (grammar.py)
-    # fields that would change the answer and are not supported: named in a 400, never dropped (`refused`)
-    tools: list | None = None
+    tools: list | None = None  # tools.py
     tool_choice: str | dict | None = None
+    parallel_tool_calls: bool = True
+    # fields that would change the answer and are not supported: named in a 400, never dropped (`refused`)
     functions: list | None = None
     function_call: str | dict | None = None
     audio: dict | None = None
@@ -128,10 +133,6 @@ class ChatBody(_Sampling):
     prediction: dict | None = None
 
     def refused(self) -> str | None:
-        if self.tools:
-            return "tools: tool calls are not supported by this server"
-        if self.tool_choice not in (None, "none"):
-            return "tool_choice: tool calls are not supported by this server"
         for name in ("functions", "function_call", "audio", "prediction"):
             if getattr(self, name) is not None:
                 return f"{name}: not supported by this server"
@@ -250,9 +251,17 @@ def create_app(service: Service) -> FastAPI:
     async def chat(body: ChatBody, request: Request):
         if body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        try:
+            tools = parse_tools(service.model.spec.model_type, body.tools, body.tool_choice, body.parallel_tool_calls)
+        except HyEdgeError as e:
+            raise ApiError(400, str(e), param=str(e).split(":")[0]) from None
+        if tools is not None and body.response_format not in (None, {"type": "text"}):
+            raise ApiError(400, "response_format: cannot be combined with tools", param="response_format")
+        messages = [_message(m, service.model.spec.model_type) for m in body.messages]
+        if tools is not None:
+            messages = tools.messages(messages)
         ids = await _encode(service, lambda: service.model.encode_prompt(messages))
-        return await _complete(service, request, body, ids, chat=True)
+        return await _complete(service, request, body, ids, chat=True, tools=tools)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
@@ -267,6 +276,21 @@ def create_app(service: Service) -> FastAPI:
     return app
 
 
+def _message(m: Message, model_type: str) -> dict:
+    """A chat message as the template reads it: an assistant's earlier tool calls written in its family's call
+    format, as the model would have written them."""
+    role = "system" if m.role == "developer" else m.role
+    if m.role == "assistant" and m.tool_calls:
+        fmt = FORMATS.get(model_type)
+        if fmt is None:
+            raise ApiError(400, f"messages: no tool-call format is known for {model_type} models", param="messages")
+        try:
+            return {"role": role, "content": assistant_text(m.text(), m.tool_calls, fmt)}
+        except HyEdgeError as e:
+            raise ApiError(400, str(e), param="messages") from None
+    return {"role": role, "content": m.text()}
+
+
 async def _encode(service: Service, encode) -> list[int]:
     """Tokenize off the event loop (a long prompt takes a while); a template error is the client's."""
     try:
@@ -277,23 +301,20 @@ async def _encode(service: Service, encode) -> list[int]:
         raise ApiError(400, f"the messages cannot be rendered by the chat template: {e}") from None
 
 
-async def _grammar(service: Service, response_format: dict, prompt_tokens: int):
-    """The structured-output processor of a request (grammar.py), built off the event loop (the first one
-    reads the whole vocabulary, a schema compiles in milliseconds)."""
-    from .grammar import json_processor
+async def _grammar(service: Service, wanted: dict | Tools, prompt_tokens: int):
+    """The structured-output processor of a request (grammar.py): a response_format, or tools. Built off the
+    event loop (the first one reads the whole vocabulary, a schema compiles in milliseconds)."""
+    from .grammar import json_processor, tool_processor
 
-    engine = service.engine
+    build = tool_processor if isinstance(wanted, Tools) else json_processor
+    model = service.model
     try:
         return await anyio.to_thread.run_sync(
-            json_processor,
-            service.model.tokenizer,
-            service.model.spec.vocab_size,
-            engine.eos_ids,
-            response_format,
-            prompt_tokens,
+            build, model.tokenizer, model.spec.vocab_size, service.engine.eos_ids, wanted, prompt_tokens
         )
     except HyEdgeError as e:
-        raise ApiError(400, str(e).splitlines()[0], param="response_format") from None
+        message = str(e).splitlines()[0]
+        raise ApiError(400, message, param=message.split(":")[0]) from None
 
 
 def _engine_request(
@@ -349,7 +370,9 @@ def _engine_request(
     )
 
 
-async def _complete(service: Service, request: Request, body: _Sampling, ids: list[int], chat: bool):
+async def _complete(
+    service: Service, request: Request, body: _Sampling, ids: list[int], chat: bool, tools: Tools | None = None
+):
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
 
@@ -358,7 +381,9 @@ async def _complete(service: Service, request: Request, body: _Sampling, ids: li
 
     arrived = request.scope.get("state", {}).get("arrived", time.perf_counter())  # stamped by Front
     grammar = None
-    if getattr(body, "response_format", None) is not None:
+    if tools is not None:
+        grammar = await _grammar(service, tools, len(ids))
+    elif getattr(body, "response_format", None) is not None:
         grammar = await _grammar(service, body.response_format, len(ids))
     req = _engine_request(service, body, ids, emit, arrived, grammar)
     engine = service.engine
@@ -373,7 +398,7 @@ async def _complete(service: Service, request: Request, body: _Sampling, ids: li
         raise ApiError(400, str(e)) from None
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     piece = _token_piece(service.model.tokenizer) if req.logprobs is not None else None
-    shape = _Shape(rid, service.name, chat, int(time.time()), piece)
+    shape = _Shape(rid, service.name, chat, int(time.time()), piece, tools.format if tools is not None else None)
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
         return _EventStream(
@@ -421,6 +446,7 @@ async def _stream(
     """Server-sent events: one chunk per piece of text, the finish reason, usage if asked, [DONE]. A
     client that goes away ends this generator (GeneratorExit / cancellation): the engine frees its slot."""
     done, offset = False, 0  # offset: text_offset of completions' logprobs
+    calls = ToolStream(shape.tools) if shape.tools is not None else None
     try:
         if shape.chat:
             yield shape.sse(shape.chunk({"role": "assistant", "content": ""}, None))
@@ -431,12 +457,22 @@ async def _stream(
                     {"error": {"message": event.message, "type": "server_error", "param": None, "code": None}}
                 )
                 break
-            if event.text or event.logprobs is not None:  # a held-back token still brings its logprobs
+            text = event.text if calls is None else calls.feed(event.text)  # a call is sent whole, at the end
+            if text or event.logprobs is not None:  # a held-back token still brings its logprobs
                 logprobs = shape.logprobs([event.logprobs], offset) if event.logprobs is not None else None
-                yield shape.sse(shape.chunk({"content": event.text} if shape.chat else event.text, None, logprobs))
-                offset += len(event.text)
+                yield shape.sse(shape.chunk({"content": text} if shape.chat else text, None, logprobs))
+                offset += len(text)
             if event.finish_reason:
-                yield shape.sse(shape.chunk({} if shape.chat else "", event.finish_reason))
+                finish = event.finish_reason
+                if calls is not None:
+                    rest, tool_calls = calls.finish()
+                    if rest:
+                        yield shape.sse(shape.chunk({"content": rest}, None))
+                    if tool_calls and finish == "stop":
+                        delta = {"tool_calls": [{"index": i, **c} for i, c in enumerate(tool_calls)]}
+                        yield shape.sse(shape.chunk(delta, None))
+                        finish = "tool_calls"
+                yield shape.sse(shape.chunk({} if shape.chat else "", finish))
                 if usage:
                     yield shape.sse({**shape.head(), "choices": [], "usage": _usage(event)})
                 break
@@ -486,6 +522,7 @@ class _Shape:
     chat: bool
     created: int = 0
     piece: Callable[[int], str] | None = None  # token id -> text, when logprobs were asked for
+    tools: ToolFormat | None = None  # the call format, when the answer may call tools
 
     def logprobs(self, items: list[TokenLogprobs], offset: int = 0) -> dict | None:
         """chat: {"content": [{token, logprob, bytes, top_logprobs}]}; completions: the legacy columns."""
@@ -527,12 +564,12 @@ class _Shape:
 
     def whole(self, text: str, last: GenerationResponse, logprobs: list[TokenLogprobs]) -> dict:
         if self.chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": self.logprobs(logprobs),
-                "finish_reason": last.finish_reason,
-            }
+            message, finish = {"role": "assistant", "content": text}, last.finish_reason
+            if self.tools is not None and finish == "stop":
+                content, calls = split(text, self.tools)
+                if calls:
+                    message, finish = {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+            choice = {"index": 0, "message": message, "logprobs": self.logprobs(logprobs), "finish_reason": finish}
         else:
             choice = {
                 "index": 0,

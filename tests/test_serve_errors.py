@@ -85,15 +85,21 @@ def test_malformed_and_mistyped_requests(url):
     r = post(url, {**HELLO, "some_unknown_field": {"x": 1}})  # unknown fields are ignored
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
     # a subnormal temperature overflowed the sampler (issue 27: 500, an internal error): the client's mistake
-    # fields that would change the answer and are not supported: a 400 naming them, never a silent 200
+    # fields that would change the answer and are not supported or not usable: a 400 naming them, never a 200
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
-    refused = {
-        "tools": {"tools": [tool], "tool_choice": "required"},
-        "tool_choice": {"tool_choice": {"type": "function", "function": {"name": "f"}}},
-        "function_call": {"function_call": "auto"},
-        "top_logprobs": {"top_logprobs": 3},
-    }
-    for field, extra in refused.items():
+    refused = [
+        ("tool_choice", {"tool_choice": {"type": "function", "function": {"name": "f"}}}),  # no tools
+        ("tool_choice", {"tools": [tool], "tool_choice": {"type": "function", "function": {"name": "g"}}}),
+        ("tool_choice", {"tools": [tool], "tool_choice": "always"}),
+        ("tools", {"tools": [{"type": "function", "function": {"name": "a b"}}]}),
+        ("tools", {"tools": [tool, tool]}),
+        ("tools", {"tools": [{"type": "retrieval"}]}),
+        ("tools", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}]}),
+        ("response_format", {"tools": [tool], "response_format": {"type": "json_object"}}),
+        ("function_call", {"function_call": "auto"}),
+        ("top_logprobs", {"top_logprobs": 3}),
+    ]
+    for field, extra in refused:
         err = error_of(post(url, {**HELLO, **extra}), 400)
         assert err["param"] == field and field in err["message"], (field, err)
     for bad in ({"type": "xml"}, {"type": "json_schema", "json_schema": {"name": "x"}}):

@@ -221,3 +221,59 @@ def test_structured_output_validates_against_its_schema(client, default_model_fi
         response_format={"type": "json_object"},
     )
     assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city",
+        "parameters": _object({"city": _text(30), "unit": {"enum": ["celsius", "fahrenheit"]}}, ["city"]),
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {"name": "get_time", "parameters": _object({"zone": _text(30)}, ["zone"])},
+}
+
+
+def test_tool_calls_validate_against_the_tools_parameters(client, default_model_file):
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("llguidance")
+    model, tools = default_model_file.stem, [WEATHER, TIME]
+    parameters = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for choice, temperature in (("required", 0), ("required", 0.8), (named, 0), (named, 0.8)):
+        r = client.chat.completions.create(
+            model=model, messages=messages, tools=tools, tool_choice=choice, max_tokens=120,
+            temperature=temperature, seed=5,
+        )  # fmt: skip
+        got = r.choices[0]
+        assert got.finish_reason == "tool_calls" and got.message.content is None, got
+        calls = got.message.tool_calls
+        assert calls and all(c.type == "function" and c.id.startswith("call_") for c in calls)
+        for call in calls:
+            jsonschema.validate(json.loads(call.function.arguments), parameters[call.function.name])
+        if choice is named:
+            assert [c.function.name for c in calls] == ["get_weather"]
+        # streamed: the same calls (ids aside), assembled from the deltas as a client does
+        stream = client.chat.completions.create(
+            model=model, messages=messages, tools=tools, tool_choice=choice, max_tokens=120,
+            temperature=temperature, seed=5, stream=True,
+        )  # fmt: skip
+        deltas, finish = [], None
+        for chunk in stream:
+            for c in chunk.choices:
+                deltas += c.delta.tool_calls or []
+                finish = c.finish_reason or finish
+        assert finish == "tool_calls"
+        streamed = [(d.function.name, d.function.arguments) for d in sorted(deltas, key=lambda d: d.index)]
+        assert streamed == [(c.function.name, c.function.arguments) for c in calls]
+    # the tool's answer goes back; tool_choice none: a plain text answer
+    history = [*messages, got.message.model_dump(exclude_none=True)]
+    history.append({"role": "tool", "tool_call_id": calls[0].id, "content": '{"celsius": 21, "sky": "clear"}'})
+    r = client.chat.completions.create(
+        model=model, messages=history, tools=tools, tool_choice="none", max_tokens=40, temperature=0
+    )
+    assert r.choices[0].message.tool_calls is None and r.choices[0].message.content
