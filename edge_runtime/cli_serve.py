@@ -59,6 +59,13 @@ def _serve_options(fn):
         click.option("--kv-cache", default="fp32", show_default=True, type=click.Choice(KV_CACHES)),
         click.option("--max-body", default="1MB", show_default=True, help="Largest request body."),
         click.option(
+            "--default-max-tokens",
+            default=512,
+            show_default=True,
+            type=int,
+            help="max_tokens of a request that gives none (a request may ask for up to the context length).",
+        ),
+        click.option(
             "--shutdown-timeout",
             default=30.0,
             show_default=True,
@@ -144,6 +151,7 @@ def serve_cmd(
     max_context,
     kv_cache,
     max_body,
+    default_max_tokens,
     shutdown_timeout,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (chat, completions, streaming)."""
@@ -166,6 +174,7 @@ def serve_cmd(
             ("--max-batch", max_batch, 1),
             ("--max-queue", max_queue, 0),
             ("--threads", threads, 1),
+            ("--default-max-tokens", default_max_tokens, 1),
         ):
             if value is not None and value < low:
                 raise HyEdgeError(f"{name} should be >= {low}, got {value}")
@@ -208,7 +217,9 @@ def serve_cmd(
         session, model.tokenizer, max_queue=max_queue, observer=metrics, heartbeat=watchdog.ping, on_ready=ready
     )
     metrics.engine = engine
-    service = Service(model, name, engine, metrics, api_key, Limits(max_body_bytes=body_limit))
+    service = Service(
+        model, name, engine, metrics, api_key, Limits(max_body_bytes=body_limit, default_max_tokens=default_max_tokens)
+    )
     config = uvicorn.Config(
         build_asgi(service),
         lifespan="off",

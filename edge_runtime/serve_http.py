@@ -46,6 +46,9 @@ class Limits:
     max_body_bytes: int = 1 << 20  # a request body larger than this is refused (413) before it is read
     max_prompt_tokens: int | None = None  # None: the context length
     max_tokens: int | None = None  # largest max_tokens a request may ask for; None: the context length
+    # what a request that names no max_tokens gets: a bounded answer (a small model at temperature > 0 may not
+    # stop on its own; the whole context would hold a slot for minutes)
+    default_max_tokens: int = 512
 
 
 RETRY_AFTER_S = 1  # what a 429 tells the client to wait: about one decode step frees a slot or a queue place
@@ -343,7 +346,7 @@ def _engine_request(
             code="context_length_exceeded",
         )
     cap = service.limits.max_tokens or context
-    max_tokens = cap if body.max_tokens is None else body.max_tokens
+    max_tokens = min(service.limits.default_max_tokens, cap) if body.max_tokens is None else body.max_tokens
     if not 1 <= max_tokens <= cap:
         raise ApiError(400, f"max_tokens should be between 1 and {cap}, got {max_tokens}", param="max_tokens")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])

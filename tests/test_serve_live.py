@@ -3,10 +3,11 @@ engine of a tiny random model whose decode steps are slowed down, so that a requ
 a non-streaming request whose client gives up is cancelled (behind the API key check), so is a stream whose
 client leaves while it waits in the queue; a full queue answers 429 with Retry-After; the TTFT histogram's
 clock starts when the request arrives; logprobs equal a numpy log-softmax of the model's own logits;
-logit_bias bans a token; /v1/models/{id}."""
+logit_bias bans a token; /v1/models/{id}; a request without max_tokens gets a bounded default."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import threading
@@ -107,7 +108,7 @@ def live(llama_dir):
         assert time.monotonic() < deadline
         time.sleep(0.02)
     state = Live(model, engine, metrics, url, front)
-    state.finished = finished
+    state.finished, state.service = finished, service
     yield state
     server.should_exit = True
     thread.join(TIMEOUT)
@@ -229,3 +230,15 @@ def test_model_card_by_id(live):
     r = httpx.get(live.url + "/v1/models/other", headers=AUTH, timeout=TIMEOUT)
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     assert httpx.get(live.url + "/v1/models/tiny", timeout=TIMEOUT).status_code == 401
+
+
+def test_a_request_without_max_tokens_gets_the_default_bound(live):
+    limits = live.service.limits
+    live.service.limits = dataclasses.replace(limits, default_max_tokens=5)
+    try:
+        body = {"messages": [{"role": "user", "content": "Hello"}], "temperature": 0}
+        r = live.post(body).json()
+        assert r["usage"]["completion_tokens"] == 5 and r["choices"][0]["finish_reason"] == "length"
+        assert live.post({**body, "max_tokens": 7}).json()["usage"]["completion_tokens"] == 7  # asked: up to the cap
+    finally:
+        live.service.limits = limits
