@@ -5,12 +5,21 @@ position. Every step it
   1. drops requests whose client went away (their slots are free again),
   2. admits queued requests into free slots, choosing the slot whose cached tokens share the longest
      prefix with the prompt (a chat re-sending its history, a fixed system prompt: that KV is reused),
-  3. prefills at most `prefill_per_step` prompt tokens (a long prompt is spread over several steps, so
-     it never stalls the streams already running),
+  3. prefills one piece of a prompt (at most `prefill_per_step` tokens; more pieces while they fit in that
+     budget), so a long prompt is spread over several steps and a running stream waits for at most one
+     piece between two of its tokens,
   4. runs ONE batched decode step (`decode_batch`) for every sequence past its prompt, and hands each
      sampled token to its request.
-Decoding always goes through `decode_batch`, even for a single sequence: its per-row arithmetic does not
-depend on the batch, so an answer never depends on the traffic beside it.
+
+An answer does not depend on the traffic beside it, prefill included. Decoding always goes through
+`decode_batch`, even for a single sequence: its per-row arithmetic does not depend on the batch. A prompt is
+cut into pieces by its own length alone, never by what else is being prefilled: pieces start at multiples of
+ALIGN and are at least linear.PREFILL_MIN tokens long, so every piece runs the prefill kernels, whose rows do
+not depend on where the piece starts or ends (a shorter piece would run the one-token kernels, which round
+differently). Prefix reuse keeps the same rule: a slot's cached rows are reused only where a prompt's prefill
+computed them (`_Slot.exact`, never a generated reply's rows, which the decode kernels computed), up to a
+multiple of ALIGN, leaving a last piece of at least PREFILL_MIN: a prompt's logits are bit-identical whether it
+reuses a prefix or not, and whatever ran beside it.
 
 Requests arrive through `submit` from any thread (the HTTP layer); the engine calls `Request.emit` on its
 own thread with one GenerationResponse per token (finish_reason set on the last) or one `Failed`. Nothing
@@ -27,10 +36,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from hy_edge_ops.linear import PREFILL_MIN
 
 from .errors import BudgetError, HyEdgeError
 from .generate import GenerationResponse, Generator, TextOut, common_prefix, eos_ids_of
 from .sampling import LogitsProcessor, Sampler, make_sampler, token_logprobs
+
+ALIGN = 16  # where a prompt piece may start: a multiple of the prefill kernel's token vectors (4, 8 or 16)
 
 
 class QueueFull(HyEdgeError):
@@ -100,6 +112,7 @@ class _Seq:
 class _Slot:
     index: int
     tokens: list[int] = field(default_factory=list)  # what this slot's KV cache holds, position by position
+    exact: int = 0  # leading positions whose KV a prompt's aligned prefill pieces computed (reusable as is)
     seq: _Seq | None = None
     last_used: float = 0.0
 
@@ -127,7 +140,11 @@ class Engine:
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids_of(session.spec, tokenizer, eos_ids)
         self.max_queue = max_queue
-        self.prefill_per_step = prefill_per_step or session.prefill_chunk
+        # the longest piece: one forward() chunk, a multiple of ALIGN, room for a piece and a last one >= PREFILL_MIN
+        piece = min(prefill_per_step or session.prefill_chunk, session.prefill_chunk)
+        if piece < 2 * ALIGN:
+            raise HyEdgeError(f"prefill pieces should be >= {2 * ALIGN} tokens, got {piece}")
+        self.prefill_per_step = piece - piece % ALIGN
         self.observer = observer or Observer()
         self.heartbeat = heartbeat or (lambda: None)  # called every loop iteration (systemd's watchdog)
         self.on_ready = on_ready or (lambda: None)  # called once warm, before the first heartbeat
@@ -301,27 +318,51 @@ class Engine:
             prompt = req.prompt_ids
             # the slot holding the longest common prefix; among equals, the least recently used
             slot = max(free, key=lambda s: (common_prefix(s.tokens, prompt), -s.last_used))
-            keep = min(common_prefix(slot.tokens, prompt), len(prompt) - 1)
+            keep = self._reusable(slot, prompt)
             keep = self.session.truncate(keep, slot=slot.index)
             del slot.tokens[keep:]
+            slot.exact = min(slot.exact, keep)
             limit = min(req.max_tokens, self.max_context - len(prompt) + 1)  # the last token is never run
             out = TextOut(self.tokenizer, self.eos_ids, req.stop, limit)
             slot.seq = _Seq(req, slot.index, list(prompt[keep:]), list(prompt), out, keep)
             self.reused_tokens += keep
             self.observer.admitted(keep)
 
+    @staticmethod
+    def _reusable(slot: _Slot, prompt: list[int]) -> int:
+        """The cached positions of `slot` that `prompt` may reuse: shared, computed by a prompt's prefill, a
+        multiple of ALIGN, and leaving at least PREFILL_MIN tokens to prefill (so that the prompt's pieces are
+        the ones it has alone: the module's docstring)."""
+        keep = min(common_prefix(slot.tokens, prompt), slot.exact, len(prompt) - PREFILL_MIN)
+        return max(0, keep - keep % ALIGN)
+
+    def _piece(self, start: int, end: int) -> int:
+        """Where the piece of a prompt from `start` (a multiple of ALIGN) to its `end` stops: at most
+        prefill_per_step tokens later, on a multiple of ALIGN, never leaving a last piece < PREFILL_MIN."""
+        stop = start + self.prefill_per_step
+        if stop >= end:
+            return end
+        if end - stop < PREFILL_MIN:
+            stop = (end - PREFILL_MIN) - (end - PREFILL_MIN) % ALIGN
+            return stop if stop > start else end
+        return stop
+
     def _prefill(self) -> None:
         budget = self.prefill_per_step
         for slot in sorted((s for s in self._slots if s.seq and s.seq.pending), key=lambda s: s.seq.req.submitted):
-            if budget <= 0:
-                return
             seq = slot.seq
-            piece, seq.pending = seq.pending[:budget], seq.pending[budget:]
-            budget -= len(piece)
+            start, end = len(slot.tokens), len(seq.req.prompt_ids)
+            n = self._piece(start, end) - start
+            if n > budget:  # the step's first piece always runs; more only while they fit
+                return
+            piece, seq.pending = seq.pending[:n], seq.pending[n:]
+            budget -= n
             t0 = time.perf_counter()
             try:
                 logits = self.session.forward(np.asarray(piece, np.int64), slot=slot.index)
                 slot.tokens += piece
+                if slot.exact == start and n >= PREFILL_MIN:
+                    slot.exact = start + n
                 seq.prefill_s += time.perf_counter() - t0
                 if not seq.pending:
                     self._sample(slot, Generator._finite(logits, 0))
@@ -388,7 +429,7 @@ class Engine:
 
     def _fail(self, slot: _Slot, error: Exception) -> None:
         self.session.truncate(0, slot=slot.index)
-        slot.tokens = []
+        slot.tokens, slot.exact = [], 0
         self._finish(slot, "error", Failed(str(error).splitlines()[0] if str(error) else type(error).__name__))
 
     @staticmethod
