@@ -5,17 +5,18 @@ position. Every step it
   1. drops requests whose client went away (their slots are free again),
   2. admits queued requests into free slots, choosing the slot whose cached tokens share the longest
      prefix with the prompt (a chat re-sending its history, a fixed system prompt: that KV is reused),
-  3. prefills one piece of a prompt (at most `prefill_per_step` tokens; more pieces while they fit in that
-     budget), so a long prompt is spread over several steps and a running stream waits for at most one
-     piece between two of its tokens,
+  3. prefills one piece of a prompt (more pieces while they fit in the step's budget): at most
+     `prefill_per_step` tokens, and while other sequences are decoding, about as many as take `max_stall`
+     decode steps (measured as it serves; never fewer than 2 * ALIGN): a long prompt is spread over several
+     steps and a running stream waits for at most one piece between two of its tokens,
   4. runs ONE batched decode step (`decode_batch`) for every sequence past its prompt, and hands each
      sampled token to its request.
 
 An answer does not depend on the traffic beside it, prefill included. Decoding always goes through
 `decode_batch`, even for a single sequence: its per-row arithmetic does not depend on the batch. A prompt is
-cut into pieces by its own length alone, never by what else is being prefilled: pieces start at multiples of
-ALIGN and are at least linear.PREFILL_MIN tokens long, so every piece runs the prefill kernels, whose rows do
-not depend on where the piece starts or ends (a shorter piece would run the one-token kernels, which round
+cut into pieces that start at multiples of ALIGN and are at least linear.PREFILL_MIN tokens long, however
+many tokens the step has room for: every piece runs the prefill kernels, whose rows do not depend on where the
+piece starts or ends (a shorter piece would run the one-token kernels, which round
 differently). Prefix reuse keeps the same rule: a slot's cached rows are reused only where a prompt's prefill
 computed them (`_Slot.exact`, never a generated reply's rows, which the decode kernels computed), up to a
 multiple of ALIGN, leaving a last piece of at least PREFILL_MIN: a prompt's logits are bit-identical whether it
@@ -129,6 +130,7 @@ class Engine:
         *,
         max_queue: int = 8,
         prefill_per_step: int | None = None,
+        max_stall: float = 2.0,
         observer: Observer | None = None,
         heartbeat: Callable[[], None] | None = None,
         on_ready: Callable[[], None] | None = None,
@@ -145,6 +147,9 @@ class Engine:
         if piece < 2 * ALIGN:
             raise HyEdgeError(f"prefill pieces should be >= {2 * ALIGN} tokens, got {piece}")
         self.prefill_per_step = piece - piece % ALIGN
+        self.max_stall = max_stall  # a piece beside running streams: about this many decode steps' time
+        self._step_s = 0.0  # moving averages: a batched decode step, one prompt token's prefill
+        self._token_s = 0.0
         self.observer = observer or Observer()
         self.heartbeat = heartbeat or (lambda: None)  # called every loop iteration (systemd's watchdog)
         self.on_ready = on_ready or (lambda: None)  # called once warm, before the first heartbeat
@@ -336,10 +341,24 @@ class Engine:
         keep = min(common_prefix(slot.tokens, prompt), slot.exact, len(prompt) - PREFILL_MIN)
         return max(0, keep - keep % ALIGN)
 
-    def _piece(self, start: int, end: int) -> int:
+    def _budget(self) -> int:
+        """Prompt tokens this step may prefill: prefill_per_step, or while sequences are decoding, what takes
+        about max_stall decode steps (a multiple of ALIGN, at least 2 * ALIGN)."""
+        decoding = any(s.seq is not None and s.seq.next is not None for s in self._slots)
+        if not decoding or self._token_s <= 0.0:
+            return self.prefill_per_step
+        n = int(self.max_stall * self._step_s / self._token_s)
+        return max(2 * ALIGN, min(self.prefill_per_step, n - n % ALIGN))
+
+    @staticmethod
+    def _average(mean: float, sample: float) -> float:
+        return sample if mean <= 0.0 else 0.8 * mean + 0.2 * sample
+
+    def _piece(self, start: int, end: int, budget: int) -> int:
         """Where the piece of a prompt from `start` (a multiple of ALIGN) to its `end` stops: at most
-        prefill_per_step tokens later, on a multiple of ALIGN, never leaving a last piece < PREFILL_MIN."""
-        stop = start + self.prefill_per_step
+        `budget` (a multiple of ALIGN, >= 2 * ALIGN) tokens later, on a multiple of ALIGN, never leaving a last
+        piece < PREFILL_MIN."""
+        stop = start + budget
         if stop >= end:
             return end
         if end - stop < PREFILL_MIN:
@@ -348,11 +367,11 @@ class Engine:
         return stop
 
     def _prefill(self) -> None:
-        budget = self.prefill_per_step
+        budget = step_budget = self._budget()
         for slot in sorted((s for s in self._slots if s.seq and s.seq.pending), key=lambda s: s.seq.req.submitted):
             seq = slot.seq
             start, end = len(slot.tokens), len(seq.req.prompt_ids)
-            n = self._piece(start, end) - start
+            n = self._piece(start, end, step_budget) - start
             if n > budget:  # the step's first piece always runs; more only while they fit
                 return
             piece, seq.pending = seq.pending[:n], seq.pending[n:]
@@ -363,7 +382,10 @@ class Engine:
                 slot.tokens += piece
                 if slot.exact == start and n >= PREFILL_MIN:
                     slot.exact = start + n
-                seq.prefill_s += time.perf_counter() - t0
+                seconds = time.perf_counter() - t0
+                seq.prefill_s += seconds
+                if n >= 2 * ALIGN:  # a short piece's time is mostly fixed costs
+                    self._token_s = self._average(self._token_s, seconds / n)
                 if not seq.pending:
                     self._sample(slot, Generator._finite(logits, 0))
             except Exception as e:  # one request's failure (NaN logits, a bug) must not end the loop
@@ -374,6 +396,7 @@ class Engine:
         if not running:
             return
         ids = np.array([s.seq.next for s in running], np.int64)
+        t0 = time.perf_counter()
         try:
             logits = self.session.decode_batch(ids, np.array([s.index for s in running], np.int64))  # (B, V)
         except Exception as e:
@@ -386,6 +409,7 @@ class Engine:
                 self._sample(slot, Generator._finite(logits[row], slot.seq.out.n))
             except Exception as e:
                 self._fail(slot, e)
+        self._step_s = self._average(self._step_s, time.perf_counter() - t0)
 
     def _sample(self, slot: _Slot, logits: np.ndarray) -> None:
         """Sample the next token of slot's sequence from its logits (V,) and hand it over."""

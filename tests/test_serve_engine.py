@@ -103,6 +103,44 @@ def test_a_long_prompt_is_prefilled_between_decode_steps(model, make_engine):
     running.result(), long.result()
 
 
+class SlowPrefill:
+    """The session with every prompt token's prefill held back 5 ms, and the length of each piece kept."""
+
+    def __init__(self, session):
+        self._session, self.pieces = session, []
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+    def forward(self, ids, **kwargs):
+        self.pieces.append(len(ids))
+        time.sleep(0.005 * len(ids))
+        return self._session.forward(ids, **kwargs)
+
+
+def test_beside_running_streams_a_prompt_is_prefilled_in_pieces_sized_by_time(model):
+    session = SlowPrefill(model.session(slots=2, max_context=256))
+    engine = Engine(session, model.tokenizer, prefill_per_step=128, max_stall=2.0)
+    engine.start(warmup=False)
+    try:
+        assert engine.ready.wait(TIMEOUT)
+        engine.eos_ids = frozenset()
+        first = model.encode_prompt("Numbers like 2024 and 3.14159 appear in text " * 3)
+        run_one(engine, first, 1)
+        assert session.pieces == [len(first)]  # nothing decoding: one piece, as long as prefill_per_step allows
+        running = Collector(model.encode_prompt("Hello"), 200)
+        engine.submit(running.request)
+        running.events.get(timeout=TIMEOUT)
+        session.pieces.clear()
+        second = model.encode_prompt("Other words, 1999 and 2.71828, in a text " * 3)
+        run_one(engine, second, 1)
+        # a prefill piece costs far more than two decode steps of this tiny model: the smallest pieces
+        assert sum(session.pieces) == len(second) and max(session.pieces) == 2 * ALIGN < len(second)
+        engine.cancel(running.request)
+    finally:
+        engine.stop()
+
+
 class Recorder:
     """A logits processor that keeps a copy of every row of logits it is given (V,), then passes them on."""
 
