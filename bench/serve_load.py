@@ -7,7 +7,8 @@ engine runs on the thread that loaded the model); every token's arrival time is 
 the steady state: tokens that arrived while all N streams were decoding, divided by the length of that
 window (prefill and the ragged ends are left out). EOS is ignored so every stream runs its full length.
 `--url` measures a running `hy-edge serve` over HTTP instead (streamed completions, token arrivals as
-server-sent events; text prompts).
+server-sent events; text prompts; the key, if the server wants one, from $HY_EDGE_API_KEY); it needs only
+what the `serve` extra installs (httpx).
 
     python bench/serve_load.py                     # 24 layers, 1 2 4 8 streams, 128 tokens each
     python bench/serve_load.py --layers 2 --tokens 32 --streams 1 2 4   # a smoke run
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import threading
@@ -82,11 +84,14 @@ def run_http(url: str, streams: int, tokens: int) -> dict:
 
     arrivals: list[list[float]] = [[] for _ in range(streams)]
     barrier = threading.Barrier(streams)
+    key = os.environ.get("HY_EDGE_API_KEY")  # a server that asks for a key: the same variable it reads
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
 
     def one(i: int) -> None:
         body = {"prompt": f"Story {i}: once upon a time", "max_tokens": tokens, "temperature": 0, "stream": True}
         barrier.wait()
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+        with httpx.stream("POST", url + "/v1/completions", json=body, headers=headers, timeout=600) as r:
+            r.raise_for_status()
             for line in r.iter_lines():
                 if line.startswith("data: {"):
                     arrivals[i].append(time.perf_counter())
