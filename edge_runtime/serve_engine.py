@@ -143,10 +143,10 @@ class Engine:
         self.eos_ids = eos_ids_of(session.spec, tokenizer, eos_ids)
         self.max_queue = max_queue
         # the longest piece: one forward() chunk, a multiple of ALIGN, room for a piece and a last one >= PREFILL_MIN
+        # (a session whose chunk is shorter than 2 * ALIGN, never `hy-edge serve`'s, splits pieces again: its
+        # logits may then depend on the traffic)
         piece = min(prefill_per_step or session.prefill_chunk, session.prefill_chunk)
-        if piece < 2 * ALIGN:
-            raise HyEdgeError(f"prefill pieces should be >= {2 * ALIGN} tokens, got {piece}")
-        self.prefill_per_step = piece - piece % ALIGN
+        self.prefill_per_step = max(2 * ALIGN, piece - piece % ALIGN)
         self.max_stall = max_stall  # a piece beside running streams: about this many decode steps' time
         self._step_s = 0.0  # moving averages: a batched decode step, one prompt token's prefill
         self._token_s = 0.0
