@@ -34,19 +34,21 @@ def model(llama_dir):
     return edge_runtime.load(converted(llama_dir, "e4m3"), threads=1)
 
 
-def test_auto_holds_the_answer_to_a_valid_call_from_the_opening_tag_on(model):
+@pytest.mark.parametrize("family", sorted(FORMATS))  # the tags differ; the tiny Llama's tokenizer spells both
+def test_auto_holds_the_answer_to_a_valid_call_from_the_opening_tag_on(model, family):
     from edge_runtime.grammar import tool_processor
 
     tok, V = model.tokenizer, model.spec.vocab_size
     eos = eos_ids_of(model.spec, tok, ())
-    tools = parse_tools("llama", [WEATHER], "auto")
+    tools = parse_tools(family, [WEATHER], "auto")
+    fmt = FORMATS[family]
     prompt = model.encode_prompt("hi")
     process = tool_processor(tok, V, eos, tools, len(prompt))
     rng = np.random.default_rng(0)
     history = prompt + tok.encode("Let me look. ", add_special_tokens=False)
     logits = rng.standard_normal(V).astype(np.float32)
     assert np.array_equal(process(history, logits.copy()), logits)  # free text: nothing masked
-    history += tok.encode(FMT.open, add_special_tokens=False)
+    history += tok.encode(fmt.open, add_special_tokens=False)
     answer_from = len(history)
     for _ in range(400):  # greedy over random logits, under the mask
         masked = process(history, rng.standard_normal(V).astype(np.float32))
@@ -62,8 +64,8 @@ def test_auto_holds_the_answer_to_a_valid_call_from_the_opening_tag_on(model):
     else:
         raise AssertionError("the call never ended")
     text = tok.decode(history[len(prompt) :], skip_special_tokens=False)
-    content, calls = split(text, FMT)
-    assert content == "Let me look." and calls, text
+    content, calls = split(text, fmt)
+    assert content == "Let me look." and calls and text.endswith(fmt.close), text
     for call in calls:
         assert call["function"]["name"] == "forecast"
         jsonschema.validate(json.loads(call["function"]["arguments"]), PARAMETERS)
