@@ -4,7 +4,7 @@ It only validates, queues and streams: a request becomes token ids and sampling 
 engine's queue (serve_engine.Engine, its own thread), and the engine's events come back through an
 asyncio queue (`loop.call_soon_threadsafe`). Every error is OpenAI-shaped: {"error": {"message", "type",
 "param", "code"}}. Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}], GET /health,
-GET /metrics.
+GET /metrics. The request bodies are in serve_bodies, the response objects in serve_shapes, tool calls in tools.
 
 In front of the app sits one pure ASGI middleware (`Front`): it stamps the arrival time (the TTFT clock), checks
 the API key before the body is read, and refuses a body over the limit. It is pure ASGI on purpose: Starlette's
@@ -16,27 +16,25 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import itertools
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Literal
 
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from .errors import BudgetError, HyEdgeError
-from .generate import GenerationResponse
-from .sampling import TokenLogprobs, make_logit_bias, make_logits_processors, make_openai_penalties, make_sampler
+from .sampling import make_logit_bias, make_logits_processors, make_openai_penalties, make_sampler
+from .serve_bodies import ChatBody, CompletionBody, Message, SamplingBody
 from .serve_engine import Engine, Failed, NotAccepting, QueueFull
 from .serve_engine import Request as EngineRequest
-from .tools import FORMATS, ToolFormat, Tools, ToolStream, assistant_text, parse_tools, split
+from .serve_shapes import Shape, token_piece, usage_of
+from .tools import FORMATS, Tools, ToolStream, assistant_text, parse_tools
 
 MAX_STOP = 16
 
@@ -71,104 +69,6 @@ def error_response(
     status: int, message: str, type_: str = "invalid_request_error", param=None, code=None, headers=None
 ):
     return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
-
-
-# -- request bodies (unknown fields are ignored; types are strict: "5" is not a number) -----------------
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-
-class TextPart(_Body):
-    type: Literal["text"]
-    text: str
-
-
-class Message(_Body):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    tool_calls: list[dict] | None = None  # an assistant's earlier calls
-    tool_call_id: str | None = None  # a tool's answer: to which call
-    name: str | None = None
-
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(p.text for p in self.content)
-        return self.content or ""
-
-
-class StreamOptions(_Body):
-    include_usage: bool = False
-
-
-class _Sampling(_Body):
-    model: str | None = None
-    max_tokens: int | None = None
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    # llama-server's extensions (defaults off: an answer equals `hy-edge run`'s)
-    top_k: int = Field(0, ge=0)
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = 1.0
-    logit_bias: dict[str, float] | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    n: int = 1
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-
-
-class ChatBody(_Sampling):
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: dict | None = None  # text, json_object, json_schema (grammar.py)
-    tools: list | None = None  # tools.py
-    tool_choice: str | dict | None = None
-    parallel_tool_calls: bool = True
-    # fields that would change the answer and are not supported: named in a 400, never dropped (`refused`)
-    functions: list | None = None
-    function_call: str | dict | None = None
-    audio: dict | None = None
-    modalities: list[str] | None = None
-    prediction: dict | None = None
-
-    def refused(self) -> str | None:
-        for name in ("functions", "function_call", "audio", "prediction"):
-            if getattr(self, name) is not None:
-                return f"{name}: not supported by this server"
-        if self.modalities not in (None, ["text"]):
-            return "modalities: only ['text'] is supported"
-        if self.top_logprobs is not None and not self.logprobs:
-            return "top_logprobs: requires logprobs: true"
-        return None
-
-    @property
-    def logprobs_k(self) -> int | None:
-        return (self.top_logprobs or 0) if self.logprobs else None
-
-
-class CompletionBody(_Sampling):
-    prompt: str | list[str]
-    logprobs: int | None = Field(None, ge=0, le=5)
-    echo: bool = False
-    best_of: int | None = None
-    suffix: str | None = None
-
-    def refused(self) -> str | None:
-        if self.echo:
-            return "echo: not supported by this server"
-        if self.best_of not in (None, 1):
-            return "best_of: only 1 is supported"
-        if self.suffix:
-            return "suffix: not supported by this server (no fill-in-the-middle)"
-        return None
-
-    @property
-    def logprobs_k(self) -> int | None:
-        return self.logprobs
 
 
 # -- the app ------------------------------------------------------------------------------------
@@ -321,7 +221,7 @@ async def _grammar(service: Service, wanted: dict | Tools, prompt_tokens: int):
 
 
 def _engine_request(
-    service: Service, body: _Sampling, ids: list[int], emit, arrived: float, grammar=None
+    service: Service, body: SamplingBody, ids: list[int], emit, arrived: float, grammar=None
 ) -> EngineRequest:
     if body.model is not None and body.model != service.name:
         raise ApiError(
@@ -374,7 +274,7 @@ def _engine_request(
 
 
 async def _complete(
-    service: Service, request: Request, body: _Sampling, ids: list[int], chat: bool, tools: Tools | None = None
+    service: Service, request: Request, body: SamplingBody, ids: list[int], chat: bool, tools: Tools | None = None
 ):
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
@@ -400,8 +300,8 @@ async def _complete(
     except (BudgetError, HyEdgeError) as e:
         raise ApiError(400, str(e)) from None
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-    piece = _token_piece(service.model.tokenizer) if req.logprobs is not None else None
-    shape = _Shape(rid, service.name, chat, int(time.time()), piece, tools.format if tools is not None else None)
+    piece = token_piece(service.model.tokenizer) if req.logprobs is not None else None
+    shape = Shape(rid, service.name, chat, int(time.time()), piece, tools.format if tools is not None else None)
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
         return _EventStream(
@@ -444,7 +344,7 @@ async def _watch_disconnect(receive, events: asyncio.Queue) -> None:
 
 
 async def _stream(
-    engine: Engine, req: EngineRequest, events: asyncio.Queue, shape: _Shape, usage: bool
+    engine: Engine, req: EngineRequest, events: asyncio.Queue, shape: Shape, usage: bool
 ) -> AsyncIterator[str]:
     """Server-sent events: one chunk per piece of text, the finish reason, usage if asked, [DONE]. A
     client that goes away ends this generator (GeneratorExit / cancellation): the engine frees its slot."""
@@ -477,7 +377,7 @@ async def _stream(
                         finish = "tool_calls"
                 yield shape.sse(shape.chunk({} if shape.chat else "", finish))
                 if usage:
-                    yield shape.sse({**shape.head(), "choices": [], "usage": _usage(event)})
+                    yield shape.sse({**shape.head(), "choices": [], "usage": usage_of(event)})
                 break
         done = True
         yield "data: [DONE]\n\n"
@@ -500,89 +400,6 @@ class _EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.on_close()
-
-
-def _usage(r: GenerationResponse) -> dict:
-    return {
-        "prompt_tokens": r.prompt_tokens,
-        "completion_tokens": r.completion_tokens,
-        "total_tokens": r.prompt_tokens + r.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": r.cached_tokens},
-    }
-
-
-def _token_piece(tokenizer):
-    """token id -> its text, as logprobs name tokens (special tokens included)."""
-    return lambda token: tokenizer.decode([token], skip_special_tokens=False)
-
-
-@dataclass(frozen=True)
-class _Shape:
-    """OpenAI's response objects for one request."""
-
-    id: str
-    model: str
-    chat: bool
-    created: int = 0
-    piece: Callable[[int], str] | None = None  # token id -> text, when logprobs were asked for
-    tools: ToolFormat | None = None  # the call format, when the answer may call tools
-
-    def logprobs(self, items: list[TokenLogprobs], offset: int = 0) -> dict | None:
-        """chat: {"content": [{token, logprob, bytes, top_logprobs}]}; completions: the legacy columns."""
-        if self.piece is None:
-            return None
-        if self.chat:
-
-            def entry(token: int, logprob: float) -> dict:
-                text = self.piece(token)
-                return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
-
-            return {
-                "content": [
-                    {**entry(lp.token, lp.logprob), "top_logprobs": [entry(*t) for t in lp.top]} for lp in items
-                ]
-            }
-        tokens = [self.piece(lp.token) for lp in items]
-        return {
-            "tokens": tokens,
-            "token_logprobs": [lp.logprob for lp in items],
-            "top_logprobs": [{self.piece(t): v for t, v in lp.top} for lp in items],
-            "text_offset": list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=offset)),
-        }
-
-    def head(self) -> dict:
-        kind = "chat.completion.chunk" if self.chat else "text_completion"
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
-
-    def chunk(self, delta, finish: str | None, logprobs: dict | None = None) -> dict:
-        if self.chat:
-            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": delta, "logprobs": logprobs, "finish_reason": finish}
-        return {**self.head(), "choices": [choice]}
-
-    @staticmethod
-    def sse(obj: dict) -> str:
-        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-    def whole(self, text: str, last: GenerationResponse, logprobs: list[TokenLogprobs]) -> dict:
-        if self.chat:
-            message, finish = {"role": "assistant", "content": text}, last.finish_reason
-            if self.tools is not None and finish == "stop":
-                content, calls = split(text, self.tools)
-                if calls:
-                    message, finish = {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
-            choice = {"index": 0, "message": message, "logprobs": self.logprobs(logprobs), "finish_reason": finish}
-        else:
-            choice = {
-                "index": 0,
-                "text": text,
-                "logprobs": self.logprobs(logprobs),
-                "finish_reason": last.finish_reason,
-            }
-        obj = {**self.head(), "choices": [choice], "usage": _usage(last)}
-        obj["object"] = "chat.completion" if self.chat else "text_completion"
-        return obj
 
 
 class Front:
