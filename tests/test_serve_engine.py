@@ -104,7 +104,8 @@ def test_a_long_prompt_is_prefilled_between_decode_steps(model, make_engine):
 
 
 class SlowPrefill:
-    """The session with every prompt token's prefill held back 5 ms, and the length of each piece kept."""
+    """The session with every prompt token's prefill held back 10 ms (scaled on an emulated machine: the ratio
+    to a decode step stays), and the length of each piece kept."""
 
     def __init__(self, session):
         self._session, self.pieces = session, []
@@ -114,7 +115,7 @@ class SlowPrefill:
 
     def forward(self, ids, **kwargs):
         self.pieces.append(len(ids))
-        time.sleep(0.005 * len(ids))
+        time.sleep(seconds(0.01) * len(ids))
         return self._session.forward(ids, **kwargs)
 
 
