@@ -33,7 +33,8 @@ class ToolFormat:
     close: str
 
 
-# keyed by ModelSpec.model_type (SmolLM2's function-calling format; Hunyuan's agent format)
+# keyed by ModelSpec.model_type: SmolLM2's function-calling format; for Hunyuan, the format Tencent documents for
+# Hunyuan-A13B's function calls (the family's agent format)
 FORMATS = {
     "llama": ToolFormat("<tool_call>", "</tool_call>"),
     "hunyuan_v1_dense": ToolFormat("<tool_calls>", "</tool_calls>"),
