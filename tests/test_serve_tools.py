@@ -71,6 +71,19 @@ def test_auto_holds_the_answer_to_a_valid_call_from_the_opening_tag_on(model, fa
         jsonschema.validate(json.loads(call["function"]["arguments"]), PARAMETERS)
 
 
+def test_text_after_the_tag_in_the_same_tokens_is_held_to_the_grammar(model):
+    from edge_runtime.grammar import tool_processor
+
+    tok, V = model.tokenizer, model.spec.vocab_size
+    process = tool_processor(tok, V, eos_ids_of(model.spec, tok, ()), parse_tools("llama", [WEATHER], "auto"), 0)
+    history = tok.encode('Sure.<tool_call>[{"', add_special_tokens=False)  # the call starts before any mask
+    allowed = np.isfinite(process(history, np.zeros(V, np.float32)))
+    piece = {t: tok.decode([t], skip_special_tokens=False) for t in range(V)}
+    quote = [t for t, text in piece.items() if text == "n"]  # the start of "name", a key the call may open with
+    brace = [t for t, text in piece.items() if text == "}"]
+    assert quote and brace and allowed[quote].all() and not allowed[brace].any()
+
+
 def test_a_stream_holds_back_what_may_open_a_call():
     stream = ToolStream(FMT)
     sent = [stream.feed(p) for p in ("Sure", " <to", 'ol_call>[{"name": "f", ', '"arguments": {}}]</tool_call>')]
