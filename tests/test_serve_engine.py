@@ -154,13 +154,13 @@ class Recorder:
 
 
 def test_a_prompts_logits_do_not_depend_on_the_traffic_or_on_prefix_reuse(model, make_engine):
-    engine = make_engine(slots=4, max_context=256, prefill_per_step=32)
+    engine = make_engine(slots=4, max_context=256, prefill_per_step=128)  # alone: pieces of 128
     engine.eos_ids = frozenset()
     text = "Numbers like 2024 and 3.14159 appear in text "
-    prompt = model.encode_prompt(text * 5)  # prefilled in pieces: 90-odd tokens, 32 at most per step
-    assert len(prompt) > 64
+    prompt = model.encode_prompt(text * 5)  # alone: pieces of 128 and the rest; beside others: of 32
+    assert len(prompt) > 128
 
-    def logits_of(collector_args=(), others=()) -> tuple[list[np.ndarray], GenerationResponse]:
+    def logits_of(others=()) -> tuple[list[np.ndarray], GenerationResponse]:
         recorder = Recorder()
         c = Collector(prompt, 4, processors=[recorder])
         for o in others:  # submitted first: the prompt shares its steps' prefill budget with them
@@ -173,7 +173,7 @@ def test_a_prompts_logits_do_not_depend_on_the_traffic_or_on_prefix_reuse(model,
 
     alone, _ = logits_of()
     engine.stop()
-    engine = make_engine(slots=4, max_context=256, prefill_per_step=32)  # cold slots: nothing to reuse
+    engine = make_engine(slots=4, max_context=256, prefill_per_step=32)  # cold slots, pieces of 32
     engine.eos_ids = frozenset()
     others = [Collector(model.encode_prompt(t), 6) for t in ("Hello there, " * 7, "x", "café " * 5)]
     loaded, first = logits_of(others=others)
