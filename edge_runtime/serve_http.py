@@ -368,10 +368,10 @@ async def _stream(
             if event.finish_reason:
                 finish = event.finish_reason
                 if calls is not None:
-                    rest, tool_calls = calls.finish()
+                    rest, tool_calls = calls.finish(complete=finish == "stop")
                     if rest:
                         yield shape.sse(shape.chunk({"content": rest}, None))
-                    if tool_calls and finish == "stop":
+                    if tool_calls:
                         delta = {"tool_calls": [{"index": i, **c} for i, c in enumerate(tool_calls)]}
                         yield shape.sse(shape.chunk(delta, None))
                         finish = "tool_calls"

@@ -198,9 +198,10 @@ class ToolStream:
         out, self.sent = self.text[self.sent : max(safe, self.sent)], max(safe, self.sent)
         return out
 
-    def finish(self) -> tuple[str, list[dict] | None]:
-        """(content not yet sent, tool_calls)."""
-        _, calls = split(self.text, self.fmt)
+    def finish(self, complete: bool = True) -> tuple[str, list[dict] | None]:
+        """(content not yet sent, tool_calls). An answer that did not end on its own (`complete` false: cut by
+        max_tokens) is all content, as `Shape.whole` makes it."""
+        _, calls = split(self.text, self.fmt) if complete else (None, None)
         if calls is None:
             return self.text[self.sent :], None
         return self.text[self.sent : self.text.find(self.fmt.open)], calls

@@ -90,6 +90,9 @@ def test_a_stream_holds_back_what_may_open_a_call():
     assert sent == ["Sure", " ", "", ""]
     rest, calls = stream.finish()
     assert rest == "" and [c["function"] for c in calls] == [{"name": "f", "arguments": "{}"}]
+    cut = ToolStream(FMT)  # a call list that ends but not on its own (max_tokens): all content, as non-streamed
+    text = 'a<tool_call>[{"name": "f", "arguments": {}}]</tool_call>'
+    assert cut.feed(text) == "a" and cut.finish(complete=False) == (text[1:], None)
     plain = ToolStream(FMT)
     assert [plain.feed(p) for p in ("a <", "b")] == ["a ", "<b"]
     assert plain.finish() == ("", None)
