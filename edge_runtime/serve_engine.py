@@ -345,8 +345,10 @@ class Engine:
         """Prompt tokens this step may prefill: prefill_per_step, or while sequences are decoding, what takes
         about max_stall decode steps (a multiple of ALIGN, at least 2 * ALIGN)."""
         decoding = any(s.seq is not None and s.seq.next is not None for s in self._slots)
-        if not decoding or self._token_s <= 0.0:
+        if not decoding:
             return self.prefill_per_step
+        if self._token_s <= 0.0:  # no piece measured yet: the smallest
+            return 2 * ALIGN
         n = int(self.max_stall * self._step_s / self._token_s)
         return max(2 * ALIGN, min(self.prefill_per_step, n - n % ALIGN))
 
