@@ -7,7 +7,7 @@ position. Every step it
      prefix with the prompt (a chat re-sending its history, a fixed system prompt: that KV is reused),
   3. prefills one piece of a prompt (more pieces while they fit in the step's budget): at most
      `prefill_per_step` tokens, and while other sequences are decoding, about as many as take `max_stall`
-     decode steps (measured as it serves; never fewer than 2 * ALIGN): a long prompt is spread over several
+     decode steps (measured as it serves; never fewer than ALIGN): a long prompt is spread over several
      steps and a running stream waits for at most one piece between two of its tokens,
   4. runs ONE batched decode step (`decode_batch`) for every sequence past its prompt, and hands each
      sampled token to its request.
@@ -343,14 +343,14 @@ class Engine:
 
     def _budget(self) -> int:
         """Prompt tokens this step may prefill: prefill_per_step, or while sequences are decoding, what takes
-        about max_stall decode steps (a multiple of ALIGN, at least 2 * ALIGN)."""
+        about max_stall decode steps (a multiple of ALIGN, at least ALIGN)."""
         decoding = any(s.seq is not None and s.seq.next is not None for s in self._slots)
         if not decoding:
             return self.prefill_per_step
         if self._token_s <= 0.0:  # no piece measured yet: the smallest
-            return 2 * ALIGN
+            return ALIGN
         n = int(self.max_stall * self._step_s / self._token_s)
-        return max(2 * ALIGN, min(self.prefill_per_step, n - n % ALIGN))
+        return max(ALIGN, min(self.prefill_per_step, n - n % ALIGN))
 
     @staticmethod
     def _average(mean: float, sample: float) -> float:
@@ -358,8 +358,8 @@ class Engine:
 
     def _piece(self, start: int, end: int, budget: int) -> int:
         """Where the piece of a prompt from `start` (a multiple of ALIGN) to its `end` stops: at most
-        `budget` (a multiple of ALIGN, >= 2 * ALIGN) tokens later, on a multiple of ALIGN, never leaving a last
-        piece < PREFILL_MIN."""
+        `budget` (a multiple of ALIGN) tokens later, on a multiple of ALIGN, never leaving a last piece <
+        PREFILL_MIN (the piece then takes the rest: up to ALIGN + PREFILL_MIN - 1 tokens past `budget`)."""
         stop = start + budget
         if stop >= end:
             return end
@@ -374,7 +374,7 @@ class Engine:
             seq = slot.seq
             start, end = len(slot.tokens), len(seq.req.prompt_ids)
             n = self._piece(start, end, step_budget) - start
-            if n > budget:  # the step's first piece always runs; more only while they fit
+            if n > budget and budget < step_budget:  # the step's first piece always runs; more while they fit
                 return
             piece, seq.pending = seq.pending[:n], seq.pending[n:]
             budget -= n
@@ -386,7 +386,7 @@ class Engine:
                     slot.exact = start + n
                 seconds = time.perf_counter() - t0
                 seq.prefill_s += seconds
-                if n >= 2 * ALIGN:  # a short piece's time is mostly fixed costs
+                if n >= ALIGN:  # a shorter piece's time is mostly fixed costs
                     self._token_s = self._average(self._token_s, seconds / n)
                 if not seq.pending:
                     self._sample(slot, Generator._finite(logits, 0))
