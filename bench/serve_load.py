@@ -7,11 +7,13 @@ engine runs on the thread that loaded the model); every token's arrival time is 
 the steady state: tokens that arrived while all N streams were decoding, divided by the length of that
 window (prefill and the ragged ends are left out). EOS is ignored so every stream runs its full length.
 `--url` measures a running `hy-edge serve` over HTTP instead (streamed completions, token arrivals as
-server-sent events; text prompts).
+server-sent events; text prompts; the key, if the server wants one, from $HY_EDGE_API_KEY); it needs only
+what the `serve` extra installs (httpx).
 
     python bench/serve_load.py                     # 24 layers, 1 2 4 8 streams, 128 tokens each
     python bench/serve_load.py --layers 2 --tokens 32 --streams 1 2 4   # a smoke run
     python bench/serve_load.py --url http://127.0.0.1:8000 --streams 1 4
+    python bench/serve_load.py --stall 512        # a 512-token prompt's cost to a running stream
 Writes bench/out/serve_load.json (or --out) and prints a table.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import threading
@@ -77,16 +80,68 @@ def run_engine(model, streams: int, tokens: int, prompt_tokens: int, threads: in
     return {"streams": streams, "decode_tps": tps, "window_s": window, "tokens_in_window": n}
 
 
+def run_stall(model, prompt_tokens: int, threads: int | None, kv_cache: str, max_stall: float) -> dict:
+    """What a long prompt costs a running stream: one stream decodes; after its 40th token a prompt of
+    `prompt_tokens` random tokens arrives. The stream's gaps between tokens: median before, median and
+    longest while the prompt is prefilled; and the prompt's time to first token. max_stall as Engine takes
+    it (a huge one: pieces of the session's whole chunk, the scheduler before pieces were sized by time)."""
+    from edge_runtime.serve_engine import Engine, Request
+
+    tokens = 40 + 4 * prompt_tokens // 8  # enough to outlast the prefill on any machine
+    session = model.session(slots=2, max_context=max(prompt_tokens, 8 + tokens) + 2, threads=threads, kv_cache=kv_cache)
+    rng = np.random.default_rng(0)
+    times: list[float] = []
+    marks: dict[str, float] = {}
+    started, answered = threading.Event(), threading.Event()
+
+    def on_token(event) -> None:
+        times.append(time.perf_counter())
+        if len(times) == 40:
+            started.set()
+
+    def on_long(event) -> None:
+        marks["first"] = time.perf_counter()
+        answered.set()
+
+    def submit_stream() -> None:
+        engine.submit(Request(rng.integers(0, model.spec.vocab_size, 8).tolist(), tokens, on_token))
+
+    def drive() -> None:
+        started.wait()
+        marks["submitted"] = time.perf_counter()
+        engine.submit(Request(rng.integers(0, model.spec.vocab_size, prompt_tokens).tolist(), 1, on_long))
+        answered.wait()
+        time.sleep(0.2)
+        engine.stop()
+
+    engine = Engine(session, None, max_queue=2, on_ready=submit_stream, max_stall=max_stall)
+    engine.eos_ids = frozenset()
+    threading.Thread(target=drive, daemon=True).start()
+    engine.run()
+    gaps = np.diff(times)
+    during = [g for t, g in zip(times[1:], gaps, strict=True) if marks["submitted"] < t <= marks["first"] + 0.2]
+    return {
+        "max_stall": max_stall,
+        "median_gap_s": float(np.median(gaps[:39])),
+        "median_gap_during_s": float(np.median(during)),
+        "longest_gap_s": float(max(during)),
+        "prompt_ttft_s": marks["first"] - marks["submitted"],
+    }
+
+
 def run_http(url: str, streams: int, tokens: int) -> dict:
     import httpx
 
     arrivals: list[list[float]] = [[] for _ in range(streams)]
     barrier = threading.Barrier(streams)
+    key = os.environ.get("HY_EDGE_API_KEY")  # a server that asks for a key: the same variable it reads
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
 
     def one(i: int) -> None:
         body = {"prompt": f"Story {i}: once upon a time", "max_tokens": tokens, "temperature": 0, "stream": True}
         barrier.wait()
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+        with httpx.stream("POST", url + "/v1/completions", json=body, headers=headers, timeout=600) as r:
+            r.raise_for_status()
             for line in r.iter_lines():
                 if line.startswith("data: {"):
                     arrivals[i].append(time.perf_counter())
@@ -111,7 +166,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--kv-cache", default="fp32", choices=["fp32", "fp16", "fp8"])
     ap.add_argument("--out", default=str(HERE / "out" / "serve_load.json"))
+    ap.add_argument(
+        "--stall", type=int, default=None, metavar="N", help="measure what an N-token prompt costs a running stream"
+    )
     args = ap.parse_args()
+    if args.stall:
+        stall(args)
+        return
 
     if args.url:
         label = args.url
@@ -140,6 +201,25 @@ def main() -> None:
     meta = {"model": label, "tokens": args.tokens, "prompt_tokens": args.prompt_tokens, "machine": platform.machine()}
     out.write_text(json.dumps({**meta, "threads": args.threads, "results": results}, indent=1) + "\n")
     print(f"written {out}")
+
+
+def stall(args) -> None:
+    import artifacts
+
+    import edge_runtime
+
+    path = Path(args.model) if args.model else artifacts.hy_edge_model(artifacts.checkpoint(args.layers), {})
+    model = edge_runtime.load(path)
+    results = [run_stall(model, args.stall, args.threads, args.kv_cache, m) for m in (1e9, 2.0)]
+    print(f"a {args.stall}-token prompt beside a running stream: {path.name}")
+    print("| prefill pieces | stream's gap before | during the prefill: median | longest | the prompt's first token |")
+    print("|---|---:|---:|---:|---:|")
+    for r, name in zip(results, ("whole chunks (128)", "time-sized (max_stall 2)"), strict=True):
+        print(
+            f"| {name} | {r['median_gap_s'] * 1000:.0f} ms | {r['median_gap_during_s'] * 1000:.0f} ms "
+            f"| {r['longest_gap_s'] * 1000:.0f} ms "
+            f"| {r['prompt_ttft_s']:.2f} s |"
+        )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ FastAPI and uvicorn come with the `serve` extra and are imported only here (and 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import socket
@@ -21,6 +22,7 @@ from .cli_common import fail, user_errors
 from .errors import HyEdgeError
 
 API_KEY_ENV = "HY_EDGE_API_KEY"
+HTTP_CLOSE_TIMEOUT_S = 5.0  # after the drain: how long uvicorn waits for connections before cancelling them
 
 
 def _serve_options(fn):
@@ -42,6 +44,11 @@ def _serve_options(fn):
             "--max-queue", default=8, show_default=True, type=int, help="Requests waiting for a slot; beyond: 429."
         ),
         click.option("--api-key-file", default=None, help=f"File holding the API key (or set ${API_KEY_ENV})."),
+        click.option(
+            "--insecure-no-key",
+            is_flag=True,
+            help="Serve a non-loopback --host without an API key (refused otherwise).",
+        ),
         click.option("--threads", default=None, type=int, help="Threads (default: physical cores)."),
         click.option(
             "--max-memory", default=None, help="Memory budget of the process (default: 3/4 of the available memory)."
@@ -51,6 +58,13 @@ def _serve_options(fn):
         ),
         click.option("--kv-cache", default="fp32", show_default=True, type=click.Choice(KV_CACHES)),
         click.option("--max-body", default="1MB", show_default=True, help="Largest request body."),
+        click.option(
+            "--default-max-tokens",
+            default=512,
+            show_default=True,
+            type=int,
+            help="max_tokens of a request that gives none (a request may ask for up to the context length).",
+        ),
         click.option(
             "--shutdown-timeout",
             default=30.0,
@@ -77,6 +91,21 @@ def _read_api_key(path: str | None) -> str | None:
     if not key or len(key.split()) != 1:
         raise HyEdgeError(f"--api-key-file {path}: should hold one key on one line")
     return key
+
+
+def is_loopback(host: str) -> bool:
+    """Whether every address `host` names is a loopback one (127.0.0.0/8, ::1); HyEdgeError if it names none."""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+    except socket.gaierror as e:
+        raise HyEdgeError(f"--host {host}: {e.strerror}") from None
+    return all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+
+
+def check_loopback(host: str, remedy: str) -> None:
+    """A server open to the network without a key is refused unless the user says --insecure-no-key."""
+    if not is_loopback(host):
+        raise HyEdgeError(f"--host {host} is reachable from the network: {remedy}, or pass --insecure-no-key")
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -116,11 +145,13 @@ def serve_cmd(
     max_batch,
     max_queue,
     api_key_file,
+    insecure_no_key,
     threads,
     max_memory,
     max_context,
     kv_cache,
     max_body,
+    default_max_tokens,
     shutdown_timeout,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (chat, completions, streaming)."""
@@ -143,6 +174,7 @@ def serve_cmd(
             ("--max-batch", max_batch, 1),
             ("--max-queue", max_queue, 0),
             ("--threads", threads, 1),
+            ("--default-max-tokens", default_max_tokens, 1),
         ):
             if value is not None and value < low:
                 raise HyEdgeError(f"{name} should be >= {low}, got {value}")
@@ -152,6 +184,8 @@ def serve_cmd(
         body_limit = parse_size(max_body)
         budget = parse_size(max_memory) if max_memory else DEFAULT_BUDGET
         api_key = _read_api_key(api_key_file)
+        if api_key is None and not insecure_no_key:
+            check_loopback(host, f"give an API key (--api-key-file or ${API_KEY_ENV})")
         asked = budget if max_memory else None  # an explicit budget: a first-run conversion runs under it
         path = resolve_model(model_arg, notice=lambda m: click.echo(m, err=True), max_memory=asked)
         model = load(path, threads=threads, max_context=max_context, max_memory=budget)
@@ -183,15 +217,18 @@ def serve_cmd(
         session, model.tokenizer, max_queue=max_queue, observer=metrics, heartbeat=watchdog.ping, on_ready=ready
     )
     metrics.engine = engine
-    service = Service(model, name, engine, metrics, api_key, Limits(max_body_bytes=body_limit))
+    service = Service(
+        model, name, engine, metrics, api_key, Limits(max_body_bytes=body_limit, default_max_tokens=default_max_tokens)
+    )
     config = uvicorn.Config(
         build_asgi(service),
         lifespan="off",
         log_level="info",
-        timeout_graceful_shutdown=shutdown_timeout,  # 0: running streams are closed at once
+        # the drain (_server) has ended every stream by now; this bounds only a client that reads nothing
+        timeout_graceful_shutdown=HTTP_CLOSE_TIMEOUT_S,
         timeout_keep_alive=5,
     )
-    server = _server(config, engine)
+    server = _server(config, engine, shutdown_timeout)
     failed: list[BaseException] = []
     http = threading.Thread(target=_serve_http, args=(server, sock, engine, failed), name="hy-edge-http")
     for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn listens to signals only on the main thread
@@ -213,19 +250,31 @@ def serve_cmd(
     click.echo("hy-edge: stopped", err=True)
 
 
-def _server(config, engine):
-    """uvicorn's Server, told about SIGTERM first: the engine stops accepting and systemd hears
-    STOPPING=1; uvicorn then closes the listener and waits (bounded) for running streams."""
+def _server(config, engine, shutdown_timeout: float):
+    """uvicorn's Server with our own drain on SIGTERM: systemd hears STOPPING=1, the engine stops accepting
+    while the listener stays open (a new request gets 503, not a refused connection), running requests get
+    `shutdown_timeout` seconds to finish; then the engine stops, failing what still runs (a stream ends with
+    an error event and [DONE]), and uvicorn closes. A second signal stops at once."""
     import uvicorn
 
     from .systemd import notify
 
     class Server(uvicorn.Server):
+        draining = False
+
         def handle_exit(self, sig, frame):
-            if not self.should_exit:
-                notify("STOPPING=1")
-                engine.drain(0)
-            super().handle_exit(sig, frame)
+            if self.draining or self.should_exit:
+                engine.stop(timeout=0)
+                return super().handle_exit(sig, frame)
+            self.draining = True
+            notify("STOPPING=1")
+            engine.drain(0)  # stop accepting now; the signal handler must not wait
+            threading.Thread(target=self._drain, name="hy-edge-drain", daemon=True).start()
+
+        def _drain(self) -> None:
+            engine.drain(shutdown_timeout)
+            engine.stop(timeout=0)  # the loop fails what still runs, then ends; run() returns on the main thread
+            self.should_exit = True
 
     return Server(config)
 
@@ -256,26 +305,58 @@ def service_cmd():
 @click.option("--max-memory", default=None, help="Memory budget (default: 3/4 of the memory available now).")
 @click.option("--max-context", default=None, type=int)
 @click.option("--api-key-file", default=None, help="Key file, handed to the service as a systemd credential.")
+@click.option("--insecure-no-key", is_flag=True, help="Serve a non-loopback --host without an API key.")
+@click.option(
+    "--python",
+    "python",
+    default=None,
+    help="The Python the unit runs (default: this one); it must lie outside /home and /root, which the unit hides.",
+)
 @click.option(
     "--unit-path", default=None, help="Where to write the unit (default /etc/systemd/system/hy-edge.service)."
 )
 @click.option("--print", "print_only", is_flag=True, help="Print the unit instead of installing it.")
 def install_cmd(
-    model_arg, host, port, max_batch, max_queue, threads, max_memory, max_context, api_key_file, unit_path, print_only
+    model_arg,
+    host,
+    port,
+    max_batch,
+    max_queue,
+    threads,
+    max_memory,
+    max_context,
+    api_key_file,
+    insecure_no_key,
+    python,
+    unit_path,
+    print_only,
 ):
     """Write the hy-edge.service unit."""
     from .memory import MB, default_budget, parse_size
-    from .systemd import UNIT_PATH, systemd_running, unit_file
+    from .systemd import UNIT_PATH, hidden_by_unit, systemd_running, unit_file
 
     with user_errors():
+        python = python or sys.executable
+        if hidden_by_unit(python):
+            raise HyEdgeError(
+                f"the unit would run {python}, under /home or /root, which it hides (ProtectHome=yes): install "
+                "hy-edge outside them (python3 -m venv /opt/hy-edge) and run that one's hy-edge, or give --python"
+            )
+        loopback = is_loopback(host)
+        if not loopback and api_key_file is None and not insecure_no_key:
+            raise HyEdgeError(
+                f"--host {host} is reachable from the network: give --api-key-file, or pass --insecure-no-key"
+            )
         budget = parse_size(max_memory) if max_memory else default_budget()
         args = ["--host", host, "--port", str(port), "--max-batch", str(max_batch), "--max-queue", str(max_queue)]
+        if insecure_no_key:
+            args.append("--insecure-no-key")
         args += ["--max-memory", f"{budget // MB}MB"]  # written out: MemoryMax= is derived from it
         if model_arg is not None:
             model = Path(model_arg).resolve()
             if not model.exists():
                 raise HyEdgeError(f"--model {model_arg}: no such file or directory")
-            if model.parts[1:2] in (("home",), ("root",)):
+            if hidden_by_unit(model):
                 raise HyEdgeError(
                     f"--model {model}: the unit hides /home and /root (ProtectHome=yes); put it under /opt or /srv"
                 )
@@ -287,7 +368,7 @@ def install_cmd(
         key = str(Path(api_key_file).resolve()) if api_key_file else None
         if key and not Path(key).is_file():
             raise HyEdgeError(f"--api-key-file {api_key_file}: no such file")
-        text = unit_file(args, python=sys.executable, budget_bytes=budget, api_key_file=key)
+        text = unit_file(args, python=python, budget_bytes=budget, api_key_file=key, loopback_only=loopback)
         if print_only:
             click.echo(text, nl=False)
             return
@@ -296,12 +377,6 @@ def install_cmd(
         tmp.write_text(text)
         os.replace(tmp, target)
         click.echo(f"hy-edge: wrote {target}", err=True)
-        if Path(sys.executable).parts[1:2] in (("home",), ("root",)):
-            click.echo(
-                "hy-edge: note: this Python lives under /home or /root, which the unit hides; "
-                "install hy-edge under /opt",
-                err=True,
-            )
         if unit_path is None and systemd_running():
             _systemctl("daemon-reload")
             click.echo("hy-edge: start it with: systemctl enable --now hy-edge; logs: journalctl -u hy-edge", err=True)

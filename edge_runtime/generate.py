@@ -17,7 +17,7 @@ import numpy as np
 from .backend import Backend
 from .errors import BudgetError, HyEdgeError, ModelFileError
 from .memory import peak_rss_mb
-from .sampling import LogitsProcessor, Sampler, make_sampler
+from .sampling import LogitsProcessor, Sampler, TokenLogprobs, make_sampler
 from .tokenizer import Tokenizer
 
 
@@ -36,6 +36,7 @@ class GenerationResponse:
     prefill_tps: float  # prefilled tokens / prefill time
     decode_tps: float  # tokens after the first / time since the first
     peak_rss_mb: float
+    logprobs: TokenLogprobs | None = None  # set only when the request asked for them (the server's logprobs)
 
     @classmethod
     def timed(

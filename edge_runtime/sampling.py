@@ -9,7 +9,8 @@ tokens.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from hy_edge_ops import sampling as ops
@@ -123,3 +124,50 @@ def make_openai_penalties(
         return logits
 
     return [penalize]
+
+
+LOGIT_BIAS_RANGE = 100.0  # OpenAI's: -100 bans a token in practice, +100 all but forces it
+
+
+def make_logit_bias(bias: Mapping[int, float], vocab_size: int) -> list[LogitsProcessor]:
+    """OpenAI's logit_bias: a fixed value added to the logits of the given token ids, before sampling."""
+    if not bias:
+        return []
+    for token, value in bias.items():
+        if not 0 <= token < vocab_size:
+            raise HyEdgeError(f"logit_bias: token id {token} is not in the vocabulary (0..{vocab_size - 1})")
+        if not -LOGIT_BIAS_RANGE <= value <= LOGIT_BIAS_RANGE:  # NaN fails both
+            raise HyEdgeError(f"logit_bias: the bias of token {token} should be in [-100, 100], got {value}")
+    ids = np.fromiter(bias.keys(), np.int64, len(bias))
+    values = np.fromiter(bias.values(), np.float32, len(bias))
+
+    def add_bias(tokens: Sequence[int], logits: np.ndarray) -> np.ndarray:
+        logits[ids] += values
+        return logits
+
+    return [add_bias]
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """log-probability of the sampled token and of the `top` most likely ones (id, logprob), most likely first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+def token_logprobs(logits: np.ndarray, token: int, top: int = 0) -> TokenLogprobs:
+    """Log-softmax of `logits` (V,) at `token` and its `top` largest entries, in float64. These are the
+    model's probabilities after the logits processors (penalties, logit_bias) and before temperature,
+    top-k/p and min-p (what OpenAI and vLLM report). Only requests that ask pay for it: numpy on one row."""
+    x = logits.astype(np.float64)
+    m = x.max()
+    lse = m + np.log(np.exp(x - m).sum())
+    best: tuple[tuple[int, float], ...] = ()
+    if top > 0:
+        k = min(top, x.shape[0])
+        ids = np.argpartition(-x, k - 1)[:k]
+        ids = ids[np.lexsort((ids, -x[ids]))]  # most likely first; ties by id
+        best = tuple((int(i), float(x[i] - lse)) for i in ids)
+    return TokenLogprobs(int(token), float(x[token] - lse), best)

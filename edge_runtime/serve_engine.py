@@ -5,12 +5,22 @@ position. Every step it
   1. drops requests whose client went away (their slots are free again),
   2. admits queued requests into free slots, choosing the slot whose cached tokens share the longest
      prefix with the prompt (a chat re-sending its history, a fixed system prompt: that KV is reused),
-  3. prefills at most `prefill_per_step` prompt tokens (a long prompt is spread over several steps, so
-     it never stalls the streams already running),
+  3. prefills one piece of a prompt (more pieces while they fit in the step's budget): at most
+     `prefill_per_step` tokens, and while other sequences are decoding, about as many as take `max_stall`
+     decode steps (measured as it serves; never fewer than ALIGN): a long prompt is spread over several
+     steps and a running stream waits for at most one piece between two of its tokens,
   4. runs ONE batched decode step (`decode_batch`) for every sequence past its prompt, and hands each
      sampled token to its request.
-Decoding always goes through `decode_batch`, even for a single sequence: its per-row arithmetic does not
-depend on the batch, so an answer never depends on the traffic beside it.
+
+An answer does not depend on the traffic beside it, prefill included. Decoding always goes through
+`decode_batch`, even for a single sequence: its per-row arithmetic does not depend on the batch. A prompt is
+cut into pieces that start at multiples of ALIGN and are at least linear.PREFILL_MIN tokens long, however
+many tokens the step has room for: every piece runs the prefill kernels, whose rows do not depend on where the
+piece starts or ends (a shorter piece would run the one-token kernels, which round
+differently). Prefix reuse keeps the same rule: a slot's cached rows are reused only where a prompt's prefill
+computed them (`_Slot.exact`, never a generated reply's rows, which the decode kernels computed), up to a
+multiple of ALIGN, leaving a last piece of at least PREFILL_MIN: a prompt's logits are bit-identical whether it
+reuses a prefix or not, and whatever ran beside it.
 
 Requests arrive through `submit` from any thread (the HTTP layer); the engine calls `Request.emit` on its
 own thread with one GenerationResponse per token (finish_reason set on the last) or one `Failed`. Nothing
@@ -20,16 +30,20 @@ here knows about HTTP.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from hy_edge_ops.linear import PREFILL_MIN
 
 from .errors import BudgetError, HyEdgeError
 from .generate import GenerationResponse, Generator, TextOut, common_prefix, eos_ids_of
-from .sampling import LogitsProcessor, Sampler, make_sampler
+from .sampling import LogitsProcessor, Sampler, make_sampler, token_logprobs
+
+ALIGN = 16  # where a prompt piece may start: a multiple of the prefill kernel's token vectors (4, 8 or 16)
 
 
 class QueueFull(HyEdgeError):
@@ -62,8 +76,9 @@ class Request:
     sampler: Sampler = field(default_factory=make_sampler)
     processors: Sequence[LogitsProcessor] = ()
     stop: tuple[str, ...] = ()
+    submitted: float = field(default_factory=time.perf_counter)  # the TTFT clock: the HTTP layer's arrival
+    logprobs: int | None = None  # None: not asked; k: each token's logprob and the k most likely
     cancelled: bool = False  # set by Engine.cancel (another thread); read at the next step
-    submitted: float = field(default_factory=time.perf_counter)
 
 
 class Observer:
@@ -98,6 +113,7 @@ class _Seq:
 class _Slot:
     index: int
     tokens: list[int] = field(default_factory=list)  # what this slot's KV cache holds, position by position
+    exact: int = 0  # leading positions whose KV a prompt's aligned prefill pieces computed (reusable as is)
     seq: _Seq | None = None
     last_used: float = 0.0
 
@@ -114,6 +130,7 @@ class Engine:
         *,
         max_queue: int = 8,
         prefill_per_step: int | None = None,
+        max_stall: float = 2.0,
         observer: Observer | None = None,
         heartbeat: Callable[[], None] | None = None,
         on_ready: Callable[[], None] | None = None,
@@ -125,7 +142,14 @@ class Engine:
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids_of(session.spec, tokenizer, eos_ids)
         self.max_queue = max_queue
-        self.prefill_per_step = prefill_per_step or session.prefill_chunk
+        # the longest piece: one forward() chunk, a multiple of ALIGN, room for a piece and a last one >= PREFILL_MIN
+        # (a session whose chunk is shorter than 2 * ALIGN, never `hy-edge serve`'s, splits pieces again: its
+        # logits may then depend on the traffic)
+        piece = min(prefill_per_step or session.prefill_chunk, session.prefill_chunk)
+        self.prefill_per_step = max(2 * ALIGN, piece - piece % ALIGN)
+        self.max_stall = max_stall  # a piece beside running streams: about this many decode steps' time
+        self._step_s = 0.0  # moving averages: a batched decode step, one prompt token's prefill
+        self._token_s = 0.0
         self.observer = observer or Observer()
         self.heartbeat = heartbeat or (lambda: None)  # called every loop iteration (systemd's watchdog)
         self.on_ready = on_ready or (lambda: None)  # called once warm, before the first heartbeat
@@ -138,6 +162,7 @@ class Engine:
         self._cond = threading.Condition()
         self._accepting = False
         self._stopping = False
+        self._draining = False  # drain or stop was called: no new request will be accepted
         self._thread: threading.Thread | None = None
 
     # -- what the HTTP layer and the metrics read -------------------------------------------------
@@ -152,6 +177,11 @@ class Engine:
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    @property
+    def stopping(self) -> bool:
+        """No longer accepting for good: draining after SIGTERM, or stopped."""
+        return self._draining
 
     @property
     def active(self) -> int:
@@ -208,7 +238,7 @@ class Engine:
         """Stop accepting; wait up to `timeout` s for queued and running requests to finish. True if
         they all did."""
         with self._cond:
-            self._accepting = False
+            self._accepting, self._draining = False, True
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self._queue and not self.active:
@@ -219,7 +249,7 @@ class Engine:
     def stop(self, timeout: float = 10.0) -> None:
         """End the loop; requests still queued or running get a Failed (503)."""
         with self._cond:
-            self._accepting = False
+            self._accepting, self._draining = False, True
             self._stopping = True
             self._cond.notify_all()
         if self._thread is not None and self._thread is not threading.current_thread():
@@ -293,28 +323,71 @@ class Engine:
             prompt = req.prompt_ids
             # the slot holding the longest common prefix; among equals, the least recently used
             slot = max(free, key=lambda s: (common_prefix(s.tokens, prompt), -s.last_used))
-            keep = min(common_prefix(slot.tokens, prompt), len(prompt) - 1)
+            keep = self._reusable(slot, prompt)
             keep = self.session.truncate(keep, slot=slot.index)
             del slot.tokens[keep:]
+            slot.exact = min(slot.exact, keep)
             limit = min(req.max_tokens, self.max_context - len(prompt) + 1)  # the last token is never run
             out = TextOut(self.tokenizer, self.eos_ids, req.stop, limit)
             slot.seq = _Seq(req, slot.index, list(prompt[keep:]), list(prompt), out, keep)
             self.reused_tokens += keep
             self.observer.admitted(keep)
 
+    @staticmethod
+    def _reusable(slot: _Slot, prompt: list[int]) -> int:
+        """The cached positions of `slot` that `prompt` may reuse: shared, computed by a prompt's prefill, a
+        multiple of ALIGN, and leaving at least PREFILL_MIN tokens to prefill (so that the prompt's pieces are
+        the ones it has alone: the module's docstring)."""
+        keep = min(common_prefix(slot.tokens, prompt), slot.exact, len(prompt) - PREFILL_MIN)
+        return max(0, keep - keep % ALIGN)
+
+    def _budget(self) -> int:
+        """Prompt tokens this step may prefill: prefill_per_step, or while sequences are decoding, what takes
+        about max_stall decode steps (a multiple of ALIGN, at least ALIGN)."""
+        decoding = any(s.seq is not None and s.seq.next is not None for s in self._slots)
+        if not decoding:
+            return self.prefill_per_step
+        if self._token_s <= 0.0:  # no piece measured yet: the smallest
+            return ALIGN
+        n = int(self.max_stall * self._step_s / self._token_s)
+        return max(ALIGN, min(self.prefill_per_step, n - n % ALIGN))
+
+    @staticmethod
+    def _average(mean: float, sample: float) -> float:
+        return sample if mean <= 0.0 else 0.8 * mean + 0.2 * sample
+
+    def _piece(self, start: int, end: int, budget: int) -> int:
+        """Where the piece of a prompt from `start` (a multiple of ALIGN) to its `end` stops: at most
+        `budget` (a multiple of ALIGN) tokens later, on a multiple of ALIGN, never leaving a last piece <
+        PREFILL_MIN (the piece then takes the rest: up to ALIGN + PREFILL_MIN - 1 tokens past `budget`)."""
+        stop = start + budget
+        if stop >= end:
+            return end
+        if end - stop < PREFILL_MIN:
+            stop = (end - PREFILL_MIN) - (end - PREFILL_MIN) % ALIGN
+            return stop if stop > start else end
+        return stop
+
     def _prefill(self) -> None:
-        budget = self.prefill_per_step
+        budget = step_budget = self._budget()
         for slot in sorted((s for s in self._slots if s.seq and s.seq.pending), key=lambda s: s.seq.req.submitted):
-            if budget <= 0:
-                return
             seq = slot.seq
-            piece, seq.pending = seq.pending[:budget], seq.pending[budget:]
-            budget -= len(piece)
+            start, end = len(slot.tokens), len(seq.req.prompt_ids)
+            n = self._piece(start, end, step_budget) - start
+            if n > budget and budget < step_budget:  # the step's first piece always runs; more while they fit
+                return
+            piece, seq.pending = seq.pending[:n], seq.pending[n:]
+            budget -= n
             t0 = time.perf_counter()
             try:
                 logits = self.session.forward(np.asarray(piece, np.int64), slot=slot.index)
                 slot.tokens += piece
-                seq.prefill_s += time.perf_counter() - t0
+                if slot.exact == start and n >= PREFILL_MIN:
+                    slot.exact = start + n
+                seconds = time.perf_counter() - t0
+                seq.prefill_s += seconds
+                if n >= ALIGN:  # a shorter piece's time is mostly fixed costs
+                    self._token_s = self._average(self._token_s, seconds / n)
                 if not seq.pending:
                     self._sample(slot, Generator._finite(logits, 0))
             except Exception as e:  # one request's failure (NaN logits, a bug) must not end the loop
@@ -325,6 +398,7 @@ class Engine:
         if not running:
             return
         ids = np.array([s.seq.next for s in running], np.int64)
+        t0 = time.perf_counter()
         try:
             logits = self.session.decode_batch(ids, np.array([s.index for s in running], np.int64))  # (B, V)
         except Exception as e:
@@ -337,6 +411,7 @@ class Engine:
                 self._sample(slot, Generator._finite(logits[row], slot.seq.out.n))
             except Exception as e:
                 self._fail(slot, e)
+        self._step_s = self._average(self._step_s, time.perf_counter() - t0)
 
     def _sample(self, slot: _Slot, logits: np.ndarray) -> None:
         """Sample the next token of slot's sequence from its logits (V,) and hand it over."""
@@ -344,6 +419,7 @@ class Engine:
         for process in seq.req.processors:
             logits = process(seq.history, logits)
         token = seq.req.sampler(logits)
+        logprobs = None if seq.req.logprobs is None else token_logprobs(logits, token, seq.req.logprobs)
         seq.history.append(token)
         now = time.perf_counter()
         first = seq.out.n == 0
@@ -353,6 +429,8 @@ class Engine:
         seq.last_at = now
         text, finish = seq.out.add(token)
         response = self._response(seq, text, token, finish, now)
+        if logprobs is not None:
+            response = dataclasses.replace(response, logprobs=logprobs)
         if finish is not None:
             self._finish(slot, finish, response)
         else:
@@ -377,7 +455,7 @@ class Engine:
 
     def _fail(self, slot: _Slot, error: Exception) -> None:
         self.session.truncate(0, slot=slot.index)
-        slot.tokens = []
+        slot.tokens, slot.exact = [], 0
         self._finish(slot, "error", Failed(str(error).splitlines()[0] if str(error) else type(error).__name__))
 
     @staticmethod

@@ -68,10 +68,13 @@ def unit_file(
     watchdog_s: int = 60,
     stop_timeout_s: int = 30,
     api_key_file: str | None = None,
+    loopback_only: bool = False,
 ) -> str:
     """The hy-edge.service unit: Type=notify, watchdog, restart on failure, a memory limit of the budget
-    plus headroom, and a sandbox (dynamic user, read-only system, no homes, private /tmp) whose only
-    writable places are the state and cache directories (converted models, numba's kernel cache)."""
+    plus headroom, and a sandbox (dynamic user, read-only system, no homes, private /tmp, no capabilities,
+    a system-call allow-list) whose only writable places are the state and cache directories (converted
+    models, numba's kernel cache). `loopback_only`: the server listens on loopback, so the unit allows no
+    other IP traffic either."""
     # systemd expands %-specifiers and $VARIABLES in ExecStart=: a literal % or $ is doubled
     argv = [python, "-m", "edge_runtime", "serve", *serve_args]
     words = [shlex.quote(a).replace("%", "%%").replace("$", "$$") for a in argv]
@@ -81,6 +84,7 @@ def unit_file(
         words += ["--api-key-file", "%d/api-key"]  # %d: the service's $CREDENTIALS_DIRECTORY
     command = " ".join(words)
     memory_mb = (budget_bytes + MEMORY_HEADROOM) // 1024**2
+    ip = "IPAddressDeny=any\nIPAddressAllow=localhost\n" if loopback_only else ""
     return f"""[Unit]
 Description=hy-edge: OpenAI-compatible LLM server
 After=network-online.target
@@ -105,10 +109,32 @@ ProtectSystem=strict
 ProtectHome=yes
 PrivateTmp=yes
 PrivateDevices=yes
+DevicePolicy=closed
+PrivateUsers=yes
+PrivateMounts=yes
 NoNewPrivileges=yes
+CapabilityBoundingSet=
+AmbientCapabilities=
 ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
 ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+# other processes hidden; not ProcSubset=pid: the budget and the thread count read /proc/meminfo, cpuinfo, stat
+ProtectProc=invisible
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+UMask=0077
 RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+{ip}SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged @resources
+# a call outside the list fails with EPERM (e.g. an OpenMP runtime asking for CPU affinity) instead of a kill
+SystemCallErrorNumber=EPERM
+# no MemoryDenyWriteExecute=: numba's LLVM JIT maps the compiled kernels writable, then executable
 StandardOutput=journal
 StandardError=journal
 SyslogIdentifier=hy-edge
@@ -116,6 +142,13 @@ SyslogIdentifier=hy-edge
 [Install]
 WantedBy=multi-user.target
 """
+
+
+def hidden_by_unit(path: str | Path) -> bool:
+    """Whether the unit's ProtectHome=yes hides `path` (absolute; symlinks are not resolved: a venv's python
+    links to /usr/bin but its packages stay in the venv)."""
+    parts = Path(os.path.abspath(path)).parts
+    return parts[1:2] in (("home",), ("root",), ("run",)) and (parts[1] != "run" or parts[2:3] == ("user",))
 
 
 def systemd_running() -> bool:

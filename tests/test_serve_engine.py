@@ -16,7 +16,7 @@ from serve_helpers import seconds
 import edge_runtime
 from edge_runtime.errors import BudgetError
 from edge_runtime.generate import GenerationResponse
-from edge_runtime.serve_engine import Engine, Failed, NotAccepting, Observer, QueueFull, Request
+from edge_runtime.serve_engine import ALIGN, PREFILL_MIN, Engine, Failed, NotAccepting, Observer, QueueFull, Request
 
 TIMEOUT = seconds(60)
 
@@ -30,8 +30,8 @@ def model(llama_dir):
 def make_engine(model):
     engines = []
 
-    def make(slots=4, **kwargs):
-        engine = Engine(model.session(slots=slots, max_context=128), model.tokenizer, **kwargs)
+    def make(slots=4, max_context=128, **kwargs):
+        engine = Engine(model.session(slots=slots, max_context=max_context), model.tokenizer, **kwargs)
         engine.start()
         assert engine.ready.wait(TIMEOUT)
         engines.append(engine)
@@ -86,21 +86,105 @@ def test_concurrent_answers_equal_sequential_ones_and_the_generator(model, make_
 
 
 def test_a_long_prompt_is_prefilled_between_decode_steps(model, make_engine):
-    engine = make_engine(slots=2, prefill_per_step=4)
+    engine = make_engine(slots=2, prefill_per_step=32)
     engine.eos_ids = frozenset()  # random weights may sample EOS: the running stream must keep going
     running = Collector(model.encode_prompt("Hello"), 60)
     engine.submit(running.request)
     first = running.events.get(timeout=TIMEOUT)
     assert isinstance(first, GenerationResponse)
-    long = Collector(model.encode_prompt("Numbers like 2024 and 3.14159 appear in text " * 2), 2)
+    long = Collector(model.encode_prompt("Numbers like 2024 and 3.14159 appear in text " * 3), 2)
     engine.submit(long.request)
     P = len(long.request.prompt_ids)
-    assert P > 30
+    assert P > 64
     first_long = long.events.get(timeout=TIMEOUT)
-    # meanwhile, the running stream advanced once per step: one step per 4 prompt tokens
-    assert running.events.qsize() >= P // 4 - 2
+    # meanwhile, the running stream advanced once per step: one step per piece of <= 32 prompt tokens
+    assert running.events.qsize() >= -(-P // 32) - 2
     assert first_long.ttft_s > 0
     running.result(), long.result()
+
+
+class SlowPrefill:
+    """The session with every prompt token's prefill held back 10 ms (scaled on an emulated machine: the ratio
+    to a decode step stays), and the length of each piece kept."""
+
+    def __init__(self, session):
+        self._session, self.pieces = session, []
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+    def forward(self, ids, **kwargs):
+        self.pieces.append(len(ids))
+        time.sleep(seconds(0.01) * len(ids))
+        return self._session.forward(ids, **kwargs)
+
+
+def test_beside_running_streams_a_prompt_is_prefilled_in_pieces_sized_by_time(model):
+    session = SlowPrefill(model.session(slots=2, max_context=256))
+    engine = Engine(session, model.tokenizer, prefill_per_step=128, max_stall=2.0)
+    engine.start(warmup=False)
+    try:
+        assert engine.ready.wait(TIMEOUT)
+        engine.eos_ids = frozenset()
+        first = model.encode_prompt("Numbers like 2024 and 3.14159 appear in text " * 3)
+        run_one(engine, first, 1)
+        assert session.pieces == [len(first)]  # nothing decoding: one piece, as long as prefill_per_step allows
+        running = Collector(model.encode_prompt("Hello"), 200)
+        engine.submit(running.request)
+        running.events.get(timeout=TIMEOUT)
+        session.pieces.clear()
+        second = model.encode_prompt("Other words, 1999 and 2.71828, in a text " * 3)
+        run_one(engine, second, 1)
+        # a prefill piece costs far more than two decode steps of this tiny model: the smallest pieces
+        assert sum(session.pieces) == len(second) and session.pieces[:-1] == [ALIGN] * (len(session.pieces) - 1)
+        assert session.pieces[-1] < ALIGN + PREFILL_MIN  # the rest, never a piece under PREFILL_MIN
+        engine.cancel(running.request)
+    finally:
+        engine.stop()
+
+
+class Recorder:
+    """A logits processor that keeps a copy of every row of logits it is given (V,), then passes them on."""
+
+    def __init__(self):
+        self.rows: list[np.ndarray] = []
+
+    def __call__(self, tokens, logits):
+        self.rows.append(logits.copy())
+        return logits
+
+
+def test_a_prompts_logits_do_not_depend_on_the_traffic_or_on_prefix_reuse(model, make_engine):
+    engine = make_engine(slots=4, max_context=256, prefill_per_step=128)  # alone: pieces of 128
+    engine.eos_ids = frozenset()
+    text = "Numbers like 2024 and 3.14159 appear in text "
+    prompt = model.encode_prompt(text * 5)  # alone: pieces of 128 and the rest; beside others: of 32
+    assert len(prompt) > 128
+
+    def logits_of(others=()) -> tuple[list[np.ndarray], GenerationResponse]:
+        recorder = Recorder()
+        c = Collector(prompt, 4, processors=[recorder])
+        for o in others:  # submitted first: the prompt shares its steps' prefill budget with them
+            engine.submit(o.request)
+        engine.submit(c.request)
+        tokens, _, last = c.result()
+        for o in others:
+            o.result()
+        return recorder.rows, last
+
+    alone, _ = logits_of()
+    engine.stop()
+    engine = make_engine(slots=4, max_context=256, prefill_per_step=32)  # cold slots, pieces of 32
+    engine.eos_ids = frozenset()
+    others = [Collector(model.encode_prompt(t), 6) for t in ("Hello there, " * 7, "x", "café " * 5)]
+    loaded, first = logits_of(others=others)
+    assert first.cached_tokens == 0
+    again, second = logits_of()  # its own prompt's rows are cached: reused
+    assert second.cached_tokens > 0
+    for rows in (loaded, again):
+        assert len(rows) == len(alone) == 4
+        for got, want in zip(rows, alone, strict=True):
+            assert np.array_equal(got, want)  # bit for bit, the first token's (prefill) and the decoded ones
 
 
 def test_prefix_reuse_across_requests(model, make_engine):
@@ -112,7 +196,9 @@ def test_prefix_reuse_across_requests(model, make_engine):
     ids = model.encode_prompt(turn2)
     before = engine.reused_tokens
     tokens2, _, last = run_one(engine, ids, 5)
-    assert last.cached_tokens >= len(model.encode_prompt(history)) and engine.reused_tokens > before
+    # the first prompt's rows are reused, in steps of ALIGN; the reply's (computed by decode steps) are not
+    reusable = min(len(model.encode_prompt(history)), len(ids) - PREFILL_MIN)
+    assert last.cached_tokens == reusable - reusable % ALIGN > 0 and engine.reused_tokens > before
     assert tokens2 == model.generate(ids, max_tokens=5).token_ids  # the reused KV gives the same answer
 
 

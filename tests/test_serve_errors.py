@@ -85,6 +85,30 @@ def test_malformed_and_mistyped_requests(url):
     r = post(url, {**HELLO, "some_unknown_field": {"x": 1}})  # unknown fields are ignored
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
     # a subnormal temperature overflowed the sampler (issue 27: 500, an internal error): the client's mistake
+    # fields that would change the answer and are not supported or not usable: a 400 naming them, never a 200
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    refused = [
+        ("tool_choice", {"tool_choice": {"type": "function", "function": {"name": "f"}}}),  # no tools
+        ("tool_choice", {"tools": [tool], "tool_choice": {"type": "function", "function": {"name": "g"}}}),
+        ("tool_choice", {"tools": [tool], "tool_choice": "always"}),
+        ("tools", {"tools": [{"type": "function", "function": {"name": "a b"}}]}),
+        ("tools", {"tools": [tool, tool]}),
+        ("tools", {"tools": [{"type": "retrieval"}]}),
+        ("tools", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}]}),
+        ("response_format", {"tools": [tool], "response_format": {"type": "json_object"}}),
+        ("function_call", {"function_call": "auto"}),
+        ("top_logprobs", {"top_logprobs": 3}),
+    ]
+    for field, extra in refused:
+        err = error_of(post(url, {**HELLO, **extra}), 400)
+        assert err["param"] == field and field in err["message"], (field, err)
+    for bad in ({"type": "xml"}, {"type": "json_schema", "json_schema": {"name": "x"}}):
+        assert error_of(post(url, {**HELLO, "response_format": bad}), 400)["param"] == "response_format"
+    assert post(url, {**HELLO, "response_format": {"type": "text"}, "tool_choice": "none"}).status_code == 200
+    for field, extra in {"echo": {"echo": True}, "best_of": {"best_of": 2}, "suffix": {"suffix": "end"}}.items():
+        err = error_of(post(url, {"prompt": "hi", "max_tokens": 2, **extra}, path="/v1/completions"), 400)
+        assert err["param"] == field, (field, err)
+    assert error_of(post(url, {"prompt": "hi", "logprobs": 6}, path="/v1/completions"), 400)["param"] == "logprobs"
     assert "temperature" in error_of(post(url, {**HELLO, "temperature": 1e-39}), 400)["message"]
 
 
@@ -170,6 +194,7 @@ def test_serve_option_errors_are_one_line(default_model_file, tmp_path):
             (["--api-key-file", str(tmp_path / "missing")], "no such file"),
             (["--max-memory", "10MB"], "too small"),
             (["--port", port], "Address already in use"),
+            (["--host", "0.0.0.0"], "--insecure-no-key"),  # open to the network without a key: refused
         ):
             r = CliRunner().invoke(main, ["serve", "--model", str(default_model_file), "--max-context", "64", *args])
             assert r.exit_code == 2 and r.stderr.startswith("hy-edge: error:") and says in r.stderr, r.stderr

@@ -41,6 +41,11 @@ def test_health_is_503_while_loading_and_requests_are_refused(app):
     assert client.get("/v1/models").json()["data"][0]["id"] == "stub"
     engine.ready.set()
     assert client.get("/health").json() == {"status": "ok"}
+    engine.drain(0)  # SIGTERM: the listener stays open, and says why it refuses
+    r = client.get("/health")
+    assert (r.status_code, r.json()) == (503, {"status": "stopping"})
+    r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4})
+    assert r.status_code == 503 and r.json()["error"]["message"] == "the server is shutting down"
 
 
 def test_metrics_list_every_series(app):

@@ -156,3 +156,124 @@ def test_chat_url_talks_to_the_server(server, default_model_file):
     assert "generated tokens]" in r.stderr
     r = CliRunner().invoke(main, ["chat", "--url", server.url, "--model", str(default_model_file)], input="hi\n")
     assert r.exit_code == 2 and "exclude" in r.stderr
+
+
+def _object(properties: dict, required: list[str]) -> dict:
+    return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
+
+
+def _text(n: int) -> dict:
+    return {"type": "string", "maxLength": n}
+
+
+def _int(low: int, high: int) -> dict:
+    return {"type": "integer", "minimum": low, "maximum": high}
+
+
+# nested objects, enums, arrays, numbers with bounds, required and optional fields
+SCHEMAS = {
+    "nested": (
+        _object({"person": _object({"name": _text(20), "city": _text(20)}, ["name", "city"])}, ["person"]),
+        "Give a person and their city.",
+    ),
+    "enum": (_object({"colour": {"enum": ["red", "green", "blue"]}}, ["colour"]), "What colour is the sky?"),
+    "array": (
+        _object({"primes": {"type": "array", "items": _int(0, 1000), "minItems": 3, "maxItems": 5}}, ["primes"]),
+        "List the first prime numbers.",
+    ),
+    "bounds": (
+        _object(
+            {"celsius": {"type": "number", "minimum": -50, "maximum": 60}, "year": _int(1900, 2100)},
+            ["celsius", "year"],
+        ),
+        "A hot day in Paris: its temperature and year.",
+    ),
+    "required": (
+        _object({"title": _text(40), "pages": _int(1, 5000), "isbn": _text(20)}, ["title", "pages"]),
+        "Describe a book.",
+    ),
+}
+
+
+def test_structured_output_validates_against_its_schema(client, default_model_file):
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("llguidance")
+    model = default_model_file.stem
+    for name, (schema, question) in SCHEMAS.items():
+        response_format = {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+        messages = [{"role": "user", "content": question + " Answer in JSON."}]
+        r = client.chat.completions.create(
+            model=model, messages=messages, max_tokens=200, temperature=0, response_format=response_format
+        )
+        assert r.choices[0].finish_reason == "stop", (name, r.choices[0].message.content)
+        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+        stream = client.chat.completions.create(
+            model=model, messages=messages, max_tokens=200, temperature=0.8, seed=3, stream=True,
+            response_format=response_format,
+        )  # fmt: skip
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        jsonschema.validate(json.loads(text), schema)
+    r = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Say hello."}],
+        max_tokens=100,
+        temperature=0,
+        response_format={"type": "json_object"},
+    )
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city",
+        "parameters": _object({"city": _text(30), "unit": {"enum": ["celsius", "fahrenheit"]}}, ["city"]),
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {"name": "get_time", "parameters": _object({"zone": _text(30)}, ["zone"])},
+}
+
+
+def test_tool_calls_validate_against_the_tools_parameters(client, default_model_file):
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("llguidance")
+    model, tools = default_model_file.stem, [WEATHER, TIME]
+    parameters = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for choice, temperature in (("required", 0), ("required", 0.8), (named, 0), (named, 0.8)):
+        r = client.chat.completions.create(
+            model=model, messages=messages, tools=tools, tool_choice=choice, max_tokens=120,
+            temperature=temperature, seed=5,
+        )  # fmt: skip
+        got = r.choices[0]
+        assert got.finish_reason == "tool_calls" and got.message.content is None, got
+        calls = got.message.tool_calls
+        assert calls and all(c.type == "function" and c.id.startswith("call_") for c in calls)
+        for call in calls:
+            jsonschema.validate(json.loads(call.function.arguments), parameters[call.function.name])
+        if choice is named:
+            assert [c.function.name for c in calls] == ["get_weather"]
+        # streamed: the same calls (ids aside), assembled from the deltas as a client does
+        stream = client.chat.completions.create(
+            model=model, messages=messages, tools=tools, tool_choice=choice, max_tokens=120,
+            temperature=temperature, seed=5, stream=True,
+        )  # fmt: skip
+        deltas, finish = [], None
+        for chunk in stream:
+            for c in chunk.choices:
+                deltas += c.delta.tool_calls or []
+                finish = c.finish_reason or finish
+        assert finish == "tool_calls"
+        streamed = [(d.function.name, d.function.arguments) for d in sorted(deltas, key=lambda d: d.index)]
+        assert streamed == [(c.function.name, c.function.arguments) for c in calls]
+    # the tool's answer goes back; tool_choice none: a plain text answer
+    history = [*messages, got.message.model_dump(exclude_none=True)]
+    history.append({"role": "tool", "tool_call_id": calls[0].id, "content": '{"celsius": 21, "sky": "clear"}'})
+    r = client.chat.completions.create(
+        model=model, messages=history, tools=tools, tool_choice="none", max_tokens=40, temperature=0
+    )
+    assert r.choices[0].message.tool_calls is None and r.choices[0].message.content

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -40,11 +42,15 @@ def systemd_analyze() -> str:
     pytest.skip(reason)
 
 
+# the unit hides /home and /root: where this checkout lies there (a CI clone in /root), the unit names another
+PYTHON = ["--python", shutil.which("python3") or "/usr/bin/python3"] if systemd.hidden_by_unit(sys.executable) else []
+
+
 def test_unit_file_passes_systemd_analyze_verify(default_model_file, tmp_path):
     analyze = systemd_analyze()
     key = tmp_path / "api-key"
     key.write_text("secret\n")
-    args = ["service", "install", "--print", "--model", str(default_model_file), "--port", "8080"]
+    args = ["service", "install", "--print", "--model", str(default_model_file), "--port", "8080", *PYTHON]
     r = CliRunner().invoke(main, [*args, "--max-memory", "1GB", "--api-key-file", str(key)])
     assert r.exit_code == 0, r.output
     unit = r.stdout
@@ -70,14 +76,63 @@ def test_unit_file_passes_systemd_analyze_verify(default_model_file, tmp_path):
     v = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True, timeout=120)
     assert v.returncode == 0 and "hy-edge.service" not in v.stderr, v.stderr
     # install / uninstall to a given path (the default is /etc/systemd/system/hy-edge.service)
-    assert (
-        CliRunner().invoke(main, ["service", "install", "--unit-path", str(path), "--max-memory", "1GB"]).exit_code == 0
-    )
+    args = ["service", "install", "--unit-path", str(path), "--max-memory", "1GB", *PYTHON]
+    assert CliRunner().invoke(main, args).exit_code == 0
     assert path.read_text().startswith("[Unit]")
     assert CliRunner().invoke(main, ["service", "uninstall", "--unit-path", str(path)]).exit_code == 0
     assert not path.exists()
     r = CliRunner().invoke(main, ["service", "install", "--print", "--model", "/home/x/model.onnx"])
     assert r.exit_code == 2 and r.output.startswith("hy-edge: error:")
+
+
+def test_unit_sandbox_scores_at_most_2_in_systemd_analyze_security(tmp_path):
+    analyze = systemd_analyze()
+    key = tmp_path / "key"
+    key.write_text("k\n")
+    python = ["--python", "/usr/bin/python3"]  # --offline checks no paths
+    for host, extra, local in (("127.0.0.1", [], True), ("0.0.0.0", ["--api-key-file", str(key)], False)):
+        r = CliRunner().invoke(
+            main, ["service", "install", "--print", "--max-memory", "1GB", "--host", host, *python, *extra]
+        )
+        assert r.exit_code == 0, r.output
+        unit = r.stdout
+        for line in ("CapabilityBoundingSet=", "SystemCallArchitectures=native", "SystemCallFilter=@system-service",
+                     "RestrictNamespaces=yes", "LockPersonality=yes", "PrivateUsers=yes"):  # fmt: skip
+            assert f"\n{line}\n" in unit, line
+        assert "\nMemoryDenyWriteExecute=" not in unit  # numba's JIT needs W+X mappings
+        assert ("\nIPAddressAllow=localhost\n" in unit) == local
+        path = tmp_path / "hy-edge.service"
+        path.write_text(unit)
+        v = subprocess.run(
+            [analyze, "security", "--offline=true", str(path)], capture_output=True, text=True, timeout=60
+        )
+        if "--offline" in v.stderr:  # systemd < 250
+            pytest.skip(f"systemd-analyze security has no --offline: {v.stderr.strip()}")
+        score = re.search(r"Overall exposure level for hy-edge.service: ([\d.]+)", v.stdout)
+        assert score and float(score.group(1)) <= 2.0, v.stdout[-3000:]
+
+
+def test_install_refuses_an_open_host_without_a_key_and_a_python_the_unit_hides(tmp_path, monkeypatch):
+    def install(*args: str):
+        return CliRunner().invoke(main, ["service", "install", "--print", "--max-memory", "1GB", *args])
+
+    def refused(r, says: str) -> None:
+        assert r.exit_code == 2 and r.stderr.startswith("hy-edge: error:") and says in r.stderr, r.output
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+    python = ["--python", "/opt/hy-edge/bin/python"]
+    refused(install("--host", "0.0.0.0", *python), "--insecure-no-key")
+    exec_start = next(line for line in install("--host", "0.0.0.0", "--insecure-no-key", *python).stdout.splitlines()
+                      if line.startswith("ExecStart="))  # fmt: skip
+    assert exec_start.startswith("ExecStart=/opt/hy-edge/bin/python -m edge_runtime serve --host 0.0.0.0 ")
+    assert " --insecure-no-key" in exec_start
+    key = tmp_path / "key"
+    key.write_text("k\n")
+    assert install("--host", "0.0.0.0", "--api-key-file", str(key), *python).exit_code == 0
+    assert install("--host", "localhost", *python).exit_code == 0  # loopback needs no key
+    refused(install("--python", "/home/me/venv/bin/python"), "ProtectHome")
+    monkeypatch.setattr(sys, "executable", "/root/.venv/bin/python")  # the default: this Python
+    refused(install(), "ProtectHome")
 
 
 def test_watchdog_interval_and_notify_to_a_path_socket(tmp_path):
@@ -170,6 +225,40 @@ def test_notify_ready_watchdog_and_sigterm_during_a_stream(default_model_file):
         finally:
             server.cleanup()
             notes.close()
+
+
+def test_past_the_shutdown_timeout_streams_end_with_an_error_and_done(default_model_file):
+    # SIGTERM: the listener stays open and new requests get 503; a stream still running after
+    # --shutdown-timeout ends with an error event and [DONE]; the server exits 0 with no traceback
+    args = ["--model", str(default_model_file), "--max-context", "1024", "--shutdown-timeout", str(seconds(3))]
+    server = ServerProcess(args, env=child_env())
+    try:
+        url = server.wait_ready()
+        no_eos = {str(t): -100 for t in range(3)}  # SmolLM2's <|endoftext|>, <|im_start|>, <|im_end|>
+        body = {
+            "prompt": "Once upon a time",
+            "max_tokens": 1000,
+            "temperature": 0,
+            "stream": True,
+            "logit_bias": no_eos,
+        }
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=HTTP_TIMEOUT) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: {")
+            server.proc.send_signal(15)
+            time.sleep(0.2)  # the signal handler has run (it does not wait for anything)
+            late = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=HTTP_TIMEOUT)
+            assert late.status_code == 503 and "shutting down" in late.json()["error"]["message"], late.text
+            assert httpx.get(url + "/health", timeout=HTTP_TIMEOUT).json() == {"status": "stopping"}
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]", rest[-3:]
+        last = json.loads(rest[-2][6:])
+        assert last["error"]["type"] == "server_error" and "shutting down" in last["error"]["message"]
+        assert len(rest) < 900  # ended by the timeout, not by max_tokens
+        assert server.proc.wait(seconds(60)) == 0, server.log()
+        assert "Traceback" not in server.log(), server.log()
+    finally:
+        server.cleanup()
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv to drop to nobody")
