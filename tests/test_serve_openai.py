@@ -215,11 +215,12 @@ def test_structured_output_validates_against_its_schema(client, default_model_fi
         jsonschema.validate(json.loads(text), schema)
     r = client.chat.completions.create(
         model=model,
-        messages=[{"role": "user", "content": "Say hello."}],
+        messages=[{"role": "user", "content": 'Greet me as a JSON object with one field, "greeting".'}],
         max_tokens=100,
         temperature=0,
         response_format={"type": "json_object"},
     )
+    assert r.choices[0].finish_reason == "stop", repr(r.choices[0].message.content)
     assert isinstance(json.loads(r.choices[0].message.content), dict)
 
 
