@@ -2,7 +2,8 @@
 different kinds, taken from the Canterbury corpus files that the `Brotli` 1.2.1 source package on PyPI
 carries as test data (tests/testdata/), so the text can be rebuilt with pip alone:
 
-    pip download --no-deps --no-binary :all: brotli==1.2.1 -d /tmp && python bench/make_eval_text.py /tmp/brotli-1.2.1.tar.gz
+    pip download --no-deps --no-binary :all: brotli==1.2.1 -d /tmp
+    python bench/make_eval_text.py /tmp/brotli-1.2.1.tar.gz
 
 Prose is unwrapped into one line per paragraph (the files are hard-wrapped at ~70 columns); verse and the
 play keep their lines. See examples/eval/README.md for the sources and their status.
