@@ -27,7 +27,7 @@ INSTALL_DEFS := setup.cfg pyproject.toml Makefile
 stale = $(if $(filter $(CURDIR),$(shell cat $(STAMPS)/$(1) 2>/dev/null)),,FORCE)
 stamp = @mkdir -p $(STAMPS) && echo '$(CURDIR)' > $(STAMPS)/$(1)
 
-.PHONY: install install-test install-bench run serve test test-arm bench bench-quick bench-quality lint FORCE
+.PHONY: install install-test install-bench run serve test test-arm bench bench-quick bench-quality bench-fp8 lint FORCE
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV) || { rm -rf $(VENV); \
@@ -96,8 +96,15 @@ bench: install-bench
 bench-quick: install-bench
 	$(PYTHON) bench/run.py --quick --isa $(ISA)
 
-# FP8 quality on the bundled SmolLM2 (perplexity, top-1 agreement, ROUGE-L per FP8 variant)
-bench-quality: install-test
+# the quality race, the twin of make bench: hy-edge's conversions and llama.cpp's quant types of the bundled
+# SmolLM2 against its fp32 conversion on examples/eval/race.txt (KL divergence, perplexity ratio, top-1
+# agreement, MB per token, decode tok/s from the speed race): bench/results/quality-race.{md,json,png}
+bench-quality: install-bench
+	$(PYTHON) bench/quality_race.py
+
+# hy-edge's FP8 variants among themselves on the short text and 12 prompts: perplexity, top-1 agreement,
+# ROUGE-L, and the KV cache's precision (bench/eval_fp8.py)
+bench-fp8: install-test
 	$(PYTHON) bench/eval_fp8.py --markdown
 
 lint: $(STAMPS)/dev
