@@ -69,16 +69,18 @@ def hy_edge(name: str, speed: str | None = None, **policy) -> Variant:
 
 
 REFERENCE = hy_edge("fp32 reference", format="none")
-# hy-edge's conversions raced; QuantPolicy() defaults fill in the rest, so "default" follows the converter
+# hy-edge's conversions raced; QuantPolicy() defaults fill in the rest, so "default" follows the converter.
+# speed: the row names bench/smollm2.py gives these conversions.
 HY_EDGE = (
-    hy_edge("hy-edge default", speed="hy-edge"),
-    hy_edge("hy-edge --lm-head-fp16", lm_head_fp8=False),
-    hy_edge("hy-edge block:32", speed="hy-edge block:32", granularity="block:32"),
-    hy_edge("hy-edge block:32 + --lm-head-fp16", granularity="block:32", lm_head_fp8=False),
+    hy_edge("hy-edge default (source: GGUF blocks kept)", speed="hy-edge"),
+    hy_edge("hy-edge --format e4m3", speed="hy-edge e4m3", format="e4m3"),
+    hy_edge("hy-edge --format e4m3 --lm-head-fp16", format="e4m3", lm_head_fp8=False),
+    hy_edge("hy-edge --format e4m3 block:32", speed="hy-edge e4m3 block:32", format="e4m3", granularity="block:32"),
+    hy_edge("hy-edge --format e4m3 block:32 --lm-head-fp16", format="e4m3", granularity="block:32", lm_head_fp8=False),
 )
 LLAMA_CPP_TYPES = ("F32", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")  # made from the F32 file
 LLAMA_CPP = (
-    Variant("llama.cpp Q4_1 (bundled file)", "llama.cpp", speed="llama.cpp Q4_1"),
+    Variant("llama.cpp Q4_1 (bundled file)", "llama.cpp", speed="llama.cpp Q4_1 (the bundled file)"),
     *(Variant(f"llama.cpp {t}", "llama.cpp", ftype=t, speed=f"llama.cpp {t}") for t in LLAMA_CPP_TYPES),
 )
 VARIANTS = (*HY_EDGE, *LLAMA_CPP)
@@ -209,14 +211,25 @@ def save_tallies(path: Path, ref: qm.Tally, tallies: dict[str, qm.Tally]) -> Non
     tmp.replace(path)
 
 
+def speed_row_names(doc: dict) -> dict[str, str]:
+    """{row name in `doc`: the name bench/smollm2.py gives that conversion today}. Records from before the
+    converter kept GGUF blocks by default (no "hy_edge_default_format", no "hy-edge e4m3" row) called the
+    E4M3 conversions "hy-edge" and "hy-edge block:32": those rows are E4M3, never the new default."""
+    runs = doc["runs"]
+    if doc.get("hy_edge_default_format", "source" if "hy-edge e4m3" in runs else "e4m3") != "e4m3":
+        return {name: name for name in runs}
+    return {name: name.replace("hy-edge", "hy-edge e4m3", 1) if name.startswith("hy-edge") else name for name in runs}
+
+
 def decode_speeds(results: Path = RESULTS) -> dict[str, dict[str, float]]:
     """{isa: {speed-race row name: median decode tok/s}} from bench/results/smollm2-<isa>.json."""
     out = {}
     for f in sorted(results.glob("smollm2-*.json")):
         try:
             doc = json.loads(f.read_text())
+            names = speed_row_names(doc)
             out[doc["isa"]] = {
-                name: statistics.median(r["decode_tps"] for r in runs) for name, runs in doc["runs"].items()
+                names[name]: statistics.median(r["decode_tps"] for r in runs) for name, runs in doc["runs"].items()
             }
         except (ValueError, KeyError, TypeError):
             log(f"{f.name}: not a speed-race result, skipped")

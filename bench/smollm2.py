@@ -158,8 +158,12 @@ def main() -> None:
             out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
             runs[name].append(json.loads(out.strip().splitlines()[-1]))
             print(f"round {r + 1}/{args.rounds}: {name} done", file=sys.stderr)
+    from hy_edge_convert import QuantPolicy
+
+    # which conversion the "hy-edge" row is (bench/quality_race.py joins its decode speed by that)
     record = {"date": time.strftime("%Y-%m-%d %H:%M"), "isa": isa, "host_isa": isa_mod.ISA, "threads": args.threads,
-              "rounds": args.rounds, "decode_tokens": args.decode_tokens, "runs": runs}  # fmt: skip
+              "rounds": args.rounds, "decode_tokens": args.decode_tokens,
+              "hy_edge_default_format": QuantPolicy().format, "runs": runs}  # fmt: skip
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / f"smollm2-{isa}.json").write_text(json.dumps(record, indent=1) + "\n")
 

@@ -161,10 +161,19 @@ def test_variants_are_policies(bench):
 
 def test_speed_join_and_table(bench, tmp_path):
     qr, report = bench["quality_race"], bench["quality_report"]
-    runs = {"hy-edge": [{"decode_tps": t} for t in (100.0, 120.0, 90.0)], "llama.cpp Q8_0": [{"decode_tps": 80.0}]}
+    runs = {"hy-edge": [{"decode_tps": t} for t in (100.0, 120.0, 90.0)], "llama.cpp Q8_0": [{"decode_tps": 80.0}],
+            "hy-edge e4m3": [{"decode_tps": 70.0}]}  # fmt: skip
     (tmp_path / "smollm2-avx2.json").write_text(json.dumps({"isa": "avx2", "runs": runs}))
     (tmp_path / "smollm2-broken.json").write_text("{}")
-    assert qr.decode_speeds(tmp_path) == {"avx2": {"hy-edge": 100.0, "llama.cpp Q8_0": 80.0}}
+    assert qr.decode_speeds(tmp_path) == {"avx2": {"hy-edge": 100.0, "llama.cpp Q8_0": 80.0, "hy-edge e4m3": 70.0}}
+    # a record from before the converter kept GGUF blocks: its "hy-edge" rows were E4M3 conversions
+    old = {"isa": "avx512", "runs": {"hy-edge": [{"decode_tps": 1.0}], "hy-edge block:32": [{"decode_tps": 2.0}],
+                                     "llama.cpp Q8_0": [{"decode_tps": 3.0}]}}  # fmt: skip
+    assert qr.speed_row_names(old) == {"hy-edge": "hy-edge e4m3", "hy-edge block:32": "hy-edge e4m3 block:32",
+                                       "llama.cpp Q8_0": "llama.cpp Q8_0"}  # fmt: skip
+    assert qr.speed_row_names({**old, "hy_edge_default_format": "source"})["hy-edge"] == "hy-edge"
+    speeds = {v.speed for v in qr.VARIANTS if v.speed}  # joined on the row names bench/smollm2.py writes
+    assert {"hy-edge", "hy-edge e4m3", "hy-edge e4m3 block:32", "llama.cpp Q4_1 (the bundled file)"} <= speeds
 
     row = {"variant": "hy-edge default", "runtime": "hy-edge", "mb_per_token": 135.42, "file_mb": 215.8,
            "perplexity_ratio": 1.03321, "kl_mean": 0.02874, "kl_p99": 0.1283, "top1_agreement": 0.8863,
