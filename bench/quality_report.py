@@ -30,7 +30,9 @@ def markdown(doc: dict) -> str:
         f"({doc['text_tokens']} tokens, "
         f"{doc['predicted_tokens']} predicted, teacher-forced windows of {doc['window']}), against "
         f"{doc['reference']['variant']} (PPL {doc['reference']['perplexity']:.4f}, "
-        f"{doc['reference']['mb_per_token']:.0f} MB / token). KL(reference || variant) per token.",
+        f"{doc['reference']['mb_per_token']:.0f} MB / token). KL(reference || variant) per token. The "
+        "reference's weights are the source file's own values in fp32: a variant that keeps them exactly "
+        "differs from it only in how it computes.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
@@ -68,18 +70,21 @@ def chart(rows: list[dict], x_key, x_label: str, path: Path, title: str) -> bool
     import matplotlib.pyplot as plt
 
     # llama.cpp's F32 row checks the set-up (KL ~1e-6 at 4x the bytes); plotted, it squeezes every other point
-    rows = [r for r in rows if r.get("llama_cpp_type") != "F32"]
-    points = [(x_key(r), r["kl_mean"], r) for r in rows if x_key(r) is not None and r["kl_mean"] > 0]
-    if not points:
+    rows = [r for r in rows if r.get("llama_cpp_type") != "F32" and x_key(r) is not None]
+    if not rows:
         return False
+    # a log axis has no 0: a variant whose logits equal the reference's sits on a floor a decade below the rest
+    positive = [r["kl_mean"] for r in rows if r["kl_mean"] > 0]
+    floor = min(positive, default=1e-3) / 10
+    points = [(x_key(r), r["kl_mean"] or floor, r) for r in rows]
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for runtime, color, marker in (("hy-edge", "tab:blue", "o"), ("llama.cpp", "tab:orange", "s")):
         mine = [(x, y, r) for x, y, r in points if r["runtime"] == runtime]
         if mine:
             ax.scatter([p[0] for p in mine], [p[1] for p in mine], c=color, marker=marker, label=runtime, zorder=3)
         for x, y, r in mine:
-            ax.annotate(r["variant"].removeprefix(runtime + " "), (x, y), textcoords="offset points",
-                        xytext=(5, 4), fontsize=8)  # fmt: skip
+            label = r["variant"].removeprefix(runtime + " ") + (" (KL 0: the reference's logits)" if y == floor else "")
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_yscale("log")
     ax.set_xlabel(x_label)
     ax.set_ylabel("mean KL divergence vs fp32 (log scale; lower is better)")
