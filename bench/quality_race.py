@@ -221,6 +221,21 @@ def speed_row_names(doc: dict) -> dict[str, str]:
     return {name: name.replace("hy-edge", "hy-edge e4m3", 1) if name.startswith("hy-edge") else name for name in runs}
 
 
+def renamed_speed_rows(results: Path = RESULTS) -> dict[str, dict[str, str]]:
+    """{isa: {row name in smollm2-<isa>.json: the name it is joined under}} for the rows speed_row_names
+    renames (records from before --format source), so the table can say which measurement it shows."""
+    out = {}
+    for f in sorted(results.glob("smollm2-*.json")):
+        try:
+            doc = json.loads(f.read_text())
+            renamed = {a: b for a, b in speed_row_names(doc).items() if a != b}
+        except (ValueError, KeyError, TypeError):
+            continue
+        if renamed:
+            out[doc["isa"]] = renamed
+    return out
+
+
 def decode_speeds(results: Path = RESULTS) -> dict[str, dict[str, float]]:
     """{isa: {speed-race row name: median decode tok/s}} from bench/results/smollm2-<isa>.json."""
     out = {}
@@ -339,6 +354,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         },  # fmt: skip
         "llama_cpp_build": build,
         "speed_results": {isa: f"bench/results/smollm2-{isa}.json" for isa in speeds},
+        "speed_rows_renamed": renamed_speed_rows(),
         "seconds": time.perf_counter() - start,
         "rows": rows,
     }

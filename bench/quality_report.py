@@ -53,6 +53,9 @@ def markdown(doc: dict) -> str:
     if isas:
         lines += ["", "decode tok/s: median of the speed race's runs (" + ", ".join(doc["speed_results"].values())
                   + "); empty where that race has no such row."]  # fmt: skip
+        for isa, renamed in doc.get("speed_rows_renamed", {}).items():
+            pairs = ", ".join(f"its '{a}' row measured what the speed race now calls '{b}'" for a, b in renamed.items())
+            lines.append(f"smollm2-{isa}.json was recorded before --format source became the default: {pairs}.")
     return "\n".join(lines) + "\n"
 
 

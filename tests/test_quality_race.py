@@ -172,6 +172,11 @@ def test_speed_join_and_table(bench, tmp_path):
     assert qr.speed_row_names(old) == {"hy-edge": "hy-edge e4m3", "hy-edge block:32": "hy-edge e4m3 block:32",
                                        "llama.cpp Q8_0": "llama.cpp Q8_0"}  # fmt: skip
     assert qr.speed_row_names({**old, "hy_edge_default_format": "source"})["hy-edge"] == "hy-edge"
+    (tmp_path / "smollm2-avx512.json").write_text(json.dumps(old))
+    assert qr.decode_speeds(tmp_path)["avx512"] == {"hy-edge e4m3": 1.0, "hy-edge e4m3 block:32": 2.0,
+                                                    "llama.cpp Q8_0": 3.0}  # fmt: skip
+    renamed = qr.renamed_speed_rows(tmp_path)
+    assert renamed == {"avx512": {"hy-edge": "hy-edge e4m3", "hy-edge block:32": "hy-edge e4m3 block:32"}}
     speeds = {v.speed for v in qr.VARIANTS if v.speed}  # joined on the row names bench/smollm2.py writes
     assert {"hy-edge", "hy-edge e4m3", "hy-edge e4m3 block:32", "llama.cpp Q4_1 (the bundled file)"} <= speeds
 
@@ -180,13 +185,18 @@ def test_speed_join_and_table(bench, tmp_path):
            "decode_tps": {"avx2": 100.0}}  # fmt: skip
     doc = {"date": "d", "cpu": "c", "model": "m.gguf", "text": "t.txt", "text_tokens": 10, "predicted_tokens": 9,
            "window": 512, "reference": {"variant": "fp32", "perplexity": 30.5, "mb_per_token": 538.0},
-           "speed_results": {"avx2": "bench/results/smollm2-avx2.json"},
+           "speed_results": {"avx2": "bench/results/smollm2-avx2.json"}, "speed_rows_renamed": renamed,
            "rows": [row, {**row, "variant": "llama.cpp Q6_K", "runtime": "llama.cpp", "decode_tps": {}}]}  # fmt: skip
     lines = report.markdown(doc).splitlines()
     table = [line for line in lines if line.startswith("|")]
     assert table[0].startswith("| variant |") and table[0].endswith("| decode tok/s avx2 |")
     assert table[2] == "| hy-edge default | 135.4 | 215.8 | 1.0332 | 0.0287 | 0.1283 | 88.63% | 100.0 |"
     assert table[3].endswith("| 88.63% |  |")  # no speed-race row: left empty
+    assert lines[-1] == (
+        "smollm2-avx512.json was recorded before --format source became the default: its 'hy-edge' row measured "
+        "what the speed race now calls 'hy-edge e4m3', its 'hy-edge block:32' row measured what the speed race now "
+        "calls 'hy-edge e4m3 block:32'."
+    )
 
 
 def _window_logits(path: Path, chunk: np.ndarray) -> np.ndarray:
