@@ -1,0 +1,104 @@
+"""Error-compensating rounding onto the FP8 grid (GPTQ) and the scale search that feeds it.
+
+Round-to-nearest minimises each weight's own error, but what the model sees is a linear's output X W^T. With
+H = X^T X, the second moment of the inputs that reach the linear, the output error of a weight error E is
+tr(E H E^T). GPTQ (Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers", 2022; the reference implementation's `fasterquant`) rounds W one input column at a time and
+moves each column's rounding error onto the columns not yet rounded, along the rows of the upper Cholesky
+factor of H^-1, so that the remaining columns make up for it as far as the inputs' correlations allow.
+
+The rounding of every column is still `hy_edge_ops.fp8.quantize_fp8` (round to nearest even onto the E4M3 /
+E5M2 grid, saturating) with scales fixed before the first column, so the codes are valid FP8 codes in the same
+scale layout (per tensor, per channel, or block:N) as round-to-nearest's. With H = I (no calibration) GPTQ is
+round-to-nearest exactly: no column's error has anywhere to go.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from hy_edge_ops.fp8 import dequantize_fp8, fp8_lut, quantize_fp8
+
+DAMP = 0.01  # of mean(diag H), added to the diagonal: the reference implementation's percdamp
+COLUMN_BLOCK = 128  # columns updated eagerly; the rest receive a block's errors in one matmul (lazy batch)
+# candidate scales as multiples of amax / FP8_MAX: 1.0 is among them, so the search never does worse than amax
+# on the error it minimises; below 1 the largest values clip, above 1 the grid shifts off the top code
+SCALE_GRID = tuple(1.0 + i / 32 for i in range(-8, 3))
+ROWS_PER_CHUNK = 4096  # bounds the search's fp32 temporaries (4096 x K floats per candidate)
+
+
+def search_scales(w: np.ndarray, scales: np.ndarray, fmt: str, importance: np.ndarray | None = None) -> np.ndarray:
+    """Scales (N, G) that minimise sum_k importance[k] * (dequant(quant(w))[n, k] - w[n, k])^2 per row and
+    block, among the amax scales `scales` (N, G) times each factor of SCALE_GRID.
+
+    w f32 (N, K); importance f32 (K,) (diag of H: how strongly each input reaches the output), or None for
+    plain squared error."""
+    N, K = w.shape
+    G = scales.shape[1]
+    imp = np.ones(K, np.float32) if importance is None else np.asarray(importance, np.float32)
+    best = scales.copy()
+    for r0 in range(0, N, ROWS_PER_CHUNK):
+        rows = slice(r0, r0 + ROWS_PER_CHUNK)
+        chunk, base = np.ascontiguousarray(w[rows]), scales[rows]
+        best_err = np.full(base.shape, np.inf, np.float64)
+        for s in SCALE_GRID:
+            cand = np.ascontiguousarray(base * np.float32(s))
+            deq = dequantize_fp8(quantize_fp8(chunk, cand, fmt), cand, fmt)
+            err = (np.square(deq - chunk) * imp).reshape(len(chunk), G, K // G).sum(axis=2, dtype=np.float64)
+            better = err < best_err
+            best_err[better] = err[better]
+            best[rows][better] = cand[better]
+    return best
+
+
+def _inverse_cholesky(H: np.ndarray) -> np.ndarray:
+    """Upper triangular U with U^T U = H^-1 (float64), the reference's `cholesky(cholesky_inverse(
+    cholesky(H)), upper=True)`; dampening grows tenfold until H is numerically positive definite."""
+    mean_diag = float(np.mean(np.diag(H)))
+    damp = DAMP
+    while True:
+        Hd = H + np.eye(len(H)) * (damp * mean_diag)
+        try:
+            L = np.linalg.cholesky(Hd)
+            L_inv = np.linalg.solve(L, np.eye(len(H)))  # H^-1 = L^-T L^-1
+            return np.linalg.cholesky(L_inv.T @ L_inv).T
+        except np.linalg.LinAlgError:
+            if damp >= 1e3:
+                raise
+            damp *= 10.0
+
+
+def gptq_round(w: np.ndarray, H: np.ndarray, scales: np.ndarray, fmt: str) -> np.ndarray:
+    """FP8 codes u8 (N, K) of w f32 (N, K) with the given scales f32 (N, G) (block b covers columns
+    b*K/G ...), rounded column by column with each column's error spread onto the later columns.
+
+    H f64 (K, K) = X^T X over the calibration inputs. Inputs that never fired (zero diagonal) keep
+    round-to-nearest and take no error from the others."""
+    N, K = w.shape
+    bk = K // scales.shape[1]
+    H = np.array(H, np.float64)
+    dead = np.diag(H) <= 0
+    H[dead, :] = 0.0
+    H[:, dead] = 0.0
+    H[dead, dead] = 1.0
+    # act order: the columns the inputs weigh most first, while the most later columns can absorb their error
+    # (scales are fixed beforehand, so the order is free of the block layout)
+    perm = np.argsort(-np.diag(H), kind="stable")
+    U = _inverse_cholesky(H[np.ix_(perm, perm)]).astype(np.float32)  # (K, K) upper
+    W = np.ascontiguousarray(w[:, perm], np.float32)  # (N, K) in act order, updated in place
+    col_block = perm // bk  # the scale column of each permuted column
+    lut = fp8_lut(fmt)
+    codes = np.empty((N, K), np.uint8)
+    for b0 in range(0, K, COLUMN_BLOCK):
+        b1 = min(b0 + COLUMN_BLOCK, K)
+        err = np.empty((N, b1 - b0), np.float32)  # (N, block) scaled errors, for the lazy update
+        for j in range(b0, b1):
+            s = np.ascontiguousarray(scales[:, col_block[j] : col_block[j] + 1])  # (N, 1)
+            c = quantize_fp8(np.ascontiguousarray(W[:, j : j + 1]), s, fmt)  # (N, 1)
+            codes[:, j] = c[:, 0]
+            e = (W[:, j] - lut[c[:, 0]] * s[:, 0]) / U[j, j]
+            err[:, j - b0] = e
+            W[:, j + 1 : b1] -= np.outer(e, U[j, j + 1 : b1])
+        W[:, b1:] -= err @ U[b0:b1, b1:]
+    out = np.empty_like(codes)
+    out[:, perm] = codes
+    return out
