@@ -4,6 +4,12 @@ The FP8 format itself (encode/decode, round-to-nearest-even, saturation) lives i
 this module only decides. Scales map the tensor's range onto the format's: scale = amax / FP8_MAX
 per output channel (default), per tensor, or per block of N inputs. `auto` quantizes with both formats
 and keeps the one with the lower reconstruction error (the seed's "dynamic exponent allocation").
+
+Rounding: `nearest` rounds every weight to its nearest FP8 value (code-exact with hy_edge_ops.fp8); `gptq`
+spreads each column's rounding error onto the columns not yet rounded, weighted by the calibration inputs
+(convert/gptq.py, with the inputs from convert/calibrate.py). Scales: `amax` maps each channel's or block's
+largest value onto the format's; `search` tries a few multiples of it and keeps the one with the least
+(input-weighted) error.
 """
 
 from __future__ import annotations
@@ -17,11 +23,15 @@ from hy_edge_ops.fp8 import FP8_MAX, dequantize_fp8, quantize_fp8
 from edge_runtime.errors import HyEdgeError
 from edge_runtime.format import EMBED
 
+from .gptq import gptq_round, search_scales
+
 # source: quantized tensors as they are (an FP8 release's bytes, GGUF Q8_0/Q4_0/Q4_1 blocks), float ones
 # as e4m3; e4m3 | e5m2 | auto: every float or block-quantized tensor (re)quantized to FP8
 FORMATS = ("source", "e4m3", "e5m2", "auto", "none")
 BLOCK = 32  # weights per GGUF block (hy_edge_ops.blockq.BLOCK)
 ACTIVATIONS = ("none", "e4m3", "e5m2", "static")
+ROUNDINGS = ("nearest", "gptq")
+SCALES = ("amax", "search")
 ROWS_PER_CHUNK = 4096  # bounds the fp32 temporaries of one tensor (4096 x K floats)
 
 
@@ -34,13 +44,25 @@ class QuantPolicy:
     # the head every token, a third of Hunyuan-0.5B's bytes in FP16
     lm_head_fp8: bool = True
     activations: str = "none"  # fake-quantize linear inputs: none | e4m3 | e5m2 | static (input_scale)
+    rounding: str = "nearest"  # nearest | gptq (error-compensating, from the calibration text's inputs)
+    scales: str = "amax"  # amax | search (the multiple of amax with the least input-weighted error)
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise HyEdgeError(f"--format: '{self.format}' is not one of {', '.join(FORMATS)}")
         if self.activations not in ACTIVATIONS:
             raise HyEdgeError(f"--activations: '{self.activations}' is not one of {', '.join(ACTIVATIONS)}")
+        if self.rounding not in ROUNDINGS:
+            raise HyEdgeError(f"--rounding: '{self.rounding}' is not one of {', '.join(ROUNDINGS)}")
+        if self.scales not in SCALES:
+            raise HyEdgeError(f"--scales: '{self.scales}' is not one of {', '.join(SCALES)}")
         block_size(self.granularity)  # validates
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the conversion runs the calibration text through the model (the inputs of each linear
+        weigh its rounding and its scales)."""
+        return self.format != "none" and (self.rounding != "nearest" or self.scales != "amax")
 
     def stays_float(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) for p in self.keep_fp16)
@@ -105,15 +127,23 @@ def _scales(w: np.ndarray, fmt: str, granularity: str) -> np.ndarray:
     return scale
 
 
-def _encode(w: np.ndarray, fmt: str, granularity: str) -> tuple[np.ndarray, np.ndarray, float]:
-    """Codes (N, K), scales (N, G), relative error — in row chunks so temporaries stay small."""
+def _encode(
+    w: np.ndarray, fmt: str, granularity: str, policy: QuantPolicy | None = None, hessian: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Codes (N, K), scales (N, G), relative error — in row chunks so temporaries stay small. Round to
+    nearest from amax scales unless the policy says otherwise; `hessian` (K, K) = X^T X of the calibration
+    inputs (None: every input weighs the same)."""
     scales = _scales(w, fmt, granularity)
-    codes = np.empty(w.shape, np.uint8)
+    if policy is not None and policy.scales == "search" and granularity != "tensor":  # per tensor: one scale
+        scales = search_scales(w, scales, fmt, None if hessian is None else np.diag(hessian))
+    gptq = policy is not None and policy.rounding == "gptq" and hessian is not None
+    codes = gptq_round(w, hessian, scales, fmt) if gptq else np.empty(w.shape, np.uint8)
     err = ref = 0.0
     for r0 in range(0, w.shape[0], ROWS_PER_CHUNK):
         rows = slice(r0, r0 + ROWS_PER_CHUNK)
         chunk = np.ascontiguousarray(w[rows])
-        codes[rows] = quantize_fp8(chunk, np.ascontiguousarray(scales[rows]), fmt)
+        if not gptq:
+            codes[rows] = quantize_fp8(chunk, np.ascontiguousarray(scales[rows]), fmt)
         deq = dequantize_fp8(codes[rows], np.ascontiguousarray(scales[rows]), fmt)
         err += float(np.square(deq - chunk, dtype=np.float64).sum())
         ref += float(np.square(chunk, dtype=np.float64).sum())
@@ -138,8 +168,10 @@ def to_fp16(w: np.ndarray) -> Quantized:
     return Quantized("fp16", w16, rel_error=(err / ref) ** 0.5 if ref > 0 else 0.0)
 
 
-def quantize_weight(name: str, w: np.ndarray, policy: QuantPolicy) -> Quantized:
-    """Quantize one float32 2-D weight as the policy says (linears only; callers keep norms float)."""
+def quantize_weight(name: str, w: np.ndarray, policy: QuantPolicy, hessian: np.ndarray | None = None) -> Quantized:
+    """Quantize one float32 2-D weight as the policy says (linears only; callers keep norms float).
+    `hessian` f64 (K, K): X^T X of the inputs that reach this linear on the calibration text, for
+    `rounding gptq` and `scales search` (None: every input weighs the same, and gptq rounds to nearest)."""
     if policy.format == "none":
         return Quantized("fp32", np.ascontiguousarray(w, np.float32))
     if policy.stays_float(name):
@@ -152,8 +184,10 @@ def quantize_weight(name: str, w: np.ndarray, policy: QuantPolicy) -> Quantized:
         note = f"{policy.granularity} does not divide the input size: scaled per channel instead"
     fmts = {"auto": ("e4m3", "e5m2"), "source": ("e4m3",)}.get(policy.format, (policy.format,))
     best = None
+    if len(fmts) > 1 and policy.calibrated:  # the format by round-to-nearest's error: one calibrated pass
+        fmts = (min(fmts, key=lambda f: _encode(w, f, granularity)[2]),)
     for fmt in fmts:
-        codes, scales, err = _encode(w, fmt, granularity)
+        codes, scales, err = _encode(w, fmt, granularity, policy, hessian)
         if best is None or err < best[3]:
             best = (fmt, codes, scales, err)
     fmt, codes, scales, err = best
