@@ -22,6 +22,7 @@ from edge_runtime.memory import trim_heap
 from edge_runtime.spec import ModelSpec, spec_from_hf_config
 
 from .budget import check_budget
+from .calibrate import CALIBRATION_TEXT, SEQ_LEN, SEQUENCES, Calibration, calibration_ids
 from .checkpoint import Checkpoint, TensorRef, open_checkpoint
 from .gguf_reader import GGUF_KEYS
 from .graph import BLOCK_TYPES, FP8_TYPES, IR_VERSION, OPSET, GraphBuilder, StoredWeight, io_value_infos
@@ -124,13 +125,19 @@ def _in_range(ckpt: Checkpoint, name: str, q: Quantized) -> None:
             raise CheckpointError(f"{ckpt.path}: input_scale of '{name}' is {float(q.input_scale)}: not a scale")
 
 
-def _produce(ckpt: Checkpoint, name: str, shape: tuple[int, ...], policy: QuantPolicy) -> Quantized:
-    q = _quantized(ckpt, name, shape, policy)
+def _produce(
+    ckpt: Checkpoint, name: str, shape: tuple[int, ...], policy: QuantPolicy, calib: Calibration | None = None
+) -> Quantized:
+    q = _quantized(ckpt, name, shape, policy, calib)
     _in_range(ckpt, name, q)
     return q
 
 
-def _quantized(ckpt: Checkpoint, name: str, shape: tuple[int, ...], policy: QuantPolicy) -> Quantized:
+def _quantized(
+    ckpt: Checkpoint, name: str, shape: tuple[int, ...], policy: QuantPolicy, calib: Calibration | None = None
+) -> Quantized:
+    if calib is not None and F.is_linear(name) and name != F.EMBED and len(shape) == 2:
+        return calib.take(name)  # made in the calibration pass, in layer order (calls back below for each)
     ref = _source(ckpt, name, shape)
     src_name = ref.name
     if ref.dtype == "f8_e4m3":  # an FP8 release: carry the bytes, or expand them for --format none
@@ -169,6 +176,30 @@ def _quantized(ckpt: Checkpoint, name: str, shape: tuple[int, ...], policy: Quan
     if name == F.EMBED:  # gathered row by row: float16 when quantizing, fp32 for the reference
         return Quantized("fp32", np.ascontiguousarray(w)) if policy.format == "none" else to_fp16(w)
     return quantize_weight(name, w, policy)
+
+
+def _float_weight(ckpt: Checkpoint, names: dict[str, tuple[int, ...]], name: str) -> np.ndarray:
+    """A weight as float32, for the calibration forward (an FP8 release's: its bytes times its scale)."""
+    ref = _source(ckpt, name, names[name])
+    if ref.dtype == "f8_e4m3":
+        return dequantize_carried(ref.load(), ckpt.tensors[ref.name[: -len(".weight")] + ".weight_scale"].load())
+    w = ref.load().astype(np.float32, copy=False)
+    _finite(ckpt, ref.name, w)
+    return w
+
+
+def _calibration(ckpt: Checkpoint, spec: ModelSpec, names: dict, policy: QuantPolicy) -> Calibration | None:
+    """The calibration pass, when the policy's rounding or scales need the inputs of each linear."""
+    if not policy.calibrated:
+        return None
+    ids = calibration_ids(_tokenizer_metadata(ckpt), CALIBRATION_TEXT.read_text(encoding="utf-8"))
+
+    def quantize(name: str, w: np.ndarray, H: np.ndarray) -> Quantized:
+        if _source(ckpt, name, names[name]).dtype == "f8_e4m3" or policy.stays_float(name):
+            return _quantized(ckpt, name, names[name], policy)  # FP8 bytes carried, or FP16: as uncalibrated
+        return quantize_weight(name, w, policy, H)
+
+    return Calibration(spec, ids, lambda name: _float_weight(ckpt, names, name), quantize)
 
 
 def _tokenizer_metadata(ckpt: Checkpoint) -> dict[str, str]:
@@ -227,13 +258,14 @@ def convert(
         if max_memory is not None:
             check_budget(ckpt, names, policy, max_memory)
         report = ConversionReport(out, spec, _source_bytes(Path(ckpt.path)))
+        calib = _calibration(ckpt, spec, names, policy)
         data = ExternalData(out)
         try:
             inits, stored = [], {}
             for i, (name, shape) in enumerate(names.items()):
                 if progress:
                     progress(name, i, len(names))
-                q = _produce(ckpt, name, shape, policy)
+                q = _produce(ckpt, name, shape, policy, calib)
                 if policy.activations == "static" and q.storage in FP8_TYPES and q.input_scale is None:
                     raise HyEdgeError(
                         f"--activations static needs an input_scale for '{name}' (only FP8-static checkpoints have one)"
@@ -303,8 +335,12 @@ def _model(
         "granularity": policy.granularity,
         "activations": policy.activations,
         "keep_fp16": list(policy.keep_fp16),
+        "rounding": policy.rounding,
+        "scales": policy.scales,
         "tensors": report.tensors,
     }
+    if policy.calibrated:  # which text and how much of it weighed the rounding
+        quant["calibration"] = {"text": CALIBRATION_TEXT.name, "sequences": SEQUENCES, "tokens": SEQ_LEN}
     meta = {
         F.META_FORMAT: str(F.FORMAT_VERSION),
         F.META_SPEC: spec.to_json(),
