@@ -73,8 +73,32 @@ def _ratio(source: int, size: int) -> str:
     type=click.Choice(["none", "e4m3", "e5m2", "static"]),
     help="Fake-quantize linear inputs (static: the checkpoint's input_scale).",
 )
+@click.option(
+    "--rounding",
+    default="nearest",
+    show_default=True,
+    type=click.Choice(["nearest", "gptq"]),
+    help="FP8 rounding: nearest (each weight on its own), or gptq (each input column's rounding error spread "
+    "onto the columns after it, weighted by the inputs of a bundled calibration text).",
+)
+@click.option(
+    "--scales",
+    default="amax",
+    show_default=True,
+    type=click.Choice(["amax", "search"]),
+    help="FP8 scales: amax (the largest value maps onto the format's), or search (the multiple of amax with "
+    "the least error, weighted by the calibration text's inputs).",
+)
 def convert_cmd(
-    src: Path, out: Path, fmt: str, granularity: str, keep: tuple[str, ...], lm_head_fp8: bool, activations: str
+    src: Path,
+    out: Path,
+    fmt: str,
+    granularity: str,
+    keep: tuple[str, ...],
+    lm_head_fp8: bool,
+    activations: str,
+    rounding: str,
+    scales: str,
 ) -> None:
     """Convert a Hugging Face checkpoint directory or a GGUF file to one ONNX file."""
     with user_errors():
@@ -86,6 +110,8 @@ def convert_cmd(
             keep_fp16=(F.EMBED, *keep),
             lm_head_fp8=lm_head_fp8,
             activations=activations,
+            rounding=rounding,
+            scales=scales,
         )
         bar = None
 
