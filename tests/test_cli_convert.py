@@ -8,8 +8,11 @@ import subprocess
 import sys
 
 import checkpoints as ck
+import onnx
 import pytest
 from hy_edge_convert import QuantPolicy, convert
+
+from edge_runtime import format as F
 
 
 def hy_edge(*args, cwd=None) -> subprocess.CompletedProcess:
@@ -40,6 +43,14 @@ def test_convert_and_info(hunyuan, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "hunyuan_v1_dense" in r.stdout and "granularity block:16" in r.stdout
     assert "budget allows a context of 256 tokens" in r.stdout  # the tiny model's own limit
+
+
+def test_convert_with_calibrated_rounding(hunyuan, tmp_path):
+    out = tmp_path / "m.onnx"
+    r = hy_edge("convert", hunyuan, "-o", out, "--rounding", "gptq", "--scales", "search")
+    assert r.returncode == 0, r.stderr
+    quant = json.loads(F.metadata(onnx.load(str(out), load_external_data=False))[F.META_QUANT])
+    assert (quant["rounding"], quant["scales"], quant["calibration"]["text"]) == ("gptq", "search", "text.txt")
 
 
 def _bad_inputs(tmp_path, hunyuan):
@@ -80,6 +91,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(hunyuan, tmp_path):
         assert list(out_dir.iterdir()) == [], name
     assert_user_error(hy_edge("convert", hunyuan, "-o", tmp_path / "missing-dir" / "m.onnx"), "missing-dir")
     assert_user_error(hy_edge("convert", hunyuan, "-o", out_dir / "m.onnx", "--granularity", "rows"), "rows")
+    assert_user_error(hy_edge("convert", hunyuan, "-o", out_dir / "m.onnx", "--rounding", "best"), "best")
     assert_user_error(hy_edge("info", tmp_path / "nope.onnx"), "nope.onnx")
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"\x00garbage" * 10)
