@@ -121,7 +121,8 @@ class Calibration:
             q = self.quantize(name, self.load(name), H)
             layer[short] = dequantized(q)
             self.ready[name] = q
-        return h @ layer[short].T
+        w = layer[short]
+        return (h.reshape(-1, h.shape[-1]) @ w.T).reshape(*h.shape[:-1], w.shape[0])  # one GEMM, not S
 
     def _layer(self, i: int) -> None:
         spec, owner = self.spec, self.spec.shared_layers[i]
@@ -159,12 +160,14 @@ class Calibration:
             p = F.layer_prefix(owner)
             q = rms_norm(q, self.load(f"{p}.self_attn.query_layernorm.weight"), spec.rms_norm_eps)
             k = rms_norm(k, self.load(f"{p}.self_attn.key_layernorm.weight"), spec.rms_norm_eps)
-        q = q.reshape(S, T, Hkv, Hq // Hkv, D)
-        scores = np.einsum("stgrd,sugd->sgrtu", q, k) * np.float32(D**-0.5)  # (S, Hkv, rep, T, T)
+        # batched matmuls (BLAS) rather than einsum: GQA as (S, Hkv, rep, T, D) against (S, Hkv, 1, D, T)
+        q = q.reshape(S, T, Hkv, Hq // Hkv, D).transpose(0, 2, 3, 1, 4)
+        scores = q @ (k.transpose(0, 2, 3, 1)[:, :, None] * np.float32(D**-0.5))  # (S, Hkv, rep, T, T)
         scores[..., np.triu(np.ones((T, T), bool), 1)] = -np.inf
         scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
         scores /= scores.sum(axis=-1, keepdims=True)
-        att = np.einsum("sgrtu,sugd->stgrd", scores, v).reshape(S, T, Hq * D)
+        att = scores @ v.transpose(0, 2, 1, 3)[:, :, None]  # (S, Hkv, rep, T, D)
+        att = att.transpose(0, 3, 1, 2, 4).reshape(S, T, Hq * D)
         del scores
         H = None if "self_attn.o_proj" in layer else second_moment(att)
         return self._linear(layer, owner, "self_attn.o_proj", att, H)
