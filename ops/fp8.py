@@ -180,6 +180,60 @@ def quantize_fp8(w: np.ndarray, scales: np.ndarray, fmt: str) -> np.ndarray:
     return out
 
 
+_TILE = 16  # rows rounded together: each row of u is read once per tile, from L1
+
+
+@njit(cache=True, parallel=True)
+def _quantize_compensated(
+    w, scales, u, order, out, lut, bk, mbits, bias, max_code, nan_code, max_val, min_normal, inv_q
+):
+    # w f32 (N, K); scales f32 (N, G); u f32 (K, K) upper, in processing order; order i64 (K,): the column
+    # rounded at step j; out u8 (N, K). Rows are independent: each tile of rows is one parallel task.
+    n_rows, k_dim = w.shape
+    for t in prange((n_rows + _TILE - 1) // _TILE):
+        r0 = t * _TILE
+        m = min(n_rows, r0 + _TILE) - r0
+        buf = np.empty((m, k_dim), np.float32)  # the tile's rows in processing order, updated in place
+        for i in range(m):
+            for j in range(k_dim):
+                buf[i, j] = w[r0 + i, order[j]]
+        for j in range(k_dim):
+            col = order[j]
+            d = u[j, j]
+            for i in range(m):
+                s = scales[r0 + i, col // bk]
+                v = buf[i, j]
+                code = np.uint8(0)
+                q = np.float32(0.0)
+                if s != 0.0:
+                    code = _encode_one(np.float32(v / s), mbits, bias, max_code, nan_code, max_val, min_normal, inv_q)
+                    q = lut[code] * s
+                out[r0 + i, col] = code
+                e = np.float32((v - q) / d)
+                for k in range(j + 1, k_dim):
+                    buf[i, k] -= e * u[j, k]
+
+
+def quantize_fp8_compensated(w: np.ndarray, scales: np.ndarray, u: np.ndarray, order: np.ndarray, fmt: str):
+    """Codes u8 (N, K) of w f32 (N, K) with scales f32 (N, G) as `quantize_fp8`, rounded one column at a
+    time in `order` (i64 (K,), a permutation): the error of the column rounded at step j, divided by
+    u[j, j], is subtracted from each later column k (in order) times u[j, k] (GPTQ's update; u f32 (K, K)
+    upper triangular, rows and columns in processing order). With u diagonal this is `quantize_fp8`."""
+    args = _encode_args(fmt)
+    if not isinstance(w, np.ndarray) or w.dtype != np.float32 or w.ndim != 2:
+        raise ValueError("w must be a float32 array of shape (N, K)")
+    K = w.shape[1]
+    bk = _check_scales(scales, w.shape[0], K)
+    if not isinstance(u, np.ndarray) or u.dtype != np.float32 or u.shape != (K, K) or not u.flags.c_contiguous:
+        raise ValueError(f"u must be a C-contiguous float32 array of shape ({K}, {K})")
+    order = np.asarray(order)
+    if order.dtype != np.int64 or order.shape != (K,) or not np.array_equal(np.sort(order), np.arange(K)):
+        raise ValueError(f"order must be an int64 permutation of 0..{K - 1}")
+    out = np.empty(w.shape, dtype=np.uint8)
+    _quantize_compensated(np.ascontiguousarray(w), scales, u, order, out, fp8_lut(fmt), bk, *args)
+    return out
+
+
 def dequantize_fp8(codes: np.ndarray, scales: np.ndarray, fmt: str) -> np.ndarray:
     """codes u8 (N, K), scales f32 (N, G) -> f32 (N, K) = lut[codes] * scales[n, k // Bk]."""
     if not isinstance(codes, np.ndarray) or codes.dtype != np.uint8 or codes.ndim != 2:

@@ -11,6 +11,7 @@ from hy_edge_ops.fp8 import (
     fp8_lut,
     has_nan_codes,
     quantize_fp8,
+    quantize_fp8_compensated,
 )
 from hy_edge_ops.half import f32_to_half, half_to_f32
 from hy_edge_ops.reference import dequantize
@@ -129,6 +130,41 @@ def _narrow(x):
     for i in range(x.shape[0]):
         out[i] = f32_to_half(x[i])
     return out
+
+
+def compensated_reference(w, scales, u, order, fmt):
+    """GPTQ's column loop in numpy, rounding by ml_dtypes: column order[j] rounded at step j, its error over
+    u[j, j] taken off every later column (in order) times u[j, k]."""
+    bk = w.shape[1] // scales.shape[1]
+    rest = w[:, order].copy()  # (N, K) in processing order
+    codes = np.empty(w.shape, np.uint8)
+    for j, col in enumerate(order):
+        s = scales[:, col // bk]
+        c = ml_encode((rest[:, j] / s).astype(np.float32), fmt)
+        codes[:, col] = c
+        e = ((rest[:, j] - c.view(ML[fmt]).astype(np.float32) * s) / u[j, j]).astype(np.float32)
+        rest[:, j + 1 :] -= e[:, None] * u[j, j + 1 :][None, :]
+    return codes
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_quantize_compensated(fmt):
+    rng = np.random.default_rng(5)
+    n, k, g = 37, 48, 3  # rows: two full tiles and a short one; blocks of 16 columns
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    scales = (np.abs(w).reshape(n, g, -1).max(axis=2) / np.float32(FP8_MAX[fmt]) * 0.9).astype(np.float32)  # clips
+    a = rng.standard_normal((4 * k, k))
+    u = np.ascontiguousarray(np.linalg.cholesky(np.linalg.inv(a.T @ a + np.eye(k))).T, np.float32)  # upper
+    order = rng.permutation(k).astype(np.int64)
+    codes = quantize_fp8_compensated(w, scales, u, order, fmt)
+    np.testing.assert_array_equal(codes, compensated_reference(w, scales, u, order, fmt))
+    assert not np.array_equal(codes, quantize_fp8(w, scales, fmt))
+    diagonal = np.ascontiguousarray(np.diag(np.diag(u)))  # nothing to compensate: round to nearest
+    np.testing.assert_array_equal(
+        quantize_fp8_compensated(w, scales, diagonal, order, fmt), quantize_fp8(w, scales, fmt)
+    )
+    with pytest.raises(ValueError, match="order"):
+        quantize_fp8_compensated(w, scales, u, np.zeros(k, np.int64), fmt)
 
 
 @pytest.mark.parametrize("fmt", [E4M3, E5M2])
