@@ -16,10 +16,9 @@ round-to-nearest exactly: no column's error has anywhere to go.
 from __future__ import annotations
 
 import numpy as np
-from hy_edge_ops.fp8 import dequantize_fp8, fp8_lut, quantize_fp8
+from hy_edge_ops.fp8 import dequantize_fp8, quantize_fp8, quantize_fp8_compensated
 
 DAMP = 0.01  # of mean(diag H), added to the diagonal: the reference implementation's percdamp
-COLUMN_BLOCK = 128  # columns updated eagerly; the rest receive a block's errors in one matmul (lazy batch)
 # candidate scales as multiples of amax / FP8_MAX: 1.0 is among them, so the search never does worse than amax
 # on the error it minimises; below 1 the largest values clip, above 1 the grid shifts off the top code
 SCALE_GRID = tuple(1.0 + i / 32 for i in range(-8, 3))
@@ -69,12 +68,11 @@ def _inverse_cholesky(H: np.ndarray) -> np.ndarray:
 
 def gptq_round(w: np.ndarray, H: np.ndarray, scales: np.ndarray, fmt: str) -> np.ndarray:
     """FP8 codes u8 (N, K) of w f32 (N, K) with the given scales f32 (N, G) (block b covers columns
-    b*K/G ...), rounded column by column with each column's error spread onto the later columns.
+    b*K/G ...), rounded column by column with each column's error spread onto the later columns
+    (hy_edge_ops.fp8.quantize_fp8_compensated: one parallel call per weight, rows in tiles).
 
     H f64 (K, K) = X^T X over the calibration inputs. Inputs that never fired (zero diagonal) keep
     round-to-nearest and take no error from the others."""
-    N, K = w.shape
-    bk = K // scales.shape[1]
     H = np.array(H, np.float64)
     dead = np.diag(H) <= 0
     H[dead, :] = 0.0
@@ -82,23 +80,6 @@ def gptq_round(w: np.ndarray, H: np.ndarray, scales: np.ndarray, fmt: str) -> np
     H[dead, dead] = 1.0
     # act order: the columns the inputs weigh most first, while the most later columns can absorb their error
     # (scales are fixed beforehand, so the order is free of the block layout)
-    perm = np.argsort(-np.diag(H), kind="stable")
-    U = _inverse_cholesky(H[np.ix_(perm, perm)]).astype(np.float32)  # (K, K) upper
-    W = np.ascontiguousarray(w[:, perm], np.float32)  # (N, K) in act order, updated in place
-    col_block = perm // bk  # the scale column of each permuted column
-    lut = fp8_lut(fmt)
-    codes = np.empty((N, K), np.uint8)
-    for b0 in range(0, K, COLUMN_BLOCK):
-        b1 = min(b0 + COLUMN_BLOCK, K)
-        err = np.empty((N, b1 - b0), np.float32)  # (N, block) scaled errors, for the lazy update
-        for j in range(b0, b1):
-            s = np.ascontiguousarray(scales[:, col_block[j] : col_block[j] + 1])  # (N, 1)
-            c = quantize_fp8(np.ascontiguousarray(W[:, j : j + 1]), s, fmt)  # (N, 1)
-            codes[:, j] = c[:, 0]
-            e = (W[:, j] - lut[c[:, 0]] * s[:, 0]) / U[j, j]
-            err[:, j - b0] = e
-            W[:, j + 1 : b1] -= np.outer(e, U[j, j + 1 : b1])
-        W[:, b1:] -= err @ U[b0:b1, b1:]
-    out = np.empty_like(codes)
-    out[:, perm] = codes
-    return out
+    order = np.argsort(-np.diag(H), kind="stable").astype(np.int64)
+    U = np.ascontiguousarray(_inverse_cholesky(H[np.ix_(order, order)]), np.float32)  # (K, K) upper
+    return quantize_fp8_compensated(np.ascontiguousarray(w, np.float32), scales, U, order, fmt)
