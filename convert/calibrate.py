@@ -90,7 +90,7 @@ class Calibration:
     layers forward as far as the asked-for weight needs."""
 
     def __init__(self, spec: ModelSpec, ids: np.ndarray, load: Load, quantize: Quantize):
-        self.spec, self.load, self.quantize = spec, load, quantize
+        self.spec, self.ids, self.load, self.quantize = spec, ids, load, quantize
         embed = load(F.EMBED)
         self.x = embed[ids].astype(np.float16).astype(np.float32)  # (S, T, C): the runtime's FP16 embedding
         self.next_layer = 0

@@ -22,7 +22,7 @@ from edge_runtime.memory import trim_heap
 from edge_runtime.spec import ModelSpec, spec_from_hf_config
 
 from .budget import check_budget
-from .calibrate import CALIBRATION_TEXT, SEQ_LEN, SEQUENCES, Calibration, calibration_ids
+from .calibrate import CALIBRATION_TEXT, Calibration, calibration_ids
 from .checkpoint import Checkpoint, TensorRef, open_checkpoint
 from .gguf_reader import GGUF_KEYS
 from .graph import BLOCK_TYPES, FP8_TYPES, IR_VERSION, OPSET, GraphBuilder, StoredWeight, io_value_infos
@@ -50,6 +50,7 @@ class ConversionReport:
     data_bytes: int = 0
     seconds: float = 0.0
     tensors: dict[str, dict] = field(default_factory=dict)
+    calibration: dict | None = None  # the text and token counts the calibration pass ran, if it ran
 
     @property
     def counts(self) -> dict[str, int]:
@@ -188,15 +189,24 @@ def _float_weight(ckpt: Checkpoint, names: dict[str, tuple[int, ...]], name: str
     return w
 
 
+def _rounded_from_floats(ckpt: Checkpoint, policy: QuantPolicy, name: str, shape: tuple[int, ...]) -> bool:
+    """Whether linear `name` is rounded onto the FP8 grid from float values here (not an FP8 release's
+    bytes or GGUF blocks kept as they are, nor a weight kept in FP16): what calibration can improve."""
+    ref = _source(ckpt, name, shape)
+    return ref.dtype != "f8_e4m3" and not keeps_blocks(policy, ref.block_type) and not policy.stays_float(name)
+
+
 def _calibration(ckpt: Checkpoint, spec: ModelSpec, names: dict, policy: QuantPolicy) -> Calibration | None:
-    """The calibration pass, when the policy's rounding or scales need the inputs of each linear."""
-    if not policy.calibrated:
+    """The calibration pass, when the policy's rounding or scales need the inputs of each linear and some
+    linear is rounded from floats."""
+    linears = [n for n, shape in names.items() if F.is_linear(n) and n != F.EMBED and len(shape) == 2]
+    if not policy.calibrated or not any(_rounded_from_floats(ckpt, policy, n, names[n]) for n in linears):
         return None
     ids = calibration_ids(_tokenizer_metadata(ckpt), CALIBRATION_TEXT.read_text(encoding="utf-8"))
 
     def quantize(name: str, w: np.ndarray, H: np.ndarray) -> Quantized:
-        if _source(ckpt, name, names[name]).dtype == "f8_e4m3" or policy.stays_float(name):
-            return _quantized(ckpt, name, names[name], policy)  # FP8 bytes carried, or FP16: as uncalibrated
+        if not _rounded_from_floats(ckpt, policy, name, names[name]):
+            return _quantized(ckpt, name, names[name], policy)  # carried or FP16, as without calibration
         return quantize_weight(name, w, policy, H)
 
     return Calibration(spec, ids, lambda name: _float_weight(ckpt, names, name), quantize)
@@ -259,6 +269,9 @@ def convert(
             check_budget(ckpt, names, policy, max_memory)
         report = ConversionReport(out, spec, _source_bytes(Path(ckpt.path)))
         calib = _calibration(ckpt, spec, names, policy)
+        if calib is not None:
+            S, T = calib.ids.shape
+            report.calibration = {"text": CALIBRATION_TEXT.name, "sequences": S, "tokens": T}
         data = ExternalData(out)
         try:
             inits, stored = [], {}
@@ -339,8 +352,8 @@ def _model(
         "scales": policy.scales,
         "tensors": report.tensors,
     }
-    if policy.calibrated:  # which text and how much of it weighed the rounding
-        quant["calibration"] = {"text": CALIBRATION_TEXT.name, "sequences": SEQUENCES, "tokens": SEQ_LEN}
+    if report.calibration:  # which text and how much of it weighed the rounding
+        quant["calibration"] = report.calibration
     meta = {
         F.META_FORMAT: str(F.FORMAT_VERSION),
         F.META_SPEC: spec.to_json(),

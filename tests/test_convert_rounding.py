@@ -178,3 +178,15 @@ def test_fp8_release_keeps_its_bytes_under_gptq(fp8_dir, tmp_path):
             assert np.array_equal(arrays[name + F.QWEIGHT], f.get_tensor(name).view(torch.uint8).numpy()), name
             assert report.tensors[name].get("carried")
     assert linears and report.tensors[F.LM_HEAD]["storage"] == "e4m3"
+
+
+def test_gguf_blocks_are_kept_and_requantized_blocks_calibrated(gguf_llama, tmp_path):
+    """--format source keeps a GGUF's Q4_1 blocks, so there is nothing to calibrate; --format e4m3
+    re-quantizes them from their float values, and then the rounding is calibrated."""
+    src = gguf_llama["Q4_1"]
+    kept = convert(src, tmp_path / "kept.onnx", QuantPolicy(rounding="gptq"))
+    assert kept.calibration is None
+    assert {t["storage"] for n, t in kept.tensors.items() if n.endswith("_proj.weight")} == {"uint4"}
+    fp8 = convert(src, tmp_path / "fp8.onnx", QuantPolicy(format="e4m3", rounding="gptq"))
+    assert fp8.calibration is not None and fp8.calibration["sequences"] > 0
+    assert {t["storage"] for n, t in fp8.tensors.items() if n.endswith("_proj.weight")} == {"e4m3"}
