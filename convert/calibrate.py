@@ -26,6 +26,7 @@ from edge_runtime.errors import HyEdgeError
 from edge_runtime.spec import ModelSpec
 from edge_runtime.tokenizer import Tokenizer, TokenizerConfig
 
+from .gptq import Hessian
 from .quantize import Quantized
 
 CALIBRATION_TEXT = Path(__file__).resolve().parent / "calibration" / "text.txt"
@@ -33,7 +34,7 @@ SEQUENCES = 16  # S: 16 x 256 = 4,096 tokens (H of a 576-wide input needs a few 
 SEQ_LEN = 256  # T
 
 Load = Callable[[str], np.ndarray]  # name -> float32 weight as the checkpoint holds it
-Quantize = Callable[[str, np.ndarray, np.ndarray], Quantized]  # (name, w, H) -> stored weight
+Quantize = Callable[[str, np.ndarray, Hessian], Quantized]  # (name, w, H) -> stored weight
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
@@ -79,10 +80,10 @@ def rope(x: np.ndarray, base: float) -> np.ndarray:
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def second_moment(x: np.ndarray) -> np.ndarray:
+def second_moment(x: np.ndarray) -> Hessian:
     """H = X^T X (K, K) float64 over all tokens of x (..., K)."""
     x2 = x.reshape(-1, x.shape[-1])
-    return (x2.T @ x2).astype(np.float64)
+    return Hessian((x2.T @ x2).astype(np.float64))
 
 
 class Calibration:
@@ -113,7 +114,7 @@ class Calibration:
         return self.ready.pop(name)
 
     # -- one layer ------------------------------------------------------------------------------
-    def _linear(self, layer: dict, owner: int, short: str, h: np.ndarray, H: np.ndarray | None) -> np.ndarray:
+    def _linear(self, layer: dict, owner: int, short: str, h: np.ndarray, H: Hessian | None) -> np.ndarray:
         """h @ W^T with W the stored (quantized) weight; quantizes it from H first unless the layer is a
         shared one whose owner already did."""
         if short not in layer:

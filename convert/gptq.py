@@ -15,6 +15,8 @@ round-to-nearest exactly: no column's error has anywhere to go.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from hy_edge_ops.fp8 import dequantize_fp8, quantize_fp8, quantize_fp8_compensated
 
@@ -66,20 +68,37 @@ def _inverse_cholesky(H: np.ndarray) -> np.ndarray:
             damp *= 10.0
 
 
-def gptq_round(w: np.ndarray, H: np.ndarray, scales: np.ndarray, fmt: str) -> np.ndarray:
-    """FP8 codes u8 (N, K) of w f32 (N, K) with the given scales f32 (N, G) (block b covers columns
-    b*K/G ...), rounded column by column with each column's error spread onto the later columns
-    (hy_edge_ops.fp8.quantize_fp8_compensated: one parallel call per weight, rows in tiles).
+class Hessian:
+    """H = X^T X f64 (K, K) of the inputs that reach a linear on the calibration text, with what GPTQ derives
+    from it (act order, the inverse Cholesky factor) computed once for every linear that reads the same
+    inputs (q/k/v, gate/up)."""
 
-    H f64 (K, K) = X^T X over the calibration inputs. Inputs that never fired (zero diagonal) keep
-    round-to-nearest and take no error from the others."""
-    H = np.array(H, np.float64)
-    dead = np.diag(H) <= 0
-    H[dead, :] = 0.0
-    H[:, dead] = 0.0
-    H[dead, dead] = 1.0
-    # act order: the columns the inputs weigh most first, while the most later columns can absorb their error
-    # (scales are fixed beforehand, so the order is free of the block layout)
-    order = np.argsort(-np.diag(H), kind="stable").astype(np.int64)
-    U = np.ascontiguousarray(_inverse_cholesky(H[np.ix_(order, order)]), np.float32)  # (K, K) upper
+    def __init__(self, H: np.ndarray):
+        self.H = np.asarray(H, np.float64)
+
+    @functools.cached_property
+    def diag(self) -> np.ndarray:
+        """f64 (K,): how strongly each input reaches the output (the scale search's weights)."""
+        return np.diag(self.H).copy()
+
+    @functools.cached_property
+    def factor(self) -> tuple[np.ndarray, np.ndarray]:
+        """(order i64 (K,), U f32 (K, K) upper, rows and columns in that order). Inputs that never fired
+        (zero diagonal) are decoupled: they round to nearest and take no error from the others."""
+        H = self.H.copy()
+        dead = self.diag <= 0
+        H[dead, :] = 0.0
+        H[:, dead] = 0.0
+        H[dead, dead] = 1.0
+        # act order: the columns the inputs weigh most first, while the most later columns can absorb their
+        # error (scales are fixed beforehand, so the order is free of the block layout)
+        order = np.argsort(-np.diag(H), kind="stable").astype(np.int64)
+        return order, np.ascontiguousarray(_inverse_cholesky(H[np.ix_(order, order)]), np.float32)
+
+
+def gptq_round(w: np.ndarray, hessian: Hessian, scales: np.ndarray, fmt: str) -> np.ndarray:
+    """FP8 codes u8 (N, K) of w f32 (N, K) with the given scales f32 (N, G) (block b covers columns
+    b*K/G ...), rounded column by column in act order with each column's error spread onto the later
+    columns (hy_edge_ops.fp8.quantize_fp8_compensated: one parallel call per weight, rows in tiles)."""
+    order, U = hessian.factor
     return quantize_fp8_compensated(np.ascontiguousarray(w, np.float32), scales, U, order, fmt)

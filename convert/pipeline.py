@@ -25,6 +25,7 @@ from .budget import check_budget
 from .calibrate import CALIBRATION_TEXT, Calibration, calibration_ids
 from .checkpoint import Checkpoint, TensorRef, open_checkpoint
 from .gguf_reader import GGUF_KEYS
+from .gptq import Hessian
 from .graph import BLOCK_TYPES, FP8_TYPES, IR_VERSION, OPSET, GraphBuilder, StoredWeight, io_value_infos
 from .quantize import (
     Quantized,
@@ -204,7 +205,7 @@ def _calibration(ckpt: Checkpoint, spec: ModelSpec, names: dict, policy: QuantPo
         return None
     ids = calibration_ids(_tokenizer_metadata(ckpt), CALIBRATION_TEXT.read_text(encoding="utf-8"))
 
-    def quantize(name: str, w: np.ndarray, H: np.ndarray) -> Quantized:
+    def quantize(name: str, w: np.ndarray, H: Hessian) -> Quantized:
         if not _rounded_from_floats(ckpt, policy, name, names[name]):
             return _quantized(ckpt, name, names[name], policy)  # carried or FP16, as without calibration
         return quantize_weight(name, w, policy, H)

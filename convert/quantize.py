@@ -23,7 +23,7 @@ from hy_edge_ops.fp8 import FP8_MAX, dequantize_fp8, quantize_fp8
 from edge_runtime.errors import HyEdgeError
 from edge_runtime.format import EMBED
 
-from .gptq import gptq_round, search_scales
+from .gptq import Hessian, gptq_round, search_scales
 
 # source: quantized tensors as they are (an FP8 release's bytes, GGUF Q8_0/Q4_0/Q4_1 blocks), float ones
 # as e4m3; e4m3 | e5m2 | auto: every float or block-quantized tensor (re)quantized to FP8
@@ -128,14 +128,14 @@ def _scales(w: np.ndarray, fmt: str, granularity: str) -> np.ndarray:
 
 
 def _encode(
-    w: np.ndarray, fmt: str, granularity: str, policy: QuantPolicy | None = None, hessian: np.ndarray | None = None
+    w: np.ndarray, fmt: str, granularity: str, policy: QuantPolicy | None = None, hessian: Hessian | None = None
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Codes (N, K), scales (N, G), relative error — in row chunks so temporaries stay small. Round to
-    nearest from amax scales unless the policy says otherwise; `hessian` (K, K) = X^T X of the calibration
-    inputs (None: every input weighs the same)."""
+    nearest from amax scales unless the policy says otherwise; `hessian`: the calibration inputs (None:
+    every input weighs the same)."""
     scales = _scales(w, fmt, granularity)
     if policy is not None and policy.scales == "search" and granularity != "tensor":  # per tensor: one scale
-        scales = search_scales(w, scales, fmt, None if hessian is None else np.diag(hessian))
+        scales = search_scales(w, scales, fmt, None if hessian is None else hessian.diag)
     gptq = policy is not None and policy.rounding == "gptq" and hessian is not None
     codes = gptq_round(w, hessian, scales, fmt) if gptq else np.empty(w.shape, np.uint8)
     err = ref = 0.0
@@ -168,10 +168,10 @@ def to_fp16(w: np.ndarray) -> Quantized:
     return Quantized("fp16", w16, rel_error=(err / ref) ** 0.5 if ref > 0 else 0.0)
 
 
-def quantize_weight(name: str, w: np.ndarray, policy: QuantPolicy, hessian: np.ndarray | None = None) -> Quantized:
+def quantize_weight(name: str, w: np.ndarray, policy: QuantPolicy, hessian: Hessian | None = None) -> Quantized:
     """Quantize one float32 2-D weight as the policy says (linears only; callers keep norms float).
-    `hessian` f64 (K, K): X^T X of the inputs that reach this linear on the calibration text, for
-    `rounding gptq` and `scales search` (None: every input weighs the same, and gptq rounds to nearest)."""
+    `hessian`: X^T X of the inputs that reach this linear on the calibration text, for `rounding gptq` and
+    `scales search` (None: every input weighs the same, and gptq rounds to nearest)."""
     if policy.format == "none":
         return Quantized("fp32", np.ascontiguousarray(w, np.float32))
     if policy.stays_float(name):

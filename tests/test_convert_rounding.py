@@ -15,7 +15,7 @@ import pytest
 import reference_model
 from hy_edge_convert import QuantPolicy, convert
 from hy_edge_convert.calibrate import Calibration
-from hy_edge_convert.gptq import gptq_round
+from hy_edge_convert.gptq import Hessian, gptq_round
 from hy_edge_convert.quantize import Quantized, quantize_weight
 from onnx_weights import dequantized, initializers
 from runtime_helpers import make_seed_checkpoint
@@ -57,7 +57,7 @@ def layer():
     w = (rng.standard_normal((N, K)) * 0.05).astype(np.float32)
     calib = correlated_inputs(rng, 2048, K, mix, gain).astype(np.float64)
     held_out = correlated_inputs(rng, 1024, K, mix, gain)
-    return w, calib.T @ calib, held_out
+    return w, Hessian(calib.T @ calib), held_out
 
 
 @pytest.mark.parametrize("granularity,block", [("channel", None), ("block:32", 32)])
@@ -73,7 +73,7 @@ def test_nearest_is_code_exact_round_to_nearest_even(layer, granularity, block):
 def test_gptq_with_uncorrelated_equal_inputs_is_round_to_nearest(layer):
     w, _, _ = layer
     codes, scales = reference_codes(w, 32)
-    assert np.array_equal(gptq_round(w, np.eye(w.shape[1]), scales, "e4m3"), codes)
+    assert np.array_equal(gptq_round(w, Hessian(np.eye(w.shape[1])), scales, "e4m3"), codes)
 
 
 @pytest.mark.parametrize("granularity", ["channel", "block:32"])
@@ -96,10 +96,10 @@ def test_gptq_and_scale_search_lower_the_held_out_output_error(layer, granularit
 
 def test_gptq_leaves_inputs_that_never_fire_to_nearest(layer):
     w, H, _ = layer
-    H = H.copy()
+    H = H.H.copy()
     H[:, 5] = H[5, :] = 0.0  # input 5 is zero on every calibration token
     codes, scales = reference_codes(w, None)
-    out = gptq_round(w, H, scales, "e4m3")
+    out = gptq_round(w, Hessian(H), scales, "e4m3")
     assert np.array_equal(out[:, 5], codes[:, 5])
     assert not np.array_equal(out, codes)
 
@@ -125,8 +125,8 @@ def test_calibration_forward_is_the_reference_models(tmp_path):
     ids = rng.integers(0, spec.vocab_size, (3, 24))
     seen: dict[str, np.ndarray] = {}
 
-    def keep(name: str, w: np.ndarray, H: np.ndarray) -> Quantized:
-        seen[name] = H
+    def keep(name: str, w: np.ndarray, H: Hessian) -> Quantized:
+        seen[name] = H.H
         return Quantized("fp32", w)
 
     head = F.LM_HEAD
