@@ -53,19 +53,23 @@ def search_scales(w: np.ndarray, scales: np.ndarray, fmt: str, importance: np.nd
 
 def _inverse_cholesky(H: np.ndarray) -> np.ndarray:
     """Upper triangular U with U^T U = H^-1 (float64), the reference's `cholesky(cholesky_inverse(
-    cholesky(H)), upper=True)`; dampening grows tenfold until H is numerically positive definite."""
+    cholesky(H)), upper=True)`, from one factorization: with J the reversal and J H J = L L^T,
+    U = J L^-1 J (upper, positive diagonal, hence that same unique factor). Dampening grows tenfold until H
+    is numerically positive definite."""
     mean_diag = float(np.mean(np.diag(H)))
+    K = len(H)
     damp = DAMP
     while True:
-        Hd = H + np.eye(len(H)) * (damp * mean_diag)
+        Hd = H[::-1, ::-1].copy()  # J H J
+        Hd[np.diag_indices(K)] += damp * mean_diag
         try:
             L = np.linalg.cholesky(Hd)
-            L_inv = np.linalg.solve(L, np.eye(len(H)))  # H^-1 = L^-T L^-1
-            return np.linalg.cholesky(L_inv.T @ L_inv).T
         except np.linalg.LinAlgError:
             if damp >= 1e3:
                 raise
             damp *= 10.0
+            continue
+        return np.ascontiguousarray(np.linalg.inv(L)[::-1, ::-1])
 
 
 class Hessian:
