@@ -200,6 +200,7 @@ def _quantize_compensated(
         for j in range(k_dim):
             col = order[j]
             d = u[j, j]
+            later = u[j, j + 1 :]  # 1-D views: the update loop below vectorises (2-D indexing does not, 8x)
             for i in range(m):
                 s = scales[r0 + i, col // bk]
                 v = buf[i, j]
@@ -210,8 +211,9 @@ def _quantize_compensated(
                     q = lut[code] * s
                 out[r0 + i, col] = code
                 e = np.float32((v - q) / d)
-                for k in range(j + 1, k_dim):
-                    buf[i, k] -= e * u[j, k]
+                rest = buf[i, j + 1 :]
+                for k in range(rest.shape[0]):
+                    rest[k] -= e * later[k]
 
 
 def quantize_fp8_compensated(w: np.ndarray, scales: np.ndarray, u: np.ndarray, order: np.ndarray, fmt: str):
