@@ -6,7 +6,7 @@ Per variant: perplexity ratio to fp32, mean and 99th-percentile KL(fp32 || varia
 top-1 agreement with fp32's argmax (teacher-forced, windows of 512 tokens as bench/eval_fp8.py), the bytes
 of weights read per decoded token, and the conversion's wall time.
 
-Usage: python bench/eval_rounding.py [--out-dir bench/out/rounding] [--variants a,b] [--markdown]
+Usage: python bench/eval_rounding.py [--out-dir bench/out/rounding] [--variants "a; b"] [--markdown]
 Conversions are cached in --out-dir under a name derived from the whole policy.
 """
 
@@ -102,13 +102,13 @@ def bytes_per_token(path: Path) -> int:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "out" / "rounding")
-    ap.add_argument("--variants", help="comma-separated subset of: " + "; ".join(VARIANTS))
+    ap.add_argument("--variants", help="semicolon-separated subset of: " + "; ".join(VARIANTS))
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     names = list(VARIANTS)
     if args.variants:
-        names = ["fp32"] + [n.strip() for n in args.variants.split(",") if n.strip() and n.strip() != "fp32"]
+        names = ["fp32"] + [n.strip() for n in args.variants.split(";") if n.strip() and n.strip() != "fp32"]
         unknown = [n for n in names if n not in VARIANTS]
         if unknown:
             ap.error(f"--variants: unknown {', '.join(unknown)}")
