@@ -190,3 +190,15 @@ def test_gguf_blocks_are_kept_and_requantized_blocks_calibrated(gguf_llama, tmp_
     fp8 = convert(src, tmp_path / "fp8.onnx", QuantPolicy(format="e4m3", rounding="gptq"))
     assert fp8.calibration is not None and fp8.calibration["sequences"] > 0
     assert {t["storage"] for n, t in fp8.tensors.items() if n.endswith("_proj.weight")} == {"e4m3"}
+
+
+def test_calibration_without_a_tokenizer_is_refused_before_writing(tmp_path):
+    from edge_runtime.errors import HyEdgeError
+
+    src = make_seed_checkpoint(tmp_path / "seed")  # weights and config only
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with pytest.raises(HyEdgeError, match="tokenizer"):
+        convert(src, out_dir / "m.onnx", QuantPolicy(rounding="gptq"))
+    assert list(out_dir.iterdir()) == []
+    convert(src, out_dir / "m.onnx", QuantPolicy())  # round to nearest needs no text
