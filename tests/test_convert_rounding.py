@@ -202,3 +202,17 @@ def test_calibration_without_a_tokenizer_is_refused_before_writing(tmp_path):
         convert(src, out_dir / "m.onnx", QuantPolicy(rounding="gptq"))
     assert list(out_dir.iterdir()) == []
     convert(src, out_dir / "m.onnx", QuantPolicy())  # round to nearest needs no text
+
+
+def test_calibration_text_is_disjoint_from_the_evaluation_text():
+    """No run of 8 words of the evaluation text appears in the calibration text: no conversion is scored on
+    what it was calibrated on."""
+    from hy_edge_convert.calibrate import CALIBRATION_TEXT
+
+    def runs(text: str) -> set[tuple[str, ...]]:
+        words = text.lower().split()
+        return {tuple(words[i : i + 8]) for i in range(len(words) - 7)}
+
+    calibration = CALIBRATION_TEXT.read_text(encoding="utf-8")
+    assert len(calibration.split()) > 10_000
+    assert not runs(EVAL_TEXT.read_text(encoding="utf-8")) & runs(calibration)
