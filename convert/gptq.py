@@ -7,10 +7,10 @@ Transformers", 2022; the reference implementation's `fasterquant`) rounds W one 
 moves each column's rounding error onto the columns not yet rounded, along the rows of the upper Cholesky
 factor of H^-1, so that the remaining columns make up for it as far as the inputs' correlations allow.
 
-The rounding of every column is still `hy_edge_ops.fp8.quantize_fp8` (round to nearest even onto the E4M3 /
-E5M2 grid, saturating) with scales fixed before the first column, so the codes are valid FP8 codes in the same
-scale layout (per tensor, per channel, or block:N) as round-to-nearest's. With H = I (no calibration) GPTQ is
-round-to-nearest exactly: no column's error has anywhere to go.
+Every column is rounded by `quantize_fp8`'s encoder (round to nearest even onto the E4M3 / E5M2 grid,
+saturating; the column loop is `hy_edge_ops.fp8.quantize_fp8_compensated`) with scales fixed before the first
+column, so the codes are valid FP8 codes in the same scale layout (per tensor, per channel, or block:N) as
+round-to-nearest's. With H = I GPTQ is round-to-nearest exactly: no column's error has anywhere to go.
 """
 
 from __future__ import annotations
