@@ -204,9 +204,9 @@ def test_calibration_without_a_tokenizer_is_refused_before_writing(tmp_path):
     convert(src, out_dir / "m.onnx", QuantPolicy())  # round to nearest needs no text
 
 
-def test_calibration_text_is_disjoint_from_the_evaluation_text():
-    """No run of 8 words of the evaluation text appears in the calibration text: no conversion is scored on
-    what it was calibrated on."""
+def test_calibration_text_is_disjoint_from_the_evaluation_texts():
+    """No run of 8 words of an evaluation text (examples/eval/*.txt) appears in the calibration text: no
+    conversion is scored on what it was calibrated on."""
     from hy_edge_convert.calibrate import CALIBRATION_TEXT
 
     def runs(text: str) -> set[tuple[str, ...]]:
@@ -215,4 +215,8 @@ def test_calibration_text_is_disjoint_from_the_evaluation_text():
 
     calibration = CALIBRATION_TEXT.read_text(encoding="utf-8")
     assert len(calibration.split()) > 10_000
-    assert not runs(EVAL_TEXT.read_text(encoding="utf-8")) & runs(calibration)
+    texts = sorted(EVAL_TEXT.parent.glob("*.txt"))
+    assert EVAL_TEXT in texts
+    calibrated = runs(calibration)
+    for path in texts:
+        assert not runs(path.read_text(encoding="utf-8")) & calibrated, path.name
