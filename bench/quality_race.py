@@ -271,6 +271,24 @@ def llama_cpp_build() -> tuple[str, str]:
     return f"llama-cpp-python {llama_cpp.__version__} ({llama_cpp.__file__}): {info}", isa
 
 
+def rejoin_speeds(results: Path, speed_isa: str) -> None:
+    """The recorded quality-race.json with its decode tok/s taken again from the speed race's results."""
+    path = results / "quality-race.json"
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        sys.exit(f"quality_race: no recorded run to join speeds to: {path}: {e}")
+    speeds, by_name = decode_speeds(), {v.name: v for v in VARIANTS}
+    for row in doc["rows"]:
+        v = by_name.get(row["variant"])
+        row["decode_tps"] = {isa: figs[v.speed] for isa, figs in speeds.items() if v and v.speed in figs}
+    doc["speed_results"] = {isa: f"bench/results/smollm2-{isa}.json" for isa in speeds}
+    doc["speed_rows_renamed"] = renamed_speed_rows()
+    md = quality_report.markdown(doc)
+    print(md)
+    quality_report.write(doc, md, results, speed_isa)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -285,7 +303,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--variants", help="comma-separated subset of: " + ", ".join(v.name for v in VARIANTS))
     ap.add_argument("--results", type=Path, default=RESULTS, help="where quality-race.{md,json,png} go")
     ap.add_argument("--speed-isa", default="avx2", help="the speed race whose decode tok/s the chart uses")
+    ap.add_argument(
+        "--speeds-only",
+        action="store_true",
+        help="race nothing: join the speed race's latest results (bench/smollm2.py) to the recorded quality run",
+    )
     args = ap.parse_args(argv)
+    if args.speeds_only:
+        return rejoin_speeds(args.results, args.speed_isa)
     variants = list(VARIANTS)
     if args.variants:
         wanted = {w.strip() for w in args.variants.split(",") if w.strip()}
