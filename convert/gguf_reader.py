@@ -33,10 +33,12 @@ SUPPORTED_TYPES = {
     GGMLQuantizationType.F32: "f32",
     GGMLQuantizationType.F16: "f16",
     GGMLQuantizationType.BF16: "bf16",
-    # block-quantized types are dequantized to float32 on load
-    GGMLQuantizationType.Q8_0: "f32",
-    GGMLQuantizationType.Q4_0: "f32",
-    GGMLQuantizationType.Q4_1: "f32",
+    # block-quantized types are dequantized to float32 on load (gguf's dequantizers); Q8_0, Q4_0 and Q4_1
+    # can also be kept as they are (BLOCK_TYPES, read_blocks)
+    **{
+        getattr(GGMLQuantizationType, t): "f32"
+        for t in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
+    },
 }
 
 # GGUF metadata value types -> struct format (scalars)

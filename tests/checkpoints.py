@@ -404,7 +404,9 @@ def make_gguf_llama(
 ) -> Path:
     """A tiny llama GGUF as llama.cpp's convert_hf_to_gguf writes one: q/k rows permuted for
     interleaved RoPE, 2-D tensors in `qtype` (rows of 64/96 fill 32-wide blocks), norms F32, and a
-    gpt2 BPE vocabulary with a ChatML template (vocab_type "llama": a SentencePiece one)."""
+    gpt2 BPE vocabulary with a ChatML template (vocab_type "llama": a SentencePiece one). K-quants
+    (Q4_K, Q6_K: gguf has no quantizer for them) get rows of 256/512 and random codes with small
+    scales: the file's own values are then the model."""
     import gguf
 
     torch = need_torch()
@@ -421,6 +423,9 @@ def make_gguf_llama(
     sp = train_sentencepiece() if vocab_type == "llama" else None
     n_vocab = sp.get_piece_size() if sp is not None else len(tokens)
     H, Hkv, D, C, F = 4, 2, 16, 64, 96
+    kquant = qtype in _KQUANT_HALVES
+    if kquant:  # rows fill blocks of 256
+        D, C, F = 64, 256, 512
     config = LlamaConfig(
         vocab_size=n_vocab,
         hidden_size=C,
@@ -475,6 +480,8 @@ def make_gguf_llama(
             w.add_tensor(_gguf_name(name), np.ascontiguousarray(a, np.float32))
         elif qt == gguf.GGMLQuantizationType.F16:
             w.add_tensor(_gguf_name(name), a.astype(np.float16))
+        elif kquant:
+            w.add_tensor(_gguf_name(name), _random_kquant(a.shape, qtype, seed), raw_dtype=qt)
         else:
             w.add_tensor(_gguf_name(name), gguf.quants.quantize(a, qt), raw_dtype=qt)
     w.write_header_to_file()
@@ -482,6 +489,25 @@ def make_gguf_llama(
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+# byte offsets of the float16 scales in a K-quant block (ggml-common.h: block_q4_K d, dmin first;
+# block_q6_K d last)
+_KQUANT_HALVES = {"Q4_K": (0, 2), "Q6_K": (208,)}
+
+
+def _random_kquant(shape: tuple, qtype: str, seed: int) -> np.ndarray:
+    """Random K-quant bytes (rows, bytes per row) whose block scales are small positive halves."""
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    rows, cols = shape
+    rng = np.random.default_rng([seed, rows, cols])
+    raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    halves = (rng.uniform(2e-4, 1e-3, (rows, cols // block, 1))).astype(np.float16).view(np.uint8)
+    for at in _KQUANT_HALVES[qtype]:
+        raw[:, :, at : at + 2] = halves
+    return raw.reshape(rows, -1)
 
 
 def smollm2_gguf_path() -> Path | None:

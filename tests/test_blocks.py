@@ -93,3 +93,21 @@ def test_gguf_blocks_kept_exactly_and_match_transformers(qtype, tmp_path):
         prefill = session.forward(IDS[:10], all_logits=True)
         decode = np.stack([session.forward(IDS[i : i + 1]).copy() for i in range(10, len(IDS))])
         assert rel_err(np.concatenate([prefill, decode]), reference) < 1e-4, backend
+
+
+@pytest.mark.parametrize("qtype", ["Q5_0", "Q4_K", "Q6_K"])
+def test_gguf_types_read_as_floats_convert_and_match_transformers(gguf_llama, qtype, tmp_path):
+    """Types that are not kept as blocks are dequantized by gguf and quantized as floats: unquantized, the
+    file's own values give transformers' logits on both backends; by default their linears become E4M3."""
+    from test_convert import IDS, hf_model
+
+    path = gguf_llama[qtype]
+    default = convert(path, tmp_path / "default.onnx", QuantPolicy())
+    storages = {n: t["storage"] for n, t in default.tensors.items() if F.is_linear(n)}
+    assert storages.pop(F.EMBED) == "fp16" and set(storages.values()) == {"e4m3"}
+    out = tmp_path / "model.onnx"
+    convert(path, out, QuantPolicy(format="none"))
+    reference = hf_logits(hf_model(path.parent, gguf_file=path.name), IDS)
+    for backend in ("numba", "onnxruntime"):
+        logits = edge_runtime.load(out, backend=backend).session().forward(IDS, all_logits=True)
+        assert rel_err(logits, reference) < 1e-4, backend

@@ -127,8 +127,8 @@ def test_truncated_gguf(tmp_path, gguf_llama, keep):
 
 
 def test_unsupported_gguf_tensor_type(tmp_path):
-    f = ck.make_gguf_llama(tmp_path / "q5.gguf", "Q5_0", num_hidden_layers=1)
-    _fails(f, "q5.gguf", "Q5_0", "not supported")
+    f = ck.make_gguf_llama(tmp_path / "mxfp4.gguf", "MXFP4", num_hidden_layers=1)
+    _fails(f, "mxfp4.gguf", "MXFP4", "not supported")
 
 
 def test_unsupported_gguf_architecture(tmp_path):
