@@ -3,6 +3,7 @@ model, encode the prompt, build the sampler, stream, report."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import warnings
@@ -104,6 +105,29 @@ def read_prompt(source: str) -> str:
     return text
 
 
+def _response_format(schema_file: str | None, json_object: bool) -> dict | None:
+    """run's --json-schema FILE / --json-object as an OpenAI response_format (None: plain text)."""
+    if schema_file is not None and json_object:
+        raise HyEdgeError("--json-schema and --json-object exclude each other")
+    if json_object:
+        if importlib.util.find_spec("llguidance") is None:
+            raise HyEdgeError("--json-object needs llguidance: pip install 'hy-edge[serve]'")
+        return {"type": "json_object"}
+    if schema_file is None:
+        return None
+    if importlib.util.find_spec("llguidance") is None:
+        raise HyEdgeError("--json-schema needs llguidance: pip install 'hy-edge[serve]'")
+    try:
+        schema = json.loads(Path(schema_file).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise HyEdgeError(f"--json-schema: cannot read {schema_file}: {e.strerror or e}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise HyEdgeError(f"--json-schema: {schema_file} is not JSON: {e}") from None
+    if not isinstance(schema, dict):
+        raise HyEdgeError(f"--json-schema: {schema_file} should hold a JSON schema (an object)")
+    return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+
+
 def _is_utf16(data: bytes) -> bool:
     """A UTF-16 byte-order mark, or mostly-ASCII text whose every other byte is NUL (no mark)."""
     if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
@@ -118,6 +142,14 @@ def _is_utf16(data: bytes) -> bool:
 @sampling_options
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
+@click.option(
+    "--json-schema",
+    "schema_file",
+    type=str,
+    default=None,
+    help="Hold the answer to this JSON schema (a file), token by token (needs llguidance: hy-edge[serve]).",
+)
+@click.option("--json-object", is_flag=True, help="Hold the answer to a JSON object (needs llguidance).")
 def run_cmd(
     prompt_file: str,
     raw: bool,
@@ -125,6 +157,8 @@ def run_cmd(
     thinking: bool | None,
     sampling: Sampling,
     as_json: bool,
+    schema_file: str | None,
+    json_object: bool,
     **model_args,
 ) -> None:
     """Generate a reply to the prompt in PROMPT_FILE ('-' reads stdin)."""
@@ -135,9 +169,10 @@ def run_cmd(
         prompt = read_prompt(prompt_file)
         if system is not None:
             check_text(system, "--system")
+        response_format = _response_format(schema_file, json_object)
         model = open_model(sampling, **model_args)
         ids = model.encode_prompt(prompt, raw=raw, system=system, **template_kwargs(thinking))
-        responses = model.stream(ids, **sampling.kwargs())
+        responses = model.stream(ids, response_format=response_format, **sampling.kwargs())
         if as_json:
             click.echo(json.dumps(collect(responses).to_dict(), ensure_ascii=False))
             return

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,10 +122,13 @@ class Model:
         raw: bool = False,
         system: str | None = None,
         generator: Generator | None = None,
+        response_format: Mapping | None = None,
         **template_kwargs,
     ) -> Iterator[GenerationResponse]:
         """Stream responses for a prompt (text, chat messages, or token ids) on the default session
-        (or `generator`), reusing its cache when the prompt extends the previous one."""
+        (or `generator`), reusing its cache when the prompt extends the previous one. `response_format`
+        (OpenAI's: {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}})
+        holds the answer to JSON, token by token (grammar.py; needs llguidance, the `serve` extra)."""
         if not isinstance(prompt, str) and len(prompt) and isinstance(prompt[0], (int, np.integer)):
             ids = [int(t) for t in prompt]
         else:
@@ -133,6 +136,13 @@ class Model:
         sampler = make_sampler(temperature, top_k, top_p, min_p, seed)
         processors = make_logits_processors(repetition_penalty)
         gen = generator or self.default_generator
+        if response_format is not None:
+            from .grammar import json_processor
+
+            if self.tokenizer is None:
+                raise ModelFileError(f"{self.path.name}: the model file carries no tokenizer")
+            held = json_processor(self.tokenizer, self.spec.vocab_size, gen.eos_ids, response_format, len(ids))
+            processors = [*processors, held] if held is not None else processors
         return gen.stream(ids, max_tokens=max_tokens, sampler=sampler, logits_processors=processors, stop=stop)
 
     def generate(self, prompt: str | Sequence[dict] | Sequence[int], **kwargs) -> GenerationResult:

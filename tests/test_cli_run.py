@@ -136,3 +136,41 @@ def test_click_usage_errors_exit_2(model_file, prompt):
     assert r.exit_code == 2 and "Traceback" not in r.stderr
     r = run(prompt, "--model", model_file, "--backend", "tensorflow")
     assert r.exit_code == 2 and "Traceback" not in r.stderr
+
+
+ANSWER = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 40}, "country": {"type": "string", "maxLength": 40}},
+    "required": ["city", "country"],
+    "additionalProperties": False,
+}
+
+
+def test_json_schema_holds_the_answer(default_model_file, tmp_path):
+    pytest.importorskip("llguidance")
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(ANSWER))
+    prompt = tmp_path / "q.txt"
+    prompt.write_text("Name the capital of France and its country, in JSON.")
+    args = ["--model", str(default_model_file), "--max-tokens", "60"]
+    r = run(str(prompt), *args, "--json-schema", str(schema), "--json")
+    assert r.exit_code == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["finish_reason"] == "stop", out["text"]
+    answer = json.loads(out["text"])
+    assert set(answer) == {"city", "country"} and all(isinstance(v, str) for v in answer.values())
+    r = run(str(prompt), *args, "--json-object")
+    assert r.exit_code == 0, r.stderr
+    assert isinstance(json.loads(r.stdout), dict)
+
+
+def test_bad_json_schema_files(model_file, prompt, tmp_path):
+    pytest.importorskip("llguidance")
+    _user_error(run(prompt, "--model", model_file, "--json-schema", str(tmp_path / "none.json")), "cannot read")
+    (tmp_path / "bad.json").write_text("{not json")
+    _user_error(run(prompt, "--model", model_file, "--json-schema", str(tmp_path / "bad.json")), "is not JSON")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    _user_error(run(prompt, "--model", model_file, "--json-schema", str(tmp_path / "list.json")), "a JSON schema")
+    (tmp_path / "s.json").write_text(json.dumps(ANSWER))
+    args = ["--json-schema", str(tmp_path / "s.json"), "--json-object"]
+    _user_error(run(prompt, "--model", model_file, *args), "exclude each other")
