@@ -68,9 +68,14 @@ def measure(src: Path, options: list[str], out_dir: Path) -> dict:
     err = proc.stderr.read()
     proc.stderr.close()
     if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"conversion: {' '.join(cmd)} failed: {err.strip().splitlines()[-1:]}")
+        last = (err.strip().splitlines() or ["(no message)"])[-1]
+        sys.exit(f"conversion: {' '.join(cmd)} failed: {last}")
     size = out.stat().st_size + Path(str(out) + ".data").stat().st_size
-    return {"seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024), "output_mb": round(size / 1e6, 1)}
+    return {
+        "seconds": round(seconds, 1),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024),
+        "output_mb": round(size / 1e6, 1),
+    }
 
 
 def markdown(doc: dict) -> str:
