@@ -14,7 +14,8 @@ what the `serve` extra installs (httpx).
     python bench/serve_load.py --layers 2 --tokens 32 --streams 1 2 4   # a smoke run
     python bench/serve_load.py --url http://127.0.0.1:8000 --streams 1 4
     python bench/serve_load.py --stall 512        # a 512-token prompt's cost to a running stream
-Writes bench/out/serve_load.json (or --out) and prints a table.
+Writes bench/out/serve_load.json (serve_stall.json with --stall; or --out: date, CPU, ISA and load
+average included) and prints a table.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = str(HERE / "out" / "serve_load.json")
 sys.path.insert(0, str(HERE))
 
 
@@ -165,7 +167,8 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--kv-cache", default="fp32", choices=["fp32", "fp16", "fp8"])
-    ap.add_argument("--out", default=str(HERE / "out" / "serve_load.json"))
+    ap.add_argument("--out", default=DEFAULT_OUT, help="the JSON record (default bench/out/serve_load.json, "
+                    "with --stall serve_stall.json)")  # fmt: skip
     ap.add_argument(
         "--stall", type=int, default=None, metavar="N", help="measure what an N-token prompt costs a running stream"
     )
@@ -196,10 +199,29 @@ def main() -> None:
         r["speedup"] = r["decode_tps"] / base if base else None
         ratio = f"{r['speedup']:.2f}x" if base else "-"
         print(f"| {r['streams']} | {r['decode_tps']:.1f} | {r['decode_tps'] / r['streams']:.1f} | {ratio} |")
-    out = Path(args.out)
+    meta = {"model": label, "tokens": args.tokens, "prompt_tokens": args.prompt_tokens, **_where()}
+    _write(Path(args.out), {**meta, "threads": args.threads, "results": results})
+
+
+def _where() -> dict:
+    """When and on what a figure was measured: date, CPU, the kernels' vector ISA, the load before it."""
+    from hy_edge_ops.isa import ISA
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else None
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    return {"date": date, "machine": platform.machine(), "cpu": cpu, "isa": ISA, "load_average": load}
+
+
+def _write(out: Path, doc: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"model": label, "tokens": args.tokens, "prompt_tokens": args.prompt_tokens, "machine": platform.machine()}
-    out.write_text(json.dumps({**meta, "threads": args.threads, "results": results}, indent=1) + "\n")
+    tmp = out.with_name(out.name + ".partial")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, out)
     print(f"written {out}")
 
 
@@ -210,6 +232,7 @@ def stall(args) -> None:
 
     path = Path(args.model) if args.model else artifacts.hy_edge_model(artifacts.checkpoint(args.layers), {})
     model = edge_runtime.load(path)
+    where = _where()  # the load before the runs
     results = [run_stall(model, args.stall, args.threads, args.kv_cache, m) for m in (1e9, 2.0)]
     print(f"a {args.stall}-token prompt beside a running stream: {path.name}")
     print("| prefill pieces | stream's gap before | during the prefill: median | longest | the prompt's first token |")
@@ -220,6 +243,9 @@ def stall(args) -> None:
             f"| {r['longest_gap_s'] * 1000:.0f} ms "
             f"| {r['prompt_ttft_s']:.2f} s |"
         )
+    out = Path(args.out if args.out != DEFAULT_OUT else str(HERE / "out" / "serve_stall.json"))
+    doc = {"model": path.name, "prompt_tokens": args.stall, **where, "threads": args.threads}
+    _write(out, {**doc, "results": dict(zip(("whole chunks (128)", "time-sized (max_stall 2)"), results, strict=True))})
 
 
 if __name__ == "__main__":
