@@ -77,6 +77,21 @@ HY_EDGE = (
     hy_edge("hy-edge --format e4m3 --lm-head-fp16", format="e4m3", lm_head_fp8=False),
     hy_edge("hy-edge --format e4m3 block:32", speed="hy-edge e4m3 block:32", format="e4m3", granularity="block:32"),
     hy_edge("hy-edge --format e4m3 block:32 --lm-head-fp16", format="e4m3", granularity="block:32", lm_head_fp8=False),
+    hy_edge("hy-edge --format e4m3 gptq+search", format="e4m3", rounding="gptq", scales="search"),
+    hy_edge(
+        "hy-edge --format e4m3 gptq+search --lm-head-fp16",
+        format="e4m3",
+        rounding="gptq",
+        scales="search",
+        lm_head_fp8=False,
+    ),
+    hy_edge(
+        "hy-edge --format e4m3 block:32 gptq+search",
+        format="e4m3",
+        granularity="block:32",
+        rounding="gptq",
+        scales="search",
+    ),
 )
 LLAMA_CPP_TYPES = ("F32", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")  # made from the F32 file
 LLAMA_CPP = (
@@ -304,6 +319,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--results", type=Path, default=RESULTS, help="where quality-race.{md,json,png} go")
     ap.add_argument("--speed-isa", default="avx2", help="the speed race whose decode tok/s the chart uses")
     ap.add_argument(
+        "--add",
+        action="store_true",
+        help="merge the raced --variants into the recorded run (same text and reference) instead of replacing it",
+    )
+    ap.add_argument(
         "--speeds-only",
         action="store_true",
         help="race nothing: join the speed race's latest results (bench/smollm2.py) to the recorded quality run",
@@ -383,10 +403,30 @@ def main(argv: Sequence[str] | None = None) -> None:
         "seconds": time.perf_counter() - start,
         "rows": rows,
     }
+    if args.add:
+        doc = merged(args.results / "quality-race.json", doc)
     md = quality_report.markdown(doc)
     print(md)
     quality_report.write(doc, md, args.results, args.speed_isa)
     log(f"done in {doc['seconds'] / 60:.1f} min -> {args.results}/quality-race.*")
+
+
+def merged(path: Path, new: dict) -> dict:
+    """The recorded run with `new`'s rows added (or replaced, by variant name), when both raced the same
+    text against the same reference; the run of the added rows is listed under "added"."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        sys.exit(f"quality_race: --add: no recorded run to add to: {path}: {e}")
+    same = ("model", "text", "text_tokens", "predicted_tokens", "window")
+    if any(old.get(k) != new[k] for k in same) or old["reference"]["perplexity"] != new["reference"]["perplexity"]:
+        sys.exit("quality_race: --add: the recorded run raced another text, model or reference; race everything")
+    names = [r["variant"] for r in new["rows"]]
+    rows = [r for r in old["rows"] if r["variant"] not in names]
+    order = [v.name for v in VARIANTS]
+    rows = sorted([*rows, *new["rows"]], key=lambda r: order.index(r["variant"]) if r["variant"] in order else 99)
+    added = [*old.get("added", []), {"date": new["date"], "cpu": new["cpu"], "isa": new["isa"], "variants": names}]
+    return {**old, "rows": rows, "added": added, "seconds": old["seconds"] + new["seconds"]}
 
 
 if __name__ == "__main__":

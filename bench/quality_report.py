@@ -32,7 +32,10 @@ def markdown(doc: dict) -> str:
         f"{doc['reference']['variant']} (PPL {doc['reference']['perplexity']:.4f}, "
         f"{doc['reference']['mb_per_token']:.0f} MB / token). KL(reference || variant) per token. The "
         "reference's weights are the source file's own values in fp32: a variant that keeps them exactly "
-        "differs from it only in how it computes.",
+        "differs from it only in how it computes."
+        + "".join(
+            f" Rows {', '.join(a['variants'])}: raced {a['date']} ({isa_names(a)})." for a in doc.get("added", [])
+        ),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
