@@ -191,7 +191,9 @@ def info_cmd(model: Path | None, verify: bool, default_path: bool) -> None:
             counts[str(t.get("storage"))] = counts.get(str(t.get("storage")), 0) + 1
         click.echo(
             f"quantization: format {str(quant.get('format'))[:20]}, granularity {str(quant.get('granularity'))[:20]}, "
-            f"activations {quant.get('activations', 'none')}; tensors: "
+            f"activations {quant.get('activations', 'none')}"
+            + "".join(f", {k} {str(quant[k])[:20]}" for k in ("rounding", "scales") if k in quant)
+            + "; tensors: "
             + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
         )
         from .buffers import memory_plan

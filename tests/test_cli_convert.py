@@ -51,6 +51,8 @@ def test_convert_with_calibrated_rounding(hunyuan, tmp_path):
     assert r.returncode == 0, r.stderr
     quant = json.loads(F.metadata(onnx.load(str(out), load_external_data=False))[F.META_QUANT])
     assert (quant["rounding"], quant["scales"], quant["calibration"]["text"]) == ("gptq", "search", "text.txt")
+    r = hy_edge("info", out)
+    assert r.returncode == 0 and "rounding gptq, scales search" in r.stdout, r.stderr
 
 
 def _bad_inputs(tmp_path, hunyuan):
