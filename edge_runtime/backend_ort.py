@@ -34,7 +34,9 @@ def ort_memory_plan(spec: ModelSpec, tensors: dict[str, Tensor]) -> MemoryPlan:
     float32 copy); while MatMul pre-packs them a second copy exists. Measured on SmolLM2-135M (FP8
     head copy, or the head tied to the FP16 embedding): 595 MB of initializers kept, peak RSS 1,188 /
     1,187 MB = the runtime (85 MB) + 2.0 x 595 MB; its Q4_1 file kept as blocks (one DequantizeLinear a
-    weight, as FP8; uint4 folds to 8 bytes a stored byte): peak 1,356 MB. Per token: the KV cache twice
+    weight; uint4 folds to 8 bytes a stored byte; the head tied to the embedding folds to a transposed
+    float32 copy of its own beside the Gather's table): initializers 650 MB, peak 1,432 MB loaded 1,265
+    (x86-64, AVX-512; 1,436 MB on another CI machine). Per token: the KV cache twice
     (the past inputs and the present outputs are both alive during a call, float32), the logits row and
     the activations of a prompt token (the whole prompt runs as one call)."""
 
@@ -44,8 +46,7 @@ def ort_memory_plan(spec: ModelSpec, tensors: dict[str, Tensor]) -> MemoryPlan:
         return (8 if t.storage == "uint4" else 4) * t.data.size  # uint4: two weights a byte
 
     kept = sum(folded(t) for t in tensors.values())
-    blocks = F.EMBED + F.QWEIGHT in tensors  # one float32 table, folded once, for the Gather and the head
-    if F.LM_HEAD not in tensors and F.LM_HEAD + F.QWEIGHT not in tensors and not blocks:  # the head reads it
+    if F.LM_HEAD not in tensors and F.LM_HEAD + F.QWEIGHT not in tensors:  # a tied head: a float32 copy
         kept += 4 * spec.vocab_size * spec.hidden_size
     C, F_, V = spec.hidden_size, spec.intermediate_size, spec.vocab_size
     kv = 2 * len(spec.attention_layers) * spec.num_key_value_heads * spec.head_dim * 4
