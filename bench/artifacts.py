@@ -13,10 +13,12 @@ import dataclasses
 import hashlib
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -209,3 +211,26 @@ def gguf_bytes_per_token(path: Path) -> int:
     if "output.weight" in sizes:
         total -= sizes.get("token_embd.weight", 0)
     return total
+
+
+def where_measured() -> dict:
+    """When and on what a figure was measured: date, CPU, the kernels' vector ISA, the load before it."""
+    from hy_edge_ops.isa import ISA
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else None
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    return {"date": date, "machine": platform.machine(), "cpu": cpu, "isa": ISA, "load_average": load}
+
+
+def write_json(out: Path, doc: dict) -> None:
+    """Write a result file under a temporary name, then rename it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, out)
+    print(f"written {out}")

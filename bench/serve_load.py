@@ -21,14 +21,13 @@ average included) and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import threading
 import time
 from pathlib import Path
 
+import artifacts
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
@@ -181,8 +180,6 @@ def main() -> None:
         label = args.url
         results = [run_http(args.url.rstrip("/"), n, args.tokens) for n in args.streams]
     else:
-        import artifacts
-
         import edge_runtime
 
         path = Path(args.model) if args.model else artifacts.hy_edge_model(artifacts.checkpoint(args.layers), {})
@@ -199,40 +196,16 @@ def main() -> None:
         r["speedup"] = r["decode_tps"] / base if base else None
         ratio = f"{r['speedup']:.2f}x" if base else "-"
         print(f"| {r['streams']} | {r['decode_tps']:.1f} | {r['decode_tps'] / r['streams']:.1f} | {ratio} |")
-    meta = {"model": label, "tokens": args.tokens, "prompt_tokens": args.prompt_tokens, **_where()}
-    _write(Path(args.out), {**meta, "threads": args.threads, "results": results})
-
-
-def _where() -> dict:
-    """When and on what a figure was measured: date, CPU, the kernels' vector ISA, the load before it."""
-    from hy_edge_ops.isa import ISA
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else None
-    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    return {"date": date, "machine": platform.machine(), "cpu": cpu, "isa": ISA, "load_average": load}
-
-
-def _write(out: Path, doc: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, out)
-    print(f"written {out}")
+    meta = {"model": label, "tokens": args.tokens, "prompt_tokens": args.prompt_tokens, **artifacts.where_measured()}
+    artifacts.write_json(Path(args.out), {**meta, "threads": args.threads, "results": results})
 
 
 def stall(args) -> None:
-    import artifacts
-
     import edge_runtime
 
     path = Path(args.model) if args.model else artifacts.hy_edge_model(artifacts.checkpoint(args.layers), {})
     model = edge_runtime.load(path)
-    where = _where()  # the load before the runs
+    where = artifacts.where_measured()  # the load before the runs
     results = [run_stall(model, args.stall, args.threads, args.kv_cache, m) for m in (1e9, 2.0)]
     print(f"a {args.stall}-token prompt beside a running stream: {path.name}")
     print("| prefill pieces | stream's gap before | during the prefill: median | longest | the prompt's first token |")
@@ -245,7 +218,9 @@ def stall(args) -> None:
         )
     out = Path(args.out if args.out != DEFAULT_OUT else str(HERE / "out" / "serve_stall.json"))
     doc = {"model": path.name, "prompt_tokens": args.stall, **where, "threads": args.threads}
-    _write(out, {**doc, "results": dict(zip(("whole chunks (128)", "time-sized (max_stall 2)"), results, strict=True))})
+    artifacts.write_json(
+        out, {**doc, "results": dict(zip(("whole chunks (128)", "time-sized (max_stall 2)"), results, strict=True))}
+    )
 
 
 if __name__ == "__main__":
