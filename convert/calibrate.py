@@ -140,7 +140,8 @@ class Calibration:
         H = None if "mlp.gate_proj" in layer else second_moment(h)
         gate = self._linear(layer, owner, "mlp.gate_proj", h, H)
         up = self._linear(layer, owner, "mlp.up_proj", h, H)
-        act = np.clip(gate, 0, 6) if spec.hidden_act == "relu6" else gate / (1 + np.exp(-gate))
+        # SiLU as x * sigmoid(x) with sigmoid(x) = (1 + tanh(x / 2)) / 2: no exp to overflow for large |x|
+        act = np.clip(gate, 0, 6) if spec.hidden_act == "relu6" else gate * (0.5 + 0.5 * np.tanh(0.5 * gate))
         a = act * up
         del gate, up, act
         H = None if "mlp.down_proj" in layer else second_moment(a)
