@@ -45,15 +45,20 @@ def smollm2() -> Path:
 
 # name -> (source, convert options)
 CASES = {
-    "hunyuan bf16": (artifacts.checkpoint, []),
-    "hunyuan bf16 --lm-head-fp16": (artifacts.checkpoint, ["--lm-head-fp16"]),
+    # with a tokenizer (the bench's synthetic one) the default rounding is calibrated: gptq, searched scales
+    "hunyuan bf16 + tokenizer (default: gptq+search)": (lambda: artifacts.gguf_source(artifacts.checkpoint()), []),
+    "hunyuan bf16 + tokenizer --rounding nearest": (
+        lambda: artifacts.gguf_source(artifacts.checkpoint()),
+        ["--rounding", "nearest"],
+    ),
+    "hunyuan bf16 + tokenizer --rounding nearest --lm-head-fp16": (
+        lambda: artifacts.gguf_source(artifacts.checkpoint()),
+        ["--rounding", "nearest", "--lm-head-fp16"],
+    ),
     "hunyuan FP8 (compressed-tensors)": (fp8_checkpoint, []),
     "smollm2 Q4_1 GGUF (blocks kept)": (smollm2, []),
-    "smollm2 Q4_1 GGUF --format e4m3": (smollm2, ["--format", "e4m3"]),
-    "smollm2 Q4_1 GGUF --format e4m3 --rounding gptq --scales search": (
-        smollm2,
-        ["--format", "e4m3", "--rounding", "gptq", "--scales", "search"],
-    ),
+    "smollm2 Q4_1 GGUF --format e4m3 --rounding nearest": (smollm2, ["--format", "e4m3", "--rounding", "nearest"]),
+    "smollm2 Q4_1 GGUF --format e4m3 (default: gptq+search)": (smollm2, ["--format", "e4m3"]),
 }
 
 

@@ -51,7 +51,9 @@ class Variant:
     def policy(self):
         from hy_edge_convert import QuantPolicy
 
-        return QuantPolicy(format=self.format, granularity=self.granularity)
+        # round-to-nearest from amax: the FP8 formats and layouts among themselves (the calibrated rounding,
+        # the converter's default for float weights, is raced in quality_race.py and eval_rounding.py)
+        return QuantPolicy(format=self.format, granularity=self.granularity, rounding="nearest", scales="amax")
 
 
 REFERENCE = Variant("fp32", "none")

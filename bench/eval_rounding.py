@@ -29,14 +29,14 @@ HEAD16 = {"lm_head_fp8": False}
 E4M3 = {"format": "e4m3"}  # re-quantize the GGUF's values, whatever the converter's default for a GGUF is
 VARIANTS = {
     "fp32": {"format": "none"},
-    "nearest/channel": {},
-    "nearest/channel + fp16 head": HEAD16,
-    "nearest/channel, scale search": {"scales": "search"},
-    "gptq/channel": {"rounding": "gptq"},
+    "nearest/channel": {"rounding": "nearest", "scales": "amax"},
+    "nearest/channel + fp16 head": {"rounding": "nearest", "scales": "amax", **HEAD16},
+    "nearest/channel, scale search": {"rounding": "nearest", "scales": "search"},
+    "gptq/channel": {"rounding": "gptq", "scales": "amax"},
     "gptq/channel, scale search": {"rounding": "gptq", "scales": "search"},
     "gptq/channel, scale search + fp16 head": {"rounding": "gptq", "scales": "search", **HEAD16},
-    "nearest/block:32": {"granularity": "block:32"},
-    "nearest/block:32 + fp16 head": {"granularity": "block:32", **HEAD16},
+    "nearest/block:32": {"granularity": "block:32", "rounding": "nearest", "scales": "amax"},
+    "nearest/block:32 + fp16 head": {"granularity": "block:32", "rounding": "nearest", "scales": "amax", **HEAD16},
     "gptq/block:32, scale search": {"granularity": "block:32", "rounding": "gptq", "scales": "search"},
     "gptq/block:32, scale search + fp16 head": {
         "granularity": "block:32",

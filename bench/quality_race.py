@@ -71,26 +71,34 @@ def hy_edge(name: str, speed: str | None = None, **policy) -> Variant:
 REFERENCE = hy_edge("fp32 reference", format="none")
 # hy-edge's conversions raced; QuantPolicy() defaults fill in the rest, so "default" follows the converter.
 # speed: the row names bench/smollm2.py gives these conversions.
+NEAREST = {"rounding": "nearest", "scales": "amax"}  # round-to-nearest from amax, the default before
 HY_EDGE = (
     hy_edge("hy-edge default (source: GGUF blocks kept)", speed="hy-edge"),
-    hy_edge("hy-edge --format e4m3", speed="hy-edge e4m3", format="e4m3"),
-    hy_edge("hy-edge --format e4m3 --lm-head-fp16", format="e4m3", lm_head_fp8=False),
-    hy_edge("hy-edge --format e4m3 block:32", speed="hy-edge e4m3 block:32", format="e4m3", granularity="block:32"),
-    hy_edge("hy-edge --format e4m3 block:32 --lm-head-fp16", format="e4m3", granularity="block:32", lm_head_fp8=False),
-    hy_edge("hy-edge --format e4m3 gptq+search", format="e4m3", rounding="gptq", scales="search"),
+    hy_edge("hy-edge --format e4m3 --rounding nearest", speed="hy-edge e4m3", format="e4m3", **NEAREST),
+    hy_edge("hy-edge --format e4m3 --rounding nearest --lm-head-fp16", format="e4m3", lm_head_fp8=False, **NEAREST),
     hy_edge(
-        "hy-edge --format e4m3 gptq+search --lm-head-fp16",
-        format="e4m3",
-        rounding="gptq",
-        scales="search",
-        lm_head_fp8=False,
-    ),
-    hy_edge(
-        "hy-edge --format e4m3 block:32 gptq+search",
+        "hy-edge --format e4m3 --rounding nearest block:32",
+        speed="hy-edge e4m3 block:32",
         format="e4m3",
         granularity="block:32",
-        rounding="gptq",
-        scales="search",
+        **NEAREST,
+    ),
+    hy_edge(
+        "hy-edge --format e4m3 --rounding nearest block:32 --lm-head-fp16",
+        format="e4m3",
+        granularity="block:32",
+        lm_head_fp8=False,
+        **NEAREST,
+    ),
+    # the converter's default rounding of float weights: gptq with searched scales (--rounding auto)
+    hy_edge("hy-edge --format e4m3 (gptq+search)", format="e4m3"),
+    hy_edge("hy-edge --format e4m3 (gptq+search) --lm-head-fp16", format="e4m3", lm_head_fp8=False),
+    hy_edge("hy-edge --format e4m3 (gptq+search) block:32", format="e4m3", granularity="block:32"),
+    hy_edge(
+        "hy-edge --format e4m3 (gptq+search) block:32 --lm-head-fp16",
+        format="e4m3",
+        granularity="block:32",
+        lm_head_fp8=False,
     ),
 )
 LLAMA_CPP_TYPES = ("F32", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")  # made from the F32 file

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from hy_edge_ops.fp8 import dequantize_fp8
+from hy_edge_ops.rope import rope_inv_freq
 
 from edge_runtime import format as F
 from edge_runtime.errors import HyEdgeError
@@ -70,10 +71,9 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return (x / np.sqrt(np.mean(np.square(x), axis=-1, keepdims=True) + np.float32(eps))) * w
 
 
-def rope(x: np.ndarray, base: float) -> np.ndarray:
-    """x (S, T, heads, D) at positions 0..T-1, NeoX rotate-half."""
+def rope(x: np.ndarray, inv: np.ndarray) -> np.ndarray:
+    """x (S, T, heads, D) at positions 0..T-1, NeoX rotate-half; `inv` (D/2,) the frequencies."""
     D = x.shape[-1]
-    inv = (1.0 / base ** (np.arange(0, D, 2, dtype=np.float64) / D)).astype(np.float32)
     ang = np.arange(x.shape[1], dtype=np.float32)[:, None] * inv[None, :]  # (T, D/2)
     cos, sin = np.cos(ang)[None, :, None, :], np.sin(ang)[None, :, None, :]
     x1, x2 = x[..., : D // 2], x[..., D // 2 :]
@@ -140,7 +140,8 @@ class Calibration:
         H = None if "mlp.gate_proj" in layer else second_moment(h)
         gate = self._linear(layer, owner, "mlp.gate_proj", h, H)
         up = self._linear(layer, owner, "mlp.up_proj", h, H)
-        act = np.clip(gate, 0, 6) if spec.hidden_act == "relu6" else gate / (1 + np.exp(-gate))
+        # SiLU as x * sigmoid(x) with sigmoid(x) = (1 + tanh(x / 2)) / 2: no exp to overflow for large |x|
+        act = np.clip(gate, 0, 6) if spec.hidden_act == "relu6" else gate * (0.5 + 0.5 * np.tanh(0.5 * gate))
         a = act * up
         del gate, up, act
         H = None if "mlp.down_proj" in layer else second_moment(a)
@@ -156,7 +157,8 @@ class Calibration:
         q = self._linear(layer, owner, "self_attn.q_proj", h, H).reshape(S, T, Hq, D)
         k = self._linear(layer, owner, "self_attn.k_proj", h, H).reshape(S, T, Hkv, D)
         v = self._linear(layer, owner, "self_attn.v_proj", h, H).reshape(S, T, Hkv, D)
-        q, k = rope(q, spec.rope_theta), rope(k, spec.rope_theta)
+        inv = rope_inv_freq(spec.head_dim, spec.rope_theta, spec.rope_llama3)
+        q, k = rope(q, inv), rope(k, inv)
         if spec.use_qk_norm:  # after RoPE, as in transformers' HunYuanDenseV1Attention
             p = F.layer_prefix(owner)
             q = rms_norm(q, self.load(f"{p}.self_attn.query_layernorm.weight"), spec.rms_norm_eps)

@@ -52,6 +52,7 @@ class ConversionReport:
     seconds: float = 0.0
     tensors: dict[str, dict] = field(default_factory=dict)
     calibration: dict | None = None  # the text and token counts the calibration pass ran, if it ran
+    notes: list[str] = field(default_factory=list)  # what the converter decided that was not asked for
 
     @property
     def counts(self) -> dict[str, int]:
@@ -197,11 +198,24 @@ def _rounded_from_floats(ckpt: Checkpoint, policy: QuantPolicy, name: str, shape
     return ref.dtype != "f8_e4m3" and not keeps_blocks(policy, ref.block_type) and not policy.stays_float(name)
 
 
+def _from_floats(ckpt: Checkpoint, names: dict, policy: QuantPolicy) -> bool:
+    """Whether some linear is rounded onto the FP8 grid from float values (what calibration can improve)."""
+    linears = [n for n, shape in names.items() if F.is_linear(n) and n != F.EMBED and len(shape) == 2]
+    return policy.format != "none" and any(_rounded_from_floats(ckpt, policy, n, names[n]) for n in linears)
+
+
+def resolve_policy(ckpt: Checkpoint, names: dict, policy: QuantPolicy) -> QuantPolicy:
+    """`auto` rounding and scales decided for this checkpoint: calibrated where some linear is rounded from
+    floats and the checkpoint's tokenizer can run the calibration text (without one: round-to-nearest, with
+    a note in the report)."""
+    floats = _from_floats(ckpt, names, policy)
+    return policy.resolved(calibratable=floats and ckpt.tokenizer is not None)
+
+
 def _calibration(ckpt: Checkpoint, spec: ModelSpec, names: dict, policy: QuantPolicy) -> Calibration | None:
     """The calibration pass, when the policy's rounding or scales need the inputs of each linear and some
     linear is rounded from floats."""
-    linears = [n for n, shape in names.items() if F.is_linear(n) and n != F.EMBED and len(shape) == 2]
-    if not policy.calibrated or not any(_rounded_from_floats(ckpt, policy, n, names[n]) for n in linears):
+    if not policy.calibrated or not _from_floats(ckpt, names, policy):
         return None
     ids = calibration_ids(_tokenizer_metadata(ckpt), CALIBRATION_TEXT.read_text(encoding="utf-8"))
 
@@ -266,9 +280,15 @@ def convert(
             names[F.LM_HEAD] = (spec.vocab_size, spec.hidden_size)  # an FP8 copy of the tied embedding
         for name, shape in names.items():  # fail before writing anything
             _source(ckpt, name, shape)
+        asked, policy = policy, resolve_policy(ckpt, names, policy)
+        fallback = asked.rounding == "auto" and not policy.calibrated and _from_floats(ckpt, names, policy)
         if max_memory is not None:
-            check_budget(ckpt, names, policy, max_memory)
+            check_budget(ckpt, names, policy, max_memory, spec)
         report = ConversionReport(out, spec, _source_bytes(Path(ckpt.path)))
+        if fallback:
+            report.notes.append(
+                "the checkpoint has no tokenizer to run the calibration text: FP8 weights rounded to nearest"
+            )
         calib = _calibration(ckpt, spec, names, policy)
         if calib is not None:
             S, T = calib.ids.shape

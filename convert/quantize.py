@@ -9,11 +9,14 @@ Rounding: `nearest` rounds every weight to its nearest FP8 value (code-exact wit
 spreads each column's rounding error onto the columns not yet rounded, weighted by the calibration inputs
 (convert/gptq.py, with the inputs from convert/calibrate.py). Scales: `amax` maps each channel's or block's
 largest value onto the format's; `search` tries a few multiples of it and keeps the one with the least
-(input-weighted) error.
+(input-weighted) error. `auto` (the default of both) is gptq with searched scales where the conversion can run
+the calibration text (the checkpoint has a tokenizer and some linear is rounded from floats), round-to-nearest
+from amax otherwise: at the same bytes the calibrated rounding is the more faithful (bench/quality_race.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from dataclasses import dataclass
 
@@ -30,8 +33,8 @@ from .gptq import Hessian, gptq_round, search_scales
 FORMATS = ("source", "e4m3", "e5m2", "auto", "none")
 BLOCK = 32  # weights per GGUF block (hy_edge_ops.blockq.BLOCK)
 ACTIVATIONS = ("none", "e4m3", "e5m2", "static")
-ROUNDINGS = ("nearest", "gptq")
-SCALES = ("amax", "search")
+ROUNDINGS = ("auto", "nearest", "gptq")
+SCALES = ("auto", "amax", "search")
 ROWS_PER_CHUNK = 4096  # bounds the fp32 temporaries of one tensor (4096 x K floats)
 
 
@@ -44,8 +47,8 @@ class QuantPolicy:
     # the head every token, a third of Hunyuan-0.5B's bytes in FP16
     lm_head_fp8: bool = True
     activations: str = "none"  # fake-quantize linear inputs: none | e4m3 | e5m2 | static (input_scale)
-    rounding: str = "nearest"  # nearest | gptq (error-compensating, from the calibration text's inputs)
-    scales: str = "amax"  # amax | search (the multiple of amax with the least input-weighted error)
+    rounding: str = "auto"  # auto | nearest | gptq (error-compensating, from the calibration text's inputs)
+    scales: str = "auto"  # auto | amax | search (the multiple of amax with the least input-weighted error)
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -61,8 +64,16 @@ class QuantPolicy:
     @property
     def calibrated(self) -> bool:
         """Whether the conversion runs the calibration text through the model (the inputs of each linear
-        weigh its rounding and its scales)."""
+        weigh its rounding and its scales). `auto` counts until `resolved` decides it."""
         return self.format != "none" and (self.rounding != "nearest" or self.scales != "amax")
+
+    def resolved(self, calibratable: bool) -> QuantPolicy:
+        """The policy with `auto` decided: gptq where the calibration text can run through the model and
+        some linear is rounded from floats (`calibratable`), else round-to-nearest; scales searched with
+        gptq, from amax with nearest. Explicit choices stay as they are."""
+        rounding = self.rounding if self.rounding != "auto" else "gptq" if calibratable else "nearest"
+        scales = self.scales if self.scales != "auto" else "search" if rounding == "gptq" else "amax"
+        return dataclasses.replace(self, rounding=rounding, scales=scales)
 
     def stays_float(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) for p in self.keep_fp16)

@@ -75,19 +75,20 @@ def _ratio(source: int, size: int) -> str:
 )
 @click.option(
     "--rounding",
-    default="nearest",
+    default="auto",
     show_default=True,
-    type=click.Choice(["nearest", "gptq"]),
-    help="FP8 rounding: nearest (each weight on its own), or gptq (each input column's rounding error spread "
-    "onto the columns after it, weighted by the inputs of a bundled calibration text).",
+    type=click.Choice(["auto", "nearest", "gptq"]),
+    help="FP8 rounding of float weights: nearest (each weight on its own), gptq (each input column's rounding "
+    "error spread onto the columns after it, weighted by the inputs of a bundled calibration text), or auto "
+    "(gptq where the checkpoint has a tokenizer, else nearest).",
 )
 @click.option(
     "--scales",
-    default="amax",
+    default="auto",
     show_default=True,
-    type=click.Choice(["amax", "search"]),
-    help="FP8 scales: amax (the largest value maps onto the format's), or search (the multiple of amax with "
-    "the least error, weighted by the calibration text's inputs).",
+    type=click.Choice(["auto", "amax", "search"]),
+    help="FP8 scales: amax (the largest value maps onto the format's), search (the multiple of amax with "
+    "the least error, weighted by the calibration text's inputs), or auto (search with gptq, amax with nearest).",
 )
 def convert_cmd(
     src: Path,
@@ -142,6 +143,8 @@ def convert_cmd(
                 notes[t["note"]] = notes.get(t["note"], 0) + 1
         for note, n in notes.items():  # an option not applied as asked is never silent
             click.echo(f"hy-edge: note: {note} ({n} tensors; see 'note' in the quantization report)", err=True)
+        for note in report.notes:
+            click.echo(f"hy-edge: note: {note}", err=True)
         if worst:
             click.echo(f"worst FP8 relative error: {err:.4f} ({worst})")
         click.echo(f"peak RSS: {peak_rss_mb():.0f} MB")

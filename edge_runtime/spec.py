@@ -64,6 +64,9 @@ class ModelSpec:
     layer_types: tuple[str, ...]  # (L,) "attention" | "dwconv"
     conv_kernel_size: int  # k of dwconv layers; their state keeps the last k-1 inputs
     shared_layers: tuple[int, ...]  # (L,) index of the layer whose weights layer i uses
+    # Llama 3.1's RoPE frequency scaling (factor, low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings), or None (hy_edge_ops.rope.rope_inv_freq)
+    rope_llama3: tuple[float, float, float, int] | None = None
 
     # -- derived -------------------------------------------------------------------------------
     @property
@@ -146,9 +149,27 @@ def _rope_base(cfg: dict, head_dim: int) -> float:
             return float(theta) * float(alpha) ** (head_dim / (head_dim - 2))
         except OverflowError:
             raise SpecError(f"config.json: field 'rope_scaling.alpha' = {alpha} makes the RoPE base infinite") from None
-    if rope_type in ("default", None):
+    if rope_type in ("default", None, "llama3"):  # llama3 scales the frequencies, not the base (_rope_llama3)
         return float(theta)
     raise SpecError(f"config.json: field 'rope_scaling' type {show(rope_type)} is not supported")
+
+
+def _rope_llama3(cfg: dict) -> tuple[float, float, float, int] | None:
+    """Llama 3.1's frequency scaling from `rope_scaling` (or transformers 5's `rope_parameters`), if it
+    is the RoPE type; each parameter typed and bounded."""
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling")
+    if not isinstance(params, dict) or params.get("rope_type", params.get("type")) != "llama3":
+        return None
+    field = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
+    values = []
+    for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        v = params.get(key)
+        if not (is_finite(v) and v > 0) or (key.startswith("original") and not is_int(v)):
+            raise SpecError(f"config.json: field '{field}.{key}' should be a positive number, got {show(v)}")
+        values.append(int(v) if key.startswith("original") else float(v))
+    if not values[1] < values[2]:
+        raise SpecError(f"config.json: field '{field}.low_freq_factor' should be below high_freq_factor")
+    return tuple(values)
 
 
 def _common(cfg: dict) -> dict:
@@ -173,6 +194,7 @@ def _common(cfg: dict) -> dict:
         head_dim=int(head_dim),
         rms_norm_eps=_get(cfg, "rms_norm_eps", float, 1e-6),
         rope_theta=_rope_base(cfg, int(head_dim)),
+        rope_llama3=_rope_llama3(cfg),
         max_position_embeddings=_get(cfg, "max_position_embeddings", int, 2048),
         tie_word_embeddings=_get(cfg, "tie_word_embeddings", bool, False),
         hidden_act=_get(cfg, "hidden_act", str, "silu"),
@@ -239,6 +261,7 @@ def _build(data: dict, source: str = "config.json") -> ModelSpec:
         raise SpecError(f"{source}: field '{field}' {why}")
 
     fields = {f.name for f in dataclasses.fields(ModelSpec)}
+    data = {"rope_llama3": None, **data}  # files written before Llama 3 scaling have no such field
     missing = fields - set(data)
     if missing:
         raise SpecError(f"{source}: missing field '{sorted(missing)[0]}'")
@@ -262,6 +285,12 @@ def _build(data: dict, source: str = "config.json") -> ModelSpec:
     data["eos_token_id"] = _eos(data["eos_token_id"], source)
     data["layer_types"] = tuple(data["layer_types"])
     data["shared_layers"] = tuple(data["shared_layers"])
+    llama3 = data["rope_llama3"]
+    if llama3 is not None:
+        ok = isinstance(llama3, (list, tuple)) and len(llama3) == 4 and all(is_finite(v) and v > 0 for v in llama3)
+        if not ok or not is_int(llama3[3]) or not llama3[1] < llama3[2]:
+            fail("rope_llama3", f"should be [factor, low, high, original positions] (low < high), got {show(llama3)}")
+        data["rope_llama3"] = (float(llama3[0]), float(llama3[1]), float(llama3[2]), int(llama3[3]))
     spec = ModelSpec(**data)
     _validate(spec, source)
     return spec

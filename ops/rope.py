@@ -10,19 +10,32 @@ from numba import njit, prange
 from .checks import need_array as _need
 
 
-def rope_inv_freq(head_dim: int, base: float) -> np.ndarray:
+def rope_inv_freq(head_dim: int, base: float, llama3: tuple[float, float, float, int] | None = None) -> np.ndarray:
     """f32 (D/2,) = 1 / base ** (arange(0, D, 2) / D), computed in float64 and rounded to float32 once.
 
     The one table the converter writes into the file and the numba engine computes at load. float32
     `np.power` differs in the last bit between CPUs (AVX-512 x86 vs glibc on ARM, issue 11); float64
     pow errs far below a float32 ulp, so rounding it once gives the same table on every machine.
-    transformers computes it in float32: the two agree to an ulp."""
+    transformers computes it in float32: the two agree to an ulp.
+
+    `llama3`: Llama 3.1's scaling (factor, low_freq_factor, high_freq_factor,
+    original_max_position_embeddings), as transformers' `_compute_llama3_parameters`: frequencies whose
+    wavelength exceeds original / low_freq_factor are divided by factor, those shorter than original /
+    high_freq_factor kept, and the ones between blended linearly in original / wavelength."""
     if head_dim <= 0 or head_dim % 2:
         raise ValueError(f"head_dim must be a positive even number, got {head_dim}")
     if not base > 0:
         raise ValueError(f"base must be positive, got {base}")
-    inv = [1.0 / math.pow(float(base), i / head_dim) for i in range(0, head_dim, 2)]
-    return np.array(inv, np.float64).astype(np.float32)
+    inv = np.array([1.0 / math.pow(float(base), i / head_dim) for i in range(0, head_dim, 2)], np.float64)
+    if llama3 is not None:
+        factor, low, high, original = llama3
+        if not (factor > 0 and 0 < low < high and original > 0):
+            raise ValueError(f"llama3 RoPE scaling needs factor > 0 and 0 < low < high factors, got {llama3}")
+        wavelen = 2 * math.pi / inv
+        smooth = (original / wavelen - low) / (high - low)
+        blended = (1 - smooth) * inv / factor + smooth * inv
+        inv = np.where(wavelen > original / low, inv / factor, np.where(wavelen < original / high, inv, blended))
+    return inv.astype(np.float32)
 
 
 def rope_tables(inv_freq: np.ndarray, max_positions: int) -> tuple[np.ndarray, np.ndarray]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import functools
 import gc
 import json
@@ -37,9 +38,9 @@ def converted(
     name = f"{Path(src).name}_{fmt}_{granularity.replace(':', '')}_{activations}_{int(lm_head_fp8)}"
     out = _ROOT / name / "model.onnx"
     out.parent.mkdir(parents=True, exist_ok=True)
-    convert(
-        src, out, QuantPolicy(format=fmt, granularity=granularity, activations=activations, lm_head_fp8=lm_head_fp8)
-    )
+    # rounded to nearest from amax: the FP8 codes are the encoder's own (code-exact), and no calibration pass
+    policy = QuantPolicy(format=fmt, granularity=granularity, activations=activations, lm_head_fp8=lm_head_fp8)
+    convert(src, out, dataclasses.replace(policy, rounding="nearest", scales="amax"))
     return out
 
 

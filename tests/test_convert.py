@@ -67,12 +67,16 @@ def with_weights(model, weights: dict[str, np.ndarray]):
     return model
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8}  # fmt: skip
 CHECKPOINTS = {
     "hunyuan-f32": (ck.make_hunyuan, {"dtype": "float32"}),
     "hunyuan-bf16": (ck.make_hunyuan, {"dtype": "bfloat16"}),
     "hunyuan-legacy-config": (ck.make_hunyuan, {"legacy_config": True}),
     "llama-f32": (ck.make_llama, {"dtype": "float32"}),
     "llama-bf16-sharded": (ck.make_llama, {"dtype": "bfloat16", "max_shard_size": "20KB"}),
+    # Llama 3.1's RoPE scaling; an original context of 8 positions so that 16 tokens reach every band of it
+    "llama3-f32": (ck.make_llama, {"rope_scaling": LLAMA3_ROPE, "max_position_embeddings": 64}),
 }
 
 
@@ -97,7 +101,30 @@ def test_unquantized_conversion_matches_transformers(name, checkpoint, tmp_path)
     assert rel(ort_logits(out), hf_logits(hf_model(src))) < 1e-4
 
 
-@pytest.mark.parametrize("name", ["hunyuan-f32", "llama-f32"])
+def test_llama3_rope_scaling_matches_transformers_on_both_backends(checkpoint, tmp_path):
+    """Llama 3.1's frequency scaling: both backends give transformers' logits, which the scaling moves well
+    beyond the tolerance (the same checkpoint with plain RoPE is the control)."""
+    import shutil
+
+    import edge_runtime
+
+    src = checkpoint("llama3-f32")
+    out = tmp_path / "model.onnx"
+    convert(src, out, QuantPolicy(format="none"))
+    ref = hf_logits(hf_model(src))
+    plain = tmp_path / "plain"
+    shutil.copytree(src, plain)
+    cfg = json.loads((plain / "config.json").read_text())
+    cfg.pop("rope_scaling", None)
+    cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
+    (plain / "config.json").write_text(json.dumps(cfg))
+    assert rel(hf_logits(hf_model(plain)), ref) > 1e-3
+    assert edge_runtime.load(out).spec.rope_llama3 == (8.0, 1.0, 4.0, 8)
+    assert rel(ort_logits(out), ref) < 1e-4
+    assert rel(edge_runtime.load(out).session().forward(IDS, all_logits=True), ref) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["hunyuan-f32", "llama-f32", "llama3-f32"])
 def test_greedy_tokens_match_transformers_generate(name, checkpoint, tmp_path):
     torch = ck.need_torch()
     src = checkpoint(name)

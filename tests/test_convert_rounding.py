@@ -149,8 +149,8 @@ def test_gptq_conversion_is_closer_to_the_float_model(llama_dir, tmp_path):
     logits, ids = {}, None
     for name, policy in {
         "fp32": QuantPolicy(format="none"),
-        "nearest": QuantPolicy(),
-        "gptq": QuantPolicy(rounding="gptq", scales="search"),
+        "nearest": QuantPolicy(rounding="nearest", scales="amax"),
+        "gptq": QuantPolicy(),  # the default: this checkpoint has a tokenizer, so gptq with searched scales
     }.items():
         out = tmp_path / f"{name}.onnx"
         convert(llama_dir, out, policy)
@@ -201,7 +201,31 @@ def test_calibration_without_a_tokenizer_is_refused_before_writing(tmp_path):
     with pytest.raises(HyEdgeError, match="tokenizer"):
         convert(src, out_dir / "m.onnx", QuantPolicy(rounding="gptq"))
     assert list(out_dir.iterdir()) == []
-    convert(src, out_dir / "m.onnx", QuantPolicy())  # round to nearest needs no text
+    report = convert(src, out_dir / "m.onnx", QuantPolicy())  # the default falls back to nearest, and says so
+    assert report.calibration is None and any("no tokenizer" in n for n in report.notes), report.notes
+    quant = json.loads(F.metadata(onnx.load(str(out_dir / "m.onnx"), load_external_data=False))[F.META_QUANT])
+    assert (quant["rounding"], quant["scales"]) == ("nearest", "amax")
+
+
+def test_default_rounding_is_decided_per_checkpoint(fp8_dir, gguf_llama, tmp_path):
+    """`auto`: gptq with searched scales where floats are rounded and a tokenizer can run the calibration
+    text; nearest from amax where nothing is rounded from floats (blocks kept, FP8 bytes carried) or when
+    asked; an explicit choice is kept as asked."""
+    from hy_edge_convert.checkpoint import open_checkpoint
+    from hy_edge_convert.pipeline import resolve_policy
+
+    def resolved(src, policy):
+        with open_checkpoint(src) as ckpt:
+            p = resolve_policy(ckpt, F.model_tensors(spec_from_hf_config(ckpt.config)), policy)
+        return p.rounding, p.scales
+
+    q41 = gguf_llama["Q4_1"]
+    assert resolved(q41, QuantPolicy()) == ("nearest", "amax")  # every linear kept as its blocks
+    assert resolved(q41, QuantPolicy(format="e4m3")) == ("gptq", "search")
+    assert resolved(q41, QuantPolicy(format="e4m3", rounding="nearest")) == ("nearest", "amax")
+    assert resolved(q41, QuantPolicy(format="e4m3", scales="amax")) == ("gptq", "amax")
+    assert resolved(q41, QuantPolicy(format="none")) == ("nearest", "amax")
+    assert resolved(fp8_dir, QuantPolicy(lm_head_fp8=False)) == ("nearest", "amax")  # FP8 bytes carried
 
 
 def test_calibration_text_is_disjoint_from_the_evaluation_texts():

@@ -116,12 +116,22 @@ def test_stdout_reader_gone_is_one_line(model_file, prompt):
     one_line(stderr, "stdout was closed")
 
 
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8}  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "change,key",
     [
         ({"head_dim": "abc"}, "head_dim"),
         ({"rope_parameters": {"rope_type": "dynamic", "alpha": "1000", "rope_theta": 10000.0}}, "alpha"),
         ({"rope_parameters": None, "rope_scaling": {"type": "dynamic", "alpha": [1]}}, "alpha"),
+        ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 10000.0}}, "low_freq_factor"),
+        (
+            {"rope_parameters": None, "rope_scaling": {**LLAMA3, "original_max_position_embeddings": 8.5}},
+            "original_max_position_embeddings",
+        ),
+        ({"rope_parameters": None, "rope_scaling": {**LLAMA3, "high_freq_factor": 0.5}}, "low_freq_factor"),
         ({"quantization_config": {"quant_method": "compressed-tensors", "config_groups": {"g": "x"}}}, "g"),
         ({"quantization_config": {"quant_method": "compressed-tensors", "config_groups": [1]}}, "config_groups"),
         ({"shared_layers": 3}, "shared_layers"),

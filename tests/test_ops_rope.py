@@ -1,5 +1,6 @@
 import decimal
 
+import checkpoints as ck
 import numpy as np
 import pytest
 from hy_edge_ops import reference as ref
@@ -74,3 +75,23 @@ def test_errors():
         apply_rope(x, np.array([0, 4], np.int64), cos, sin)
     with pytest.raises(ValueError, match="head_dim"):
         rope_inv_freq(7, 10000.0)
+
+
+def test_llama3_scaled_frequencies_equal_transformers():
+    """Llama 3.2's RoPE (base 500000, factor 32, low 1, high 4, 8192 original positions) and a table whose
+    original context puts frequencies in all three bands: transformers' own llama3 initialiser, to a
+    float32 ulp or two."""
+    ck.need_torch()
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    for d, base, params in ((64, 500000.0, (32.0, 1.0, 4.0, 8192)), (16, 10000.0, (8.0, 1.0, 4.0, 8))):
+        factor, low, high, original = params
+        rope = {"rope_type": "llama3", "rope_theta": base, "factor": factor, "low_freq_factor": low,
+                "high_freq_factor": high, "original_max_position_embeddings": original}  # fmt: skip
+        cfg = LlamaConfig(hidden_size=4 * d, num_attention_heads=4, head_dim=d, rope_parameters=rope)
+        want, scaling = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+        got = rope_inv_freq(d, base, params)
+        assert scaling == 1.0
+        np.testing.assert_allclose(got, want.numpy(), rtol=3e-7)
+        assert not np.allclose(got, rope_inv_freq(d, base), rtol=1e-3)  # the scaling changed the table
