@@ -14,15 +14,20 @@ what the `serve` extra installs (httpx).
     python bench/serve_load.py --layers 2 --tokens 32 --streams 1 2 4   # a smoke run
     python bench/serve_load.py --url http://127.0.0.1:8000 --streams 1 4
     python bench/serve_load.py --stall 512        # a 512-token prompt's cost to a running stream
-Writes bench/out/serve_load.json (serve_stall.json with --stall; or --out: date, CPU, ISA and load
-average included) and prints a table.
+    python bench/serve_load.py --health 512       # /health's latency while a 512-token prompt is prefilled
+Writes bench/out/serve_load.json (serve_stall.json with --stall, serve_health.json with --health; or --out:
+date, CPU, ISA and load average included) and prints a table.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -130,6 +135,115 @@ def run_stall(model, prompt_tokens: int, threads: int | None, kv_cache: str, max
     }
 
 
+# a client of its own (another process, so that only the server's latency is measured, and a bare socket, so
+# that the client's own set-up is not): GET /health on a new connection every `interval` s until its stdin
+# closes; writes [(sent, latency s, answered 200)] to `out`
+POLLER = """
+import json, socket, sys, threading, time
+host, port, interval, out = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+done = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+ask = b"GET /health HTTP/1.1\\r\\nHost: bench\\r\\nConnection: close\\r\\n\\r\\n"
+rows = []
+while not done.is_set():
+    t0 = time.monotonic()
+    with socket.create_connection((host, port), timeout=60) as s:
+        s.sendall(ask)
+        answer = b""
+        while chunk := s.recv(4096):
+            answer += chunk
+    t1 = time.monotonic()
+    rows.append((t0, t1 - t0, answer.startswith(b"HTTP/1.1 200")))
+    time.sleep(max(0.0, interval - (t1 - t0)))
+json.dump(rows, open(out, "w"))
+"""
+
+
+def _latencies(rows: list, lo: float, hi: float) -> dict:
+    ms = np.array([dt for t, dt, _ in rows if lo <= t < hi]) * 1000
+    bad = sum(1 for t, _, ok in rows if lo <= t < hi and not ok)
+    if not ms.size:
+        return {"polls": 0}
+    return {
+        "polls": int(ms.size), "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+        "max_ms": float(ms.max()), "not_200": bad,
+    }  # fmt: skip
+
+
+def run_health(model, prompt_tokens: int, threads: int | None, kv_cache: str, interval: float = 0.01) -> dict:
+    """/health while the server is busy: the engine of `hy-edge serve` on this process's main thread, its
+    ASGI app under uvicorn on a second thread (as cli_serve runs them), one stream decoding; after its 40th
+    token a prompt of `prompt_tokens` random tokens arrives. A client process polls GET /health every
+    `interval` s throughout; its latencies while only the stream decodes, and while the prompt is prefilled
+    (from its submission to its first token)."""
+    import uvicorn
+
+    from edge_runtime.serve_engine import Engine, Request
+    from edge_runtime.serve_http import Service, build_asgi
+
+    tokens = 40 + 4 * prompt_tokens // 8
+    session = model.session(slots=2, max_context=max(prompt_tokens, 8 + tokens) + 2, threads=threads, kv_cache=kv_cache)
+    rng = np.random.default_rng(0)
+    marks: dict[str, float] = {}
+    count = [0]
+    started, answered = threading.Event(), threading.Event()
+
+    def on_token(event) -> None:
+        count[0] += 1
+        if count[0] == 40:
+            started.set()
+
+    def on_long(event) -> None:
+        marks["first"] = time.monotonic()
+        answered.set()
+
+    engine = Engine(session, None, max_queue=2)
+    engine.eos_ids = frozenset()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(
+        uvicorn.Config(build_asgi(Service(model, "bench", engine)), lifespan="off", log_level="warning")
+    )
+    http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    http.start()
+    out = Path(tempfile.mkstemp(prefix="hy-edge-health-", suffix=".json")[1])
+
+    def drive() -> None:
+        engine.ready.wait()
+        while not server.started:
+            time.sleep(0.01)
+        port = str(sock.getsockname()[1])
+        poller = subprocess.Popen(
+            [sys.executable, "-c", POLLER, "127.0.0.1", port, str(interval), str(out)], stdin=subprocess.PIPE
+        )
+        time.sleep(0.5)  # the poller's start-up
+        marks["idle"] = time.monotonic()
+        time.sleep(1.0)  # the engine idle: the floor
+        marks["stream"] = time.monotonic()
+        engine.submit(Request(rng.integers(0, model.spec.vocab_size, 8).tolist(), tokens, on_token))
+        started.wait()
+        marks["submitted"] = time.monotonic()
+        engine.submit(Request(rng.integers(0, model.spec.vocab_size, prompt_tokens).tolist(), 1, on_long))
+        answered.wait()
+        poller.stdin.close()
+        poller.wait()
+        server.should_exit = True
+        http.join()
+        engine.stop()
+
+    threading.Thread(target=drive, daemon=True).start()
+    engine.run()  # on this thread, which loaded the model, as `hy-edge serve` does (Engine.run)
+    rows = json.loads(out.read_text())
+    out.unlink()
+    return {
+        "interval_s": interval,
+        "idle": _latencies(rows, marks["idle"], marks["stream"]),
+        "decoding": _latencies(rows, marks["stream"], marks["submitted"]),
+        "prefilling": _latencies(rows, marks["submitted"], marks["first"]),
+        "prompt_ttft_s": marks["first"] - marks["submitted"],
+    }
+
+
 def run_http(url: str, streams: int, tokens: int) -> dict:
     import httpx
 
@@ -171,9 +285,19 @@ def main() -> None:
     ap.add_argument(
         "--stall", type=int, default=None, metavar="N", help="measure what an N-token prompt costs a running stream"
     )
+    ap.add_argument(
+        "--health",
+        type=int,
+        default=None,
+        metavar="N",
+        help="measure /health's latency while an N-token prompt is prefilled",
+    )
     args = ap.parse_args()
     if args.stall:
         stall(args)
+        return
+    if args.health:
+        health(args)
         return
 
     if args.url:
@@ -220,6 +344,27 @@ def stall(args) -> None:
     doc = {"model": path.name, "prompt_tokens": args.stall, **where, "threads": args.threads}
     artifacts.write_json(
         out, {**doc, "results": dict(zip(("whole chunks (128)", "time-sized (max_stall 2)"), results, strict=True))}
+    )
+
+
+def health(args) -> None:
+    import edge_runtime
+
+    path = Path(args.model) if args.model else artifacts.hy_edge_model(artifacts.checkpoint(args.layers), {})
+    model = edge_runtime.load(path)
+    where = artifacts.where_measured()  # the load before the run
+    r = run_health(model, args.health, args.threads, args.kv_cache)
+    print(f"GET /health beside a running stream, then while a {args.health}-token prompt is prefilled: {path.name}")
+    print("| while | polls | p50 | p99 | max |")
+    print("|---|---:|---:|---:|---:|")
+    for name in ("idle", "decoding", "prefilling"):
+        x = r[name]
+        print(f"| {name} | {x['polls']} | {x['p50_ms']:.1f} ms | {x['p99_ms']:.1f} ms | {x['max_ms']:.1f} ms |")
+    print(f"the prompt's first token after {r['prompt_ttft_s']:.2f} s; load average before: {where['load_average']}")
+    out = Path(args.out if args.out != DEFAULT_OUT else str(HERE / "out" / "serve_health.json"))
+    doc = {"model": path.name, "prompt_tokens": args.health, **where, "threads": args.threads}
+    artifacts.write_json(
+        out, {**doc, "load_average_after": " ".join(Path("/proc/loadavg").read_text().split()[:3]), **r}
     )
 
 

@@ -23,6 +23,7 @@ from .errors import HyEdgeError
 
 API_KEY_ENV = "HY_EDGE_API_KEY"
 HTTP_CLOSE_TIMEOUT_S = 5.0  # after the drain: how long uvicorn waits for connections before cancelling them
+KEEP_ALIVE_S = 5  # an idle connection between two requests is closed after this long
 
 
 def _serve_options(fn):
@@ -56,7 +57,13 @@ def _serve_options(fn):
         click.option(
             "--max-context", default=None, type=int, help="Context length of each slot (default: up to 4096)."
         ),
-        click.option("--kv-cache", default="fp32", show_default=True, type=click.Choice(KV_CACHES)),
+        click.option(
+            "--kv-cache",
+            default="fp16",  # `hy-edge run` keeps fp32; fp16 measured lossless (README's FP8 quality table)
+            show_default=True,
+            type=click.Choice(KV_CACHES),
+            help="KV cache precision: fp16 holds twice the tokens of fp32 in the same memory.",
+        ),
         click.option("--max-body", default="1MB", show_default=True, help="Largest request body."),
         click.option(
             "--default-max-tokens",
@@ -64,6 +71,21 @@ def _serve_options(fn):
             show_default=True,
             type=int,
             help="max_tokens of a request that gives none (a request may ask for up to the context length).",
+        ),
+        click.option(
+            "--request-timeout",
+            default=300.0,
+            show_default=True,
+            type=float,
+            help="Seconds a request may run from its arrival; past it, it ends with the text so far and "
+            'finish_reason "length" (0: no limit).',
+        ),
+        click.option(
+            "--max-connections",
+            default=64,
+            show_default=True,
+            type=int,
+            help="Open HTTP connections served at once; a request on one more gets 503.",
         ),
         click.option(
             "--shutdown-timeout",
@@ -152,11 +174,13 @@ def serve_cmd(
     kv_cache,
     max_body,
     default_max_tokens,
+    request_timeout,
+    max_connections,
     shutdown_timeout,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (chat, completions, streaming)."""
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401 -- present, or the one-line error below
 
         from .serve_http import Limits, Service, build_asgi
         from .serve_metrics import Metrics
@@ -175,11 +199,16 @@ def serve_cmd(
             ("--max-queue", max_queue, 0),
             ("--threads", threads, 1),
             ("--default-max-tokens", default_max_tokens, 1),
+            ("--max-connections", max_connections, 1),
         ):
             if value is not None and value < low:
                 raise HyEdgeError(f"{name} should be >= {low}, got {value}")
         if shutdown_timeout < 0:
             raise HyEdgeError(f"--shutdown-timeout should be >= 0, got {shutdown_timeout}")
+        if not 0 <= request_timeout < float("inf"):  # NaN too
+            raise HyEdgeError(
+                f"--request-timeout should be a number of seconds >= 0 (0: no limit), got {request_timeout}"
+            )
         check_threading_layer()
         body_limit = parse_size(max_body)
         budget = parse_size(max_memory) if max_memory else DEFAULT_BUDGET
@@ -217,18 +246,11 @@ def serve_cmd(
         session, model.tokenizer, max_queue=max_queue, observer=metrics, heartbeat=watchdog.ping, on_ready=ready
     )
     metrics.engine = engine
-    service = Service(
-        model, name, engine, metrics, api_key, Limits(max_body_bytes=body_limit, default_max_tokens=default_max_tokens)
+    limits = Limits(
+        max_body_bytes=body_limit, default_max_tokens=default_max_tokens, request_timeout=request_timeout or None
     )
-    config = uvicorn.Config(
-        build_asgi(service),
-        lifespan="off",
-        log_level="info",
-        # the drain (_server) has ended every stream by now; this bounds only a client that reads nothing
-        timeout_graceful_shutdown=HTTP_CLOSE_TIMEOUT_S,
-        timeout_keep_alive=5,
-    )
-    server = _server(config, engine, shutdown_timeout)
+    service = Service(model, name, engine, metrics, api_key, limits)
+    server = _server(http_config(build_asgi(service), max_connections), engine, shutdown_timeout)
     failed: list[BaseException] = []
     http = threading.Thread(target=_serve_http, args=(server, sock, engine, failed), name="hy-edge-http")
     for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn listens to signals only on the main thread
@@ -248,6 +270,23 @@ def serve_cmd(
         click.echo(f"hy-edge: error: the HTTP server failed: {failed[0]!r}", err=True)
         sys.exit(1)
     click.echo("hy-edge: stopped", err=True)
+
+
+def http_config(app, max_connections: int, log_level: str = "info"):
+    """uvicorn's configuration for the app: `max_connections` open connections are served, a request on one
+    more gets 503; an idle connection is closed KEEP_ALIVE_S after its last response. uvicorn (h11) has no
+    timeout for a connection that has not finished sending its headers."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        lifespan="off",
+        log_level=log_level,
+        # the drain (_server) has ended every stream by now; this bounds only a client that reads nothing
+        timeout_graceful_shutdown=HTTP_CLOSE_TIMEOUT_S,
+        timeout_keep_alive=KEEP_ALIVE_S,
+        limit_concurrency=max_connections + 1,  # uvicorn refuses when open connections, its own included, reach it
+    )
 
 
 def _server(config, engine, shutdown_timeout: float):

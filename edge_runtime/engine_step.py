@@ -43,7 +43,7 @@ def _lin3(mode, x, w0, w1, w2, s0, s1, s2, o0, o1, o2, bk, st, stp):
     _lin(mode, x, w0, w1, w2, s0, s1, s2, o0, o1, o2, bk, st, stp)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def forward_layers(
     mode, ids, rows, pos, embed, x, h, y, q, k, v, gate, up, act,
     k_cache, v_cache, scores, values_t, cos, sin,

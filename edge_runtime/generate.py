@@ -182,6 +182,10 @@ class TextOut:
             return text + self._final(), "length"
         return text, None
 
+    def end(self) -> str:
+        """The sequence ends here for another reason (a time limit): the text still held back."""
+        return self._final()
+
     def _final(self) -> str:
         """End of stream: what the detokenizer and the stop matcher still hold (a stop string in it
         still cuts)."""

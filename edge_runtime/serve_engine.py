@@ -2,7 +2,7 @@
 
 One thread (the engine loop, `run`) owns the session and its S sequence slots, each a KV region and a
 position. Every step it
-  1. drops requests whose client went away (their slots are free again),
+  1. drops requests whose client went away (their slots are free again) and ends those past their deadline,
   2. admits queued requests into free slots, choosing the slot whose cached tokens share the longest
      prefix with the prompt (a chat re-sending its history, a fixed system prompt: that KV is reused),
   3. prefills one piece of a prompt (more pieces while they fit in the step's budget): at most
@@ -78,6 +78,9 @@ class Request:
     stop: tuple[str, ...] = ()
     submitted: float = field(default_factory=time.perf_counter)  # the TTFT clock: the HTTP layer's arrival
     logprobs: int | None = None  # None: not asked; k: each token's logprob and the k most likely
+    # perf_counter time by which it must end (the server's per-request time limit); None: no limit. Past it, it
+    # ends at the next step as max_tokens would end it: the text so far, finish_reason "length"
+    deadline: float | None = None
     cancelled: bool = False  # set by Engine.cancel (another thread); read at the next step
 
 
@@ -90,7 +93,7 @@ class Observer:
         """A token was sampled: `seconds` since submission (first) or since the previous token."""
 
     def finished(self, status: str, prompt_tokens: int, completion_tokens: int) -> None:
-        """status: stop | length | cancelled | error."""
+        """status: stop | length | timeout (the request's deadline passed) | cancelled | error."""
 
 
 @dataclass(eq=False)
@@ -303,15 +306,24 @@ class Engine:
         self._decode()
 
     def _reap(self) -> None:
+        now = time.perf_counter()
         with self._cond:
-            gone = [r for r in self._queue if r.cancelled]
+            gone = [r for r in self._queue if r.cancelled or _late(r, now)]
             for r in gone:
                 self._queue.remove(r)
         for r in gone:
-            self.observer.finished("cancelled", len(r.prompt_ids), 0)
+            if r.cancelled:
+                self.observer.finished("cancelled", len(r.prompt_ids), 0)
+            else:  # its time ran out in the queue: an empty answer, ended as a running one is
+                self.observer.finished("timeout", len(r.prompt_ids), 0)
+                self._emit(r, _ended_in_queue(r, now))
         for slot in self._slots:
-            if slot.seq is not None and slot.seq.req.cancelled:
+            seq = slot.seq
+            if seq is not None and seq.req.cancelled:
                 self._finish(slot, "cancelled", None)
+            elif seq is not None and _late(seq.req, now):  # the text so far, and what the detokenizer holds
+                token = seq.history[-1] if seq.out.n else -1
+                self._finish(slot, "timeout", self._response(seq, seq.out.end(), token, "length", now))
 
     def _admit(self) -> None:
         while True:
@@ -441,7 +453,7 @@ class Engine:
     def _response(seq: _Seq, text: str, token: int, finish: str | None, now: float) -> GenerationResponse:
         P = len(seq.req.prompt_ids)
         return GenerationResponse.timed(
-            text, token, finish, P, seq.out.n, seq.cached, start=seq.req.submitted, first=seq.first_at,
+            text, token, finish, P, seq.out.n, seq.cached, start=seq.req.submitted, first=seq.first_at or now,
             prefilled=P - seq.cached, prefill_s=seq.prefill_s, now=now, rss=bool(finish),
         )  # fmt: skip
 
@@ -466,3 +478,15 @@ class Engine:
             req.emit(event)
         except Exception:  # the receiver is gone (its event loop closed): treat as a disconnect
             req.cancelled = True
+
+
+def _late(req: Request, now: float) -> bool:
+    return req.deadline is not None and now >= req.deadline
+
+
+def _ended_in_queue(req: Request, now: float) -> GenerationResponse:
+    """The last (and only) response of a request whose deadline passed before it had a slot: no token."""
+    P = len(req.prompt_ids)
+    return GenerationResponse.timed(
+        "", -1, "length", P, 0, 0, start=req.submitted, first=now, prefilled=0, prefill_s=0.0, now=now, rss=False
+    )

@@ -47,6 +47,9 @@ class Limits:
     # what a request that names no max_tokens gets: a bounded answer (a small model at temperature > 0 may not
     # stop on its own; the whole context would hold a slot for minutes)
     default_max_tokens: int = 512
+    # seconds from a request's arrival to its end (queue, prefill and decode): past it the request ends as
+    # max_tokens ends one, with the text so far and finish_reason "length"; None: no limit
+    request_timeout: float | None = 300.0
 
 
 RETRY_AFTER_S = 1  # what a 429 tells the client to wait: about one decode step frees a slot or a queue place
@@ -268,9 +271,11 @@ def _engine_request(
         ]
     except HyEdgeError as e:
         raise ApiError(400, str(e)) from None
+    limit = service.limits.request_timeout
     return EngineRequest(
-        ids, max_tokens, emit, sampler, processors, tuple(stop), submitted=arrived, logprobs=body.logprobs_k
-    )
+        ids, max_tokens, emit, sampler, processors, tuple(stop), submitted=arrived, logprobs=body.logprobs_k,
+        deadline=arrived + limit if limit else None,
+    )  # fmt: skip
 
 
 async def _complete(

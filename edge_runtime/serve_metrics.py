@@ -33,7 +33,7 @@ class Metrics(Observer):
         )
         self.requests = Counter(
             "hy_edge_requests",
-            "Requests by outcome: stop | length | cancelled | error, or the HTTP status of a refusal",
+            "Requests by outcome: stop | length | timeout | cancelled | error, or the HTTP status of a refusal",
             ["status"],
             registry=r,
         )

@@ -26,14 +26,14 @@ def _glu_range(gate, up, out, kind, lo, hi):
             o[i] = min(max(g[i], np.float32(0.0)), np.float32(6.0)) * u[i]
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def _glu(gate, up, out, kind):
     m = gate.shape[0]
     for c in prange((m + _CHUNK - 1) // _CHUNK):
         _glu_range(gate, up, out, kind, c * _CHUNK, min(m, (c + 1) * _CHUNK))
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def glu_serial(gate, up, out, kind):
     # on the calling thread: a decode step's few thousand values are done before a parallel region
     # would start

@@ -39,7 +39,7 @@ def _softmax_prefix(row, n, n_all):
         row[j] = 0.0
 
 
-@njit(cache=True, parallel=True, fastmath=_FM)
+@njit(cache=True, nogil=True, parallel=True, fastmath=_FM)
 def _attention_rows(q, k_cache, v_cache, slots, pos, out, scale, scratch):
     # q, out: f32 (T, H, D) (may alias); k/v_cache: f32 | u16 | i8 (slots, Hkv, S, D [+ 4]); slots, pos: i64 (T,);
     # scratch: f32 (threads, H // Hkv, >= max(pos) + 1) scores of one work item
@@ -206,7 +206,7 @@ def _chunk_item(q, k_cache, v_cache, slot, p0, out, scale, sc, vt, done, g, t0, 
                 _put4(o3, e, d, one, ones, a[12], a[13], a[14], a[15])
 
 
-@njit(cache=True, parallel=True, fastmath=_FM)
+@njit(cache=True, nogil=True, parallel=True, fastmath=_FM)
 def _attention_chunk(q, k_cache, v_cache, slot, p0, out, scale, scratch, vt_scratch):
     # One sequence's prefill chunk: row t of q, out f32 (T, H, D) (may alias) is at position p0 + t of
     # slot `slot` of k/v_cache f32 | u16 | i8 (slots, Hkv, S, D [+ 4]) and attends keys 0..p0 + t.
@@ -327,7 +327,7 @@ def attention(q, k_cache, v_cache, start: int, out, scale: float, scores=None) -
     return attention_rows(q, k_cache[None], v_cache[None], np.zeros(n_tok, np.int64), pos, out, scale)
 
 
-@njit(cache=True, fastmath=_FM)
+@njit(cache=True, nogil=True, fastmath=_FM)
 def _rope_norm_store(q, k, v, pos, slots, cos, sin, q_w, k_w, eps, k_cache, v_cache):
     # q f32 (T, H, D), k, v f32 (T, Hkv, D): RoPE (NeoX) on q, k in place, then per-head RMSNorm when
     # q_w / k_w are non-empty (Hunyuan normalises after RoPE), then k, v into cache[slots[t], :, pos[t]]

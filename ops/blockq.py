@@ -109,7 +109,7 @@ def decode_row(codes, halves, out):
                 out[base + per + j] = np.float32(b >> 4) * d + m
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def decode_rows(codes, halves, ids, out):
     """out[t] = the weights of row t of `codes` (T, G, 32 | 16), whose scales are row ids[t] of
     `halves` (V, H) uint16 (pack_scales' layout): an embedding's token rows, read from the file."""

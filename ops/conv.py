@@ -10,7 +10,7 @@ from .checks import need_array as _need
 _EMPTY = np.zeros(0, dtype=np.float32)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _dwconv(x, weight, state, out, bias):
     # x, out: f32 (T, C); weight: f32 (C, k); state: f32 (C, k-1) oldest first; bias: f32 (C,) or (0,)
     n_tok, c_dim = x.shape

@@ -64,7 +64,7 @@ def e4m3_code(v):
     return np.int8(np.int64((bits >> 24) & 0x80) | code)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _encode_flat(x, out, mbits, bias, max_code, nan_code, max_val, min_normal, inv_quantum):
     # x: f32 (M,), out: u8 (M,); chunks keep the parallel loop coarse.
     n = x.shape[0]

@@ -256,7 +256,7 @@ def _task(xp, n_tok, w, sc, bk, n0, out):
                 t0 += VL
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def mm_prefill(x, ws, scs, outs, bks, starts):
     """outs[m] (T, N_m) = x (T, K) @ dequant(ws[m])^T for a tuple of up to 3 weights sharing x.
     starts: cumulative RT-row task counts per weight."""

@@ -109,7 +109,7 @@ def _locate(blk, starts, size):
         m += 1
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _mv(x, ws, scs, outs, bks, starts):
     # x f32 (1, K); ws: tuple of (N_m, K); scs: tuple of f32 (N_m, G_m); outs: tuple of f32 (1, N_m)
     for blk in prange(starts[-1]):
@@ -117,7 +117,7 @@ def _mv(x, ws, scs, outs, bks, starts):
         outs[m][0, n] = row_dots(ws[m], scs[m], bks[m], (n,), x, (0,), AHEAD)[0]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _mm(x, ws, scs, outs, bks, starts):
     # x f32 (T, K); outs: tuple of f32 (T, N_m). Blocks of BATCH_ROWS rows run all token groups (blocks
     # of 4 rows read as two 2-row passes ran 40% slower: 12.8 against 9.0 ms on 176 MB, 4 tokens)
@@ -379,7 +379,7 @@ def matmul_f32(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> np.ndarray:
 # -- embedding -----------------------------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _gather(table, ids, out):
     # table: u16 half bits | f32 (V, C), ids: i64 (T,), out: f32 (T, C); a few rows: no thread hand-off
     for t in range(ids.shape[0]):

@@ -8,7 +8,7 @@ from numba import njit, prange
 from .checks import need_array as _need
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _rms_norm(x, weight, eps, out):
     # x, out: f32 (T, C) (may alias), weight: f32 (C,)
     n_rows, c_dim = x.shape
@@ -32,7 +32,7 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray) -> 
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _add_rms_norm(x, y, weight, eps, out):
     # x += y (skipped when y is empty), then out = rms_norm(x); x, y, out: f32 (T, C); serial: the
     # engine calls this once per block with a few rows, where a parallel region costs more than it saves

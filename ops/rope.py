@@ -48,7 +48,7 @@ def rope_tables(inv_freq: np.ndarray, max_positions: int) -> tuple[np.ndarray, n
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _apply_rope(x, positions, cos, sin):
     # x: f32 (T, H, D) in place, positions: i64 (T,), cos/sin: f32 (P, D/2)
     n_tok, n_heads, d = x.shape

@@ -231,6 +231,44 @@ def test_full_queue_is_refused_at_once_and_cancel_frees_the_slot(model, make_eng
     assert engine.active == 0 and engine.queued == 0 and finished == ["cancelled", "cancelled"]
 
 
+def test_a_request_past_its_deadline_ends_as_max_tokens_would_end_it(model, make_engine):
+    finished = []
+
+    class Counting(Observer):
+        def finished(self, status, prompt_tokens, completion_tokens):
+            finished.append(status)
+
+    engine = make_engine(slots=1, max_queue=1, observer=Counting())
+    engine.eos_ids = frozenset()
+    prompt = model.encode_prompt("Hello there")
+    reference = Collector(prompt, 3)  # the same request, ended by max_tokens after 3 tokens
+    engine.submit(reference.request)
+    ref_events = [reference.events.get(timeout=TIMEOUT) for _ in range(3)]
+    late = Collector(prompt, 100)
+    seen: list[GenerationResponse] = []
+
+    def emit(event) -> None:  # on the engine thread: the deadline passes with the 3rd token
+        seen.append(event)
+        if len(seen) == 3:
+            late.request.deadline = time.perf_counter()
+        late.events.put(event)
+
+    late.request.emit = emit
+    queued = Collector(prompt, 100, deadline=time.perf_counter())  # its time runs out while it waits
+    engine.submit(late.request)
+    engine.submit(queued.request)
+    tokens, finish, last = late.result()
+    assert finish == "length" and last.completion_tokens == 3 and tokens[:3] == [e.token for e in ref_events]
+    assert "".join(e.text for e in seen) == "".join(e.text for e in ref_events)  # held-back text included
+    tokens, finish, last = queued.result()
+    assert finish == "length" and last.completion_tokens == 0 and last.text == ""
+    deadline = time.monotonic() + TIMEOUT
+    while engine.active and time.monotonic() < deadline:
+        threading.Event().wait(0.05)
+    assert engine.active == 0 and engine.queued == 0
+    assert finished == ["length", "timeout", "timeout"]
+
+
 def test_requests_that_cannot_run_are_refused(model, make_engine):
     engine = make_engine(slots=1)
     with pytest.raises(BudgetError, match="context length of 128"):

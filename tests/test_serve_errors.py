@@ -190,6 +190,9 @@ def test_serve_option_errors_are_one_line(default_model_file, tmp_path):
         port = str(taken.getsockname()[1])
         for args, says in (
             (["--max-batch", "0"], "--max-batch"),
+            (["--max-connections", "0"], "--max-connections"),
+            (["--request-timeout", "-1"], "--request-timeout"),
+            (["--request-timeout", "nan"], "--request-timeout"),
             (["--port", "99999"], "--port"),
             (["--api-key-file", str(tmp_path / "missing")], "no such file"),
             (["--max-memory", "10MB"], "too small"),

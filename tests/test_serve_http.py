@@ -76,3 +76,54 @@ def test_a_chunked_body_over_the_limit_is_refused(app):
     r = client.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413 and "larger than 1000 bytes" in r.json()["error"]["message"]
     assert 'hy_edge_requests_total{status="413"} 1.0' in client.get("/metrics").text
+
+
+def test_a_request_beyond_max_connections_gets_503():
+    import http.client
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from edge_runtime.cli_serve import http_config
+
+    engine = Engine(StubSession(), None)
+    engine.ready.set()
+    service = Service(SimpleNamespace(), "stub", engine, limits=Limits())
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(http_config(build_asgi(service), max_connections=2, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    port = sock.getsockname()[1]
+
+    def health(conn: http.client.HTTPConnection) -> int:
+        conn.request("GET", "/health")
+        r = conn.getresponse()
+        r.read()
+        return r.status
+
+    def once() -> int:  # on a connection of its own, closed after the answer
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        try:
+            return health(conn)
+        finally:
+            conn.close()
+
+    try:
+        kept = [http.client.HTTPConnection("127.0.0.1", port, timeout=60) for _ in range(2)]
+        assert [health(c) for c in kept] == [200, 200]  # both stay open (keep-alive)
+        assert once() == 503
+        assert [health(c) for c in kept] == [200, 200]  # the open ones are still served
+        kept.pop().close()
+        while (status := once()) != 200:
+            assert status == 503 and time.monotonic() < deadline  # until the server has seen the close
+            time.sleep(0.05)
+    finally:
+        server.should_exit = True
+        thread.join(60)

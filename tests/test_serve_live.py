@@ -242,3 +242,23 @@ def test_a_request_without_max_tokens_gets_the_default_bound(live):
         assert live.post({**body, "max_tokens": 7}).json()["usage"]["completion_tokens"] == 7  # asked: up to the cap
     finally:
         live.service.limits = limits
+
+
+def test_a_request_past_the_time_limit_ends_with_length(live):
+    # 200 tokens take at least 6 s (STEP_S a step): the limit ends them first, streamed or not
+    limits = live.service.limits
+    live.service.limits = dataclasses.replace(limits, request_timeout=seconds(1.0))
+    try:
+        r = live.post(LONG).json()
+        assert r["choices"][0]["finish_reason"] == "length" and r["usage"]["completion_tokens"] < 200
+        with httpx.stream(
+            "POST", live.url + "/v1/chat/completions", json={**LONG, "stream": True}, headers=AUTH, timeout=TIMEOUT
+        ) as s:
+            lines = [line for line in s.iter_lines() if line.startswith("data: ")]
+        chunks = [json.loads(line[6:]) for line in lines[:-1]]
+        assert lines[-1] == "data: [DONE]" and chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert len(chunks) < 200
+    finally:
+        live.service.limits = limits
+    live.settled()
+    assert live.finished[-2:] == ["timeout", "timeout"]

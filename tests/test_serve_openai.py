@@ -47,6 +47,7 @@ def hy_edge_run(model_file, prompt: str, max_tokens: int, tmp_path, raw: bool = 
     path = tmp_path / "prompt.txt"
     path.write_text(prompt)
     args = ["run", str(path), "--model", str(model_file), "--temperature", "0", "--max-tokens", str(max_tokens)]
+    args += ["--kv-cache", "fp16"]  # the server's default KV cache (run's is fp32)
     r = CliRunner().invoke(main, [*args, "--json", *(["--raw"] if raw else []), *extra])
     assert r.exit_code == 0, r.output
     return json.loads(r.stdout)
