@@ -12,8 +12,8 @@ Q4_1 bytes 18 MB: 188 MB planned, 211 MB held).
 A calibrated conversion (gptq, searched scales) also runs the calibration text through the model: its hidden
 states stay while each tensor is quantized, GPTQ works on a second float32 copy of a linear (its columns in
 their order), and the pass holds one layer's activations, attention scores and the second moment of the
-widest input with its inverse factor (float64). Measured on the Hunyuan-0.5B shapes: peak 0.90 GB rounded to
-nearest, 1.32 GB calibrated, both at the FP8 copy of the tied head.
+widest input with its inverse factor (float64). Measured on the Hunyuan-0.5B shapes (bench/conversion.py):
+peak 885 MB rounded to nearest (planned 1,255 MB), 1,265 MB calibrated (planned 1,681 MB).
 """
 
 from __future__ import annotations
