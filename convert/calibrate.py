@@ -35,7 +35,7 @@ SEQUENCES = 16  # S: 16 x 256 = 4,096 tokens (H of a 576-wide input needs a few 
 SEQ_LEN = 256  # T
 
 Load = Callable[[str], np.ndarray]  # name -> float32 weight as the checkpoint holds it
-Quantize = Callable[[str, np.ndarray, Hessian], Quantized]  # (name, w, H) -> stored weight
+Quantize = Callable[[str, np.ndarray, Hessian | None], Quantized]  # (name, w, H or None: no inputs) -> stored weight
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
@@ -80,10 +80,13 @@ def rope(x: np.ndarray, inv: np.ndarray) -> np.ndarray:
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def second_moment(x: np.ndarray) -> Hessian:
-    """H = X^T X (K, K) float64 over all tokens of x (..., K)."""
+def second_moment(x: np.ndarray) -> Hessian | None:
+    """H = X^T X (K, K) float64 over all tokens of x (..., K); None when it is not finite (values that
+    overflow float32 on the calibration text): that linear is then rounded without its inputs."""
     x2 = x.reshape(-1, x.shape[-1])
-    return Hessian((x2.T @ x2).astype(np.float64))
+    with np.errstate(over="ignore", invalid="ignore"):
+        h = (x2.T @ x2).astype(np.float64)
+    return Hessian(h) if np.isfinite(h).all() else None
 
 
 class Calibration:
@@ -103,12 +106,15 @@ class Calibration:
         if name not in self.ready:
             m = _LAYER.match(name)
             last = int(m.group(1)) if m else self.spec.num_hidden_layers - 1
-            while self.next_layer <= last:
-                self._layer(self.next_layer)
-                self.next_layer += 1
-            if name == F.LM_HEAD:
-                h = rms_norm(self.x, self.load(F.FINAL_NORM), self.spec.rms_norm_eps)
-                self.ready[name] = self.quantize(name, self.load(name), second_moment(h))
+            # a checkpoint whose values overflow float32 here ends in non-finite inputs (second_moment: None),
+            # not in numpy's warnings; the weights themselves are checked where they are quantized
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                while self.next_layer <= last:
+                    self._layer(self.next_layer)
+                    self.next_layer += 1
+                if name == F.LM_HEAD:
+                    h = rms_norm(self.x, self.load(F.FINAL_NORM), self.spec.rms_norm_eps)
+                    self.ready[name] = self.quantize(name, self.load(name), second_moment(h))
         if name not in self.ready:  # asked twice, or out of layer order: a converter bug, not a user error
             raise RuntimeError(f"calibration: '{name}' was not produced by the calibration pass")
         return self.ready.pop(name)

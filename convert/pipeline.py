@@ -219,10 +219,14 @@ def _calibration(ckpt: Checkpoint, spec: ModelSpec, names: dict, policy: QuantPo
         return None
     ids = calibration_ids(_tokenizer_metadata(ckpt), CALIBRATION_TEXT.read_text(encoding="utf-8"))
 
-    def quantize(name: str, w: np.ndarray, H: Hessian) -> Quantized:
+    def quantize(name: str, w: np.ndarray, H: Hessian | None) -> Quantized:
         if not _rounded_from_floats(ckpt, policy, name, names[name]):
             return _quantized(ckpt, name, names[name], policy)  # carried or FP16, as without calibration
-        return quantize_weight(name, w, policy, H)
+        q = quantize_weight(name, w, policy, H)
+        _in_range(ckpt, name, q)  # refused before the calibration forward computes with it
+        if H is None:  # the inputs that reach it overflowed float32 on the calibration text
+            q = dataclasses.replace(q, note="its calibration inputs are not finite: rounded without them")
+        return q
 
     return Calibration(spec, ids, lambda name: _float_weight(ckpt, names, name), quantize)
 

@@ -244,3 +244,13 @@ def test_calibration_text_is_disjoint_from_the_evaluation_texts():
     calibrated = runs(calibration)
     for path in texts:
         assert not runs(path.read_text(encoding="utf-8")) & calibrated, path.name
+
+
+def test_inputs_that_overflow_give_no_second_moment():
+    """Calibration inputs whose X^T X overflows (a checkpoint with huge values) give no H, so that linear is
+    rounded without them (and the converter says so), instead of GPTQ on infinities."""
+    from hy_edge_convert.calibrate import second_moment
+
+    assert second_moment(np.full((4, 3), 1e20, np.float32)) is None
+    H = second_moment(np.ones((4, 3), np.float32))
+    assert H is not None and np.array_equal(H.H, np.full((3, 3), 4.0))
