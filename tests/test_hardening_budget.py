@@ -52,6 +52,9 @@ def one_line(stderr: str, *words: str) -> None:
         assert w in lines[0], lines[0]
 
 
+@pytest.mark.skipif(
+    "QEMU_CPU" in os.environ, reason="under qemu-user the process's RSS also holds the emulator's translated code"
+)
 def test_numba_runs_smollm2_in_300mb(default_model_file, prompt, tmp_path):
     code, out, err, peak = hy_edge(
         tmp_path, "run", prompt, "--model", default_model_file, "--max-memory", "300MB", "--json"

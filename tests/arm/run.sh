@@ -82,6 +82,9 @@ mount --rbind /dev "$ROOT/dev" && mount --make-rslave "$ROOT/dev" && MOUNTS+=("$
 } >"$CACHE/cpuinfo"
 mount --bind "$CACHE/cpuinfo" "$ROOT/proc/cpuinfo" && MOUNTS+=("$ROOT/proc/cpuinfo")
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
+# debootstrap's minimal system has no /etc/hosts, so "localhost" resolves to nothing there (every Pi OS has
+# one; `serve --host localhost` and its tests need it)
+[ -s "$ROOT/etc/hosts" ] || printf '127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' >"$ROOT/etc/hosts"
 # pip inside trusts what pip here trusts (a network may inspect TLS with its own CA)
 cp "${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}" "$ROOT/etc/ssl/host-ca.crt"
 
