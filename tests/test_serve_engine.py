@@ -202,14 +202,20 @@ def test_prefix_reuse_across_requests(model, make_engine):
     assert tokens2 == model.generate(ids, max_tokens=5).token_ids  # the reused KV gives the same answer
 
 
+class Statuses(Observer):
+    """Appends each finished request's status to `into`."""
+
+    def __init__(self, into: list[str]):
+        self.into = into
+
+    def finished(self, status, prompt_tokens, completion_tokens):
+        self.into.append(status)
+
+
 def test_full_queue_is_refused_at_once_and_cancel_frees_the_slot(model, make_engine):
-    finished = []
+    finished = []  # each finished request's status
 
-    class Counting(Observer):
-        def finished(self, status, prompt_tokens, completion_tokens):
-            finished.append(status)
-
-    engine = make_engine(slots=1, max_queue=1, observer=Counting())
+    engine = make_engine(slots=1, max_queue=1, observer=Statuses(finished))
     engine.eos_ids = frozenset()
 
     def slow(logits) -> int:  # a holds its slot for seconds, however fast the machine
@@ -232,13 +238,9 @@ def test_full_queue_is_refused_at_once_and_cancel_frees_the_slot(model, make_eng
 
 
 def test_a_request_past_its_deadline_ends_as_max_tokens_would_end_it(model, make_engine):
-    finished = []
+    finished = []  # each finished request's status
 
-    class Counting(Observer):
-        def finished(self, status, prompt_tokens, completion_tokens):
-            finished.append(status)
-
-    engine = make_engine(slots=1, max_queue=1, observer=Counting())
+    engine = make_engine(slots=1, max_queue=1, observer=Statuses(finished))
     engine.eos_ids = frozenset()
     prompt = model.encode_prompt("Hello there")
     reference = Collector(prompt, 3)  # the same request, ended by max_tokens after 3 tokens
