@@ -338,6 +338,18 @@ def log(msg: str) -> None:
     print(f"[eval_fp8] {msg}", file=sys.stderr, flush=True)
 
 
+def chosen_variants(ap: argparse.ArgumentParser, variants: Sequence, spec: str | None, keep=None) -> list:
+    """The variants a comma-separated `--variants` names (all without one), in their own order, and `keep`
+    always; an unknown name is the parser's one-line error."""
+    if not spec:
+        return list(variants)
+    wanted = {w.strip() for w in spec.split(",") if w.strip()}
+    unknown = wanted - {v.name for v in variants}
+    if unknown:
+        ap.error(f"--variants: unknown {', '.join(sorted(unknown))}")
+    return [v for v in variants if v is keep or v.name in wanted]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -364,13 +376,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     args = ap.parse_args(argv)
 
-    variants = list(VARIANTS)
-    if args.variants:
-        wanted = {v.strip() for v in args.variants.split(",") if v.strip()}
-        unknown = wanted - {v.name for v in VARIANTS}
-        if unknown:
-            ap.error(f"--variants: unknown {', '.join(sorted(unknown))}")
-        variants = [v for v in VARIANTS if v is REFERENCE or v.name in wanted]
+    variants = chosen_variants(ap, VARIANTS, args.variants, keep=REFERENCE)
     if args.backend != "numba":  # the KV cache's precision is a numba-backend option
         variants = [v for v in variants if v.kv_cache == "fp32"]
     src = smollm2_gguf_path().resolve()

@@ -43,7 +43,7 @@ sys.path.insert(0, str(HERE))
 
 import quality_metrics as qm  # noqa: E402
 import quality_report  # noqa: E402
-from eval_fp8 import windows  # noqa: E402
+from eval_fp8 import chosen_variants, windows  # noqa: E402
 
 OUT = HERE / "out" / "quality"
 RESULTS = HERE / "results"
@@ -339,13 +339,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.speeds_only:
         return rejoin_speeds(args.results, args.speed_isa)
-    variants = list(VARIANTS)
-    if args.variants:
-        wanted = {w.strip() for w in args.variants.split(",") if w.strip()}
-        unknown = wanted - {v.name for v in VARIANTS}
-        if unknown:
-            ap.error(f"--variants: unknown {', '.join(sorted(unknown))}")
-        variants = [v for v in VARIANTS if v.name in wanted]
+    variants = chosen_variants(ap, VARIANTS, args.variants)
     if not args.text.is_file():
         ap.error(f"--text: {args.text} is not a file")
 
