@@ -160,15 +160,29 @@ class Calibration:
         S, T, _ = h.shape
         Hq, Hkv, D = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
         H = None if "self_attn.q_proj" in layer else second_moment(h)
-        q = self._linear(layer, owner, "self_attn.q_proj", h, H).reshape(S, T, Hq, D)
-        k = self._linear(layer, owner, "self_attn.k_proj", h, H).reshape(S, T, Hkv, D)
-        v = self._linear(layer, owner, "self_attn.v_proj", h, H).reshape(S, T, Hkv, D)
+        p = F.layer_prefix(owner)
+
+        def proj(x: str, heads: int) -> np.ndarray:
+            y = self._linear(layer, owner, f"self_attn.{x}_proj", h, H)
+            if spec.qkv_bias:  # Qwen2
+                y = y + self.load(f"{p}.self_attn.{x}_proj.bias")
+            return y.reshape(S, T, heads, D)
+
+        def qk_norm(q: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            qn, kn = F.qk_norm_names(spec)
+            eps = spec.rms_norm_eps
+            return (
+                rms_norm(q, self.load(f"{p}.self_attn.{qn}.weight"), eps),
+                rms_norm(k, self.load(f"{p}.self_attn.{kn}.weight"), eps),
+            )
+
+        q, k, v = proj("q", Hq), proj("k", Hkv), proj("v", Hkv)
         inv = rope_inv_freq(spec.head_dim, spec.rope_theta, spec.rope_llama3)
+        if spec.use_qk_norm and spec.qk_norm_before_rope:  # Qwen3Attention
+            q, k = qk_norm(q, k)
         q, k = rope(q, inv), rope(k, inv)
-        if spec.use_qk_norm:  # after RoPE, as in transformers' HunYuanDenseV1Attention
-            p = F.layer_prefix(owner)
-            q = rms_norm(q, self.load(f"{p}.self_attn.query_layernorm.weight"), spec.rms_norm_eps)
-            k = rms_norm(k, self.load(f"{p}.self_attn.key_layernorm.weight"), spec.rms_norm_eps)
+        if spec.use_qk_norm and not spec.qk_norm_before_rope:  # after RoPE: HunYuanDenseV1Attention
+            q, k = qk_norm(q, k)
         # batched matmuls (BLAS) rather than einsum: GQA as (S, Hkv, rep, T, D) against (S, Hkv, 1, D, T)
         q = q.reshape(S, T, Hkv, Hq // Hkv, D).transpose(0, 2, 3, 1, 4)
         scores = q @ (k.transpose(0, 2, 3, 1)[:, :, None] * np.float32(D**-0.5))  # (S, Hkv, rep, T, T)

@@ -23,7 +23,7 @@ import numpy as np
 from edge_runtime import safe_json
 from edge_runtime.errors import CheckpointError
 
-from .gguf_reader import BLOCK_TYPES, GGUFFile, llama_config, llama_tensors, unpermute_qk
+from .gguf_reader import BLOCK_TYPES, GGUFFile, gguf_config, gguf_tensors, unpermute_qk
 from .gguf_tokenizer import tokenizer_from_gguf
 from .safetensors_reader import SafetensorsFile, bf16_to_f32
 
@@ -391,15 +391,9 @@ def _open_gguf(path: Path) -> Checkpoint:
     f = GGUFFile(path)
     try:
         meta = f.metadata
-        arch = meta.get("general.architecture")
-        if arch != "llama":
-            raise CheckpointError(
-                f"{path}: GGUF metadata 'general.architecture' = {safe_json.show(arch)} is not supported "
-                "(supported: llama)"
-            )
-        config = llama_config(meta, f.tensors, path)
+        config = gguf_config(meta, f.tensors, path)
         tensors = {}
-        for hf, (info, n_head) in llama_tensors(f, config).items():
+        for hf, (info, n_head) in gguf_tensors(f, config).items():
             kind = {"f16": "f16", "bf16": "bf16"}.get(info.ggml_type.name.lower(), "f32")
             block = info.ggml_type.name.lower() if info.ggml_type.name.lower() in BLOCK_TYPES else None
             blocks = _gguf_block_loader(f, info, n_head) if block and len(info.shape) == 2 else None

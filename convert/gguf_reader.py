@@ -272,7 +272,12 @@ class GGUFFile:
             self._mm = None
 
 
-# -- Llama: GGUF names and layout -> Hugging Face ------------------------------------------------
+# -- GGUF names, metadata and layout -> Hugging Face ----------------------------------------------
+
+# general.architecture -> the Hugging Face model_type and class its metadata becomes; llama.cpp permutes
+# the q/k rows of llama files only (it rotates their pairs GPT-J style; Qwen's NeoX style, as HF does)
+GGUF_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+PERMUTED_QK = ("llama",)
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -286,20 +291,22 @@ _BLOCK_NAMES = {
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",  # qwen3
+    "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-_BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+_BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
 def hf_name(gguf_name: str) -> str | None:
-    """The Hugging Face name of a llama GGUF tensor, or None if it has none."""
+    """The Hugging Face name of a GGUF tensor, or None if it has none."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     m = _BLOCK.fullmatch(gguf_name)
     if m and m.group(2) in _BLOCK_NAMES:
-        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.weight"
+        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
     return None
 
 
@@ -320,18 +327,18 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-# HF config key -> the llama.* GGUF key it is read from (named in errors)
+# HF config key -> the GGUF key it is read from, after the architecture's prefix (named in errors)
 GGUF_KEYS = {
-    "hidden_size": "llama.embedding_length",
-    "intermediate_size": "llama.feed_forward_length",
-    "num_hidden_layers": "llama.block_count",
-    "num_attention_heads": "llama.attention.head_count",
-    "num_key_value_heads": "llama.attention.head_count_kv",
-    "head_dim": "llama.attention.key_length",
-    "vocab_size": "llama.vocab_size",
-    "max_position_embeddings": "llama.context_length",
-    "rms_norm_eps": "llama.attention.layer_norm_rms_epsilon",
-    "rope_theta": "llama.rope.freq_base",
+    "hidden_size": "embedding_length",
+    "intermediate_size": "feed_forward_length",
+    "num_hidden_layers": "block_count",
+    "num_attention_heads": "attention.head_count",
+    "num_key_value_heads": "attention.head_count_kv",
+    "head_dim": "attention.key_length",
+    "vocab_size": "vocab_size",
+    "max_position_embeddings": "context_length",
+    "rms_norm_eps": "attention.layer_norm_rms_epsilon",
+    "rope_theta": "rope.freq_base",
 }
 
 
@@ -360,22 +367,32 @@ class _Meta:
         return value
 
 
-def llama_config(meta: dict, tensors: dict[str, GGUFTensorInfo], path: Path) -> dict:
-    """A Hugging Face LlamaConfig dict (config.json key names) from llama.* GGUF metadata, every value
-    typed and the structural sizes bounded (spec.LIMITS) here, where the GGUF key can be named."""
+def gguf_config(meta: dict, tensors: dict[str, GGUFTensorInfo], path: Path) -> dict:
+    """A Hugging Face config dict (config.json key names) from the GGUF metadata of one of GGUF_ARCHS,
+    every value typed and the structural sizes bounded (spec.LIMITS) here, where the GGUF key can be
+    named."""
     m = _Meta(meta, path)
+    arch = meta.get("general.architecture")
+    if arch not in GGUF_ARCHS:
+        raise CheckpointError(
+            f"{path}: GGUF metadata 'general.architecture' = {show(arch)} is not supported "
+            f"(supported: {', '.join(GGUF_ARCHS)})"
+        )
+
+    def key(hf: str) -> str:
+        return f"{arch}.{GGUF_KEYS[hf]}"
 
     def size(hf: str, default=...):
-        return m.get(GGUF_KEYS[hf], "size", default, LIMITS[hf])
+        return m.get(key(hf), "size", default, LIMITS[hf])
 
     for hf in ("num_attention_heads", "num_key_value_heads"):
-        if isinstance(meta.get(GGUF_KEYS[hf]), list):
-            raise CheckpointError(f"{path}: GGUF metadata '{GGUF_KEYS[hf]}' is per layer, which is not supported")
+        if isinstance(meta.get(key(hf)), list):
+            raise CheckpointError(f"{path}: GGUF metadata '{key(hf)}' is per layer, which is not supported")
     hidden, heads = size("hidden_size"), size("num_attention_heads")
     kv_heads = size("num_key_value_heads", heads)
     head_dim = (
-        m.get("llama.attention.key_length", "size", None, LIMITS["head_dim"])
-        or m.get("llama.rope.dimension_count", "size", None, LIMITS["head_dim"])
+        m.get(key("head_dim"), "size", None, LIMITS["head_dim"])
+        or m.get(f"{arch}.rope.dimension_count", "size", None, LIMITS["head_dim"])
         or hidden // heads
     )
     vocab = size("vocab_size", None)
@@ -386,8 +403,8 @@ def llama_config(meta: dict, tensors: dict[str, GGUFTensorInfo], path: Path) -> 
         vocab = tensors["token_embd.weight"].shape[0]
     ids = {k: m.get(f"tokenizer.ggml.{k}", "id", None) for k in ("bos_token_id", "eos_token_id", "padding_token_id")}
     cfg = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [GGUF_ARCHS[arch]],
+        "model_type": arch,
         "vocab_size": vocab,
         "hidden_size": hidden,
         "intermediate_size": size("intermediate_size"),
@@ -395,8 +412,8 @@ def llama_config(meta: dict, tensors: dict[str, GGUFTensorInfo], path: Path) -> 
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
-        "rms_norm_eps": float(m.get(GGUF_KEYS["rms_norm_eps"], "number", 1e-5)),
-        "rope_theta": float(m.get(GGUF_KEYS["rope_theta"], "number", 10000.0)),
+        "rms_norm_eps": float(m.get(key("rms_norm_eps"), "number", 1e-5 if arch == "llama" else 1e-6)),
+        "rope_theta": float(m.get(key("rope_theta"), "number", 10000.0)),
         "max_position_embeddings": size("max_position_embeddings", 2048),
         "tie_word_embeddings": "output.weight" not in tensors,
         "hidden_act": "silu",
@@ -406,25 +423,26 @@ def llama_config(meta: dict, tensors: dict[str, GGUFTensorInfo], path: Path) -> 
         "eos_token_id": ids["eos_token_id"],
         "pad_token_id": ids["padding_token_id"],
     }
-    scaling = m.get("llama.rope.scaling.type", "str", None)
+    scaling = m.get(f"{arch}.rope.scaling.type", "str", None)
     if scaling not in (None, "none"):
         # Carried over so that spec_from_hf_config refuses what it cannot compute.
-        cfg["rope_scaling"] = {"rope_type": scaling, "factor": meta.get("llama.rope.scaling.factor")}
+        cfg["rope_scaling"] = {"rope_type": scaling, "factor": meta.get(f"{arch}.rope.scaling.factor")}
     return cfg
 
 
-def llama_tensors(gguf: GGUFFile, cfg: dict) -> dict[str, tuple[GGUFTensorInfo, int | None]]:
+def gguf_tensors(gguf: GGUFFile, cfg: dict) -> dict[str, tuple[GGUFTensorInfo, int | None]]:
     """HF name -> (GGUF tensor, n_head to un-permute with, or None)."""
     out = {}
+    permuted = cfg["model_type"] in PERMUTED_QK
     for name, info in gguf.tensors.items():
         hf = hf_name(name)
         if hf is None:
             why = " (llama3 RoPE frequency factors)" if name == "rope_freqs.weight" else ""
             raise CheckpointError(f"{gguf.path}: tensor '{name}'{why} is not supported")
         n_head = None
-        if hf.endswith("self_attn.q_proj.weight"):
+        if permuted and hf.endswith("self_attn.q_proj.weight"):
             n_head = cfg["num_attention_heads"]
-        elif hf.endswith("self_attn.k_proj.weight"):
+        elif permuted and hf.endswith("self_attn.k_proj.weight"):
             n_head = cfg["num_key_value_heads"]
         if n_head is not None and (len(info.shape) != 2 or info.shape[0] % (2 * n_head)):
             raise CheckpointError(

@@ -180,13 +180,26 @@ class GraphBuilder:
         s, p = self.spec, f"/model/layers.{i}/attn"
         w = F.layer_prefix(s.shared_layers[i]) + ".self_attn"
         H, Hkv, D = s.num_attention_heads, s.num_key_value_heads, s.head_dim
-        q = self.split_heads(self.make_linear(h, f"{w}.q_proj.weight", p + "/q_proj"), H, p + "/q")
-        k = self.split_heads(self.make_linear(h, f"{w}.k_proj.weight", p + "/k_proj"), Hkv, p + "/k")
-        v = self.split_heads(self.make_linear(h, f"{w}.v_proj.weight", p + "/v_proj"), Hkv, p + "/v")
+
+        def proj(x: str, heads: int) -> str:
+            y = self.make_linear(h, f"{w}.{x}_proj.weight", f"{p}/{x}_proj")
+            if s.qkv_bias:  # Qwen2
+                y = self.node("Add", [y, self.make_weight(f"{w}.{x}_proj.bias")], f"{p}/{x}_proj/bias")
+            return self.split_heads(y, heads, f"{p}/{x}")
+
+        def qk_norm(q: str, k: str) -> tuple[str, str]:
+            qn, kn = F.qk_norm_names(s)
+            return (
+                self.make_rms_norm(q, f"{w}.{qn}.weight", p + "/q_norm"),
+                self.make_rms_norm(k, f"{w}.{kn}.weight", p + "/k_norm"),
+            )
+
+        q, k, v = proj("q", H), proj("k", Hkv), proj("v", Hkv)
+        if s.use_qk_norm and s.qk_norm_before_rope:  # Qwen3Attention
+            q, k = qk_norm(q, k)
         q, k = self.make_rope(q, *rope, p + "/q_rope"), self.make_rope(k, *rope, p + "/k_rope")
-        if s.use_qk_norm:  # q/k norm after RoPE, as in transformers' HunYuanDenseV1Attention
-            q = self.make_rms_norm(q, f"{w}.query_layernorm.weight", p + "/q_norm")
-            k = self.make_rms_norm(k, f"{w}.key_layernorm.weight", p + "/k_norm")
+        if s.use_qk_norm and not s.qk_norm_before_rope:  # after RoPE: HunYuanDenseV1Attention
+            q, k = qk_norm(q, k)
         k = self.node("Concat", [F.past_key(i), k], p + "/k_cache", axis=2)  # (B, Hkv, P+T, D)
         v = self.node("Concat", [F.past_value(i), v], p + "/v_cache", axis=2)
         self.nodes.append(helper.make_node("Identity", [k], [F.present_key(i)], name=p + "/present_key"))

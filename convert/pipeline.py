@@ -97,7 +97,7 @@ def _spec(ckpt: Checkpoint) -> ModelSpec:
         if ckpt.kind != "gguf":
             raise SpecError(f"{Path(ckpt.path) / 'config.json'}: {message}") from None
         for hf, key in GGUF_KEYS.items():
-            message = message.replace(f"'{hf}'", f"'{key}'")
+            message = message.replace(f"'{hf}'", f"'{ckpt.config.get('model_type')}.{key}'")
         raise SpecError(f"{ckpt.path}: GGUF metadata: {message}") from None
 
 

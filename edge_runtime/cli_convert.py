@@ -179,8 +179,10 @@ def info_cmd(model: Path | None, verify: bool, default_path: bool) -> None:
             f"intermediate {spec.intermediate_size}, vocab {spec.vocab_size}, "
             f"act {spec.hidden_act}, tied {spec.tie_word_embeddings}"
         )
+        qk_norm = ("before RoPE" if spec.qk_norm_before_rope else "after RoPE") if spec.use_qk_norm else "none"
         click.echo(
-            f"rope base {spec.rope_theta:.6g}, qk-norm {spec.use_qk_norm}, context {spec.max_position_embeddings}"
+            f"rope base {spec.rope_theta:.6g}{', llama3 scaling' if spec.rope_llama3 else ''}, qk-norm {qk_norm}, "
+            f"q/k/v bias {spec.qkv_bias}, context {spec.max_position_embeddings}"
         )
         if spec.conv_layers:
             click.echo(f"dwconv layers {list(spec.conv_layers)} (kernel {spec.conv_kernel_size})")

@@ -52,6 +52,7 @@ class _Block:
     gate_up: tuple  # ((FusedLinear, (out indices into (gate, up))), ...)
     down: linear.FusedLinear
     linears: dict  # id(FusedLinear) -> [Linear] (input scales for activation fake-quant)
+    biases: tuple = ()  # the q/k/v projections' biases (H*D,), (Hkv*D,), (Hkv*D,), each (0,) when none
 
 
 _CHECKED: dict[int, weakref.ref] = {}  # Weights objects whose FP8 codes were scanned, by id
@@ -242,6 +243,7 @@ class NumbaSession:
             ((o, _),) = self._group([w.o_proj], prepared, linears)
             qn = w.query_layernorm if spec.use_qk_norm else empty
             kn = w.key_layernorm if spec.use_qk_norm else empty
+            biases = (w.q_bias, w.k_bias, w.v_bias) if spec.qkv_bias else (empty,) * 3
             return _Block(
                 "attention",
                 w.input_layernorm,
@@ -255,6 +257,7 @@ class NumbaSession:
                 gate_up,
                 down,
                 linears,
+                biases,
             )
         ((out_proj, _),) = self._group([w.out_proj], prepared, linears)
         return _Block(
@@ -410,10 +413,11 @@ class NumbaSession:
         pos, rows = b.positions[:T], b.row_slots[:T]
         a = self._slot[i]
         kc, vc = b.k_cache[a], b.v_cache[a]  # (B, Hkv, S, D)
-        # RoPE, then q/k norm (Hunyuan, as transformers' HunYuanDenseV1Attention), then the KV write
+        # biases (Qwen2); RoPE and q/k norm, in the family's order (Hunyuan: RoPE first); the KV write
         attention._rope_norm_store(
-            q3, k3, v3, pos, rows, b.cos, b.sin, blk.q_norm, blk.k_norm, spec.rms_norm_eps, kc, vc
-        )
+            q3, k3, v3, pos, rows, b.cos, b.sin, blk.q_norm, blk.k_norm, *blk.biases, spec.qk_norm_before_rope,
+            spec.rms_norm_eps, kc, vc,
+        )  # fmt: skip
         if r == T:
             return b.y[:0]
         q, q3 = q[r:], q3[r:]

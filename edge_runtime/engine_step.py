@@ -47,7 +47,7 @@ def _lin3(mode, x, w0, w1, w2, s0, s1, s2, o0, o1, o2, bk, st, stp):
 def forward_layers(
     mode, ids, rows, pos, embed, x, h, y, q, k, v, gate, up, act,
     k_cache, v_cache, scores, values_t, cos, sin,
-    in_norm, post_norm, final_norm, q_norm, k_norm,
+    in_norm, post_norm, final_norm, q_norm, k_norm, q_bias, k_bias, v_bias, norm_first,
     wq, wk, wv, wo, wg, wu, wd, sq, sk, sv, so, sg, su, sd,
     bk3, bko, bk2, bkd, st3, st3_4, st2, st2_4, st1o, st1o_4, st1d, st1d_4,
     n_heads, n_kv, eps, scale, act_kind, n_out, tail_mode,
@@ -68,7 +68,10 @@ def forward_layers(
         q3 = q.reshape(n_tok, n_heads, d)
         k3 = k.reshape(n_tok, n_kv, d)
         v3 = v.reshape(n_tok, n_kv, d)
-        attention._rope_norm_store(q3, k3, v3, pos, rows, cos, sin, q_norm[i], k_norm[i], eps, k_cache[i], v_cache[i])
+        attention._rope_norm_store(
+            q3, k3, v3, pos, rows, cos, sin, q_norm[i], k_norm[i], q_bias[i], k_bias[i], v_bias[i], norm_first, eps,
+            k_cache[i], v_cache[i],
+        )  # fmt: skip
         r, m = 0, mode  # the first row whose output is needed, and the kernels for rows r..
         if i + 1 == n_layers and n_out < n_tok:
             r, m = n_tok - n_out, tail_mode
@@ -144,6 +147,7 @@ class CompiledLayers:
         self.post_norm = _as_list(tuple(vec(b.post_norm) for b in blocks))
         self.q_norm = _as_list(tuple(vec(b.q_norm) for b in blocks))
         self.k_norm = _as_list(tuple(vec(b.k_norm) for b in blocks))
+        self.biases = tuple(_as_list(tuple(vec(b.biases[j]) for b in blocks)) for j in range(3))
         self.final_norm = vec(final_norm)
         self.spec = spec
         self.buf = buf
@@ -181,8 +185,9 @@ class CompiledLayers:
         return forward_layers(
             mode, ids, rows, pos, embed, x, h, y, q, k, v, gate, up, act,
             b.k_cache, b.v_cache, b.scores, b.values_t, b.cos, b.sin,
-            self.in_norm, self.post_norm, self.final_norm, self.q_norm, self.k_norm,
-            *self.lists, *self.bk, *self.starts, spec.num_attention_heads, spec.num_key_value_heads,
+            self.in_norm, self.post_norm, self.final_norm, self.q_norm, self.k_norm, *self.biases,
+            spec.qk_norm_before_rope, *self.lists, *self.bk, *self.starts,
+            spec.num_attention_heads, spec.num_key_value_heads,
             float(spec.rms_norm_eps), np.float32(spec.head_dim**-0.5), 1 if spec.hidden_act == "relu6" else 0,
             n_out, tail_mode,
         )  # fmt: skip

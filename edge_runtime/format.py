@@ -97,6 +97,14 @@ def layer_prefix(i: int) -> str:
     return f"model.layers.{i}"
 
 
+# The per-head q/k norms' names after `self_attn.`, by family (Hugging Face's own); Hunyuan's otherwise
+QK_NORM_NAMES = {"qwen3": ("q_norm", "k_norm")}
+
+
+def qk_norm_names(spec: ModelSpec) -> tuple[str, str]:
+    return QK_NORM_NAMES.get(spec.model_type, ("query_layernorm", "key_layernorm"))
+
+
 def layer_tensors(spec: ModelSpec, i: int) -> dict[str, tuple[int, ...]]:
     """Name → shape of every tensor layer i's weights consist of (for the layer that owns them)."""
     p, C, D = layer_prefix(i), spec.hidden_size, spec.head_dim
@@ -113,9 +121,14 @@ def layer_tensors(spec: ModelSpec, i: int) -> dict[str, tuple[int, ...]]:
         t[f"{p}.self_attn.k_proj.weight"] = (Hkv * D, C)
         t[f"{p}.self_attn.v_proj.weight"] = (Hkv * D, C)
         t[f"{p}.self_attn.o_proj.weight"] = (C, H * D)
+        if spec.qkv_bias:
+            t[f"{p}.self_attn.q_proj.bias"] = (H * D,)
+            t[f"{p}.self_attn.k_proj.bias"] = (Hkv * D,)
+            t[f"{p}.self_attn.v_proj.bias"] = (Hkv * D,)
         if spec.use_qk_norm:
-            t[f"{p}.self_attn.query_layernorm.weight"] = (D,)
-            t[f"{p}.self_attn.key_layernorm.weight"] = (D,)
+            qn, kn = qk_norm_names(spec)
+            t[f"{p}.self_attn.{qn}.weight"] = (D,)
+            t[f"{p}.self_attn.{kn}.weight"] = (D,)
     else:
         t[f"{p}.mixer.conv.weight"] = (C, spec.conv_kernel_size)  # depthwise, per channel
         t[f"{p}.mixer.out_proj.weight"] = (C, C)  # pointwise

@@ -1,9 +1,9 @@
 """ModelSpec: the one description of an architecture that every later stage reads.
 
 Field names are the Hugging Face `config.json` keys, verbatim, so no translation layer exists; unknown
-keys are dropped. Two families are understood — `hunyuan_v1_dense` (legacy Tencent keys and the
-transformers 5 `rope_parameters` form) and `llama` — plus the seed article's architecture options,
-which have their own config keys:
+keys are dropped. Four families are understood — `hunyuan_v1_dense` (legacy Tencent keys and the
+transformers 5 `rope_parameters` form), `llama`, `qwen2` (q/k/v biases) and `qwen3` (q/k norm before
+RoPE) — plus the seed article's architecture options, which have their own config keys:
 
 - `layer_types`: per layer `"attention"` or `"dwconv"` (per-channel causal conv over time with kernel
   `conv_kernel_size`, followed by a pointwise projection, in place of attention);
@@ -23,6 +23,7 @@ from .errors import SpecError
 from .safe_json import JSONInputError, is_finite, is_int, show
 from .safe_json import loads as json_loads
 
+FAMILIES = ("hunyuan_v1_dense", "llama", "qwen2", "qwen3")  # ModelSpec.model_type
 LAYER_TYPES = ("attention", "dwconv")
 ACTIVATIONS = ("silu", "relu6")
 # Upper bounds of the structural sizes, checked before anything is sized by them (a config that says
@@ -44,7 +45,7 @@ LIMITS = {
 
 @dataclass(frozen=True)
 class ModelSpec:
-    model_type: str  # "hunyuan_v1_dense" | "llama"
+    model_type: str  # one of FAMILIES
     vocab_size: int  # V
     hidden_size: int  # C
     intermediate_size: int  # MLP width
@@ -56,7 +57,7 @@ class ModelSpec:
     rope_theta: float  # the effective RoPE base (Hunyuan alpha already folded in)
     max_position_embeddings: int
     tie_word_embeddings: bool
-    use_qk_norm: bool  # per-head RMSNorm on q and k, after RoPE (HunYuanDenseV1Attention)
+    use_qk_norm: bool  # per-head RMSNorm on q and k (after RoPE unless qk_norm_before_rope)
     hidden_act: str  # "silu" | "relu6"
     bos_token_id: int | None
     eos_token_id: tuple[int, ...]
@@ -67,6 +68,8 @@ class ModelSpec:
     # Llama 3.1's RoPE frequency scaling (factor, low_freq_factor, high_freq_factor,
     # original_max_position_embeddings), or None (hy_edge_ops.rope.rope_inv_freq)
     rope_llama3: tuple[float, float, float, int] | None = None
+    qk_norm_before_rope: bool = False  # Qwen3 normalises q and k before RoPE, Hunyuan after it
+    qkv_bias: bool = False  # q/k/v projections with biases (Qwen2), o_proj without
 
     # -- derived -------------------------------------------------------------------------------
     @property
@@ -180,6 +183,10 @@ def _common(cfg: dict) -> dict:
         if cfg.get(key) is not None and not isinstance(cfg[key], list):
             raise SpecError(f"config.json: field '{key}' should be a list, got {show(cfg[key])}")
     layers = _get(cfg, "num_hidden_layers", int)  # bounded (LIMITS) before the tuples below are built
+    if cfg.get("use_sliding_window") or "sliding_attention" in (cfg.get("layer_types") or ()):
+        raise SpecError("config.json: sliding-window attention layers are not supported")
+    # transformers' own layer_types (Qwen2/3): every layer full attention, which is what "attention" is here
+    layer_types = ["attention" if t == "full_attention" else t for t in cfg.get("layer_types") or ()]
     if cfg.get("attention_bias"):
         raise SpecError("config.json: field 'attention_bias' = true is not supported")
     if cfg.get("mlp_bias"):
@@ -201,7 +208,7 @@ def _common(cfg: dict) -> dict:
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_id=_eos(cfg.get("eos_token_id")),
         pad_token_id=cfg.get("pad_token_id"),
-        layer_types=tuple(cfg.get("layer_types") or ("attention",) * layers),
+        layer_types=tuple(layer_types or ("attention",) * layers),
         conv_kernel_size=_get(cfg, "conv_kernel_size", int, 3),
         shared_layers=tuple(cfg.get("shared_layers") or range(layers)),
     )
@@ -223,12 +230,26 @@ def _llama(cfg: dict) -> dict:
     return dict(model_type="llama", use_qk_norm=False, **_common(cfg))
 
 
+def _qwen2(cfg: dict) -> dict:
+    # transformers' Qwen2Attention: q/k/v with biases, o_proj without (no config key says so)
+    return dict(model_type="qwen2", use_qk_norm=False, qkv_bias=True, **_common(cfg))
+
+
+def _qwen3(cfg: dict) -> dict:
+    # transformers' Qwen3Attention: per-head RMSNorm of q and k (q_norm, k_norm) before RoPE
+    return dict(model_type="qwen3", use_qk_norm=True, qk_norm_before_rope=True, **_common(cfg))
+
+
 # Keyed by model_type and by the HF `architectures` string.
 REGISTRY = {
     "hunyuan_v1_dense": _hunyuan,
     "HunYuanDenseV1ForCausalLM": _hunyuan,
     "llama": _llama,
     "LlamaForCausalLM": _llama,
+    "qwen2": _qwen2,
+    "Qwen2ForCausalLM": _qwen2,
+    "qwen3": _qwen3,
+    "Qwen3ForCausalLM": _qwen3,
 }
 
 
@@ -245,12 +266,13 @@ def spec_from_hf_config(cfg: dict) -> ModelSpec:
             return _build(REGISTRY[key](cfg))
     name = cfg.get("model_type") or (architectures or ["<none>"])[0]
     raise SpecError(
-        f"config.json: field 'model_type' = {show(name)} is not supported (supported: hunyuan_v1_dense, llama)"
+        f"config.json: field 'model_type' = {show(name)} is not supported (supported: {', '.join(FAMILIES)})"
     )
 
 
 _SIZES = tuple(LIMITS)  # the integer fields, each positive and bounded
-_KINDS = {"rms_norm_eps": float, "rope_theta": float, "tie_word_embeddings": bool, "use_qk_norm": bool}
+_KINDS = {"rms_norm_eps": float, "rope_theta": float, "tie_word_embeddings": bool, "use_qk_norm": bool,
+          "qk_norm_before_rope": bool, "qkv_bias": bool}  # fmt: skip
 
 
 def _build(data: dict, source: str = "config.json") -> ModelSpec:
@@ -261,7 +283,8 @@ def _build(data: dict, source: str = "config.json") -> ModelSpec:
         raise SpecError(f"{source}: field '{field}' {why}")
 
     fields = {f.name for f in dataclasses.fields(ModelSpec)}
-    data = {"rope_llama3": None, **data}  # files written before Llama 3 scaling have no such field
+    # files written before Llama 3 scaling and the Qwen families have none of these fields
+    data = {"rope_llama3": None, "qk_norm_before_rope": False, "qkv_bias": False, **data}
     missing = fields - set(data)
     if missing:
         raise SpecError(f"{source}: missing field '{sorted(missing)[0]}'")
@@ -277,8 +300,8 @@ def _build(data: dict, source: str = "config.json") -> ModelSpec:
     for name in ("model_type", "hidden_act"):
         if not isinstance(data[name], str):
             fail(name, f"should be a string, got {show(data[name])}")
-    if data["model_type"] not in ("hunyuan_v1_dense", "llama"):
-        fail("model_type", f"= {show(data['model_type'])} is not supported (supported: hunyuan_v1_dense, llama)")
+    if data["model_type"] not in FAMILIES:
+        fail("model_type", f"= {show(data['model_type'])} is not supported (supported: {', '.join(FAMILIES)})")
     for name in ("layer_types", "shared_layers"):
         if not isinstance(data[name], (list, tuple)):
             fail(name, f"should be a list, got {show(data[name])}")

@@ -223,8 +223,11 @@ class LayerWeights:
     k_proj: Linear | None = None  # (Hkv*D, C)
     v_proj: Linear | None = None  # (Hkv*D, C)
     o_proj: Linear | None = None  # (C, H*D)
-    query_layernorm: np.ndarray | None = None  # (D,)
+    query_layernorm: np.ndarray | None = None  # (D,) the per-head q/k norms (Qwen3's q_norm, k_norm)
     key_layernorm: np.ndarray | None = None  # (D,)
+    q_bias: np.ndarray | None = None  # (H*D,) q/k/v projection biases (Qwen2)
+    k_bias: np.ndarray | None = None  # (Hkv*D,)
+    v_bias: np.ndarray | None = None  # (Hkv*D,)
     conv: np.ndarray | None = None  # (C, k) depthwise kernel
     out_proj: Linear | None = None  # (C, C) pointwise
 
@@ -392,6 +395,9 @@ class Weights:
                 layer.post_attention_layernorm,
                 layer.query_layernorm,
                 layer.key_layernorm,
+                layer.q_bias,
+                layer.k_bias,
+                layer.v_bias,
                 layer.conv,
             )
             if a is not None
@@ -453,8 +459,8 @@ def _layer(spec: ModelSpec, tensors: dict, i: int, expected: dict, path: Path) -
         name = f"{p}.{short}.weight"
         return _linear(tensors, name, expected[name], path)
 
-    def vec(short: str) -> np.ndarray:
-        name = f"{p}.{short}.weight"
+    def vec(short: str, kind: str = "weight") -> np.ndarray:
+        name = f"{p}.{short}.{kind}"
         return _float_vector(tensors, name, expected[name], path)
 
     common = dict(
@@ -467,7 +473,10 @@ def _layer(spec: ModelSpec, tensors: dict, i: int, expected: dict, path: Path) -
     if spec.layer_types[i] == "attention":
         qk = {}
         if spec.use_qk_norm:
-            qk = dict(query_layernorm=vec("self_attn.query_layernorm"), key_layernorm=vec("self_attn.key_layernorm"))
+            qn, kn = fmt.qk_norm_names(spec)
+            qk = dict(query_layernorm=vec(f"self_attn.{qn}"), key_layernorm=vec(f"self_attn.{kn}"))
+        if spec.qkv_bias:
+            qk.update({f"{x}_bias": vec(f"self_attn.{x}_proj", "bias") for x in "qkv"})
         return LayerWeights(
             **common,
             q_proj=lin("self_attn.q_proj"),

@@ -327,39 +327,67 @@ def attention(q, k_cache, v_cache, start: int, out, scale: float, scores=None) -
     return attention_rows(q, k_cache[None], v_cache[None], np.zeros(n_tok, np.int64), pos, out, scale)
 
 
+@njit(cache=True, fastmath=_FM, inline="always")
+def _head_rope(xh, cs, sn, half):
+    # NeoX RoPE of one head in place
+    for i in range(half):
+        x1 = xh[i]
+        x2 = xh[i + half]
+        xh[i] = x1 * cs[i] - x2 * sn[i]
+        xh[i + half] = x2 * cs[i] + x1 * sn[i]
+
+
+@njit(cache=True, fastmath=_FM, inline="always")
+def _head_norm(xh, w, eps):
+    # RMSNorm of one head in place
+    ss = 0.0  # float64, as ops.norm
+    for i in range(xh.shape[0]):
+        ss += np.float64(xh[i]) * np.float64(xh[i])
+    inv = np.float32(1.0) / np.sqrt(np.float32(ss / xh.shape[0]) + np.float32(eps))
+    for i in range(xh.shape[0]):
+        xh[i] = w[i] * (xh[i] * inv)
+
+
 @njit(cache=True, nogil=True, fastmath=_FM)
-def _rope_norm_store(q, k, v, pos, slots, cos, sin, q_w, k_w, eps, k_cache, v_cache):
-    # q f32 (T, H, D), k, v f32 (T, Hkv, D): RoPE (NeoX) on q, k in place, then per-head RMSNorm when
-    # q_w / k_w are non-empty (Hunyuan normalises after RoPE), then k, v into cache[slots[t], :, pos[t]]
+def _rope_norm_store(q, k, v, pos, slots, cos, sin, q_w, k_w, q_b, k_b, v_b, norm_first, eps, k_cache, v_cache):
+    # q f32 (T, H, D), k, v f32 (T, Hkv, D): the projections' biases added when q_b / k_b / v_b (H*D or
+    # Hkv*D) are non-empty (Qwen2); RoPE (NeoX) on q, k in place and per-head RMSNorm when q_w / k_w are
+    # non-empty, after RoPE (Hunyuan) or before it when norm_first (Qwen3); then k, v into
+    # cache[slots[t], :, pos[t]]
     n_tok = q.shape[0]
-    half = q.shape[2] // 2
+    d = q.shape[2]
+    half = d // 2
     for t in range(n_tok):
         cs = cos[pos[t]]
         sn = sin[pos[t]]
-        for x, w in ((q[t], q_w), (k[t], k_w)):
+        for x, w, b in ((q[t], q_w, q_b), (k[t], k_w, k_b)):
             for h in range(x.shape[0]):
                 xh = x[h]
-                for i in range(half):
-                    x1 = xh[i]
-                    x2 = xh[i + half]
-                    xh[i] = x1 * cs[i] - x2 * sn[i]
-                    xh[i + half] = x2 * cs[i] + x1 * sn[i]
-                if w.shape[0]:
-                    ss = 0.0  # float64, as ops.norm
-                    for i in range(xh.shape[0]):
-                        ss += np.float64(xh[i]) * np.float64(xh[i])
-                    inv = np.float32(1.0) / np.sqrt(np.float32(ss / xh.shape[0]) + np.float32(eps))
-                    for i in range(xh.shape[0]):
-                        xh[i] = w[i] * (xh[i] * inv)
+                if b.shape[0]:
+                    for i in range(d):
+                        xh[i] += b[h * d + i]
+                if norm_first and w.shape[0]:
+                    _head_norm(xh, w, eps)
+                _head_rope(xh, cs, sn, half)
+                if not norm_first and w.shape[0]:
+                    _head_norm(xh, w, eps)
         for h in range(k.shape[1]):
+            if v_b.shape[0]:
+                vh = v[t, h]
+                for i in range(d):
+                    vh[i] += v_b[h * d + i]
             store(k_cache[slots[t], h, pos[t]], k[t, h])
             store(v_cache[slots[t], h, pos[t]], v[t, h])
 
 
-def rope_norm_store(q, k, v, pos, slots, cos, sin, q_norm, k_norm, eps: float, k_cache, v_cache) -> None:
-    """Rotate q f32 (T, H, D) and k f32 (T, Hkv, D) in place at positions pos (T,) with tables cos/sin
-    (P, D/2); then, if q_norm / k_norm (D,) are given, RMSNorm each head in place; then store k and v
-    (T, Hkv, D) at cache[slots[t], :, pos[t]] in the cache's storage (hy_edge_ops.kvrow.store)."""
+def rope_norm_store(
+    q, k, v, pos, slots, cos, sin, q_norm, k_norm, eps: float, k_cache, v_cache,
+    biases=(None, None, None), norm_first: bool = False,
+) -> None:  # fmt: skip
+    """Add the q/k/v projections' `biases` (H*D,), (Hkv*D,), (Hkv*D,) when given; rotate q f32 (T, H, D)
+    and k f32 (T, Hkv, D) in place at positions pos (T,) with tables cos/sin (P, D/2); if q_norm / k_norm
+    (D,) are given, RMSNorm each head in place, after the rotation or before it (`norm_first`); then
+    store k and v (T, Hkv, D) at cache[slots[t], :, pos[t]] in the cache's storage (hy_edge_ops.kvrow.store)."""
     _need("q", q, np.float32, 3)
     _need("k", k, np.float32, 3)
     _need("v", v, np.float32, 3, k.shape)
@@ -370,4 +398,8 @@ def rope_norm_store(q, k, v, pos, slots, cos, sin, q_norm, k_norm, eps: float, k
     empty = np.zeros(0, np.float32)
     qw = empty if q_norm is None else q_norm
     kw = empty if k_norm is None else k_norm
-    _rope_norm_store(q, k, v, pos, slots, cos, sin, qw, kw, float(eps), k_cache, v_cache)
+    for name, b, x in zip(("q bias", "k bias", "v bias"), biases, (q, k, v), strict=True):
+        if b is not None:
+            _need(name, b, np.float32, 1, (x.shape[1] * x.shape[2],))
+    qb, kb, vb = (empty if b is None else b for b in biases)
+    _rope_norm_store(q, k, v, pos, slots, cos, sin, qw, kw, qb, kb, vb, bool(norm_first), float(eps), k_cache, v_cache)

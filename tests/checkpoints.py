@@ -111,7 +111,8 @@ def _save_tokenizer(tok, out: Path, template: str, **special) -> None:
 
 
 def _randomize_norms(model, seed: int) -> None:
-    """transformers initializes norms to ones; spread them so a mix-up of two norms shows."""
+    """transformers initializes norms to ones and biases to zeros; spread them so a mix-up of two norms, or
+    a bias left out, shows."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -119,6 +120,8 @@ def _randomize_norms(model, seed: int) -> None:
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith(".bias"):
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
 
 
 def _torch_dtype(dtype: str):
@@ -188,9 +191,32 @@ def make_llama(
     out: Path, dtype: str = "float32", seed: int = 0, max_shard_size: str | None = None, **config_overrides
 ) -> Path:
     """A tiny LlamaForCausalLM with an untied lm_head and a ChatML tokenizer."""
-    torch = need_torch()
-    from transformers import LlamaConfig, LlamaForCausalLM
+    return make_family(out, "llama", dtype, seed, max_shard_size, **config_overrides)
 
+
+# family -> (transformers' config and model class names, what differs from make_llama's config)
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    # q/k/v biases; tied head, as Qwen2.5-0.5B
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),
+    # q/k norm before RoPE; q width H*D = 64 != hidden 48 (as Qwen3-0.6B's 2048 != 1024); tied head
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"hidden_size": 48, "tie_word_embeddings": True}),
+}
+
+
+def make_family(
+    out: Path,
+    family: str,
+    dtype: str = "float32",
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    **config_overrides,
+) -> Path:
+    """A tiny checkpoint of one of FAMILIES, made by transformers' own classes, with a ChatML tokenizer."""
+    torch = need_torch()
+    import transformers
+
+    config_class, model_class, differs = FAMILIES[family]
     out = Path(out)
     tok = train_tokenizer(CHATML_SPECIALS)
     cfg = dict(
@@ -202,9 +228,10 @@ def make_llama(
         eos_token_id=tok.token_to_id("<|im_end|>"),
         pad_token_id=tok.token_to_id("<|endoftext|>"),
     )
+    cfg.update(differs)
     cfg.update(config_overrides)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**cfg)).eval()
     _randomize_norms(model, seed)
     model = model.to(_torch_dtype(dtype))
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
@@ -340,6 +367,8 @@ _GGUF_BLOCK = {
     "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
@@ -350,7 +379,8 @@ def _gguf_name(hf: str) -> str:
     if hf in _GGUF_NAMES:
         return _GGUF_NAMES[hf]
     _, _, i, rest = hf.split(".", 3)
-    return f"blk.{i}.{_GGUF_BLOCK[rest.removesuffix('.weight')]}.weight"
+    base, kind = rest.rsplit(".", 1)
+    return f"blk.{i}.{_GGUF_BLOCK[base]}.{kind}"
 
 
 def train_sentencepiece(vocab_size: int = 400):
@@ -396,22 +426,25 @@ def make_gguf_llama(
     path: Path,
     qtype: str = "Q8_0",
     tie: bool = False,
-    pre: str = "gpt-2",
+    pre: str | None = None,
     seed: int = 0,
     num_hidden_layers: int = 2,
     vocab_type: str = "gpt2",
-    arch: str = "llama",
+    arch: str | None = None,
+    family: str = "llama",
 ) -> Path:
-    """A tiny llama GGUF as llama.cpp's convert_hf_to_gguf writes one: q/k rows permuted for
-    interleaved RoPE, 2-D tensors in `qtype` (rows of 64/96 fill 32-wide blocks), norms F32, and a
-    gpt2 BPE vocabulary with a ChatML template (vocab_type "llama": a SentencePiece one). K-quants
-    (Q4_K, Q6_K: gguf has no quantizer for them) get rows of 256/512 and random codes with small
-    scales: the file's own values are then the model."""
+    """A tiny GGUF of one of FAMILIES as llama.cpp's convert_hf_to_gguf writes one: a llama's q/k rows
+    permuted for interleaved RoPE (Qwen's are not), 2-D tensors in `qtype` (rows of 64/96 fill 32-wide
+    blocks), norms and biases F32, and a gpt2 BPE vocabulary with a ChatML template (vocab_type "llama":
+    a SentencePiece one). K-quants (Q4_K, Q6_K: gguf has no quantizer for them) get rows of 256/512 and
+    random codes with small scales: the file's own values are then the model. `arch` overrides the
+    general.architecture written."""
     import gguf
+    import transformers
 
     torch = need_torch()
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    config_class, model_class, _ = FAMILIES[family]
+    pre = pre or ("gpt-2" if family == "llama" else "qwen2")  # what llama.cpp's converter names them
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer(CHATML_SPECIALS)
@@ -426,7 +459,9 @@ def make_gguf_llama(
     kquant = qtype in _KQUANT_HALVES
     if kquant:  # rows fill blocks of 256
         D, C, F = 64, 256, 512
-    config = LlamaConfig(
+    if family == "qwen3":  # transformers' GGUF loading takes Qwen3's head_dim from its config's default
+        D = 128
+    config = getattr(transformers, config_class)(
         vocab_size=n_vocab,
         hidden_size=C,
         intermediate_size=F,
@@ -439,12 +474,12 @@ def make_gguf_llama(
         rope_theta=10000.0,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
+    model = getattr(transformers, model_class)(config).eval()
     _randomize_norms(model, seed)
 
     qt = gguf.GGMLQuantizationType[qtype]
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_name("tiny-llama")
+    w = gguf.GGUFWriter(str(path), arch or family)
+    w.add_name(f"tiny-{family}")
     w.add_context_length(256)
     w.add_embedding_length(C)
     w.add_block_count(num_hidden_layers)
@@ -452,6 +487,9 @@ def make_gguf_llama(
     w.add_head_count(H)
     w.add_head_count_kv(Hkv)
     w.add_rope_dimension_count(D)
+    if family != "llama":  # as llama.cpp writes Qwen's (transformers reads Qwen3's head_dim from it)
+        w.add_key_length(D)
+        w.add_value_length(D)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(n_vocab)
@@ -472,9 +510,9 @@ def make_gguf_llama(
         if tie and name == "lm_head.weight":
             continue
         a = t.detach().float().numpy()
-        if name.endswith("q_proj.weight"):
+        if family == "llama" and name.endswith("q_proj.weight"):
             a = permute_qk(a, H)
-        elif name.endswith("k_proj.weight"):
+        elif family == "llama" and name.endswith("k_proj.weight"):
             a = permute_qk(a, Hkv)
         if a.ndim == 1 or qt == gguf.GGMLQuantizationType.F32:
             w.add_tensor(_gguf_name(name), np.ascontiguousarray(a, np.float32))

@@ -47,6 +47,18 @@ def llama_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def qwen2_dir(tmp_path_factory):
+    """Tiny Qwen2ForCausalLM, float32 (q/k/v biases, random), tied head, ChatML tokenizer."""
+    return ck.make_family(tmp_path_factory.mktemp("qwen2_f32"), "qwen2")
+
+
+@pytest.fixture(scope="session")
+def qwen3_dir(tmp_path_factory):
+    """Tiny Qwen3ForCausalLM, float32 (q/k norm before RoPE, H*D != hidden), tied head, ChatML tokenizer."""
+    return ck.make_family(tmp_path_factory.mktemp("qwen3_f32"), "qwen3")
+
+
+@pytest.fixture(scope="session")
 def llama_sharded_dir(tmp_path_factory):
     """Tiny Llama in float16, sharded (model.safetensors.index.json + several shards)."""
     return ck.make_llama(tmp_path_factory.mktemp("llama_sharded"), "float16", max_shard_size="20KB")

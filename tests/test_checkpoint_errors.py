@@ -132,8 +132,8 @@ def test_unsupported_gguf_tensor_type(tmp_path):
 
 
 def test_unsupported_gguf_architecture(tmp_path):
-    f = ck.make_gguf_llama(tmp_path / "other.gguf", "F16", num_hidden_layers=1, arch="qwen2")
-    _fails(f, "other.gguf", "qwen2")
+    f = ck.make_gguf_llama(tmp_path / "other.gguf", "F16", num_hidden_layers=1, arch="gemma3")
+    _fails(f, "other.gguf", "gemma3")
 
 
 def test_unsupported_gguf_pre_tokenizer(tmp_path):

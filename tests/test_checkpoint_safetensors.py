@@ -176,6 +176,29 @@ def test_hunyuan_spec_legacy_and_new_keys_agree(hunyuan_f32_dir, hunyuan_legacy_
     torch.testing.assert_close(inv_freq, expected, rtol=1e-6, atol=0)
 
 
+def test_qwen_specs(qwen2_dir, qwen3_dir):
+    """What each Qwen family's config.json (as transformers writes it: layer_types of "full_attention")
+    says; sliding-window layers are refused; a spec without the Qwen fields (a file converted before
+    them) reads as the families before them."""
+    from edge_runtime.errors import SpecError
+    from edge_runtime.spec import ModelSpec
+
+    cfg2, cfg3 = (json.loads((d / "config.json").read_text()) for d in (qwen2_dir, qwen3_dir))
+    assert cfg3["layer_types"] == ["full_attention", "full_attention"]
+    s2, s3 = spec_from_hf_config(cfg2), spec_from_hf_config(cfg3)
+    assert (s2.model_type, s2.qkv_bias, s2.use_qk_norm, s2.layer_types) == ("qwen2", True, False, ("attention",) * 2)
+    assert (s3.model_type, s3.qkv_bias, s3.use_qk_norm, s3.qk_norm_before_rope) == ("qwen3", False, True, True)
+    for bad in ({"use_sliding_window": True}, {"layer_types": ["full_attention", "sliding_attention"]}):
+        with pytest.raises(SpecError, match="sliding-window attention layers are not supported"):
+            spec_from_hf_config({**cfg3, **bad})
+    old = json.loads(s3.to_json())
+    for key in ("qk_norm_before_rope", "qkv_bias"):
+        del old[key]
+    old["model_type"] = "hunyuan_v1_dense"
+    read = ModelSpec.from_json(json.dumps(old))
+    assert (read.qk_norm_before_rope, read.qkv_bias, read.use_qk_norm) == (False, False, True)
+
+
 def test_tensor_load_is_lazy(llama_dir):
     with open_checkpoint(llama_dir) as ckpt:
         f = ckpt._files[0]

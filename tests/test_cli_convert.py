@@ -42,6 +42,7 @@ def test_convert_and_info(hunyuan, tmp_path):
     r = hy_edge("info", out)
     assert r.returncode == 0, r.stderr
     assert "hunyuan_v1_dense" in r.stdout and "granularity block:16" in r.stdout
+    assert "qk-norm after RoPE, q/k/v bias False" in r.stdout
     assert "budget allows a context of 256 tokens" in r.stdout  # the tiny model's own limit
 
 

@@ -77,6 +77,8 @@ CHECKPOINTS = {
     "llama-bf16-sharded": (ck.make_llama, {"dtype": "bfloat16", "max_shard_size": "20KB"}),
     # Llama 3.1's RoPE scaling; an original context of 8 positions so that 16 tokens reach every band of it
     "llama3-f32": (ck.make_llama, {"rope_scaling": LLAMA3_ROPE, "max_position_embeddings": 64}),
+    "qwen2-bf16": (ck.make_family, {"family": "qwen2", "dtype": "bfloat16"}),
+    "qwen3-f32": (ck.make_family, {"family": "qwen3"}),
 }
 
 
@@ -124,7 +126,7 @@ def test_llama3_rope_scaling_matches_transformers_on_both_backends(checkpoint, t
     assert rel(edge_runtime.load(out).session().forward(IDS, all_logits=True), ref) < 1e-4
 
 
-@pytest.mark.parametrize("name", ["hunyuan-f32", "llama-f32", "llama3-f32"])
+@pytest.mark.parametrize("name", ["hunyuan-f32", "llama-f32", "llama3-f32", "qwen2-bf16", "qwen3-f32"])
 def test_greedy_tokens_match_transformers_generate(name, checkpoint, tmp_path):
     torch = ck.need_torch()
     src = checkpoint(name)
@@ -137,12 +139,14 @@ def test_greedy_tokens_match_transformers_generate(name, checkpoint, tmp_path):
         ref = model.generate(torch.tensor(prompt)[None], max_new_tokens=20, do_sample=False, pad_token_id=0)[
             0, len(prompt) :
         ].tolist()
-    s = OrtSession(out)
-    logits, ours = s.forward(prompt), []
-    for _ in range(20):
-        ours.append(int(np.argmax(logits)))
-        logits = s.forward(np.array(ours[-1:]))
-    assert ours == ref
+    import edge_runtime
+
+    for s in (OrtSession(out), edge_runtime.load(out).session("numba")):
+        logits, ours = s.forward(prompt), []
+        for _ in range(20):
+            ours.append(int(np.argmax(logits)))
+            logits = s.forward(np.array(ours[-1:]))
+        assert ours == ref, type(s).__name__
 
 
 # FP8 tolerance, derived: a weight's FP8 relative error e (the report's rel_error, ~2-3% for E4M3 with
@@ -254,6 +258,35 @@ def test_gguf_conversion_matches_transformers(qtype, tmp_path):
     convert(path, out, QuantPolicy(format="none"))
     reference = hf_model(path.parent, gguf_file=path.name)
     assert rel(ort_logits(out), hf_logits(reference)) < 1e-4
+
+
+@pytest.mark.parametrize("family,qtype", [("qwen2", "Q8_0"), ("qwen3", "Q6_K"), ("qwen3", "Q4_K")])
+def test_qwen_gguf_matches_transformers_on_both_backends(family, qtype, tmp_path):
+    """qwen2 / qwen3 GGUF files (no q/k permutation; Qwen2's biases, Qwen3's attn_q_norm / attn_k_norm)
+    against transformers loading the same file: logits on both backends and greedy ids."""
+    import edge_runtime
+
+    torch = ck.need_torch()
+    path = ck.make_gguf_llama(tmp_path / f"tiny-{family}-{qtype}.gguf", qtype=qtype, family=family)
+    out = tmp_path / "model.onnx"
+    convert(path, out, QuantPolicy(format="none"))
+    reference = hf_model(path.parent, gguf_file=path.name)
+    assert reference.config.model_type == family
+    model = edge_runtime.load(out)
+    assert model.spec.model_type == family
+    ref = hf_logits(reference)
+    assert rel(ort_logits(out), ref) < 1e-4
+    assert rel(model.session().forward(IDS, all_logits=True), ref) < 1e-4
+    reference.generation_config.eos_token_id = None
+    prompt = IDS[:6]
+    with torch.no_grad():
+        want = reference.generate(torch.tensor(prompt)[None], max_new_tokens=12, do_sample=False, pad_token_id=0)
+    s, ours = model.session(), []
+    logits = s.forward(prompt)
+    for _ in range(12):
+        ours.append(int(np.argmax(logits)))
+        logits = s.forward(np.array(ours[-1:]))
+    assert ours == want[0, len(prompt) :].tolist()
 
 
 # -- the seed's architecture options, against the numpy reference -------------------------------------

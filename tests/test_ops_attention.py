@@ -114,6 +114,41 @@ def test_rope_norm_store():
     np.testing.assert_array_equal(fp8_v[1][:, 4:7], fp8_rows(v.transpose(1, 0, 2))[0])
 
 
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_rope_norm_store_biases_and_norm_order(norm_first):
+    """Qwen2's q/k/v biases are added before anything else; Qwen3 normalises before RoPE, Hunyuan after:
+    both orders against numpy, and the two differ (RMSNorm with a non-uniform weight does not commute
+    with the rotation)."""
+    t, h, hkv, d, s_max = 3, 4, 2, 16, 10
+    rng = np.random.default_rng(11)
+    q = rng.standard_normal((t, h, d)).astype(np.float32)
+    k = rng.standard_normal((t, hkv, d)).astype(np.float32)
+    v = rng.standard_normal((t, hkv, d)).astype(np.float32)
+    qb, kb, vb = (rng.standard_normal(n * d).astype(np.float32) for n in (h, hkv, hkv))
+    pos, slots = np.array([2, 3, 4], np.int64), np.zeros(3, np.int64)
+    inv = rope_inv_freq(d, 10000.0)
+    cos, sin = rope_tables(inv, s_max)
+    qw, kw = rng.uniform(0.5, 1.5, d).astype(np.float32), rng.uniform(0.5, 1.5, d).astype(np.float32)
+
+    def want(x, b, w, first=norm_first):
+        x = x + b.reshape(x.shape[1:])
+        if first:
+            return ref.apply_rope(ref.rms_norm(x.reshape(-1, d), w, 1e-6).reshape(x.shape), pos, inv)
+        return ref.rms_norm(ref.apply_rope(x, pos, inv).reshape(-1, d), w, 1e-6).reshape(x.shape)
+
+    want_q, want_k, want_v = want(q, qb, qw), want(k, kb, kw), v + vb.reshape(hkv, d)
+    assert np.abs(want(q, qb, qw, not norm_first) - want_q).max() > 1e-2  # the order matters: the check can fail
+    kc = np.zeros((1, hkv, s_max, d), np.float32)
+    vc = np.zeros_like(kc)
+    rope_norm_store(q, k, v, pos, slots, cos, sin, qw, kw, 1e-6, kc, vc, (qb, kb, vb), norm_first)
+    np.testing.assert_allclose(q, want_q, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(k, want_k, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(vc[0][:, 2:5], want_v.transpose(1, 0, 2), rtol=1e-6)
+    np.testing.assert_array_equal(kc[0][:, 2:5], k.transpose(1, 0, 2))
+    with pytest.raises(ValueError, match="k bias"):
+        rope_norm_store(q, k, v, pos, slots, cos, sin, qw, kw, 1e-6, kc, vc, (qb, qb, vb))
+
+
 def test_errors():
     q = np.zeros((1, 6, 8), np.float32)
     kv = np.zeros((4, 8, 8), np.float32)

@@ -25,7 +25,7 @@ def both_backends(path, ids, **session):
     return nb, ort
 
 
-@pytest.mark.parametrize("which", ["hunyuan_f32_dir", "hunyuan_dir", "llama_dir"])
+@pytest.mark.parametrize("which", ["hunyuan_f32_dir", "hunyuan_dir", "llama_dir", "qwen2_dir", "qwen3_dir"])
 def test_unquantized_matches_transformers(which, request):
     src = request.getfixturevalue(which)
     nb, ort = both_backends(converted(src, "none"), PROMPT_IDS, prefill_chunk=5)
@@ -47,11 +47,15 @@ def test_fp8_backends_agree_and_match_dequantized_reference(hunyuan_f32_dir, fmt
     assert rel_err(nb, hf_logits(hf_model(hunyuan_f32_dir), PROMPT_IDS)) < 0.2
 
 
-def test_llama_fp8_untied_head(llama_dir):
-    path = converted(llama_dir, "e4m3")
+@pytest.mark.parametrize("which", ["llama_dir", "qwen2_dir", "qwen3_dir"])
+def test_other_families_fp8(which, request):
+    """The FP8 file of each family gives, on both backends, what transformers' own class gives with the
+    file's weights (Llama with an untied head; Qwen2's biases and Qwen3's q/k norms stay float)."""
+    src = request.getfixturevalue(which)
+    path = converted(src, "e4m3")
     nb, ort = both_backends(path, PROMPT_IDS)
     assert rel_err(nb, ort) < 1e-5
-    assert rel_err(nb, hf_logits(hf_model_with_file_weights(llama_dir, path), PROMPT_IDS)) < 1e-4
+    assert rel_err(nb, hf_logits(hf_model_with_file_weights(src, path), PROMPT_IDS)) < 1e-4
 
 
 def test_tied_head_with_fp8_copy(hunyuan_f32_dir):
