@@ -3,8 +3,10 @@
 The real weights cannot be downloaded here; speed and memory only depend on the shapes. The config uses
 the legacy Tencent keys of the public release; `--fp8` writes the compressed-tensors layout of
 Hunyuan-0.5B-Instruct-FP8 instead (float8_e4m3fn weight + weight_scale [1] + input_scale [1]).
+`--family NAME` writes the shapes of another supported model instead (FAMILY_CONFIGS: the sizes of its
+published config.json), its tensors the ones the converter asks for (edge_runtime.format.model_tensors).
 
-    python bench/make_random_hunyuan.py OUT_DIR [--fp8] [--layers 24]
+    python bench/make_random_hunyuan.py OUT_DIR [--fp8] [--layers 24] [--family qwen3-0.6b]
 """
 
 from __future__ import annotations
@@ -52,6 +54,31 @@ CONFIG = {
     "torch_dtype": "bfloat16",
 }
 
+# the published config.json sizes of the other families' small models (bench/families.py)
+_SHARED = {"hidden_act": "silu", "tie_word_embeddings": True, "torch_dtype": "bfloat16", "bos_token_id": 1,
+           "eos_token_id": 2, "pad_token_id": 0}  # fmt: skip
+FAMILY_CONFIGS = {
+    "qwen2.5-0.5b": {
+        **_SHARED, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 151936,
+        "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+        "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "max_position_embeddings": 32768,
+    },
+    "qwen3-0.6b": {
+        **_SHARED, "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936,
+        "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
+        "num_key_value_heads": 8, "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "max_position_embeddings": 40960,
+    },
+    "llama-3.2-1b": {
+        **_SHARED, "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
+        "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "head_dim": 64, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "max_position_embeddings": 131072,
+        "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192},
+    },
+}  # fmt: skip
+
 FP8_QUANT = {
     "quant_method": "compressed-tensors",
     "format": "float-quantized",
@@ -73,6 +100,11 @@ FP8_QUANT = {
 
 
 def shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    if cfg["model_type"] != "hunyuan_v1_dense":  # the tensors the converter asks of that family
+        from edge_runtime import format as F
+        from edge_runtime.spec import spec_from_hf_config
+
+        return F.model_tensors(spec_from_hf_config(cfg))
     C, F, D = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
     H, Hkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     out = {"model.embed_tokens.weight": (cfg["vocab_size"], C)}
@@ -113,9 +145,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("--fp8", action="store_true", help="compressed-tensors FP8 layout")
-    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--layers", type=int, default=None, help="default: the model's own (Hunyuan-0.5B: 24)")
+    ap.add_argument("--family", choices=sorted(FAMILY_CONFIGS), help="another family's shapes")
     args = ap.parse_args()
-    cfg = dict(CONFIG, num_hidden_layers=args.layers)
+    cfg = dict(FAMILY_CONFIGS[args.family] if args.family else CONFIG)
+    cfg["num_hidden_layers"] = args.layers or cfg["num_hidden_layers"]
     if args.fp8:
         cfg["quantization_config"] = FP8_QUANT
     rng = np.random.default_rng(0)
@@ -128,7 +162,9 @@ def main() -> None:
         offset += len(data)
 
     for name, shape in shapes(cfg).items():
-        if len(shape) == 1:
+        if name.endswith(".bias"):
+            w = 0.1 * rng.standard_normal(shape, dtype=np.float32)
+        elif len(shape) == 1:
             w = 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
         else:
             w = rng.standard_normal(shape, dtype=np.float32) * np.float32(shape[1] ** -0.5)
