@@ -177,7 +177,7 @@ class Calibration:
             )
 
         q, k, v = proj("q", Hq), proj("k", Hkv), proj("v", Hkv)
-        inv = rope_inv_freq(spec.head_dim, spec.rope_theta, spec.rope_llama3)
+        inv = rope_inv_freq(spec.head_dim, spec.rope_theta, spec.rope_llama3, spec.rope_freq_factors)
         if spec.use_qk_norm and spec.qk_norm_before_rope:  # Qwen3Attention
             q, k = qk_norm(q, k)
         q, k = rope(q, inv), rope(k, inv)

@@ -23,7 +23,7 @@ import numpy as np
 from edge_runtime import safe_json
 from edge_runtime.errors import CheckpointError
 
-from .gguf_reader import BLOCK_TYPES, GGUFFile, gguf_config, gguf_tensors, unpermute_qk
+from .gguf_reader import BLOCK_TYPES, ROPE_FREQS, GGUFFile, gguf_config, gguf_tensors, rope_freq_factors, unpermute_qk
 from .gguf_tokenizer import tokenizer_from_gguf
 from .safetensors_reader import SafetensorsFile, bf16_to_f32
 
@@ -392,6 +392,8 @@ def _open_gguf(path: Path) -> Checkpoint:
     try:
         meta = f.metadata
         config = gguf_config(meta, f.tensors, path)
+        if ROPE_FREQS in f.tensors:
+            config["rope_freq_factors"] = rope_freq_factors(f, config["head_dim"])
         tensors = {}
         for hf, (info, n_head) in gguf_tensors(f, config).items():
             kind = {"f16": "f16", "bf16": "bf16"}.get(info.ggml_type.name.lower(), "f32")

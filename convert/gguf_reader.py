@@ -279,6 +279,7 @@ class GGUFFile:
 GGUF_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 PERMUTED_QK = ("llama",)
 
+ROPE_FREQS = "rope_freqs.weight"  # Llama 3's RoPE scaling as a divisor per frequency (llama.cpp)
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -435,10 +436,11 @@ def gguf_tensors(gguf: GGUFFile, cfg: dict) -> dict[str, tuple[GGUFTensorInfo, i
     out = {}
     permuted = cfg["model_type"] in PERMUTED_QK
     for name, info in gguf.tensors.items():
+        if name == ROPE_FREQS:  # read into the config (rope_freq_factors), not a weight
+            continue
         hf = hf_name(name)
         if hf is None:
-            why = " (llama3 RoPE frequency factors)" if name == "rope_freqs.weight" else ""
-            raise CheckpointError(f"{gguf.path}: tensor '{name}'{why} is not supported")
+            raise CheckpointError(f"{gguf.path}: tensor '{name}' is not supported")
         n_head = None
         if permuted and hf.endswith("self_attn.q_proj.weight"):
             n_head = cfg["num_attention_heads"]
@@ -450,3 +452,16 @@ def gguf_tensors(gguf: GGUFFile, cfg: dict) -> dict[str, tuple[GGUFTensorInfo, i
             )
         out[hf] = (info, n_head)
     return out
+
+
+def rope_freq_factors(gguf: GGUFFile, head_dim: int) -> list[float]:
+    """The `rope_freqs` tensor (D/2,) of a Llama 3.x GGUF: llama.cpp's divisor per RoPE frequency."""
+    info = gguf.tensors[ROPE_FREQS]
+    if tuple(info.shape) != (head_dim // 2,):
+        raise CheckpointError(
+            f"{gguf.path}: tensor '{ROPE_FREQS}' has shape {list(info.shape)}, expected [{head_dim // 2}]"
+        )
+    f = gguf.read(ROPE_FREQS).astype(np.float64)
+    if not (np.isfinite(f).all() and (f > 0).all()):
+        raise CheckpointError(f"{gguf.path}: tensor '{ROPE_FREQS}' should hold positive numbers")
+    return f.tolist()

@@ -163,7 +163,8 @@ class GraphBuilder:
 
     def make_rope_tables(self) -> tuple[str, str]:
         """cos, sin (B, 1, T, D/2) from position_ids x rope_inv_freq (the engine's table), in float32."""
-        inv = rope_inv_freq(self.spec.head_dim, self.spec.rope_theta, self.spec.rope_llama3)
+        s = self.spec
+        inv = rope_inv_freq(s.head_dim, s.rope_theta, s.rope_llama3, s.rope_freq_factors)
         pos = self.node("Cast", [F.POSITION_IDS], "/model/rope", to=TensorProto.FLOAT)
         freqs = self.node(
             "Mul", [self.node("Unsqueeze", [pos, self.i64(-1)], "/model/rope"), self.const(inv)], "/model/rope"

@@ -70,6 +70,8 @@ class ModelSpec:
     rope_llama3: tuple[float, float, float, int] | None = None
     qk_norm_before_rope: bool = False  # Qwen3 normalises q and k before RoPE, Hunyuan after it
     qkv_bias: bool = False  # q/k/v projections with biases (Qwen2), o_proj without
+    # a divisor per RoPE frequency (D/2,): Llama 3's scaling as a GGUF's rope_freqs tensor carries it
+    rope_freq_factors: tuple[float, ...] | None = None
 
     # -- derived -------------------------------------------------------------------------------
     @property
@@ -202,6 +204,7 @@ def _common(cfg: dict) -> dict:
         rms_norm_eps=_get(cfg, "rms_norm_eps", float, 1e-6),
         rope_theta=_rope_base(cfg, int(head_dim)),
         rope_llama3=_rope_llama3(cfg),
+        rope_freq_factors=cfg.get("rope_freq_factors"),  # not a Hugging Face key: set by the GGUF reader
         max_position_embeddings=_get(cfg, "max_position_embeddings", int, 2048),
         tie_word_embeddings=_get(cfg, "tie_word_embeddings", bool, False),
         hidden_act=_get(cfg, "hidden_act", str, "silu"),
@@ -284,7 +287,7 @@ def _build(data: dict, source: str = "config.json") -> ModelSpec:
 
     fields = {f.name for f in dataclasses.fields(ModelSpec)}
     # files written before Llama 3 scaling and the Qwen families have none of these fields
-    data = {"rope_llama3": None, "qk_norm_before_rope": False, "qkv_bias": False, **data}
+    data = {"rope_llama3": None, "qk_norm_before_rope": False, "qkv_bias": False, "rope_freq_factors": None, **data}
     missing = fields - set(data)
     if missing:
         raise SpecError(f"{source}: missing field '{sorted(missing)[0]}'")
@@ -314,6 +317,15 @@ def _build(data: dict, source: str = "config.json") -> ModelSpec:
         if not ok or not is_int(llama3[3]) or not llama3[1] < llama3[2]:
             fail("rope_llama3", f"should be [factor, low, high, original positions] (low < high), got {show(llama3)}")
         data["rope_llama3"] = (float(llama3[0]), float(llama3[1]), float(llama3[2]), int(llama3[3]))
+    factors = data["rope_freq_factors"]
+    if factors is not None:
+        half = data["head_dim"] // 2
+        ok = (
+            isinstance(factors, (list, tuple)) and len(factors) == half and all(is_finite(v) and v > 0 for v in factors)
+        )
+        if not ok:
+            fail("rope_freq_factors", f"should be head_dim / 2 = {half} positive numbers")
+        data["rope_freq_factors"] = tuple(float(v) for v in factors)
     spec = ModelSpec(**data)
     _validate(spec, source)
     return spec
@@ -330,6 +342,8 @@ def _validate(s: ModelSpec, source: str = "config.json") -> None:
         )
     if s.head_dim % 2:
         fail("head_dim", f"= {s.head_dim} should be even (rotary embedding)")
+    if s.rope_llama3 is not None and s.rope_freq_factors is not None:
+        fail("rope_freq_factors", "and rope_llama3 both scale the RoPE frequencies: give one")
     if not (s.rms_norm_eps > 0 and math.isfinite(s.rms_norm_eps)):
         fail("rms_norm_eps", f"should be a positive number, got {s.rms_norm_eps!r}")
     if not (s.rope_theta > 0 and math.isfinite(s.rope_theta)):

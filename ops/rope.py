@@ -10,7 +10,12 @@ from numba import njit, prange
 from .checks import need_array as _need
 
 
-def rope_inv_freq(head_dim: int, base: float, llama3: tuple[float, float, float, int] | None = None) -> np.ndarray:
+def rope_inv_freq(
+    head_dim: int,
+    base: float,
+    llama3: tuple[float, float, float, int] | None = None,
+    factors: tuple[float, ...] | None = None,
+) -> np.ndarray:
     """f32 (D/2,) = 1 / base ** (arange(0, D, 2) / D), computed in float64 and rounded to float32 once.
 
     The one table the converter writes into the file and the numba engine computes at load. float32
@@ -21,7 +26,10 @@ def rope_inv_freq(head_dim: int, base: float, llama3: tuple[float, float, float,
     `llama3`: Llama 3.1's scaling (factor, low_freq_factor, high_freq_factor,
     original_max_position_embeddings), as transformers' `_compute_llama3_parameters`: frequencies whose
     wavelength exceeds original / low_freq_factor are divided by factor, those shorter than original /
-    high_freq_factor kept, and the ones between blended linearly in original / wavelength."""
+    high_freq_factor kept, and the ones between blended linearly in original / wavelength.
+
+    `factors`: a divisor per frequency (D/2,), as a GGUF's `rope_freqs` tensor carries Llama 3's scaling
+    (llama.cpp divides each frequency by its factor)."""
     if head_dim <= 0 or head_dim % 2:
         raise ValueError(f"head_dim must be a positive even number, got {head_dim}")
     if not base > 0:
@@ -35,6 +43,11 @@ def rope_inv_freq(head_dim: int, base: float, llama3: tuple[float, float, float,
         smooth = (original / wavelen - low) / (high - low)
         blended = (1 - smooth) * inv / factor + smooth * inv
         inv = np.where(wavelen > original / low, inv / factor, np.where(wavelen < original / high, inv, blended))
+    if factors is not None:
+        f = np.asarray(factors, np.float64)
+        if f.shape != inv.shape or not (np.isfinite(f).all() and (f > 0).all()):
+            raise ValueError(f"RoPE frequency factors must be {inv.shape[0]} positive numbers")
+        inv = inv / f
     return inv.astype(np.float32)
 
 

@@ -432,13 +432,16 @@ def make_gguf_llama(
     vocab_type: str = "gpt2",
     arch: str | None = None,
     family: str = "llama",
+    rope_scaling: dict | None = None,
+    hf_copy: Path | None = None,
 ) -> Path:
     """A tiny GGUF of one of FAMILIES as llama.cpp's convert_hf_to_gguf writes one: a llama's q/k rows
     permuted for interleaved RoPE (Qwen's are not), 2-D tensors in `qtype` (rows of 64/96 fill 32-wide
     blocks), norms and biases F32, and a gpt2 BPE vocabulary with a ChatML template (vocab_type "llama":
     a SentencePiece one). K-quants (Q4_K, Q6_K: gguf has no quantizer for them) get rows of 256/512 and
     random codes with small scales: the file's own values are then the model. `arch` overrides the
-    general.architecture written."""
+    general.architecture written. `rope_scaling` (Llama 3's) is written as llama.cpp writes it, a
+    `rope_freqs` tensor; `hf_copy` saves the Hugging Face model the file was made from."""
     import gguf
     import transformers
 
@@ -472,13 +475,18 @@ def make_gguf_llama(
         tie_word_embeddings=tie,
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
+        **({"rope_scaling": rope_scaling} if rope_scaling else {}),
     )
     torch.manual_seed(seed)
     model = getattr(transformers, model_class)(config).eval()
     _randomize_norms(model, seed)
 
+    if hf_copy is not None:
+        model.save_pretrained(hf_copy)
     qt = gguf.GGMLQuantizationType[qtype]
     w = gguf.GGUFWriter(str(path), arch or family)
+    if rope_scaling:
+        w.add_tensor("rope_freqs.weight", llama3_rope_factors(D, 10000.0, rope_scaling))
     w.add_name(f"tiny-{family}")
     w.add_context_length(256)
     w.add_embedding_length(C)
@@ -527,6 +535,20 @@ def make_gguf_llama(
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def llama3_rope_factors(d: int, base: float, scaling: dict) -> np.ndarray:
+    """Llama 3's RoPE scaling as a divisor per frequency, in float32: what llama.cpp's converter writes
+    as a GGUF's `rope_freqs` tensor."""
+    freqs = 1.0 / base ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    original = scaling["original_max_position_embeddings"]
+    wavelen = 2 * np.pi / freqs
+    smooth = (original / wavelen - low) / (high - low)
+    blended = 1 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < original / high, 1.0, np.where(wavelen > original / low, factor, blended)).astype(
+        np.float32
+    )
 
 
 # byte offsets of the float16 scales in a K-quant block (ggml-common.h: block_q4_K d, dmin first;

@@ -141,7 +141,15 @@ def test_unsupported_gguf_pre_tokenizer(tmp_path):
     _fails(f, "pre.gguf", "mystery")
 
 
-def test_unknown_gguf_tensor(tmp_path):
+@pytest.mark.parametrize(
+    "name,value,why",
+    [
+        ("blk.0.attn_mystery.weight", np.ones(8, np.float32), "is not supported"),
+        ("rope_freqs.weight", np.ones(5, np.float32), "expected [8]"),  # head_dim 16: 8 frequencies
+        ("rope_freqs.weight", -np.ones(8, np.float32), "positive numbers"),
+    ],
+)
+def test_unknown_or_bad_gguf_tensor(tmp_path, name, value, why):
     import gguf
 
     f = tmp_path / "extra.gguf"
@@ -154,9 +162,9 @@ def test_unknown_gguf_tensor(tmp_path):
         ("context_length", 64),
     ):
         w.add_uint32(f"llama.{k}", v)
-    w.add_tensor("rope_freqs.weight", np.ones(8, np.float32))
+    w.add_tensor(name, value)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    _fails(f, "extra.gguf", "rope_freqs.weight")
+    _fails(f, "extra.gguf", name, why)

@@ -199,6 +199,23 @@ def test_qwen_specs(qwen2_dir, qwen3_dir):
     assert (read.qk_norm_before_rope, read.qkv_bias, read.use_qk_norm) == (False, False, True)
 
 
+def test_rope_freq_factors_in_a_file_spec(qwen3_dir):
+    """A file's per-frequency RoPE divisors (a Llama 3 GGUF's rope_freqs) are bounded like every field."""
+    from edge_runtime.errors import SpecError
+    from edge_runtime.spec import ModelSpec
+
+    spec = json.loads(spec_from_hf_config(json.loads((qwen3_dir / "config.json").read_text())).to_json())
+    half = spec["head_dim"] // 2
+    assert (
+        ModelSpec.from_json(json.dumps({**spec, "rope_freq_factors": [2.0] * half})).rope_freq_factors == (2.0,) * half
+    )
+    for bad in ([2.0] * (half - 1), [0.0] * half, "x", [float("nan")] * half):
+        with pytest.raises(SpecError, match="rope_freq_factors"):
+            ModelSpec.from_json(json.dumps({**spec, "rope_freq_factors": bad}))
+    with pytest.raises(SpecError, match="give one"):
+        ModelSpec.from_json(json.dumps({**spec, "rope_freq_factors": [2.0] * half, "rope_llama3": [8, 1, 4, 8]}))
+
+
 def test_tensor_load_is_lazy(llama_dir):
     with open_checkpoint(llama_dir) as ckpt:
         f = ckpt._files[0]

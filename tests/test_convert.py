@@ -260,6 +260,25 @@ def test_gguf_conversion_matches_transformers(qtype, tmp_path):
     assert rel(ort_logits(out), hf_logits(reference)) < 1e-4
 
 
+def test_llama3_gguf_rope_freqs_match_transformers(tmp_path):
+    """A Llama 3.x GGUF carries its RoPE scaling as `rope_freqs` (a divisor per frequency, as llama.cpp's
+    converter writes it): both backends give the logits of transformers' model of the checkpoint the
+    file was made from, with its rope_scaling; transformers loading the GGUF itself drops the tensor and
+    is the control (plain RoPE, other logits)."""
+    import edge_runtime
+
+    hf = tmp_path / "hf"
+    path = ck.make_gguf_llama(tmp_path / "g" / "llama3.gguf", "F32", rope_scaling=LLAMA3_ROPE, hf_copy=hf)
+    out = tmp_path / "model.onnx"
+    convert(path, out, QuantPolicy(format="none"))
+    ref = hf_logits(hf_model(hf))
+    assert rel(hf_logits(hf_model(path.parent, gguf_file=path.name)), ref) > 1e-3
+    model = edge_runtime.load(out)
+    assert model.spec.rope_llama3 is None and len(model.spec.rope_freq_factors) == model.spec.head_dim // 2
+    assert rel(ort_logits(out), ref) < 1e-4
+    assert rel(model.session().forward(IDS, all_logits=True), ref) < 1e-4
+
+
 @pytest.mark.parametrize("family,qtype", [("qwen2", "Q8_0"), ("qwen3", "Q6_K"), ("qwen3", "Q4_K")])
 def test_qwen_gguf_matches_transformers_on_both_backends(family, qtype, tmp_path):
     """qwen2 / qwen3 GGUF files (no q/k permutation; Qwen2's biases, Qwen3's attn_q_norm / attn_k_norm)
