@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import HyEdgeError
+from .memory import fmt_bytes
 from .safe_json import JSONInputError, is_int
 from .safe_json import loads as json_loads
 
@@ -36,6 +37,10 @@ FILE_NAME = "prompt-cache.bin"
 FORMAT_VERSION = 1
 MAGIC = b"hy-edge prompt cache\n"
 MAX_HEADER_BYTES = 1 << 20  # a header lists a few slots: far below this
+# what a shutdown writes at most (the most recently used slots first, the last one cut to fit): a Pi's SD card
+# writes it in seconds, within the unit's TimeoutStopSec beyond the drain; 256 MB hold ~11,000 tokens of
+# SmolLM2's FP16 KV cache, ~2,700 of Hunyuan-0.5B's
+MAX_SAVE_BYTES = 256 << 20
 _SKIP_CHUNK = 1 << 20  # rows beyond this session's context are read (for the CRC) through a buffer this size
 
 
@@ -98,13 +103,20 @@ class PromptCache:
     path: Path
     key: dict
     log: Callable[[str], None] = lambda message: None
+    max_bytes: int = MAX_SAVE_BYTES
 
     # -- saving -------------------------------------------------------------------------------------
     def save(self, session, prefixes: Sequence[tuple[int, Sequence[int]]]) -> bool:
         """Write, for each (slot, tokens) in order, the slot's first len(tokens) positions (the tokens it holds,
         as far as its KV is reusable), atomically; True if written. A failure (disk full, read-only) is one
-        line, never an exception: the server is stopping."""
-        kept = [(i, list(p)) for i, p in prefixes if len(p)]
+        line, never an exception: the server is stopping. At most `max_bytes` of rows are written: the first
+        prefixes as they come, a prefix that does not fit is cut (its first positions are as reusable)."""
+        row, room, kept = _row_bytes(session), self.max_bytes, []
+        for i, tokens in prefixes:
+            n = min(len(tokens), room // row)
+            if n:
+                kept.append((i, list(tokens[:n])))
+                room -= n * row
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
             slots = []
@@ -132,7 +144,8 @@ class PromptCache:
             self.log(f"hy-edge: prompt cache not saved to {self.path}: {e.strerror or e}")
             return False
         n = sum(len(t) for _, t in kept)
-        self.log(f"hy-edge: prompt cache: saved {_count(len(kept), 'slot')} ({n} tokens) to {self.path}")
+        size = fmt_bytes(self.path.stat().st_size)
+        self.log(f"hy-edge: prompt cache: saved {_count(len(kept), 'slot')} ({n} tokens, {size}) to {self.path}")
         return True
 
     # -- loading ------------------------------------------------------------------------------------
@@ -141,6 +154,9 @@ class PromptCache:
         its context) and return their tokens; [] (and one line saying why) when the file is missing or
         does not match. The session's slots hold what the file holds, nothing else (all empty on a failure)."""
         session.reset()
+        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):  # a save cut short (SIGKILL, power)
+            with contextlib.suppress(OSError):
+                stale.unlink()
         try:
             prefixes = self._read(session)
         except PromptCacheError as e:

@@ -87,7 +87,8 @@ def test_saved_prefixes_come_back_bit_for_bit_and_a_request_prefills_only_the_re
     answer(engine, first, 4)  # the most recently used slot: saved first
     stopped(engine)
     saved = session._session  # its KV as the first server left it
-    assert notes[-1] == f"hy-edge: prompt cache: saved 2 slots ({len(first) + len(other)} tokens) to {path}"
+    assert notes[-1].startswith(f"hy-edge: prompt cache: saved 2 slots ({len(first) + len(other)} tokens, ")
+    assert notes[-1].endswith(f" to {path}")
     assert oct(path.stat().st_mode & 0o777) == "0o600"  # the token ids of users' prompts
     assert not [p for p in tmp_path.iterdir() if p.name != FILE_NAME]  # no temporary left
     used = [next(s.index for s in engine._slots if s.tokens[: len(p)] == p) for p in (first, other)]
@@ -131,7 +132,7 @@ def saved_file(model, tmp_path) -> tuple[object, PromptCache]:
 
 def loaded(cache, session) -> tuple[list, list[str]]:
     notes: list[str] = []
-    for slot in (0, 1):  # what the slots held before: the file's prefixes, and nothing else, replace it
+    for slot in range(session.slots):  # what the slots held before: the file's prefixes, and nothing else, replace it
         session.forward(np.arange(20, dtype=np.int64), slot=slot)
     prefixes = PromptCache(cache.path, cache.key, notes.append).load(session)
     return prefixes, notes
@@ -186,6 +187,31 @@ def test_a_corrupt_truncated_or_foreign_file_is_ignored(model, tmp_path):
         assert (why if data else "not a hy-edge prompt cache") in notes[0]
 
 
+def test_what_is_saved_is_bounded_and_what_is_loaded_fits_the_slots(model, tmp_path):
+    session = model.session(slots=2, max_context=256)
+    prompts = [list(range(100, 160)), list(range(200, 240))]
+    for slot, p in enumerate(prompts):
+        session.forward(np.asarray(p, np.int64), slot=slot)
+    path = tmp_path / FILE_NAME
+    La, _, Hkv, _, _ = session.buf.k_cache.shape
+    row = 8 + 2 * La * Hkv * session.buf.k_cache[0, 0, 0, 0].nbytes  # a position: its id, its K and V rows
+    small = PromptCache(path, cache_for(model, session, path).key, max_bytes=70 * row)
+    assert small.save(session, [(1, prompts[1]), (0, prompts[0])])  # 40 rows, then 30 of the 60 fit
+    one = model.session(slots=1, max_context=32)  # one slot of 32 positions: the first prefix, cut
+    prefixes, notes = loaded(PromptCache(path, cache_for(model, one, path).key), one)
+    assert prefixes == [prompts[1][:32]] and one.positions.tolist() == [32]
+    two = model.session(slots=2, max_context=256)
+    stale = tmp_path / f".{FILE_NAME}.12345.tmp"  # a save cut short by a kill: removed at the next start
+    stale.write_bytes(b"half")
+    prefixes, notes = loaded(PromptCache(path, cache_for(model, two, path).key), two)
+    assert prefixes == [prompts[1], prompts[0][:30]] and not stale.exists()
+    for new, (old, n) in enumerate(((1, 40), (0, 30))):
+        for cache, back in ((session.buf.k_cache, two.buf.k_cache), (session.buf.v_cache, two.buf.v_cache)):
+            assert np.array_equal(cache[:, old, :, :n], back[:, new, :, :n])
+    logits = two.forward(np.asarray(prompts[0][30:], np.int64), slot=1)  # the rest of the cut prefix
+    assert np.array_equal(logits, model.session(max_context=256).forward(np.asarray(prompts[0], np.int64)))
+
+
 def test_a_failed_write_leaves_the_previous_file_whole(model, tmp_path, monkeypatch):
     session, cache = saved_file(model, tmp_path)
     before = cache.path.read_bytes()
@@ -200,3 +226,35 @@ def test_a_failed_write_leaves_the_previous_file_whole(model, tmp_path, monkeypa
     assert not PromptCache(cache.path, cache.key, notes.append).save(session, [(0, prompt)])
     assert notes == [f"hy-edge: prompt cache not saved to {cache.path}: No space left on device"]
     assert cache.path.read_bytes() == before and sorted(tmp_path.iterdir()) == [cache.path]
+
+
+def test_sigterm_saves_the_cache_and_the_restarted_server_answers_the_same_from_it(default_model_file, tmp_path):
+    import httpx
+    from serve_helpers import HTTP_TIMEOUT, ServerProcess, child_env
+
+    args = ["--model", str(default_model_file), "--max-context", "256", "--max-batch", "2"]
+    args += ["--prompt-cache", str(tmp_path)]
+    system = "You answer in one short sentence, in plain English, without lists or code. " * 3
+    body = {
+        "messages": [{"role": "system", "content": system}, {"role": "user", "content": "Say hello."}],
+        "max_tokens": 8,
+        "temperature": 0,
+    }
+    answers, logs = [], []
+    for _ in range(2):
+        server = ServerProcess(args, env=child_env())
+        try:
+            r = httpx.post(server.wait_ready() + "/v1/chat/completions", json=body, timeout=HTTP_TIMEOUT)
+            assert r.status_code == 200, r.text
+            answers.append(r.json())
+        finally:
+            assert server.stop() == 0, server.log()  # SIGTERM
+            logs.append(server.log())
+            server.cleanup()
+    P = answers[0]["usage"]["prompt_tokens"]
+    assert "not loaded: no such file" in logs[0] and f"saved 1 slot ({P} tokens, " in logs[0]
+    assert f"loaded 1 slot ({P} tokens)" in logs[1]
+    assert not any("Traceback" in log for log in logs), logs
+    cached = [a["usage"]["prompt_tokens_details"]["cached_tokens"] for a in answers]
+    assert cached == [0, (P - PREFILL_MIN) - (P - PREFILL_MIN) % ALIGN]
+    assert answers[1]["choices"][0]["message"] == answers[0]["choices"][0]["message"]
