@@ -222,6 +222,7 @@ def serve_cmd(
         body_limit = parse_size(max_body)
         budget = parse_size(max_memory) if max_memory else DEFAULT_BUDGET
         api_key = _read_api_key(api_key_file)
+        cache_dir = _prompt_cache_dir(prompt_cache)
         if api_key is None and not insecure_no_key:
             check_loopback(host, f"give an API key (--api-key-file or ${API_KEY_ENV})")
         asked = budget if max_memory else None  # an explicit budget: a first-run conversion runs under it
@@ -235,7 +236,7 @@ def serve_cmd(
         # a chat template every request would fail on is a bad model: refused now, not with 400 per request
         model.encode_prompt([{"role": "user", "content": "Hello"}])
         session = model.session(slots=max_batch, kv_cache=kv_cache)
-        cache = _prompt_cache(prompt_cache, model, session)
+        cache = None if cache_dir is None else _prompt_cache(cache_dir, model, session)
         sock = _bind(host, port)
     name = model_name(model_arg)
     plan, S = session.plan, session.max_context
@@ -288,11 +289,9 @@ def serve_cmd(
     click.echo("hy-edge: stopped", err=True)
 
 
-def _prompt_cache(arg: str | None, model, session):
-    """The PromptCache --prompt-cache asks for (None: off), tied to this model file and session."""
+def _prompt_cache_dir(arg: str | None) -> Path | None:
+    """The directory --prompt-cache names (None: off): given, or systemd's state directory."""
     from .cache_dirs import is_writable_dir, state_dir
-    from .integrity import content_digest
-    from .prompt_cache import FILE_NAME, PromptCache, cache_key
 
     if arg == "off":
         return None
@@ -304,6 +303,14 @@ def _prompt_cache(arg: str | None, model, session):
             raise HyEdgeError(f"--prompt-cache {arg}: not a writable directory (give one, or off)")
         click.echo(f"hy-edge: warning: no prompt cache: the state directory {directory} is not writable", err=True)
         return None
+    return directory
+
+
+def _prompt_cache(directory: Path, model, session):
+    """The PromptCache in `directory`, tied to this model file and session."""
+    from .integrity import content_digest
+    from .prompt_cache import FILE_NAME, PromptCache, cache_key
+
     key = cache_key(content_digest(model.path, model.meta), session)
     return PromptCache(directory / FILE_NAME, key, log=lambda message: click.echo(message, err=True))
 

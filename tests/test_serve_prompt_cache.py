@@ -258,3 +258,34 @@ def test_sigterm_saves_the_cache_and_the_restarted_server_answers_the_same_from_
     cached = [a["usage"]["prompt_tokens_details"]["cached_tokens"] for a in answers]
     assert cached == [0, (P - PREFILL_MIN) - (P - PREFILL_MIN) % ALIGN]
     assert answers[1]["choices"][0]["message"] == answers[0]["choices"][0]["message"]
+
+
+def test_a_prompt_cache_directory_that_cannot_be_written_is_refused_at_once(tmp_path):
+    pytest.importorskip("uvicorn")
+    from click.testing import CliRunner
+
+    from edge_runtime.cli import main
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    r = CliRunner().invoke(main, ["serve", "--prompt-cache", str(afile / "sub")])
+    assert r.exit_code == 2 and r.output.strip().splitlines() == [
+        f"hy-edge: error: --prompt-cache {afile / 'sub'}: not a writable directory (give one, or off)"
+    ]
+
+
+def test_dwconv_layers_get_their_conv_inputs_and_state_back(tmp_path):
+    from runtime_helpers import make_seed_checkpoint
+
+    src = make_seed_checkpoint(tmp_path / "seed", layer_types=["dwconv", "attention", "dwconv", "attention"])
+    conv = edge_runtime.load(converted(src, "e4m3"), threads=1)
+    prompt, rest = np.arange(3, 43, dtype=np.int64), np.arange(50, 60, dtype=np.int64)
+    before = conv.session(slots=2, max_context=64)
+    before.forward(prompt, slot=1)
+    cache = cache_for(conv, before, tmp_path / FILE_NAME)
+    assert cache.key["conv_shape"][0] == 2 and cache.save(before, [(1, prompt)])
+    after = conv.session(slots=2, max_context=64)
+    assert cache.load(after) == [prompt.tolist()]
+    assert np.array_equal(after.buf.conv_state[:, 0], before.buf.conv_state[:, 1])  # rebuilt from the inputs
+    assert np.array_equal(after.buf.conv_hist[:, 0, :40], before.buf.conv_hist[:, 1, :40])
+    assert np.array_equal(after.forward(rest, slot=0), before.forward(rest, slot=1))
