@@ -180,7 +180,8 @@ class PromptCache:
             row = _row_bytes(session)
             need = start + sum(n * row for n, _ in slots)
             if size != need:
-                raise PromptCacheError(f"it holds {size:,} bytes, its header describes {need:,} (truncated?)")
+                cut = " (truncated)" if size < need else ""
+                raise PromptCacheError(f"it holds {size:,} bytes, its header describes {need:,}{cut}")
             try:
                 return self._slots(f, session, slots)
             except OSError as e:
@@ -192,8 +193,10 @@ class PromptCache:
         if len(lead) < len(MAGIC) + 4 or not lead.startswith(MAGIC):
             raise PromptCacheError("not a hy-edge prompt cache")
         (length,) = struct.unpack("<I", lead[len(MAGIC) :])
-        if length > min(MAX_HEADER_BYTES, size - len(lead)):
-            raise PromptCacheError(f"its header length {length:,} is beyond the file (truncated?)")
+        if length > size - len(lead):
+            raise PromptCacheError(f"its header length {length:,} is beyond the end of the file (truncated)")
+        if length > MAX_HEADER_BYTES:
+            raise PromptCacheError(f"its header length {length:,} is beyond {MAX_HEADER_BYTES:,} bytes")
         try:
             header = json_loads(f.read(length), max_depth=4)
         except JSONInputError as e:

@@ -171,8 +171,10 @@ def test_a_corrupt_truncated_or_foreign_file_is_ignored(model, tmp_path):
     cases = {
         "truncated (0 bytes)": b"",
         "not a hy-edge prompt cache": b"\x80\x04\x95 a pickle, say" * 20,
-        f"it holds {len(good) - 100:,} bytes, its header describes {len(good):,} (truncated?)": good[:-100],
+        f"it holds {len(good) - 100:,} bytes, its header describes {len(good):,} (truncated)": good[:-100],
+        f"it holds {len(good) + 1:,} bytes, its header describes {len(good):,}": good + b"\0",
         "its header length": good[: start - 10],
+        "beyond 1,048,576 bytes": good[: len(MAGIC)] + struct.pack("<I", 2 << 20) + b" " * (2 << 20),
         "slot 0's data does not match its checksum (corrupt)": bytes(flipped),
         "its header is not valid JSON": good[: len(MAGIC) + 4] + b"{" * length + good[start:],
         "format version 2, this runtime reads 1": good[: len(MAGIC) + 4]
