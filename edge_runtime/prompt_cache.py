@@ -109,14 +109,18 @@ class PromptCache:
     def save(self, session, prefixes: Sequence[tuple[int, Sequence[int]]]) -> bool:
         """Write, for each (slot, tokens) in order, the slot's first len(tokens) positions (the tokens it holds,
         as far as its KV is reusable), atomically; True if written. A failure (disk full, read-only) is one
-        line, never an exception: the server is stopping. At most `max_bytes` of rows are written: the first
-        prefixes as they come, a prefix that does not fit is cut (its first positions are as reusable)."""
+        line, never an exception: the server is stopping. Nothing to save leaves the file as it is. At most
+        `max_bytes` of rows are written: the first prefixes as they come, a prefix that does not fit is cut
+        (its first positions are as reusable)."""
         row, room, kept = _row_bytes(session), self.max_bytes, []
         for i, tokens in prefixes:
             n = min(len(tokens), room // row)
             if n:
                 kept.append((i, list(tokens[:n])))
                 room -= n * row
+        if not kept:  # a file saved earlier (say, by a server started with another --kv-cache) stays
+            self.log(f"hy-edge: prompt cache: no prompt to save to {self.path}")
+            return False
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
             slots = []

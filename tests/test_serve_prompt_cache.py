@@ -158,6 +158,9 @@ def test_a_cache_of_another_model_file_or_kv_cache_type_is_ignored(model, llama_
     prefixes, notes = loaded(cache_for(model, fp16, cache.path), fp16)
     assert prefixes == [] and fp16.positions.tolist() == [0, 0]
     assert notes == [f"hy-edge: prompt cache {cache.path} not loaded: it was saved with another KV cache type"]
+    saved = cache.path.read_bytes()
+    assert not cache_for(model, fp16, cache.path).save(fp16, [])
+    assert cache.path.read_bytes() == saved  # a server that had nothing to save leaves the file as it was
 
 
 def test_a_corrupt_truncated_or_foreign_file_is_ignored(model, tmp_path):
