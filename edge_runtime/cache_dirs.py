@@ -75,6 +75,14 @@ def verification_dir(env: Mapping[str, str] | None = None) -> Path | None:
     return None if directory is None else directory / "verified"
 
 
+def state_dir(env: Mapping[str, str] | None = None) -> Path | None:
+    """systemd's $STATE_DIRECTORY (its first path), where `hy-edge serve` keeps its prompt cache by default;
+    None outside a unit that asks for one."""
+    env = os.environ if env is None else env
+    first = env.get("STATE_DIRECTORY", "").split(":")[0]
+    return Path(first) if first else None
+
+
 def is_writable_dir(path: Path) -> bool:
     """Create `path` if needed and write a file into it (root ignores permission bits, so os.access
     would say yes on a read-only mount)."""

@@ -88,6 +88,14 @@ def _serve_options(fn):
             help="Open HTTP connections served at once; a request on one more gets 503.",
         ),
         click.option(
+            "--prompt-cache",
+            default=None,
+            metavar="DIR|off",
+            help="Where the slots' prompt prefixes (their KV cache) are saved on shutdown and loaded at start, so "
+            "that a restart keeps them (the file prompt-cache.bin, used only with the same model file and KV "
+            "cache type); default: $STATE_DIRECTORY when systemd gives one (hy-edge service), otherwise off.",
+        ),
+        click.option(
             "--shutdown-timeout",
             default=30.0,
             show_default=True,
@@ -176,6 +184,7 @@ def serve_cmd(
     default_max_tokens,
     request_timeout,
     max_connections,
+    prompt_cache,
     shutdown_timeout,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (chat, completions, streaming)."""
@@ -213,6 +222,7 @@ def serve_cmd(
         body_limit = parse_size(max_body)
         budget = parse_size(max_memory) if max_memory else DEFAULT_BUDGET
         api_key = _read_api_key(api_key_file)
+        cache_dir = _prompt_cache_dir(prompt_cache)
         if api_key is None and not insecure_no_key:
             check_loopback(host, f"give an API key (--api-key-file or ${API_KEY_ENV})")
         asked = budget if max_memory else None  # an explicit budget: a first-run conversion runs under it
@@ -226,6 +236,7 @@ def serve_cmd(
         # a chat template every request would fail on is a bad model: refused now, not with 400 per request
         model.encode_prompt([{"role": "user", "content": "Hello"}])
         session = model.session(slots=max_batch, kv_cache=kv_cache)
+        cache = None if cache_dir is None else _prompt_cache(cache_dir, model, session)
         sock = _bind(host, port)
     name = model_name(model_arg)
     plan, S = session.plan, session.max_context
@@ -243,7 +254,13 @@ def serve_cmd(
         click.echo("hy-edge: ready", err=True)
 
     engine = Engine(
-        session, model.tokenizer, max_queue=max_queue, observer=metrics, heartbeat=watchdog.ping, on_ready=ready
+        session,
+        model.tokenizer,
+        max_queue=max_queue,
+        observer=metrics,
+        heartbeat=watchdog.ping,
+        on_ready=ready,
+        prompt_cache=cache,
     )
     metrics.engine = engine
     limits = Limits(
@@ -270,6 +287,32 @@ def serve_cmd(
         click.echo(f"hy-edge: error: the HTTP server failed: {failed[0]!r}", err=True)
         sys.exit(1)
     click.echo("hy-edge: stopped", err=True)
+
+
+def _prompt_cache_dir(arg: str | None) -> Path | None:
+    """The directory --prompt-cache names (None: off): given, or systemd's state directory."""
+    from .cache_dirs import is_writable_dir, state_dir
+
+    if arg == "off":
+        return None
+    directory = Path(arg) if arg else state_dir()
+    if directory is None:
+        return None
+    if not is_writable_dir(directory):
+        if arg:
+            raise HyEdgeError(f"--prompt-cache {arg}: not a writable directory (give one, or off)")
+        click.echo(f"hy-edge: warning: no prompt cache: the state directory {directory} is not writable", err=True)
+        return None
+    return directory
+
+
+def _prompt_cache(directory: Path, model, session):
+    """The PromptCache in `directory`, tied to this model file and session."""
+    from .integrity import content_digest
+    from .prompt_cache import FILE_NAME, PromptCache, cache_key
+
+    key = cache_key(content_digest(model.path, model.meta), session)
+    return PromptCache(directory / FILE_NAME, key, log=lambda message: click.echo(message, err=True))
 
 
 def http_config(app, max_connections: int, log_level: str = "info"):

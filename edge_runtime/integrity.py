@@ -179,6 +179,20 @@ def _identity(proto, path: Path) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
+def content_digest(path: Path, meta: dict[str, str]) -> str:
+    """What names a converted file's content (a saved prompt cache is tied to it): a hash of the checksums the
+    converter stored, the CRC-32 of its header (metadata, spec, graph) and of every tensor; for a file
+    converted before checksums existed, of its parts' device, inode, size and modification time."""
+    if F.META_CHECKSUMS in meta:
+        return "crc32:" + hashlib.sha256(meta[F.META_CHECKSUMS].encode()).hexdigest()[:32]
+    from .onnx_header import HeaderError, parse
+
+    try:
+        return "stat:" + _identity(parse(path.read_bytes()), path)
+    except (OSError, HeaderError) as e:
+        raise ModelFileError(f"{path.name}: cannot be read ({e})") from None
+
+
 def verify_on_first_use(proto, path: Path, records: Path | None) -> bool:
     """Verify the file's tensors (`verify_checksums`) unless a record in `records` says this very file
     (same device, inode, size and mtime of every part) was verified before; record it after. Without a

@@ -22,6 +22,9 @@ computed them (`_Slot.exact`, never a generated reply's rows, which the decode k
 multiple of ALIGN, leaving a last piece of at least PREFILL_MIN: a prompt's logits are bit-identical whether it
 reuses a prefix or not, and whatever ran beside it.
 
+With a PromptCache (prompt_cache.py) the slots' reusable prefixes survive a restart: read into the slots once
+the kernels are warm, written when the loop ends.
+
 Requests arrive through `submit` from any thread (the HTTP layer); the engine calls `Request.emit` on its
 own thread with one GenerationResponse per token (finish_reason set on the last) or one `Failed`. Nothing
 here knows about HTTP.
@@ -41,6 +44,7 @@ from hy_edge_ops.linear import PREFILL_MIN
 
 from .errors import BudgetError, HyEdgeError
 from .generate import GenerationResponse, Generator, TextOut, common_prefix, eos_ids_of
+from .prompt_cache import PromptCache
 from .sampling import LogitsProcessor, Sampler, make_sampler, token_logprobs
 
 ALIGN = 16  # where a prompt piece may start: a multiple of the prefill kernel's token vectors (4, 8 or 16)
@@ -138,6 +142,7 @@ class Engine:
         heartbeat: Callable[[], None] | None = None,
         on_ready: Callable[[], None] | None = None,
         idle_wait: float = 0.5,
+        prompt_cache: PromptCache | None = None,
     ):
         if max_queue < 0:
             raise HyEdgeError(f"max queue should be >= 0, got {max_queue}")
@@ -157,6 +162,7 @@ class Engine:
         self.heartbeat = heartbeat or (lambda: None)  # called every loop iteration (systemd's watchdog)
         self.on_ready = on_ready or (lambda: None)  # called once warm, before the first heartbeat
         self.idle_wait = idle_wait
+        self.prompt_cache = prompt_cache  # the slots' prefixes: loaded once warm, saved when the loop ends
         self.ready = threading.Event()
         self.error: BaseException | None = None  # what ended the loop, if not a stop
         self.reused_tokens = 0
@@ -263,6 +269,9 @@ class Engine:
         try:
             if warmup:
                 self._warmup()
+            if self.prompt_cache is not None:  # after the warm-up, which resets the slots
+                for slot, tokens in zip(self._slots, self.prompt_cache.load(self.session), strict=False):
+                    slot.tokens, slot.exact = tokens, len(tokens)
             with self._cond:
                 self._accepting = not self._stopping
             self.ready.set()
@@ -288,6 +297,9 @@ class Engine:
             for slot in self._slots:
                 if slot.seq is not None:
                     self._finish(slot, "cancelled", Failed("the server is shutting down", 503))
+            if self.prompt_cache is not None and self.error is None:  # the most recently used first
+                slots = sorted((s for s in self._slots if s.exact >= ALIGN), key=lambda s: -s.last_used)
+                self.prompt_cache.save(self.session, [(s.index, s.tokens[: s.exact]) for s in slots])
 
     def _warmup(self) -> None:
         """Load (or compile) the prefill and batched-decode kernels before the first request."""
