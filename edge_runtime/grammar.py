@@ -86,13 +86,21 @@ def tool_processor(tokenizer, vocab_size: int, eos_ids: Collection[int], tools, 
     ll = _ll_tokenizer(tokenizer, vocab_size, eos_ids)
     import llguidance
 
-    schema = {**tools.calls_schema(), "x-guidance": JSON_OPTIONS}
-    calls = f"calls: %json {json.dumps(schema)}"
-    close = json.dumps(tools.format.close)
-    if tools.lazy:
-        lark = f"start: calls {close}\n{calls}"
+    fmt = tools.format
+    open_, close = json.dumps(fmt.open), json.dumps(fmt.close)
+    if fmt.per_call:  # up to max_calls objects, each between its own tags: "\n" inside and between them
+        calls = f"call: %json {json.dumps({**tools.call_schema(), 'x-guidance': JSON_OPTIONS})}"
+        more = ""
+        for _ in range(tools.max_calls - 1):
+            more = f'("\\n" {open_} "\\n" call "\\n" {close} {more})?'
+        body = f'"\\n" call "\\n" {close} {more}'
     else:
-        lark = f"start: {json.dumps(tools.format.open)} calls {close}\n{calls}"
+        calls = f"calls: %json {json.dumps({**tools.calls_schema(), 'x-guidance': JSON_OPTIONS})}"
+        body = f"calls {close}"
+    if tools.lazy:
+        lark = f"start: {body}\n{calls}"
+    else:
+        lark = f"start: {open_} {body}\n{calls}"
     grammar = _compiled("tools", lambda: llguidance.LLMatcher.grammar_from_lark(lark))
     if not tools.lazy:
         return _Constrained(ll, grammar, prompt_tokens, "tools")

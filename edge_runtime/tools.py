@@ -1,10 +1,12 @@
 """Tool calls: OpenAI's `tools` / `tool_choice` for a chat, in the call format of the model's family.
 
 A model is told about its tools in a system message (the function schemas and the format below), and calls them
-by answering with a JSON list between its family's tags:
+by answering with a JSON list between its family's tags, or (Qwen2.5 / Qwen3, the Hermes format they are trained
+on) with one JSON object per call, each between its own tags:
 
     <tool_call>[{"name": "get_weather", "arguments": {"city": "Paris"}}]</tool_call>     (SmolLM2 / Llama)
     <tool_calls>[{"name": "get_weather", "arguments": {"city": "Paris"}}]</tool_calls>   (Hunyuan)
+    <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>  (Qwen2.5 / Qwen3)
 
 grammar.py holds the answer to it token by token: from the first token for tool_choice "required" or a named
 function, and from the opening tag on for "auto" (the model may answer in text instead, as llama-server's lazy
@@ -31,13 +33,16 @@ _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for a function name
 class ToolFormat:
     open: str
     close: str
+    per_call: bool = False  # one object per call between its own tags, "\n" inside and between them (Hermes)
 
 
 # keyed by ModelSpec.model_type: SmolLM2's function-calling format; for Hunyuan, the format Tencent documents for
-# Hunyuan-A13B's function calls (the family's agent format)
+# Hunyuan-A13B's function calls (the family's agent format); Qwen's chat templates' Hermes format
 FORMATS = {
     "llama": ToolFormat("<tool_call>", "</tool_call>"),
     "hunyuan_v1_dense": ToolFormat("<tool_calls>", "</tool_calls>"),
+    "qwen2": ToolFormat("<tool_call>", "</tool_call>", per_call=True),
+    "qwen3": ToolFormat("<tool_call>", "</tool_call>", per_call=True),
 }
 
 
@@ -50,8 +55,8 @@ class Tools:
     format: ToolFormat
     parallel: bool = True
 
-    def calls_schema(self) -> dict:
-        """The JSON schema of the call list the grammar holds the answer to."""
+    def call_schema(self) -> dict:
+        """The JSON schema of one call."""
         allowed = [f for f in self.functions if self.choice in ("auto", "required", f["name"])]
         items = [
             {
@@ -62,13 +67,15 @@ class Tools:
             }
             for f in allowed
         ]
-        one_call = self.choice not in ("auto", "required") or not self.parallel
-        return {
-            "type": "array",
-            "items": items[0] if len(items) == 1 else {"anyOf": items},
-            "minItems": 1,
-            "maxItems": 1 if one_call else MAX_CALLS,
-        }
+        return items[0] if len(items) == 1 else {"anyOf": items}
+
+    @property
+    def max_calls(self) -> int:
+        return 1 if self.choice not in ("auto", "required") or not self.parallel else MAX_CALLS
+
+    def calls_schema(self) -> dict:
+        """The JSON schema of the call list the grammar holds the answer to (list formats)."""
+        return {"type": "array", "items": self.call_schema(), "minItems": 1, "maxItems": self.max_calls}
 
     @property
     def lazy(self) -> bool:
@@ -78,15 +85,18 @@ class Tools:
     def system_prompt(self) -> str:
         schemas = "\n".join(json.dumps({"type": "function", "function": f}, ensure_ascii=False) for f in self.functions)
         example = '[{"name": "function name", "arguments": {"argument": "value"}}]'
+        if self.format.per_call:
+            example = '\n{"name": "function name", "arguments": {"argument": "value"}}\n'
         if self.choice == "auto":
             when = "If a function helps to answer, call it"
         elif self.choice == "required":
             when = "Answer by calling one or more of them"
         else:
             when = f"Answer by calling the function {self.choice}"
+        each = " for each call" if self.format.per_call else ""
         return (
             f"You can call these functions (their parameters are JSON schemas):\n<tools>\n{schemas}\n</tools>\n"
-            f"{when}: reply with {self.format.open}{example}{self.format.close} and nothing else."
+            f"{when}: reply with {self.format.open}{example}{self.format.close}{each} and nothing else."
         )
 
     def messages(self, messages: list[dict]) -> list[dict]:
@@ -152,6 +162,9 @@ def assistant_text(content: str | None, tool_calls: Sequence[Mapping], fmt: Tool
         except (TypeError, ValueError):
             raise HyEdgeError("messages: a tool call's function.arguments should be a JSON string") from None
         calls.append({"name": fn.get("name"), "arguments": arguments})
+    if fmt.per_call:
+        tagged = (f"{fmt.open}\n{json.dumps(c, ensure_ascii=False)}\n{fmt.close}" for c in calls)
+        return (content or "") + "\n".join(tagged)
     return (content or "") + fmt.open + json.dumps(calls, ensure_ascii=False) + fmt.close
 
 
@@ -162,9 +175,12 @@ def split(text: str, fmt: ToolFormat) -> tuple[str | None, list[dict] | None]:
     if start < 0:
         return text, None
     body = text[start + len(fmt.open) :]
-    end = body.rfind(fmt.close)
     try:
-        calls = json.loads(body[:end] if end >= 0 else body)
+        if fmt.per_call:  # each call between its own tags (the last one's close may be missing: cut)
+            calls = [json.loads(piece.split(fmt.close, 1)[0]) for piece in body.split(fmt.open)]
+        else:
+            end = body.rfind(fmt.close)
+            calls = json.loads(body[:end] if end >= 0 else body)
     except ValueError:
         return text, None
     if not isinstance(calls, list) or not calls:

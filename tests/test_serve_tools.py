@@ -54,9 +54,9 @@ def test_auto_holds_the_answer_to_a_valid_call_from_the_opening_tag_on(model, fa
         masked = process(history, rng.standard_normal(V).astype(np.float32))
         allowed = np.flatnonzero(np.isfinite(masked))
         assert allowed.size > 0
-        if len(history) == answer_from:  # right after the tag: whitespace or the list's "["
+        if len(history) == answer_from:  # right after the tag: whitespace, or the list's "[" / the call's "{"
             texts = [tok.decode([int(t)], skip_special_tokens=False).lstrip() for t in allowed]
-            assert all(t == "" or t.startswith("[") for t in texts), texts[:20]
+            assert all(t == "" or t.startswith("{" if fmt.per_call else "[") for t in texts), texts[:20]
         token = int(np.argmax(masked))
         if token in eos:
             break
@@ -97,6 +97,45 @@ def test_a_stream_holds_back_what_may_open_a_call():
     assert [plain.feed(p) for p in ("a <", "b")] == ["a ", "<b"]
     assert plain.finish() == ("", None)
     assert split("<tool_call>[{oops", FMT) == ("<tool_call>[{oops", None)  # cut by max_tokens: text
+
+
+def test_hermes_calls_each_between_their_own_tags():
+    """Qwen's format: one object per call, each between its own tags; an earlier turn's calls are written back
+    the same way, and split reads them (a cut last call makes the answer text)."""
+    from edge_runtime.tools import assistant_text
+
+    fmt = FORMATS["qwen3"]
+    assert fmt.per_call and FORMATS["qwen2"] == fmt
+    calls = [
+        {"type": "function", "function": {"name": "forecast", "arguments": '{"city": "Paris", "days": 2}'}},
+        {"type": "function", "function": {"name": "forecast", "arguments": '{"city": "Rome", "days": 1}'}},
+    ]
+    text = assistant_text("Checking.", calls, fmt)
+    assert text == (
+        'Checking.<tool_call>\n{"name": "forecast", "arguments": {"city": "Paris", "days": 2}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "forecast", "arguments": {"city": "Rome", "days": 1}}\n</tool_call>'
+    )
+    content, got = split(text, fmt)
+    assert content == "Checking." and [c["function"] for c in got] == [c["function"] for c in calls]
+    assert split(text[:-20], fmt) == (text[:-20], None)
+    assert "for each call" in parse_tools("qwen2", [WEATHER], "required").system_prompt()
+
+
+def test_hermes_grammar_allows_parallel_calls_and_no_more_than_asked(model):
+    """Under tool_choice "required" the answer is held to tagged calls from the first token: a second call may
+    follow the first, unless parallel_tool_calls is false."""
+    from edge_runtime.grammar import tool_processor
+
+    tok, V = model.tokenizer, model.spec.vocab_size
+    eos = eos_ids_of(model.spec, tok, ())
+    one = '<tool_call>\n{"name": "forecast", "arguments": {"city": "Paris", "days": 2}}\n</tool_call>'
+    piece = {t: tok.decode([t], skip_special_tokens=False) for t in range(V)}
+    newline = [t for t, text in piece.items() if text == "\n"]
+    for parallel, more in ((True, True), (False, False)):
+        process = tool_processor(tok, V, eos, parse_tools("qwen3", [WEATHER], "required", parallel), 0)
+        allowed = np.isfinite(process(tok.encode(one, add_special_tokens=False), np.zeros(V, np.float32)))
+        assert allowed[sorted(eos)].any()  # the answer may end after one call
+        assert bool(allowed[newline].any()) is more  # or go on with another
 
 
 def test_tool_choice_and_tools_errors_name_their_field():
