@@ -97,6 +97,8 @@ class Calibration:
         self.spec, self.ids, self.load, self.quantize = spec, ids, load, quantize
         embed = load(F.EMBED)
         self.x = embed[ids].astype(np.float16).astype(np.float32)  # (S, T, C): the runtime's FP16 embedding
+        if spec.embed_scale != 1.0:  # Gemma
+            self.x *= np.float32(spec.embed_scale)
         self.next_layer = 0
         self.ready: dict[str, Quantized] = {}
         self.shared = {j for i, j in enumerate(spec.shared_layers) if j != i}  # owners a later layer reuses
@@ -113,11 +115,16 @@ class Calibration:
                     self._layer(self.next_layer)
                     self.next_layer += 1
                 if name == F.LM_HEAD:
-                    h = rms_norm(self.x, self.load(F.FINAL_NORM), self.spec.rms_norm_eps)
+                    h = rms_norm(self.x, self.norm(F.FINAL_NORM), self.spec.rms_norm_eps)
                     self.ready[name] = self.quantize(name, self.load(name), second_moment(h))
         if name not in self.ready:  # asked twice, or out of layer order: a converter bug, not a user error
             raise RuntimeError(f"calibration: '{name}' was not produced by the calibration pass")
         return self.ready.pop(name)
+
+    def norm(self, name: str) -> np.ndarray:
+        """An RMSNorm's weight as applied: 1 + w for spec.norm_plus_one (Gemma)."""
+        w = self.load(name)
+        return w + np.float32(1.0) if self.spec.norm_plus_one else w
 
     # -- one layer ------------------------------------------------------------------------------
     def _linear(self, layer: dict, owner: int, short: str, h: np.ndarray, H: Hessian | None) -> np.ndarray:
@@ -136,26 +143,37 @@ class Calibration:
         p = F.layer_prefix(owner)
         layer = self.kept.get(owner, {})
         eps = spec.rms_norm_eps
-        h = rms_norm(self.x, self.load(f"{p}.input_layernorm.weight"), eps)
+        h = rms_norm(self.x, self.norm(f"{p}.input_layernorm.weight"), eps)
         if spec.layer_types[i] == "attention":
-            y = self._attention(layer, owner, h)
+            y = self._attention(layer, owner, h, spec.window(i))
         else:
             y = self._dwconv(layer, owner, h)
+        if spec.sandwich_norms:  # Gemma: post_attention_layernorm on the attention's output
+            y = rms_norm(y, self.norm(f"{p}.post_attention_layernorm.weight"), eps)
         self.x = self.x + y
-        h = rms_norm(self.x, self.load(f"{p}.post_attention_layernorm.weight"), eps)
+        pre_mlp = "pre_feedforward_layernorm" if spec.sandwich_norms else "post_attention_layernorm"
+        h = rms_norm(self.x, self.norm(f"{p}.{pre_mlp}.weight"), eps)
         H = None if "mlp.gate_proj" in layer else second_moment(h)
         gate = self._linear(layer, owner, "mlp.gate_proj", h, H)
         up = self._linear(layer, owner, "mlp.up_proj", h, H)
         # SiLU as x * sigmoid(x) with sigmoid(x) = (1 + tanh(x / 2)) / 2: no exp to overflow for large |x|
-        act = np.clip(gate, 0, 6) if spec.hidden_act == "relu6" else gate * (0.5 + 0.5 * np.tanh(0.5 * gate))
+        if spec.hidden_act == "relu6":
+            act = np.clip(gate, 0, 6)
+        elif spec.hidden_act == "gelu_tanh":
+            act = gate * (0.5 + 0.5 * np.tanh(np.float32(np.sqrt(2 / np.pi)) * (gate + 0.044715 * gate**3)))
+        else:
+            act = gate * (0.5 + 0.5 * np.tanh(0.5 * gate))
         a = act * up
         del gate, up, act
         H = None if "mlp.down_proj" in layer else second_moment(a)
-        self.x = self.x + self._linear(layer, owner, "mlp.down_proj", a, H)
+        y = self._linear(layer, owner, "mlp.down_proj", a, H)
+        if spec.sandwich_norms:
+            y = rms_norm(y, self.norm(f"{p}.post_feedforward_layernorm.weight"), eps)
+        self.x = self.x + y
         if owner in self.shared:
             self.kept[owner] = layer
 
-    def _attention(self, layer: dict, owner: int, h: np.ndarray) -> np.ndarray:
+    def _attention(self, layer: dict, owner: int, h: np.ndarray, window: int = 0) -> np.ndarray:
         spec = self.spec
         S, T, _ = h.shape
         Hq, Hkv, D = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
@@ -172,12 +190,15 @@ class Calibration:
             qn, kn = F.qk_norm_names(spec)
             eps = spec.rms_norm_eps
             return (
-                rms_norm(q, self.load(f"{p}.self_attn.{qn}.weight"), eps),
-                rms_norm(k, self.load(f"{p}.self_attn.{kn}.weight"), eps),
+                rms_norm(q, self.norm(f"{p}.self_attn.{qn}.weight"), eps),
+                rms_norm(k, self.norm(f"{p}.self_attn.{kn}.weight"), eps),
             )
 
         q, k, v = proj("q", Hq), proj("k", Hkv), proj("v", Hkv)
-        inv = rope_inv_freq(spec.head_dim, spec.rope_theta, spec.rope_llama3, spec.rope_freq_factors)
+        if window:  # Gemma's sliding layers: their own RoPE base
+            inv = rope_inv_freq(spec.head_dim, spec.rope_local_theta)
+        else:
+            inv = rope_inv_freq(spec.head_dim, spec.rope_theta, spec.rope_llama3, spec.rope_freq_factors)
         if spec.use_qk_norm and spec.qk_norm_before_rope:  # Qwen3Attention
             q, k = qk_norm(q, k)
         q, k = rope(q, inv), rope(k, inv)
@@ -185,8 +206,9 @@ class Calibration:
             q, k = qk_norm(q, k)
         # batched matmuls (BLAS) rather than einsum: GQA as (S, Hkv, rep, T, D) against (S, Hkv, 1, D, T)
         q = q.reshape(S, T, Hkv, Hq // Hkv, D).transpose(0, 2, 3, 1, 4)
-        scores = q @ (k.transpose(0, 2, 3, 1)[:, :, None] * np.float32(D**-0.5))  # (S, Hkv, rep, T, T)
-        scores[..., np.triu(np.ones((T, T), bool), 1)] = -np.inf
+        scores = q @ (k.transpose(0, 2, 3, 1)[:, :, None] * np.float32(spec.softmax_scale))  # (S, Hkv, rep, T, T)
+        hidden = np.triu(np.ones((T, T), bool), 1)  # keys after the query, and with a window those before it
+        scores[..., hidden | (np.tril(np.ones((T, T), bool), -window) if window else False)] = -np.inf
         scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
         scores /= scores.sum(axis=-1, keepdims=True)
         att = scores @ v.transpose(0, 2, 1, 3)[:, :, None]  # (S, Hkv, rep, T, D)

@@ -140,14 +140,17 @@ class GraphBuilder:
 
     # -- blocks -----------------------------------------------------------------------------
     def make_rms_norm(self, x: str, weight: str, path: str) -> str:
-        """weight * x * rsqrt(mean(x^2) + eps) over the last axis (no +1 on the weight)."""
+        """weight * x * rsqrt(mean(x^2) + eps) over the last axis ((1 + weight) for spec.norm_plus_one)."""
         var = self.node("ReduceMean", [self.node("Mul", [x, x], path + "/sq"), self.i64(-1)], path, keepdims=1)
         inv = self.node(
             "Reciprocal",
             [self.node("Sqrt", [self.node("Add", [var, self.const(self.spec.rms_norm_eps)], path)], path)],
             path,
         )
-        return self.node("Mul", [self.make_weight(weight), self.node("Mul", [x, inv], path)], path + "/scale")
+        w = self.make_weight(weight)
+        if self.spec.norm_plus_one:  # Gemma
+            w = self.node("Add", [w, self.const(1.0)], path + "/plus_one")
+        return self.node("Mul", [w, self.node("Mul", [x, inv], path)], path + "/scale")
 
     def make_rope(self, x: str, cos: str, sin: str, path: str) -> str:
         """NeoX rotate-half on x (B, heads, T, D); cos/sin (B, 1, T, D/2)."""
@@ -161,16 +164,18 @@ class GraphBuilder:
         )
         return self.node("Concat", [out1, out2], path, axis=-1)
 
-    def make_rope_tables(self) -> tuple[str, str]:
-        """cos, sin (B, 1, T, D/2) from position_ids x rope_inv_freq (the engine's table), in float32."""
-        s = self.spec
-        inv = rope_inv_freq(s.head_dim, s.rope_theta, s.rope_llama3, s.rope_freq_factors)
-        pos = self.node("Cast", [F.POSITION_IDS], "/model/rope", to=TensorProto.FLOAT)
-        freqs = self.node(
-            "Mul", [self.node("Unsqueeze", [pos, self.i64(-1)], "/model/rope"), self.const(inv)], "/model/rope"
-        )
-        freqs = self.node("Unsqueeze", [freqs, self.i64(1)], "/model/rope/heads")
-        return self.node("Cos", [freqs], "/model/rope"), self.node("Sin", [freqs], "/model/rope")
+    def make_rope_tables(self, local: bool = False) -> tuple[str, str]:
+        """cos, sin (B, 1, T, D/2) from position_ids x rope_inv_freq (the engine's table), in float32; `local`:
+        the sliding layers' (spec.rope_local_theta)."""
+        s, p = self.spec, "/model/rope_local" if local else "/model/rope"
+        if local:
+            inv = rope_inv_freq(s.head_dim, s.rope_local_theta)
+        else:
+            inv = rope_inv_freq(s.head_dim, s.rope_theta, s.rope_llama3, s.rope_freq_factors)
+        pos = self.node("Cast", [F.POSITION_IDS], p, to=TensorProto.FLOAT)
+        freqs = self.node("Mul", [self.node("Unsqueeze", [pos, self.i64(-1)], p), self.const(inv)], p)
+        freqs = self.node("Unsqueeze", [freqs, self.i64(1)], p + "/heads")
+        return self.node("Cos", [freqs], p), self.node("Sin", [freqs], p)
 
     def split_heads(self, x: str, heads: int, path: str) -> str:
         """(B, T, heads*D) -> (B, heads, T, D)."""
@@ -208,7 +213,8 @@ class GraphBuilder:
         if H != Hkv:  # GQA: (B, Hkv, S, D) -> (B, Hkv, H/Hkv, S, D) -> (B, H, S, D)
             k, v = (self.make_repeat_kv(t, H // Hkv, p + f"/repeat_{n}") for t, n in ((k, "k"), (v, "v")))
         kt = self.node("Transpose", [k], p + "/kT", perm=[0, 1, 3, 2])
-        scores = self.node("Mul", [self.node("MatMul", [q, kt], p + "/qk"), self.const(D**-0.5)], p + "/qk")
+        scale = self.const(s.softmax_scale)
+        scores = self.node("Mul", [self.node("MatMul", [q, kt], p + "/qk"), scale], p + "/qk")
         scores = self.node("Where", [mask, self.const(-np.inf), scores], p + "/mask")  # (B, H, T, S)
         probs = self.node("Softmax", [scores], p, axis=-1)
         out = self.node("Transpose", [self.node("MatMul", [probs, v], p + "/pv")], p + "/out", perm=[0, 2, 1, 3])
@@ -259,12 +265,18 @@ class GraphBuilder:
         up = self.make_linear(h, f"{w}.up_proj.weight", p + "/up_proj")
         if s.hidden_act == "relu6":
             act = self.node("Clip", [gate, self.const(0.0), self.const(6.0)], p + "/act")
+        elif s.hidden_act == "gelu_tanh":  # x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3)): tanh GELU
+            cube = self.node("Mul", [self.node("Mul", [gate, gate], p + "/x2"), gate], p + "/x3")
+            z = self.node("Add", [gate, self.node("Mul", [cube, self.const(0.044715)], p + "/x3")], p + "/z")
+            z = self.node("Mul", [z, self.const(2.0 * np.sqrt(2.0 / np.pi))], p + "/z")
+            act = self.node("Mul", [gate, self.node("Sigmoid", [z], p + "/act")], p + "/act")
         else:
             act = self.node("Mul", [gate, self.node("Sigmoid", [gate], p + "/act")], p + "/act")
         return self.make_linear(self.node("Mul", [act, up], p + "/gated"), f"{w}.down_proj.weight", p + "/down_proj")
 
-    def make_causal_mask(self) -> str:
-        """(T, S) bool, True where key j lies after query i's position P + i (S = P + T)."""
+    def make_causal_mask(self, window: int = 0) -> str:
+        """(T, S) bool, True where key j lies after query i's position P + i (S = P + T), or with a sliding
+        `window`, `window` positions or more before it."""
         p = "/model/mask"
         past = self.node("Shape", [F.past_key(self.spec.attention_layers[0])], p + "/P")
         P = self.node("Gather", [past, self.i64(2)], p + "/P", axis=0)
@@ -273,7 +285,11 @@ class GraphBuilder:
         kpos = self.node("Range", [zero, self.node("Add", [P, T], p + "/S"), one], p + "/kpos")  # (S,)
         qpos = self.node("Add", [self.node("Range", [zero, T, one], p + "/qpos"), P], p + "/qpos")  # (T,)
         qpos = self.node("Unsqueeze", [qpos, self.i64(1)], p + "/qpos")  # (T, 1)
-        return self.node("Greater", [kpos, qpos], p)
+        after = self.node("Greater", [kpos, qpos], p)
+        if not window:
+            return after
+        oldest = self.node("Sub", [qpos, self.const(window, np.int64)], p + "/window")  # keys <= it are out
+        return self.node("Or", [after, self.node("LessOrEqual", [kpos, oldest], p + "/window")], p + "/window")
 
     def make_uint4_rows(self, rows: str) -> str:
         """Gathered rows (B, T, K) of a uint4 embedding, columns in the codes' order -> the weights."""
@@ -293,21 +309,31 @@ class GraphBuilder:
             x = self.make_uint4_rows(x)
         if self.weights[F.EMBED].storage == "fp16":  # gather the fp16 rows, then widen only those
             x = self.node("Cast", [x], "/model/embed_tokens", to=TensorProto.FLOAT)
-        rope = mask = None
+        if s.embed_scale != 1.0:  # Gemma
+            x = self.node("Mul", [x, self.const(s.embed_scale)], "/model/embed_tokens/scale")
+        rope = mask = local = None
         if s.attention_layers:
             rope, mask = self.make_rope_tables(), self.make_causal_mask()
+        if s.sliding_layers:
+            local = self.make_rope_tables(local=True), self.make_causal_mask(s.sliding_window)
         for i in range(s.num_hidden_layers):
-            w = F.layer_prefix(s.shared_layers[i])
-            h = self.make_rms_norm(x, f"{w}.input_layernorm.weight", f"/model/layers.{i}/input_layernorm")
+            w, p = F.layer_prefix(s.shared_layers[i]), f"/model/layers.{i}"
+            h = self.make_rms_norm(x, f"{w}.input_layernorm.weight", f"{p}/input_layernorm")
             if s.layer_types[i] == "attention":
-                y = self.make_attention(i, h, rope, mask)
+                y = self.make_attention(i, h, *(local if s.window(i) else (rope, mask)))
             else:
                 y = self.make_dwconv(i, h)
-            x = self.node("Add", [x, y], f"/model/layers.{i}/attn_residual")
-            h = self.make_rms_norm(
-                x, f"{w}.post_attention_layernorm.weight", f"/model/layers.{i}/post_attention_layernorm"
-            )
-            x = self.node("Add", [x, self.make_mlp(i, h)], f"/model/layers.{i}/mlp_residual")
+            if s.sandwich_norms:  # Gemma: post_attention_layernorm on the attention's output
+                y = self.make_rms_norm(y, f"{w}.post_attention_layernorm.weight", f"{p}/post_attention_layernorm")
+                x = self.node("Add", [x, y], f"{p}/attn_residual")
+                h = self.make_rms_norm(x, f"{w}.pre_feedforward_layernorm.weight", f"{p}/pre_feedforward_layernorm")
+                y = self.make_mlp(i, h)
+                y = self.make_rms_norm(y, f"{w}.post_feedforward_layernorm.weight", f"{p}/post_feedforward_layernorm")
+                x = self.node("Add", [x, y], f"{p}/mlp_residual")
+                continue
+            x = self.node("Add", [x, y], f"{p}/attn_residual")
+            h = self.make_rms_norm(x, f"{w}.post_attention_layernorm.weight", f"{p}/post_attention_layernorm")
+            x = self.node("Add", [x, self.make_mlp(i, h)], f"{p}/mlp_residual")
         x = self.make_rms_norm(x, F.FINAL_NORM, "/model/norm")
         head = F.LM_HEAD if F.LM_HEAD in self.weights else F.EMBED
         logits = self.make_linear(x, head, "/lm_head")

@@ -44,6 +44,8 @@ class Buffers:
     conv_hist: np.ndarray  # (Lc, B, S, C) every dwconv input so far: truncate() rebuilds conv_state from it
     cos: np.ndarray  # (S, D/2) RoPE tables
     sin: np.ndarray  # (S, D/2)
+    cos_local: np.ndarray  # (S, D/2) the sliding layers' (spec.rope_local_theta), else (0, D/2)
+    sin_local: np.ndarray
 
 
 def buffer_shapes(
@@ -80,6 +82,8 @@ def buffer_shapes(
         conv_hist=((Lc, B, S, C), f32),
         cos=((S, D // 2), f32),
         sin=((S, D // 2), f32),
+        cos_local=((S if spec.sliding_layers else 0, D // 2), f32),
+        sin_local=((S if spec.sliding_layers else 0, D // 2), f32),
     )
 
 
@@ -107,4 +111,7 @@ def allocate_buffers(
     out["ramp"][:] = np.arange(out["ramp"].shape[0])
     inv_freq = rope.rope_inv_freq(spec.head_dim, spec.rope_theta, spec.rope_llama3, spec.rope_freq_factors)
     out["cos"][...], out["sin"][...] = rope.rope_tables(inv_freq, context)
+    if spec.sliding_layers:
+        local = rope.rope_inv_freq(spec.head_dim, spec.rope_local_theta)
+        out["cos_local"][...], out["sin_local"][...] = rope.rope_tables(local, context)
     return Buffers(**out)

@@ -184,6 +184,11 @@ def info_cmd(model: Path | None, verify: bool, default_path: bool) -> None:
             f"rope base {spec.rope_theta:.6g}{', llama3 scaling' if spec.rope_llama3 else ''}, qk-norm {qk_norm}, "
             f"q/k/v bias {spec.qkv_bias}, context {spec.max_position_embeddings}"
         )
+        if spec.sliding_layers:
+            click.echo(
+                f"sliding-window layers {list(spec.sliding_layers)} (window {spec.sliding_window}, "
+                f"rope base {spec.rope_local_theta:.6g})"
+            )
         if spec.conv_layers:
             click.echo(f"dwconv layers {list(spec.conv_layers)} (kernel {spec.conv_kernel_size})")
         shared = {i: j for i, j in enumerate(spec.shared_layers) if i != j}

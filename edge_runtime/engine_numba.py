@@ -42,7 +42,7 @@ class _Block:
 
     kind: str  # attention | dwconv
     input_norm: np.ndarray  # (C,)
-    post_norm: np.ndarray  # (C,)
+    post_norm: np.ndarray  # (C,) before the MLP
     qkv: tuple  # ((FusedLinear, (out indices into (q, k, v))), ...)
     o: linear.FusedLinear | None
     q_norm: np.ndarray  # (D,) or (0,) when the model has no q/k norm
@@ -53,6 +53,9 @@ class _Block:
     down: linear.FusedLinear
     linears: dict  # id(FusedLinear) -> [Linear] (input scales for activation fake-quant)
     biases: tuple = ()  # the q/k/v projections' biases (H*D,), (Hkv*D,), (Hkv*D,), each (0,) when none
+    # sandwich norms (Gemma): on the attention's (or conv's) output and on the MLP's, before each is added
+    mixer_out_norm: np.ndarray | None = None
+    mlp_out_norm: np.ndarray | None = None
 
 
 _CHECKED: dict[int, weakref.ref] = {}  # Weights objects whose FP8 codes were scanned, by id
@@ -131,7 +134,8 @@ class NumbaSession:
         prepared: dict[int, linear.LinearOp] = {}
         self._blocks = [self._prepare_block(i, prepared) for i in range(spec.num_hidden_layers)]
         self._head = linear.FusedLinear([self._op(weights.output, prepared)])
-        self._scale = np.float32(spec.head_dim**-0.5)
+        self._scale = np.float32(spec.softmax_scale)
+        self._act = activation.KINDS[spec.hidden_act]
         self._single_step_is_grouped = False  # set by _warm_up: see _one_token_kernels_match
         # the layer loop as one compiled call where the model allows it (engine_step.py)
         self._compiled = (
@@ -244,6 +248,11 @@ class NumbaSession:
             qn = w.query_layernorm if spec.use_qk_norm else empty
             kn = w.key_layernorm if spec.use_qk_norm else empty
             biases = (w.q_bias, w.k_bias, w.v_bias) if spec.qkv_bias else (empty,) * 3
+            if spec.sandwich_norms:  # HF's post_attention_layernorm is then the attention's output norm
+                return _Block(
+                    "attention", w.input_layernorm, w.pre_feedforward_layernorm, qkv, o, qn, kn, None, None,
+                    gate_up, down, linears, biases, w.post_attention_layernorm, w.post_feedforward_layernorm,
+                )  # fmt: skip
             return _Block(
                 "attention",
                 w.input_layernorm,
@@ -387,6 +396,8 @@ class NumbaSession:
         eps = spec.rms_norm_eps
         x, h = b.x[:T], b.h[:T]
         linear._gather(rows, b.ramp[:T], x)  # widen to f32 (weights.py allows fp16 or fp32 only)
+        if spec.embed_scale != 1.0:  # Gemma
+            np.multiply(x, np.float32(spec.embed_scale), out=x)
         norm._add_rms_norm(x, b.y[:0], self._blocks[0].input_norm, eps, h)
         for i, blk in enumerate(self._blocks):
             last = i + 1 == len(self._blocks)
@@ -398,8 +409,12 @@ class NumbaSession:
             else:
                 r, y = 0, self._dwconv(i, blk, h, batched)
             xr, hr = x[r:], h[r:]
+            if blk.mixer_out_norm is not None:
+                norm._rms_norm(y, blk.mixer_out_norm, eps, y)
             norm._add_rms_norm(xr, y, blk.post_norm, eps, hr)  # x += y; h = norm(x)
             y = self._mlp(blk, hr, batched)
+            if blk.mlp_out_norm is not None:
+                norm._rms_norm(y, blk.mlp_out_norm, eps, y)
             norm._add_rms_norm(xr, y, self.weights.norm if last else self._blocks[i + 1].input_norm, eps, hr)
         return h
 
@@ -413,9 +428,11 @@ class NumbaSession:
         pos, rows = b.positions[:T], b.row_slots[:T]
         a = self._slot[i]
         kc, vc = b.k_cache[a], b.v_cache[a]  # (B, Hkv, S, D)
+        window = np.int64(spec.window(i))
+        cos, sin = (b.cos_local, b.sin_local) if window else (b.cos, b.sin)  # Gemma's sliding layers: their own base
         # biases (Qwen2); RoPE and q/k norm, in the family's order (Hunyuan: RoPE first); the KV write
         attention._rope_norm_store(
-            q3, k3, v3, pos, rows, b.cos, b.sin, blk.q_norm, blk.k_norm, *blk.biases, spec.qk_norm_before_rope,
+            q3, k3, v3, pos, rows, cos, sin, blk.q_norm, blk.k_norm, *blk.biases, spec.qk_norm_before_rope,
             spec.rms_norm_eps, kc, vc,
         )  # fmt: skip
         if r == T:
@@ -423,10 +440,10 @@ class NumbaSession:
         q, q3 = q[r:], q3[r:]
         if linear.kernel_for(T - r, batched) == linear.PREFILL:  # one sequence's chunk, as forward_layers' PREFILL mode
             attention._attention_chunk(
-                q3, kc, vc, rows[r], pos[r], q3, self._scale, b.scores, b.values_t
+                q3, kc, vc, rows[r], pos[r], q3, self._scale, b.scores, b.values_t, window
             )  # output over q
         else:
-            attention._attention_rows(q3, kc, vc, rows[r:], pos[r:], q3, self._scale, b.scores)
+            attention._attention_rows(q3, kc, vc, rows[r:], pos[r:], q3, self._scale, b.scores, window)
         y = b.y[r:T]
         self._linears(blk, ((blk.o, (0,)),), q, (y,), batched)
         return y
@@ -453,7 +470,7 @@ class NumbaSession:
         b, T = self.buf, h.shape[0]
         gate, up, act = b.gate[:T], b.up[:T], b.act[:T]
         self._linears(blk, blk.gate_up, h, (gate, up), batched)
-        activation.glu(gate, up, act, 1 if self.spec.hidden_act == "relu6" else 0)
+        activation.glu(gate, up, act, self._act)
         y = b.y[:T]
         self._linears(blk, ((blk.down, (0,)),), act, (y,), batched)
         return y

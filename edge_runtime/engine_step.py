@@ -80,9 +80,9 @@ def forward_layers(
         qr, xr, hr, yr = q[r:], x[r:], h[r:], y[r:]
         q3r = q3[r:]
         if m == PREFILL:  # one sequence's chunk (output over q)
-            attention._attention_chunk(q3r, k_cache[i], v_cache[i], rows[r], pos[r], q3r, scale, scores, values_t)
+            attention._attention_chunk(q3r, k_cache[i], v_cache[i], rows[r], pos[r], q3r, scale, scores, values_t, 0)
         else:
-            attention._attention_rows(q3r, k_cache[i], v_cache[i], rows[r:], pos[r:], q3r, scale, scores)
+            attention._attention_rows(q3r, k_cache[i], v_cache[i], rows[r:], pos[r:], q3r, scale, scores, 0)
         _lin1(m, qr, wo[i], so[i], yr, bko[i], st1o, st1o_4)
         norm._add_rms_norm(xr, yr, post_norm[i], eps, hr)  # x += y; h = norm(x)
         gr, ur, ar = gate[r:], up[r:], act[r:]
@@ -159,6 +159,8 @@ class CompiledLayers:
         q/k/v and gate/up groups (the layout forward_layers expects)."""
         if activations != "none" or any(b.kind != "attention" for b in blocks):
             return False
+        if spec.sandwich_norms or spec.sliding_layers or spec.embed_scale != 1.0:  # Gemma: the Python loop
+            return False
         if any(len(b.qkv) != 1 or len(b.gate_up) != 1 for b in blocks):
             return False
 
@@ -188,6 +190,6 @@ class CompiledLayers:
             self.in_norm, self.post_norm, self.final_norm, self.q_norm, self.k_norm, *self.biases,
             spec.qk_norm_before_rope, *self.lists, *self.bk, *self.starts,
             spec.num_attention_heads, spec.num_key_value_heads,
-            float(spec.rms_norm_eps), np.float32(spec.head_dim**-0.5), 1 if spec.hidden_act == "relu6" else 0,
+            float(spec.rms_norm_eps), np.float32(spec.softmax_scale), activation.KINDS[spec.hidden_act],
             n_out, tail_mode,
         )  # fmt: skip

@@ -98,7 +98,7 @@ def layer_prefix(i: int) -> str:
 
 
 # The per-head q/k norms' names after `self_attn.`, by family (Hugging Face's own); Hunyuan's otherwise
-QK_NORM_NAMES = {"qwen3": ("q_norm", "k_norm")}
+QK_NORM_NAMES = {"qwen3": ("q_norm", "k_norm"), "gemma3_text": ("q_norm", "k_norm")}
 
 
 def qk_norm_names(spec: ModelSpec) -> tuple[str, str]:
@@ -116,6 +116,9 @@ def layer_tensors(spec: ModelSpec, i: int) -> dict[str, tuple[int, ...]]:
         f"{p}.mlp.up_proj.weight": (F, C),
         f"{p}.mlp.down_proj.weight": (C, F),
     }
+    if spec.sandwich_norms:  # Gemma: post_attention_layernorm then normalises the attention's output
+        t[f"{p}.pre_feedforward_layernorm.weight"] = (C,)
+        t[f"{p}.post_feedforward_layernorm.weight"] = (C,)
     if spec.layer_types[i] == "attention":
         t[f"{p}.self_attn.q_proj.weight"] = (H * D, C)
         t[f"{p}.self_attn.k_proj.weight"] = (Hkv * D, C)

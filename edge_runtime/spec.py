@@ -1,9 +1,11 @@
 """ModelSpec: the one description of an architecture that every later stage reads.
 
 Field names are the Hugging Face `config.json` keys, verbatim, so no translation layer exists; unknown
-keys are dropped. Four families are understood — `hunyuan_v1_dense` (legacy Tencent keys and the
-transformers 5 `rope_parameters` form), `llama`, `qwen2` (q/k/v biases) and `qwen3` (q/k norm before
-RoPE) — plus the seed article's architecture options, which have their own config keys:
+keys are dropped. Five families are understood — `hunyuan_v1_dense` (legacy Tencent keys and the
+transformers 5 `rope_parameters` form), `llama`, `qwen2` (q/k/v biases), `qwen3` (q/k norm before
+RoPE) and `gemma3_text` (Gemma 3's text models: (1 + w) norms, four per layer, a scaled embedding,
+GeGLU-tanh, sliding-window layers with their own RoPE base) — plus the seed article's architecture
+options, which have their own config keys:
 
 - `layer_types`: per layer `"attention"` or `"dwconv"` (per-channel causal conv over time with kernel
   `conv_kernel_size`, followed by a pointwise projection, in place of attention);
@@ -23,9 +25,9 @@ from .errors import SpecError
 from .safe_json import JSONInputError, is_finite, is_int, show
 from .safe_json import loads as json_loads
 
-FAMILIES = ("hunyuan_v1_dense", "llama", "qwen2", "qwen3")  # ModelSpec.model_type
+FAMILIES = ("hunyuan_v1_dense", "llama", "qwen2", "qwen3", "gemma3_text")  # ModelSpec.model_type
 LAYER_TYPES = ("attention", "dwconv")
-ACTIVATIONS = ("silu", "relu6")
+ACTIVATIONS = ("silu", "relu6", "gelu_tanh")  # the gate's; gelu_tanh: transformers' gelu_pytorch_tanh
 # Upper bounds of the structural sizes, checked before anything is sized by them (a config that says
 # 1e9 layers otherwise builds a 1e9-entry tuple until the OOM killer ends it). Far above any model a
 # CPU runs: Llama-3.1-405B has 126 layers, 128 heads, hidden 16384, intermediate 53248; Gemma 3's
@@ -72,6 +74,18 @@ class ModelSpec:
     qkv_bias: bool = False  # q/k/v projections with biases (Qwen2), o_proj without
     # a divisor per RoPE frequency (D/2,): Llama 3's scaling as a GGUF's rope_freqs tensor carries it
     rope_freq_factors: tuple[float, ...] | None = None
+    # Gemma 3: every RMSNorm weight applies as (1 + w); "sandwich" norms (the attention's and the MLP's
+    # outputs normalised too: post_attention_layernorm on the attention output, pre_feedforward_layernorm
+    # before the MLP, post_feedforward_layernorm after it); the embedding times embed_scale; softmax
+    # scale attn_scale (None: head_dim ** -0.5); sliding_layers attend to the last sliding_window
+    # positions only, with RoPE base rope_local_theta
+    norm_plus_one: bool = False
+    sandwich_norms: bool = False
+    embed_scale: float = 1.0
+    attn_scale: float | None = None
+    sliding_window: int = 0
+    sliding_layers: tuple[int, ...] = ()
+    rope_local_theta: float | None = None
 
     # -- derived -------------------------------------------------------------------------------
     @property
@@ -81,6 +95,14 @@ class ModelSpec:
     @property
     def conv_layers(self) -> tuple[int, ...]:
         return tuple(i for i, t in enumerate(self.layer_types) if t == "dwconv")
+
+    @property
+    def softmax_scale(self) -> float:
+        return self.head_dim**-0.5 if self.attn_scale is None else self.attn_scale
+
+    def window(self, i: int) -> int:
+        """How many positions layer i's queries see (0: all before them)."""
+        return self.sliding_window if i in self.sliding_layers else 0
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -243,6 +265,62 @@ def _qwen3(cfg: dict) -> dict:
     return dict(model_type="qwen3", use_qk_norm=True, qk_norm_before_rope=True, **_common(cfg))
 
 
+def _gemma3(cfg: dict) -> dict:
+    """transformers' Gemma3TextConfig (both its rope forms: transformers 5's `rope_parameters` per layer
+    type, and rope_theta / rope_local_base_freq)."""
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if cfg.get(key) is not None:
+            raise SpecError(f"config.json: field '{key}' is not supported")
+    if cfg.get("use_bidirectional_attention"):
+        raise SpecError("config.json: field 'use_bidirectional_attention' = true is not supported")
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise SpecError(f"config.json: field 'hidden_activation' = {show(act)} is not supported")
+    layers = _get(cfg, "num_hidden_layers", int)
+    types = cfg.get("layer_types")
+    if types is None:
+        pattern = _get(cfg, "sliding_window_pattern", int, 6)
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+    if not isinstance(types, list) or len(types) != layers:
+        raise SpecError(f"config.json: field 'layer_types' should be a list of {layers} layer types")
+    if any(t not in ("sliding_attention", "full_attention") for t in types):
+        raise SpecError("config.json: field 'layer_types' should hold 'sliding_attention' or 'full_attention'")
+    sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    window = _get(cfg, "sliding_window", int) if sliding else 0
+    if sliding and not 0 < window <= LIMITS["max_position_embeddings"]:
+        raise SpecError(f"config.json: field 'sliding_window' should be in 1..{LIMITS['max_position_embeddings']}")
+    params = cfg.get("rope_parameters")
+    base = dict(cfg, layer_types=None, hidden_act="gelu_tanh", use_sliding_window=False)
+    local = {"rope_theta": cfg.get("rope_local_base_freq", 10000.0)}
+    if isinstance(params, dict) and "full_attention" in params:  # transformers 5: per layer type
+        base["rope_parameters"] = params["full_attention"]
+        local = params.get("sliding_attention") or local
+    if not isinstance(local, dict) or local.get("rope_type", "default") != "default":
+        raise SpecError("config.json: field 'rope_parameters.sliding_attention' should be default RoPE")
+    local_theta = local.get("rope_theta", 10000.0)
+    if not (is_finite(local_theta) and local_theta > 0):
+        raise SpecError(
+            f"config.json: field 'rope_local_base_freq' should be a positive number, got {show(local_theta)}"
+        )
+    common = _common(base)
+    scalar = _get(cfg, "query_pre_attn_scalar", float, float(common["head_dim"]))
+    if not scalar > 0:
+        raise SpecError(f"config.json: field 'query_pre_attn_scalar' should be positive, got {scalar}")
+    return dict(
+        model_type="gemma3_text",
+        use_qk_norm=True,
+        qk_norm_before_rope=True,
+        norm_plus_one=True,
+        sandwich_norms=True,
+        embed_scale=float(common["hidden_size"]) ** 0.5,
+        attn_scale=scalar**-0.5,
+        sliding_window=window,
+        sliding_layers=sliding,
+        rope_local_theta=float(local_theta),
+        **common,
+    )
+
+
 # Keyed by model_type and by the HF `architectures` string.
 REGISTRY = {
     "hunyuan_v1_dense": _hunyuan,
@@ -253,6 +331,8 @@ REGISTRY = {
     "Qwen2ForCausalLM": _qwen2,
     "qwen3": _qwen3,
     "Qwen3ForCausalLM": _qwen3,
+    "gemma3_text": _gemma3,
+    "Gemma3ForCausalLM": _gemma3,
 }
 
 
@@ -275,7 +355,12 @@ def spec_from_hf_config(cfg: dict) -> ModelSpec:
 
 _SIZES = tuple(LIMITS)  # the integer fields, each positive and bounded
 _KINDS = {"rms_norm_eps": float, "rope_theta": float, "tie_word_embeddings": bool, "use_qk_norm": bool,
-          "qk_norm_before_rope": bool, "qkv_bias": bool}  # fmt: skip
+          "qk_norm_before_rope": bool, "qkv_bias": bool, "norm_plus_one": bool, "sandwich_norms": bool,
+          "embed_scale": float}  # fmt: skip
+# fields files written before them lack, and what those files mean by their absence
+_LATER = {"rope_llama3": None, "qk_norm_before_rope": False, "qkv_bias": False, "rope_freq_factors": None,
+          "norm_plus_one": False, "sandwich_norms": False, "embed_scale": 1.0, "attn_scale": None,
+          "sliding_window": 0, "sliding_layers": (), "rope_local_theta": None}  # fmt: skip
 
 
 def _build(data: dict, source: str = "config.json") -> ModelSpec:
@@ -286,8 +371,7 @@ def _build(data: dict, source: str = "config.json") -> ModelSpec:
         raise SpecError(f"{source}: field '{field}' {why}")
 
     fields = {f.name for f in dataclasses.fields(ModelSpec)}
-    # files written before Llama 3 scaling and the Qwen families have none of these fields
-    data = {"rope_llama3": None, "qk_norm_before_rope": False, "qkv_bias": False, "rope_freq_factors": None, **data}
+    data = {**_LATER, **data}
     missing = fields - set(data)
     if missing:
         raise SpecError(f"{source}: missing field '{sorted(missing)[0]}'")
@@ -305,9 +389,17 @@ def _build(data: dict, source: str = "config.json") -> ModelSpec:
             fail(name, f"should be a string, got {show(data[name])}")
     if data["model_type"] not in FAMILIES:
         fail("model_type", f"= {show(data['model_type'])} is not supported (supported: {', '.join(FAMILIES)})")
-    for name in ("layer_types", "shared_layers"):
+    for name in ("layer_types", "shared_layers", "sliding_layers"):
         if not isinstance(data[name], (list, tuple)):
             fail(name, f"should be a list, got {show(data[name])}")
+    for name in ("attn_scale", "rope_local_theta"):
+        if data[name] is not None:
+            if not (is_finite(data[name]) and data[name] > 0):
+                fail(name, f"should be a positive number, got {show(data[name])}")
+            data[name] = float(data[name])
+    if not (is_int(data["sliding_window"]) and 0 <= data["sliding_window"] <= LIMITS["max_position_embeddings"]):
+        fail("sliding_window", f"should be an integer in 0..{LIMITS['max_position_embeddings']}")
+    data["sliding_layers"] = tuple(data["sliding_layers"])
     data["eos_token_id"] = _eos(data["eos_token_id"], source)
     data["layer_types"] = tuple(data["layer_types"])
     data["shared_layers"] = tuple(data["shared_layers"])
@@ -342,6 +434,13 @@ def _validate(s: ModelSpec, source: str = "config.json") -> None:
         )
     if s.head_dim % 2:
         fail("head_dim", f"= {s.head_dim} should be even (rotary embedding)")
+    if not (s.embed_scale > 0 and math.isfinite(s.embed_scale)):
+        fail("embed_scale", f"should be a positive number, got {s.embed_scale!r}")
+    for i in s.sliding_layers:
+        if not (is_int(i) and 0 <= i < s.num_hidden_layers and s.layer_types[i] == "attention"):
+            fail("sliding_layers", f"entry {show(i)} should name an attention layer")
+    if s.sliding_layers and not (s.sliding_window > 0 and s.rope_local_theta is not None):
+        fail("sliding_window", "and rope_local_theta are needed by sliding_layers")
     if s.rope_llama3 is not None and s.rope_freq_factors is not None:
         fail("rope_freq_factors", "and rope_llama3 both scale the RoPE frequencies: give one")
     if not (s.rms_norm_eps > 0 and math.isfinite(s.rms_norm_eps)):

@@ -130,6 +130,12 @@ def _float_vector(tensors: dict[str, Tensor], name: str, shape: tuple, path: Pat
     return data.view(np.float16).astype(np.float32) if t.storage == "fp16" else data
 
 
+def _norm_vector(spec: ModelSpec, tensors: dict[str, Tensor], name: str, shape: tuple, path: Path) -> np.ndarray:
+    """An RMSNorm's weight as the kernels apply it: 1 + w for the families that store w so (Gemma)."""
+    w = _float_vector(tensors, name, shape, path)
+    return np.add(w, np.float32(1.0), dtype=np.float32) if spec.norm_plus_one else w
+
+
 def _block_linear(tensors: dict[str, Tensor], q: Tensor, name: str, shape: tuple, path: Path) -> Linear:
     """int8 / uint4 codes with their half scales (and offsets) per block of 32."""
     N, K = shape
@@ -215,7 +221,7 @@ class LayerWeights:
     """The weights one layer owns (shared layers point at their owner's)."""
 
     input_layernorm: np.ndarray  # (C,)
-    post_attention_layernorm: np.ndarray  # (C,)
+    post_attention_layernorm: np.ndarray  # (C,) before the MLP; with sandwich norms, on the attention's output
     gate_proj: Linear  # (F, C)
     up_proj: Linear  # (F, C)
     down_proj: Linear  # (C, F)
@@ -230,6 +236,8 @@ class LayerWeights:
     v_bias: np.ndarray | None = None  # (Hkv*D,)
     conv: np.ndarray | None = None  # (C, k) depthwise kernel
     out_proj: Linear | None = None  # (C, C) pointwise
+    pre_feedforward_layernorm: np.ndarray | None = None  # (C,) sandwich norms (Gemma): before the MLP
+    post_feedforward_layernorm: np.ndarray | None = None  # (C,) and on its output
 
     def linears(self) -> list[Linear]:
         return [x for x in (getattr(self, f) for f in LINEAR_FIELDS) if x is not None]
@@ -393,6 +401,8 @@ class Weights:
             for a in (
                 layer.input_layernorm,
                 layer.post_attention_layernorm,
+                layer.pre_feedforward_layernorm,
+                layer.post_feedforward_layernorm,
                 layer.query_layernorm,
                 layer.key_layernorm,
                 layer.q_bias,
@@ -445,7 +455,7 @@ def build_weights(spec: ModelSpec, tensors: dict[str, Tensor], path: Path) -> We
         rows = RowReader(t.data, t.source)
     return Weights(
         embed=embed,
-        norm=_float_vector(tensors, fmt.FINAL_NORM, expected[fmt.FINAL_NORM], path),
+        norm=_norm_vector(spec, tensors, fmt.FINAL_NORM, expected[fmt.FINAL_NORM], path),
         lm_head=lm_head,
         layers=tuple(layers),
         embed_rows=rows,
@@ -461,9 +471,15 @@ def _layer(spec: ModelSpec, tensors: dict, i: int, expected: dict, path: Path) -
 
     def vec(short: str, kind: str = "weight") -> np.ndarray:
         name = f"{p}.{short}.{kind}"
+        if short.endswith(("norm", "layernorm")):
+            return _norm_vector(spec, tensors, name, expected[name], path)
         return _float_vector(tensors, name, expected[name], path)
 
+    sandwich = {}
+    if spec.sandwich_norms:
+        sandwich = {n: vec(n) for n in ("pre_feedforward_layernorm", "post_feedforward_layernorm")}
     common = dict(
+        **sandwich,
         input_layernorm=vec("input_layernorm"),
         post_attention_layernorm=vec("post_attention_layernorm"),
         gate_proj=lin("mlp.gate_proj"),

@@ -1,4 +1,4 @@
-"""Gated-MLP activations: SwiGLU (silu(gate) * up) and the ReLU6 gate."""
+"""Gated-MLP activations: SwiGLU (silu(gate) * up), the ReLU6 gate, and GeGLU with tanh GELU (Gemma)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ from .checks import need_array as _need
 from .expf import expf
 
 _CHUNK = 4096
+KINDS = {"silu": 0, "relu6": 1, "gelu_tanh": 2}  # ModelSpec.hidden_act -> the kernels' `kind`
+_GELU_C = np.float32(2.0 * np.sqrt(2.0 / np.pi))  # gelu_tanh(x) = x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3))
 
 
 @njit(cache=True, inline="always")
 def _glu_range(gate, up, out, kind, lo, hi):
-    # gate, up, out: f32 (M,) flat (may alias); kind 0 = silu, 1 = relu6; elements lo..hi-1. Zero-based
+    # gate, up, out: f32 (M,) flat (may alias); kind 0 = silu, 1 = relu6, 2 = gelu_tanh; elements lo..hi-1. Zero-based
     # loops over slices, one per kind, and the callers' numpy error model (no zero-division check on
     # the silu divide) let the loop vectorise
     g, u, o = gate[lo:hi], up[lo:hi], out[lo:hi]
@@ -21,9 +23,14 @@ def _glu_range(gate, up, out, kind, lo, hi):
         for i in range(hi - lo):
             x = g[i]
             o[i] = x / (np.float32(1.0) + expf(-x)) * u[i]
-    else:
+    elif kind == 1:
         for i in range(hi - lo):
             o[i] = min(max(g[i], np.float32(0.0)), np.float32(6.0)) * u[i]
+    else:  # 0.5 x (1 + tanh(z)) = x / (1 + exp(-2z)): torch's gelu(approximate="tanh")
+        for i in range(hi - lo):
+            x = g[i]
+            z = _GELU_C * (x + np.float32(0.044715) * x * x * x)
+            o[i] = x / (np.float32(1.0) + expf(-z)) * u[i]
 
 
 @njit(cache=True, nogil=True, parallel=True, error_model="numpy")
@@ -49,7 +56,7 @@ def _run(gate, up, out, kind: int) -> np.ndarray:
 
 
 def glu(gate: np.ndarray, up: np.ndarray, out: np.ndarray, kind: int) -> None:
-    """Unchecked: kind 0 = SwiGLU, 1 = ReLU6 gate; contiguous f32 arrays of one shape."""
+    """Unchecked: kind 0 = SwiGLU, 1 = ReLU6 gate, 2 = GeGLU (tanh GELU); contiguous f32 arrays of one shape."""
     g, u, o = gate.reshape(-1), up.reshape(-1), out.reshape(-1)
     if g.shape[0] <= _CHUNK:
         glu_serial(g, u, o, kind)
@@ -65,3 +72,8 @@ def swiglu(gate: np.ndarray, up: np.ndarray, out: np.ndarray) -> np.ndarray:
 def relu6_glu(gate: np.ndarray, up: np.ndarray, out: np.ndarray) -> np.ndarray:
     """out = min(max(gate, 0), 6) * up."""
     return _run(gate, up, out, 1)
+
+
+def gelu_tanh_glu(gate: np.ndarray, up: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out = gelu_tanh(gate) * up, transformers' gelu_pytorch_tanh, in float32."""
+    return _run(gate, up, out, 2)

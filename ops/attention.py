@@ -22,27 +22,38 @@ _FM = {"reassoc", "contract"}
 
 
 @njit(cache=True, fastmath=_FM, inline="always")
-def _softmax_prefix(row, n, n_all):
-    # row[:n] = softmax(row[:n]); row[n:n_all] = 0 (keys past the query's position)
+def _softmax_prefix(row, lo, n, n_all):
+    # row[lo:n] = softmax(row[lo:n]); row[:lo] = 0 (keys before a sliding window) and row[n:n_all] = 0
+    # (keys past the query's position)
+    for j in range(lo):
+        row[j] = 0.0
     m = -np.inf
-    for j in range(n):
+    for j in range(lo, n):
         m = max(m, row[j])
     total = np.float32(0.0)
-    for j in range(n):
+    for j in range(lo, n):
         e = expf(row[j] - m)
         row[j] = e
         total += e
     inv = np.float32(1.0) / total
-    for j in range(n):
+    for j in range(lo, n):
         row[j] *= inv
     for j in range(n, n_all):
         row[j] = 0.0
 
 
+@njit(cache=True, inline="always")
+def _first_key(n_keys, window):
+    # the first key a query with n_keys keys before it (itself included) sees: 0, or with a sliding
+    # window (window > 0) the window's first
+    return max(0, n_keys - window) if window > 0 else 0
+
+
 @njit(cache=True, nogil=True, parallel=True, fastmath=_FM)
-def _attention_rows(q, k_cache, v_cache, slots, pos, out, scale, scratch):
+def _attention_rows(q, k_cache, v_cache, slots, pos, out, scale, scratch, window):
     # q, out: f32 (T, H, D) (may alias); k/v_cache: f32 | u16 | i8 (slots, Hkv, S, D [+ 4]); slots, pos: i64 (T,);
-    # scratch: f32 (threads, H // Hkv, >= max(pos) + 1) scores of one work item
+    # scratch: f32 (threads, H // Hkv, >= max(pos) + 1) scores of one work item; window > 0: a query sees
+    # the last `window` positions only (itself included)
     n_tok, n_heads, d = q.shape
     n_kv = k_cache.shape[1]
     rep = n_heads // n_kv
@@ -54,7 +65,8 @@ def _attention_rows(q, k_cache, v_cache, slots, pos, out, scale, scratch):
         vc = v_cache[slots[t], g]
         acc = acc_scale(kc)  # 1 and factor() 1 unless FP8 (hy_edge_ops.kvrow)
         n_keys = pos[t] + 1
-        for j in range(n_keys):  # scores: each key row is read once for all `rep` query heads
+        lo = _first_key(n_keys, window)
+        for j in range(lo, n_keys):  # scores: each key row is read once for all `rep` query heads
             kj = kc[j]
             f = factor(kj, d) * scale
             for r in range(rep):
@@ -64,11 +76,11 @@ def _attention_rows(q, k_cache, v_cache, slots, pos, out, scale, scratch):
                     s += qv[i] * as_f32(kj[i])
                 sc[r, j] = (s * acc) * f
         for r in range(rep):
-            _softmax_prefix(sc[r], n_keys, n_keys)
+            _softmax_prefix(sc[r], lo, n_keys, n_keys)
             o = out[t, g * rep + r]  # q of this group is no longer read: out may alias q
             for i in range(d):
                 o[i] = 0.0
-        for j in range(n_keys):
+        for j in range(lo, n_keys):
             vj = vc[j]
             f = factor(vj, d)
             for r in range(rep):
@@ -152,7 +164,7 @@ def _transpose_values(vc, vt, j0, j1):
 
 
 @njit(cache=True, fastmath=_FM)
-def _chunk_item(q, k_cache, v_cache, slot, p0, out, scale, sc, vt, done, g, t0, t1):
+def _chunk_item(q, k_cache, v_cache, slot, p0, out, scale, sc, vt, done, g, t0, t1, window):
     # one work item of _attention_chunk: kv head g, query rows t0 .. t1 (a function of its own, compiled
     # once, not inlined into the parallel loop: a fifth of the first run's compile time went there);
     # sc, vt: this thread's scratch rows; done: its (kv head in vt, keys transposed)
@@ -179,7 +191,8 @@ def _chunk_item(q, k_cache, v_cache, slot, p0, out, scale, sc, vt, done, g, t0, 
             if i + 3 < nq:
                 _put4(sc[i3], j, n_keys, acc, f, a[12], a[13], a[14], a[15])
     for i in range(nq):  # q is no longer read by this item: out may alias it from here on
-        _softmax_prefix(sc[i], p0 + t0 + i // rep + 1, n_keys)
+        n = p0 + t0 + i // rep + 1  # with a sliding window, the keys before it get probability 0
+        _softmax_prefix(sc[i], _first_key(n, window), n, n_keys)
     if done[0] != g:
         done[0] = g
         done[1] = 0
@@ -207,9 +220,10 @@ def _chunk_item(q, k_cache, v_cache, slot, p0, out, scale, sc, vt, done, g, t0, 
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=_FM)
-def _attention_chunk(q, k_cache, v_cache, slot, p0, out, scale, scratch, vt_scratch):
+def _attention_chunk(q, k_cache, v_cache, slot, p0, out, scale, scratch, vt_scratch, window):
     # One sequence's prefill chunk: row t of q, out f32 (T, H, D) (may alias) is at position p0 + t of
-    # slot `slot` of k/v_cache f32 | u16 | i8 (slots, Hkv, S, D [+ 4]) and attends keys 0..p0 + t.
+    # slot `slot` of k/v_cache f32 | u16 | i8 (slots, Hkv, S, D [+ 4]) and attends keys 0..p0 + t (the
+    # last `window` of them when window > 0: scores are computed for all, the earlier ones get weight 0).
     # scratch: f32 (threads, >= QB * H // Hkv, >= p0 + T); vt_scratch: f32 (threads, D, >= p0 + T).
     # Work items are (kv head, QB rows) with their QB * rep queries. Scores: 4 queries x 4 keys per
     # block. P.V: each thread keeps the values of its current kv head transposed (extended as its items
@@ -225,7 +239,9 @@ def _attention_chunk(q, k_cache, v_cache, slot, p0, out, scale, scratch, vt_scra
         t0 = (item % n_blk) * QB
         t1 = min(n_tok, t0 + QB)
         tid = numba.get_thread_id()
-        _chunk_item(q, k_cache, v_cache, slot, p0, out, scale, scratch[tid], vt_scratch[tid], done[tid], g, t0, t1)
+        _chunk_item(
+            q, k_cache, v_cache, slot, p0, out, scale, scratch[tid], vt_scratch[tid], done[tid], g, t0, t1, window
+        )
 
 
 def scratch_shape(n_heads: int, n_kv: int, context: int) -> tuple[int, int, int]:
@@ -244,8 +260,9 @@ def values_scratch_shape(head_dim: int, context: int) -> tuple[int, int, int]:
     return numba.config.NUMBA_NUM_THREADS, head_dim, context + 16
 
 
-def attention_rows(q, k_cache, v_cache, slots, pos, out, scale: float, scratch=None) -> np.ndarray:
-    """Causal GQA where row t of q f32 (T, H, D) attends keys 0..pos[t] of slot slots[t] of
+def attention_rows(q, k_cache, v_cache, slots, pos, out, scale: float, scratch=None, window: int = 0) -> np.ndarray:
+    """Causal GQA where row t of q f32 (T, H, D) attends keys 0..pos[t] (with window > 0: the last `window`
+    of them, pos[t] included) of slot slots[t] of
     k_cache, v_cache (slots, Hkv, S_max, row) in a KV storage of hy_edge_ops.kvrow (float32, uint16 half
     bits, or int8 E4M3 rows of D codes and a scale); out f32 (T, H, D) may be q.
     Head h reads kv head h // (H // Hkv)."""
@@ -258,8 +275,14 @@ def attention_rows(q, k_cache, v_cache, slots, pos, out, scale: float, scratch=N
     if n_tok and (pos.min() < 0 or pos.max() >= s_max):
         raise ValueError(f"positions must lie in [0, {s_max}): pos + 1 exceeds k_cache capacity {s_max}")
     scratch = _scratch(scratch, n_heads, n_kv, s_max)
-    _attention_rows(q, k_cache, v_cache, slots, pos, out, np.float32(scale), scratch)
+    _attention_rows(q, k_cache, v_cache, slots, pos, out, np.float32(scale), scratch, _window(window))
     return out
+
+
+def _window(window: int) -> np.int64:
+    if not (isinstance(window, (int, np.integer)) and window >= 0):
+        raise ValueError(f"window must be an integer >= 0, got {window!r}")
+    return np.int64(window)
 
 
 def _check_caches(q, k_cache, v_cache, out) -> tuple[int, int, int, int]:
@@ -291,7 +314,7 @@ def _scratch(scratch, n_heads: int, n_kv: int, s_max: int) -> np.ndarray:
 
 
 def attention_chunk(
-    q, k_cache, v_cache, slot: int, start: int, out, scale: float, scratch=None, values_scratch=None
+    q, k_cache, v_cache, slot: int, start: int, out, scale: float, scratch=None, values_scratch=None, window: int = 0
 ) -> np.ndarray:
     """Causal GQA for one sequence's chunk: row t of q f32 (T, H, D) is at position start + t of slot
     `slot` of k_cache, v_cache (slots, Hkv, S_max, row) as `attention_rows`'s (already holding
@@ -311,7 +334,7 @@ def attention_chunk(
         if any(have < need for have, need in zip(values_scratch.shape, want, strict=True)):
             raise ValueError(f"values_scratch has shape {values_scratch.shape}, expected {want}")
     slot, start = np.int64(slot), np.int64(start)
-    _attention_chunk(q, k_cache, v_cache, slot, start, out, np.float32(scale), scratch, values_scratch)
+    _attention_chunk(q, k_cache, v_cache, slot, start, out, np.float32(scale), scratch, values_scratch, _window(window))
     return out
 
 

@@ -37,8 +37,9 @@ def apply_rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray) -> np
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def attention(q, k_cache, v_cache, start: int, scale: float) -> np.ndarray:
-    """q (T, H, D), caches (Hkv, S_max, D) -> (T, H, D) in float64, causal GQA."""
+def attention(q, k_cache, v_cache, start: int, scale: float, window: int = 0) -> np.ndarray:
+    """q (T, H, D), caches (Hkv, S_max, D) -> (T, H, D) in float64, causal GQA; window > 0: each query sees
+    the last `window` positions only (its own included)."""
     n_tok, n_heads, _ = q.shape
     rep = n_heads // k_cache.shape[0]
     out = np.empty(q.shape, np.float64)
@@ -47,9 +48,10 @@ def attention(q, k_cache, v_cache, start: int, scale: float) -> np.ndarray:
         v = v_cache[h // rep].astype(np.float64)
         for t in range(n_tok):
             n_keys = start + t + 1
-            s = k[:n_keys] @ q[t, h].astype(np.float64) * scale
+            lo = max(0, n_keys - window) if window else 0
+            s = k[lo:n_keys] @ q[t, h].astype(np.float64) * scale
             p = np.exp(s - s.max())
-            out[t, h] = (p / p.sum()) @ v[:n_keys]
+            out[t, h] = (p / p.sum()) @ v[lo:n_keys]
     return out
 
 

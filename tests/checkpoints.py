@@ -201,6 +201,24 @@ FAMILIES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),
     # q/k norm before RoPE; q width H*D = 64 != hidden 48 (as Qwen3-0.6B's 2048 != 1024); tied head
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"hidden_size": 48, "tie_word_embeddings": True}),
+    # (1 + w) norms, four a layer, scaled embedding, GeGLU-tanh; two sliding layers (window 4, their own RoPE
+    # base) then a full one; softmax scale from query_pre_attn_scalar (12, not head_dim)
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        {
+            "tie_word_embeddings": True,
+            "num_hidden_layers": 3,
+            "sliding_window": 4,
+            "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+            "query_pre_attn_scalar": 12,
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+                "full_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+            "rope_theta": None,
+        },
+    ),
 }
 
 
@@ -230,6 +248,7 @@ def make_family(
     )
     cfg.update(differs)
     cfg.update(config_overrides)
+    cfg = {k: v for k, v in cfg.items() if v is not None or k.endswith("_id")}  # None: a key the family lacks
     torch.manual_seed(seed)
     model = getattr(transformers, model_class)(getattr(transformers, config_class)(**cfg)).eval()
     _randomize_norms(model, seed)

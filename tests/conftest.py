@@ -59,6 +59,12 @@ def qwen3_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def gemma3_dir(tmp_path_factory):
+    """Tiny Gemma3ForCausalLM, float32: two sliding layers (window 4) and a full one, tied head."""
+    return ck.make_family(tmp_path_factory.mktemp("gemma3_f32"), "gemma3")
+
+
+@pytest.fixture(scope="session")
 def llama_sharded_dir(tmp_path_factory):
     """Tiny Llama in float16, sharded (model.safetensors.index.json + several shards)."""
     return ck.make_llama(tmp_path_factory.mktemp("llama_sharded"), "float16", max_shard_size="20KB")

@@ -199,6 +199,33 @@ def test_qwen_specs(qwen2_dir, qwen3_dir):
     assert (read.qk_norm_before_rope, read.qkv_bias, read.use_qk_norm) == (False, False, True)
 
 
+def test_gemma3_spec(gemma3_dir):
+    """Gemma 3's config in both rope forms; what it cannot be run as is refused naming the field."""
+    from edge_runtime.errors import SpecError
+    from edge_runtime.spec import ModelSpec
+
+    cfg = json.loads((gemma3_dir / "config.json").read_text())
+    s = spec_from_hf_config(cfg)
+    assert (s.model_type, s.hidden_act, s.sliding_layers, s.sliding_window) == ("gemma3_text", "gelu_tanh", (0, 1), 4)
+    assert (s.rope_theta, s.rope_local_theta, s.embed_scale, s.attn_scale) == (10000.0, 10.0, 8.0, 12**-0.5)
+    assert [s.window(i) for i in range(3)] == [4, 4, 0]
+    legacy = {k: v for k, v in cfg.items() if k not in ("rope_parameters", "layer_types")}
+    legacy.update(rope_theta=10000.0, rope_local_base_freq=10.0, sliding_window_pattern=3)
+    assert spec_from_hf_config(legacy) == s
+    assert ModelSpec.from_json(s.to_json()) == s
+    for bad, field in (
+        ({"final_logit_softcapping": 30.0}, "final_logit_softcapping"),
+        ({"hidden_activation": "relu"}, "hidden_activation"),
+        ({"layer_types": ["sliding_attention", "full_attention"]}, "layer_types"),
+        ({"sliding_window": 0}, "sliding_window"),
+        ({"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+    ):
+        with pytest.raises(SpecError, match=field):
+            spec_from_hf_config({**cfg, **bad})
+    with pytest.raises(SpecError, match="sliding_layers"):
+        ModelSpec.from_json(json.dumps({**json.loads(s.to_json()), "sliding_layers": [7]}))
+
+
 def test_rope_freq_factors_in_a_file_spec(qwen3_dir):
     """A file's per-frequency RoPE divisors (a Llama 3 GGUF's rope_freqs) are bounded like every field."""
     from edge_runtime.errors import SpecError

@@ -79,6 +79,7 @@ CHECKPOINTS = {
     "llama3-f32": (ck.make_llama, {"rope_scaling": LLAMA3_ROPE, "max_position_embeddings": 64}),
     "qwen2-bf16": (ck.make_family, {"family": "qwen2", "dtype": "bfloat16"}),
     "qwen3-f32": (ck.make_family, {"family": "qwen3"}),
+    "gemma3-f32": (ck.make_family, {"family": "gemma3"}),
 }
 
 
@@ -126,7 +127,7 @@ def test_llama3_rope_scaling_matches_transformers_on_both_backends(checkpoint, t
     assert rel(edge_runtime.load(out).session().forward(IDS, all_logits=True), ref) < 1e-4
 
 
-@pytest.mark.parametrize("name", ["hunyuan-f32", "llama-f32", "llama3-f32", "qwen2-bf16", "qwen3-f32"])
+@pytest.mark.parametrize("name", ["hunyuan-f32", "llama-f32", "llama3-f32", "qwen2-bf16", "qwen3-f32", "gemma3-f32"])
 def test_greedy_tokens_match_transformers_generate(name, checkpoint, tmp_path):
     torch = ck.need_torch()
     src = checkpoint(name)
@@ -277,6 +278,26 @@ def test_llama3_gguf_rope_freqs_match_transformers(tmp_path):
     assert model.spec.rope_llama3 is None and len(model.spec.rope_freq_factors) == model.spec.head_dim // 2
     assert rel(ort_logits(out), ref) < 1e-4
     assert rel(model.session().forward(IDS, all_logits=True), ref) < 1e-4
+
+
+def test_gemma3_sliding_window_and_local_rope_matter(checkpoint, tmp_path):
+    """The control for Gemma 3's tiny checkpoint: the same weights with the window wider than the prompt, or
+    with the sliding layers on the global RoPE base, give other logits (so the tests above see both)."""
+    import shutil
+
+    src = checkpoint("gemma3-f32")
+    ref = hf_logits(hf_model(src))
+    for change in ({"sliding_window": 256}, {"rope_parameters": {"sliding_attention": {"rope_theta": 10000.0}}}):
+        other = tmp_path / str(len(list(tmp_path.iterdir())))
+        shutil.copytree(src, other)
+        cfg = json.loads((other / "config.json").read_text())
+        if "rope_parameters" in change:
+            cfg["rope_parameters"]["sliding_attention"]["rope_theta"] = 10000.0
+        else:
+            cfg.update(change)
+        (other / "config.json").write_text(json.dumps(cfg))
+        assert rel(hf_logits(hf_model(other)), ref) > 1e-3, change
+    assert len(IDS) > 4  # the window's width
 
 
 @pytest.mark.parametrize("family,qtype", [("qwen2", "Q8_0"), ("qwen3", "Q6_K"), ("qwen3", "Q4_K")])

@@ -139,6 +139,35 @@ def test_calibration_forward_is_the_reference_models(tmp_path):
     assert set(seen) - {head} == linears  # each stored linear once, shared layers by their owner
 
 
+@pytest.mark.parametrize("which", ["qwen2_dir", "qwen3_dir", "gemma3_dir"])
+def test_calibration_forward_of_each_family_is_transformers(which, request):
+    """The calibration pass's forward for the families the seed reference does not know (Qwen2's biases,
+    Qwen3's q/k norms before RoPE, Gemma 3's (1 + w) sandwich norms, scaled embedding, GeGLU and sliding
+    windows) gives the lm_head transformers' final normed hidden states (its embedding rounded to FP16, as
+    the runtime's)."""
+    from runtime_helpers import hf_model
+
+    torch = ck.need_torch()
+    src = request.getfixturevalue(which)
+    model = hf_model(src)
+    spec = spec_from_hf_config(json.loads((src / "config.json").read_text()))
+    with torch.no_grad():
+        embed = model.get_input_embeddings().weight
+        embed.copy_(embed.half().float())
+        ids = np.random.default_rng(4).integers(0, spec.vocab_size, (2, 12))
+        h = model.model(torch.tensor(ids)).last_hidden_state.double().reshape(-1, spec.hidden_size).numpy()
+    weights = {n: p.detach().numpy() for n, p in model.state_dict().items()}
+    seen: dict[str, np.ndarray] = {}
+
+    def keep(name: str, w: np.ndarray, H: Hessian) -> Quantized:
+        seen[name] = H.H
+        return Quantized("fp32", w)
+
+    calib = Calibration(spec, ids, lambda n: weights[F.EMBED if n == F.LM_HEAD else n], keep)
+    calib.take(F.LM_HEAD)
+    np.testing.assert_allclose(seen[F.LM_HEAD], h.T @ h, rtol=1e-3, atol=1e-3 * np.abs(h.T @ h).max())
+
+
 def test_gptq_conversion_is_closer_to_the_float_model(llama_dir, tmp_path):
     """End to end on a tiny Llama: on held-out text (the evaluation text, never the calibration text) the
     calibrated file's logits are closer to the fp32 conversion's than round-to-nearest's; the file records

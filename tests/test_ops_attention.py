@@ -36,6 +36,35 @@ def test_attention(h, hkv, t, start):
     np.testing.assert_allclose(q, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("cache", ["fp32", "fp8"])
+@pytest.mark.parametrize("window", [1, 5, 64])
+def test_sliding_window(cache, window):
+    """A sliding window (Gemma 3's local layers): each query sees its last `window` positions, on the
+    per-row and the chunk kernels; keys before the window are never used (NaN there changes nothing)."""
+    h, hkv, d, s_max, t, start = 4, 2, 16, 80, QB + 7, 30
+    rng = np.random.default_rng(12)
+    q = rng.standard_normal((t, h, d)).astype(np.float32)
+    kf = rng.standard_normal((1, hkv, s_max, d)).astype(np.float32)
+    vf = rng.standard_normal((1, hkv, s_max, d)).astype(np.float32)
+    kc, vc, kf, vf = caches(cache, kf, vf)
+    want = ref.attention(q, kf[0], vf[0], start, d**-0.5, window)
+    if window < 64:
+        assert np.abs(want - ref.attention(q, kf[0], vf[0], start, d**-0.5)).max() > 1e-2
+    pos = np.arange(start, start + t, dtype=np.int64)
+    rows = np.empty_like(q)
+    attention_rows(q, kc, vc, np.zeros(t, np.int64), pos, rows, d**-0.5, window=window)
+    np.testing.assert_allclose(rows, want, rtol=1e-5, atol=1e-5)
+    out = np.empty_like(q)
+    attention_chunk(q, kc, vc, 0, start, out, d**-0.5, window=window)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    if cache == "fp32" and window < start:  # the per-row kernel never reads a key before the window
+        kc[0, :, : start - window + 1] = vc[0, :, : start - window + 1] = np.nan
+        attention_rows(q, kc, vc, np.zeros(t, np.int64), pos, rows, d**-0.5, window=window)
+        np.testing.assert_allclose(rows, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="window"):
+        attention_rows(q, kc, vc, np.zeros(t, np.int64), pos, rows, d**-0.5, window=-1)
+
+
 @pytest.mark.parametrize("cache", ["fp32", "fp16", "fp8"])
 def test_rows_of_several_slots(cache):
     # one decode row per sequence slot, each at its own position, against the one-sequence reference
