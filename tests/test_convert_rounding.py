@@ -145,11 +145,13 @@ def test_calibration_forward_of_each_family_is_transformers(which, request):
     Qwen3's q/k norms before RoPE, Gemma 3's (1 + w) sandwich norms, scaled embedding, GeGLU and sliding
     windows) gives the lm_head transformers' final normed hidden states (its embedding rounded to FP16, as
     the runtime's)."""
+    import copy
+
     from runtime_helpers import hf_model
 
     torch = ck.need_torch()
     src = request.getfixturevalue(which)
-    model = hf_model(src)
+    model = copy.deepcopy(hf_model(src))  # hf_model's are shared by other tests: its embedding is changed below
     spec = spec_from_hf_config(json.loads((src / "config.json").read_text()))
     with torch.no_grad():
         embed = model.get_input_embeddings().weight
