@@ -157,6 +157,9 @@ def http_config(
     return uvicorn.Config(
         app,
         http=protocol_class(max_connections, header_timeout, on_reject),
+        # no route speaks WebSocket; and an upgraded connection would leave the protocol without connection_lost,
+        # keeping its place under the cap for good (with websockets installed, uvicorn's "auto" would upgrade)
+        ws="none",
         lifespan="off",
         log_level=log_level,
         # the drain (cli_serve._server) has ended every stream by now; this bounds only a client that reads nothing
