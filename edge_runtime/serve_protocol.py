@@ -1,15 +1,17 @@
 """The HTTP/1.1 connection of `hy-edge serve`: uvicorn's h11 protocol with the two guards uvicorn lacks.
 
 - **Header timeout.** A connection whose request line and headers are not complete `header_timeout` seconds
-  after it opened (on a kept-alive connection: after the first byte of its next request) is closed; without it
-  a client that sends half a request and then nothing (slowloris) holds a connection, and a place under the
-  cap, forever. The clock stops when h11 has parsed the headers: a slow body is the business of the body
-  limit (serve_http.Front) and of --request-timeout. An idle kept-alive connection is uvicorn's keep-alive's.
-- **Connection cap.** At most `max_connections` connections are served. One more is admitted if a place is
-  free when its request arrives; otherwise that request gets 503 in OpenAI's error shape, with Retry-After and
-  Connection: close, then the connection is closed; the app never sees it. uvicorn's own `limit_concurrency`
-  answers in plain text, and compares every open connection with the limit on every request, so while one
-  connection too many is open, requests on the connections already served are refused as well.
+  after it opened (on a kept-alive connection: after the first byte of its next request) is closed, after a
+  408 if part of a request came (`_headers_timed_out` says why); without it a client that sends half a request
+  and then nothing (slowloris) holds a connection, and a place under the cap, forever. The clock stops when h11
+  has parsed the headers: a slow body is the business of the body limit (serve_http.Front) and of
+  --request-timeout. An idle kept-alive connection is uvicorn's keep-alive's.
+- **Connection cap.** At most `max_connections` connections are served: a connection is admitted when it opens
+  if a place is free, or else when its request arrives if one has come free by then; otherwise that request
+  gets 503 in OpenAI's error shape, with Retry-After and Connection: close, then the connection is closed; the
+  app never sees it. uvicorn's own `limit_concurrency` answers in plain text, and compares every open
+  connection with the limit on every request, so while one connection too many is open, requests on the
+  connections already served are refused as well.
 
 uvicorn takes the protocol as a class (`uvicorn.Config(http=...)`): `protocol_class` makes one per server,
 holding that server's limits and its set of admitted connections."""
