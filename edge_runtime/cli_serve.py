@@ -22,8 +22,6 @@ from .cli_common import fail, user_errors
 from .errors import HyEdgeError
 
 API_KEY_ENV = "HY_EDGE_API_KEY"
-HTTP_CLOSE_TIMEOUT_S = 5.0  # after the drain: how long uvicorn waits for connections before cancelling them
-KEEP_ALIVE_S = 5  # an idle connection between two requests is closed after this long
 
 
 def _serve_options(fn):
@@ -86,6 +84,15 @@ def _serve_options(fn):
             show_default=True,
             type=int,
             help="Open HTTP connections served at once; a request on one more gets 503.",
+        ),
+        click.option(
+            "--header-timeout",
+            default=10.0,
+            show_default=True,
+            type=float,
+            help="Seconds a connection gets to send a request's line and headers, from its opening (or the "
+            "request's first byte) on; past it, a partly sent request gets 408 and the connection is closed (0: no "
+            "limit). A slow body is bounded by --max-body and --request-timeout, not by this.",
         ),
         click.option(
             "--prompt-cache",
@@ -184,6 +191,7 @@ def serve_cmd(
     default_max_tokens,
     request_timeout,
     max_connections,
+    header_timeout,
     prompt_cache,
     shutdown_timeout,
 ):
@@ -193,6 +201,7 @@ def serve_cmd(
 
         from .serve_http import Limits, Service, build_asgi
         from .serve_metrics import Metrics
+        from .serve_protocol import http_config
     except ImportError as e:
         fail(f"hy-edge serve needs the serve extra ({e.name} is missing): pip install 'hy-edge[serve]'")
     from .cli_model import resolve_model
@@ -214,10 +223,9 @@ def serve_cmd(
                 raise HyEdgeError(f"{name} should be >= {low}, got {value}")
         if shutdown_timeout < 0:
             raise HyEdgeError(f"--shutdown-timeout should be >= 0, got {shutdown_timeout}")
-        if not 0 <= request_timeout < float("inf"):  # NaN too
-            raise HyEdgeError(
-                f"--request-timeout should be a number of seconds >= 0 (0: no limit), got {request_timeout}"
-            )
+        for name, value in (("--request-timeout", request_timeout), ("--header-timeout", header_timeout)):
+            if not 0 <= value < float("inf"):  # NaN too
+                raise HyEdgeError(f"{name} should be a number of seconds >= 0 (0: no limit), got {value}")
         check_threading_layer()
         body_limit = parse_size(max_body)
         budget = parse_size(max_memory) if max_memory else DEFAULT_BUDGET
@@ -267,7 +275,8 @@ def serve_cmd(
         max_body_bytes=body_limit, default_max_tokens=default_max_tokens, request_timeout=request_timeout or None
     )
     service = Service(model, name, engine, metrics, api_key, limits)
-    server = _server(http_config(build_asgi(service), max_connections), engine, shutdown_timeout)
+    config = http_config(build_asgi(service), max_connections, header_timeout or None, on_reject=service.count)
+    server = _server(config, engine, shutdown_timeout)
     failed: list[BaseException] = []
     http = threading.Thread(target=_serve_http, args=(server, sock, engine, failed), name="hy-edge-http")
     for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn listens to signals only on the main thread
@@ -313,23 +322,6 @@ def _prompt_cache(directory: Path, model, session):
 
     key = cache_key(content_digest(model.path, model.meta), session)
     return PromptCache(directory / FILE_NAME, key, log=lambda message: click.echo(message, err=True))
-
-
-def http_config(app, max_connections: int, log_level: str = "info"):
-    """uvicorn's configuration for the app: `max_connections` open connections are served, a request on one
-    more gets 503; an idle connection is closed KEEP_ALIVE_S after its last response. uvicorn (h11) has no
-    timeout for a connection that has not finished sending its headers."""
-    import uvicorn
-
-    return uvicorn.Config(
-        app,
-        lifespan="off",
-        log_level=log_level,
-        # the drain (_server) has ended every stream by now; this bounds only a client that reads nothing
-        timeout_graceful_shutdown=HTTP_CLOSE_TIMEOUT_S,
-        timeout_keep_alive=KEEP_ALIVE_S,
-        limit_concurrency=max_connections + 1,  # uvicorn refuses when open connections, its own included, reach it
-    )
 
 
 def _server(config, engine, shutdown_timeout: float):

@@ -193,6 +193,8 @@ def test_serve_option_errors_are_one_line(default_model_file, tmp_path):
             (["--max-connections", "0"], "--max-connections"),
             (["--request-timeout", "-1"], "--request-timeout"),
             (["--request-timeout", "nan"], "--request-timeout"),
+            (["--header-timeout", "-1"], "--header-timeout"),
+            (["--header-timeout", "inf"], "--header-timeout"),
             (["--port", "99999"], "--port"),
             (["--api-key-file", str(tmp_path / "missing")], "no such file"),
             (["--max-memory", "10MB"], "too small"),
