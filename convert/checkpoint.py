@@ -23,7 +23,16 @@ import numpy as np
 from edge_runtime import safe_json
 from edge_runtime.errors import CheckpointError
 
-from .gguf_reader import BLOCK_TYPES, ROPE_FREQS, GGUFFile, gguf_config, gguf_tensors, rope_freq_factors, unpermute_qk
+from .gguf_reader import (
+    BLOCK_TYPES,
+    NORMS_PLUS_ONE,
+    ROPE_FREQS,
+    GGUFFile,
+    gguf_config,
+    gguf_tensors,
+    rope_freq_factors,
+    unpermute_qk,
+)
 from .gguf_tokenizer import tokenizer_from_gguf
 from .safetensors_reader import SafetensorsFile, bf16_to_f32
 
@@ -371,9 +380,11 @@ def _directory_tokenizer(path: Path, config: dict) -> TokenizerData | None:
 # -- GGUF -----------------------------------------------------------------------------------------
 
 
-def _gguf_loader(f: GGUFFile, info, n_head: int | None) -> Callable[[], np.ndarray]:
+def _gguf_loader(f: GGUFFile, info, n_head: int | None, minus_one: bool = False) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
         w = f.read(info.name)
+        if minus_one:  # a Gemma norm stored as applied (1 + w)
+            return w.astype(np.float32) - np.float32(1.0)
         return unpermute_qk(w, n_head) if n_head is not None else w
 
     return load
@@ -399,9 +410,9 @@ def _open_gguf(path: Path) -> Checkpoint:
             kind = {"f16": "f16", "bf16": "bf16"}.get(info.ggml_type.name.lower(), "f32")
             block = info.ggml_type.name.lower() if info.ggml_type.name.lower() in BLOCK_TYPES else None
             blocks = _gguf_block_loader(f, info, n_head) if block and len(info.shape) == 2 else None
-            tensors[hf] = TensorRef(
-                hf, info.shape, kind, _gguf_loader(f, info, n_head), info.nbytes, block if blocks else None, blocks
-            )
+            minus_one = config["model_type"] in NORMS_PLUS_ONE and hf.endswith("norm.weight")
+            load = _gguf_loader(f, info, n_head, minus_one)
+            tensors[hf] = TensorRef(hf, info.shape, kind, load, info.nbytes, block if blocks else None, blocks)
         built = tokenizer_from_gguf(meta, path)
         tokenizer = None
         if built is not None:

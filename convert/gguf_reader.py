@@ -276,8 +276,15 @@ class GGUFFile:
 
 # general.architecture -> the Hugging Face model_type and class its metadata becomes; llama.cpp permutes
 # the q/k rows of llama files only (it rotates their pairs GPT-J style; Qwen's NeoX style, as HF does)
-GGUF_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+GGUF_ARCHS = {
+    "llama": ("llama", "LlamaForCausalLM"),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+    "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
+}
 PERMUTED_QK = ("llama",)
+# llama.cpp stores Gemma's RMSNorm weights as applied (1 + w): read back as Hugging Face's w
+NORMS_PLUS_ONE = ("gemma3_text",)
 
 ROPE_FREQS = "rope_freqs.weight"  # Llama 3's RoPE scaling as a divisor per frequency (llama.cpp)
 _GLOBAL_NAMES = {
@@ -298,16 +305,24 @@ _BLOCK_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Gemma's four norms a layer: llama.cpp's ffn_norm is the one before the MLP there
+_GEMMA_NAMES = {
+    **_BLOCK_NAMES,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
-def hf_name(gguf_name: str) -> str | None:
+def hf_name(gguf_name: str, model_type: str = "llama") -> str | None:
     """The Hugging Face name of a GGUF tensor, or None if it has none."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
+    names = _GEMMA_NAMES if model_type == "gemma3_text" else _BLOCK_NAMES
     m = _BLOCK.fullmatch(gguf_name)
-    if m and m.group(2) in _BLOCK_NAMES:
-        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+    if m and m.group(2) in names:
+        return f"model.layers.{m.group(1)}.{names[m.group(2)]}.{m.group(3)}"
     return None
 
 
@@ -379,6 +394,7 @@ def gguf_config(meta: dict, tensors: dict[str, GGUFTensorInfo], path: Path) -> d
             f"{path}: GGUF metadata 'general.architecture' = {show(arch)} is not supported "
             f"(supported: {', '.join(GGUF_ARCHS)})"
         )
+    model_type, architecture = GGUF_ARCHS[arch]
 
     def key(hf: str) -> str:
         return f"{arch}.{GGUF_KEYS[hf]}"
@@ -404,8 +420,8 @@ def gguf_config(meta: dict, tensors: dict[str, GGUFTensorInfo], path: Path) -> d
         vocab = tensors["token_embd.weight"].shape[0]
     ids = {k: m.get(f"tokenizer.ggml.{k}", "id", None) for k in ("bos_token_id", "eos_token_id", "padding_token_id")}
     cfg = {
-        "architectures": [GGUF_ARCHS[arch]],
-        "model_type": arch,
+        "architectures": [architecture],
+        "model_type": model_type,
         "vocab_size": vocab,
         "hidden_size": hidden,
         "intermediate_size": size("intermediate_size"),
@@ -428,6 +444,18 @@ def gguf_config(meta: dict, tensors: dict[str, GGUFTensorInfo], path: Path) -> d
     if scaling not in (None, "none"):
         # Carried over so that spec_from_hf_config refuses what it cannot compute.
         cfg["rope_scaling"] = {"rope_type": scaling, "factor": meta.get(f"{arch}.rope.scaling.factor")}
+    if arch == "gemma3":  # what llama.cpp's gemma3 model takes as fixed (llama-model.cpp)
+        cfg.pop("hidden_act")
+        cfg.update(
+            hidden_activation="gelu_pytorch_tanh",
+            sliding_window=m.get(f"{arch}.attention.sliding_window", "size", None, LIMITS["max_position_embeddings"]),
+            sliding_window_pattern=6,  # every 6th layer global
+            rope_local_base_freq=10000.0,  # the sliding layers' RoPE base
+            # softmax scale head_dim ** -0.5, but hidden / heads for the 27B model (62 layers)
+            query_pre_attn_scalar=hidden // heads if cfg["num_hidden_layers"] == 62 else head_dim,
+        )
+        if cfg["sliding_window"] is None:
+            raise CheckpointError(f"{path}: GGUF metadata lacks '{arch}.attention.sliding_window'")
     return cfg
 
 
@@ -438,7 +466,7 @@ def gguf_tensors(gguf: GGUFFile, cfg: dict) -> dict[str, tuple[GGUFTensorInfo, i
     for name, info in gguf.tensors.items():
         if name == ROPE_FREQS:  # read into the config (rope_freq_factors), not a weight
             continue
-        hf = hf_name(name)
+        hf = hf_name(name, cfg["model_type"])
         if hf is None:
             raise CheckpointError(f"{gguf.path}: tensor '{name}' is not supported")
         n_head = None

@@ -394,12 +394,21 @@ _GGUF_BLOCK = {
 }
 
 
-def _gguf_name(hf: str) -> str:
+# Gemma's sandwich norms: llama.cpp's ffn_norm is the one before the MLP there
+_GGUF_GEMMA = {
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+}
+
+
+def _gguf_name(hf: str, family: str = "llama") -> str:
     if hf in _GGUF_NAMES:
         return _GGUF_NAMES[hf]
     _, _, i, rest = hf.split(".", 3)
     base, kind = rest.rsplit(".", 1)
-    return f"blk.{i}.{_GGUF_BLOCK[base]}.{kind}"
+    names = {**_GGUF_BLOCK, **_GGUF_GEMMA} if family == "gemma3" else _GGUF_BLOCK
+    return f"blk.{i}.{names[base]}.{kind}"
 
 
 def train_sentencepiece(vocab_size: int = 400):
@@ -483,6 +492,14 @@ def make_gguf_llama(
         D, C, F = 64, 256, 512
     if family == "qwen3":  # transformers' GGUF loading takes Qwen3's head_dim from its config's default
         D = 128
+    base = 1e6 if family == "gemma3" else 10000.0  # Gemma: global layers 1e6, sliding ones 10000 (fixed)
+    rope = {"rope_theta": base}
+    if family == "gemma3":  # as llama.cpp and transformers' GGUF loading take it: softmax scale head_dim ** -0.5,
+        # a full layer every 6th (so 6 layers), sliding ones on RoPE base 10000
+        D, num_hidden_layers = 256, max(num_hidden_layers, 6)
+        rope = {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": base},
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+                "sliding_window": 4, "query_pre_attn_scalar": D}  # fmt: skip
     config = getattr(transformers, config_class)(
         vocab_size=n_vocab,
         hidden_size=C,
@@ -493,7 +510,7 @@ def make_gguf_llama(
         head_dim=D,
         tie_word_embeddings=tie,
         rms_norm_eps=1e-5,
-        rope_theta=10000.0,
+        **rope,
         **({"rope_scaling": rope_scaling} if rope_scaling else {}),
     )
     torch.manual_seed(seed)
@@ -517,8 +534,10 @@ def make_gguf_llama(
     if family != "llama":  # as llama.cpp writes Qwen's (transformers reads Qwen3's head_dim from it)
         w.add_key_length(D)
         w.add_value_length(D)
-    w.add_rope_freq_base(10000.0)
+    w.add_rope_freq_base(base)
     w.add_layer_norm_rms_eps(1e-5)
+    if family == "gemma3":
+        w.add_sliding_window(4)
     w.add_vocab_size(n_vocab)
     if sp is not None:
         _sentencepiece_metadata(w, sp)
@@ -537,18 +556,20 @@ def make_gguf_llama(
         if tie and name == "lm_head.weight":
             continue
         a = t.detach().float().numpy()
+        if family == "gemma3" and name.endswith("norm.weight"):
+            a = a + 1  # llama.cpp stores Gemma's norms as applied, 1 + w
         if family == "llama" and name.endswith("q_proj.weight"):
             a = permute_qk(a, H)
         elif family == "llama" and name.endswith("k_proj.weight"):
             a = permute_qk(a, Hkv)
         if a.ndim == 1 or qt == gguf.GGMLQuantizationType.F32:
-            w.add_tensor(_gguf_name(name), np.ascontiguousarray(a, np.float32))
+            w.add_tensor(_gguf_name(name, family), np.ascontiguousarray(a, np.float32))
         elif qt == gguf.GGMLQuantizationType.F16:
-            w.add_tensor(_gguf_name(name), a.astype(np.float16))
+            w.add_tensor(_gguf_name(name, family), a.astype(np.float16))
         elif kquant:
-            w.add_tensor(_gguf_name(name), _random_kquant(a.shape, qtype, seed), raw_dtype=qt)
+            w.add_tensor(_gguf_name(name, family), _random_kquant(a.shape, qtype, seed), raw_dtype=qt)
         else:
-            w.add_tensor(_gguf_name(name), gguf.quants.quantize(a, qt), raw_dtype=qt)
+            w.add_tensor(_gguf_name(name, family), gguf.quants.quantize(a, qt), raw_dtype=qt)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

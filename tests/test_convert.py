@@ -300,9 +300,12 @@ def test_gemma3_sliding_window_and_local_rope_matter(checkpoint, tmp_path):
     assert len(IDS) > 4  # the window's width
 
 
-@pytest.mark.parametrize("family,qtype", [("qwen2", "Q8_0"), ("qwen3", "Q6_K"), ("qwen3", "Q4_K")])
-def test_qwen_gguf_matches_transformers_on_both_backends(family, qtype, tmp_path):
-    """qwen2 / qwen3 GGUF files (no q/k permutation; Qwen2's biases, Qwen3's attn_q_norm / attn_k_norm)
+@pytest.mark.parametrize(
+    "family,qtype", [("qwen2", "Q8_0"), ("qwen3", "Q6_K"), ("qwen3", "Q4_K"), ("gemma3", "F32"), ("gemma3", "Q8_0")]
+)
+def test_other_gguf_architectures_match_transformers_on_both_backends(family, qtype, tmp_path):
+    """qwen2 / qwen3 / gemma3 GGUF files (no q/k permutation; Qwen2's biases, Qwen3's attn_q_norm /
+    attn_k_norm; Gemma's norms stored as 1 + w, its four norms a layer, sliding window from the metadata)
     against transformers loading the same file: logits on both backends and greedy ids."""
     import edge_runtime
 
@@ -311,9 +314,9 @@ def test_qwen_gguf_matches_transformers_on_both_backends(family, qtype, tmp_path
     out = tmp_path / "model.onnx"
     convert(path, out, QuantPolicy(format="none"))
     reference = hf_model(path.parent, gguf_file=path.name)
-    assert reference.config.model_type == family
+    assert reference.config.model_type == {"gemma3": "gemma3_text"}.get(family, family)
     model = edge_runtime.load(out)
-    assert model.spec.model_type == family
+    assert model.spec.model_type == reference.config.model_type
     ref = hf_logits(reference)
     assert rel(ort_logits(out), ref) < 1e-4
     assert rel(model.session().forward(IDS, all_logits=True), ref) < 1e-4
