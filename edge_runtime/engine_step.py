@@ -46,20 +46,24 @@ def _lin3(mode, x, w0, w1, w2, s0, s1, s2, o0, o1, o2, bk, st, stp):
 @njit(cache=True, nogil=True)
 def forward_layers(
     mode, ids, rows, pos, embed, x, h, y, q, k, v, gate, up, act,
-    k_cache, v_cache, scores, values_t, cos, sin,
-    in_norm, post_norm, final_norm, q_norm, k_norm, q_bias, k_bias, v_bias, norm_first,
+    k_cache, v_cache, scores, values_t, cos, sin, cos_local, sin_local, windows, embed_scale,
+    in_norm, post_norm, final_norm, q_norm, k_norm, q_bias, k_bias, v_bias, norm_first, mixer_out_norm, mlp_out_norm,
     wq, wk, wv, wo, wg, wu, wd, sq, sk, sv, so, sg, su, sd,
     bk3, bko, bk2, bkd, st3, st3_4, st2, st2_4, st1o, st1o_4, st1d, st1d_4,
     n_heads, n_kv, eps, scale, act_kind, n_out, tail_mode,
 ):  # fmt: skip
     # ids, rows, pos: i64 (T,); x, h, y: f32 (T, C); q (T, H*D), k, v (T, Hkv*D); gate, up, act (T, F);
     # k/v_cache (L, B, Hkv, S, D); per-layer typed lists of weights (N, K) and scales (N, G); bk3, bko,
-    # bk2, bkd (L, m): columns per scale block of q k v | o | gate up | down.
+    # bk2, bkd (L, m): columns per scale block of q k v | o | gate up | down; windows i64 (L,): a layer's
+    # sliding window (0: none), on the RoPE tables cos_local / sin_local; embed_scale: the embedding's
+    # factor (Gemma: sqrt(C)); mixer_out_norm / mlp_out_norm: sandwich norms (Gemma), each (0,) when none.
     # Returns h = the final-normed hidden states; only its last n_out rows are computed, the last layer
     # running past its KV write on those rows alone, with the kernels of tail_mode.
     n_tok = ids.shape[0]
     d = q.shape[1] // n_heads
     linear._gather(embed, ids, x)
+    if embed_scale != 1.0:
+        x *= embed_scale
     empty = y[:0]
     norm._add_rms_norm(x, empty, in_norm[0], eps, h)
     n_layers = len(wq)
@@ -68,8 +72,10 @@ def forward_layers(
         q3 = q.reshape(n_tok, n_heads, d)
         k3 = k.reshape(n_tok, n_kv, d)
         v3 = v.reshape(n_tok, n_kv, d)
+        window = windows[i]
+        cs, sn = (cos_local, sin_local) if window > 0 else (cos, sin)
         attention._rope_norm_store(
-            q3, k3, v3, pos, rows, cos, sin, q_norm[i], k_norm[i], q_bias[i], k_bias[i], v_bias[i], norm_first, eps,
+            q3, k3, v3, pos, rows, cs, sn, q_norm[i], k_norm[i], q_bias[i], k_bias[i], v_bias[i], norm_first, eps,
             k_cache[i], v_cache[i],
         )  # fmt: skip
         r, m = 0, mode  # the first row whose output is needed, and the kernels for rows r..
@@ -80,10 +86,14 @@ def forward_layers(
         qr, xr, hr, yr = q[r:], x[r:], h[r:], y[r:]
         q3r = q3[r:]
         if m == PREFILL:  # one sequence's chunk (output over q)
-            attention._attention_chunk(q3r, k_cache[i], v_cache[i], rows[r], pos[r], q3r, scale, scores, values_t, 0)
+            attention._attention_chunk(
+                q3r, k_cache[i], v_cache[i], rows[r], pos[r], q3r, scale, scores, values_t, window
+            )  # fmt: skip
         else:
-            attention._attention_rows(q3r, k_cache[i], v_cache[i], rows[r:], pos[r:], q3r, scale, scores, 0)
+            attention._attention_rows(q3r, k_cache[i], v_cache[i], rows[r:], pos[r:], q3r, scale, scores, window)
         _lin1(m, qr, wo[i], so[i], yr, bko[i], st1o, st1o_4)
+        if mixer_out_norm[i].shape[0]:
+            norm._rms_norm(yr, mixer_out_norm[i], eps, yr)
         norm._add_rms_norm(xr, yr, post_norm[i], eps, hr)  # x += y; h = norm(x)
         gr, ur, ar = gate[r:], up[r:], act[r:]
         _lin2(m, hr, wg[i], wu[i], sg[i], su[i], gr, ur, bk2[i], st2, st2_4)
@@ -93,6 +103,8 @@ def forward_layers(
         else:
             activation._glu(g, u, a, act_kind)
         _lin1(m, ar, wd[i], sd[i], yr, bkd[i], st1d, st1d_4)
+        if mlp_out_norm[i].shape[0]:
+            norm._rms_norm(yr, mlp_out_norm[i], eps, yr)
         if i + 1 < n_layers:
             norm._add_rms_norm(xr, yr, in_norm[i + 1], eps, hr)
         else:
@@ -148,6 +160,12 @@ class CompiledLayers:
         self.q_norm = _as_list(tuple(vec(b.q_norm) for b in blocks))
         self.k_norm = _as_list(tuple(vec(b.k_norm) for b in blocks))
         self.biases = tuple(_as_list(tuple(vec(b.biases[j]) for b in blocks)) for j in range(3))
+        empty = np.zeros(0, np.float32)
+        self.sandwich = tuple(
+            _as_list(tuple(vec(empty if n is None else n) for n in norms))
+            for norms in ([b.mixer_out_norm for b in blocks], [b.mlp_out_norm for b in blocks])
+        )
+        self.windows = np.array([spec.window(i) for i in range(len(blocks))], np.int64)
         self.final_norm = vec(final_norm)
         self.spec = spec
         self.buf = buf
@@ -158,8 +176,6 @@ class CompiledLayers:
         """Attention-only, no activation fake-quant, and each kind of linear in one storage with fused
         q/k/v and gate/up groups (the layout forward_layers expects)."""
         if activations != "none" or any(b.kind != "attention" for b in blocks):
-            return False
-        if spec.sandwich_norms or spec.sliding_layers or spec.embed_scale != 1.0:  # Gemma: the Python loop
             return False
         if any(len(b.qkv) != 1 or len(b.gate_up) != 1 for b in blocks):
             return False
@@ -186,9 +202,9 @@ class CompiledLayers:
         rows, pos, x, h, y, q, k, v, gate, up, act = views
         return forward_layers(
             mode, ids, rows, pos, embed, x, h, y, q, k, v, gate, up, act,
-            b.k_cache, b.v_cache, b.scores, b.values_t, b.cos, b.sin,
-            self.in_norm, self.post_norm, self.final_norm, self.q_norm, self.k_norm, *self.biases,
-            spec.qk_norm_before_rope, *self.lists, *self.bk, *self.starts,
+            b.k_cache, b.v_cache, b.scores, b.values_t, b.cos, b.sin, b.cos_local, b.sin_local, self.windows,
+            np.float32(spec.embed_scale), self.in_norm, self.post_norm, self.final_norm, self.q_norm, self.k_norm,
+            *self.biases, spec.qk_norm_before_rope, *self.sandwich, *self.lists, *self.bk, *self.starts,
             spec.num_attention_heads, spec.num_key_value_heads,
             float(spec.rms_norm_eps), np.float32(spec.softmax_scale), activation.KINDS[spec.hidden_act],
             n_out, tail_mode,

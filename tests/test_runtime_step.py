@@ -15,9 +15,14 @@ import edge_runtime
 from edge_runtime.engine_numba import NumbaSession
 
 
-@pytest.fixture(scope="module", params=["e4m3", "none"])
-def model(request, hunyuan_f32_dir):
-    return edge_runtime.load(converted(hunyuan_f32_dir, request.param, lm_head_fp8=request.param != "none"))
+# Hunyuan in FP8 and in float; Gemma 3 for what only it has (sandwich norms, sliding windows on their own
+# RoPE tables, a scaled embedding, GeGLU)
+@pytest.fixture(
+    scope="module", params=[("hunyuan_f32_dir", "e4m3"), ("hunyuan_f32_dir", "none"), ("gemma3_dir", "e4m3")]
+)
+def model(request):
+    src, fmt = request.param
+    return edge_runtime.load(converted(request.getfixturevalue(src), fmt, lm_head_fp8=fmt != "none"))
 
 
 def sessions(model, **kw):
