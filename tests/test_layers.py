@@ -20,6 +20,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from hy_edge_format import errors
+
+import edge_runtime
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -189,3 +192,11 @@ def test_importing_the_converter_leaves_the_process_as_it_was():
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}  # this process set it (conftest)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.splitlines() == ["[]", "True True False"]
+
+
+def test_the_runtime_still_names_the_contracts_errors():
+    """`edge_runtime.HyEdgeError` and its kinds, as users catch them, are the classes the converter raises."""
+    assert {"HyEdgeError", "BudgetError", "ModelFileError"} <= set(edge_runtime.__all__)
+    assert edge_runtime.HyEdgeError is errors.HyEdgeError
+    assert edge_runtime.BudgetError is errors.BudgetError and edge_runtime.ModelFileError is errors.ModelFileError
+    assert issubclass(errors.CheckpointError, edge_runtime.HyEdgeError)
