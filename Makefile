@@ -108,5 +108,5 @@ bench-fp8: install-test
 	$(PYTHON) bench/eval_fp8.py --markdown
 
 lint: $(STAMPS)/dev
-	$(PYTHON) -m ruff check edge_runtime ops convert tests bench
-	$(PYTHON) -m ruff format --check edge_runtime ops convert tests bench
+	$(PYTHON) -m ruff check edge_runtime format ops convert tests bench
+	$(PYTHON) -m ruff format --check edge_runtime format ops convert tests bench

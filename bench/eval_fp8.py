@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EVAL_DIR = ROOT / "examples" / "eval"
 WINDOW = 512  # tokens per teacher-forced window
 FP8_STORAGE = ("e4m3", "e5m2")
-META_QUANT = "hy_edge.quantization"  # edge_runtime.format.META_QUANT, kept literal so --help stays light
+META_QUANT = "hy_edge.quantization"  # hy_edge_format.format.META_QUANT, kept literal so --help stays light
 META_SOURCE = "hy_edge.source"
 
 

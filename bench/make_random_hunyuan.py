@@ -4,7 +4,7 @@ The real weights cannot be downloaded here; speed and memory only depend on the 
 the legacy Tencent keys of the public release; `--fp8` writes the compressed-tensors layout of
 Hunyuan-0.5B-Instruct-FP8 instead (float8_e4m3fn weight + weight_scale [1] + input_scale [1]).
 `--family NAME` writes the shapes of another supported model instead (FAMILY_CONFIGS: the sizes of its
-published config.json), its tensors the ones the converter asks for (edge_runtime.format.model_tensors).
+published config.json), its tensors the ones the converter asks for (hy_edge_format.format.model_tensors).
 
     python bench/make_random_hunyuan.py OUT_DIR [--fp8] [--layers 24] [--family qwen3-0.6b]
 """
@@ -108,8 +108,8 @@ FP8_QUANT = {
 
 def shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     if cfg["model_type"] != "hunyuan_v1_dense":  # the tensors the converter asks of that family
-        from edge_runtime import format as F
-        from edge_runtime.spec import spec_from_hf_config
+        from hy_edge_format import format as F
+        from hy_edge_format.spec import spec_from_hf_config
 
         return F.model_tensors(spec_from_hf_config(cfg))
     C, F, D = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]

@@ -18,10 +18,10 @@ peak 885 MB rounded to nearest (planned 1,255 MB), 1,265 MB calibrated (planned 
 
 from __future__ import annotations
 
-from edge_runtime import format as F
-from edge_runtime.errors import BudgetError
-from edge_runtime.memory import MB, fmt_bytes
-from edge_runtime.spec import ModelSpec
+from hy_edge_format import format as F
+from hy_edge_format.errors import BudgetError
+from hy_edge_format.sizes import MB, fmt_bytes
+from hy_edge_format.spec import ModelSpec
 
 from .calibrate import SEQ_LEN, SEQUENCES
 from .checkpoint import Checkpoint

@@ -1,7 +1,7 @@
 """The calibration pass: the inputs that reach each linear when a text runs through the model being converted.
 
 A numpy float32 forward of the spec (RMSNorm, RoPE, GQA attention with the optional q/k norm, the dwconv
-mixer, shared layers, SwiGLU / ReLU6), written from the definitions in edge_runtime/spec.py, run one layer at
+mixer, shared layers, SwiGLU / ReLU6), written from the definitions in format/spec.py, run one layer at
 a time: each layer's linears are quantized from the second moment H = X^T X of their inputs, and the layer is
 then run with the quantized weights, so every later linear is calibrated on what the quantized model feeds it
 (GPTQ's sequential order, also within a layer: o_proj sees the quantized q/k/v, down_proj the quantized
@@ -19,13 +19,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from hy_edge_format import format as F
+from hy_edge_format.errors import HyEdgeError
+from hy_edge_format.spec import ModelSpec
 from hy_edge_ops.fp8 import dequantize_fp8
 from hy_edge_ops.rope import rope_inv_freq
-
-from edge_runtime import format as F
-from edge_runtime.errors import HyEdgeError
-from edge_runtime.spec import ModelSpec
-from edge_runtime.tokenizer import Tokenizer, TokenizerConfig
 
 from .gptq import Hessian
 from .quantize import Quantized
@@ -46,6 +44,10 @@ def calibration_ids(tokenizer_meta: dict[str, str], text: str, sequences: int = 
     tok_json, cfg_json = tokenizer_meta.get(F.META_TOKENIZER), tokenizer_meta.get(F.META_TOKENIZER_CONFIG)
     if tok_json is None:
         raise HyEdgeError("calibration needs the checkpoint's tokenizer to run the calibration text; it has none")
+    # the runtime's tokenizer, imported here: only a calibrated conversion needs it, and importing
+    # edge_runtime configures numba's kernel cache for the whole process (edge_runtime/cache_dirs.py)
+    from edge_runtime.tokenizer import Tokenizer, TokenizerConfig
+
     tok = Tokenizer.from_metadata(json.loads(tok_json), TokenizerConfig.from_dict(json.loads(cfg_json or "{}")))
     ids = np.asarray(tok.encode(text, add_special_tokens=False), np.int64)
     bos = [] if tok.bos_id is None else [tok.bos_id]

@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from edge_runtime import safe_json
-from edge_runtime.errors import CheckpointError
+from hy_edge_format import safe_json
+from hy_edge_format.errors import CheckpointError
 
 from .gguf_reader import (
     BLOCK_TYPES,

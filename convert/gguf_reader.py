@@ -22,10 +22,9 @@ from pathlib import Path
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
-
-from edge_runtime.errors import CheckpointError
-from edge_runtime.safe_json import is_int, is_number, show
-from edge_runtime.spec import LIMITS
+from hy_edge_format.errors import CheckpointError
+from hy_edge_format.safe_json import is_int, is_number, show
+from hy_edge_format.spec import LIMITS
 
 from .safetensors_reader import bf16_to_f32
 

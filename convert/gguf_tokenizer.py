@@ -14,10 +14,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hy_edge_format.errors import CheckpointError
+from hy_edge_format.safe_json import is_int, is_number, show
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-
-from edge_runtime.errors import CheckpointError
-from edge_runtime.safe_json import is_int, is_number, show
 
 # llama.cpp token types (gguf.TokenType)
 _UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4

@@ -12,12 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+from hy_edge_format import format as F
+from hy_edge_format.spec import ModelSpec
 from hy_edge_ops.fp8 import FP8_MAX
 from hy_edge_ops.rope import rope_inv_freq
 from onnx import TensorProto, helper, numpy_helper
-
-from edge_runtime import format as F
-from edge_runtime.spec import ModelSpec
 
 OPSET = 21
 IR_VERSION = 10

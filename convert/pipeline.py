@@ -13,13 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from hy_edge_format import format as F
+from hy_edge_format.errors import CheckpointError, HyEdgeError, SpecError
+from hy_edge_format.heap import trim_heap
+from hy_edge_format.spec import ModelSpec, spec_from_hf_config
 from hy_edge_ops.fp8 import has_nan_codes
 from onnx import helper
-
-from edge_runtime import format as F
-from edge_runtime.errors import CheckpointError, HyEdgeError, SpecError
-from edge_runtime.memory import trim_heap
-from edge_runtime.spec import ModelSpec, spec_from_hf_config
 
 from .budget import check_budget
 from .calibrate import CALIBRATION_TEXT, Calibration, calibration_ids

@@ -21,10 +21,9 @@ import fnmatch
 from dataclasses import dataclass
 
 import numpy as np
+from hy_edge_format.errors import HyEdgeError
+from hy_edge_format.format import EMBED
 from hy_edge_ops.fp8 import FP8_MAX, dequantize_fp8, quantize_fp8
-
-from edge_runtime.errors import HyEdgeError
-from edge_runtime.format import EMBED
 
 from .gptq import Hessian, gptq_round, search_scales
 

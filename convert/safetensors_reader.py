@@ -14,9 +14,8 @@ import struct
 from pathlib import Path
 
 import numpy as np
-
-from edge_runtime import safe_json
-from edge_runtime.errors import CheckpointError
+from hy_edge_format import safe_json
+from hy_edge_format.errors import CheckpointError
 
 # safetensors dtype -> (our dtype name, numpy storage dtype)
 DTYPES = {

@@ -6,14 +6,16 @@ onnxruntime.
     for r in model.stream("Hello!", max_tokens=32):
         print(r.text, end="", flush=True)
 
-Names are imported on first use, so `edge_runtime.spec` / `edge_runtime.format` (the file contract the
-converter also reads) stay light.
+Names are imported on first use, so importing the package stays light. The file contract (spec, format,
+errors) lives in `hy_edge_format`, which the converter imports without importing this package: importing
+edge_runtime points numba's kernel cache at hy-edge's directory (cache_dirs.configure_jit_cache).
 """
 
 from importlib import import_module
 
+from hy_edge_format.errors import BudgetError, HyEdgeError, ModelFileError
+
 from .cache_dirs import configure_jit_cache
-from .errors import BudgetError, HyEdgeError, ModelFileError
 
 configure_jit_cache()  # before anything imports hy_edge_ops: numba picks kernel cache paths at definition
 

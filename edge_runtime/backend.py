@@ -16,9 +16,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-
-from .errors import HyEdgeError
-from .spec import ModelSpec
+from hy_edge_format.errors import HyEdgeError
+from hy_edge_format.spec import ModelSpec
 
 if TYPE_CHECKING:
     from .model import Model

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from hy_edge_format import format as F
+from hy_edge_format.errors import BudgetError, ModelFileError
+from hy_edge_format.spec import ModelSpec
 
-from . import format as F
-from .errors import BudgetError, ModelFileError
 from .memory import DEFAULT_BUDGET, MemoryPlan, plan_context, runtime_overhead
 from .model_file import Tensor, read_header, read_tensors
-from .spec import ModelSpec
 
 # onnxruntime's own errors (its pybind11 exception classes): raised running a graph it loaded, they come
 # from the file's graph (a hy-edge file's graph runs; one from elsewhere, or edited, may not)

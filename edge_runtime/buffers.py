@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from hy_edge_format.spec import ModelSpec
 from hy_edge_ops import attention, kvrow, rope
 
 from .memory import MemoryPlan, lazy_zeros, runtime_overhead
-from .spec import ModelSpec
 
 # stored dtype per KV cache type: fp16 half bits rounded to nearest; fp8 rows of E4M3 codes and a scale
 KV_CACHE_TYPES = kvrow.STORAGE

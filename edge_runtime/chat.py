@@ -19,7 +19,8 @@ import threading
 import time
 from datetime import datetime
 
-from .errors import HyEdgeError
+from hy_edge_format.errors import HyEdgeError
+
 from .tokenizer import Tokenizer
 
 MAX_CHARS = 32 << 20  # of any string or list a template builds, and of the prompt (the CLI reads <= 16 MB)

@@ -9,8 +9,9 @@ import os
 import urllib.error
 import urllib.request
 
+from hy_edge_format.errors import HyEdgeError
+
 from .chat_commands import ChatCommands
-from .errors import HyEdgeError
 
 API_KEY_ENV = "HY_EDGE_API_KEY"
 

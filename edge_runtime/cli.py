@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 import click
+from hy_edge_format.errors import HyEdgeError
 
 from .cli_common import (
     Sampling,
@@ -24,7 +25,6 @@ from .cli_common import (
     user_errors,
 )
 from .environment import check_environment
-from .errors import HyEdgeError
 
 MAX_PROMPT_BYTES = 16 << 20  # a prompt file larger than this is not a prompt
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 
 import click
+from hy_edge_format.errors import HyEdgeError
 
 from .chat_commands import HELP, ChatCommands
 from .cli_common import (
@@ -22,7 +23,6 @@ from .cli_common import (
     template_kwargs,
     user_errors,
 )
-from .errors import HyEdgeError
 
 
 class ChatSession(ChatCommands):

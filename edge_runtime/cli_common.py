@@ -11,9 +11,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import click
+from hy_edge_format.errors import EXIT_USER_ERROR, HyEdgeError
 
 from .backend import KV_CACHES
-from .errors import EXIT_USER_ERROR, HyEdgeError
 
 
 def fail(message: str) -> None:

@@ -6,14 +6,14 @@ import sys
 from pathlib import Path
 
 import click
+from hy_edge_format import format as F
+from hy_edge_format.errors import HyEdgeError
+from hy_edge_format.safe_json import is_number
 
-from . import format as F
 from .cli_common import user_errors
-from .errors import HyEdgeError
 from .integrity import check_data_size, stored_checksums, verify_checksums
 from .memory import peak_rss_mb
 from .model_file import read_header
-from .safe_json import is_number
 
 
 def _mb(n: int) -> str:
@@ -206,9 +206,11 @@ def info_cmd(model: Path | None, verify: bool, default_path: bool) -> None:
             + "; tensors: "
             + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
         )
+        from hy_edge_format.sizes import fmt_bytes
+
         from .buffers import memory_plan
         from .engine_numba import DEFAULT_PREFILL_CHUNK
-        from .memory import DEFAULT_BUDGET, fmt_bytes
+        from .memory import DEFAULT_BUDGET
 
         weights = data.stat().st_size if data.exists() else 0
         plan = memory_plan(spec, weights, DEFAULT_PREFILL_CHUNK, quant.get("activations", "none") != "none")

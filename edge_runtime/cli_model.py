@@ -25,9 +25,10 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from . import format as F
+from hy_edge_format import format as F
+from hy_edge_format.errors import EXIT_USER_ERROR, HyEdgeError, ModelFileError
+
 from .cache_dirs import model_cache_dir, verification_dir
-from .errors import EXIT_USER_ERROR, HyEdgeError, ModelFileError
 from .integrity import check_data_size, verify_on_first_use
 from .model_file import parse_json_meta, read_onnx
 

@@ -16,10 +16,10 @@ import threading
 from pathlib import Path
 
 import click
+from hy_edge_format.errors import HyEdgeError
 
 from .backend import KV_CACHES
 from .cli_common import fail, user_errors
-from .errors import HyEdgeError
 
 API_KEY_ENV = "HY_EDGE_API_KEY"
 
@@ -204,9 +204,11 @@ def serve_cmd(
         from .serve_protocol import http_config
     except ImportError as e:
         fail(f"hy-edge serve needs the serve extra ({e.name} is missing): pip install 'hy-edge[serve]'")
+    from hy_edge_format.sizes import fmt_bytes
+
     from .cli_model import resolve_model
     from .environment import check_threading_layer
-    from .memory import DEFAULT_BUDGET, fmt_bytes, parse_size
+    from .memory import DEFAULT_BUDGET, parse_size
     from .model import load
     from .serve_engine import Engine
     from .systemd import Watchdog, notify
@@ -406,7 +408,9 @@ def install_cmd(
     print_only,
 ):
     """Write the hy-edge.service unit."""
-    from .memory import MB, default_budget, parse_size
+    from hy_edge_format.sizes import MB
+
+    from .memory import default_budget, parse_size
     from .systemd import UNIT_PATH, hidden_by_unit, systemd_running, unit_file
 
     with user_errors():

@@ -22,13 +22,14 @@ import weakref
 from dataclasses import dataclass
 
 import numpy as np
+from hy_edge_format.errors import BudgetError, HyEdgeError, ModelFileError
+from hy_edge_format.heap import trim_heap
+from hy_edge_format.spec import ModelSpec
 from hy_edge_ops import activation, attention, conv, fp8, linear, norm
 
 from .buffers import KV_CACHE_TYPES, allocate_buffers, memory_plan
 from .engine_step import CompiledLayers
-from .errors import BudgetError, HyEdgeError, ModelFileError
-from .memory import DEFAULT_BUDGET, plan_context, release_library_pages, trim_heap
-from .spec import ModelSpec
+from .memory import DEFAULT_BUDGET, plan_context, release_library_pages
 from .weights import BLOCK_STORAGES, Linear, Weights, read_blocks, read_scales
 
 FP8_FORMATS = ("e4m3", "e5m2")

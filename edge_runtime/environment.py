@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 
-from .errors import HyEdgeError
+from hy_edge_format.errors import HyEdgeError
 
 LAYERS = ("default", "safe", "forksafe", "threadsafe", "tbb", "omp", "workqueue")  # numba's threading layers
 

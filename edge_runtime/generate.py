@@ -13,9 +13,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from hy_edge_format.errors import BudgetError, HyEdgeError, ModelFileError
 
 from .backend import Backend
-from .errors import BudgetError, HyEdgeError, ModelFileError
 from .memory import peak_rss_mb
 from .sampling import LogitsProcessor, Sampler, TokenLogprobs, make_sampler
 from .tokenizer import Tokenizer

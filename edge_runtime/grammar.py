@@ -18,8 +18,8 @@ import threading
 from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
+from hy_edge_format.errors import HyEdgeError
 
-from .errors import HyEdgeError
 from .sampling import LogitsProcessor
 
 # whitespace between tokens bounded (llguidance's default is unbounded: a sampled answer could run to max_tokens

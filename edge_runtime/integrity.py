@@ -20,11 +20,11 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from . import format as F
-from .errors import ModelFileError
-from .onnx_header import EXTERNAL
-from .safe_json import JSONInputError, is_int
-from .safe_json import loads as json_loads
+from hy_edge_format import format as F
+from hy_edge_format.errors import ModelFileError
+from hy_edge_format.onnx_header import EXTERNAL
+from hy_edge_format.safe_json import JSONInputError, is_int
+from hy_edge_format.safe_json import loads as json_loads
 
 _NUMBER = re.compile(r"[0-9]{1,19}")  # an offset or length as the external_data entries write it
 READ_CHUNK = 8 << 20  # the tensors are checked through a buffer of this size, not a memory map (no RSS)
@@ -185,7 +185,7 @@ def content_digest(path: Path, meta: dict[str, str]) -> str:
     converted before checksums existed, of its parts' device, inode, size and modification time."""
     if F.META_CHECKSUMS in meta:
         return "crc32:" + hashlib.sha256(meta[F.META_CHECKSUMS].encode()).hexdigest()[:32]
-    from .onnx_header import HeaderError, parse
+    from hy_edge_format.onnx_header import HeaderError, parse
 
     try:
         return "stat:" + _identity(parse(path.read_bytes()), path)

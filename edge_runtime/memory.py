@@ -18,13 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from .errors import BudgetError, HyEdgeError
+from hy_edge_format.errors import BudgetError, HyEdgeError
+from hy_edge_format.sizes import MB, fmt_bytes
 
 BUDGET_FRACTION = 0.75  # of the memory available; the rest stays with the OS, other services and the page cache
 FALLBACK_BUDGET = 8 * 1024**3  # where the machine's memory cannot be read (no /proc/meminfo)
 DEFAULT_CONTEXT = 4096  # when neither the user nor the budget asks for less
-MB = 1024**2
 # Resident memory of the runtime itself (the interpreter, numpy, click, the tokenizer, numba's kernels or
 # onnxruntime's session machinery), measured with a warm kernel cache on x86-64 Linux, Python 3.11, and
 # rounded up for other platforms:
@@ -111,13 +110,6 @@ def parse_size(text: str | int) -> int:
     if value <= 0:
         raise HyEdgeError(f"memory size '{text}' should be positive")
     return value
-
-
-def fmt_bytes(n: float) -> str:
-    for unit, size in (("GB", 1024**3), ("MB", MB), ("KB", 1024)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 class ContextLimited(UserWarning):
@@ -271,20 +263,6 @@ def _advise(start: int, end: int, advice: int) -> bool:
         else:
             _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     return bool(_madvise) and end > start and _madvise(start, end - start, advice) == 0
-
-
-def trim_heap() -> bool:
-    """Return the C heap's free pages to the OS (glibc's malloc_trim); True if any went back.
-
-    Parsing a model's tokenizer (the Rust `tokenizers` builds and drops ~30 MB of temporaries) and a
-    session's warm-up free more than glibc gives back on its own: the pages stay resident in the heap,
-    unused. False where the C library has no malloc_trim (musl, macOS)."""
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return False
-    trim.argtypes = (ctypes.c_size_t,)
-    return bool(trim(0))
 
 
 def lazy_zeros(shape: tuple, dtype, huge_pages: bool = False) -> np.ndarray:

@@ -12,18 +12,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from hy_edge_format import format as fmt
+from hy_edge_format.errors import HyEdgeError, ModelFileError
+from hy_edge_format.heap import trim_heap
+from hy_edge_format.spec import ModelSpec
 
-from . import format as fmt
 from .backend import BACKENDS, KV_CACHES, Backend, open_session
 from .cache_dirs import verification_dir
 from .chat import encode_chat, make_messages
-from .errors import HyEdgeError, ModelFileError
 from .generate import GenerationResponse, GenerationResult, Generator, collect
 from .integrity import check_data_size, verify_on_first_use
-from .memory import DEFAULT_BUDGET, MemoryPlan, parse_size, plan_context, runtime_overhead, trim_heap
+from .memory import DEFAULT_BUDGET, MemoryPlan, parse_size, plan_context, runtime_overhead
 from .model_file import parse_json_meta, read_header, read_tensors
 from .sampling import make_logits_processors, make_sampler
-from .spec import ModelSpec
 from .tokenizer import Tokenizer, TokenizerConfig
 from .weights import Weights, build_weights
 
@@ -196,7 +197,7 @@ def load(
             raise ModelFileError(f"{path.name}: {e}") from None
         del tok_meta
         meta = {k: v for k, v in meta.items() if k != fmt.META_TOKENIZER}  # its text (2 MB) is parsed: not kept
-        trim_heap()  # parsing it freed ~30 MB that glibc keeps resident otherwise (memory.trim_heap)
+        trim_heap()  # parsing it freed ~30 MB that glibc keeps resident otherwise (hy_edge_format.heap)
     options = SessionOptions(backend, threads, max_context, budget, prefill_chunk, kv_cache)
     return Model(path, spec, weights, tokenizer, quant, meta, options)
 

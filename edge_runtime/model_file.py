@@ -1,5 +1,5 @@
 """A converted .onnx file as the runtime reads it: its header (metadata and initializer headers, parsed by
-edge_runtime.onnx_header without importing onnx), checked against the header checksum the converter
+hy_edge_format.onnx_header without importing onnx), checked against the header checksum the converter
 stored, and its initializers: inline ones copied out of the header, external ones as views into one
 read-only memory map per data file. Everything read from the file is checked before it is used (sizes,
 shapes, offsets, the data file's extent); anything wrong is a ModelFileError naming the file and field.
@@ -13,15 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from hy_edge_format import format as F
+from hy_edge_format import onnx_header
+from hy_edge_format.errors import ModelFileError, SpecError
+from hy_edge_format.safe_json import JSONInputError, show
+from hy_edge_format.safe_json import loads as json_loads
+from hy_edge_format.spec import ModelSpec
 
-from . import format as F
-from . import onnx_header
-from .errors import ModelFileError, SpecError
 from .integrity import external_entry, verify_header
 from .memory import refuse_huge_pages
-from .safe_json import JSONInputError, show
-from .safe_json import loads as json_loads
-from .spec import ModelSpec
 
 ACTIVATIONS = ("none", "e4m3", "e5m2", "static")  # the linear-input fake quantization a file may ask for
 # A hy-edge header holds the graph, the metadata (a tokenizer of a few MB) and tensors under 1 KB; the

@@ -27,11 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from .errors import HyEdgeError
-from .memory import fmt_bytes
-from .safe_json import JSONInputError, is_int
-from .safe_json import loads as json_loads
+from hy_edge_format.errors import HyEdgeError
+from hy_edge_format.safe_json import JSONInputError, is_int
+from hy_edge_format.safe_json import loads as json_loads
+from hy_edge_format.sizes import fmt_bytes
 
 FILE_NAME = "prompt-cache.bin"
 FORMAT_VERSION = 1

@@ -13,9 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from hy_edge_format.errors import HyEdgeError
 from hy_edge_ops import sampling as ops
-
-from .errors import HyEdgeError
 
 Sampler = Callable[[np.ndarray], int]
 LogitsProcessor = Callable[[Sequence[int], np.ndarray], np.ndarray]

@@ -40,9 +40,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from hy_edge_format.errors import BudgetError, HyEdgeError
 from hy_edge_ops.linear import PREFILL_MIN
 
-from .errors import BudgetError, HyEdgeError
 from .generate import GenerationResponse, Generator, TextOut, common_prefix, eos_ids_of
 from .prompt_cache import PromptCache
 from .sampling import LogitsProcessor, Sampler, make_sampler, token_logprobs

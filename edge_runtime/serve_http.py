@@ -26,9 +26,9 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from hy_edge_format.errors import BudgetError, HyEdgeError
 from starlette.exceptions import HTTPException
 
-from .errors import BudgetError, HyEdgeError
 from .sampling import make_logit_bias, make_logits_processors, make_openai_penalties, make_sampler
 from .serve_bodies import ChatBody, CompletionBody, Message, SamplingBody
 from .serve_engine import Engine, Failed, NotAccepting, QueueFull

@@ -11,7 +11,7 @@ import time
 import warnings
 from pathlib import Path
 
-from .errors import HyEdgeError
+from hy_edge_format.errors import HyEdgeError
 
 
 def physical_cores() -> int:

@@ -6,10 +6,11 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass, field
 
-from . import safe_json
-from .errors import ModelFileError
-from .format import META_TOKENIZER_CONFIG
-from .safe_json import JSONInputError, is_int, show
+from hy_edge_format import safe_json
+from hy_edge_format.errors import ModelFileError
+from hy_edge_format.format import META_TOKENIZER_CONFIG
+from hy_edge_format.safe_json import JSONInputError, is_int, show
+
 from .spm_tokenizer import AddedToken, SentencePieceTokenizer
 
 META_KEY = META_TOKENIZER_CONFIG  # the metadata the config is read from, named in its errors

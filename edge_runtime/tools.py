@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .errors import HyEdgeError
+from hy_edge_format.errors import HyEdgeError
 
 MAX_CALLS = 8  # calls in one answer: a sampled answer cannot run on listing calls until max_tokens
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for a function name

@@ -8,7 +8,7 @@ weights into private copies at load, scales when a session folds them into its o
 embedding's token rows are read from the file (`RowReader`): nothing but the matrices is read through
 the map, which refuses huge pages (memory.refuse_huge_pages).
 
-Storage follows `format.py`: FP8 weights are `W.qweight` (uint8 view of FLOAT8E4M3FN / FLOAT8E5M2)
+Storage follows `hy_edge_format.format`: FP8 weights are `W.qweight` (uint8 view of FLOAT8E4M3FN / FLOAT8E5M2)
 plus `W.scale` (reshaped here to (N, G)); FP16 weights keep their raw half bits as uint16.
 """
 
@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from hy_edge_format import format as fmt
+from hy_edge_format.errors import ModelFileError
+from hy_edge_format.spec import ModelSpec
 
-from . import format as fmt
-from .errors import ModelFileError
 from .memory import drop_pages, lazy_zeros
 from .model_file import Tensor
-from .spec import ModelSpec
 
 BLOCK_STORAGES = ("int8", "uint4")  # hy_edge_ops.blockq
 

@@ -11,6 +11,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+# The test process runs the runtime: numba's kernel cache is the one edge_runtime configures at import
+# (cache_dirs), before checkpoints imports the converter, whose import leaves the process as it was.
+import edge_runtime  # noqa: F401
+
+# isort: split
 import checkpoints as ck
 import pytest
 

@@ -268,8 +268,7 @@ _META = ("hy_edge.spec", "hy_edge.quantization", "hy_edge.tokenizer", "hy_edge.t
 def onnx_case(base: Path, rng: random.Random, work: Path, prompt: Path) -> Case:
     import onnx
     import onnx_edit
-
-    from edge_runtime import format as F
+    from hy_edge_format import format as F
 
     d = work / "model"
     d.mkdir()

@@ -9,8 +9,7 @@ import zlib
 from pathlib import Path
 
 import onnx
-
-from edge_runtime import format as F
+from hy_edge_format import format as F
 
 
 def restamp(proto: onnx.ModelProto) -> onnx.ModelProto:

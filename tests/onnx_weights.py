@@ -8,9 +8,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import onnx
+from hy_edge_format import format as F
 from onnx import TensorProto, numpy_helper
-
-from edge_runtime import format as F
 
 _FP8 = {TensorProto.FLOAT8E4M3FN: ml_dtypes.float8_e4m3fn, TensorProto.FLOAT8E5M2: ml_dtypes.float8_e5m2}
 

@@ -1,6 +1,6 @@
 """A plain numpy forward pass over Hugging Face-named fp32 weights: the independent reference for the
 seed's architecture options (dwconv mixer, shared layers, relu6), which transformers has no model for.
-Written from the definitions in edge_runtime/spec.py, not from the graph or the kernels."""
+Written from the definitions in format/spec.py, not from the graph or the kernels."""
 
 from __future__ import annotations
 

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import numpy as np
 from checkpoints import TINY_SHAPES, need_torch
-
-from edge_runtime import format as F
-from edge_runtime.spec import spec_from_hf_config
+from hy_edge_format import format as F
+from hy_edge_format.spec import spec_from_hf_config
 
 _ROOT = Path(tempfile.mkdtemp(prefix="hy_edge_runtime_tests_"))
 atexit.register(shutil.rmtree, _ROOT, True)

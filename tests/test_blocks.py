@@ -7,12 +7,12 @@ import checkpoints as ck
 import numpy as np
 import pytest
 from hy_edge_convert import QuantPolicy, convert
+from hy_edge_format import format as F
 from hy_edge_ops import blockq, linear
 from onnx_weights import dequantized
 from runtime_helpers import hf_logits, rel_err
 
 import edge_runtime
-from edge_runtime import format as F
 
 STORAGE = {"Q8_0": "int8", "Q4_0": "uint4", "Q4_1": "uint4"}
 

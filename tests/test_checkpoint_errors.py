@@ -10,8 +10,7 @@ import checkpoints as ck
 import numpy as np
 import pytest
 from hy_edge_convert.checkpoint import open_checkpoint
-
-from edge_runtime.errors import CheckpointError
+from hy_edge_format.errors import CheckpointError
 
 
 def _fails(path, *needles):

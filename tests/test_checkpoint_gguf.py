@@ -9,9 +9,8 @@ from conftest import GGUF_QTYPES
 from gguf_reference import CONFIG_FIELDS, MESSAGES, TEXTS, digest, selected
 from hy_edge_convert.checkpoint import open_checkpoint
 from hy_edge_convert.gguf_reader import GGUFFile, permute_qk, unpermute_qk
+from hy_edge_format.spec import spec_from_hf_config
 from tokenizers import Tokenizer
-
-from edge_runtime.spec import spec_from_hf_config
 
 
 def _hf_model(path):

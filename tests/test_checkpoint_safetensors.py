@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from hy_edge_convert.checkpoint import open_checkpoint
 from hy_edge_convert.safetensors_reader import SafetensorsFile
+from hy_edge_format.spec import spec_from_hf_config
 from safetensors import safe_open
-
-from edge_runtime.spec import spec_from_hf_config
 
 torch = ck.need_torch()  # every test here reads files that torch and transformers wrote
 
@@ -180,8 +179,8 @@ def test_qwen_specs(qwen2_dir, qwen3_dir):
     """What each Qwen family's config.json (as transformers writes it: layer_types of "full_attention")
     says; sliding-window layers are refused; a spec without the Qwen fields (a file converted before
     them) reads as the families before them."""
-    from edge_runtime.errors import SpecError
-    from edge_runtime.spec import ModelSpec
+    from hy_edge_format.errors import SpecError
+    from hy_edge_format.spec import ModelSpec
 
     cfg2, cfg3 = (json.loads((d / "config.json").read_text()) for d in (qwen2_dir, qwen3_dir))
     assert cfg3["layer_types"] == ["full_attention", "full_attention"]
@@ -201,8 +200,8 @@ def test_qwen_specs(qwen2_dir, qwen3_dir):
 
 def test_gemma3_spec(gemma3_dir):
     """Gemma 3's config in both rope forms; what it cannot be run as is refused naming the field."""
-    from edge_runtime.errors import SpecError
-    from edge_runtime.spec import ModelSpec
+    from hy_edge_format.errors import SpecError
+    from hy_edge_format.spec import ModelSpec
 
     cfg = json.loads((gemma3_dir / "config.json").read_text())
     s = spec_from_hf_config(cfg)
@@ -228,8 +227,8 @@ def test_gemma3_spec(gemma3_dir):
 
 def test_rope_freq_factors_in_a_file_spec(qwen3_dir):
     """A file's per-frequency RoPE divisors (a Llama 3 GGUF's rope_freqs) are bounded like every field."""
-    from edge_runtime.errors import SpecError
-    from edge_runtime.spec import ModelSpec
+    from hy_edge_format.errors import SpecError
+    from hy_edge_format.spec import ModelSpec
 
     spec = json.loads(spec_from_hf_config(json.loads((qwen3_dir / "config.json").read_text())).to_json())
     half = spec["head_dim"] // 2

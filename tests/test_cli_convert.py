@@ -11,8 +11,7 @@ import checkpoints as ck
 import onnx
 import pytest
 from hy_edge_convert import QuantPolicy, convert
-
-from edge_runtime import format as F
+from hy_edge_format import format as F
 
 
 def hy_edge(*args, cwd=None) -> subprocess.CompletedProcess:

@@ -12,10 +12,10 @@ import onnx
 import pytest
 import reference_model
 from hy_edge_convert import QuantPolicy, convert
+from hy_edge_format import format as F
 from onnx_weights import dequantized, initializers
 from runtime_helpers import make_seed_checkpoint
 
-from edge_runtime import format as F
 from edge_runtime.backend_ort import OrtSession
 
 IDS = np.array([5, 17, 33, 2, 99, 100, 7, 8, 9, 10, 11, 12, 250, 3, 64, 65], np.int64)
@@ -344,9 +344,8 @@ SEED_OPTIONS = dict(
 
 
 def test_seed_options_match_numpy_reference(tmp_path):
+    from hy_edge_format.spec import spec_from_hf_config
     from safetensors.numpy import load_file
-
-    from edge_runtime.spec import spec_from_hf_config
 
     src = make_seed_checkpoint(tmp_path / "seed", **SEED_OPTIONS)
     spec = spec_from_hf_config(json.loads((src / "config.json").read_text()))

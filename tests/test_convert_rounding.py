@@ -17,11 +17,10 @@ from hy_edge_convert import QuantPolicy, convert
 from hy_edge_convert.calibrate import Calibration
 from hy_edge_convert.gptq import Hessian, gptq_round
 from hy_edge_convert.quantize import Quantized, quantize_weight
+from hy_edge_format import format as F
+from hy_edge_format.spec import spec_from_hf_config
 from onnx_weights import dequantized, initializers
 from runtime_helpers import make_seed_checkpoint
-
-from edge_runtime import format as F
-from edge_runtime.spec import spec_from_hf_config
 
 EVAL_TEXT = Path(__file__).resolve().parents[1] / "examples" / "eval" / "text.txt"
 E4M3_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)
@@ -224,7 +223,7 @@ def test_gguf_blocks_are_kept_and_requantized_blocks_calibrated(gguf_llama, tmp_
 
 
 def test_calibration_without_a_tokenizer_is_refused_before_writing(tmp_path):
-    from edge_runtime.errors import HyEdgeError
+    from hy_edge_format.errors import HyEdgeError
 
     src = make_seed_checkpoint(tmp_path / "seed")  # weights and config only
     out_dir = tmp_path / "out"

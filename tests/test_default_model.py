@@ -14,11 +14,11 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from hy_edge_format import format as F
 from runtime_helpers import converted
 
 import edge_runtime
 from edge_runtime import cli_model
-from edge_runtime import format as F
 from edge_runtime.cli import main
 
 GOLDEN_PROMPT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]

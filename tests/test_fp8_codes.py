@@ -14,11 +14,11 @@ import numpy as np
 import onnx
 import onnx_edit
 import pytest
+from hy_edge_format import format as F
+from hy_edge_format.errors import HyEdgeError, ModelFileError
 from runtime_helpers import converted
 
 import edge_runtime
-from edge_runtime import format as F
-from edge_runtime.errors import HyEdgeError, ModelFileError
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ DAZ_CHILD = """
 import ctypes, ctypes.util, sys
 import numba
 import edge_runtime
-from edge_runtime.errors import HyEdgeError
+from hy_edge_format.errors import HyEdgeError
 from hy_edge_ops.linear import subnormals_work
 numba.set_num_threads(1)  # the kernels run on this thread, whose flags are set below
 assert subnormals_work()

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from hy_edge_format.errors import BudgetError
 from runtime_helpers import converted, hf_model
 
 import edge_runtime
 from edge_runtime.chat import encode_chat, render
-from edge_runtime.errors import BudgetError
 
 PROMPT = "Edge devices run small language models."
 

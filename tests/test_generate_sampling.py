@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hy_edge_format.errors import HyEdgeError
 
-from edge_runtime.errors import HyEdgeError
 from edge_runtime.generate import StopMatcher, common_prefix
 from edge_runtime.sampling import filtered_probs, make_logits_processors, make_openai_penalties, make_sampler
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hy_edge_format.errors import HyEdgeError
 from runtime_helpers import converted
 
 import edge_runtime
 from edge_runtime import cli_convert
 from edge_runtime.cli import main
-from edge_runtime.errors import HyEdgeError
 
 TESTS = Path(__file__).parent
 

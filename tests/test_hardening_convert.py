@@ -12,9 +12,9 @@ import onnx
 from click.testing import CliRunner
 from hy_edge_convert import QuantPolicy, convert
 from hy_edge_convert.quantize import quantize_weight
+from hy_edge_format import format as F
 
 import edge_runtime
-from edge_runtime import format as F
 from edge_runtime.cli import main
 
 

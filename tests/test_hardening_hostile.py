@@ -19,9 +19,9 @@ import onnx
 import onnx_edit
 import pytest
 from click.testing import CliRunner
+from hy_edge_format import format as F
 from runtime_helpers import converted
 
-from edge_runtime import format as F
 from edge_runtime.cli import main
 from edge_runtime.integrity import extent
 

@@ -14,11 +14,11 @@ import numpy as np
 import onnx
 import pytest
 from hy_edge_convert import QuantPolicy, convert
+from hy_edge_format import format as F
+from hy_edge_format.errors import ModelFileError
 
 import edge_runtime
 from edge_runtime import cli_model
-from edge_runtime import format as F
-from edge_runtime.errors import ModelFileError
 from edge_runtime.integrity import extent
 
 

@@ -9,13 +9,13 @@ import subprocess
 import sys
 
 import pytest
+from hy_edge_format.errors import BudgetError
 from runtime_helpers import converted, make_seed_checkpoint
 from serve_helpers import seconds
 from smaps import mapped_kb, matrices_kb
 
 import edge_runtime
 from edge_runtime import memory
-from edge_runtime.errors import BudgetError
 from edge_runtime.memory import (
     BUDGET_FRACTION,
     FALLBACK_BUDGET,
@@ -193,8 +193,8 @@ print(json.dumps([loaded, decoded, bool(np.array_equal(first, again)), float(dou
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 def test_embedding_rows_are_read_from_the_file_not_through_the_map(tmp_path):
     import numpy as np
+    from hy_edge_format.errors import ModelFileError
 
-    from edge_runtime.errors import ModelFileError
     from edge_runtime.weights import RowReader
 
     rng = np.random.default_rng(0)

@@ -16,10 +16,10 @@ from types import SimpleNamespace
 
 import pytest
 import readonly_fs
+from hy_edge_format.errors import HyEdgeError
 from runtime_helpers import converted
 
 from edge_runtime import cache_dirs, cli_model
-from edge_runtime.errors import HyEdgeError
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""edge_runtime.onnx_header reads what onnx's own parser reads: every field the runtime uses, on a
+"""hy_edge_format.onnx_header reads what onnx's own parser reads: every field the runtime uses, on a
 converted model and on hand-made tensors in each storage form; it refuses what is not protobuf; and a
 run (`hy-edge run`, `edge_runtime.load`) never imports onnx."""
 
@@ -10,12 +10,12 @@ import sys
 import numpy as np
 import onnx
 import pytest
+from hy_edge_format import onnx_header
+from hy_edge_format.errors import ModelFileError
 from onnx import TensorProto, helper, numpy_helper
 from runtime_helpers import converted
 
 import edge_runtime
-from edge_runtime import onnx_header
-from edge_runtime.errors import ModelFileError
 
 
 def _entries(entries) -> list[tuple[str, str]]:
@@ -172,5 +172,5 @@ def test_running_a_model_never_imports_onnx(hy_fp8):
     cli = [sys.executable, "-X", "importtime", "-m", "edge_runtime", "run", "--raw", "--max-tokens", "2"]
     out = subprocess.run([*cli, "--model", str(hy_fp8), "-"], input="hi", capture_output=True, text=True, check=True)
     imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
-    assert "edge_runtime.onnx_header" in imported and "edge_runtime.cli_convert" in imported
+    assert "hy_edge_format.onnx_header" in imported and "edge_runtime.cli_convert" in imported
     assert not {m for m in imported if m == "onnx" or m.startswith("onnx.")}

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hy_edge_format.errors import BudgetError, HyEdgeError
 from runtime_helpers import PROMPT_IDS, allocations, cached_bytes_per_token, converted, make_seed_checkpoint
 
 import edge_runtime
 from edge_runtime.buffers import KV_CACHE_TYPES
 from edge_runtime.engine_numba import NumbaSession
-from edge_runtime.errors import BudgetError, HyEdgeError
 
 PROMPTS = [PROMPT_IDS[:7], PROMPT_IDS[3:15], PROMPT_IDS[:2], PROMPT_IDS[5:9], PROMPT_IDS[1:12]]
 

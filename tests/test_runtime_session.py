@@ -10,11 +10,11 @@ import numpy as np
 import onnx
 import onnx_edit
 import pytest
+from hy_edge_format import format as F
+from hy_edge_format.errors import BudgetError, ModelFileError
 from runtime_helpers import PROMPT_IDS, allocations, cached_bytes_per_token, converted, make_seed_checkpoint
 
 import edge_runtime
-from edge_runtime import format as F
-from edge_runtime.errors import BudgetError, ModelFileError
 from edge_runtime.memory import ContextLimited
 
 

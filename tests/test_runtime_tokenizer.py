@@ -298,8 +298,7 @@ def test_sentencepiece_control_pieces_are_tokens_without_added_tokens(sp_tokeniz
 
 def test_malformed_added_tokens_decoder_is_one_error(tmp_path, llama_dir, sp_model_bytes):
     from hy_edge_convert.checkpoint import open_checkpoint
-
-    from edge_runtime.errors import CheckpointError
+    from hy_edge_format.errors import CheckpointError
 
     d = _sp_checkpoint(tmp_path, llama_dir, sp_model_bytes, {})
     config = json.loads((d / "tokenizer_config.json").read_text())

@@ -10,11 +10,11 @@ import time
 
 import numpy as np
 import pytest
+from hy_edge_format.errors import BudgetError
 from runtime_helpers import converted
 from serve_helpers import seconds
 
 import edge_runtime
-from edge_runtime.errors import BudgetError
 from edge_runtime.generate import GenerationResponse
 from edge_runtime.serve_engine import ALIGN, PREFILL_MIN, Engine, Failed, NotAccepting, Observer, QueueFull, Request
 

@@ -9,10 +9,10 @@ import json
 
 import numpy as np
 import pytest
+from hy_edge_format.errors import HyEdgeError
 from runtime_helpers import converted
 
 import edge_runtime
-from edge_runtime.errors import HyEdgeError
 from edge_runtime.generate import eos_ids_of
 from edge_runtime.tools import FORMATS, ToolStream, parse_tools, split
 
