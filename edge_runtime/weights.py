@@ -471,7 +471,7 @@ def _layer(spec: ModelSpec, tensors: dict, i: int, expected: dict, path: Path) -
 
     def vec(short: str, kind: str = "weight") -> np.ndarray:
         name = f"{p}.{short}.{kind}"
-        if short.endswith(("norm", "layernorm")):
+        if short.endswith("norm"):
             return _norm_vector(spec, tensors, name, expected[name], path)
         return _float_vector(tensors, name, expected[name], path)
 

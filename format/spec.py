@@ -436,6 +436,8 @@ def _validate(s: ModelSpec, source: str = "config.json") -> None:
         fail("head_dim", f"= {s.head_dim} should be even (rotary embedding)")
     if not (s.embed_scale > 0 and math.isfinite(s.embed_scale)):
         fail("embed_scale", f"should be a positive number, got {s.embed_scale!r}")
+    if s.sandwich_norms and s.conv_layers:
+        fail("sandwich_norms", "applies to attention layers only: the model has dwconv layers")
     for i in s.sliding_layers:
         if not (is_int(i) and 0 <= i < s.num_hidden_layers and s.layer_types[i] == "attention"):
             fail("sliding_layers", f"entry {show(i)} should name an attention layer")

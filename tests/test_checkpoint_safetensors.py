@@ -223,6 +223,12 @@ def test_gemma3_spec(gemma3_dir):
             spec_from_hf_config({**cfg, **bad})
     with pytest.raises(SpecError, match="sliding_layers"):
         ModelSpec.from_json(json.dumps({**json.loads(s.to_json()), "sliding_layers": [7]}))
+    with pytest.raises(SpecError, match="sandwich_norms"):  # the engine's sandwich norms are attention layers'
+        ModelSpec.from_json(
+            json.dumps(
+                {**json.loads(s.to_json()), "sliding_layers": [], "layer_types": ["attention", "dwconv", "attention"]}
+            )
+        )
 
 
 def test_rope_freq_factors_in_a_file_spec(qwen3_dir):
