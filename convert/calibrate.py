@@ -22,6 +22,7 @@ import numpy as np
 from hy_edge_format import format as F
 from hy_edge_format.errors import HyEdgeError
 from hy_edge_format.spec import ModelSpec
+from hy_edge_ops import minifloat
 from hy_edge_ops.fp8 import dequantize_fp8
 from hy_edge_ops.rope import rope_inv_freq
 
@@ -63,6 +64,8 @@ def dequantized(q: Quantized) -> np.ndarray:
     """The float32 weight (N, K) the runtime computes with."""
     if q.storage in ("fp16", "fp32"):
         return q.data.astype(np.float32)
+    if q.storage in minifloat.FORMATS:
+        return minifloat.dequantize(minifloat.unpack(q.data, q.storage), q.scale.astype(np.float32), q.storage)
     scale = np.asarray(q.scale, np.float32)
     if scale.ndim < 2:  # per tensor () or per channel (N,): one scale per row
         scale = np.broadcast_to(scale.reshape(-1, 1), (q.data.shape[0], 1))
@@ -95,8 +98,9 @@ class Calibration:
     """Hands the converter each linear, quantized from its calibration inputs (`take(name)`), running the
     layers forward as far as the asked-for weight needs."""
 
-    def __init__(self, spec: ModelSpec, ids: np.ndarray, load: Load, quantize: Quantize):
+    def __init__(self, spec: ModelSpec, ids: np.ndarray, load: Load, quantize: Quantize, moments: bool = True):
         self.spec, self.ids, self.load, self.quantize = spec, ids, load, quantize
+        self.moments = moments  # False: no H for any linear (a forward that only needs the outputs)
         embed = load(F.EMBED)
         self.x = embed[ids].astype(np.float16).astype(np.float32)  # (S, T, C): the runtime's FP16 embedding
         if spec.embed_scale != 1.0:  # Gemma
@@ -118,10 +122,13 @@ class Calibration:
                     self.next_layer += 1
                 if name == F.LM_HEAD:
                     h = rms_norm(self.x, self.norm(F.FINAL_NORM), self.spec.rms_norm_eps)
-                    self.ready[name] = self.quantize(name, self.load(name), second_moment(h))
+                    self.ready[name] = self.quantize(name, self.load(name), self._moment(h))
         if name not in self.ready:  # asked twice, or out of layer order: a converter bug, not a user error
             raise RuntimeError(f"calibration: '{name}' was not produced by the calibration pass")
         return self.ready.pop(name)
+
+    def _moment(self, x: np.ndarray) -> Hessian | None:
+        return second_moment(x) if self.moments else None
 
     def norm(self, name: str) -> np.ndarray:
         """An RMSNorm's weight as applied: 1 + w for spec.norm_plus_one (Gemma)."""
@@ -155,7 +162,7 @@ class Calibration:
         self.x = self.x + y
         pre_mlp = "pre_feedforward_layernorm" if spec.sandwich_norms else "post_attention_layernorm"
         h = rms_norm(self.x, self.norm(f"{p}.{pre_mlp}.weight"), eps)
-        H = None if "mlp.gate_proj" in layer else second_moment(h)
+        H = None if "mlp.gate_proj" in layer else self._moment(h)
         gate = self._linear(layer, owner, "mlp.gate_proj", h, H)
         up = self._linear(layer, owner, "mlp.up_proj", h, H)
         # SiLU as x * sigmoid(x) with sigmoid(x) = (1 + tanh(x / 2)) / 2: no exp to overflow for large |x|
@@ -167,7 +174,7 @@ class Calibration:
             act = gate * (0.5 + 0.5 * np.tanh(0.5 * gate))
         a = act * up
         del gate, up, act
-        H = None if "mlp.down_proj" in layer else second_moment(a)
+        H = None if "mlp.down_proj" in layer else self._moment(a)
         y = self._linear(layer, owner, "mlp.down_proj", a, H)
         if spec.sandwich_norms:
             y = rms_norm(y, self.norm(f"{p}.post_feedforward_layernorm.weight"), eps)
@@ -179,7 +186,7 @@ class Calibration:
         spec = self.spec
         S, T, _ = h.shape
         Hq, Hkv, D = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
-        H = None if "self_attn.q_proj" in layer else second_moment(h)
+        H = None if "self_attn.q_proj" in layer else self._moment(h)
         p = F.layer_prefix(owner)
 
         def proj(x: str, heads: int) -> np.ndarray:
@@ -216,7 +223,7 @@ class Calibration:
         att = scores @ v.transpose(0, 2, 1, 3)[:, :, None]  # (S, Hkv, rep, T, D)
         att = att.transpose(0, 3, 1, 2, 4).reshape(S, T, Hq * D)
         del scores
-        H = None if "self_attn.o_proj" in layer else second_moment(att)
+        H = None if "self_attn.o_proj" in layer else self._moment(att)
         return self._linear(layer, owner, "self_attn.o_proj", att, H)
 
     def _dwconv(self, layer: dict, owner: int, h: np.ndarray) -> np.ndarray:
@@ -225,5 +232,5 @@ class Calibration:
         kernel = self.load(f"{F.layer_prefix(owner)}.mixer.conv.weight")  # (C, k)
         padded = np.concatenate([np.zeros((h.shape[0], k - 1, h.shape[2]), h.dtype), h], axis=1)
         y = sum(kernel[:, j] * padded[:, j : j + h.shape[1]] for j in range(k))
-        H = None if "mixer.out_proj" in layer else second_moment(y)
+        H = None if "mixer.out_proj" in layer else self._moment(y)
         return self._linear(layer, owner, "mixer.out_proj", y, H)

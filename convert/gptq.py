@@ -1,4 +1,4 @@
-"""Error-compensating rounding onto the FP8 grid (GPTQ) and the scale search that feeds it.
+"""Error-compensating rounding onto the FP8 (or sub-byte FP) grid (GPTQ) and the scale search that feeds it.
 
 Round-to-nearest minimises each weight's own error, but what the model sees is a linear's output X W^T. With
 H = X^T X, the second moment of the inputs that reach the linear, the output error of a weight error E is
@@ -10,7 +10,8 @@ factor of H^-1, so that the remaining columns make up for it as far as the input
 Every column is rounded by `quantize_fp8`'s encoder (round to nearest even onto the E4M3 / E5M2 grid,
 saturating; the column loop is `hy_edge_ops.fp8.quantize_fp8_compensated`) with scales fixed before the first
 column, so the codes are valid FP8 codes in the same scale layout (per tensor, per channel, or block:N) as
-round-to-nearest's. With H = I GPTQ is round-to-nearest exactly: no column's error has anywhere to go.
+round-to-nearest's; sub-byte formats (hy_edge_ops.minifloat) likewise, with their half scale per block of 32.
+With H = I GPTQ is round-to-nearest exactly: no column's error has anywhere to go.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+from hy_edge_ops import minifloat
 from hy_edge_ops.fp8 import dequantize_fp8, quantize_fp8, quantize_fp8_compensated
 
 DAMP = 0.01  # of mean(diag H), added to the diagonal: the reference implementation's percdamp
@@ -27,12 +29,21 @@ SCALE_GRID = tuple(1.0 + i / 32 for i in range(-8, 3))
 ROWS_PER_CHUNK = 4096  # bounds the search's fp32 temporaries (4096 x K floats per candidate)
 
 
-def search_scales(w: np.ndarray, scales: np.ndarray, fmt: str, importance: np.ndarray | None = None) -> np.ndarray:
+def search_scales(
+    w: np.ndarray,
+    scales: np.ndarray,
+    fmt: str,
+    importance: np.ndarray | None = None,
+    roundtrip=None,
+    grid: tuple[float, ...] = SCALE_GRID,
+) -> np.ndarray:
     """Scales (N, G) that minimise sum_k importance[k] * (dequant(quant(w))[n, k] - w[n, k])^2 per row and
-    block, among the amax scales `scales` (N, G) times each factor of SCALE_GRID.
+    block, among the amax scales `scales` (N, G) times each factor of `grid`.
 
     w f32 (N, K); importance f32 (K,) (diag of H: how strongly each input reaches the output), or None for
-    plain squared error."""
+    plain squared error; `roundtrip(w_rows, scales_rows)`: dequant(quant(w_rows)) (default: FP8 `fmt`)."""
+    if roundtrip is None:
+        roundtrip = functools.partial(_fp8_roundtrip, fmt=fmt)
     N, K = w.shape
     G = scales.shape[1]
     imp = np.ones(K, np.float32) if importance is None else np.asarray(importance, np.float32)
@@ -41,14 +52,18 @@ def search_scales(w: np.ndarray, scales: np.ndarray, fmt: str, importance: np.nd
         rows = slice(r0, r0 + ROWS_PER_CHUNK)
         chunk, base = np.ascontiguousarray(w[rows]), scales[rows]
         best_err = np.full(base.shape, np.inf, np.float64)
-        for s in SCALE_GRID:
+        for s in grid:
             cand = np.ascontiguousarray(base * np.float32(s))
-            deq = dequantize_fp8(quantize_fp8(chunk, cand, fmt), cand, fmt)
+            deq = roundtrip(chunk, cand)
             err = (np.square(deq - chunk) * imp).reshape(len(chunk), G, K // G).sum(axis=2, dtype=np.float64)
             better = err < best_err
             best_err[better] = err[better]
             best[rows][better] = cand[better]
     return best
+
+
+def _fp8_roundtrip(w: np.ndarray, scales: np.ndarray, fmt: str) -> np.ndarray:
+    return dequantize_fp8(quantize_fp8(w, scales, fmt), scales, fmt)
 
 
 def _inverse_cholesky(H: np.ndarray) -> np.ndarray:
@@ -105,4 +120,6 @@ def gptq_round(w: np.ndarray, hessian: Hessian, scales: np.ndarray, fmt: str) ->
     b*K/G ...), rounded column by column in act order with each column's error spread onto the later
     columns (hy_edge_ops.fp8.quantize_fp8_compensated: one parallel call per weight, rows in tiles)."""
     order, U = hessian.factor
+    if fmt in minifloat.FORMATS:  # sub-byte FP: scales are the blocks' d (N, K / 32)
+        return minifloat.quantize_compensated(np.ascontiguousarray(w, np.float32), scales, U, order, fmt)
     return quantize_fp8_compensated(np.ascontiguousarray(w, np.float32), scales, U, order, fmt)

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 from hy_edge_format import format as F
 from hy_edge_format.spec import ModelSpec
+from hy_edge_ops import minifloat
 from hy_edge_ops.fp8 import FP8_MAX
 from hy_edge_ops.rope import rope_inv_freq
 from onnx import TensorProto, helper, numpy_helper
@@ -82,6 +83,8 @@ class GraphBuilder:
                 value = self.node("DequantizeLinear", [name + F.QWEIGHT, name + F.SCALE], path, **attrs)
             elif w.storage in BLOCK_TYPES:
                 value = self.make_block_weight(name, w, path)
+            elif w.storage in minifloat.FORMATS:
+                value = self.make_subbyte_weight(name, w, path)
             elif w.storage == "fp16":
                 value = self.node("Cast", [value], path, to=TensorProto.FLOAT)
             self._dequant_cache[name] = value
@@ -95,6 +98,41 @@ class GraphBuilder:
         One DequantizeLinear per weight, so that onnxruntime folds it as it folds FP8."""
         scale = self.node("Cast", [name + F.SCALE], path + "/scale", to=TensorProto.FLOAT)  # (N, G)
         return self.node("DequantizeLinear", [name + F.QWEIGHT, scale], path, axis=1, block_size=32)
+
+    def make_subbyte_weight(self, name: str, w: StoredWeight, path: str) -> str:
+        """Sub-byte FP codes (hy_edge_ops.minifloat's packed layout) decoded with standard ops, as
+        onnxruntime's DequantizeLinear has no FP4 / FP6: the bytes split into nibbles (BitwiseAnd, BitShift)
+        and, for FP6, the high bits added, each code looked up in a table of its values (Gather), times the
+        block's half scale widened to float32. All from initializers: onnxruntime folds it at load."""
+        N, K = w.shape
+        G, fmt = K // minifloat.BLOCK, w.storage
+        codes = self.node("Reshape", [name + F.QWEIGHT, self.i64(N, G, minifloat.BLOCK_BYTES[fmt])], path + "/codes")
+
+        def shifted(x: str, bits: int, what: str) -> str:
+            return self.node("BitShift", [x, self.const([bits], np.uint8)], path + what, direction="RIGHT")
+
+        def masked(x: str, mask: int, what: str) -> str:
+            return self.node("BitwiseAnd", [x, self.const([mask], np.uint8)], path + what)
+
+        def part(x: str, lo: int, hi: int, what: str) -> str:
+            return self.node("Slice", [x, self.i64(lo), self.i64(hi), self.i64(2)], path + what)
+
+        nibbles = part(codes, 0, 16, "/nibbles") if fmt != "e2m1" else codes
+        low = self.node("Concat", [masked(nibbles, 15, "/low"), shifted(nibbles, 4, "/high")], path + "/low", axis=2)
+        if fmt == "e2m1":
+            code = low
+        else:  # the high 2 bits of weights j, j + 8, j + 16, j + 24 in byte 16 + j
+            tops = part(codes, 16, 24, "/tops")
+            quarters = [masked(shifted(tops, s, f"/tops{s}"), 3, f"/tops{s}") for s in (0, 2, 4, 6)]
+            high = self.node("Concat", quarters, path + "/tops", axis=2)
+            high = self.node("BitShift", [high, self.const([4], np.uint8)], path + "/tops", direction="LEFT")
+            code = self.node("BitwiseOr", [low, high], path + "/code")
+        index = self.node("Cast", [code], path + "/index", to=TensorProto.INT32)
+        value = self.node("Gather", [self.const(minifloat.values(fmt)), index], path + "/value", axis=0)
+        scale = self.node("Cast", [name + F.SCALE], path + "/scale", to=TensorProto.FLOAT)
+        scale = self.node("Unsqueeze", [scale, self.i64(2)], path + "/scale")
+        weight = self.node("Mul", [value, scale], path)
+        return self.node("Reshape", [weight, self.i64(N, K)], path)
 
     def make_offsets(self, name: str) -> str:
         """A uint4 weight's offsets per block (N, G) in float32."""

@@ -18,18 +18,24 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 from hy_edge_format.errors import HyEdgeError
 from hy_edge_format.format import EMBED
+from hy_edge_ops import minifloat
 from hy_edge_ops.fp8 import FP8_MAX, dequantize_fp8, quantize_fp8
 
 from .gptq import Hessian, gptq_round, search_scales
 
 # source: quantized tensors as they are (an FP8 release's bytes, GGUF Q8_0/Q4_0/Q4_1 blocks), float ones
 # as e4m3; e4m3 | e5m2 | auto: every float or block-quantized tensor (re)quantized to FP8
-FORMATS = ("source", "e4m3", "e5m2", "auto", "none")
+# e2m1 (FP4), e3m2 / e2m3 (FP6): every float or block-quantized linear to that sub-byte FP format, a half scale
+# per block of 32 (hy_edge_ops.minifloat)
+SUBBYTE = tuple(minifloat.FORMATS)
+FORMATS = ("source", "e4m3", "e5m2", "auto", "none", *SUBBYTE)
+TENSOR_FORMATS = ("e4m3", "e5m2", "auto", *SUBBYTE)  # what --tensor-format may give one linear
 BLOCK = 32  # weights per GGUF block (hy_edge_ops.blockq.BLOCK)
 ACTIVATIONS = ("none", "e4m3", "e5m2", "static")
 ROUNDINGS = ("auto", "nearest", "gptq")
@@ -48,6 +54,11 @@ class QuantPolicy:
     activations: str = "none"  # fake-quantize linear inputs: none | e4m3 | e5m2 | static (input_scale)
     rounding: str = "auto"  # auto | nearest | gptq (error-compensating, from the calibration text's inputs)
     scales: str = "auto"  # auto | amax | search (the multiple of amax with the least input-weighted error)
+    # (fnmatch pattern, format) pairs: a linear matching a pattern takes that format instead (the first match)
+    tensor_formats: tuple[tuple[str, str], ...] = ()
+    # with format auto: the average bits per weight of the linears rounded from floats, each linear's format
+    # chosen by measured sensitivity (convert/allocate.py)
+    bits: float | None = None
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -59,6 +70,13 @@ class QuantPolicy:
         if self.scales not in SCALES:
             raise HyEdgeError(f"--scales: '{self.scales}' is not one of {', '.join(SCALES)}")
         block_size(self.granularity)  # validates
+        if self.bits is not None and (self.format != "auto" or not 4.5 <= self.bits <= 16):
+            raise HyEdgeError(f"--bits {self.bits:g}: needs --format auto and a value from 4.5 to 16")
+        for pattern, fmt in self.tensor_formats:
+            if fmt not in TENSOR_FORMATS:
+                raise HyEdgeError(f"--tensor-format {pattern}={fmt}: '{fmt}' is not one of {', '.join(TENSOR_FORMATS)}")
+        if self.format in SUBBYTE and self.granularity not in ("channel", f"block:{BLOCK}"):
+            raise HyEdgeError(f"--granularity: {self.format} weights are scaled per block of {BLOCK} (block:{BLOCK})")
 
     @property
     def calibrated(self) -> bool:
@@ -73,6 +91,14 @@ class QuantPolicy:
         rounding = self.rounding if self.rounding != "auto" else "gptq" if calibratable else "nearest"
         scales = self.scales if self.scales != "auto" else "search" if rounding == "gptq" else "amax"
         return dataclasses.replace(self, rounding=rounding, scales=scales)
+
+    def for_tensor(self, name: str) -> QuantPolicy:
+        """The policy of one linear: its format as the first matching `tensor_formats` entry says."""
+        for pattern, fmt in self.tensor_formats:
+            if fnmatch.fnmatchcase(name, pattern):
+                granularity = f"block:{BLOCK}" if fmt in SUBBYTE else self.granularity
+                return dataclasses.replace(self, format=fmt, granularity=granularity, tensor_formats=(), bits=None)
+        return self
 
     def stays_float(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) for p in self.keep_fp16)
@@ -94,10 +120,11 @@ class Quantized:
     """One weight as it will be stored. `scale` has the ONNX DequantizeLinear shape: () per tensor,
     (N,) per channel, (N, G) per block."""
 
-    storage: str  # e4m3 | e5m2 | int8 | uint4 | fp16 | fp32
-    # uint8 FP8 codes (N, K) | int8 codes (N, K) | uint4: uint8 (N, K/32, 16), two codes a byte | float16 | float32
+    storage: str  # e4m3 | e5m2 | int8 | uint4 | e2m1 | e3m2 | e2m3 | fp16 | fp32
+    # uint8 FP8 codes (N, K) | int8 codes (N, K) | uint4: uint8 (N, K/32, 16), two codes a byte | sub-byte FP:
+    # uint8 (N, K/32 * 16 | 24) packed (hy_edge_ops.minifloat) | float16 | float32
     data: np.ndarray
-    scale: np.ndarray | None = None  # int8 / uint4: float16 (N, K/32)
+    scale: np.ndarray | None = None  # int8 / uint4 / sub-byte FP: float16 (N, K/32)
     granularity: str | None = None  # channel | tensor | block:N
     input_scale: np.ndarray | None = None  # float32 (), static activation scale
     rel_error: float = 0.0  # ||dequant(q) - w|| / ||w||
@@ -184,6 +211,7 @@ def quantize_weight(name: str, w: np.ndarray, policy: QuantPolicy, hessian: Hess
     `scales search` (None: every input weighs the same, and gptq rounds to nearest)."""
     if policy.format == "none":
         return Quantized("fp32", np.ascontiguousarray(w, np.float32))
+    policy = policy.for_tensor(name)
     if policy.stays_float(name):
         return to_fp16(w)
     granularity = policy.granularity
@@ -192,6 +220,11 @@ def quantize_weight(name: str, w: np.ndarray, policy: QuantPolicy, hessian: Hess
     if B is not None and w.shape[1] % B:
         granularity = "channel"  # blocks must tile K exactly
         note = f"{policy.granularity} does not divide the input size: scaled per channel instead"
+    if policy.format in SUBBYTE and w.shape[1] % BLOCK:
+        q = to_fp16(w)  # sub-byte FP needs whole blocks of 32
+        return dataclasses.replace(q, note=f"{w.shape[1]} inputs are not whole blocks of {BLOCK}: kept FP16")
+    if policy.format in SUBBYTE:
+        return _encode_subbyte(w, policy.format, policy, hessian, note)
     fmts = {"auto": ("e4m3", "e5m2"), "source": ("e4m3",)}.get(policy.format, (policy.format,))
     best = None
     if len(fmts) > 1 and policy.calibrated:  # the format by round-to-nearest's error: one calibrated pass
@@ -202,6 +235,49 @@ def quantize_weight(name: str, w: np.ndarray, policy: QuantPolicy, hessian: Hess
             best = (fmt, codes, scales, err)
     fmt, codes, scales, err = best
     return Quantized(fmt, codes, _onnx_scale(scales, granularity), granularity, rel_error=err, note=note)
+
+
+# the sub-byte scale search: multiples of amax / max value, wider than FP8's (a coarse grid often fits a
+# block better when its largest value clips a little)
+SUBBYTE_SCALE_GRID = tuple(0.625 + i / 32 for i in range(15))
+
+
+def _half_scales(d: np.ndarray) -> np.ndarray:
+    """d f32 as the half the file stores, back in f32 (what the kernels multiply by)."""
+    with np.errstate(over="ignore"):
+        return np.minimum(d, np.float32(65504.0)).astype(np.float16).astype(np.float32)
+
+
+def _subbyte_roundtrip(w: np.ndarray, d: np.ndarray, fmt: str) -> np.ndarray:
+    d = _half_scales(d)
+    return minifloat.dequantize(minifloat.quantize(w, d, fmt), d, fmt)
+
+
+def _encode_subbyte(
+    w: np.ndarray, fmt: str, policy: QuantPolicy, hessian: Hessian | None, note: str | None
+) -> Quantized:
+    """Sub-byte FP codes, packed, with a half scale per block of 32: d = amax / max value (or the multiple of
+    it with the least input-weighted error), rounded to nearest or by GPTQ."""
+    N, K = w.shape
+    blocks = w.reshape(N, K // BLOCK, BLOCK)
+    amax = np.maximum(blocks.max(axis=2), -blocks.min(axis=2))
+    d = _half_scales(amax / np.float32(minifloat.max_value(fmt)))
+    if policy.scales == "search":
+        roundtrip = functools.partial(_subbyte_roundtrip, fmt=fmt)
+        imp = None if hessian is None else hessian.diag
+        d = _half_scales(search_scales(w, d, fmt, imp, roundtrip=roundtrip, grid=SUBBYTE_SCALE_GRID))
+    if policy.rounding == "gptq" and hessian is not None:
+        codes = gptq_round(w, hessian, d, fmt)
+    else:
+        codes = minifloat.quantize(np.ascontiguousarray(w, np.float32), d, fmt)
+    err = ref = 0.0
+    for r0 in range(0, N, ROWS_PER_CHUNK):  # chunked: no second full-size fp32 temporary
+        rows = slice(r0, r0 + ROWS_PER_CHUNK)
+        err += float(np.square(minifloat.dequantize(codes[rows], d[rows], fmt) - w[rows], dtype=np.float64).sum())
+        ref += float(np.square(w[rows], dtype=np.float64).sum())
+    rel = (err / ref) ** 0.5 if ref > 0 else 0.0
+    packed = minifloat.pack(codes, fmt)
+    return Quantized(fmt, packed, d.astype(np.float16), f"block:{BLOCK}", rel_error=rel, note=note)
 
 
 def carry_fp8(codes: np.ndarray, weight_scale: np.ndarray, input_scale: np.ndarray | None) -> Quantized:

@@ -43,6 +43,8 @@ def ort_memory_plan(spec: ModelSpec, tensors: dict[str, Tensor]) -> MemoryPlan:
     def folded(t: Tensor) -> int:  # bytes kept for a tensor: float32, but the Gather's FP16 embedding
         if t.name == F.EMBED and t.storage == "fp16":
             return 2 * t.data.size
+        if t.storage in F.SUBBYTE_BLOCK_BYTES:  # packed sub-byte FP: 32 weights a block
+            return 4 * 32 * t.data.size // F.SUBBYTE_BLOCK_BYTES[t.storage]
         return (8 if t.storage == "uint4" else 4) * t.data.size  # uint4: two weights a byte
 
     kept = sum(folded(t) for t in tensors.values())
@@ -71,8 +73,9 @@ class OrtSession:
         header = read_header(path)  # checked as load() checks it
         self.spec = header.spec
         self.quantization = header.quantization
-        self.plan = ort_memory_plan(self.spec, read_tensors(header.proto, path))  # sizes checked; nothing read
-        del header
+        tensors = read_tensors(header.proto, path, header.quantization)  # sizes checked; nothing read
+        self.plan = ort_memory_plan(self.spec, tensors)
+        del header, tensors
         # checked before onnxruntime folds the weights (the allocation the budget is about)
         self.max_context = plan_context(self.plan, max_memory, max_context, self.spec.max_position_embeddings)
         opts = ort.SessionOptions()

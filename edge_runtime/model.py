@@ -177,7 +177,7 @@ def load(
     header = read_header(path)
     proto, meta, spec, quant = header.proto, header.meta, header.spec, header.quantization
     check_data_size(proto, path)  # before anything is mapped: a read past a mapping's end is a bus error
-    tensors = read_tensors(proto, path)  # every initializer's size checked (mapped, not read)
+    tensors = read_tensors(proto, path, quant)  # every initializer's size checked (mapped, not read)
     if backend == "onnxruntime":  # the budget, before onnxruntime or the tokenizer take any of it
         from .backend_ort import ort_memory_plan
 

@@ -37,6 +37,7 @@ _DTYPES = {
     19: (np.uint8, "e5m2"),  # FLOAT8E5M2
     3: (np.int8, "int8"),  # block codes (hy_edge_ops.blockq)
     21: (np.uint8, "uint4"),  # UINT4, two codes a byte: read as bytes, shape (..., K) -> (..., K / 2)
+    2: (np.uint8, "uint8"),  # packed sub-byte FP codes: the metadata names the format (read_tensors)
     7: (np.int64, "int64"),
     6: (np.int32, "int32"),
     11: (np.float64, "fp64"),
@@ -48,7 +49,7 @@ class Tensor:
     """One initializer as stored: `data` is a view (memory-mapped when external)."""
 
     name: str
-    storage: str  # fp32 | fp16 | e4m3 | e5m2 | int8 | uint4 | int64 | int32 | fp64
+    storage: str  # fp32 | fp16 | e4m3 | e5m2 | int8 | uint4 | e2m1 | e3m2 | e2m3 | uint8 | int64 | int32 | fp64
     data: np.ndarray
     source: tuple[Path, int] | None = None  # (data file, byte offset) of an external tensor
 
@@ -133,15 +134,18 @@ def parse_json_meta(meta: dict[str, str], key: str, path: Path, required: bool =
     return value
 
 
-def read_tensors(proto, path: Path) -> dict[str, Tensor]:
+def read_tensors(proto, path: Path, quantization: dict | None = None) -> dict[str, Tensor]:
     """Every initializer of the graph, external ones as views into a read-only memmap (their extent
-    checked against the data file's size first: integrity.check_data_size)."""
+    checked against the data file's size first: integrity.check_data_size). `quantization`: the header's
+    report, which names the format of packed sub-byte codes (uint8 `W.qweight`)."""
     maps: dict[str, np.memmap] = {}
     out: dict[str, Tensor] = {}
     for t in proto.graph.initializer:
         if t.data_type not in _DTYPES:
             continue  # not a type any weight uses; model_tensors() will report what is missing
         dtype, storage = _DTYPES[t.data_type]
+        if storage == "uint8" and t.name.endswith(F.QWEIGHT):
+            storage = _subbyte_storage(quantization, t.name[: -len(F.QWEIGHT)], path)
         shape = tuple(t.dims)
         if any(d < 0 for d in shape) or math.prod(shape) > MAX_ELEMENTS:
             raise ModelFileError(f"{path.name}: tensor '{t.name}' has shape {show(list(shape))}")
@@ -157,6 +161,17 @@ def read_tensors(proto, path: Path) -> dict[str, Tensor]:
             data = _inline(t, np.dtype(dtype), count, path)
         out[t.name] = Tensor(t.name, storage, data.reshape(shape), source)
     return out
+
+
+def _subbyte_storage(quantization: dict | None, name: str, path: Path) -> str:
+    entry = ((quantization or {}).get("tensors") or {}).get(name)
+    storage = entry.get("storage") if isinstance(entry, dict) else None
+    if storage not in F.SUBBYTE_BLOCK_BYTES:
+        raise ModelFileError(
+            f"{path.name}: uint8 tensor '{name}{F.QWEIGHT}' has no sub-byte format in metadata "
+            f"'{F.META_QUANT}' (got {show(storage)})"
+        )
+    return storage
 
 
 def _external(t, path: Path, maps: dict, dtype: np.dtype, count: int) -> tuple[np.ndarray, tuple[Path, int]]:

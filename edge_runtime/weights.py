@@ -30,7 +30,9 @@ from hy_edge_format.spec import ModelSpec
 from .memory import drop_pages, lazy_zeros
 from .model_file import Tensor
 
-BLOCK_STORAGES = ("int8", "uint4")  # hy_edge_ops.blockq
+# hy_edge_ops.blockq: its storages and their code bytes per block of 32
+BLOCK_BYTES = {"int8": 32, "uint4": 16, **fmt.SUBBYTE_BLOCK_BYTES}
+BLOCK_STORAGES = tuple(BLOCK_BYTES)
 
 
 @dataclass(frozen=True)
@@ -38,10 +40,11 @@ class Linear:
     """A 2-D weight a matmul reads, in its stored form (y = x @ W^T, W (N, K))."""
 
     name: str
-    storage: str  # e4m3 | e5m2 | int8 | uint4 | fp16 | fp32
-    # (N, K) uint8 FP8 codes | int8 block codes | uint16 half bits | float32; uint4: (N, K/2) uint8 bytes
+    storage: str  # e4m3 | e5m2 | int8 | uint4 | e2m1 | e3m2 | e2m3 | fp16 | fp32
+    # (N, K) uint8 FP8 codes | int8 block codes | uint16 half bits | float32; uint4: (N, K/2) uint8 bytes;
+    # sub-byte FP: (N, K/32 * 16 | 24) packed bytes (hy_edge_ops.minifloat)
     w: np.ndarray
-    # (N, G) float32, FP8 only; column k uses scales[n, k // ceil(K/G)]; int8 / uint4: (N, K/32) uint16
+    # (N, G) float32, FP8 only; column k uses scales[n, k // ceil(K/G)]; block codes: (N, K/32) uint16
     # half bits. May view the data file: read it with read_private (a touch through the map maps the
     # matrix's pages around it)
     scales: np.ndarray | None = None
@@ -51,6 +54,8 @@ class Linear:
     @property
     def shape(self) -> tuple[int, int]:
         n_rows, n_cols = self.w.shape
+        if self.storage in fmt.SUBBYTE_BLOCK_BYTES:  # packed bytes: 32 weights a block
+            return n_rows, n_cols // fmt.SUBBYTE_BLOCK_BYTES[self.storage] * 32
         return (n_rows, n_cols * 2) if self.storage == "uint4" else (n_rows, n_cols)
 
     @property
@@ -137,9 +142,9 @@ def _norm_vector(spec: ModelSpec, tensors: dict[str, Tensor], name: str, shape: 
 
 
 def _block_linear(tensors: dict[str, Tensor], q: Tensor, name: str, shape: tuple, path: Path) -> Linear:
-    """int8 / uint4 codes with their half scales (and offsets) per block of 32."""
+    """int8 / uint4 / sub-byte FP codes with their half scales (and offsets) per block of 32."""
     N, K = shape
-    per = 32 if q.storage == "int8" else 16
+    per = BLOCK_BYTES[q.storage]
     codes = q.data.reshape(q.data.shape[0], -1) if q.data.ndim else q.data
     if K % 32 or codes.shape != (N, K // 32 * per):
         raise ModelFileError(f"{path.name}: tensor '{q.name}' has shape {q.data.shape}, expected blocks of {shape}")

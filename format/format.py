@@ -12,6 +12,9 @@ Storage of a weight `W` (a name from `layer_tensors` / `GLOBAL_TENSORS`):
         UINT4 (N, K) in GGUF's byte order (block g's byte j holds weight j in its low nibble and weight
         j + 16 in its high one: onnx unpacks them as columns 2j, 2j + 1), `W.scale` FLOAT16
         (N, K/32), and for UINT4 `W.offset` FLOAT16 (N, K/32): weight = code * scale (+ offset);
+- sub-byte FP (FP4 E2M1, FP6 E3M2 / E2M3, hy_edge_ops.minifloat): `W.qweight` UINT8 (N, K / 32 * 16 | 24),
+        each block of 32 codes packed (minifloat's layout), `W.scale` FLOAT16 (N, K/32): weight = value(code) *
+        scale; which format, the metadata says (`hy_edge.quantization` tensors[W].storage);
 - FP16: initializer `W` (FLOAT16), FP32: initializer `W` (FLOAT).
 Layers that share weights (`spec.shared_layers`) have no tensors of their own.
 """
@@ -53,6 +56,9 @@ def checksums_json(checksums: dict[str, int], header: int | None = None) -> str:
 # overflows float32. A weight beyond FP8 max x this is beyond what the file format holds.
 MAX_SCALE = {"e4m3": 3.4028234663852886e38 / 2.0**60, "e5m2": 3.4028234663852886e38 / 2.0**56}
 FP16_MAX = 65504.0
+
+# sub-byte FP storages (hy_edge_ops.minifloat.FORMATS) and the packed bytes of one block of 32 codes
+SUBBYTE_BLOCK_BYTES = {"e2m1": 16, "e3m2": 24, "e2m3": 24}
 
 QWEIGHT = ".qweight"
 SCALE = ".scale"

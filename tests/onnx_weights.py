@@ -3,6 +3,7 @@ so a test can load exactly what the file stores into a transformers model or the
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import ml_dtypes
@@ -25,12 +26,19 @@ def initializers(path: Path) -> dict[str, np.ndarray]:
     return {t.name: raw(t) for t in model.graph.initializer}, {t.name: t.data_type for t in model.graph.initializer}
 
 
+_SUBBYTE = {"e2m1": ml_dtypes.float4_e2m1fn, "e3m2": ml_dtypes.float6_e3m2fn, "e2m3": ml_dtypes.float6_e2m3fn}
+
+
 def dequantized(path: Path) -> dict[str, np.ndarray]:
     """HF name -> fp32 weight, as the file defines it (codes x scale, fp16 widened)."""
     arrays, types = initializers(path)
+    formats = json.loads(F.metadata(onnx.load(str(path), load_external_data=False))[F.META_QUANT])["tensors"]
     out = {}
     for name, arr in arrays.items():
-        if name.endswith(F.QWEIGHT) and types[name] in (TensorProto.INT8, TensorProto.UINT4):
+        if name.endswith(F.QWEIGHT) and types[name] == TensorProto.UINT8:  # sub-byte FP, named in the metadata
+            base = name[: -len(F.QWEIGHT)]
+            out[base] = _subbyte(arr, arrays[base + F.SCALE], formats[base]["storage"])
+        elif name.endswith(F.QWEIGHT) and types[name] in (TensorProto.INT8, TensorProto.UINT4):
             base = name[: -len(F.QWEIGHT)]
             out[base] = _blocks(arr, arrays[base + F.SCALE], arrays.get(base + F.OFFSET))
         elif name.endswith(F.QWEIGHT):
@@ -62,3 +70,21 @@ def _blocks(codes: np.ndarray, scale: np.ndarray, offset: np.ndarray | None) -> 
     if offset is not None:
         w = w + offset.astype(np.float32)[:, :, None]
     return w.reshape(n_rows, -1)
+
+
+def _subbyte(packed: np.ndarray, scale: np.ndarray, fmt: str) -> np.ndarray:
+    """Packed sub-byte FP blocks (format.py): per block of 32, 16 bytes of nibbles (byte j: code j low, code
+    j + 16 high), and for FP6 8 bytes of top bits (byte 16 + j: codes j, j + 8, j + 16, j + 24, 2 bits each,
+    lowest first); values decoded by ml_dtypes, times the block's half scale."""
+    n_rows = packed.shape[0]
+    b = packed.reshape(n_rows, -1, 16 if fmt == "e2m1" else 24).astype(np.int64)
+    codes = np.zeros((n_rows, b.shape[1], 32), np.int64)
+    for j in range(16):
+        codes[:, :, j] = b[:, :, j] & 15
+        codes[:, :, j + 16] = b[:, :, j] >> 4
+    if fmt != "e2m1":
+        for j in range(8):
+            for i in range(4):
+                codes[:, :, j + 8 * i] |= ((b[:, :, 16 + j] >> (2 * i)) & 3) << 4
+    values = codes.astype(np.uint8).view(_SUBBYTE[fmt]).astype(np.float32)
+    return (values * scale.astype(np.float32)[:, :, None]).reshape(n_rows, -1)
