@@ -18,8 +18,9 @@ from hy_edge_format.errors import CheckpointError, HyEdgeError, SpecError
 from hy_edge_format.heap import trim_heap
 from hy_edge_format.spec import ModelSpec, spec_from_hf_config
 from hy_edge_ops.fp8 import has_nan_codes
-from onnx import helper
+from onnx import TensorProto, helper
 
+from .allocate import allocate, with_formats
 from .budget import check_budget
 from .calibrate import CALIBRATION_TEXT, Calibration, calibration_ids
 from .checkpoint import Checkpoint, TensorRef, open_checkpoint
@@ -27,6 +28,7 @@ from .gguf_reader import GGUF_KEYS
 from .gptq import Hessian
 from .graph import BLOCK_TYPES, FP8_TYPES, IR_VERSION, OPSET, GraphBuilder, StoredWeight, io_value_infos
 from .quantize import (
+    SUBBYTE,
     Quantized,
     QuantPolicy,
     carry_blocks,
@@ -51,6 +53,7 @@ class ConversionReport:
     seconds: float = 0.0
     tensors: dict[str, dict] = field(default_factory=dict)
     calibration: dict | None = None  # the text and token counts the calibration pass ran, if it ran
+    allocation: dict | None = None  # --bits: the measured sensitivities behind each linear's format
     notes: list[str] = field(default_factory=list)  # what the converter decided that was not asked for
 
     @property
@@ -230,6 +233,19 @@ def _calibration(ckpt: Checkpoint, spec: ModelSpec, names: dict, policy: QuantPo
     return Calibration(spec, ids, lambda name: _float_weight(ckpt, names, name), quantize)
 
 
+def _allocate(ckpt: Checkpoint, spec: ModelSpec, names: dict, policy: QuantPolicy) -> tuple[QuantPolicy, dict]:
+    decide = {
+        n: s
+        for n, s in names.items()
+        if F.is_linear(n) and n != F.EMBED and len(s) == 2 and _rounded_from_floats(ckpt, policy, n, s)
+    }
+    ids = None
+    if ckpt.tokenizer is not None:
+        ids = calibration_ids(_tokenizer_metadata(ckpt), CALIBRATION_TEXT.read_text(encoding="utf-8"))
+    chosen, report = allocate(spec, ids, lambda name: _float_weight(ckpt, names, name), decide, policy.bits)
+    return with_formats(policy, chosen), report
+
+
 def _tokenizer_metadata(ckpt: Checkpoint) -> dict[str, str]:
     tok = ckpt.tokenizer
     if tok is None:
@@ -284,6 +300,9 @@ def convert(
         for name, shape in names.items():  # fail before writing anything
             _source(ckpt, name, shape)
         asked, policy = policy, resolve_policy(ckpt, names, policy)
+        allocation = None
+        if policy.bits is not None:  # each linear's format, by measured sensitivity under the budget
+            policy, allocation = _allocate(ckpt, spec, names, policy)
         fallback = asked.rounding == "auto" and not policy.calibrated and _from_floats(ckpt, names, policy)
         if max_memory is not None:
             check_budget(ckpt, names, policy, max_memory, spec)
@@ -292,6 +311,7 @@ def convert(
             report.notes.append(
                 "the checkpoint has no tokenizer to run the calibration text: FP8 weights rounded to nearest"
             )
+        report.allocation = allocation
         calib = _calibration(ckpt, spec, names, policy)
         if calib is not None:
             S, T = calib.ids.shape
@@ -318,6 +338,9 @@ def convert(
                     inits.append(data.add(name + F.SCALE, q.scale))
                     if q.offset is not None:
                         inits.append(data.add(name + F.OFFSET, q.offset))
+                elif q.storage in SUBBYTE:  # packed uint8 codes; the format is the metadata's (format.py)
+                    inits.append(data.add(name + F.QWEIGHT, q.data, TensorProto.UINT8))
+                    inits.append(data.add(name + F.SCALE, q.scale))
                 elif q.storage in FP8_TYPES:
                     inits.append(data.add(name + F.QWEIGHT, q.data, FP8_TYPES[q.storage]))
                     inits.append(data.add(name + F.SCALE, q.scale))
@@ -369,6 +392,7 @@ def _model(
     )
     quant = {
         "format": policy.format,
+        **({"bits": policy.bits} if policy.bits is not None else {}),
         "granularity": policy.granularity,
         "activations": policy.activations,
         "keep_fp16": list(policy.keep_fp16),
@@ -378,6 +402,8 @@ def _model(
     }
     if report.calibration:  # which text and how much of it weighed the rounding
         quant["calibration"] = report.calibration
+    if report.allocation:  # --bits: what each kind of linear cost in each format
+        quant["allocation"] = report.allocation
     meta = {
         F.META_FORMAT: str(F.FORMAT_VERSION),
         F.META_SPEC: spec.to_json(),

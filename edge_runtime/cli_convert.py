@@ -27,6 +27,13 @@ def _ratio(source: int, size: int) -> str:
     return f"{source / size:.2f}x smaller" if size <= source else f"{size / source:.2f}x larger"
 
 
+def _pattern_format(text: str) -> tuple[str, str]:
+    pattern, sep, fmt = text.rpartition("=")
+    if not sep or not pattern or not fmt:
+        raise HyEdgeError(f"--tensor-format: '{text}' is not PATTERN=FORMAT")
+    return pattern, fmt
+
+
 @click.command("convert")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option(
@@ -42,10 +49,11 @@ def _ratio(source: int, size: int) -> str:
     "fmt",
     default="source",
     show_default=True,
-    type=click.Choice(["source", "e4m3", "e5m2", "auto", "none"]),
+    type=click.Choice(["source", "e4m3", "e5m2", "auto", "none", "e2m1", "e3m2", "e2m3"]),
     help="source keeps quantized sources exactly (FP8 releases; GGUF Q8_0/Q4_0/Q4_1 blocks) and makes "
     "float weights E4M3; e4m3/e5m2 (re)quantize every linear weight to that FP8 format, auto picks one per "
-    "tensor; none keeps fp32.",
+    "tensor; e2m1 (FP4), e3m2 and e2m3 (FP6) quantize them below eight bits, a half scale per block of 32; "
+    "none keeps fp32.",
 )
 @click.option(
     "--granularity",
@@ -59,6 +67,21 @@ def _ratio(source: int, size: int) -> str:
     multiple=True,
     metavar="PATTERN",
     help="Also keep weights matching this glob in FP16 (a float embedding always is).",
+)
+@click.option(
+    "--tensor-format",
+    "tensor_formats",
+    multiple=True,
+    metavar="PATTERN=FORMAT",
+    help="Linear weights matching this glob take FORMAT (e4m3, e5m2, auto, e2m1, e3m2, e2m3) instead of "
+    "--format's, e.g. 'lm_head.weight=e4m3'; the first matching pattern wins.",
+)
+@click.option(
+    "--bits",
+    type=float,
+    default=None,
+    help="With --format auto: the average bits per weight of the linear weights, each one's format (FP4 e2m1, "
+    "FP6 e2m3, FP8 e4m3) chosen by how much the calibration text's predictions suffer from it.",
 )
 @click.option(
     "--lm-head-fp8/--lm-head-fp16",
@@ -96,6 +119,8 @@ def convert_cmd(
     fmt: str,
     granularity: str,
     keep: tuple[str, ...],
+    tensor_formats: tuple[str, ...],
+    bits: float | None,
     lm_head_fp8: bool,
     activations: str,
     rounding: str,
@@ -109,6 +134,8 @@ def convert_cmd(
             format=fmt,
             granularity=granularity,
             keep_fp16=(F.EMBED, *keep),
+            tensor_formats=tuple(_pattern_format(t) for t in tensor_formats),
+            bits=bits,
             lm_head_fp8=lm_head_fp8,
             activations=activations,
             rounding=rounding,
