@@ -31,14 +31,28 @@ end. So a token's outputs are the same whatever rows and tokens the kernel block
 invariance, as for FP8). Per 32 weights: the codes widened and converted (4-bit: split into low and high
 nibbles first), one multiply by d (and one add of m) per vector, shared by the block's tokens.
 
-The minifloat decode is FP8's (hy_edge_ops.dot.signed_byte_floats): each code is first put in a byte
-with its sign at bit 7 and exponent and mantissa right below (e2m1: the high nibble as it is, the low one
-shifted up by 4 in 16-bit lanes; FP6: the low nibbles shifted into bits 2-5, the pairs of high bits
-into bits 6-7 by one 64-bit shift per quarter of the block, merged under a mask), bits below the code
-left as they fall; then sign-extended, shifted and masked into a float32 that is the code's value times
-2**-126 (e2m1, e2m3) or 2**-124 (e3m2), zero and subnormal codes as float32 subnormals. The power of two
-comes back in two exact halves (`MINIFLOAT_FOLD`): one folded into d (a half times 2**63 stays far
-from float32's overflow, and no product of a code and d underflows), the other on the row's sum.
+The minifloat decode, per vector ISA (`_route`):
+- avx512: the codes index tables of float32 values in registers: e2m1 widened to 32-bit lanes, the high
+  nibbles shifted down, `vpermps` (16 values: 2 instructions per 16 weights, fewer than FP8's 3); FP6:
+  the 6-bit codes assembled in bytes (below), sign-extended, shifted, `vpermi2ps` over the 32 magnitudes
+  and the sign put back (`vpternlogd`): 4 per 16.
+- avx2: `vpshufb` (16-byte tables, per 128-bit half): e2m1 from 2 * value(code) as int8, widened and
+  converted (vpmovsxbd, vcvtdq2ps); FP6: the magnitude's E4M3 bits from two tables (every FP6 value is
+  an E4M3 normal), the sign OR-ed back, then FP8's decode below (value * 2**-120, FP8_FOLD).
+- neon (and generic): FP8's route (hy_edge_ops.dot.signed_byte_floats): each code in a byte
+  with its sign at bit 7 and exponent and mantissa right below, sign-extended, shifted and masked into a
+  float32 that is the code's value times 2**-126 (e2m1, e2m3) or 2**-124 (e3m2); the power of two comes
+  back in two exact halves (`MINIFLOAT_FOLD`): one folded into d (a half times 2**63 stays far from
+  float32's overflow, and no product of a code and d underflows), the other on the row's sum.
+  Zero-exponent codes become float32 subnormals there, and this x86 host (AMD EPYC, AVX-512) multiplies
+  those at half speed or worse: e2m1 through shifts ran 7.9 Gweights/s against 14.5 without such codes
+  (four tokens, one core, in cache; AVX2 FP6 3.7 against 9.6), the reason for the tables on x86, whose
+  speed does not depend on the codes. Whether the Cortex-A76 pays it is not measured here (its FP8
+  decode makes subnormals too).
+The FP6 bytes: the low nibbles shifted into bits 2-5 in 16-bit lanes (weights 0..15 up by 2, 16..31
+down by 2), the 8 bytes of high bits broadcast to four 64-bit lanes shifted by 6, 4, 2, 0 so that each
+quarter's pairs land in bits 6-7, the two merged under a mask (one `vpternlogd`). Table values and the
+`vpshufb` integers are exact, so every route gives value(code) * d exactly, as `dequantize` does.
 """
 
 from __future__ import annotations
@@ -50,7 +64,7 @@ from numba.core import cgutils
 from numba.extending import overload
 from numba.np import numpy_support
 
-from .half import half_to_f32
+from .half import FP8_BITS, FP8_FOLD, half_to_f32
 from .isa import ISA
 
 BLOCK = 32  # weights per block
@@ -251,11 +265,9 @@ def _minifloat_bytes(builder, p, at, storage):
 
 def _route(storage: str) -> str:
     """How the kernels decode a minifloat on this ISA (see the module's docstring): "permute" (AVX-512:
-    vpermps / vpermi2ps from a table of float32 values), "shuffle" (AVX2 e2m1: vpshufb from a table of
-    2 * value as int8, then converted), or "bits" (shifts and masks into a float32 bit pattern)."""
-    if ISA == "avx512":
-        return "permute"
-    return "shuffle" if ISA == "avx2" and storage == "e2m1" else "bits"
+    vpermps / vpermi2ps from a table of float32 values), "shuffle" (AVX2: vpshufb from tables of bytes), or
+    "bits" (shifts and masks into a float32 bit pattern)."""
+    return {"avx512": "permute", "avx2": "shuffle"}.get(ISA, "bits")
 
 
 def minifloat_folds(storage: str) -> tuple[float, float]:
@@ -263,7 +275,23 @@ def minifloat_folds(storage: str) -> tuple[float, float]:
     route = _route(storage)
     if route == "bits":
         return MINIFLOAT_FOLD[storage]
-    return (0.5, 1.0) if route == "shuffle" else (1.0, 1.0)
+    if route == "shuffle":  # e2m1: 2 * value as an integer; FP6: E4M3 bits (value * 2**-120)
+        return (0.5, 1.0) if storage == "e2m1" else (FP8_FOLD["e4m3"], FP8_FOLD["e4m3"])
+    return (1.0, 1.0)
+
+
+def _e4m3_magnitudes(storage: str) -> list[int]:
+    """The E4M3 bits of each of a FP6 format's 32 magnitudes (all E4M3 normals or zero, exactly)."""
+    out = []
+    for v in minifloat_values(storage)[:32].astype(np.float64):
+        if v == 0:
+            out.append(0)
+            continue
+        frac, exp = np.frexp(v)  # v = frac * 2**exp, frac in [0.5, 1)
+        mant = (frac * 2 - 1) * 8
+        assert 1 <= exp - 1 + 7 <= 15 and mant == int(mant)
+        out.append((exp - 1 + 7) << 3 | int(mant))
+    return out
 
 
 def _call(builder, name: str, ret, args):
@@ -282,7 +310,7 @@ def _minifloat_vectors(builder, p, at, storage: str, lanes: int, signed_byte_flo
         halves = [q, builder.lshr(q, ir.Constant(i32x16, [4] * 16))]  # weights 0..15, 16..31
         vals = [_call(builder, "llvm.x86.avx512.permvar.sf.512", table.type, [table, i]) for i in halves]
         return [builder.shuffle_vector(vals[0], vals[1], ir.Constant(ir.VectorType(_I32, BLOCK), list(range(BLOCK))))]
-    if route == "shuffle":  # e2m1 on AVX2: vpshufb (per 128-bit half) from 2 * value(code), an int8
+    if route == "shuffle" and storage == "e2m1":  # vpshufb (per 128-bit half) from 2 * value(code), an int8
         v32 = ir.VectorType(_I8, BLOCK)
         q = builder.load(builder.gep(p, [at], source_etype=_I8), typ=v16, align=1)
         hi = builder.bitcast(
@@ -294,6 +322,20 @@ def _minifloat_vectors(builder, p, at, storage: str, lanes: int, signed_byte_flo
         ints = _call(builder, "llvm.x86.avx2.pshuf.b", v32, [ir.Constant(v32, doubled), both])
         return [builder.sitofp(ints, ir.VectorType(_F32, BLOCK))]
     codes = _minifloat_bytes(builder, p, at, storage)  # sign in bit 7, exponent and mantissa below
+    if route == "shuffle":  # FP6 on AVX2: the magnitude's E4M3 bits from two vpshufb tables, then FP8's decode
+        v32, i16x16 = ir.VectorType(_I8, BLOCK), ir.VectorType(_I16, BLOCK // 2)
+        mag = builder.bitcast(builder.lshr(builder.bitcast(codes, i16x16), ir.Constant(i16x16, [2] * 16)), v32)
+        mag = builder.and_(mag, ir.Constant(v32, [31] * BLOCK))
+        # vpshufb gives 0 for an index with bit 7 set: magnitudes 0..15 index the first table, 16..31 the second
+        first = _call(builder, "llvm.uadd.sat.v32i8", v32, [mag, ir.Constant(v32, [0x70] * BLOCK)])
+        second = builder.add(mag, ir.Constant(v32, [0xF0] * BLOCK))
+        table = _e4m3_magnitudes(storage)
+        e4m3 = builder.or_(
+            _call(builder, "llvm.x86.avx2.pshuf.b", v32, [ir.Constant(v32, table[:16] * 2), first]),
+            _call(builder, "llvm.x86.avx2.pshuf.b", v32, [ir.Constant(v32, table[16:] * 2), second]),
+        )
+        e4m3 = builder.or_(e4m3, builder.and_(codes, ir.Constant(v32, [0x80] * BLOCK)))  # the sign
+        return [signed_byte_floats(builder, e4m3, *FP8_BITS["e4m3"])]
     if route == "permute":  # FP6: vpermi2ps from the 32 magnitudes (index bits 0-4), the sign put back
         mags = [float(v) for v in minifloat_values(storage)[:32]]
         lo_t, hi_t = (ir.Constant(ir.VectorType(_F32, 16), mags[i : i + 16]) for i in (0, 16))

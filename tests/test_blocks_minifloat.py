@@ -128,17 +128,28 @@ def test_minifloat_blocks_refuse_bad_arguments():
         blockq.minifloat_values("e4m3")
 
 
-# AVX2 decodes differently (e2m1 through vpshufb, FP6 through shifts and masks, hy_edge_ops.blockq):
-# compiled for it here (hy_edge_ops.isa.codegen_env), run on this CPU
-@pytest.mark.skipif(isa.ISA != "avx512", reason="compiles AVX2 code on an AVX-512 host")
-def test_minifloat_kernels_on_avx2(tmp_path):
-    env = dict(os.environ, **isa.codegen_env("avx2"), NUMBA_CACHE_DIR=str(tmp_path))
+def _kernel_test_in(isa_name: str, env: dict, prelude: str = "") -> None:
+    """test_minifloat_kernels_match_numpy in a fresh process under `env` (after `prelude`), whose kernels
+    are shaped for `isa_name`."""
     test = f"{Path(__file__)}::test_minifloat_kernels_match_numpy"
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", test],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    args = ["-o", "addopts=", "-q", "-p", "no:cacheprovider", test]
+    check = f"from hy_edge_ops import isa\nassert isa.ISA == {isa_name!r}, isa.ISA"
+    code = f"import sys, pytest\n{prelude}\n{check}\nsys.exit(pytest.main({args!r}))"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "3 passed" in run.stdout
+
+
+# AVX2 decodes through vpshufb tables (hy_edge_ops.blockq): compiled for it here
+# (hy_edge_ops.isa.codegen_env), run on this CPU
+@pytest.mark.skipif(isa.ISA != "avx512", reason="compiles AVX2 code on an AVX-512 host")
+def test_minifloat_kernels_on_avx2(tmp_path):
+    _kernel_test_in("avx2", dict(os.environ, **isa.codegen_env("avx2"), NUMBA_CACHE_DIR=str(tmp_path)))
+
+
+# NEON's shapes (LANES 16) and decode (shifts and masks through 16-bit lanes) are plain LLVM vectors:
+# the same IR, compiled for this CPU, as on the Raspberry Pi 5
+@pytest.mark.skipif(isa.ISA not in ("avx512", "avx2"), reason="checks the NEON IR on x86")
+def test_minifloat_kernels_in_neon_shapes(tmp_path):
+    prelude = "import platform\nplatform.machine = lambda: 'aarch64'  # hy_edge_ops.isa: NEON shapes"
+    _kernel_test_in("neon", dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path)), prelude)
