@@ -94,7 +94,7 @@ def test_decode_rows_and_mapped_views(storage):
     # a tensor in a mapped file starts at a multiple of 32 bytes: the kernels' view of it needs no copy
     x = rng.standard_normal((1, 96)).astype(np.float32)
     want = linear.matmul_blocks(x, w, storage, scales, None, np.empty((1, 12), np.float32))
-    buf = np.zeros(w.nbytes + 128, np.uint8)
+    buf = np.zeros(w.nbytes + 192, np.uint8)
     base = -buf.ctypes.data % 64
     for at in (base + 32, base + 96):
         mapped = buf[at : at + w.nbytes].reshape(w.shape)
