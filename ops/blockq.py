@@ -1,23 +1,58 @@
-"""Block-integer weights: GGUF's Q8_0, Q4_0 and Q4_1 kept as they are, decoded inside the kernels.
+"""Block weights: GGUF's Q8_0, Q4_0 and Q4_1 kept as they are, and the OCP microscaling element formats
+FP4 / FP6 with a half scale per block, decoded inside the kernels.
 
-A row of K weights is K / 32 blocks of 32; block g of row n holds integer codes q and an IEEE half scale
-d (and, for 4-bit codes, a half offset m): weight = q * d (+ m), computed in float32, where q * d is
-exact (a half has 11 significant bits, a code at most 8) and the offset is added with one rounding — the
-value `gguf`'s dequantizer and onnxruntime's DequantizeLinear (+ Add) give. Two storages:
+A row of K weights is K / 32 blocks of 32; block g of row n holds codes q and an IEEE half scale d (and,
+for 4-bit integer codes, a half offset m): weight = value(q) * d (+ m), computed in float32, where
+value(q) * d is exact (a half has 11 significant bits, a code at most 8, and its exponent range fits) and
+the offset is added with one rounding -- the value `gguf`'s dequantizer and onnxruntime's
+DequantizeLinear (+ Add) give. Storages:
 - `int8`  (Q8_0): codes int8, one per byte, in order; 34 bytes per block in the source, 34 here;
 - `uint4` (Q4_1, and Q4_0 as offset -8d): 16 bytes per block, byte j holding weight j in its low
-  nibble and weight j + 16 in its high nibble (GGUF's layout); 20 bytes per block with d and m.
-The kernels see codes as 3-D arrays, which types them apart from the 2-D FP8/FP16/FP32 weights: int8
-(N, K/32, 32), uint8 (N, K/32, 16). Their "scales" argument is the half bits packed into a float32
-array (`pack_scales`): int8 (N, ceil(G/2)) with two blocks' d per element, uint4 (N, G) with (d, m) per
-element: 2 and 4 bytes per block read, as in the source file.
+  nibble and weight j + 16 in its high nibble (GGUF's layout); 20 bytes per block with d and m;
+- `e2m1` (FP4: bias 1, magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6): the nibbles of `uint4`, 16 bytes per block;
+- `e3m2` (FP6: bias 3, max 28) and `e2m3` (FP6: bias 1, max 7.5): 24 bytes per block, bytes 0..15 the
+  low 4 bits of each 6-bit code in `uint4`'s nibble layout, bytes 16..23 the high 2 bits: byte 16 + j
+  holds codes j, j + 8, j + 16, j + 24 in bits 0-1, 2-3, 4-5, 6-7.
+The minifloats' codes are ml_dtypes' float4_e2m1fn, float6_e3m2fn and float6_e2m3fn: sign in the top
+bit, then exponent, then mantissa, subnormals at exponent 0, every code finite (`minifloat_values`).
+
+The kernels see codes as 3-D arrays whose dtype types each storage apart (and apart from the 2-D
+FP8/FP16/FP32 weights): int8 (N, G, 32), uint8 (N, G, 16), and for the minifloats, views of the same
+bytes: int16 (N, G, 8) e2m1, int32 (N, G, 6) e3m2, uint32 (N, G, 6) e2m3 (`code_view`; the kernels
+read them as bytes, so only the view needs its dtype's alignment: a tensor at a 32-byte multiple in a
+mapped file has it). Their "scales" argument is the half bits packed into a float32 array
+(`pack_scales`): (N, ceil(G/2)) with two blocks' d per element, uint4 (N, G) with (d, m) per element:
+2 and 4 bytes per block read, as in the source file.
 
 The dot products (`emit_block_dots`, reached through hy_edge_ops.dot.row_dots) keep dot's order: one
 vector of LANES float32 lanes per (row, token), lane i taking elements i, i + LANES, ... in turn, each
-decoded weight (q * d + m, exact as above) multiplied and added; the lanes summed pairwise at the end.
-So a token's outputs are the same whatever rows and tokens the kernel blocks together (batch invariance,
-as for FP8). Per 32 weights: the codes widened and converted (4-bit: split into low and high nibbles
-first), one multiply by d (and one add of m) per vector, shared by the block's tokens.
+decoded weight (value(q) * d + m, exact as above) multiplied and added; the lanes summed pairwise at the
+end. So a token's outputs are the same whatever rows and tokens the kernel blocks together (batch
+invariance, as for FP8). Per 32 weights: the codes widened and converted (4-bit: split into low and high
+nibbles first), one multiply by d (and one add of m) per vector, shared by the block's tokens.
+
+The minifloat decode, per vector ISA (`_route`):
+- avx512: the codes index tables of float32 values in registers: e2m1 widened to 32-bit lanes, the high
+  nibbles shifted down, `vpermps` (16 values: 2 instructions per 16 weights, fewer than FP8's 3); FP6:
+  the 6-bit codes assembled in bytes (below), sign-extended, shifted, `vpermi2ps` over the 32 magnitudes
+  and the sign put back (`vpternlogd`): 4 per 16.
+- avx2: `vpshufb` (16-byte tables, per 128-bit half): e2m1 from 2 * value(code) as int8, widened and
+  converted (vpmovsxbd, vcvtdq2ps); FP6: the magnitude's E4M3 bits from two tables (every FP6 value is
+  an E4M3 normal), the sign OR-ed back, then FP8's decode below (value * 2**-120, FP8_FOLD).
+- neon (and generic): FP8's route (hy_edge_ops.dot.signed_byte_floats): each code in a byte
+  with its sign at bit 7 and exponent and mantissa right below, sign-extended, shifted and masked into a
+  float32 that is the code's value times 2**-126 (e2m1, e2m3) or 2**-124 (e3m2); the power of two comes
+  back in two exact halves (`MINIFLOAT_FOLD`): one folded into d (a half times 2**63 stays far from
+  float32's overflow, and no product of a code and d underflows), the other on the row's sum.
+  Zero-exponent codes become float32 subnormals there, and this x86 host (AMD EPYC, AVX-512) multiplies
+  those at half speed or worse: e2m1 through shifts ran 7.9 Gweights/s against 14.5 without such codes
+  (four tokens, one core, in cache; AVX2 FP6 3.7 against 9.6), the reason for the tables on x86, whose
+  speed does not depend on the codes. Whether the Cortex-A76 pays it is not measured here (its FP8
+  decode makes subnormals too).
+The FP6 bytes: the low nibbles shifted into bits 2-5 in 16-bit lanes (weights 0..15 up by 2, 16..31
+down by 2), the 8 bytes of high bits broadcast to four 64-bit lanes shifted by 6, 4, 2, 0 so that each
+quarter's pairs land in bits 6-7, the two merged under a mask (one `vpternlogd`). Table values and the
+`vpshufb` integers are exact, so every route gives value(code) * d exactly, as `dequantize` does.
 """
 
 from __future__ import annotations
@@ -27,31 +62,63 @@ from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import overload
+from numba.np import numpy_support
 
-from .half import half_to_f32
+from .half import FP8_BITS, FP8_FOLD, half_to_f32
+from .isa import ISA
 
 BLOCK = 32  # weights per block
-CODE_BYTES = {"int8": 32, "uint4": 16}  # bytes of codes per block
+CODE_BYTES = {"int8": 32, "uint4": 16, "e2m1": 16, "e3m2": 24, "e2m3": 24}  # bytes of codes per block
 STORAGES = tuple(CODE_BYTES)
-_KERNEL_DTYPE = {"int8": np.int8, "uint4": np.uint8}
+MINIFLOATS = ("e2m1", "e3m2", "e2m3")
+_KERNEL_DTYPE = {"int8": np.int8, "uint4": np.uint8, "e2m1": np.int16, "e3m2": np.int32, "e2m3": np.uint32}
+_STORAGE_OF = {numpy_support.from_dtype(np.dtype(dt)): name for name, dt in _KERNEL_DTYPE.items()}  # numba dtype
+_FORMAT = {"e2m1": (2, 1, 1), "e3m2": (3, 2, 3), "e2m3": (2, 3, 1)}  # exponent bits, mantissa bits, bias
+# the decoded float32 is value * 2**-(127 - bias): 2**(127 - bias) = fold on d * fold on the sum
+MINIFLOAT_FOLD = {"e2m1": (2.0**63, 2.0**63), "e3m2": (2.0**62, 2.0**62), "e2m3": (2.0**63, 2.0**63)}
+
+
+def minifloat_values(storage: str) -> np.ndarray:
+    """float32 (2**bits,): the value of every code of a minifloat storage (code i -> values[i])."""
+    if storage not in _FORMAT:
+        raise ValueError(f"storage must be one of {', '.join(_FORMAT)}, got {storage!r}")
+    e_bits, m_bits, bias = _FORMAT[storage]
+    code = np.arange(1 << (1 + e_bits + m_bits))
+    e = (code >> m_bits) & ((1 << e_bits) - 1)
+    m = (code & ((1 << m_bits) - 1)) / 2.0**m_bits
+    mag = np.where(e == 0, m * 2.0 ** (1 - bias), (1 + m) * 2.0 ** (e - bias))
+    return np.where(code >> (e_bits + m_bits), -mag, mag).astype(np.float32)
 
 
 def code_view(w: np.ndarray, storage: str) -> np.ndarray:
     """The kernels' 3-D view of stored codes: int8 (N, K) -> (N, K/32, 32); uint4 bytes (N, K/2) ->
-    uint8 (N, K/32, 16). No copy."""
-    n_rows = w.shape[0]
+    uint8 (N, K/32, 16); minifloat bytes (N, K/32 * CODE_BYTES) -> int16 (N, K/32, 8) e2m1, int32 |
+    uint32 (N, K/32, 6) e3m2 | e2m3. No copy; raises ValueError if the view would be misaligned."""
     per = CODE_BYTES[storage]
     if w.ndim != 2 or w.shape[1] % per:
         raise ValueError(f"{storage} codes of shape {w.shape}: rows must be whole blocks of {per} bytes")
-    return w.view(_KERNEL_DTYPE[storage]).reshape(n_rows, w.shape[1] // per, per)
+    dtype = np.dtype(_KERNEL_DTYPE[storage])
+    if w.ctypes.data % dtype.itemsize:
+        raise ValueError(f"w: {storage} codes must start at a multiple of {dtype.itemsize} bytes in memory")
+    return w.view(dtype).reshape(w.shape[0], w.shape[1] // per, per // dtype.itemsize)
+
+
+def unpack_codes(storage: str, w: np.ndarray) -> np.ndarray:
+    """uint8 (N, K/32, 32) codes of stored minifloat blocks, in weight order (numpy)."""
+    b = code_view(w, storage).view(np.uint8)  # (N, G, bytes)
+    codes = np.concatenate([b[:, :, :16] & 15, b[:, :, :16] >> 4], axis=2)
+    if storage != "e2m1":  # byte 16 + j: the high 2 bits of codes j, j + 8, j + 16, j + 24
+        high = b[:, :, 16:24]
+        codes |= np.concatenate([((high >> (2 * i)) & 3) << 4 for i in range(4)], axis=2)
+    return codes
 
 
 def pack_scales(storage: str, scale: np.ndarray, offset: np.ndarray | None = None) -> np.ndarray:
-    """The kernels' scales from half bits: int8 (N, G) d -> float32 (N, ceil(G/2)) holding the d's in
-    order; uint4 (N, G) d and m -> float32 (N, G) holding (d, m) pairs."""
+    """The kernels' scales from half bits: (N, G) d -> float32 (N, ceil(G/2)) holding the d's in order;
+    uint4 (N, G) d and m -> float32 (N, G) holding (d, m) pairs."""
     scale = np.ascontiguousarray(scale).view(np.uint16)
     n_rows, n_groups = scale.shape
-    if storage == "int8":
+    if storage != "uint4":
         halves = np.zeros((n_rows, n_groups + n_groups % 2), np.uint16)
         halves[:, :n_groups] = scale
     else:
@@ -69,6 +136,8 @@ def dequantize(storage: str, w: np.ndarray, scale: np.ndarray, offset: np.ndarra
     if storage == "int8":
         q = code_view(w, storage).astype(np.float32)
         return (q * d).reshape(w.shape[0], -1)
+    if storage in MINIFLOATS:
+        return (minifloat_values(storage)[unpack_codes(storage, w)] * d).reshape(w.shape[0], -1)
     b = code_view(w, storage)
     q = np.concatenate([b & 15, b >> 4], axis=2).astype(np.float32)  # (N, G, 32): low nibbles first
     m = np.ascontiguousarray(offset).view(np.float16).astype(np.float32)[:, :, None]
@@ -89,29 +158,60 @@ def _cols_impl(w):
     return lambda w: w.shape[1]
 
 
-@njit(cache=True, inline="always")
 def decode_row(codes, halves, out):
-    """out (K,) f32 = one row's weights; codes (G, 32) int8 | (G, 16) uint8, halves: the row's packed
-    scales as uint16 (pack_scales' layout)."""
-    n_groups, per = codes.shape
-    for g in range(n_groups):
-        base = g * BLOCK
-        if per == BLOCK:  # int8: d per block
+    """out (K,) f32 = one row's weights; codes: the row of `code_view` (G, ...), halves: the row's packed
+    scales as uint16 (pack_scales' layout). Compiled per storage (an overload on the codes' dtype)."""
+
+
+@overload(decode_row, inline="always")
+def _decode_row_impl(codes, halves, out):
+    if not isinstance(codes, types.Array) or codes.dtype not in _STORAGE_OF:
+        return None
+    storage = _STORAGE_OF[codes.dtype]
+    if storage == "int8":  # d per block
+
+        def int8(codes, halves, out):
+            for g in range(codes.shape[0]):
+                d = half_to_f32(halves[g])
+                for j in range(BLOCK):
+                    out[g * BLOCK + j] = np.float32(codes[g, j]) * d
+
+        return int8
+    if storage == "uint4":  # (d, m) per block, low nibbles are weights 0..15
+
+        def uint4(codes, halves, out):
+            for g in range(codes.shape[0]):
+                d = half_to_f32(halves[2 * g])
+                m = half_to_f32(halves[2 * g + 1])
+                for j in range(BLOCK // 2):
+                    b = np.int32(codes[g, j])
+                    out[g * BLOCK + j] = np.float32(b & 15) * d + m
+                    out[g * BLOCK + BLOCK // 2 + j] = np.float32(b >> 4) * d + m
+
+        return uint4
+    values = minifloat_values(storage)  # a constant of the compiled code
+    six = storage != "e2m1"
+
+    def minifloat(codes, halves, out):  # value(code) * d, exact; low nibbles are weights 0..15
+        b = codes.view(np.uint8)  # (G, 16 | 24)
+        for g in range(b.shape[0]):
             d = half_to_f32(halves[g])
-            for j in range(BLOCK):
-                out[base + j] = np.float32(codes[g, j]) * d
-        else:  # uint4: (d, m) per block, low nibbles are weights 0..15
-            d = half_to_f32(halves[2 * g])
-            m = half_to_f32(halves[2 * g + 1])
-            for j in range(per):
-                b = np.int32(codes[g, j])
-                out[base + j] = np.float32(b & 15) * d + m
-                out[base + per + j] = np.float32(b >> 4) * d + m
+            for j in range(BLOCK // 2):
+                q = np.int32(b[g, j])
+                lo, hi = q & 15, q >> 4
+                if six:  # the high 2 bits: quarter j // 8 (weights 0..15), 2 + j // 8 (16..31)
+                    h = np.int32(b[g, BLOCK // 2 + (j & 7)]) >> (2 * (j >> 3))
+                    lo |= (h & 3) << 4
+                    hi |= ((h >> 4) & 3) << 4
+                out[g * BLOCK + j] = values[lo] * d
+                out[g * BLOCK + BLOCK // 2 + j] = values[hi] * d
+
+    return minifloat
 
 
 @njit(cache=True, nogil=True)
 def decode_rows(codes, halves, ids, out):
-    """out[t] = the weights of row t of `codes` (T, G, 32 | 16), whose scales are row ids[t] of
+    """out[t] = the weights of row t of `codes` (T, G, ...: code_view's), whose scales are row ids[t] of
     `halves` (V, H) uint16 (pack_scales' layout): an embedding's token rows, read from the file."""
     for t in range(ids.shape[0]):
         decode_row(codes[t], halves[ids[t]], out[t])
@@ -123,12 +223,143 @@ _F32 = ir.FloatType()
 _I8 = ir.IntType(8)
 _I16 = ir.IntType(16)
 _I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
 _CONTRACT = ("contract",)
 _LINE = 64
 
 
+def _minifloat_bits(storage: str) -> tuple[int, int]:
+    """(shift, mask) taking a sign-extended byte (sign in bit 7, exponent and mantissa below) to a float32
+    bit pattern: the exponent's top bit lands on float32's exponent bit e - 1 + 23."""
+    e_bits, m_bits, _ = _FORMAT[storage]
+    mask = (1 << 31) | (((1 << (e_bits + m_bits)) - 1) << (23 - m_bits))
+    return 16 + e_bits, mask - (1 << 32)
+
+
+def _minifloat_bytes(builder, p, at, storage):
+    """<32 x i8>: the block's codes at byte `at` of row `p`, in weight order, each with its sign in bit 7
+    and exponent and mantissa below it; lower bits are left as they fall (the decode masks them)."""
+    v16 = ir.VectorType(_I8, 16)
+    i16x8 = ir.VectorType(_I16, 8)
+    q = builder.load(builder.gep(p, [at], source_etype=_I8), typ=v16, align=1)
+    words = builder.bitcast(q, i16x8)  # shifts in 16-bit lanes: one instruction, no byte masks
+    order = ir.Constant(ir.VectorType(_I32, BLOCK), list(range(BLOCK)))
+    if storage == "e2m1":  # weights 0..15 the low nibbles, shifted up; 16..31 the high nibbles as they are
+        lo = builder.bitcast(builder.shl(words, ir.Constant(i16x8, [4] * 8)), v16)
+        return builder.shuffle_vector(lo, q, order)
+    # FP6: the low 4 bits into bits 2-5 (weights 0..15 from the low nibbles, 16..31 from the high)
+    lo = builder.bitcast(builder.shl(words, ir.Constant(i16x8, [2] * 8)), v16)
+    hi = builder.bitcast(builder.lshr(words, ir.Constant(i16x8, [2] * 8)), v16)
+    low4 = builder.shuffle_vector(lo, hi, order)
+    # the high 2 bits: quarter i of the block (weights 8i..8i+7) has them in bits 2i, 2i+1 of the 8 bytes
+    # from byte 16: shifted by 6 - 2i in its 64-bit lane, they land in bits 6-7
+    i64x4 = ir.VectorType(_I64, 4)
+    high = builder.load(builder.gep(p, [builder.add(at, at.type(16))], source_etype=_I8), typ=_I64, align=1)
+    high = builder.insert_element(ir.Constant(i64x4, ir.Undefined), high, _I32(0))
+    high = builder.shuffle_vector(high, high, ir.Constant(ir.VectorType(_I32, 4), [0] * 4))  # broadcast
+    high = builder.bitcast(builder.shl(high, ir.Constant(i64x4, [6, 4, 2, 0])), ir.VectorType(_I8, BLOCK))
+    v32 = ir.VectorType(_I8, BLOCK)
+    top, rest = ir.Constant(v32, [0xC0] * BLOCK), ir.Constant(v32, [0x3F] * BLOCK)
+    return builder.or_(builder.and_(high, top), builder.and_(low4, rest))
+
+
+def _route(storage: str) -> str:
+    """How the kernels decode a minifloat on this ISA (see the module's docstring): "permute" (AVX-512:
+    vpermps / vpermi2ps from a table of float32 values), "shuffle" (AVX2: vpshufb from tables of bytes), or
+    "bits" (shifts and masks into a float32 bit pattern)."""
+    return {"avx512": "permute", "avx2": "shuffle"}.get(ISA, "bits")
+
+
+def minifloat_folds(storage: str) -> tuple[float, float]:
+    """(on d, on the row's sum): the powers of two the kernels' decode of `storage` leaves out."""
+    route = _route(storage)
+    if route == "bits":
+        return MINIFLOAT_FOLD[storage]
+    if route == "shuffle":  # e2m1: 2 * value as an integer; FP6: E4M3 bits (value * 2**-120)
+        return (0.5, 1.0) if storage == "e2m1" else (FP8_FOLD["e4m3"], FP8_FOLD["e4m3"])
+    return (1.0, 1.0)
+
+
+def _e4m3_magnitudes(storage: str) -> list[int]:
+    """The E4M3 bits of each of a FP6 format's 32 magnitudes (all E4M3 normals or zero, exactly)."""
+    out = []
+    for v in minifloat_values(storage)[:32].astype(np.float64):
+        if v == 0:
+            out.append(0)
+            continue
+        frac, exp = np.frexp(v)  # v = frac * 2**exp, frac in [0.5, 1)
+        mant = (frac * 2 - 1) * 8
+        assert 1 <= exp - 1 + 7 <= 15 and mant == int(mant)
+        out.append((exp - 1 + 7) << 3 | int(mant))
+    return out
+
+
+def _call(builder, name: str, ret, args):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
+    return builder.call(fn, args)
+
+
+def _minifloat_vectors(builder, p, at, storage: str, lanes: int, signed_byte_floats) -> list:
+    """The block's 32 weights at byte `at` of row `p` as BLOCK / lanes vectors of float32: value(code)
+    times minifloat_folds' missing power of two."""
+    v16, i32x16 = ir.VectorType(_I8, 16), ir.VectorType(_I32, 16)
+    route = _route(storage)
+    if route == "permute" and storage == "e2m1":  # vpermps reads each index's low 4 bits
+        table = ir.Constant(ir.VectorType(_F32, 16), [float(v) for v in minifloat_values(storage)])
+        q = builder.zext(builder.load(builder.gep(p, [at], source_etype=_I8), typ=v16, align=1), i32x16)
+        halves = [q, builder.lshr(q, ir.Constant(i32x16, [4] * 16))]  # weights 0..15, 16..31
+        vals = [_call(builder, "llvm.x86.avx512.permvar.sf.512", table.type, [table, i]) for i in halves]
+        return [builder.shuffle_vector(vals[0], vals[1], ir.Constant(ir.VectorType(_I32, BLOCK), list(range(BLOCK))))]
+    if route == "shuffle" and storage == "e2m1":  # vpshufb (per 128-bit half) from 2 * value(code), an int8
+        v32 = ir.VectorType(_I8, BLOCK)
+        q = builder.load(builder.gep(p, [at], source_etype=_I8), typ=v16, align=1)
+        hi = builder.bitcast(
+            builder.lshr(builder.bitcast(q, ir.VectorType(_I16, 8)), ir.Constant(ir.VectorType(_I16, 8), [4] * 8)), v16
+        )
+        both = builder.shuffle_vector(q, hi, ir.Constant(ir.VectorType(_I32, BLOCK), list(range(BLOCK))))
+        both = builder.and_(both, ir.Constant(v32, [15] * BLOCK))  # vpshufb gives 0 for an index with bit 7 set
+        doubled = [int(v) for v in minifloat_values(storage) * 2] * 2
+        ints = _call(builder, "llvm.x86.avx2.pshuf.b", v32, [ir.Constant(v32, doubled), both])
+        return [builder.sitofp(ints, ir.VectorType(_F32, BLOCK))]
+    codes = _minifloat_bytes(builder, p, at, storage)  # sign in bit 7, exponent and mantissa below
+    if route == "shuffle":  # FP6 on AVX2: the magnitude's E4M3 bits from two vpshufb tables, then FP8's decode
+        v32, i16x16 = ir.VectorType(_I8, BLOCK), ir.VectorType(_I16, BLOCK // 2)
+        mag = builder.bitcast(builder.lshr(builder.bitcast(codes, i16x16), ir.Constant(i16x16, [2] * 16)), v32)
+        mag = builder.and_(mag, ir.Constant(v32, [31] * BLOCK))
+        # vpshufb gives 0 for an index with bit 7 set: magnitudes 0..15 index the first table, 16..31 the second
+        first = _call(builder, "llvm.uadd.sat.v32i8", v32, [mag, ir.Constant(v32, [0x70] * BLOCK)])
+        second = builder.add(mag, ir.Constant(v32, [0xF0] * BLOCK))
+        table = _e4m3_magnitudes(storage)
+        e4m3 = builder.or_(
+            _call(builder, "llvm.x86.avx2.pshuf.b", v32, [ir.Constant(v32, table[:16] * 2), first]),
+            _call(builder, "llvm.x86.avx2.pshuf.b", v32, [ir.Constant(v32, table[16:] * 2), second]),
+        )
+        e4m3 = builder.or_(e4m3, builder.and_(codes, ir.Constant(v32, [0x80] * BLOCK)))  # the sign
+        return [signed_byte_floats(builder, e4m3, *FP8_BITS["e4m3"])]
+    if route == "permute":  # FP6: vpermi2ps from the 32 magnitudes (index bits 0-4), the sign put back
+        mags = [float(v) for v in minifloat_values(storage)[:32]]
+        lo_t, hi_t = (ir.Constant(ir.VectorType(_F32, 16), mags[i : i + 16]) for i in (0, 16))
+        out = []
+        for half in range(2):
+            pick = ir.Constant(i32x16, list(range(16 * half, 16 * half + 16)))
+            s = builder.sext(builder.shuffle_vector(codes, codes, pick), i32x16)
+            idx = builder.lshr(s, ir.Constant(i32x16, [2] * 16))
+            mag = _call(builder, "llvm.x86.avx512.vpermi2var.ps.512", lo_t.type, [lo_t, idx, hi_t])
+            sign = builder.and_(s, ir.Constant(i32x16, [-(1 << 31)] * 16))
+            out.append(builder.bitcast(builder.or_(builder.bitcast(mag, i32x16), sign), lo_t.type))
+        return [builder.shuffle_vector(out[0], out[1], ir.Constant(ir.VectorType(_I32, BLOCK), list(range(BLOCK))))]
+    shift, mask = _minifloat_bits(storage)
+    vecs = []
+    for sub in range(BLOCK // lanes):
+        pick = ir.Constant(ir.VectorType(_I32, lanes), list(range(sub * lanes, (sub + 1) * lanes)))
+        part = codes if lanes == BLOCK else builder.shuffle_vector(codes, codes, pick)
+        vecs.append(signed_byte_floats(builder, part, shift, mask))
+    return vecs
+
+
 def emit_block_dots(context, builder, signature, args, lanes: int, lane_sum, splat_value):
     """The code of row_dots for block codes (see the module's docstring); returns the tuple of sums."""
+    from .dot import signed_byte_floats
     from .prefetch import emit_prefetch_l2
 
     wty, scty, _, rows_ty, xty, toks_ty, _ = signature.args
@@ -137,7 +368,8 @@ def emit_block_dots(context, builder, signature, args, lanes: int, lane_sum, spl
     sa = context.make_array(scty)(context, builder, args[1])
     xa = context.make_array(xty)(context, builder, args[4])
     intp = args[2].type
-    per = BLOCK if wty.dtype == types.int8 else BLOCK // 2  # code bytes per block
+    storage = _STORAGE_OF[wty.dtype]
+    per = CODE_BYTES[storage]  # code bytes per block
     row_ix = cgutils.unpack_tuple(builder, args[3], n_r)
     tok_ix = cgutils.unpack_tuple(builder, args[5], n_t)
     n_groups = builder.extract_value(wa.shape, 1)
@@ -146,6 +378,7 @@ def emit_block_dots(context, builder, signature, args, lanes: int, lane_sum, spl
     x_stride = builder.extract_value(xa.shape, 1)
     vf = ir.VectorType(_F32, lanes)
     zero_f = ir.Constant(vf, None)
+    fold_d, fold_sum = minifloat_folds(storage) if storage in MINIFLOATS else (1.0, 1.0)
 
     def byte_ptr(base, at):
         return builder.gep(base, [at], source_etype=_I8)
@@ -155,35 +388,37 @@ def emit_block_dots(context, builder, signature, args, lanes: int, lane_sum, spl
     x_rows = [builder.gep(xa.data, [builder.mul(t, x_stride)]) for t in tok_ix]
     accs = [cgutils.alloca_once_value(builder, zero_f) for _ in range(n_r * n_t)]
     ahead = args[6]
-    blocks_per_line = max(1, _LINE // per)
 
-    def halves_at(s_row, i):
-        # halves i and i + 1 as one 32-bit load (pack_scales pads int8 rows to an even count): a scalar half
-        # load became vpinsrw, merging into a register that held an accumulator (a false dependency)
+    def halves_at(s_row, i, fold=1.0):
+        # halves i and i + 1 as one 32-bit load (pack_scales pads single-d rows to an even count): a scalar
+        # half load became vpinsrw, merging into a register that held an accumulator (a false dependency)
         pair = builder.load(builder.gep(s_row, [i], source_etype=_I16), typ=ir.VectorType(_I16, 2), align=2)
         wide = builder.fpext(builder.bitcast(pair, ir.VectorType(ir.HalfType(), 2)), ir.VectorType(_F32, 2))
+        if fold != 1.0:  # exact: a power of two
+            wide = builder.fmul(wide, ir.Constant(ir.VectorType(_F32, 2), [fold, fold]))
         return [splat_value(builder, builder.extract_element(wide, _I32(j)), vf) for j in range(2)]
 
     with cgutils.for_range(builder, n_groups, intp=intp) as loop:
         g = loop.index
-        at_line = builder.icmp_signed("==", builder.srem(g, intp(blocks_per_line)), intp(0))
+        at = builder.mul(g, intp(per))
+        at_line = builder.icmp_unsigned("<", builder.urem(at, intp(_LINE)), intp(per))  # the block starts a line
         with builder.if_then(at_line):
             for p in w_rows:  # once per cache line of codes: the same row `ahead` bytes on, into L2
-                emit_prefetch_l2(builder, byte_ptr(p, builder.add(builder.mul(g, intp(per)), ahead)))
+                emit_prefetch_l2(builder, byte_ptr(p, builder.add(at, ahead)))
         # each row's decoded vectors of this block: 32 / lanes of them
         decoded = []
         for p, s_row in zip(w_rows, s_rows, strict=True):
-            if per == BLOCK:
+            if storage == "int8":
                 d = halves_at(s_row, g)[0]
                 vecs = []
                 for sub in range(BLOCK // lanes):
-                    at = builder.add(builder.mul(g, intp(per)), intp(sub * lanes))
-                    q = builder.load(byte_ptr(p, at), typ=ir.VectorType(_I8, lanes), align=1)
+                    q_at = byte_ptr(p, builder.add(at, intp(sub * lanes)))
+                    q = builder.load(q_at, typ=ir.VectorType(_I8, lanes), align=1)
                     vecs.append(builder.fmul(builder.sitofp(q, vf), d, flags=_CONTRACT))
-            else:
+            elif storage == "uint4":
                 d, m = halves_at(s_row, builder.mul(g, intp(2)))
                 v16 = ir.VectorType(_I8, per)
-                b = builder.load(byte_ptr(p, builder.mul(g, intp(per))), typ=v16, align=1)
+                b = builder.load(byte_ptr(p, at), typ=v16, align=1)
                 lo = builder.and_(b, ir.Constant(v16, [15] * per))
                 hi = builder.lshr(b, ir.Constant(v16, [4] * per))
                 if lanes == BLOCK:
@@ -195,6 +430,12 @@ def emit_block_dots(context, builder, signature, args, lanes: int, lane_sum, spl
                     builder.fadd(builder.fmul(builder.uitofp(q, vf), d, flags=_CONTRACT), m, flags=_CONTRACT)
                     for q in parts
                 ]
+            else:  # minifloats: value(code) times a power of two, times d with the fold on d
+                d = halves_at(s_row, g, fold_d)[0]
+                vecs = [
+                    builder.fmul(v, d, flags=_CONTRACT)
+                    for v in _minifloat_vectors(builder, p, at, storage, lanes, signed_byte_floats)
+                ]
             decoded.append(vecs)
         for sub in range(BLOCK // lanes):
             k = builder.add(builder.mul(g, intp(BLOCK)), intp(sub * lanes))
@@ -205,4 +446,6 @@ def emit_block_dots(context, builder, signature, args, lanes: int, lane_sum, spl
                     prod = builder.fmul(decoded[i][sub], xs[j], flags=_CONTRACT)
                     builder.store(builder.fadd(builder.load(acc), prod, flags=_CONTRACT), acc)
     sums = [lane_sum(builder, builder.load(acc)) for acc in accs]
+    if fold_sum != 1.0:  # the rest of the minifloat's power of two, exact
+        sums = [builder.fmul(s, _F32(fold_sum)) for s in sums]
     return context.make_tuple(builder, signature.return_type, sums)

@@ -68,10 +68,29 @@ _I32 = ir.IntType(32)
 # mantissa (hy_edge_ops.half.as_f32); the fold puts the power of two back on each sum
 _FP8 = {types.int8: (*FP8_BITS["e4m3"], FP8_FOLD["e4m3"]), types.uint8: (*FP8_BITS["e5m2"], FP8_FOLD["e5m2"])}
 _STORED = (types.int8, types.uint8, types.uint16, types.float32)
+# hy_edge_ops.blockq's codes as 3-D arrays: int8 | uint8 | int16 | int32 | uint32 (N, G, ...)
+_BLOCK_DTYPES = (types.int8, types.uint8, types.int16, types.int32, types.uint32)
 
 
 def _splat(value, ty, n=LANES):
     return ir.Constant(ir.VectorType(ty, n), [value] * n)
+
+
+def signed_byte_floats(builder, codes, shift: int, mask: int):
+    """<n x i8> bytes holding a minifloat with its sign in bit 7 and exponent and mantissa below it ->
+    <n x float>: sign-extended, shifted by `shift`, masked by `mask` (a signed 32-bit int): the float32 is
+    the code's value times a power of two (FP8 here, hy_edge_ops.blockq's FP4 / FP6 codes)."""
+    n = codes.type.count
+    vf = ir.VectorType(_F32, n)
+    if _WIDEN16:  # the high 16 bits of the 32-bit route, then zeros below them
+        half = builder.shl(builder.sext(codes, ir.VectorType(_I16, n)), _splat(shift - 16, _I16, n))
+        half = builder.and_(half, _splat((mask >> 16) & 0xFFFF, _I16, n))
+        zeros = ir.Constant(ir.VectorType(_I16, n), None)
+        order = [j for i in range(n) for j in (i, n + i)]  # (0, v0, 0, v1, ...): v_i << 16
+        pairs = builder.shuffle_vector(zeros, half, ir.Constant(ir.VectorType(_I32, 2 * n), order))
+        return builder.bitcast(pairs, vf)
+    bits = builder.shl(builder.sext(codes, ir.VectorType(_I32, n)), _splat(shift, _I32, n))
+    return builder.bitcast(builder.and_(bits, _splat(mask, _I32, n)), vf)
 
 
 def _decode(builder, codes, dtype):
@@ -79,15 +98,7 @@ def _decode(builder, codes, dtype):
     vf = ir.VectorType(_F32, LANES)
     if dtype in _FP8:
         shift, mask, _ = _FP8[dtype]
-        if _WIDEN16:  # the high 16 bits of the 32-bit route, then zeros below them
-            half = builder.shl(builder.sext(codes, ir.VectorType(_I16, LANES)), _splat(shift - 16, _I16))
-            half = builder.and_(half, _splat((mask >> 16) & 0xFFFF, _I16))
-            zeros = ir.Constant(ir.VectorType(_I16, LANES), None)
-            order = [j for i in range(LANES) for j in (i, LANES + i)]  # (0, v0, 0, v1, ...): v_i << 16
-            pairs = builder.shuffle_vector(zeros, half, ir.Constant(ir.VectorType(_I32, 2 * LANES), order))
-            return builder.bitcast(pairs, vf)
-        bits = builder.shl(builder.sext(codes, ir.VectorType(_I32, LANES)), _splat(shift, _I32))
-        return builder.bitcast(builder.and_(bits, _splat(mask, _I32)), vf)
+        return signed_byte_floats(builder, codes, shift, mask)
     if dtype == types.uint16:
         return builder.fpext(builder.bitcast(codes, ir.VectorType(ir.HalfType(), LANES)), vf)
     return codes
@@ -143,7 +154,7 @@ def row_dots(typingctx, w, sc, bk, rows, x, toks, ahead):
     """w (N, K) stored codes, sc f32 (N, G), bk columns per scale, rows: UniTuple of row indices,
     x f32 (T, K), toks: UniTuple of token indices, ahead: prefetch distance in bytes ->
     UniTuple(float32, R * T), row-major. Indices are not checked: the kernels clamp them."""
-    blocks = isinstance(w, types.Array) and w.ndim == 3 and w.dtype in (types.int8, types.uint8)  # blockq
+    blocks = isinstance(w, types.Array) and w.ndim == 3 and w.dtype in _BLOCK_DTYPES  # hy_edge_ops.blockq
     ok = (
         isinstance(w, types.Array) and w.layout == "C"
         and ((w.ndim == 2 and w.dtype in _STORED) or blocks)
@@ -153,7 +164,7 @@ def row_dots(typingctx, w, sc, bk, rows, x, toks, ahead):
     )  # fmt: skip
     if not ok:
         raise TypingError(
-            "row_dots: w (N, K) int8/uint8/uint16/float32 or block codes (N, G, 32 | 16) int8/uint8, "
+            "row_dots: w (N, K) int8/uint8/uint16/float32 or block codes (N, G, ...) (hy_edge_ops.blockq), "
             "sc and x float32 2-D C arrays, tuples"
         )
     n_r, n_t = rows.count, toks.count

@@ -158,8 +158,8 @@ class LinearOp:
     the format's power of two folded in, `bk` columns per scale block."""
 
     storage: str
-    # (N, K) int8 E4M3 | uint8 E5M2 | uint16 half bits | float32; block codes (N, K/32, 32) int8 |
-    # (N, K/32, 16) uint8 (hy_edge_ops.blockq)
+    # (N, K) int8 E4M3 | uint8 E5M2 | uint16 half bits | float32; block codes (N, K/32, ...):
+    # blockq.code_view's int8 | uint8 | int16 | int32 | uint32 per storage (hy_edge_ops.blockq)
     w: np.ndarray
     scales: np.ndarray  # (N, G) float32; block codes: their half scales packed (blockq.pack_scales)
     bk: int
@@ -178,8 +178,9 @@ def prepare(
     """Check a stored weight once and lay it out for the kernels (no copy of `w`).
 
     storage e4m3 | e5m2: w uint8 (N, K) codes, scales float32 (N, G); fp16: w uint16 half bits;
-    fp32: w float32; int8 | uint4 (hy_edge_ops.blockq): w int8 (N, K) | uint8 (N, K/2) codes, scales
-    and (uint4) offsets uint16 half bits (N, K/32). Raises ValueError naming the bad argument."""
+    fp32: w float32; int8 | uint4 | e2m1 | e3m2 | e2m3 (hy_edge_ops.blockq): w int8 (N, K) | uint8
+    (N, K/32 * blockq.CODE_BYTES) codes, scales and (uint4 only) offsets uint16 half bits (N, K/32).
+    Raises ValueError naming the bad argument."""
     if storage not in STORAGES:
         raise ValueError(f"storage must be one of {', '.join(STORAGES)}, got {storage!r}")
     if storage in blockq.STORAGES:
@@ -222,7 +223,7 @@ def _prepare_blocks(w, storage, scales, offsets) -> LinearOp:
     if storage == "uint4":
         _need("offsets", offsets, np.uint16, 2, (n_rows, n_groups))
     elif offsets is not None:
-        raise ValueError("offsets: int8 blocks have none")
+        raise ValueError(f"offsets: {storage} blocks have none")
     halves = [scales] if offsets is None else [scales, offsets]
     if not all(np.isfinite(h.view(np.float16)).all() for h in halves):
         raise ValueError("scales and offsets must be finite")
@@ -348,8 +349,8 @@ def matmul_blocks(
     out: np.ndarray,
     batched: bool = False,
 ) -> np.ndarray:
-    """out (T, N) | (N,) = x @ dequant(w)^T for block codes (hy_edge_ops.blockq): storage int8 | uint4,
-    scales / offsets uint16 half bits (N, K/32)."""
+    """out (T, N) | (N,) = x @ dequant(w)^T for block codes (hy_edge_ops.blockq): storage int8 | uint4 |
+    e2m1 | e3m2 | e2m3, scales / offsets (uint4 only) uint16 half bits (N, K/32)."""
     if storage not in blockq.STORAGES:
         raise ValueError(f"storage must be one of {', '.join(blockq.STORAGES)}, got {storage!r}")
     return _run(prepare(w, storage, scales, offsets), x, out, batched)
