@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
 import json
@@ -180,6 +181,32 @@ def gguf(ckpt: Path, outtype: str) -> Path:
     os.replace(tmp, out)
     print(f"converted {ckpt.name} -> {out.name}: {out.stat().st_size / 1e6:.0f} MB", file=sys.stderr)
     return out
+
+
+def llama_cpp_quantize(src: Path, dst: Path, ftype: str) -> Path:
+    """llama.cpp's own quantizer (llama_model_quantize), requantizing if `src` is quantized."""
+    import llama_cpp
+
+    if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime:
+        return dst
+    tmp = dst.with_name(dst.name + ".partial")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{'ALL' if ftype == 'F32' else 'MOSTLY'}_{ftype}")
+    params.allow_requantize = True
+    params.nthread = os.cpu_count() or 1
+    t0 = time.perf_counter()
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
+        tmp.unlink(missing_ok=True)
+        raise ArtifactError(f"llama.cpp could not quantize {src.name} to {ftype}")
+    os.replace(tmp, dst)
+    print(f"llama.cpp {ftype}: quantized in {time.perf_counter() - t0:.0f} s -> {dst.name}", file=sys.stderr)
+    return dst
+
+
+def gguf_quantized(ckpt: Path, ftype: str) -> Path:
+    """`ckpt` in llama.cpp's quant type `ftype` (Q4_0, Q4_K_M, ...), made by llama.cpp's own quantizer from
+    its F16 conversion."""
+    return llama_cpp_quantize(gguf(ckpt, "f16"), ckpt.parent / f"{ckpt.name}.{ftype.lower()}.gguf", ftype)
 
 
 def hy_edge_bytes_per_token(model: Path) -> int:

@@ -22,7 +22,6 @@ Writes bench/results/quality-race.{md,json} and the charts quality-race-kl-bytes
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import hashlib
 import json
@@ -41,6 +40,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+import artifacts  # noqa: E402
 import quality_metrics as qm  # noqa: E402
 import quality_report  # noqa: E402
 from eval_fp8 import chosen_variants, windows  # noqa: E402
@@ -100,6 +100,13 @@ HY_EDGE = (
         granularity="block:32",
         lm_head_fp8=False,
     ),
+    # below eight bits (gptq+search, a half scale per block of 32); --bits: each linear's format by measured
+    # sensitivity under that many bits per weight
+    hy_edge("hy-edge --format e2m1 (FP4)", speed="hy-edge FP4 e2m1", format="e2m1"),
+    hy_edge("hy-edge --format auto --bits 4.8", format="auto", bits=4.8),
+    hy_edge("hy-edge --format auto --bits 5.5", speed="hy-edge auto 5.5 bits", format="auto", bits=5.5),
+    hy_edge("hy-edge --format e2m3 (FP6)", speed="hy-edge FP6 e2m3", format="e2m3"),
+    hy_edge("hy-edge --format e3m2 (FP6)", format="e3m2"),
 )
 LLAMA_CPP_TYPES = ("F32", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")  # made from the F32 file
 LLAMA_CPP = (
@@ -146,35 +153,15 @@ def hy_edge_model(src: Path, v: Variant) -> Path:
     return path
 
 
-def llama_cpp_quantize(src: Path, dst: Path, ftype: str) -> Path:
-    """llama.cpp's own quantizer (llama_model_quantize), requantizing if `src` is quantized."""
-    import llama_cpp
-
-    if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime:
-        return dst
-    OUT.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".partial")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{'ALL' if ftype == 'F32' else 'MOSTLY'}_{ftype}")
-    params.allow_requantize = True
-    params.nthread = os.cpu_count() or 1
-    t0 = time.perf_counter()
-    if llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"llama.cpp could not quantize {src.name} to {ftype}")
-    os.replace(tmp, dst)
-    log(f"llama.cpp {ftype}: quantized in {time.perf_counter() - t0:.0f} s -> {dst.name}")
-    return dst
-
-
 def llama_cpp_model(src: Path, v: Variant) -> Path:
     if v.ftype is None:
         return src
     stem = src.name.split(".")[0].lower()
-    f32 = llama_cpp_quantize(src, OUT / f"{stem}.f32.gguf", "F32")
+    OUT.mkdir(parents=True, exist_ok=True)
+    f32 = artifacts.llama_cpp_quantize(src, OUT / f"{stem}.f32.gguf", "F32")
     if v.ftype == "F32":
         return f32
-    return llama_cpp_quantize(f32, OUT / f"{stem}.{v.ftype.lower()}.gguf", v.ftype)
+    return artifacts.llama_cpp_quantize(f32, OUT / f"{stem}.{v.ftype.lower()}.gguf", v.ftype)
 
 
 # -- runners: (T,) token ids in, (T, V) float32 logits out, from a fresh cache ------------------------

@@ -48,6 +48,13 @@ VARIANTS = [
     ("default", {}),  # E4M3 per channel, FP8 copy of the tied head
     ("FP16 lm_head", {"lm_head_fp8": False}),  # the head read from the FP16 embedding
 ]
+# below eight bits (--subbyte races them alone): the formats' own rows, raced beside llama.cpp's 4-6 bit types
+SUBBYTE_VARIANTS = [
+    ("FP4 e2m1", {"format": "e2m1"}),
+    ("FP4 e2m1, FP6 head", {"format": "e2m1", "tensor_formats": [["lm_head.weight", "e2m3"]]}),
+    ("FP6 e2m3", {"format": "e2m3"}),
+]
+LLAMA_CPP_QUANTS = ("Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K")  # made by llama.cpp's quantizer from its F16 file
 CONTENTION_TOKENS = 32  # decode tokens under contention (a step may take ~0.5 s there)
 CONTENTION_CASES = ("hy-edge numba default", "llama.cpp Q8_0")
 BATCH_CASES = ("hy-edge numba default",)  # 4 sequences decoded together, in a process of their own
@@ -106,22 +113,32 @@ def apply_isa(cases: list[Case], isa: str, notes: list[str]) -> list[Case]:
 
 
 def build_cases(args, ckpt: Path, notes: list[str]) -> list[Case]:
-    full = ("decode", "ttft128") if args.quick else ("ttft32", "ttft128", "ttft512", "decode")
+    short = args.quick or args.subbyte
+    full = ("decode", "ttft128") if short else ("ttft32", "ttft128", "ttft512", "decode")
     cases = []
-    variants = VARIANTS[:1] if args.quick else VARIANTS
+    variants = VARIANTS[:1] if short else VARIANTS
+    if not args.quick:
+        variants = variants + SUBBYTE_VARIANTS
     for i, (label, policy) in enumerate(variants):
         model = artifacts.hy_edge_model(ckpt, policy)
         cases.append(Case(f"hy-edge numba {label}", "numba", model, artifacts.hy_edge_bytes_per_token(model), full))
-        if i == 0 and not args.quick:
+        if i == 0 and not short:
             onnx_case = Case("hy-edge onnxruntime default", "onnxruntime", model, cases[0].bytes_per_token, full)
             for kv in ("fp16", "fp8"):  # the default conversion with a smaller KV cache
                 case = Case(f"hy-edge numba default, {kv.upper()} KV", "numba", model, cases[0].bytes_per_token, full)
                 case.env = {"BENCH_KV_CACHE": kv}
                 cases.append(case)
-    if not args.quick:
+    if not short:
         cases.append(onnx_case)
     if llama_cpp_available(notes):
-        for outtype in ("q8_0",) if args.quick else ("q8_0", "f16"):
+        for ftype in () if args.quick else LLAMA_CPP_QUANTS:
+            try:
+                path = artifacts.gguf_quantized(ckpt, ftype)
+            except artifacts.ArtifactError as e:
+                note(notes, f"llama.cpp {ftype}: {e}; going on without it")
+                continue
+            cases.append(Case(f"llama.cpp {ftype}", "llama.cpp", path, artifacts.gguf_bytes_per_token(path), full))
+        for outtype in ("q8_0",) if short else ("q8_0", "f16"):
             try:
                 path = artifacts.gguf(ckpt, outtype)
             except artifacts.ArtifactError as e:
@@ -129,7 +146,7 @@ def build_cases(args, ckpt: Path, notes: list[str]) -> list[Case]:
                 continue
             name = f"llama.cpp {outtype.upper()}"
             cases.append(Case(name, "llama.cpp", path, artifacts.gguf_bytes_per_token(path), full))
-    if not args.quick:
+    if not short:
         n_params = torch_params(ckpt)
         cases.append(Case("PyTorch fp32 (transformers)", "torch", ckpt, 4 * n_params, full))
         for c in list(cases):
@@ -313,6 +330,12 @@ def main() -> None:
     ap.add_argument(
         "--quick", action="store_true", help="one round: decode + TTFT 128, hy-edge numba vs llama.cpp Q8_0"
     )
+    ap.add_argument(
+        "--subbyte",
+        action="store_true",
+        help="the sub-byte race: decode + TTFT 128 of hy-edge's FP4/FP6 variants and its default against "
+        "llama.cpp Q4_0, Q4_K_M, Q5_K_M, Q6_K, Q8_0 (bench/results/subbyte[-<isa>].*)",
+    )
     ap.add_argument("--layers", type=int, default=24, help="fewer layers for a smoke run (not Hunyuan-0.5B then)")
     ap.add_argument("--timeout", type=int, default=900, help="seconds one child process may take")
     ap.add_argument("--isa", default="native", help="native, or avx2 on an AVX-512 host (see above)")
@@ -333,7 +356,13 @@ def main() -> None:
         args.rounds = 1
     # the host's own ISA keeps the name bench/results/latest.* (tools read it); a narrower one gets its own
     suffix = "" if isa == isa_mod.ISA else f"-{isa}"
-    out = args.out or (artifacts.OUT / f"quick{suffix}" if args.quick else RESULTS / f"latest{suffix}")
+    out = args.out or (
+        artifacts.OUT / f"quick{suffix}"
+        if args.quick
+        else RESULTS / f"subbyte{suffix}"
+        if args.subbyte
+        else RESULTS / f"latest{suffix}"
+    )
     if args.layers != 24 and args.out is None and not args.quick:
         out = artifacts.OUT / f"smoke-{args.layers}l{suffix}"  # never overwrite the committed results with a smoke run
     artifacts.OUT.mkdir(exist_ok=True)
@@ -344,7 +373,8 @@ def main() -> None:
     cases = apply_isa(build_cases(args, ckpt, notes), isa, notes)
     bytes_per_token = {c.name: c.bytes_per_token for c in cases}
     numba_case = cases[0]
-    prog = Progress(args.rounds * (len(cases) + 1) + (1 if args.quick else 2) + 2)
+    short = args.quick or args.subbyte
+    prog = Progress(args.rounds * (len(cases) + 1) + (1 if short else 2) + 2)
     prog.show("read bandwidth")
     c_exe = build_c_reference(artifacts.OUT)
     c_gbs = c_read_gbs(c_exe, args.threads) if c_exe else None
@@ -353,7 +383,7 @@ def main() -> None:
     fma_runs = [fma_peak.gflops(fma_exe, args.threads)] if fma_exe else []
     prog.step("bandwidth")
     first_jit_s = None
-    if not args.quick:
+    if not short:
         prog.show("first-ever JIT compile")
         first_jit_s = first_jit(numba_case, args)
         prog.step("first JIT")
@@ -400,7 +430,8 @@ def main() -> None:
             "context": 1024,
             "filled_contexts": FILLED_CONTEXTS,
             "quick": args.quick,
-            "variants": VARIANTS,
+            "variants": VARIANTS + SUBBYTE_VARIANTS,
+            "subbyte": args.subbyte,
             "machine": machine,
             "isa": isa,
             "host_isa": isa_mod.ISA,

@@ -10,7 +10,7 @@ Q8_0 blocks kept exactly), its E4M3 requantization (`--format e4m3`, the default
 make bench ISA=avx2). The raw runs go to bench/results/smollm2-<isa>.json.
 
     python bench/smollm2.py [--rounds 3] [--threads 2] [--decode-tokens 128] [--isa native|avx2]
-                            [--granularity block:32]
+                            [--granularity block:32] [--subbyte]
 """
 
 from __future__ import annotations
@@ -72,6 +72,26 @@ def _hy_edge_model(src: Path, granularity: str | None = None) -> Path:
     return dst
 
 
+# --subbyte: hy-edge below eight bits (row name -> QuantPolicy fields) and llama.cpp's types made from its F32
+# requantization of the bundled file (bench/quality_race.py makes the same files)
+SUBBYTE = {
+    "hy-edge FP4 e2m1": {"format": "e2m1"},
+    "hy-edge auto 5.5 bits": {"format": "auto", "bits": 5.5},
+    "hy-edge FP6 e2m3": {"format": "e2m3"},
+}
+LLAMA_CPP_TYPES = ("Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K")
+
+
+def _subbyte_model(src: Path, name: str) -> Path:
+    from hy_edge_convert import QuantPolicy, convert
+
+    dst = OUT / f"smollm2-135m-instruct.{name.split(' ', 1)[1].replace(' ', '-').replace('.', '')}.onnx"
+    if not dst.exists():
+        OUT.mkdir(exist_ok=True)
+        convert(src, dst, QuantPolicy(**SUBBYTE[name]))
+    return dst
+
+
 def child(runtime: str, path: str, threads: int, decode_tokens: int) -> dict:
     """One measurement in this (fresh) process: TTFT of a 128-token prompt, then greedy decode."""
     rng = np.random.default_rng(0)
@@ -122,6 +142,7 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--isa", default="native", help="native, or avx2 on an AVX-512 host")
     ap.add_argument("--granularity", action="append", default=[], help="also hy-edge with this granularity")
+    ap.add_argument("--subbyte", action="store_true", help="also hy-edge's FP4/FP6 rows and llama.cpp Q4_0..Q6_K")
     ap.add_argument("--child", nargs=2, metavar=("RUNTIME", "PATH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -149,6 +170,14 @@ def main() -> None:
     }
     for g in args.granularity:
         paths[f"hy-edge e4m3 {g}"] = _hy_edge_model(src, g)
+    if args.subbyte:
+        for name in SUBBYTE:
+            paths[name] = _subbyte_model(src, name)
+        f32 = artifacts.llama_cpp_quantize(src, OUT / "smollm2-135m-instruct.f32.gguf", "F32")
+        for t in LLAMA_CPP_TYPES:
+            paths[f"llama.cpp {t}"] = artifacts.llama_cpp_quantize(
+                f32, OUT / f"smollm2-135m-instruct.{t.lower()}.gguf", t
+            )
     runs: dict[str, list[dict]] = {name: [] for name in paths}
     for r in range(args.rounds):
         for name, path in paths.items():

@@ -143,7 +143,7 @@ def allocate(
     report = {
         "bits": bits,
         "bits_used": round(spent / total, 4),
-        "kl": {k: {f: round(v, 6) for f, v in d.items()} for k, d in kl.items()},
+        "kl": kl,
         "probe_tokens": int(np.prod(ids[:PROBE_SEQUENCES].shape)),
     }
     return chosen, report

@@ -64,30 +64,25 @@ from numba.core import cgutils
 from numba.extending import overload
 from numba.np import numpy_support
 
+from . import minifloat
 from .half import FP8_BITS, FP8_FOLD, half_to_f32
 from .isa import ISA
 
 BLOCK = 32  # weights per block
 CODE_BYTES = {"int8": 32, "uint4": 16, "e2m1": 16, "e3m2": 24, "e2m3": 24}  # bytes of codes per block
 STORAGES = tuple(CODE_BYTES)
-MINIFLOATS = ("e2m1", "e3m2", "e2m3")
+MINIFLOATS = tuple(minifloat.FORMATS)  # e2m1, e3m2, e2m3
 _KERNEL_DTYPE = {"int8": np.int8, "uint4": np.uint8, "e2m1": np.int16, "e3m2": np.int32, "e2m3": np.uint32}
 _STORAGE_OF = {numpy_support.from_dtype(np.dtype(dt)): name for name, dt in _KERNEL_DTYPE.items()}  # numba dtype
-_FORMAT = {"e2m1": (2, 1, 1), "e3m2": (3, 2, 3), "e2m3": (2, 3, 1)}  # exponent bits, mantissa bits, bias
 # the decoded float32 is value * 2**-(127 - bias): 2**(127 - bias) = fold on d * fold on the sum
 MINIFLOAT_FOLD = {"e2m1": (2.0**63, 2.0**63), "e3m2": (2.0**62, 2.0**62), "e2m3": (2.0**63, 2.0**63)}
 
 
 def minifloat_values(storage: str) -> np.ndarray:
     """float32 (2**bits,): the value of every code of a minifloat storage (code i -> values[i])."""
-    if storage not in _FORMAT:
-        raise ValueError(f"storage must be one of {', '.join(_FORMAT)}, got {storage!r}")
-    e_bits, m_bits, bias = _FORMAT[storage]
-    code = np.arange(1 << (1 + e_bits + m_bits))
-    e = (code >> m_bits) & ((1 << e_bits) - 1)
-    m = (code & ((1 << m_bits) - 1)) / 2.0**m_bits
-    mag = np.where(e == 0, m * 2.0 ** (1 - bias), (1 + m) * 2.0 ** (e - bias))
-    return np.where(code >> (e_bits + m_bits), -mag, mag).astype(np.float32)
+    if storage not in MINIFLOATS:
+        raise ValueError(f"storage must be one of {', '.join(MINIFLOATS)}, got {storage!r}")
+    return minifloat.values(storage)
 
 
 def code_view(w: np.ndarray, storage: str) -> np.ndarray:
@@ -105,12 +100,8 @@ def code_view(w: np.ndarray, storage: str) -> np.ndarray:
 
 def unpack_codes(storage: str, w: np.ndarray) -> np.ndarray:
     """uint8 (N, K/32, 32) codes of stored minifloat blocks, in weight order (numpy)."""
-    b = code_view(w, storage).view(np.uint8)  # (N, G, bytes)
-    codes = np.concatenate([b[:, :, :16] & 15, b[:, :, :16] >> 4], axis=2)
-    if storage != "e2m1":  # byte 16 + j: the high 2 bits of codes j, j + 8, j + 16, j + 24
-        high = b[:, :, 16:24]
-        codes |= np.concatenate([((high >> (2 * i)) & 3) << 4 for i in range(4)], axis=2)
-    return codes
+    code_view(w, storage)  # checks the shape
+    return minifloat.unpack(w, storage).reshape(w.shape[0], -1, BLOCK)
 
 
 def pack_scales(storage: str, scale: np.ndarray, offset: np.ndarray | None = None) -> np.ndarray:
@@ -231,7 +222,7 @@ _LINE = 64
 def _minifloat_bits(storage: str) -> tuple[int, int]:
     """(shift, mask) taking a sign-extended byte (sign in bit 7, exponent and mantissa below) to a float32
     bit pattern: the exponent's top bit lands on float32's exponent bit e - 1 + 23."""
-    e_bits, m_bits, _ = _FORMAT[storage]
+    e_bits, m_bits = minifloat.FORMATS[storage]
     mask = (1 << 31) | (((1 << (e_bits + m_bits)) - 1) << (23 - m_bits))
     return 16 + e_bits, mask - (1 << 32)
 
