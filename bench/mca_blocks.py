@@ -3,7 +3,7 @@ the kernels' LLVM IR as numba emits it for the NEON shapes (LANES 16, the NEON d
 by llvmlite's AArch64 backend for the Cortex-A76, the hot loop found as bench/kernel_asm.py finds it,
 then llvm-mca (bench/mca.py). Run on x86:
 
-    python bench/mca_blocks.py [--storages e4m3,int8,uint4,e2m1,e3m2,e2m3] [--mcpu cortex-a76]
+    python bench/mca_blocks.py [--storages e4m3,int8,uint4,e2m1,e3m2,e2m3] [--mcpu cortex-a76] [--json FILE]
 
 An estimate of the loop alone, from L1 (see bench/mca.py), and of IR that numba's x86 pipeline optimised
 (the kernels are explicit vectors, so little of it is x86's) -- `make test-arm` runs the real thing.
@@ -83,6 +83,7 @@ def main() -> None:
     ap.add_argument("--storages", default="e4m3,int8,uint4,e2m1,e3m2,e2m3")
     ap.add_argument("--mcpu", default="cortex-a76")
     ap.add_argument("--ghz", type=float, default=2.4)
+    ap.add_argument("--json", type=Path, help="also write the table here (bench/report.py reads its gemv rows)")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -90,6 +91,7 @@ def main() -> None:
         return
     import mca
 
+    table: dict = {}
     with tempfile.TemporaryDirectory() as d:
         print(f"llvm-mca -mcpu={args.mcpu}, hot loops of the NEON kernels, {args.ghz} GHz, one core, from L1")
         print(f"{'storage':>8} {'kernel':>8} {'instr':>6} {'cycles/16 w':>12} {'Gweights/s':>11}")
@@ -100,6 +102,14 @@ def main() -> None:
                 cyc = mca.cycles_per_iteration(Path(d) / k["file"], args.mcpu, "aarch64-linux-gnu")
                 print(f"{storage:>8} {name:>8} {k['instructions']:6d} {cyc * 16 / k['weights']:12.2f} "
                       f"{k['weights'] / cyc * args.ghz:11.2f}")  # fmt: skip
+                row = {
+                    "cycles_per_16_weights": cyc * 16 / k["weights"],
+                    "gweights_per_core": k["weights"] / cyc * args.ghz,
+                }
+                table.setdefault(storage, {})[name] = row
+    if args.json:
+        doc = {"mcpu": args.mcpu, "ghz": args.ghz, "storages": table}
+        args.json.write_text(json.dumps(doc, indent=1) + "\n")
 
 
 if __name__ == "__main__":

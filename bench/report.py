@@ -12,6 +12,8 @@ HERE = Path(__file__).resolve().parent
 # the Cortex-A76 kernel estimate `make test-arm` writes: llvm-mca on the hot loops numba compiles on the
 # emulated Pi (bench/kernel_asm.py, bench/mca.py)
 A76_ESTIMATE = HERE / "results" / "cortex-a76" / "mca-neoverse-n1.json"
+A76_BLOCKS = HERE / "results" / "cortex-a76" / "mca-blocks-neoverse-n1.json"  # bench/mca_blocks.py --json
+SUBBYTE_BITS = {"e2m1": 4.5, "e2m3": 6.5, "e3m2": 6.5}  # bits a weight read, its half scale per 32 included
 
 OTHER_CPU_FLAG = 0.25  # other processes used > a quarter of one core on average during the run
 
@@ -85,8 +87,22 @@ def a76_estimate(path: Path = A76_ESTIMATE) -> dict | None:
         return None
 
 
+def a76_blocks(path: Path = A76_BLOCKS) -> dict | None:
+    """The static estimate of the block kernels (bench/mca_blocks.py --json), or None."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def pi5_projection(
-    figures: dict, bytes_per_token: dict, bandwidth_gbs: float, gemms: dict | None, a76: dict | None
+    figures: dict,
+    bytes_per_token: dict,
+    bandwidth_gbs: float,
+    gemms: dict | None,
+    a76: dict | None,
+    storages: dict | None = None,
+    blocks: dict | None = None,
 ) -> dict:
     """Decode: the bandwidth efficiency measured here applied to the Pi's bandwidth, unless the kernels'
     estimated speed on the Pi's 4 cores is lower (then that). TTFT: scaled by the prefill GEMMs' speed here
@@ -108,7 +124,12 @@ def pi5_projection(
         achieved = figs["decode"]["median"] * b / 1e9
         eff = achieved / bandwidth_gbs
         rates = [eff * bw for bw in PI5["bandwidth_gbs"]]
-        if "gemv_gbs" in out and case.startswith("hy-edge numba"):  # the kernels may not keep up
+        storage = (storages or {}).get(case)
+        if storage and blocks and storage in blocks["storages"]:  # sub-byte: its own kernel's estimate
+            row = blocks["storages"][storage]["gemv"]
+            cap = PI5["cores"] * row["gweights_per_core"] * PI5["ghz"] / blocks["ghz"] * SUBBYTE_BITS[storage] / 8
+            rates = [min(r, cap) for r in rates]
+        elif "gemv_gbs" in out and case.startswith("hy-edge numba"):  # the kernels may not keep up
             rates = [min(r, out["gemv_gbs"]) for r in rates]
         row = {
             "bytes_per_token": b,

@@ -453,6 +453,8 @@ def main() -> None:
             bandwidth,
             gemms,
             report.a76_estimate(),
+            {f"hy-edge numba {label}": policy["format"] for label, policy in SUBBYTE_VARIANTS},
+            report.a76_blocks(),
         ),
         "runs": runs,
         "notes": notes,
