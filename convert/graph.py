@@ -101,38 +101,47 @@ class GraphBuilder:
 
     def make_subbyte_weight(self, name: str, w: StoredWeight, path: str) -> str:
         """Sub-byte FP codes (hy_edge_ops.minifloat's packed layout) decoded with standard ops, as
-        onnxruntime's DequantizeLinear has no FP4 / FP6: the bytes split into nibbles (BitwiseAnd, BitShift)
-        and, for FP6, the high bits added, each code looked up in a table of its values (Gather), times the
-        block's half scale widened to float32. All from initializers: onnxruntime folds it at load."""
+        onnxruntime's DequantizeLinear has no FP4 / FP6: each code's value times a power of two (an integer:
+        2 x E2M1, 8 x E2M3, 16 x E3M2) looked up in a table (Gather), then DequantizeLinear by the block's
+        scale over that power of two (exact: as the numba kernels compute). E2M1 looks up whole bytes in a
+        table of value pairs; FP6 assembles each code from its nibble and its top bits (BitwiseAnd,
+        BitShift) first. All from initializers: onnxruntime folds it at load, its temporaries included
+        (bench figures in backend_ort.ort_memory_plan)."""
         N, K = w.shape
         G, fmt = K // minifloat.BLOCK, w.storage
+        mult = {"e2m1": 2, "e2m3": 8, "e3m2": 16}[fmt]
+        ints = np.rint(minifloat.values(fmt) * mult)
+        table_type = np.int8 if np.abs(ints).max() <= 127 else np.int16
         codes = self.node("Reshape", [name + F.QWEIGHT, self.i64(N, G, minifloat.BLOCK_BYTES[fmt])], path + "/codes")
-
-        def shifted(x: str, bits: int, what: str) -> str:
-            return self.node("BitShift", [x, self.const([bits], np.uint8)], path + what, direction="RIGHT")
-
-        def masked(x: str, mask: int, what: str) -> str:
-            return self.node("BitwiseAnd", [x, self.const([mask], np.uint8)], path + what)
 
         def part(x: str, lo: int, hi: int, what: str) -> str:
             return self.node("Slice", [x, self.i64(lo), self.i64(hi), self.i64(2)], path + what)
 
-        nibbles = part(codes, 0, 16, "/nibbles") if fmt != "e2m1" else codes
-        low = self.node("Concat", [masked(nibbles, 15, "/low"), shifted(nibbles, 4, "/high")], path + "/low", axis=2)
-        if fmt == "e2m1":
-            code = low
-        else:  # the high 2 bits of weights j, j + 8, j + 16, j + 24 in byte 16 + j
-            tops = part(codes, 16, 24, "/tops")
-            quarters = [masked(shifted(tops, s, f"/tops{s}"), 3, f"/tops{s}") for s in (0, 2, 4, 6)]
-            high = self.node("Concat", quarters, path + "/tops", axis=2)
-            high = self.node("BitShift", [high, self.const([4], np.uint8)], path + "/tops", direction="LEFT")
-            code = self.node("BitwiseOr", [low, high], path + "/code")
-        index = self.node("Cast", [code], path + "/index", to=TensorProto.INT32)
-        value = self.node("Gather", [self.const(minifloat.values(fmt)), index], path + "/value", axis=0)
+        def looked_up(table: np.ndarray, x: str, what: str) -> str:  # table[x], x uint8
+            index = self.node("Cast", [x], path + what, to=TensorProto.INT32)
+            return self.node("Gather", [self.const(table, table.dtype), index], path + what, axis=0)
+
+        def in_order(pairs: str, what: str) -> str:  # (N, G, n, k): element i of byte j is weight j + n i
+            t = self.node("Transpose", [pairs], path + what, perm=[0, 1, 3, 2])
+            return self.node("Reshape", [t, self.i64(N, G, minifloat.BLOCK)], path + what)
+
+        byte = np.arange(256)
+        if fmt == "e2m1":  # each byte: the values of its two codes (weights j and j + 16)
+            value = in_order(
+                looked_up(ints.astype(table_type)[np.stack([byte & 15, byte >> 4], 1)], codes, "/value"), "/value"
+            )
+        else:  # the low 4 bits of weights j, j + 16 in byte j; the top 2 of j, j + 8, j + 16, j + 24 in byte 16 + j
+            low = in_order(
+                looked_up(np.stack([byte & 15, byte >> 4], 1).astype(np.uint8), part(codes, 0, 16, "/low"), "/low"),
+                "/low",
+            )
+            tops = np.stack([(byte >> s) & 3 for s in (0, 2, 4, 6)], 1).astype(np.uint8) << 4
+            high = in_order(looked_up(tops, part(codes, 16, 24, "/high"), "/high"), "/high")
+            value = looked_up(ints.astype(table_type), self.node("BitwiseOr", [low, high], path + "/code"), "/value")
+        value = self.node("Reshape", [value, self.i64(N, K)], path + "/value")
         scale = self.node("Cast", [name + F.SCALE], path + "/scale", to=TensorProto.FLOAT)
-        scale = self.node("Unsqueeze", [scale, self.i64(2)], path + "/scale")
-        weight = self.node("Mul", [value, scale], path)
-        return self.node("Reshape", [weight, self.i64(N, K)], path)
+        scale = self.node("Mul", [scale, self.const(1.0 / mult)], path + "/scale")
+        return self.node("DequantizeLinear", [value, scale], path, axis=1, block_size=minifloat.BLOCK)
 
     def make_offsets(self, name: str) -> str:
         """A uint4 weight's offsets per block (N, G) in float32."""
