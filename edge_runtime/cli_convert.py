@@ -229,7 +229,7 @@ def info_cmd(model: Path | None, verify: bool, default_path: bool) -> None:
         click.echo(
             f"quantization: format {str(quant.get('format'))[:20]}, granularity {str(quant.get('granularity'))[:20]}, "
             f"activations {quant.get('activations', 'none')}"
-            + "".join(f", {k} {str(quant[k])[:20]}" for k in ("rounding", "scales") if k in quant)
+            + "".join(f", {k} {str(quant[k])[:20]}" for k in ("bits", "rounding", "scales") if k in quant)
             + "; tensors: "
             + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
         )

@@ -182,6 +182,9 @@ def test_bits_budget(llama_dir, tmp_path, bits):
     assert used <= bits * sum(np.prod(s) for s in n_weights.values()) + 1e-6
     if bits == 4.5:
         assert {t["storage"] for t in linears.values()} == {"e2m1"}
+    info = CliRunner().invoke(main, ["info", str(out)])
+    assert info.exit_code == 0
+    assert f"format auto, granularity channel, activations none, bits {float(bits)}," in info.output
     kl = quant["allocation"]["kl"]
     if bits == 16:
         for n, t in linears.items():
