@@ -27,7 +27,7 @@ INSTALL_DEFS := setup.cfg pyproject.toml Makefile
 stale = $(if $(filter $(CURDIR),$(shell cat $(STAMPS)/$(1) 2>/dev/null)),,FORCE)
 stamp = @mkdir -p $(STAMPS) && echo '$(CURDIR)' > $(STAMPS)/$(1)
 
-.PHONY: install install-test install-bench run serve test test-arm bench bench-quick bench-quality bench-fp8 lint FORCE
+.PHONY: bench-subbyte install install-test install-bench run serve test test-arm bench bench-quick bench-quality bench-fp8 lint FORCE
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV) || { rm -rf $(VENV); \
@@ -95,6 +95,11 @@ bench: install-bench
 # one round, decode + TTFT 128, hy-edge numba vs llama.cpp Q8_0: bench/out/quick[-avx2].{json,md,png}
 bench-quick: install-bench
 	$(PYTHON) bench/run.py --quick --isa $(ISA)
+
+# below eight bits: hy-edge's FP4/FP6 variants against llama.cpp Q4_0, Q4_K_M, Q5_K_M, Q6_K, Q8_0, decode + TTFT
+# 128, 3 interleaved rounds: bench/results/subbyte[-avx2].{json,md,png} (make bench includes these rows too)
+bench-subbyte: install-bench
+	$(PYTHON) bench/run.py --subbyte --isa $(ISA)
 
 # the quality race, the twin of make bench: hy-edge's conversions and llama.cpp's quant types of the bundled
 # SmolLM2 against its fp32 conversion on examples/eval/race.txt (KL divergence, perplexity ratio, top-1

@@ -105,6 +105,7 @@ HY_EDGE = (
     hy_edge("hy-edge --format e2m1 (FP4)", speed="hy-edge FP4 e2m1", format="e2m1"),
     hy_edge("hy-edge --format auto --bits 4.8", format="auto", bits=4.8),
     hy_edge("hy-edge --format auto --bits 5.5", speed="hy-edge auto 5.5 bits", format="auto", bits=5.5),
+    hy_edge("hy-edge --format auto --bits 6.1", format="auto", bits=6.1),  # Q4_K_M's MB per token
     hy_edge("hy-edge --format e2m3 (FP6)", speed="hy-edge FP6 e2m3", format="e2m3"),
     hy_edge("hy-edge --format e3m2 (FP6)", format="e3m2"),
 )
