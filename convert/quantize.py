@@ -242,10 +242,14 @@ def quantize_weight(name: str, w: np.ndarray, policy: QuantPolicy, hessian: Hess
 SUBBYTE_SCALE_GRID = tuple(0.625 + i / 32 for i in range(15))
 
 
+HALF_MAX = 65504.0
+
+
 def _half_scales(d: np.ndarray) -> np.ndarray:
-    """d f32 as the half the file stores, back in f32 (what the kernels multiply by)."""
+    """d f32 as the half the file stores, back in f32 (what the kernels multiply by); a searched scale above
+    the largest half takes the largest half."""
     with np.errstate(over="ignore"):
-        return np.minimum(d, np.float32(65504.0)).astype(np.float16).astype(np.float32)
+        return np.minimum(d, np.float32(HALF_MAX)).astype(np.float16).astype(np.float32)
 
 
 def _subbyte_roundtrip(w: np.ndarray, d: np.ndarray, fmt: str) -> np.ndarray:
@@ -261,7 +265,13 @@ def _encode_subbyte(
     N, K = w.shape
     blocks = w.reshape(N, K // BLOCK, BLOCK)
     amax = np.maximum(blocks.max(axis=2), -blocks.min(axis=2))
-    d = _half_scales(amax / np.float32(minifloat.max_value(fmt)))
+    top = minifloat.max_value(fmt)
+    if float(amax.max()) > HALF_MAX * top:  # its block scale would not fit a half
+        raise HyEdgeError(
+            f"a weight holds {float(amax.max()):.4g}, beyond what {fmt} with a half scale holds "
+            f"({HALF_MAX * top:.4g}): convert it with --format e4m3, or --tensor-format NAME=e4m3"
+        )
+    d = _half_scales(amax / np.float32(top))
     if policy.scales == "search":
         roundtrip = functools.partial(_subbyte_roundtrip, fmt=fmt)
         imp = None if hessian is None else hessian.diag

@@ -205,3 +205,18 @@ def test_bits_budget(llama_dir, tmp_path, bits):
 def test_bad_bits(llama_dir, tmp_path, args, message):
     result = CliRunner().invoke(main, ["convert", str(llama_dir), "-o", str(tmp_path / "m.onnx"), *args])
     assert result.exit_code == 2 and message in result.output
+
+
+def test_weight_beyond_a_half_scale_is_refused():
+    """A block whose scale would not fit a half is refused in one line, not clipped."""
+    from hy_edge_convert import QuantPolicy
+    from hy_edge_convert.quantize import quantize_weight
+    from hy_edge_format.errors import HyEdgeError
+
+    w = np.zeros((2, 64), np.float32)
+    w[1, 40] = 1e6  # 1e6 / 6 > 65504
+    with pytest.raises(HyEdgeError, match="beyond what e2m1 with a half scale holds"):
+        quantize_weight("model.layers.0.mlp.down_proj.weight", w, QuantPolicy(format="e2m1", rounding="nearest"))
+    w[1, 40] = 3e5  # within: 3e5 / 6 = 5e4
+    q = quantize_weight("model.layers.0.mlp.down_proj.weight", w, QuantPolicy(format="e2m1", rounding="nearest"))
+    assert q.storage == "e2m1" and np.isfinite(q.scale.astype(np.float32)).all()
