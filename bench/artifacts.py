@@ -127,6 +127,47 @@ def llama_cpp_site(isa: str) -> Path | None:
     return site
 
 
+def llama_server(isa: str | None = None) -> Path:
+    """llama.cpp's own `llama-server` of the pinned sdist, built once into bench/out (about 10 minutes on 2
+    cores): tuned for this host (GGML_NATIVE, as the installed llama-cpp-python), or for `isa` with the
+    flags of LLAMA_CPP_CMAKE."""
+    where = OUT / f"llama-server-{LLAMA_CPP_PYTHON}-{isa or 'native'}"
+    binary = where / "llama-server"
+    if binary.exists():
+        return binary
+    llama_cpp_source()  # the sdist, downloaded if absent
+    src, build = OUT / f"{SDIST}-full", OUT / f"{where.name}.build"
+    if not (src / "vendor" / "llama.cpp" / "CMakeLists.txt").exists():
+        shutil.rmtree(src, ignore_errors=True)
+        with tarfile.open(OUT / f"{SDIST}.tar.gz") as tar:
+            tar.extractall(OUT / f"{SDIST}.unpack", filter="data")
+        os.replace(OUT / f"{SDIST}.unpack" / SDIST, src)
+        (OUT / f"{SDIST}.unpack").rmdir()
+    print(f"building llama-server {LLAMA_CPP_PYTHON} ({isa or 'native'}) into {where} (once, ~10 minutes)",
+          file=sys.stderr)  # fmt: skip
+    flags = LLAMA_CPP_CMAKE[isa].split() if isa else ["-DGGML_NATIVE=ON"]
+    configure = [
+        "cmake", "-S", str(src / "vendor" / "llama.cpp"), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+        "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_OPENSSL=OFF",
+        "-DBUILD_SHARED_LIBS=OFF", *flags,
+    ]  # fmt: skip
+    log = OUT / f"{where.name}.log"
+    with open(log, "w") as f:
+        for cmd in (configure, ["cmake", "--build", str(build), "--target", "llama-server", "-j", str(os.cpu_count())]):
+            if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode != 0:
+                raise ArtifactError(f"llama-server did not build (see {log})")
+    built = build / "bin" / "llama-server"
+    if not built.exists():
+        raise ArtifactError(f"llama-server did not build (see {log})")
+    tmp = OUT / f"{where.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copy2(built, tmp / "llama-server")
+    os.replace(tmp, where)
+    shutil.rmtree(build, ignore_errors=True)
+    return binary
+
+
 def write_gguf_tokenizer(directory: Path) -> None:
     """A tokenizer the converter's HunYuanDenseV1 class accepts, for a checkpoint that has none.
 

@@ -15,7 +15,9 @@ what the `serve` extra installs (httpx).
     python bench/serve_load.py --url http://127.0.0.1:8000 --streams 1 4
     python bench/serve_load.py --stall 512        # a 512-token prompt's cost to a running stream
     python bench/serve_load.py --health 512       # /health's latency while a 512-token prompt is prefilled
-Writes bench/out/serve_load.json (serve_stall.json with --stall, serve_health.json with --health; or --out:
+    python bench/serve_load.py --race 3 --streams 1 4   # hy-edge serve vs llama-server -np 4, over HTTP
+Writes bench/out/serve_load.json (serve_stall.json with --stall, serve_health.json with --health,
+serve_race.json with --race, which builds llama.cpp's llama-server once from the pinned sdist; or --out:
 date, CPU, ISA and load average included) and prints a table.
 """
 
@@ -126,12 +128,16 @@ def run_stall(model, prompt_tokens: int, threads: int | None, kv_cache: str, max
     engine.run()
     gaps = np.diff(times)
     during = [g for t, g in zip(times[1:], gaps, strict=True) if marks["submitted"] < t <= marks["first"] + 0.2]
+    median = float(np.median(gaps[:39]))
     return {
         "max_stall": max_stall,
-        "median_gap_s": float(np.median(gaps[:39])),
+        "median_gap_s": median,
         "median_gap_during_s": float(np.median(during)),
+        "p99_gap_during_s": float(np.percentile(during, 99)),
+        "p99_over_median": float(np.percentile(during, 99)) / median,
         "longest_gap_s": float(max(during)),
         "prompt_ttft_s": marks["first"] - marks["submitted"],
+        "gaps_during_ms": [round(g * 1000, 1) for g in during],
     }
 
 
@@ -244,30 +250,130 @@ def run_health(model, prompt_tokens: int, threads: int | None, kv_cache: str, in
     }
 
 
-def run_http(url: str, streams: int, tokens: int) -> dict:
+def run_http(url: str, streams: int, tokens: int, extra: dict | None = None) -> dict:
+    """`streams` streamed completions at once. A server need not send an event per token (hy-edge holds back
+    a token whose text is empty or an incomplete character), so the tokens are the usage each stream reports
+    at its end (`stream_options.include_usage`), and the figure is every token after each stream's first over
+    the time from the first of those first tokens to the last token of all."""
     import httpx
 
     arrivals: list[list[float]] = [[] for _ in range(streams)]
+    counts = [0] * streams
     barrier = threading.Barrier(streams)
     key = os.environ.get("HY_EDGE_API_KEY")  # a server that asks for a key: the same variable it reads
     headers = {"Authorization": f"Bearer {key}"} if key else {}
 
     def one(i: int) -> None:
-        body = {"prompt": f"Story {i}: once upon a time", "max_tokens": tokens, "temperature": 0, "stream": True}
+        body = {"prompt": f"Story {i}: once upon a time", "max_tokens": tokens, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}, **(extra or {})}  # fmt: skip
         barrier.wait()
         with httpx.stream("POST", url + "/v1/completions", json=body, headers=headers, timeout=600) as r:
             r.raise_for_status()
             for line in r.iter_lines():
                 if line.startswith("data: {"):
-                    arrivals[i].append(time.perf_counter())
+                    now, chunk = time.perf_counter(), json.loads(line[6:])
+                    if chunk.get("choices"):
+                        arrivals[i].append(now)
+                    if chunk.get("usage"):
+                        counts[i] = chunk["usage"]["completion_tokens"]
 
     ts = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
     for t in ts:
         t.start()
     for t in ts:
         t.join()
-    tps, window, n = steady_tps(arrivals)
-    return {"streams": streams, "decode_tps": tps, "window_s": window, "tokens_in_window": n}
+    if not all(arrivals) or not all(counts):
+        raise RuntimeError(f"a stream sent no tokens or no usage: {counts} tokens, {[len(a) for a in arrivals]} events")
+    start, end = min(a[0] for a in arrivals), max(a[-1] for a in arrivals)
+    n = sum(counts) - streams
+    return {"streams": streams, "decode_tps": n / (end - start) if end > start else 0.0, "window_s": end - start, "tokens_in_window": n,
+            "tokens": counts, "events": [len(a) for a in arrivals]}  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 600.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode} before it was ready")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError("the server was not ready in time")
+
+
+def race(args) -> None:
+    """hy-edge serve against llama.cpp's llama-server -np S on the same random Hunyuan-0.5B weights (E4M3
+    per channel against llama.cpp's Q8_0, the bench's default pair; fp16 KV caches both), each a fresh
+    process per round, rounds interleaved (A B A B ...), both driven over HTTP by the same client
+    (`run_http`): streamed completions, greedy, `--tokens` each."""
+    ckpt = artifacts.checkpoint(args.layers)
+    # the server needs a tokenizer: the weights and config with the GGUF's synthetic one (the same text gives
+    # the same token ids on both sides), rounded to nearest as `make bench`'s conversion of `ckpt`
+    ours = (
+        Path(args.model)
+        if args.model
+        else artifacts.hy_edge_model(artifacts.gguf_source(ckpt), {"rounding": "nearest"})
+    )
+    gguf = artifacts.gguf(ckpt, "q8_0")
+    server = artifacts.llama_server()
+    where = artifacts.where_measured()
+    slots, threads = max(args.streams), args.threads or 2
+    ctx = args.prompt_tokens + args.tokens + 64
+    log = open(HERE / "out" / "serve_race.log", "w")
+
+    def hy_edge(port: int) -> list[str]:
+        return [sys.executable, "-m", "edge_runtime", "serve", "--model", str(ours), "--port", str(port),
+                "--max-batch", str(slots), "--threads", str(threads), "--max-context", str(ctx),
+                "--kv-cache", "fp16"]  # fmt: skip
+
+    def llama(port: int) -> list[str]:
+        return [str(server), "-m", str(gguf), "--port", str(port), "-np", str(slots), "-c", str(slots * ctx),
+                "-t", str(threads), "-tb", str(threads), "--no-webui", "-ctk", "f16", "-ctv", "f16"]  # fmt: skip
+
+    sides = {"hy-edge": (hy_edge, {}), "llama-server": (llama, {"ignore_eos": True})}
+    rounds: dict[str, list[list[dict]]] = {name: [] for name in sides}
+    for r in range(args.race):
+        for name, (command, extra) in sides.items():
+            port = _free_port()
+            proc = subprocess.Popen(command(port), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                url = f"http://127.0.0.1:{port}"
+                _wait_healthy(url, proc)
+                run_http(url, 1, 8, extra)  # a first request (lazy set-up of either side) outside the figures
+                rounds[name].append([run_http(url, n, args.tokens, extra) for n in args.streams])
+            finally:
+                proc.terminate()
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            row = " ".join(f"{x['streams']}:{x['decode_tps']:.1f}" for x in rounds[name][-1])
+            print(f"round {r + 1} {name}: {row} tok/s", file=sys.stderr)
+    print(f"aggregate decode, {args.tokens} tokens a stream, {threads} threads, median of {args.race} rounds: "
+          f"{ours.name} vs {gguf.name}")  # fmt: skip
+    print("| streams | hy-edge serve tok/s | llama-server tok/s | ratio |")
+    print("|---:|---:|---:|---:|")
+    table = []
+    for i, n in enumerate(args.streams):
+        a = float(np.median([rr[i]["decode_tps"] for rr in rounds["hy-edge"]]))
+        b = float(np.median([rr[i]["decode_tps"] for rr in rounds["llama-server"]]))
+        table.append({"streams": n, "hy_edge_tps": a, "llama_server_tps": b, "ratio": a / b if b else None})
+        print(f"| {n} | {a:.1f} | {b:.1f} | {a / b:.2f}x |")
+    out = Path(args.out if args.out != DEFAULT_OUT else str(HERE / "out" / "serve_race.json"))
+    doc = {"hy_edge_model": ours.name, "gguf": gguf.name, "threads": threads, "tokens": args.tokens, **where}
+    artifacts.write_json(out, {**doc, "load_average_after": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
+                               "median": table, "rounds": rounds})  # fmt: skip
 
 
 def main() -> None:
@@ -286,13 +392,32 @@ def main() -> None:
         "--stall", type=int, default=None, metavar="N", help="measure what an N-token prompt costs a running stream"
     )
     ap.add_argument(
+        "--max-stall",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="X",
+        help="with --stall: the engine's max_stall values to compare (default: 1e9, whole pieces through every "
+        "layer as when nothing decodes, and the engine's default)",
+    )
+    ap.add_argument(
         "--health",
         type=int,
         default=None,
         metavar="N",
         help="measure /health's latency while an N-token prompt is prefilled",
     )
+    ap.add_argument(
+        "--race",
+        type=int,
+        default=None,
+        metavar="ROUNDS",
+        help="race hy-edge serve against llama.cpp's llama-server -np S over HTTP, ROUNDS interleaved rounds",
+    )
     args = ap.parse_args()
+    if args.race:
+        race(args)
+        return
     if args.stall:
         stall(args)
         return
@@ -330,21 +455,25 @@ def stall(args) -> None:
     path = Path(args.model) if args.model else artifacts.hy_edge_model(artifacts.checkpoint(args.layers), {})
     model = edge_runtime.load(path)
     where = artifacts.where_measured()  # the load before the runs
-    results = [run_stall(model, args.stall, args.threads, args.kv_cache, m) for m in (1e9, 2.0)]
+    if args.max_stall is None:
+        from edge_runtime.serve_engine import MAX_STALL
+
+        args.max_stall = [1e9, MAX_STALL]
+    names = [("whole pieces, all layers" if m >= 1e9 else f"slices (max_stall {m:g})") for m in args.max_stall]
+    results = [run_stall(model, args.stall, args.threads, args.kv_cache, m) for m in args.max_stall]
     print(f"a {args.stall}-token prompt beside a running stream: {path.name}")
-    print("| prefill pieces | stream's gap before | during the prefill: median | longest | the prompt's first token |")
-    print("|---|---:|---:|---:|---:|")
-    for r, name in zip(results, ("whole chunks (128)", "time-sized (max_stall 2)"), strict=True):
+    print("| prefill | stream's median gap before | during the prefill: median | p99 | p99 / median before "
+          "| longest | the prompt's first token |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r, name in zip(results, names, strict=True):
         print(
             f"| {name} | {r['median_gap_s'] * 1000:.0f} ms | {r['median_gap_during_s'] * 1000:.0f} ms "
-            f"| {r['longest_gap_s'] * 1000:.0f} ms "
-            f"| {r['prompt_ttft_s']:.2f} s |"
+            f"| {r['p99_gap_during_s'] * 1000:.0f} ms | {r['p99_over_median']:.2f}x "
+            f"| {r['longest_gap_s'] * 1000:.0f} ms | {r['prompt_ttft_s']:.2f} s |"
         )
     out = Path(args.out if args.out != DEFAULT_OUT else str(HERE / "out" / "serve_stall.json"))
     doc = {"model": path.name, "prompt_tokens": args.stall, **where, "threads": args.threads}
-    artifacts.write_json(
-        out, {**doc, "results": dict(zip(("whole chunks (128)", "time-sized (max_stall 2)"), results, strict=True))}
-    )
+    artifacts.write_json(out, {**doc, "results": dict(zip(names, results, strict=True))})
 
 
 def health(args) -> None:

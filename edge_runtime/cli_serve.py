@@ -103,6 +103,14 @@ def _serve_options(fn):
             "cache type); default: $STATE_DIRECTORY when systemd gives one (hy-edge service), otherwise off.",
         ),
         click.option(
+            "--prefill-stall",
+            default=None,
+            type=float,
+            help="While streams decode, a new prompt is prefilled a few layers per step, each step's share about "
+            "this many decode steps' time (default 0.8): lower keeps running streams steadier, higher gives the "
+            "new prompt its first token sooner.",
+        ),
+        click.option(
             "--shutdown-timeout",
             default=30.0,
             show_default=True,
@@ -193,6 +201,7 @@ def serve_cmd(
     max_connections,
     header_timeout,
     prompt_cache,
+    prefill_stall,
     shutdown_timeout,
 ):
     """Serve the model over an OpenAI-compatible HTTP API (chat, completions, streaming)."""
@@ -225,6 +234,8 @@ def serve_cmd(
                 raise HyEdgeError(f"{name} should be >= {low}, got {value}")
         if shutdown_timeout < 0:
             raise HyEdgeError(f"--shutdown-timeout should be >= 0, got {shutdown_timeout}")
+        if prefill_stall is not None and not 0 < prefill_stall < float("inf"):  # NaN too
+            raise HyEdgeError(f"--prefill-stall should be a number of decode steps > 0, got {prefill_stall}")
         for name, value in (("--request-timeout", request_timeout), ("--header-timeout", header_timeout)):
             if not 0 <= value < float("inf"):  # NaN too
                 raise HyEdgeError(f"{name} should be a number of seconds >= 0 (0: no limit), got {value}")
@@ -267,6 +278,7 @@ def serve_cmd(
         session,
         model.tokenizer,
         max_queue=max_queue,
+        **({} if prefill_stall is None else {"max_stall": prefill_stall}),
         observer=metrics,
         heartbeat=watchdog.ping,
         on_ready=ready,

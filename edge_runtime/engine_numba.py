@@ -59,6 +59,19 @@ class _Block:
     mlp_out_norm: np.ndarray | None = None
 
 
+@dataclass(eq=False)
+class Piece:
+    """A prompt piece of one slot, part way through the layers (NumbaSession.piece / advance): the next
+    layer to run and the residual stream x and its normed h as the previous layer left them."""
+
+    ids: np.ndarray  # (T,) token ids
+    slot: int
+    start: int  # the slot's position when the piece began (its first token's)
+    x: np.ndarray  # (T, C)
+    h: np.ndarray  # (T, C)
+    layer: int = 0  # layers done
+
+
 _CHECKED: dict[int, weakref.ref] = {}  # Weights objects whose FP8 codes were scanned, by id
 
 
@@ -373,6 +386,47 @@ class NumbaSession:
             self._governor.tick()
         return self._step(ids, slots, batched=B > 1 or not self._single_step_is_grouped)
 
+    def piece(self, ids, slot: int = 0) -> Piece:
+        """A prompt piece to run a few layers at a time (`advance`): what forward(ids, slot=slot) does, cut
+        between layers, so that a server can decode other sequences in between. ids: at most prefill_chunk
+        tokens."""
+        self._check_slot(slot)
+        ids = self._check_ids(ids)
+        T = ids.shape[0]
+        if not 1 <= T <= self.prefill_chunk:
+            raise ValueError(f"a piece has 1 .. {self.prefill_chunk} tokens, got {T}")
+        if int(self.positions[slot]) + T > self.max_context:
+            raise BudgetError(
+                f"context full: {int(self.positions[slot])} cached + {T} new tokens exceed the context length "
+                f"{self.max_context}"
+            )
+        C = self.spec.hidden_size
+        return Piece(ids, slot, int(self.positions[slot]), np.empty((T, C), np.float32), np.empty((T, C), np.float32))
+
+    def advance(self, piece: Piece, layers: int) -> np.ndarray | None:
+        """Run the next `layers` layers of `piece`. Returns None while layers remain; after the last, the
+        piece is in its slot's cache and this returns its last token's logits (V,), a view valid until the
+        next call: bit for bit what forward(piece.ids, slot=piece.slot) returns, however the layers were
+        cut and whatever ran on the session in between (other slots' steps and pieces)."""
+        b, T, L = self.buf, piece.ids.shape[0], len(self._blocks)
+        if piece.layer >= L or int(self.positions[piece.slot]) != piece.start:
+            raise ValueError("this piece is finished, or its slot has moved on")
+        if self._governor is not None:
+            self._governor.tick()
+        b.row_slots[:T] = piece.slot
+        np.add(b.ramp[:T], piece.start, out=b.positions[:T])
+        if piece.layer:  # what the previous call's last layer left
+            b.x[:T], b.h[:T] = piece.x, piece.h
+        l1 = min(L, piece.layer + max(1, int(layers)))
+        h = self._forward_rows(piece.ids, batched=False, n_out=1, layers=(piece.layer, l1))
+        piece.layer = l1
+        if l1 < L:
+            piece.x[...], piece.h[...] = b.x[:T], b.h[:T]
+            return None
+        self._head(h[T - 1 : T], (b.logits[piece.slot : piece.slot + 1],))
+        self.positions[piece.slot] += T
+        return b.logits[piece.slot]
+
     def _step(self, ids: np.ndarray, slots: np.ndarray, batched: bool) -> np.ndarray:
         B, b = ids.shape[0], self.buf
         b.row_slots[:B] = slots
@@ -383,24 +437,32 @@ class NumbaSession:
         self.positions[slots] += 1
         return logits
 
-    def _forward_rows(self, ids: np.ndarray, batched: bool, n_out: int | None = None) -> np.ndarray:
+    def _forward_rows(
+        self, ids: np.ndarray, batched: bool, n_out: int | None = None, layers: tuple[int, int] | None = None
+    ) -> np.ndarray:
         """The model on T rows (b.row_slots / b.positions say whose and where); returns the final-normed
         hidden states h (T, C), a view into the buffers. With n_out < T only h's last n_out rows are
         computed: a prompt chunk's last layer, once its keys and values are cached, runs on the rows
-        whose logits are wanted (llama.cpp does the same), 1/L of a prompt's arithmetic."""
+        whose logits are wanted (llama.cpp does the same), 1/L of a prompt's arithmetic. `layers` (l0, l1):
+        only layers l0 .. l1 - 1, from what layer l0 - 1 left in b.x and b.h (`advance`); h is final only
+        when l1 is the last layer."""
         spec, b, T = self.spec, self.buf, ids.shape[0]
+        l0, l1 = layers or (0, len(self._blocks))
         n_out = T if n_out is None or self._blocks[-1].kind != "attention" else n_out
         mode, tail_mode = linear.kernel_for(T, batched), linear.kernel_for(n_out, batched)
-        rows = self.weights.embed_rows.read(ids, self._rows)  # token t's embedding is rows[t]
+        # token t's embedding is rows[t] (past layer 0 unused: one row read, for the compiled call's types)
+        rows = self.weights.embed_rows.read(ids if l0 == 0 else ids[:1], self._rows)
         if self._compiled is not None:
-            return self._compiled(mode, b.ramp[:T], rows, T, n_out, tail_mode)
+            return self._compiled(mode, b.ramp[:T], rows, T, n_out, tail_mode, (l0, l1))
         eps = spec.rms_norm_eps
         x, h = b.x[:T], b.h[:T]
-        linear._gather(rows, b.ramp[:T], x)  # widen to f32 (weights.py allows fp16 or fp32 only)
-        if spec.embed_scale != 1.0:  # Gemma
-            np.multiply(x, np.float32(spec.embed_scale), out=x)
-        norm._add_rms_norm(x, b.y[:0], self._blocks[0].input_norm, eps, h)
-        for i, blk in enumerate(self._blocks):
+        if l0 == 0:
+            linear._gather(rows, b.ramp[:T], x)  # widen to f32 (weights.py allows fp16 or fp32 only)
+            if spec.embed_scale != 1.0:  # Gemma
+                np.multiply(x, np.float32(spec.embed_scale), out=x)
+            norm._add_rms_norm(x, b.y[:0], self._blocks[0].input_norm, eps, h)
+        for i in range(l0, l1):
+            blk = self._blocks[i]
             last = i + 1 == len(self._blocks)
             if blk.kind == "attention":
                 r = T - n_out if last else 0  # the first row whose output is needed

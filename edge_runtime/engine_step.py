@@ -50,7 +50,7 @@ def forward_layers(
     in_norm, post_norm, final_norm, q_norm, k_norm, q_bias, k_bias, v_bias, norm_first, mixer_out_norm, mlp_out_norm,
     wq, wk, wv, wo, wg, wu, wd, sq, sk, sv, so, sg, su, sd,
     bk3, bko, bk2, bkd, st3, st3_4, st2, st2_4, st1o, st1o_4, st1d, st1d_4,
-    n_heads, n_kv, eps, scale, act_kind, n_out, tail_mode,
+    n_heads, n_kv, eps, scale, act_kind, n_out, tail_mode, l0, l1,
 ):  # fmt: skip
     # ids, rows, pos: i64 (T,); x, h, y: f32 (T, C); q (T, H*D), k, v (T, Hkv*D); gate, up, act (T, F);
     # k/v_cache (L, B, Hkv, S, D); per-layer typed lists of weights (N, K) and scales (N, G); bk3, bko,
@@ -58,16 +58,17 @@ def forward_layers(
     # sliding window (0: none), on the RoPE tables cos_local / sin_local; embed_scale: the embedding's
     # factor (Gemma: sqrt(C)); mixer_out_norm / mlp_out_norm: sandwich norms (Gemma), each (0,) when none.
     # Returns h = the final-normed hidden states; only its last n_out rows are computed, the last layer
-    # running past its KV write on those rows alone, with the kernels of tail_mode.
+    # running past its KV write on those rows alone, with the kernels of tail_mode. Runs layers l0 .. l1 - 1
+    # only: from l0 > 0, x and h hold what layer l0 - 1 left there (a prompt piece run a few layers at a time).
     n_tok = ids.shape[0]
     d = q.shape[1] // n_heads
-    linear._gather(embed, ids, x)
-    if embed_scale != 1.0:
-        x *= embed_scale
-    empty = y[:0]
-    norm._add_rms_norm(x, empty, in_norm[0], eps, h)
+    if l0 == 0:
+        linear._gather(embed, ids, x)
+        if embed_scale != 1.0:
+            x *= embed_scale
+        norm._add_rms_norm(x, y[:0], in_norm[0], eps, h)
     n_layers = len(wq)
-    for i in range(n_layers):
+    for i in range(l0, l1):
         _lin3(mode, h, wq[i], wk[i], wv[i], sq[i], sk[i], sv[i], q, k, v, bk3[i], st3, st3_4)
         q3 = q.reshape(n_tok, n_heads, d)
         k3 = k.reshape(n_tok, n_kv, d)
@@ -191,7 +192,9 @@ class CompiledLayers:
         writable = {op.w.flags.writeable for b in blocks for g, _ in (*b.qkv, *b.gate_up) for op in g.ops}
         return all(k == kinds[0] for k in kinds) and len(writable) == 1
 
-    def __call__(self, mode: int, ids, embed, n_tok: int, n_out: int, tail_mode: int) -> np.ndarray:
+    def __call__(
+        self, mode: int, ids, embed, n_tok: int, n_out: int, tail_mode: int, layers: tuple[int, int]
+    ) -> np.ndarray:
         spec, b, T = self.spec, self.buf, n_tok
         views = self._rows.get(T)
         if views is None:
@@ -207,5 +210,5 @@ class CompiledLayers:
             *self.biases, spec.qk_norm_before_rope, *self.sandwich, *self.lists, *self.bk, *self.starts,
             spec.num_attention_heads, spec.num_key_value_heads,
             float(spec.rms_norm_eps), np.float32(spec.softmax_scale), activation.KINDS[spec.hidden_act],
-            n_out, tail_mode,
+            n_out, tail_mode, layers[0], layers[1],
         )  # fmt: skip

@@ -5,10 +5,11 @@ position. Every step it
   1. drops requests whose client went away (their slots are free again) and ends those past their deadline,
   2. admits queued requests into free slots, choosing the slot whose cached tokens share the longest
      prefix with the prompt (a chat re-sending its history, a fixed system prompt: that KV is reused),
-  3. prefills one piece of a prompt (more pieces while they fit in the step's budget): at most
-     `prefill_per_step` tokens, and while other sequences are decoding, about as many as take `max_stall`
-     decode steps (measured as it serves; never fewer than ALIGN): a long prompt is spread over several
-     steps and a running stream waits for at most one piece between two of its tokens,
+  3. prefills prompts: with nothing decoding, whole pieces of at most `prefill_per_step` tokens; while
+     other sequences are decoding, some layers of one piece (`NumbaSession.advance`), as many as take
+     about `max_stall` decode steps (measured as it serves; at least one layer of at least ALIGN tokens):
+     a long prompt is spread over many steps and a running stream waits for at most one such slice
+     between two of its tokens,
   4. runs ONE batched decode step (`decode_batch`) for every sequence past its prompt, and hands each
      sampled token to its request.
 
@@ -47,6 +48,7 @@ from .generate import GenerationResponse, Generator, TextOut, common_prefix, eos
 from .prompt_cache import PromptCache
 from .sampling import LogitsProcessor, Sampler, make_sampler, token_logprobs
 
+MAX_STALL = 0.8  # a prompt's slice beside running streams: about this many decode steps' time (--prefill-stall)
 ALIGN = 16  # where a prompt piece may start: a multiple of the prefill kernel's token vectors (4, 8 or 16)
 
 
@@ -137,7 +139,7 @@ class Engine:
         *,
         max_queue: int = 8,
         prefill_per_step: int | None = None,
-        max_stall: float = 2.0,
+        max_stall: float = MAX_STALL,
         observer: Observer | None = None,
         heartbeat: Callable[[], None] | None = None,
         on_ready: Callable[[], None] | None = None,
@@ -156,8 +158,10 @@ class Engine:
         piece = min(prefill_per_step or session.prefill_chunk, session.prefill_chunk)
         self.prefill_per_step = max(2 * ALIGN, piece - piece % ALIGN)
         self.max_stall = max_stall  # a piece beside running streams: about this many decode steps' time
-        self._step_s = 0.0  # moving averages: a batched decode step, one prompt token's prefill
-        self._token_s = 0.0
+        self._step_s = 0.0  # moving averages: a batched decode step, one prompt token through one layer
+        self._layer_s = self._layer_last = 0.0
+        self._part = None  # the prompt piece part way through the layers (NumbaSession.piece), and whose
+        self._part_seq: _Seq | None = None
         self.observer = observer or Observer()
         self.heartbeat = heartbeat or (lambda: None)  # called every loop iteration (systemd's watchdog)
         self.on_ready = on_ready or (lambda: None)  # called once warm, before the first heartbeat
@@ -365,15 +369,22 @@ class Engine:
         keep = min(common_prefix(slot.tokens, prompt), slot.exact, len(prompt) - PREFILL_MIN)
         return max(0, keep - keep % ALIGN)
 
-    def _budget(self) -> int:
-        """Prompt tokens this step may prefill: prefill_per_step, or while sequences are decoding, what takes
-        about max_stall decode steps (a multiple of ALIGN, at least ALIGN)."""
-        decoding = any(s.seq is not None and s.seq.next is not None for s in self._slots)
-        if not decoding:
-            return self.prefill_per_step
-        if self._token_s <= 0.0:  # no piece measured yet: the smallest
+    def _layers_for(self, n: int) -> int:
+        """Layers of an n-token piece to run in one step beside running streams: about max_stall decode
+        steps' time (at least one layer)."""
+        if self._layer_s <= 0.0:  # nothing measured yet: one layer
+            return 1
+        return max(1, int(self.max_stall * self._step_s / (n * self._layer_s)))
+
+    def _tokens_for_one_layer(self) -> int:
+        """The tokens of a new piece beside running streams: as many as one layer runs in about max_stall
+        decode steps' time (a multiple of ALIGN, at least ALIGN, at most prefill_per_step); then
+        `_layers_for` runs as many of its layers in a step as that time allows. A token-layer costs more as
+        the prompt goes on (attention reads more keys): sized by the last slice's cost where it was higher
+        than the average."""
+        if self._layer_s <= 0.0:
             return ALIGN
-        n = int(self.max_stall * self._step_s / self._token_s)
+        n = int(self.max_stall * self._step_s / max(self._layer_s, self._layer_last))
         return max(ALIGN, min(self.prefill_per_step, n - n % ALIGN))
 
     @staticmethod
@@ -393,29 +404,64 @@ class Engine:
         return stop
 
     def _prefill(self) -> None:
-        budget = step_budget = self._budget()
-        for slot in sorted((s for s in self._slots if s.seq and s.seq.pending), key=lambda s: s.seq.req.submitted):
-            seq = slot.seq
-            start, end = len(slot.tokens), len(seq.req.prompt_ids)
-            n = self._piece(start, end, step_budget) - start
-            if n > budget and budget < step_budget:  # the step's first piece always runs; more while they fit
+        """While sequences are decoding: some layers of one prompt piece, about max_stall decode steps'
+        time. Otherwise: whole pieces, up to prefill_per_step tokens (the step's first piece always runs;
+        more while they fit). A piece begun is finished before another begins (the oldest request's first)."""
+        pending = sorted((s for s in self._slots if s.seq and s.seq.pending), key=lambda s: s.seq.req.submitted)
+        if self._part is not None:
+            slot = next((s for s in pending if s.seq is self._part_seq), None)
+            if slot is None:  # its request ended (_finish: the slot's next request truncates it)
+                self._part = self._part_seq = None
+            else:
+                pending.remove(slot)
+                pending.insert(0, slot)
+        if any(s.seq is not None and s.seq.next is not None for s in self._slots):
+            if pending:
+                self._advance(pending[0], self._tokens_for_one_layer(), None)
+            return
+        budget = step_budget = self.prefill_per_step
+        layers = self.session.spec.num_hidden_layers
+        for slot in pending:
+            if self._part is not None and slot.seq is self._part_seq:
+                n = self._part.ids.shape[0]
+            else:
+                n = self._piece(len(slot.tokens), len(slot.seq.req.prompt_ids), step_budget) - len(slot.tokens)
+            if n > budget and budget < step_budget:
                 return
-            piece, seq.pending = seq.pending[:n], seq.pending[n:]
             budget -= n
+            self._advance(slot, n, layers)
+
+    def _advance(self, slot: _Slot, tokens: int, layers: int | None) -> None:
+        """Run `layers` layers (None: as many as max_stall allows) of the slot's piece, begun with `tokens`
+        tokens (or fewer: `_piece`) if it has none; once its last layer ran, the piece is in the cache."""
+        seq = slot.seq
+        try:
+            if self._part is None:
+                start = len(slot.tokens)
+                n = self._piece(start, len(seq.req.prompt_ids), tokens) - start
+                self._part, self._part_seq = self.session.piece(np.asarray(seq.pending[:n], np.int64), slot.index), seq
+            part = self._part
+            n, done = part.ids.shape[0], part.layer
             t0 = time.perf_counter()
-            try:
-                logits = self.session.forward(np.asarray(piece, np.int64), slot=slot.index)
-                slot.tokens += piece
-                if slot.exact == start and n >= PREFILL_MIN:
-                    slot.exact = start + n
-                seconds = time.perf_counter() - t0
-                seq.prefill_s += seconds
-                if n >= ALIGN:  # a shorter piece's time is mostly fixed costs
-                    self._token_s = self._average(self._token_s, seconds / n)
-                if not seq.pending:
-                    self._sample(slot, Generator._finite(logits, 0))
-            except Exception as e:  # one request's failure (NaN logits, a bug) must not end the loop
-                self._fail(slot, e)
+            logits = self.session.advance(part, self._layers_for(n) if layers is None else layers)
+            seconds = time.perf_counter() - t0
+            seq.prefill_s += seconds
+            if n >= ALIGN:  # a shorter piece's time is mostly fixed costs
+                self._layer_last = seconds / (n * (part.layer - done))
+                self._layer_s = self._average(self._layer_s, self._layer_last)
+            if logits is None:
+                return
+            self._part = self._part_seq = None
+            start = len(slot.tokens)
+            slot.tokens += seq.pending[:n]
+            del seq.pending[:n]
+            if slot.exact == start and n >= PREFILL_MIN:
+                slot.exact = start + n
+            if not seq.pending:
+                self._sample(slot, Generator._finite(logits, 0))
+        except Exception as e:  # one request's failure (NaN logits, a bug) must not end the loop
+            self._part = self._part_seq = None
+            self._fail(slot, e)
 
     def _decode(self) -> None:
         running = [s for s in self._slots if s.seq is not None and s.seq.next is not None]

@@ -74,6 +74,41 @@ def test_batched_decode_is_batch_invariant_and_matches_one_sequence(which, one_t
             tok = int(np.argmax(logits))
 
 
+@pytest.mark.parametrize("which", ["hy_fp8", "conv_model"])  # the compiled layer loop; the Python one (dwconv)
+def test_a_piece_run_a_few_layers_at_a_time_equals_forward(which, request):
+    # what a server does beside running streams: a prompt piece advanced some layers per step, other slots
+    # decoding and prefilling in between; its logits and cache must be forward()'s, bit for bit
+    model = edge_runtime.load(request.getfixturevalue(which))
+    L = model.spec.num_hidden_layers
+    head, piece_ids = np.asarray(PROMPT_IDS[:8]), np.asarray(PROMPT_IDS[8:18] * 2)  # a piece of 20 (prefill)
+    ref = model.session(slots=1)
+    ref.forward(head)
+    want = ref.forward(piece_ids).copy()
+    want_next = ref.forward(np.asarray([7])).copy()
+    for layers in (1, 3, L):
+        s = model.session(slots=3)
+        s.forward(np.asarray(PROMPT_IDS[:5]), slot=0)
+        s.forward(head, slot=2)
+        abandoned = s.piece(piece_ids[::-1].copy(), 2)  # begun, then given up after one layer
+        assert s.advance(abandoned, 1) is None
+        s.truncate(8, slot=2)  # what a server's next request in that slot does first
+        piece = s.piece(piece_ids, 2)
+        got, steps = None, 0
+        while got is None:
+            got = s.advance(piece, layers)
+            s.decode_batch([3, 4], [0, 1]) if steps == 0 else s.decode_batch([3], [0])
+            s.forward(np.asarray(PROMPT_IDS[:9]), slot=1) if steps == 1 else None
+            steps += 1
+        assert steps == -(-L // layers) and piece.layer == L
+        assert np.array_equal(got, want)
+        assert s.positions[2] == 28
+        assert np.array_equal(s.forward(np.asarray([7]), slot=2), want_next)  # the cache it left
+        with pytest.raises(ValueError, match="finished"):
+            s.advance(piece, 1)
+    with pytest.raises(ValueError, match="1 .. 128"):
+        s.piece(np.zeros(129, np.int64), 0)
+
+
 def test_slots_are_independent_caches(hy_fp8):
     model = edge_runtime.load(hy_fp8)
     s = model.session(slots=3)

@@ -104,23 +104,27 @@ def test_a_long_prompt_is_prefilled_between_decode_steps(model, make_engine):
 
 
 class SlowPrefill:
-    """The session with every prompt token's prefill held back 10 ms (scaled on an emulated machine: the ratio
-    to a decode step stays), and the length of each piece kept."""
+    """The session with every prompt token's prefill held back 10 ms a layer (scaled on an emulated machine:
+    the ratio to a decode step stays), and each call's tokens and layers run kept."""
 
     def __init__(self, session):
-        self._session, self.pieces = session, []
+        self._session, self.calls = session, []
 
     def __getattr__(self, name):
         return getattr(self._session, name)
 
-    def forward(self, ids, **kwargs):
-        self.pieces.append(len(ids))
-        time.sleep(seconds(0.01) * len(ids))
-        return self._session.forward(ids, **kwargs)
+    def advance(self, piece, layers):
+        before = piece.layer
+        time.sleep(seconds(0.01) * len(piece.ids) * (min(self.spec.num_hidden_layers, before + layers) - before))
+        logits = self._session.advance(piece, layers)
+        self.calls.append((len(piece.ids), piece.layer - before))
+        return logits
 
 
-def test_beside_running_streams_a_prompt_is_prefilled_in_pieces_sized_by_time(model):
+def test_beside_running_streams_a_prompt_is_prefilled_a_few_layers_at_a_time(model):
     session = SlowPrefill(model.session(slots=2, max_context=256))
+    L = model.spec.num_hidden_layers
+    assert L >= 2
     engine = Engine(session, model.tokenizer, prefill_per_step=128, max_stall=2.0)
     engine.start(warmup=False)
     try:
@@ -128,16 +132,21 @@ def test_beside_running_streams_a_prompt_is_prefilled_in_pieces_sized_by_time(mo
         engine.eos_ids = frozenset()
         first = model.encode_prompt("Numbers like 2024 and 3.14159 appear in text " * 3)
         run_one(engine, first, 1)
-        assert session.pieces == [len(first)]  # nothing decoding: one piece, as long as prefill_per_step allows
-        running = Collector(model.encode_prompt("Hello"), 200)
+        assert session.calls == [(len(first), L)]  # nothing decoding: one piece through every layer at once
+        running = Collector(model.encode_prompt("Hello"), 400)
         engine.submit(running.request)
         running.events.get(timeout=TIMEOUT)
-        session.pieces.clear()
+        session.calls.clear()
         second = model.encode_prompt("Other words, 1999 and 2.71828, in a text " * 3)
+        before = running.events.qsize()
         run_one(engine, second, 1)
-        # a prefill piece costs far more than two decode steps of this tiny model: the smallest pieces
-        assert sum(session.pieces) == len(second) and session.pieces[:-1] == [ALIGN] * (len(session.pieces) - 1)
-        assert session.pieces[-1] < ALIGN + PREFILL_MIN  # the rest, never a piece under PREFILL_MIN
+        # a layer of a prompt piece costs far more than two decode steps of this tiny model: the smallest
+        # pieces, one layer a step, and the running stream decoded a token after each of those steps
+        assert sum(n * k for n, k in session.calls) == len(second) * L
+        assert all(k == 1 for _, k in session.calls)
+        assert [n for n, _ in session.calls[:-L]] == [ALIGN] * (len(session.calls) - L)
+        assert session.calls[-1][0] < ALIGN + PREFILL_MIN  # the rest, never a piece under PREFILL_MIN
+        assert running.events.qsize() - before >= len(session.calls) - 1
         engine.cancel(running.request)
     finally:
         engine.stop()

@@ -183,6 +183,9 @@ def test_serve_option_errors_are_one_line(default_model_file, tmp_path):
     from click.testing import CliRunner
 
     from edge_runtime.cli import main
+    from edge_runtime.serve_engine import MAX_STALL
+
+    assert f"(default {MAX_STALL:g})" in " ".join(CliRunner().invoke(main, ["serve", "--help"]).stdout.split())
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -195,6 +198,8 @@ def test_serve_option_errors_are_one_line(default_model_file, tmp_path):
             (["--request-timeout", "nan"], "--request-timeout"),
             (["--header-timeout", "-1"], "--header-timeout"),
             (["--header-timeout", "inf"], "--header-timeout"),
+            (["--prefill-stall", "0"], "--prefill-stall"),
+            (["--prefill-stall", "nan"], "--prefill-stall"),
             (["--port", "99999"], "--port"),
             (["--api-key-file", str(tmp_path / "missing")], "no such file"),
             (["--max-memory", "10MB"], "too small"),

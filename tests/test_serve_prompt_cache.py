@@ -30,7 +30,7 @@ def model(llama_dir):
 
 
 class CountingSession:
-    """The session with the token ids of every forward (prefill) call kept."""
+    """The session with the token ids of every prompt piece (prefill) kept."""
 
     def __init__(self, session):
         self._session, self.prefilled = session, []
@@ -38,9 +38,9 @@ class CountingSession:
     def __getattr__(self, name):
         return getattr(self._session, name)
 
-    def forward(self, ids, **kwargs):
+    def piece(self, ids, slot):
         self.prefilled += list(ids)
-        return self._session.forward(ids, **kwargs)
+        return self._session.piece(ids, slot)
 
 
 def cache_for(model, session, path, notes=None) -> PromptCache:
