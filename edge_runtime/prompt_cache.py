@@ -36,8 +36,9 @@ FILE_NAME = "prompt-cache.bin"
 FORMAT_VERSION = 1
 MAGIC = b"hy-edge prompt cache\n"
 MAX_HEADER_BYTES = 1 << 20  # a header lists a few slots: far below this
-# what a shutdown writes at most (the most recently used slots first, the last one cut to fit): a Pi's SD card
-# writes it in seconds, within the unit's TimeoutStopSec beyond the drain; 256 MB hold ~11,000 tokens of
+# what a shutdown writes at most (the most recently used slots first, the last one cut to fit): a slow SD card
+# (10 MB/s) writes it in ~25 s, within the 45 s the unit's TimeoutStopSec leaves beyond the drain (systemd.py);
+# 256 MB hold ~11,000 tokens of
 # SmolLM2's FP16 KV cache, ~2,700 of Hunyuan-0.5B's
 MAX_SAVE_BYTES = 256 << 20
 _SKIP_CHUNK = 1 << 20  # rows beyond this session's context are read (for the CRC) through a buffer this size

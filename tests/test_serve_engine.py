@@ -196,6 +196,66 @@ def test_a_prompts_logits_do_not_depend_on_the_traffic_or_on_prefix_reuse(model,
             assert np.array_equal(got, want)  # bit for bit, the first token's (prefill) and the decoded ones
 
 
+class Spy:
+    """The session with each prompt piece's calls kept: (its first token ids, tokens, layers run)."""
+
+    def __init__(self, session):
+        self._session, self.calls = session, []
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+    def advance(self, piece, layers):
+        before = piece.layer
+        logits = self._session.advance(piece, layers)
+        self.calls.append((tuple(piece.ids[:4].tolist()), len(piece.ids), piece.layer - before))
+        return logits
+
+
+def test_a_prompts_logits_alone_equal_them_beside_three_others_arriving_at_random_times(model):
+    # whatever runs beside it -- others decoding while its pieces go through a few layers a step, others'
+    # pieces in between, arrivals at any step -- a prompt's logits are the same bits as alone
+    text = "Numbers like 2024 and 3.14159 appear in text "
+    prompt = model.encode_prompt(text * 5)
+    assert len(prompt) > 128
+    L = model.spec.num_hidden_layers
+    other_texts = ("Hello there, " * 9, "x", "café " * 12, "def main():\n    return 0\n" * 6)
+    rng = np.random.default_rng(11)
+    alone, sliced = None, 0
+    for trial in range(4):  # alone, then three times beside others
+        session = Spy(model.session(slots=4, max_context=256))
+        engine = Engine(session, model.tokenizer)
+        engine.start()
+        try:
+            assert engine.ready.wait(TIMEOUT)
+            engine.eos_ids = frozenset()
+            recorder = Recorder()
+            mine = Collector(prompt, 6, processors=[recorder])
+            others = [Collector(model.encode_prompt(other_texts[(trial + i) % 4]), int(rng.integers(60, 100)))
+                      for i in range(3 if trial else 0)]  # fmt: skip
+            # the others first, at random within 5 ms; this prompt at random while they decode
+            times = [*rng.uniform(0, seconds(0.005), len(others)), rng.uniform(seconds(0.005), seconds(0.03))]
+            arrivals = sorted(zip(times, [*others, mine], strict=True), key=lambda a: a[0])
+            t0 = time.perf_counter()
+            for at, c in arrivals:
+                time.sleep(max(0.0, t0 + at - time.perf_counter()))
+                engine.submit(c.request)
+            for c in (mine, *others):
+                assert c.result()[1] == "length"
+        finally:
+            engine.stop()
+        if alone is None:
+            alone = recorder.rows
+            assert all(k == L for _, _, k in session.calls)  # nothing beside it: every piece at once
+            continue
+        mine_starts = (tuple(prompt[:4]), tuple(prompt[128:132]))
+        sliced += any(first in mine_starts and k < L for first, _, k in session.calls)
+        assert len(recorder.rows) == len(alone) == 6
+        for got, want in zip(recorder.rows, alone, strict=True):
+            assert np.array_equal(got, want), f"trial {trial}: {[round(float(a), 4) for a, _ in arrivals]}"
+    assert sliced >= 1  # at least one trial ran this prompt's pieces a few layers at a time beside the others
+
+
 def test_prefix_reuse_across_requests(model, make_engine):
     engine = make_engine(slots=2)
     history = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello there"}]

@@ -149,6 +149,48 @@ def test_client_disconnecting_mid_stream_frees_its_slot(url):
     assert post(url, HELLO).status_code == 200
 
 
+def test_a_hundred_clients_leaving_at_random_points_lose_no_slot(url):
+    # each client leaves at a random point: part way through the headers or the body, after the whole
+    # request (queued, prefilling, or a non-streamed answer being decoded), or part way through a stream
+    import json
+    import random
+
+    rng = random.Random(5)
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    want = post(url, HELLO).json()["choices"][0]["message"]["content"]
+
+    def leave(i: int) -> None:
+        body = json.dumps({"messages": [{"role": "user", "content": f"Story {i}, please."}], "max_tokens": 48,
+                           "stream": rng.random() < 0.5}).encode()  # fmt: skip
+        head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {KEY}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+        request, point = head + body, rng.choice(("headers", "body", "request", "answer"))
+        cut = {"headers": rng.randrange(1, len(head)), "body": len(head) + rng.randrange(0, len(body))}.get(point)
+        with socket.create_connection((host, int(port)), timeout=HTTP_TIMEOUT) as s:
+            s.sendall(request[:cut])
+            if point == "answer":  # some of the answer's bytes (of a stream: its first events), then gone
+                s.recv(rng.randrange(1, 600))
+            time.sleep(rng.uniform(0, 0.3))
+
+    threads: list[threading.Thread] = []
+    for i in range(100):  # ten at a time
+        threads.append(threading.Thread(target=leave, args=(i,)))
+        threads[-1].start()
+        if len(threads) >= 10:
+            threads.pop(0).join(seconds(60))
+    for t in threads:
+        t.join(seconds(60))
+    settled(url)
+    assert metric(url, "hy_edge_kv_slots_in_use", AUTH) == 0
+    both: list = [None, None]  # both slots serve again, at once, the answer they gave before
+    pair = [threading.Thread(target=lambda j=j: both.__setitem__(j, post(url, HELLO))) for j in range(2)]
+    for t in pair:
+        t.start()
+    for t in pair:
+        t.join(seconds(120))
+    assert [r.json()["choices"][0]["message"]["content"] for r in both] == [want, want]
+
+
 def test_fifty_requests_on_two_slots_and_a_queue_of_eight(url):
     prompts = ["Write a poem about the sea.", "List ten animals."]
     bodies = [{**HELLO, "max_tokens": 32, "messages": [{"role": "user", "content": p}]} for p in prompts]

@@ -69,6 +69,12 @@ def test_unit_file_passes_systemd_analyze_verify(default_model_file, tmp_path):
     ):
         assert f"\n{line}\n" in unit, line
     assert "WatchdogSec=" in unit and " --api-key-file %d/api-key\n" in unit  # %d: $CREDENTIALS_DIRECTORY
+    # the stop: the drain (the server's --shutdown-timeout), then the largest prompt cache at 10 MB/s
+    from edge_runtime.prompt_cache import MAX_SAVE_BYTES
+
+    stop = int(unit.split("\nTimeoutStopSec=")[1].split("\n")[0])
+    shutdown = float(unit.split("--shutdown-timeout ")[1].split()[0]) if "--shutdown-timeout " in unit else 30.0
+    assert stop >= shutdown + MAX_SAVE_BYTES / 10e6
     odd = systemd.unit_file(["--model", "/srv/50% $HOME.onnx"], python="/opt/py", budget_bytes=2**30)
     assert "ExecStart=/opt/py -m edge_runtime serve --model '/srv/50%% $$HOME.onnx'\n" in odd  # no expansion
     path = tmp_path / "hy-edge.service"
