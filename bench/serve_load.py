@@ -286,8 +286,9 @@ def run_http(url: str, streams: int, tokens: int, extra: dict | None = None) -> 
         raise RuntimeError(f"a stream sent no tokens or no usage: {counts} tokens, {[len(a) for a in arrivals]} events")
     start, end = min(a[0] for a in arrivals), max(a[-1] for a in arrivals)
     n = sum(counts) - streams
-    return {"streams": streams, "decode_tps": n / (end - start) if end > start else 0.0, "window_s": end - start, "tokens_in_window": n,
-            "tokens": counts, "events": [len(a) for a in arrivals]}  # fmt: skip
+    tps = n / (end - start) if end > start else 0.0
+    return {"streams": streams, "decode_tps": tps, "window_s": end - start, "tokens_in_window": n, "tokens": counts,
+            "events": [len(a) for a in arrivals]}  # fmt: skip
 
 
 def _free_port() -> int:

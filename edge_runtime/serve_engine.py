@@ -47,9 +47,7 @@ from hy_edge_ops.linear import PREFILL_MIN
 from .generate import GenerationResponse, Generator, TextOut, common_prefix, eos_ids_of
 from .prompt_cache import PromptCache
 from .sampling import LogitsProcessor, Sampler, make_sampler, token_logprobs
-
-MAX_STALL = 0.8  # a prompt's slice beside running streams: about this many decode steps' time (--prefill-stall)
-ALIGN = 16  # where a prompt piece may start: a multiple of the prefill kernel's token vectors (4, 8 or 16)
+from .serve_pieces import ALIGN, MAX_STALL, PieceClock, piece_end, reusable
 
 
 class QueueFull(HyEdgeError):
@@ -157,9 +155,7 @@ class Engine:
         # logits may then depend on the traffic)
         piece = min(prefill_per_step or session.prefill_chunk, session.prefill_chunk)
         self.prefill_per_step = max(2 * ALIGN, piece - piece % ALIGN)
-        self.max_stall = max_stall  # a piece beside running streams: about this many decode steps' time
-        self._step_s = 0.0  # moving averages: a batched decode step, one prompt token through one layer
-        self._layer_s = self._layer_last = 0.0
+        self.clock = PieceClock(self.prefill_per_step, max_stall)  # how much prefill a step beside streams takes
         self._part = None  # the prompt piece part way through the layers (NumbaSession.piece), and whose
         self._part_seq: _Seq | None = None
         self.observer = observer or Observer()
@@ -351,7 +347,7 @@ class Engine:
             prompt = req.prompt_ids
             # the slot holding the longest common prefix; among equals, the least recently used
             slot = max(free, key=lambda s: (common_prefix(s.tokens, prompt), -s.last_used))
-            keep = self._reusable(slot, prompt)
+            keep = reusable(slot.tokens, slot.exact, prompt)
             keep = self.session.truncate(keep, slot=slot.index)
             del slot.tokens[keep:]
             slot.exact = min(slot.exact, keep)
@@ -361,51 +357,9 @@ class Engine:
             self.reused_tokens += keep
             self.observer.admitted(keep)
 
-    @staticmethod
-    def _reusable(slot: _Slot, prompt: list[int]) -> int:
-        """The cached positions of `slot` that `prompt` may reuse: shared, computed by a prompt's prefill, a
-        multiple of ALIGN, and leaving at least PREFILL_MIN tokens to prefill (so that the prompt's pieces are
-        the ones it has alone: the module's docstring)."""
-        keep = min(common_prefix(slot.tokens, prompt), slot.exact, len(prompt) - PREFILL_MIN)
-        return max(0, keep - keep % ALIGN)
-
-    def _layers_for(self, n: int) -> int:
-        """Layers of an n-token piece to run in one step beside running streams: about max_stall decode
-        steps' time (at least one layer)."""
-        if self._layer_s <= 0.0:  # nothing measured yet: one layer
-            return 1
-        return max(1, int(self.max_stall * self._step_s / (n * self._layer_s)))
-
-    def _tokens_for_one_layer(self) -> int:
-        """The tokens of a new piece beside running streams: as many as one layer runs in about max_stall
-        decode steps' time (a multiple of ALIGN, at least ALIGN, at most prefill_per_step); then
-        `_layers_for` runs as many of its layers in a step as that time allows. A token-layer costs more as
-        the prompt goes on (attention reads more keys): sized by the last slice's cost where it was higher
-        than the average."""
-        if self._layer_s <= 0.0:
-            return ALIGN
-        n = int(self.max_stall * self._step_s / max(self._layer_s, self._layer_last))
-        return max(ALIGN, min(self.prefill_per_step, n - n % ALIGN))
-
-    @staticmethod
-    def _average(mean: float, sample: float) -> float:
-        return sample if mean <= 0.0 else 0.8 * mean + 0.2 * sample
-
-    def _piece(self, start: int, end: int, budget: int) -> int:
-        """Where the piece of a prompt from `start` (a multiple of ALIGN) to its `end` stops: at most
-        `budget` (a multiple of ALIGN) tokens later, on a multiple of ALIGN, never leaving a last piece <
-        PREFILL_MIN (the piece then takes the rest: up to ALIGN + PREFILL_MIN - 1 tokens past `budget`)."""
-        stop = start + budget
-        if stop >= end:
-            return end
-        if end - stop < PREFILL_MIN:
-            stop = (end - PREFILL_MIN) - (end - PREFILL_MIN) % ALIGN
-            return stop if stop > start else end
-        return stop
-
     def _prefill(self) -> None:
-        """While sequences are decoding: some layers of one prompt piece, about max_stall decode steps'
-        time. Otherwise: whole pieces, up to prefill_per_step tokens (the step's first piece always runs;
+        """While sequences are decoding: some layers of one prompt piece, about the clock's max_stall decode
+        steps' time. Otherwise: whole pieces, up to prefill_per_step tokens (the step's first piece always runs;
         more while they fit). A piece begun is finished before another begins (the oldest request's first)."""
         pending = sorted((s for s in self._slots if s.seq and s.seq.pending), key=lambda s: s.seq.req.submitted)
         if self._part is not None:
@@ -417,7 +371,7 @@ class Engine:
                 pending.insert(0, slot)
         if any(s.seq is not None and s.seq.next is not None for s in self._slots):
             if pending:
-                self._advance(pending[0], self._tokens_for_one_layer(), None)
+                self._advance(pending[0], self.clock.tokens_for_one_layer(), None)
             return
         budget = step_budget = self.prefill_per_step
         layers = self.session.spec.num_hidden_layers
@@ -425,30 +379,28 @@ class Engine:
             if self._part is not None and slot.seq is self._part_seq:
                 n = self._part.ids.shape[0]
             else:
-                n = self._piece(len(slot.tokens), len(slot.seq.req.prompt_ids), step_budget) - len(slot.tokens)
+                n = piece_end(len(slot.tokens), len(slot.seq.req.prompt_ids), step_budget) - len(slot.tokens)
             if n > budget and budget < step_budget:
                 return
             budget -= n
             self._advance(slot, n, layers)
 
     def _advance(self, slot: _Slot, tokens: int, layers: int | None) -> None:
-        """Run `layers` layers (None: as many as max_stall allows) of the slot's piece, begun with `tokens`
-        tokens (or fewer: `_piece`) if it has none; once its last layer ran, the piece is in the cache."""
+        """Run `layers` layers (None: as many as the clock allows) of the slot's piece, begun with `tokens`
+        tokens (or fewer: `piece_end`) if it has none; once its last layer ran, the piece is in the cache."""
         seq = slot.seq
         try:
             if self._part is None:
                 start = len(slot.tokens)
-                n = self._piece(start, len(seq.req.prompt_ids), tokens) - start
+                n = piece_end(start, len(seq.req.prompt_ids), tokens) - start
                 self._part, self._part_seq = self.session.piece(np.asarray(seq.pending[:n], np.int64), slot.index), seq
             part = self._part
             n, done = part.ids.shape[0], part.layer
             t0 = time.perf_counter()
-            logits = self.session.advance(part, self._layers_for(n) if layers is None else layers)
+            logits = self.session.advance(part, self.clock.layers_for(n) if layers is None else layers)
             seconds = time.perf_counter() - t0
             seq.prefill_s += seconds
-            if n >= ALIGN:  # a shorter piece's time is mostly fixed costs
-                self._layer_last = seconds / (n * (part.layer - done))
-                self._layer_s = self._average(self._layer_s, self._layer_last)
+            self.clock.sliced(n, part.layer - done, seconds)
             if logits is None:
                 return
             self._part = self._part_seq = None
@@ -481,7 +433,7 @@ class Engine:
                 self._sample(slot, Generator._finite(logits[row], slot.seq.out.n))
             except Exception as e:
                 self._fail(slot, e)
-        self._step_s = self._average(self._step_s, time.perf_counter() - t0)
+        self.clock.decoded(time.perf_counter() - t0)
 
     def _sample(self, slot: _Slot, logits: np.ndarray) -> None:
         """Sample the next token of slot's sequence from its logits (V,) and hand it over."""
