@@ -179,7 +179,7 @@ def write_gguf_tokenizer(directory: Path) -> None:
     Only the tokenizer differs from Hunyuan's, and the bench feeds token ids, never text."""
     from transformers import AutoTokenizer
 
-    from edge_runtime.cli_model import default_gguf
+    from edge_runtime.cli.model import default_gguf
 
     gguf = default_gguf()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -38,7 +38,7 @@ def fp8_checkpoint() -> Path:
 
 
 def smollm2() -> Path:
-    from edge_runtime.cli_model import default_gguf
+    from edge_runtime.cli.model import default_gguf
 
     return Path(default_gguf())
 

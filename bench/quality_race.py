@@ -331,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.text.is_file():
         ap.error(f"--text: {args.text} is not a file")
 
-    from edge_runtime.cli_model import default_gguf
+    from edge_runtime.cli.model import default_gguf
 
     src = Path(default_gguf()).resolve()
     try:

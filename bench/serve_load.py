@@ -2,7 +2,7 @@
 >= 2.5x at 4 streams vs 1), on the full Hunyuan-0.5B shapes with deterministic random weights.
 
 For each stream count N, N requests with different prompts of the same length are submitted together to
-the engine of `hy-edge serve` (edge_runtime.serve_engine, in this process, no HTTP; as in the server, the
+the engine of `hy-edge serve` (edge_runtime.serve.engine, in this process, no HTTP; as in the server, the
 engine runs on the thread that loaded the model); every token's arrival time is recorded. The figure is
 the steady state: tokens that arrived while all N streams were decoding, divided by the length of that
 window (prefill and the ragged ends are left out). EOS is ignored so every stream runs its full length.
@@ -53,7 +53,7 @@ def steady_tps(arrivals: list[list[float]]) -> tuple[float, float, int]:
 
 
 def run_engine(model, streams: int, tokens: int, prompt_tokens: int, threads: int | None, kv_cache: str) -> dict:
-    from edge_runtime.serve_engine import Engine, Request
+    from edge_runtime.serve.engine import Engine, Request
 
     session = model.session(slots=streams, max_context=prompt_tokens + tokens + 1, threads=threads, kv_cache=kv_cache)
     rng = np.random.default_rng(0)
@@ -93,7 +93,7 @@ def run_stall(model, prompt_tokens: int, threads: int | None, kv_cache: str, max
     `prompt_tokens` random tokens arrives. The stream's gaps between tokens: median before, median and
     longest while the prompt is prefilled; and the prompt's time to first token. max_stall as Engine takes
     it (a huge one: pieces of the session's whole chunk, the scheduler before pieces were sized by time)."""
-    from edge_runtime.serve_engine import Engine, Request
+    from edge_runtime.serve.engine import Engine, Request
 
     tokens = 40 + 4 * prompt_tokens // 8  # enough to outlast the prefill on any machine
     session = model.session(slots=2, max_context=max(prompt_tokens, 8 + tokens) + 2, threads=threads, kv_cache=kv_cache)
@@ -178,14 +178,14 @@ def _latencies(rows: list, lo: float, hi: float) -> dict:
 
 def run_health(model, prompt_tokens: int, threads: int | None, kv_cache: str, interval: float = 0.01) -> dict:
     """/health while the server is busy: the engine of `hy-edge serve` on this process's main thread, its
-    ASGI app under uvicorn on a second thread (as cli_serve runs them), one stream decoding; after its 40th
+    ASGI app under uvicorn on a second thread (as `hy-edge serve` runs them), one stream decoding; after its 40th
     token a prompt of `prompt_tokens` random tokens arrives. A client process polls GET /health every
     `interval` s throughout; its latencies while only the stream decodes, and while the prompt is prefilled
     (from its submission to its first token)."""
     import uvicorn
 
-    from edge_runtime.serve_engine import Engine, Request
-    from edge_runtime.serve_http import Service, build_asgi
+    from edge_runtime.serve.engine import Engine, Request
+    from edge_runtime.serve.http import Service, build_asgi
 
     tokens = 40 + 4 * prompt_tokens // 8
     session = model.session(slots=2, max_context=max(prompt_tokens, 8 + tokens) + 2, threads=threads, kv_cache=kv_cache)
@@ -457,7 +457,7 @@ def stall(args) -> None:
     model = edge_runtime.load(path)
     where = artifacts.where_measured()  # the load before the runs
     if args.max_stall is None:
-        from edge_runtime.serve_engine import MAX_STALL
+        from edge_runtime.serve.engine import MAX_STALL
 
         args.max_stall = [1e9, MAX_STALL]
     names = [("whole pieces, all layers" if m >= 1e9 else f"slices (max_stall {m:g})") for m in args.max_stall]

@@ -32,7 +32,7 @@ PROMPT = 128
 
 
 def _gguf() -> Path:
-    from edge_runtime.cli_model import default_gguf
+    from edge_runtime.cli.model import default_gguf
 
     return Path(default_gguf())
 
@@ -59,7 +59,7 @@ def _q8_0(src: Path) -> Path:
 def _hy_edge_model(src: Path, granularity: str | None = None) -> Path:
     """The default conversion (as `make run` makes it), or one with another scale granularity (bench/out)."""
     if granularity is None:
-        from edge_runtime.cli_model import resolve_model
+        from edge_runtime.cli.model import resolve_model
 
         return Path(resolve_model(None, notice=lambda m: print(m, file=sys.stderr)))
     from hy_edge_convert import QuantPolicy, convert
@@ -130,7 +130,7 @@ def child(runtime: str, path: str, threads: int, decode_tokens: int) -> dict:
     for _ in range(decode_tokens):
         tok = step(tok)
     decode = decode_tokens / (time.perf_counter() - t0)
-    from edge_runtime.memory import peak_rss_mb
+    from edge_runtime.engine.memory import peak_rss_mb
 
     return {"ttft128_s": ttft, "decode_tps": decode, "peak_rss_mb": peak_rss_mb()}
 

@@ -71,7 +71,7 @@ def main() -> None:
         print(json.dumps(child(args.model, args.tokens, args.threads)))
         return
     if args.model is None:
-        from edge_runtime.cli_model import resolve_model
+        from edge_runtime.cli.model import resolve_model
 
         args.model = str(resolve_model(None, notice=lambda m: print(m, file=sys.stderr)))
     where = artifacts.where_measured()  # the load before the runs

@@ -47,7 +47,7 @@ def calibration_ids(tokenizer_meta: dict[str, str], text: str, sequences: int = 
         raise HyEdgeError("calibration needs the checkpoint's tokenizer to run the calibration text; it has none")
     # the runtime's tokenizer, imported here: only a calibrated conversion needs it, and importing
     # edge_runtime configures numba's kernel cache for the whole process (edge_runtime/cache_dirs.py)
-    from edge_runtime.tokenizer import Tokenizer, TokenizerConfig
+    from edge_runtime.text.tokenizer import Tokenizer, TokenizerConfig
 
     tok = Tokenizer.from_metadata(json.loads(tok_json), TokenizerConfig.from_dict(json.loads(cfg_json or "{}")))
     ids = np.asarray(tok.encode(text, add_special_tokens=False), np.int64)

@@ -106,7 +106,7 @@ class GraphBuilder:
         scale over that power of two (exact: as the numba kernels compute). E2M1 looks up whole bytes in a
         table of value pairs; FP6 assembles each code from its nibble and its top bits (BitwiseAnd,
         BitShift) first. All from initializers: onnxruntime folds it at load, its temporaries included
-        (bench figures in backend_ort.ort_memory_plan)."""
+        (bench figures in edge_runtime.engine.ort_session.ort_memory_plan)."""
         N, K = w.shape
         G, fmt = K // minifloat.BLOCK, w.storage
         mult = {"e2m1": 2, "e2m3": 8, "e3m2": 16}[fmt]

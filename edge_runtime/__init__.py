@@ -20,15 +20,15 @@ from .cache_dirs import configure_jit_cache
 configure_jit_cache()  # before anything imports hy_edge_ops: numba picks kernel cache paths at definition
 
 _LAZY = {
-    "KV_CACHES": ".backend",
-    "GenerationResponse": ".generate",
-    "GenerationResult": ".generate",
-    "Generator": ".generate",
-    "stream_generate": ".generate",
+    "KV_CACHES": ".engine.backend",
+    "GenerationResponse": ".text.generate",
+    "GenerationResult": ".text.generate",
+    "Generator": ".text.generate",
+    "stream_generate": ".text.generate",
     "Model": ".model",
     "load": ".model",
-    "make_logits_processors": ".sampling",
-    "make_sampler": ".sampling",
+    "make_logits_processors": ".text.sampling",
+    "make_sampler": ".text.sampling",
 }
 
 __all__ = ["BudgetError", "HyEdgeError", "ModelFileError", *_LAZY]

@@ -10,7 +10,7 @@ numba resolves a cache location for every `@njit(cache=True)` kernel when the ke
 `configure_jit_cache` runs when `edge_runtime` is imported, before anything imports hy_edge_ops.
 
 numba validates a cached kernel by its own source file's time stamp only, while a compiled kernel
-contains the kernels it calls from other files (engine_step's layer loop holds the linear kernels): after
+contains the kernels it calls from other files (engine/layers.py's layer loop holds the linear kernels): after
 a change to ops/ alone it would load the old code. Our kernels are therefore cached in a subdirectory
 named by a hash of every kernel source (`kernel_sources_hash`).
 """
@@ -119,12 +119,12 @@ def choose_jit_cache_dir(env: Mapping[str, str] | None = None) -> tuple[Path | N
 
 
 def kernel_sources_hash() -> str:
-    """12 hex digits of a hash of hy_edge_ops' sources and engine_step.py (found without importing them:
+    """12 hex digits of a hash of hy_edge_ops' sources and engine/layers.py (found without importing them:
     importing hy_edge_ops defines its kernels)."""
     spec = importlib.util.find_spec("hy_edge_ops")
     ops_dirs = list(spec.submodule_search_locations or []) if spec else []
     files = sorted(p for d in ops_dirs for p in Path(d).glob("*.py"))
-    files.append(Path(__file__).with_name("engine_step.py"))
+    files.append(Path(__file__).parent / "engine" / "layers.py")
     digest = hashlib.sha256()
     for f in files:
         digest.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")

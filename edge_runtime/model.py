@@ -17,16 +17,16 @@ from hy_edge_format.errors import HyEdgeError, ModelFileError
 from hy_edge_format.heap import trim_heap
 from hy_edge_format.spec import ModelSpec
 
-from .backend import BACKENDS, KV_CACHES, Backend, open_session
 from .cache_dirs import verification_dir
-from .chat import encode_chat, make_messages
-from .generate import GenerationResponse, GenerationResult, Generator, collect
+from .engine.backend import BACKENDS, KV_CACHES, Backend, open_session
+from .engine.memory import DEFAULT_BUDGET, MemoryPlan, parse_size, plan_context, runtime_overhead
+from .engine.model_file import parse_json_meta, read_header, read_tensors
+from .engine.weights import Weights, build_weights
 from .integrity import check_data_size, verify_on_first_use
-from .memory import DEFAULT_BUDGET, MemoryPlan, parse_size, plan_context, runtime_overhead
-from .model_file import parse_json_meta, read_header, read_tensors
-from .sampling import make_logits_processors, make_sampler
-from .tokenizer import Tokenizer, TokenizerConfig
-from .weights import Weights, build_weights
+from .text.chat import encode_chat, make_messages
+from .text.generate import GenerationResponse, GenerationResult, Generator, collect
+from .text.sampling import make_logits_processors, make_sampler
+from .text.tokenizer import Tokenizer, TokenizerConfig
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ class Model:
         processors = make_logits_processors(repetition_penalty)
         gen = generator or self.default_generator
         if response_format is not None:
-            from .grammar import json_processor
+            from .text.grammar import json_processor
 
             if self.tokenizer is None:
                 raise ModelFileError(f"{self.path.name}: the model file carries no tokenizer")
@@ -179,7 +179,7 @@ def load(
     check_data_size(proto, path)  # before anything is mapped: a read past a mapping's end is a bus error
     tensors = read_tensors(proto, path, quant)  # every initializer's size checked (mapped, not read)
     if backend == "onnxruntime":  # the budget, before onnxruntime or the tokenizer take any of it
-        from .backend_ort import ort_memory_plan
+        from .engine.ort_session import ort_memory_plan
 
         check_budget(ort_memory_plan(spec, tensors), budget, max_context, spec)
     verify_on_first_use(proto, path, verification_dir())

@@ -95,7 +95,7 @@ def default_model_file(tmp_path_factory, smollm2_gguf):
     """The bundled default model as `hy-edge run` converts it (into a cache of this test run)."""
     import os
 
-    from edge_runtime import cli_model
+    from edge_runtime.cli import model as cli_model
 
     os.environ["HY_EDGE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edge_runtime.chat import render
+from edge_runtime.text.chat import render
 
 # Shaped like Hunyuan-0.5B-Instruct's template: a /no_think in the last user turn or
 # enable_thinking=false pre-fills an empty think block after the assistant tag.

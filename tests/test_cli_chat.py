@@ -8,8 +8,8 @@ from runtime_helpers import converted
 
 import edge_runtime
 from edge_runtime.cli import main
-from edge_runtime.cli_chat import ChatSession
-from edge_runtime.cli_common import Sampling
+from edge_runtime.cli.chat import ChatSession
+from edge_runtime.cli.common import Sampling
 
 GREEDY = Sampling(
     temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, seed=None, max_tokens=8, stop=()

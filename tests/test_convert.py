@@ -16,7 +16,7 @@ from hy_edge_format import format as F
 from onnx_weights import dequantized, initializers
 from runtime_helpers import make_seed_checkpoint
 
-from edge_runtime.backend_ort import OrtSession
+from edge_runtime.engine.ort_session import OrtSession
 
 IDS = np.array([5, 17, 33, 2, 99, 100, 7, 8, 9, 10, 11, 12, 250, 3, 64, 65], np.int64)
 

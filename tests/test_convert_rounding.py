@@ -174,7 +174,7 @@ def test_gptq_conversion_is_closer_to_the_float_model(llama_dir, tmp_path):
     calibrated file's logits are closer to the fp32 conversion's than round-to-nearest's; the file records
     how it was rounded."""
     import edge_runtime
-    from edge_runtime.backend_ort import OrtSession
+    from edge_runtime.engine.ort_session import OrtSession
 
     logits, ids = {}, None
     for name, policy in {

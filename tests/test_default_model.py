@@ -18,8 +18,8 @@ from hy_edge_format import format as F
 from runtime_helpers import converted
 
 import edge_runtime
-from edge_runtime import cli_model
 from edge_runtime.cli import main
+from edge_runtime.cli import model as cli_model
 
 GOLDEN_PROMPT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 GOLDEN_TEXT = "The capital of France is Paris."  # transformers' greedy answer (reference["greedy"])

@@ -7,7 +7,7 @@ from hy_edge_format.errors import BudgetError
 from runtime_helpers import converted, hf_model
 
 import edge_runtime
-from edge_runtime.chat import encode_chat, render
+from edge_runtime.text.chat import encode_chat, render
 
 PROMPT = "Edge devices run small language models."
 

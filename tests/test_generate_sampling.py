@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from hy_edge_format.errors import HyEdgeError
 
-from edge_runtime.generate import StopMatcher, common_prefix
-from edge_runtime.sampling import filtered_probs, make_logits_processors, make_openai_penalties, make_sampler
+from edge_runtime.text.generate import StopMatcher, common_prefix
+from edge_runtime.text.sampling import filtered_probs, make_logits_processors, make_openai_penalties, make_sampler
 
 P = np.array([0.05, 0.5, 0.15, 0.3], np.float64)
 LOGITS = np.log(P).astype(np.float32)

@@ -15,8 +15,8 @@ import checkpoints as ck
 import pytest
 from click.testing import CliRunner
 
-from edge_runtime import cli_model
 from edge_runtime.cli import main
+from edge_runtime.cli import model as cli_model
 
 TESTS = Path(__file__).parent
 

@@ -18,7 +18,7 @@ from hy_edge_format.errors import HyEdgeError
 from runtime_helpers import converted
 
 import edge_runtime
-from edge_runtime import cli_convert
+from edge_runtime.cli import convert as cli_convert
 from edge_runtime.cli import main
 
 TESTS = Path(__file__).parent
@@ -238,8 +238,8 @@ def test_chat_drops_the_oldest_turns_when_the_context_is_full(model_file):
 
 
 def test_chat_history_keeps_the_system_message_when_dropping(model_file):
-    from edge_runtime.cli_chat import ChatSession
-    from edge_runtime.cli_common import Sampling
+    from edge_runtime.cli.chat import ChatSession
+    from edge_runtime.cli.common import Sampling
 
     sampling = Sampling(0.0, 0, 1.0, 0.0, 1.0, None, 8, ())
     model = edge_runtime.load(model_file, threads=1, max_context=80)
@@ -261,7 +261,7 @@ def test_threads_beyond_the_cpus_are_capped_with_a_note(model_file, prompt):
 
 
 def test_threads_beside_busy_processes_warn_in_one_line(model_file, prompt, monkeypatch):
-    from edge_runtime import threads
+    from edge_runtime.engine import threads
 
     busy = iter(range(0, 10**6, 100))  # /proc/stat: our CPUs' busy seconds advance 100 per sample...
     monkeypatch.setattr(threads, "_busy_seconds_on", lambda cpus: float(next(busy)))

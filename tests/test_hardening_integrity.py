@@ -18,7 +18,7 @@ from hy_edge_format import format as F
 from hy_edge_format.errors import ModelFileError
 
 import edge_runtime
-from edge_runtime import cli_model
+from edge_runtime.cli import model as cli_model
 from edge_runtime.integrity import extent
 
 

@@ -15,8 +15,8 @@ from serve_helpers import seconds
 from smaps import mapped_kb, matrices_kb
 
 import edge_runtime
-from edge_runtime import memory
-from edge_runtime.memory import (
+from edge_runtime.engine import memory
+from edge_runtime.engine.memory import (
     BUDGET_FRACTION,
     FALLBACK_BUDGET,
     MB,
@@ -195,7 +195,7 @@ def test_embedding_rows_are_read_from_the_file_not_through_the_map(tmp_path):
     import numpy as np
     from hy_edge_format.errors import ModelFileError
 
-    from edge_runtime.weights import RowReader
+    from edge_runtime.engine.weights import RowReader
 
     rng = np.random.default_rng(0)
     table = rng.integers(0, 1 << 16, (4096, 1024), dtype=np.uint16)  # 8 MB of fp16 rows after a 64 KiB header
@@ -270,7 +270,7 @@ def test_a_session_keeps_only_its_matrices_of_the_data_file_resident(tmp_path):
 
     import numpy as np
 
-    from edge_runtime.weights import _mapping
+    from edge_runtime.engine.weights import _mapping
 
     # MLP matrices of 132 KiB at 64 KiB-aligned offsets (60 KiB of padding after each) and an embedding the
     # forward pass reads row by row: the pages mapped around each fault made them resident with the
@@ -319,7 +319,7 @@ _LARGE_FOLIOS = """
 import json, sys
 import numpy as np
 import edge_runtime
-from edge_runtime.weights import _mapping
+from edge_runtime.engine.weights import _mapping
 sys.path.insert(0, sys.argv[2])
 from smaps import mapped_kb, matrices_kb
 

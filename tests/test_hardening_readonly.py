@@ -19,7 +19,8 @@ import readonly_fs
 from hy_edge_format.errors import HyEdgeError
 from runtime_helpers import converted
 
-from edge_runtime import cache_dirs, cli_model
+from edge_runtime import cache_dirs
+from edge_runtime.cli import model as cli_model
 
 
 @pytest.fixture(scope="module")

@@ -28,13 +28,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 # edge_runtime's front doors: they sit on top and may import everything. Every other module of the package
 # is runtime library (a new module is library unless it is named here).
-FRONT_DOORS = {"__main__", "entry", "chat_remote", "chat_commands", "systemd"}  # + every cli* and serve*
+FRONT_DOORS = {"__main__", "entry", "cli", "serve"}  # modules and folders: edge_runtime/cli/, edge_runtime/serve/
 
 # Imports of the runtime by the converter, each inside a function (never at module level), with the reason.
 CONVERTER_LAZY_RUNTIME = {
     # the calibration text is tokenized by the model's own tokenizer, the runtime's (a calibrated conversion
     # only; importing it configures numba's kernel cache, as any runtime import does)
-    ("hy_edge_convert.calibrate", "edge_runtime.tokenizer"),
+    ("hy_edge_convert.calibrate", "edge_runtime.text.tokenizer"),
 }
 
 
@@ -49,7 +49,7 @@ def packages() -> dict[str, Path]:
 def is_front_door(name: str) -> bool:
     """Whether a name in edge_runtime (a module, or a name in one) belongs to a front door."""
     parts = name.split(".")
-    return len(parts) > 1 and (parts[1] in FRONT_DOORS or parts[1].startswith(("cli", "serve")))
+    return len(parts) > 1 and parts[1] in FRONT_DOORS
 
 
 def imports_of(path: Path, module: str, is_package: bool) -> list[tuple[str, bool]]:
@@ -93,8 +93,9 @@ def all_imports() -> dict[str, list[tuple[str, bool]]]:
     """Every module of the project's packages (dotted, by installed name) -> its imports."""
     out = {}
     for name, folder in packages().items():
-        for path in sorted(folder.glob("*.py")):
-            module = name if path.stem == "__init__" else f"{name}.{path.stem}"
+        for path in sorted(folder.rglob("*.py")):
+            dotted = ".".join((name, *path.relative_to(folder).with_suffix("").parts))
+            module = dotted.removesuffix(".__init__")
             out[module] = imports_of(path, module, path.stem == "__init__")
     return out
 
@@ -160,8 +161,8 @@ def test_the_converter_imports_the_runtime_only_where_listed_and_lazily(imports)
 
 def test_the_runtime_library_never_imports_its_front_doors_or_the_converter(imports):
     library = [m for m in imports if in_package(m, "edge_runtime") and not is_front_door(m)]
-    assert "edge_runtime.model" in library and "edge_runtime.engine_numba" in library
-    assert "edge_runtime.cli" not in library and "edge_runtime.serve_http" not in library
+    assert "edge_runtime.model" in library and "edge_runtime.engine.numba_session" in library
+    assert "edge_runtime.cli" not in library and "edge_runtime.serve.http" not in library
 
     def allowed(module, name):
         if in_package(name, "hy_edge_convert"):
@@ -175,11 +176,11 @@ def test_the_runtime_library_never_imports_its_front_doors_or_the_converter(impo
 def test_the_rules_see_a_forbidden_import_inside_a_function(tmp_path):
     """The reader finds what the rules look for: a lazy, relative import of the CLI from a library module."""
     path = tmp_path / "model.py"
-    path.write_text("import numpy\n\n\ndef f():\n    from .cli_convert import main\n    from . import serve_http\n")
+    path.write_text("import numpy\n\n\ndef f():\n    from .cli.convert import main\n    from .serve import http\n")
     names = imports_of(path, "edge_runtime.model", False)
     assert ("numpy", False) in names
-    assert ("edge_runtime.cli_convert", True) in names and ("edge_runtime.serve_http", True) in names
-    assert is_front_door("edge_runtime.cli_convert") and not is_front_door("edge_runtime.model")
+    assert ("edge_runtime.cli.convert", True) in names and ("edge_runtime.serve.http", True) in names
+    assert is_front_door("edge_runtime.cli.convert") and not is_front_door("edge_runtime.model")
 
 
 def test_importing_the_converter_leaves_the_process_as_it_was():

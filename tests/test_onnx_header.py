@@ -164,13 +164,13 @@ def test_a_malformed_file_is_a_one_line_model_file_error(tmp_path):
 def test_running_a_model_never_imports_onnx(hy_fp8):
     code = (
         "import sys, edge_runtime; m = edge_runtime.load(sys.argv[1]); s = m.session(); s.forward([1, 2, 3]);"
-        "from edge_runtime import cli_model; cli_model.is_complete(m.path);"
-        "print('onnx' in sys.modules, 'onnx_header' in sys.modules.get('edge_runtime.model_file').__dict__)"
+        "from edge_runtime.cli import model as cli_model; cli_model.is_complete(m.path);"
+        "print('onnx' in sys.modules, 'onnx_header' in sys.modules.get('edge_runtime.engine.model_file').__dict__)"
     )
     out = subprocess.run([sys.executable, "-c", code, str(hy_fp8)], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "True"]
     cli = [sys.executable, "-X", "importtime", "-m", "edge_runtime", "run", "--raw", "--max-tokens", "2"]
     out = subprocess.run([*cli, "--model", str(hy_fp8), "-"], input="hi", capture_output=True, text=True, check=True)
     imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
-    assert "hy_edge_format.onnx_header" in imported and "edge_runtime.cli_convert" in imported
+    assert "hy_edge_format.onnx_header" in imported and "edge_runtime.cli.convert" in imported
     assert not {m for m in imported if m == "onnx" or m.startswith("onnx.")}

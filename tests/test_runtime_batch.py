@@ -10,8 +10,8 @@ from hy_edge_format.errors import BudgetError, HyEdgeError
 from runtime_helpers import PROMPT_IDS, allocations, cached_bytes_per_token, converted, make_seed_checkpoint
 
 import edge_runtime
-from edge_runtime.buffers import KV_CACHE_TYPES
-from edge_runtime.engine_numba import NumbaSession
+from edge_runtime.engine.buffers import KV_CACHE_TYPES
+from edge_runtime.engine.numba_session import NumbaSession
 
 PROMPTS = [PROMPT_IDS[:7], PROMPT_IDS[3:15], PROMPT_IDS[:2], PROMPT_IDS[5:9], PROMPT_IDS[1:12]]
 

@@ -15,7 +15,7 @@ from hy_edge_format.errors import BudgetError, ModelFileError
 from runtime_helpers import PROMPT_IDS, allocations, cached_bytes_per_token, converted, make_seed_checkpoint
 
 import edge_runtime
-from edge_runtime.memory import ContextLimited
+from edge_runtime.engine.memory import ContextLimited
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The compiled layer loop (engine_step.py) runs the same kernels in the same order as the Python loop
+"""The compiled layer loop (edge_runtime/engine/layers.py) runs the same kernels in the same order as the Python loop
 of NumbaSession: every logit must be bit-identical, for prefill chunks, decode steps and batched steps."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from runtime_helpers import PROMPT_IDS, converted
 
 import edge_runtime
-from edge_runtime.engine_numba import NumbaSession
+from edge_runtime.engine.numba_session import NumbaSession
 
 
 # Hunyuan in FP8 and in float; Gemma 3 for what only it has (sandwich norms, sliding windows on their own

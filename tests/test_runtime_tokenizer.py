@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from edge_runtime.chat import encode_chat, render
-from edge_runtime.tokenizer import REPLACEMENT, Tokenizer, TokenizerConfig
+from edge_runtime.text.chat import encode_chat, render
+from edge_runtime.text.tokenizer import REPLACEMENT, Tokenizer, TokenizerConfig
 
 TEXT = "héllo 世界 😀 ok"
 

@@ -15,8 +15,8 @@ from runtime_helpers import converted
 from serve_helpers import seconds
 
 import edge_runtime
-from edge_runtime.generate import GenerationResponse
-from edge_runtime.serve_engine import ALIGN, PREFILL_MIN, Engine, Failed, NotAccepting, Observer, QueueFull, Request
+from edge_runtime.serve.engine import ALIGN, PREFILL_MIN, Engine, Failed, NotAccepting, Observer, QueueFull, Request
+from edge_runtime.text.generate import GenerationResponse
 
 TIMEOUT = seconds(60)
 

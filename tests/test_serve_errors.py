@@ -225,7 +225,7 @@ def test_serve_option_errors_are_one_line(default_model_file, tmp_path):
     from click.testing import CliRunner
 
     from edge_runtime.cli import main
-    from edge_runtime.serve_engine import MAX_STALL
+    from edge_runtime.serve.engine import MAX_STALL
 
     assert f"(default {MAX_STALL:g})" in " ".join(CliRunner().invoke(main, ["serve", "--help"]).stdout.split())
 

@@ -24,11 +24,11 @@ from runtime_helpers import converted
 from serve_helpers import seconds
 
 import edge_runtime
-from edge_runtime import engine_step
-from edge_runtime.engine_numba import NumbaSession
+from edge_runtime.engine import layers
+from edge_runtime.engine.numba_session import NumbaSession
 
 PATIENCE = seconds(3)
-MODULES = (engine_step, linear, gemm, attention, norm, activation, conv, rope, blockq, fp8)
+MODULES = (layers, linear, gemm, attention, norm, activation, conv, rope, blockq, fp8)
 
 
 def _others_run_during(kernel, args) -> bool:
@@ -69,7 +69,7 @@ def model(llama_dir):
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled-layers", "python-layers"])
 def test_every_kernel_of_a_prefill_and_a_decode_step_lets_other_threads_run(model, compiled, monkeypatch):
     session = NumbaSession(model.spec, model.weights, slots=2, max_context=160, threads=1, compiled=compiled)
-    assert (session._compiled is not None) == compiled  # both layer loops of engine_numba are covered
+    assert (session._compiled is not None) == compiled  # both layer loops of the numba session are covered
     calls: dict[str, tuple] = {}  # kernel name -> (dispatcher, the arguments of its first call from Python)
     for module in MODULES:
         for name, fn in list(vars(module).items()):
@@ -85,7 +85,7 @@ def test_every_kernel_of_a_prefill_and_a_decode_step_lets_other_threads_run(mode
     session.forward(prompt[:16], slot=1)
     session.decode_batch(np.array([1, 2], np.int64), np.array([0, 1], np.int64))  # a batched decode step
     monkeypatch.undo()
-    expected = {"edge_runtime.engine_step.forward_layers"} if compiled else {"hy_edge_ops.gemm.mm_prefill"}
+    expected = {"edge_runtime.engine.layers.forward_layers"} if compiled else {"hy_edge_ops.gemm.mm_prefill"}
     assert expected <= calls.keys() and "hy_edge_ops.linear._mm" in calls
     held = [name for name, (fn, args) in sorted(calls.items()) if not _others_run_during(fn, args)]
     assert not held, f"these kernels hold the GIL from start to end: {', '.join(held)}"

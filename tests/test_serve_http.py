@@ -11,9 +11,9 @@ import pytest
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from edge_runtime.serve_engine import Engine  # noqa: E402
-from edge_runtime.serve_http import Limits, Service, build_asgi  # noqa: E402
-from edge_runtime.serve_metrics import Metrics  # noqa: E402
+from edge_runtime.serve.engine import Engine  # noqa: E402
+from edge_runtime.serve.http import Limits, Service, build_asgi  # noqa: E402
+from edge_runtime.serve.metrics import Metrics  # noqa: E402
 
 
 class StubSession:

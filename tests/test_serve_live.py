@@ -23,9 +23,9 @@ pytest.importorskip("uvicorn")
 import uvicorn  # noqa: E402
 
 import edge_runtime  # noqa: E402
-from edge_runtime.serve_engine import Engine  # noqa: E402
-from edge_runtime.serve_http import Limits, Service, build_asgi  # noqa: E402
-from edge_runtime.serve_metrics import Metrics  # noqa: E402
+from edge_runtime.serve.engine import Engine  # noqa: E402
+from edge_runtime.serve.http import Limits, Service, build_asgi  # noqa: E402
+from edge_runtime.serve.metrics import Metrics  # noqa: E402
 
 KEY = "live-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

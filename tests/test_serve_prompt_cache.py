@@ -18,8 +18,8 @@ from test_serve_engine import Collector, Recorder
 
 import edge_runtime
 from edge_runtime.integrity import content_digest
-from edge_runtime.prompt_cache import FILE_NAME, MAGIC, PromptCache, cache_key
-from edge_runtime.serve_engine import ALIGN, PREFILL_MIN, Engine
+from edge_runtime.serve.engine import ALIGN, PREFILL_MIN, Engine
+from edge_runtime.serve.prompt_cache import FILE_NAME, MAGIC, PromptCache, cache_key
 
 TIMEOUT = seconds(60)
 

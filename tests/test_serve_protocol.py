@@ -21,10 +21,10 @@ from serve_helpers import seconds
 pytest.importorskip("uvicorn")
 import uvicorn  # noqa: E402
 
-from edge_runtime.serve_engine import Engine  # noqa: E402
-from edge_runtime.serve_http import RETRY_AFTER_S, Limits, Service, build_asgi  # noqa: E402
-from edge_runtime.serve_metrics import Metrics  # noqa: E402
-from edge_runtime.serve_protocol import KEEP_ALIVE_S, http_config  # noqa: E402
+from edge_runtime.serve.engine import Engine  # noqa: E402
+from edge_runtime.serve.http import RETRY_AFTER_S, Limits, Service, build_asgi  # noqa: E402
+from edge_runtime.serve.metrics import Metrics  # noqa: E402
+from edge_runtime.serve.protocol import KEEP_ALIVE_S, http_config  # noqa: E402
 
 TIMEOUT = seconds(30)  # the longest any socket below waits for the server
 HEALTH = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"

@@ -23,8 +23,8 @@ import pytest
 from click.testing import CliRunner
 from serve_helpers import HTTP_TIMEOUT, START_TIMEOUT, ServerProcess, child_env, seconds
 
-from edge_runtime import systemd
 from edge_runtime.cli import main
+from edge_runtime.serve import systemd
 
 pytest.importorskip("uvicorn")
 
@@ -70,7 +70,7 @@ def test_unit_file_passes_systemd_analyze_verify(default_model_file, tmp_path):
         assert f"\n{line}\n" in unit, line
     assert "WatchdogSec=" in unit and " --api-key-file %d/api-key\n" in unit  # %d: $CREDENTIALS_DIRECTORY
     # the stop: the drain (the server's --shutdown-timeout), then the largest prompt cache at 10 MB/s
-    from edge_runtime.prompt_cache import MAX_SAVE_BYTES
+    from edge_runtime.serve.prompt_cache import MAX_SAVE_BYTES
 
     stop = int(unit.split("\nTimeoutStopSec=")[1].split("\n")[0])
     shutdown = float(unit.split("--shutdown-timeout ")[1].split()[0]) if "--shutdown-timeout " in unit else 30.0

@@ -1,4 +1,4 @@
-"""Tool calls (edge_runtime/tools.py, grammar.tool_processor) without a server: tool_choice "auto" leaves the
+"""Tool calls (edge_runtime/text/tools.py, grammar.tool_processor) without a server: tool_choice "auto" leaves the
 answer free until the call's opening tag and holds it to a valid call list from there on (a walk over random
 logits under the mask ends in calls that validate against the tool's parameters); a stream sends content and
 holds back a tag's beginning; answers split into content and tool_calls."""
@@ -13,8 +13,8 @@ from hy_edge_format.errors import HyEdgeError
 from runtime_helpers import converted
 
 import edge_runtime
-from edge_runtime.generate import eos_ids_of
-from edge_runtime.tools import FORMATS, ToolStream, parse_tools, split
+from edge_runtime.text.generate import eos_ids_of
+from edge_runtime.text.tools import FORMATS, ToolStream, parse_tools, split
 
 pytest.importorskip("llguidance")
 jsonschema = pytest.importorskip("jsonschema")
@@ -36,7 +36,7 @@ def model(llama_dir):
 
 @pytest.mark.parametrize("family", sorted(FORMATS))  # the tags differ; the tiny Llama's tokenizer spells both
 def test_auto_holds_the_answer_to_a_valid_call_from_the_opening_tag_on(model, family):
-    from edge_runtime.grammar import tool_processor
+    from edge_runtime.text.grammar import tool_processor
 
     tok, V = model.tokenizer, model.spec.vocab_size
     eos = eos_ids_of(model.spec, tok, ())
@@ -72,7 +72,7 @@ def test_auto_holds_the_answer_to_a_valid_call_from_the_opening_tag_on(model, fa
 
 
 def test_text_after_the_tag_in_the_same_tokens_is_held_to_the_grammar(model):
-    from edge_runtime.grammar import tool_processor
+    from edge_runtime.text.grammar import tool_processor
 
     tok, V = model.tokenizer, model.spec.vocab_size
     process = tool_processor(tok, V, eos_ids_of(model.spec, tok, ()), parse_tools("llama", [WEATHER], "auto"), 0)
@@ -102,7 +102,7 @@ def test_a_stream_holds_back_what_may_open_a_call():
 def test_hermes_calls_each_between_their_own_tags():
     """Qwen's format: one object per call, each between its own tags; an earlier turn's calls are written back
     the same way, and split reads them (a cut last call makes the answer text)."""
-    from edge_runtime.tools import assistant_text
+    from edge_runtime.text.tools import assistant_text
 
     fmt = FORMATS["qwen3"]
     assert fmt.per_call and FORMATS["qwen2"] == fmt
@@ -124,7 +124,7 @@ def test_hermes_calls_each_between_their_own_tags():
 def test_hermes_grammar_allows_parallel_calls_and_no_more_than_asked(model):
     """Under tool_choice "required" the answer is held to tagged calls from the first token: a second call may
     follow the first, unless parallel_tool_calls is false."""
-    from edge_runtime.grammar import tool_processor
+    from edge_runtime.text.grammar import tool_processor
 
     tok, V = model.tokenizer, model.spec.vocab_size
     eos = eos_ids_of(model.spec, tok, ())

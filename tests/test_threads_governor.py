@@ -9,7 +9,7 @@ import warnings
 import numba
 import pytest
 
-from edge_runtime import threads as T
+from edge_runtime.engine import threads as T
 
 
 class FakeMachine:

@@ -4,7 +4,7 @@
   after it opened (on a kept-alive connection: after the first byte of its next request) is closed, after a
   408 if part of a request came (`_headers_timed_out` says why); without it a client that sends half a request
   and then nothing (slowloris) holds a connection, and a place under the cap, forever. The clock stops when h11
-  has parsed the headers: a slow body is the business of the body limit (serve_http.Front) and of
+  has parsed the headers: a slow body is the business of the body limit (http.Front) and of
   --request-timeout. An idle kept-alive connection is uvicorn's keep-alive's.
 - **Connection cap.** At most `max_connections` connections are served: a connection is admitted when it opens
   if a place is free, or else when its request arrives if one has come free by then; otherwise that request
@@ -25,7 +25,7 @@ import json
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .serve_http import RETRY_AFTER_S, error_body
+from .http import RETRY_AFTER_S, error_body
 
 HTTP_CLOSE_TIMEOUT_S = 5.0  # after the drain: how long uvicorn waits for connections before cancelling them
 KEEP_ALIVE_S = 5  # an idle connection between two requests is closed after this long
@@ -164,7 +164,7 @@ def http_config(
         ws="none",
         lifespan="off",
         log_level=log_level,
-        # the drain (cli_serve._server) has ended every stream by now; this bounds only a client that reads nothing
+        # the drain (cli/serve.py's _server) has ended every stream by now; this bounds only a client that reads nothing
         timeout_graceful_shutdown=HTTP_CLOSE_TIMEOUT_S,
         timeout_keep_alive=KEEP_ALIVE_S,
         # limit_concurrency stays unset: the protocol's cap replaces it (the two would count connections twice)

@@ -1,4 +1,4 @@
-"""Where a served prompt's prefill pieces start and end, and how much of a piece a step runs (serve_engine).
+"""Where a served prompt's prefill pieces start and end, and how much of a piece a step runs (engine.py).
 
 A piece starts at a multiple of ALIGN and is at least PREFILL_MIN tokens long, so that it runs the prefill
 kernels, whose rows do not depend on where the piece starts or ends nor on how its layers are spread over
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from hy_edge_ops.linear import PREFILL_MIN
 
-from .generate import common_prefix
+from ..text.generate import common_prefix
 
 MAX_STALL = 0.8  # a prompt's slice beside running streams: about this many decode steps' time (--prefill-stall)
 ALIGN = 16  # where a prompt piece may start: a multiple of the prefill kernel's token vectors (4, 8 or 16)

@@ -20,7 +20,7 @@ from hy_edge_format.safe_json import JSONInputError, show
 from hy_edge_format.safe_json import loads as json_loads
 from hy_edge_format.spec import ModelSpec
 
-from .integrity import external_entry, verify_header
+from ..integrity import external_entry, verify_header
 from .memory import refuse_huge_pages
 
 ACTIVATIONS = ("none", "e4m3", "e5m2", "static")  # the linear-input fake quantization a file may ask for

@@ -31,7 +31,7 @@ DEFAULT_CONTEXT = 4096  # when neither the user nor the budget asks for less
 #   `hy-edge run` on a 0.2 MB model 165 MB;
 # - numba once they are loaded (memory.release_library_pages) and generating: SmolLM2-135M steady at
 #   229 MB = 129 MB of matrices read through the map + 100 MB (its 2 MB tokenizer, buffers, KV included);
-# - onnxruntime: 85 MB on the 0.2 MB model (its weights are planned by backend_ort.ort_memory_plan).
+# - onnxruntime: 85 MB on the 0.2 MB model (its weights are planned by ort_session.ort_memory_plan).
 # A first run that compiles the kernels (an empty JIT cache) holds LLVM's compiler too: ~390 MB, once.
 RUNTIME_OVERHEAD = {"numba": 110 * MB, "onnxruntime": 90 * MB}
 WARMUP_OVERHEAD = {"numba": 180 * MB, "onnxruntime": 0}

@@ -3,7 +3,7 @@
 serve HTTP from a second thread while the main thread runs the engine loop, until SIGTERM; drain,
 exit 0.
 
-FastAPI and uvicorn come with the `serve` extra and are imported only here (and in serve_http)."""
+FastAPI and uvicorn come with the `serve` extra and are imported only here (and in serve/http.py)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from pathlib import Path
 import click
 from hy_edge_format.errors import HyEdgeError
 
-from .backend import KV_CACHES
-from .cli_common import fail, user_errors
+from ..engine.backend import KV_CACHES
+from .common import fail, user_errors
 
 API_KEY_ENV = "HY_EDGE_API_KEY"
 
@@ -175,7 +175,7 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def model_name(model_arg: str | None) -> str:
     """What /v1/models lists: the stem of the model file the user named (the bundled GGUF's by default)."""
-    from .cli_model import default_gguf
+    from .model import default_gguf
 
     path = Path(model_arg) if model_arg else default_gguf()
     return path.name if path.is_dir() else path.stem
@@ -208,19 +208,19 @@ def serve_cmd(
     try:
         import uvicorn  # noqa: F401 -- present, or the one-line error below
 
-        from .serve_http import Limits, Service, build_asgi
-        from .serve_metrics import Metrics
-        from .serve_protocol import http_config
+        from ..serve.http import Limits, Service, build_asgi
+        from ..serve.metrics import Metrics
+        from ..serve.protocol import http_config
     except ImportError as e:
         fail(f"hy-edge serve needs the serve extra ({e.name} is missing): pip install 'hy-edge[serve]'")
     from hy_edge_format.sizes import fmt_bytes
 
-    from .cli_model import resolve_model
-    from .environment import check_threading_layer
-    from .memory import DEFAULT_BUDGET, parse_size
-    from .model import load
-    from .serve_engine import Engine
-    from .systemd import Watchdog, notify
+    from ..engine.memory import DEFAULT_BUDGET, parse_size
+    from ..environment import check_threading_layer
+    from ..model import load
+    from ..serve.engine import Engine
+    from ..serve.systemd import Watchdog, notify
+    from .model import resolve_model
 
     with user_errors():
         for name, value, low in (
@@ -249,7 +249,7 @@ def serve_cmd(
         asked = budget if max_memory else None  # an explicit budget: a first-run conversion runs under it
         path = resolve_model(model_arg, notice=lambda m: click.echo(m, err=True), max_memory=asked)
         model = load(path, threads=threads, max_context=max_context, max_memory=budget)
-        from . import bus_error
+        from .. import bus_error
 
         bus_error.install()  # a data file truncated under the running server: one line, not "Bus error"
         if model.tokenizer is None:
@@ -314,7 +314,7 @@ def serve_cmd(
 
 def _prompt_cache_dir(arg: str | None) -> Path | None:
     """The directory --prompt-cache names (None: off): given, or systemd's state directory."""
-    from .cache_dirs import is_writable_dir, state_dir
+    from ..cache_dirs import is_writable_dir, state_dir
 
     if arg == "off":
         return None
@@ -331,8 +331,8 @@ def _prompt_cache_dir(arg: str | None) -> Path | None:
 
 def _prompt_cache(directory: Path, model, session):
     """The PromptCache in `directory`, tied to this model file and session."""
-    from .integrity import content_digest
-    from .prompt_cache import FILE_NAME, PromptCache, cache_key
+    from ..integrity import content_digest
+    from ..serve.prompt_cache import FILE_NAME, PromptCache, cache_key
 
     key = cache_key(content_digest(model.path, model.meta), session)
     return PromptCache(directory / FILE_NAME, key, log=lambda message: click.echo(message, err=True))
@@ -345,7 +345,7 @@ def _server(config, engine, shutdown_timeout: float):
     an error event and [DONE]), and uvicorn closes. A second signal stops at once."""
     import uvicorn
 
-    from .systemd import notify
+    from ..serve.systemd import notify
 
     class Server(uvicorn.Server):
         draining = False
@@ -422,8 +422,8 @@ def install_cmd(
     """Write the hy-edge.service unit."""
     from hy_edge_format.sizes import MB
 
-    from .memory import default_budget, parse_size
-    from .systemd import UNIT_PATH, hidden_by_unit, systemd_running, unit_file
+    from ..engine.memory import default_budget, parse_size
+    from ..serve.systemd import UNIT_PATH, hidden_by_unit, systemd_running, unit_file
 
     with user_errors():
         python = python or sys.executable
@@ -476,7 +476,7 @@ def install_cmd(
 @click.option("--unit-path", default=None, help="The unit to remove (default /etc/systemd/system/hy-edge.service).")
 def uninstall_cmd(unit_path):
     """Stop and remove the hy-edge.service unit."""
-    from .systemd import UNIT_PATH, systemd_running
+    from ..serve.systemd import UNIT_PATH, systemd_running
 
     with user_errors():
         target = Path(unit_path) if unit_path else UNIT_PATH

@@ -12,7 +12,8 @@ from pathlib import Path
 import click
 from hy_edge_format.errors import HyEdgeError
 
-from .cli_common import (
+from ..environment import check_environment
+from .common import (
     Sampling,
     check_text,
     fail,
@@ -24,7 +25,6 @@ from .cli_common import (
     template_kwargs,
     user_errors,
 )
-from .environment import check_environment
 
 MAX_PROMPT_BYTES = 16 << 20  # a prompt file larger than this is not a prompt
 
@@ -32,8 +32,8 @@ MAX_PROMPT_BYTES = 16 << 20  # a prompt file larger than this is not a prompt
 def _notes_as_one_line() -> None:
     """The library's notices (memory.ContextLimited, threads.ThreadsBusy) as `hy-edge: note: ...` and
     `hy-edge: warning: ...`, once each."""
-    from .memory import ContextLimited
-    from .threads import ThreadsBusy
+    from ..engine.memory import ContextLimited
+    from ..engine.threads import ThreadsBusy
 
     shown = warnings.showwarning
 
@@ -162,7 +162,7 @@ def run_cmd(
     **model_args,
 ) -> None:
     """Generate a reply to the prompt in PROMPT_FILE ('-' reads stdin)."""
-    from .generate import collect
+    from ..text.generate import collect
 
     with user_errors():
         require_stdout()
@@ -184,9 +184,9 @@ def run_cmd(
         click.echo(stats_line(last), err=True)
 
 
-from .cli_chat import chat_cmd  # noqa: E402
-from .cli_convert import convert_cmd, info_cmd  # noqa: E402  (the converter's commands, imported lazily inside)
-from .cli_serve import serve_cmd, service_cmd  # noqa: E402  (fastapi / uvicorn imported inside)
+from .chat import chat_cmd  # noqa: E402
+from .convert import convert_cmd, info_cmd  # noqa: E402  (the converter's commands, imported lazily inside)
+from .serve import serve_cmd, service_cmd  # noqa: E402  (fastapi / uvicorn imported inside)
 
 main.add_command(chat_cmd)
 main.add_command(convert_cmd)

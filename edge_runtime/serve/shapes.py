@@ -8,9 +8,9 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .generate import GenerationResponse
-from .sampling import TokenLogprobs
-from .tools import ToolFormat, split
+from ..text.generate import GenerationResponse
+from ..text.sampling import TokenLogprobs
+from ..text.tools import ToolFormat, split
 
 
 def usage_of(r: GenerationResponse) -> dict:

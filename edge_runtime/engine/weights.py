@@ -1,6 +1,6 @@
 """Weights of a converted .onnx file, memory-mapped from its external data.
 
-The file's header is parsed and checked without its external data (edge_runtime.model_file); every external
+The file's header is parsed and checked without its external data (edge_runtime.engine.model_file); every external
 initializer becomes a numpy view into one read-only `np.memmap` of `model.onnx.data` (offsets are
 64 KiB-aligned by the converter), so the weights are never copied wholesale and only the pages a
 kernel touches become resident. The small tensors are read from the header or with read(2) (norm

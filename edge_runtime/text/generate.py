@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from hy_edge_format.errors import BudgetError, HyEdgeError, ModelFileError
 
-from .backend import Backend
-from .memory import peak_rss_mb
+from ..engine.backend import Backend
+from ..engine.memory import peak_rss_mb
 from .sampling import LogitsProcessor, Sampler, TokenLogprobs, make_sampler
 from .tokenizer import Tokenizer
 

@@ -1,6 +1,6 @@
 """A prompt cache that survives restarts (llama-server's `--slot-save-path`): when the server stops, the
 reusable prefix of each serving slot -- its tokens and the KV rows a prompt's prefill computed
-(serve_engine's `_Slot.exact`) -- is written to one file; at the next start a file made for this very model
+(engine.py's `_Slot.exact`) -- is written to one file; at the next start a file made for this very model
 file, spec, KV cache type and shapes is read back into the slots, so a request sharing a saved prefix
 prefills only the rest, and its answer is the one it gets without the cache.
 

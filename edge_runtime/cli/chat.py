@@ -13,7 +13,7 @@ import click
 from hy_edge_format.errors import HyEdgeError
 
 from .chat_commands import HELP, ChatCommands
-from .cli_common import (
+from .common import (
     Sampling,
     check_text,
     model_options,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import click
 from hy_edge_format.errors import EXIT_USER_ERROR, HyEdgeError
 
-from .backend import KV_CACHES
+from ..engine.backend import KV_CACHES
 
 
 def fail(message: str) -> None:
@@ -154,11 +154,11 @@ def open_model(
     kv_cache: str = "fp32",
 ):
     """Check the options a user typed, find (or convert) the model, load it."""
-    from .cli_model import resolve_model
-    from .environment import check_threading_layer
-    from .memory import parse_size
-    from .model import load
-    from .sampling import check_options
+    from ..engine.memory import parse_size
+    from ..environment import check_threading_layer
+    from ..model import load
+    from ..text.sampling import check_options
+    from .model import resolve_model
 
     check_threading_layer()
     s = sampling
@@ -170,7 +170,7 @@ def open_model(
     if s.seed is not None and s.seed < -1:
         raise HyEdgeError(f"--seed should be >= 0, or -1 for a random seed; got {s.seed}")
     if threads is not None:
-        from .threads import max_threads
+        from ..engine.threads import max_threads
 
         cap = max_threads()
         if threads > cap:
@@ -182,7 +182,7 @@ def open_model(
     path = resolve_model(model_arg, notice=lambda message: click.echo(message, err=True), max_memory=budget)
     model = load(path, backend=backend, threads=threads, max_context=max_context, max_memory=budget, kv_cache=kv_cache)
     if backend == "numba":  # onnxruntime reads the data file into its own memory when it loads
-        from . import bus_error
+        from .. import bus_error
 
         bus_error.install()  # a data file truncated while mapped: one line, not "Bus error"
     return model

@@ -28,7 +28,7 @@ from hy_edge_format.spec import ModelSpec
 from hy_edge_ops import activation, attention, conv, fp8, linear, norm
 
 from .buffers import KV_CACHE_TYPES, allocate_buffers, memory_plan
-from .engine_step import CompiledLayers
+from .layers import CompiledLayers
 from .memory import DEFAULT_BUDGET, plan_context, release_library_pages
 from .weights import BLOCK_STORAGES, Linear, Weights, read_blocks, read_scales
 
@@ -151,7 +151,7 @@ class NumbaSession:
         self._scale = np.float32(spec.softmax_scale)
         self._act = activation.KINDS[spec.hidden_act]
         self._single_step_is_grouped = False  # set by _warm_up: see _one_token_kernels_match
-        # the layer loop as one compiled call where the model allows it (engine_step.py)
+        # the layer loop as one compiled call where the model allows it (layers.py)
         self._compiled = (
             CompiledLayers(spec, self._blocks, weights.norm, self.buf)
             if compiled and CompiledLayers.applies(spec, self._blocks, activations)

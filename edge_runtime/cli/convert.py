@@ -10,10 +10,10 @@ from hy_edge_format import format as F
 from hy_edge_format.errors import HyEdgeError
 from hy_edge_format.safe_json import is_number
 
-from .cli_common import user_errors
-from .integrity import check_data_size, stored_checksums, verify_checksums
-from .memory import peak_rss_mb
-from .model_file import read_header
+from ..engine.memory import peak_rss_mb
+from ..engine.model_file import read_header
+from ..integrity import check_data_size, stored_checksums, verify_checksums
+from .common import user_errors
 
 
 def _mb(n: int) -> str:
@@ -187,7 +187,7 @@ def info_cmd(model: Path | None, verify: bool, default_path: bool) -> None:
     """Print the spec, quantization and sizes of a converted model."""
     with user_errors():
         if default_path:  # the package is installed without its dependencies: found, never imported
-            from .cli_model import default_gguf
+            from .model import default_gguf
 
             click.echo(default_gguf())
             return
@@ -235,9 +235,9 @@ def info_cmd(model: Path | None, verify: bool, default_path: bool) -> None:
         )
         from hy_edge_format.sizes import fmt_bytes
 
-        from .buffers import memory_plan
-        from .engine_numba import DEFAULT_PREFILL_CHUNK
-        from .memory import DEFAULT_BUDGET
+        from ..engine.buffers import memory_plan
+        from ..engine.memory import DEFAULT_BUDGET
+        from ..engine.numba_session import DEFAULT_PREFILL_CHUNK
 
         weights = data.stat().st_size if data.exists() else 0
         plan = memory_plan(spec, weights, DEFAULT_PREFILL_CHUNK, quant.get("activations", "none") != "none")

@@ -1,10 +1,10 @@
 """The HTTP front of `hy-edge serve`: an OpenAI-compatible ASGI app (FastAPI).
 
 It only validates, queues and streams: a request becomes token ids and sampling options, goes to the
-engine's queue (serve_engine.Engine, its own thread), and the engine's events come back through an
+engine's queue (serve/engine.py's Engine, its own thread), and the engine's events come back through an
 asyncio queue (`loop.call_soon_threadsafe`). Every error is OpenAI-shaped: {"error": {"message", "type",
 "param", "code"}}. Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}], GET /health,
-GET /metrics. The request bodies are in serve_bodies, the response objects in serve_shapes, tool calls in tools.
+GET /metrics. The request bodies are in bodies.py, the response objects in shapes.py, tool calls in text/tools.py.
 
 In front of the app sits one pure ASGI middleware (`Front`): it stamps the arrival time (the TTFT clock), checks
 the API key before the body is read, and refuses a body over the limit. It is pure ASGI on purpose: Starlette's
@@ -29,12 +29,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from hy_edge_format.errors import BudgetError, HyEdgeError
 from starlette.exceptions import HTTPException
 
-from .sampling import make_logit_bias, make_logits_processors, make_openai_penalties, make_sampler
-from .serve_bodies import ChatBody, CompletionBody, Message, SamplingBody
-from .serve_engine import Engine, Failed, NotAccepting, QueueFull
-from .serve_engine import Request as EngineRequest
-from .serve_shapes import Shape, token_piece, usage_of
-from .tools import FORMATS, Tools, ToolStream, assistant_text, parse_tools
+from ..text.sampling import make_logit_bias, make_logits_processors, make_openai_penalties, make_sampler
+from ..text.tools import FORMATS, Tools, ToolStream, assistant_text, parse_tools
+from .bodies import ChatBody, CompletionBody, Message, SamplingBody
+from .engine import Engine, Failed, NotAccepting, QueueFull
+from .engine import Request as EngineRequest
+from .shapes import Shape, token_piece, usage_of
 
 MAX_STOP = 16
 
@@ -210,7 +210,7 @@ async def _encode(service: Service, encode) -> list[int]:
 async def _grammar(service: Service, wanted: dict | Tools, prompt_tokens: int):
     """The structured-output processor of a request (grammar.py): a response_format, or tools. Built off the
     event loop (the first one reads the whole vocabulary, a schema compiles in milliseconds)."""
-    from .grammar import json_processor, tool_processor
+    from ..text.grammar import json_processor, tool_processor
 
     build = tool_processor if isinstance(wanted, Tools) else json_processor
     model = service.model

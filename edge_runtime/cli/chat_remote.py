@@ -17,7 +17,7 @@ API_KEY_ENV = "HY_EDGE_API_KEY"
 
 
 class RemoteChat(ChatCommands):
-    """The same interface as cli_chat.ChatSession: turn(), command(), reset(), last (always None: the
+    """The same interface as cli.chat.ChatSession: turn(), command(), reset(), last (always None: the
     stats line is local-only; /stats shows the server's usage of the last turn)."""
 
     def __init__(self, url: str, sampling, system: str | None, timeout: float = 600):

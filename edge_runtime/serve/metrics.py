@@ -1,12 +1,12 @@
 """`GET /metrics` of `hy-edge serve`, in Prometheus' text format (prometheus-client): the engine's
-observer (serve_engine.Observer) feeds the histograms and counters; gauges are read at scrape time."""
+observer (engine.Observer) feeds the histograms and counters; gauges are read at scrape time."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from .serve_engine import Engine, Observer
+from .engine import Engine, Observer
 
 # latency buckets from 5 ms (a decode step of a 135M model) to a minute (a long prompt on a Pi)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -48,7 +48,7 @@ class Metrics(Observer):
         for name, (doc, read) in gauges.items():
             Gauge(name, doc, registry=r).set_function(lambda read=read: read(self.engine) if self.engine else 0)
 
-    # -- serve_engine.Observer (called on the engine thread) -------------------------------------------
+    # -- engine.Observer (called on the engine thread) -------------------------------------------
     def admitted(self, reused_tokens: int) -> None:
         self.reused_tokens.inc(reused_tokens)
 

@@ -1,7 +1,7 @@
 """The interface the Generator drives, and the factory that opens a session on either backend.
 
 A backend session holds one conversation's cache. Both implementations (NumbaSession in
-engine_numba.py, OrtSession in backend_ort.py) provide:
+numba_session.py, OrtSession in ort_session.py) provide:
 
     spec: ModelSpec
     max_context: int             # positions the cache can hold
@@ -20,7 +20,7 @@ from hy_edge_format.errors import HyEdgeError
 from hy_edge_format.spec import ModelSpec
 
 if TYPE_CHECKING:
-    from .model import Model
+    from ..model import Model
 
 BACKENDS = ("numba", "onnxruntime")
 # KV cache types of the numba backend (hy_edge_ops.kvrow): fp16 halves the fp32 cache, fp8 (E4M3 rows with
@@ -63,7 +63,7 @@ def open_session(
         warn_if_busy(threads)  # a count the caller chose does not: say so once if others are busy
     budget = DEFAULT_BUDGET if max_memory is None else max_memory
     if backend == "numba":
-        from .engine_numba import DEFAULT_PREFILL_CHUNK, NumbaSession
+        from .numba_session import DEFAULT_PREFILL_CHUNK, NumbaSession
 
         return NumbaSession(
             model.spec,
@@ -80,7 +80,7 @@ def open_session(
     if backend == "onnxruntime":
         if slots != 1 or kv_cache != "fp32":
             raise HyEdgeError("the onnxruntime backend runs one sequence with an fp32 KV cache")
-        from .backend_ort import OrtSession
+        from .ort_session import OrtSession
 
         return OrtSession(model.path, threads=threads, max_context=max_context, max_memory=budget)
     raise HyEdgeError(f"backend '{backend}' is not one of {', '.join(BACKENDS)}")
