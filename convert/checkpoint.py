@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 from hy_edge_format import safe_json
 from hy_edge_format.errors import CheckpointError
+from hy_edge_format.families import family
 
 from .gguf_reader import (
     BLOCK_TYPES,
-    NORMS_PLUS_ONE,
     ROPE_FREQS,
     GGUFFile,
     gguf_config,
@@ -409,7 +409,7 @@ def _open_gguf(path: Path) -> Checkpoint:
             kind = {"f16": "f16", "bf16": "bf16"}.get(info.ggml_type.name.lower(), "f32")
             block = info.ggml_type.name.lower() if info.ggml_type.name.lower() in BLOCK_TYPES else None
             blocks = _gguf_block_loader(f, info, n_head) if block and len(info.shape) == 2 else None
-            minus_one = config["model_type"] in NORMS_PLUS_ONE and hf.endswith("norm.weight")
+            minus_one = family(config["model_type"]).gguf_norms_plus_one and hf.endswith("norm.weight")
             load = _gguf_loader(f, info, n_head, minus_one)
             tensors[hf] = TensorRef(hf, info.shape, kind, load, info.nbytes, block if blocks else None, blocks)
         built = tokenizer_from_gguf(meta, path)

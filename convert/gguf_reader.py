@@ -23,6 +23,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 from hy_edge_format.errors import CheckpointError
+from hy_edge_format.families import BY_GGUF_ARCH, family
 from hy_edge_format.safe_json import is_int, is_number, show
 from hy_edge_format.spec import LIMITS
 
@@ -273,17 +274,10 @@ class GGUFFile:
 
 # -- GGUF names, metadata and layout -> Hugging Face ----------------------------------------------
 
-# general.architecture -> the Hugging Face model_type and class its metadata becomes; llama.cpp permutes
-# the q/k rows of llama files only (it rotates their pairs GPT-J style; Qwen's NeoX style, as HF does)
-GGUF_ARCHS = {
-    "llama": ("llama", "LlamaForCausalLM"),
-    "qwen2": ("qwen2", "Qwen2ForCausalLM"),
-    "qwen3": ("qwen3", "Qwen3ForCausalLM"),
-    "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
-}
-PERMUTED_QK = ("llama",)
-# llama.cpp stores Gemma's RMSNorm weights as applied (1 + w): read back as Hugging Face's w
-NORMS_PLUS_ONE = ("gemma3_text",)
+# general.architecture -> the family (hy_edge_format.families: the Hugging Face model_type and class its metadata
+# becomes, whether llama.cpp permuted its q/k rows -- llama's only: it rotates their pairs GPT-J style, Qwen's
+# NeoX style as HF does -- or stored its norms as 1 + w, its block names)
+GGUF_ARCHS = BY_GGUF_ARCH
 
 ROPE_FREQS = "rope_freqs.weight"  # Llama 3's RoPE scaling as a divisor per frequency (llama.cpp)
 _GLOBAL_NAMES = {
@@ -304,13 +298,6 @@ _BLOCK_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-# Gemma's four norms a layer: llama.cpp's ffn_norm is the one before the MLP there
-_GEMMA_NAMES = {
-    **_BLOCK_NAMES,
-    "post_attention_norm": "post_attention_layernorm",
-    "ffn_norm": "pre_feedforward_layernorm",
-    "post_ffw_norm": "post_feedforward_layernorm",
-}
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
@@ -318,7 +305,7 @@ def hf_name(gguf_name: str, model_type: str = "llama") -> str | None:
     """The Hugging Face name of a GGUF tensor, or None if it has none."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
-    names = _GEMMA_NAMES if model_type == "gemma3_text" else _BLOCK_NAMES
+    names = {**_BLOCK_NAMES, **family(model_type).gguf_block_names}
     m = _BLOCK.fullmatch(gguf_name)
     if m and m.group(2) in names:
         return f"model.layers.{m.group(1)}.{names[m.group(2)]}.{m.group(3)}"
@@ -393,7 +380,7 @@ def gguf_config(meta: dict, tensors: dict[str, GGUFTensorInfo], path: Path) -> d
             f"{path}: GGUF metadata 'general.architecture' = {show(arch)} is not supported "
             f"(supported: {', '.join(GGUF_ARCHS)})"
         )
-    model_type, architecture = GGUF_ARCHS[arch]
+    model_type, architecture = GGUF_ARCHS[arch].model_type, GGUF_ARCHS[arch].architecture
 
     def key(hf: str) -> str:
         return f"{arch}.{GGUF_KEYS[hf]}"
@@ -428,7 +415,7 @@ def gguf_config(meta: dict, tensors: dict[str, GGUFTensorInfo], path: Path) -> d
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
-        "rms_norm_eps": float(m.get(key("rms_norm_eps"), "number", 1e-5 if arch == "llama" else 1e-6)),
+        "rms_norm_eps": float(m.get(key("rms_norm_eps"), "number", GGUF_ARCHS[arch].gguf_rms_norm_eps)),
         "rope_theta": float(m.get(key("rope_theta"), "number", 10000.0)),
         "max_position_embeddings": size("max_position_embeddings", 2048),
         "tie_word_embeddings": "output.weight" not in tensors,
@@ -461,7 +448,7 @@ def gguf_config(meta: dict, tensors: dict[str, GGUFTensorInfo], path: Path) -> d
 def gguf_tensors(gguf: GGUFFile, cfg: dict) -> dict[str, tuple[GGUFTensorInfo, int | None]]:
     """HF name -> (GGUF tensor, n_head to un-permute with, or None)."""
     out = {}
-    permuted = cfg["model_type"] in PERMUTED_QK
+    permuted = family(cfg["model_type"]).gguf_permuted_qk
     for name, info in gguf.tensors.items():
         if name == ROPE_FREQS:  # read into the config (rope_freq_factors), not a weight
             continue

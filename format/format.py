@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 
+from .families import family
 from .spec import ModelSpec
 
 FORMAT_VERSION = 1
@@ -104,11 +105,8 @@ def layer_prefix(i: int) -> str:
 
 
 # The per-head q/k norms' names after `self_attn.`, by family (Hugging Face's own); Hunyuan's otherwise
-QK_NORM_NAMES = {"qwen3": ("q_norm", "k_norm"), "gemma3_text": ("q_norm", "k_norm")}
-
-
 def qk_norm_names(spec: ModelSpec) -> tuple[str, str]:
-    return QK_NORM_NAMES.get(spec.model_type, ("query_layernorm", "key_layernorm"))
+    return family(spec.model_type).qk_norm_names
 
 
 def layer_tensors(spec: ModelSpec, i: int) -> dict[str, tuple[int, ...]]:

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import SpecError
+from .families import BY_MODEL_TYPE
 from .safe_json import JSONInputError, is_finite, is_int, show
 from .safe_json import loads as json_loads
 
-FAMILIES = ("hunyuan_v1_dense", "llama", "qwen2", "qwen3", "gemma3_text")  # ModelSpec.model_type
+FAMILIES = tuple(BY_MODEL_TYPE)  # ModelSpec.model_type: families.FAMILIES
 LAYER_TYPES = ("attention", "dwconv")
 ACTIVATIONS = ("silu", "relu6", "gelu_tanh")  # the gate's; gelu_tanh: transformers' gelu_pytorch_tanh
 # Upper bounds of the structural sizes, checked before anything is sized by them (a config that says
@@ -321,19 +322,17 @@ def _gemma3(cfg: dict) -> dict:
     )
 
 
-# Keyed by model_type and by the HF `architectures` string.
-REGISTRY = {
+# each family's config.json parser, by model_type (families.FAMILIES holds the rest of what a family is)
+PARSERS = {
     "hunyuan_v1_dense": _hunyuan,
-    "HunYuanDenseV1ForCausalLM": _hunyuan,
     "llama": _llama,
-    "LlamaForCausalLM": _llama,
     "qwen2": _qwen2,
-    "Qwen2ForCausalLM": _qwen2,
     "qwen3": _qwen3,
-    "Qwen3ForCausalLM": _qwen3,
     "gemma3_text": _gemma3,
-    "Gemma3ForCausalLM": _gemma3,
 }
+assert set(PARSERS) == set(BY_MODEL_TYPE), "a family without a config parser, or a parser without an entry"
+# keyed by model_type and by the HF `architectures` string
+REGISTRY = {**PARSERS, **{f.architecture: PARSERS[f.model_type] for f in BY_MODEL_TYPE.values()}}
 
 
 def spec_from_hf_config(cfg: dict) -> ModelSpec:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ..text.generate import GenerationResponse
 from ..text.sampling import TokenLogprobs
-from ..text.tools import ToolFormat, split
+from ..text.tools import ToolTags, split
 
 
 def usage_of(r: GenerationResponse) -> dict:
@@ -36,7 +36,7 @@ class Shape:
     chat: bool
     created: int = 0
     piece: Callable[[int], str] | None = None  # token id -> text, when logprobs were asked for
-    tools: ToolFormat | None = None  # the call format, when the answer may call tools
+    tools: ToolTags | None = None  # the call format, when the answer may call tools
 
     def logprobs(self, items: list[TokenLogprobs], offset: int = 0) -> dict | None:
         """chat: {"content": [{token, logprob, bytes, top_logprobs}]}; completions: the legacy columns."""

@@ -24,26 +24,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from hy_edge_format.errors import HyEdgeError
+from hy_edge_format.families import FAMILIES, ToolTags
 
 MAX_CALLS = 8  # calls in one answer: a sampled answer cannot run on listing calls until max_tokens
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for a function name
 
 
-@dataclass(frozen=True)
-class ToolFormat:
-    open: str
-    close: str
-    per_call: bool = False  # one object per call between its own tags, "\n" inside and between them (Hermes)
-
-
-# keyed by ModelSpec.model_type: SmolLM2's function-calling format; for Hunyuan, the format Tencent documents for
-# Hunyuan-A13B's function calls (the family's agent format); Qwen's chat templates' Hermes format
-FORMATS = {
-    "llama": ToolFormat("<tool_call>", "</tool_call>"),
-    "hunyuan_v1_dense": ToolFormat("<tool_calls>", "</tool_calls>"),
-    "qwen2": ToolFormat("<tool_call>", "</tool_call>", per_call=True),
-    "qwen3": ToolFormat("<tool_call>", "</tool_call>", per_call=True),
-}
+# a family's tool-call tags (hy_edge_format.families), by ModelSpec.model_type
+FORMATS = {f.model_type: f.tools for f in FAMILIES if f.tools is not None}
 
 
 @dataclass(frozen=True)
@@ -52,7 +40,7 @@ class Tools:
 
     functions: tuple[dict, ...]  # {"name", "description", "parameters"}
     choice: str
-    format: ToolFormat
+    format: ToolTags
     parallel: bool = True
 
     def call_schema(self) -> dict:
@@ -152,7 +140,7 @@ def parse_tools(
     return Tools(tuple(functions), choice, fmt, parallel)
 
 
-def assistant_text(content: str | None, tool_calls: Sequence[Mapping], fmt: ToolFormat) -> str:
+def assistant_text(content: str | None, tool_calls: Sequence[Mapping], fmt: ToolTags) -> str:
     """An earlier assistant turn that called tools, as the model wrote it (for the chat template)."""
     calls = []
     for call in tool_calls:
@@ -168,7 +156,7 @@ def assistant_text(content: str | None, tool_calls: Sequence[Mapping], fmt: Tool
     return (content or "") + fmt.open + json.dumps(calls, ensure_ascii=False) + fmt.close
 
 
-def split(text: str, fmt: ToolFormat) -> tuple[str | None, list[dict] | None]:
+def split(text: str, fmt: ToolTags) -> tuple[str | None, list[dict] | None]:
     """(content, tool_calls) of an answer: tool_calls in OpenAI's shape when the answer holds a call list that
     parses, else None (the answer is all content)."""
     start = text.find(fmt.open)
@@ -198,7 +186,7 @@ class ToolStream:
     """Streams an answer's content while holding back what may be the start of a call: `feed` returns the text
     that is content for sure; once the opening tag has come, nothing more (`split` of the whole text at the end)."""
 
-    def __init__(self, fmt: ToolFormat):
+    def __init__(self, fmt: ToolTags):
         self.fmt, self.text, self.sent = fmt, "", 0
 
     def feed(self, piece: str) -> str:
