@@ -207,7 +207,9 @@ class Calibration:
         if window:  # Gemma's sliding layers: their own RoPE base
             inv = rope_inv_freq(spec.head_dim, spec.rope_local_theta)
         else:
-            inv = rope_inv_freq(spec.head_dim, spec.rope_theta, spec.rope_llama3, spec.rope_freq_factors)
+            inv = rope_inv_freq(
+                spec.head_dim, spec.rope_theta, spec.rope_llama3, spec.rope_freq_factors, spec.rope_linear
+            )
         if spec.use_qk_norm and spec.qk_norm_before_rope:  # Qwen3Attention
             q, k = qk_norm(q, k)
         q, k = rope(q, inv), rope(k, inv)

@@ -217,7 +217,7 @@ class GraphBuilder:
         if local:
             inv = rope_inv_freq(s.head_dim, s.rope_local_theta)
         else:
-            inv = rope_inv_freq(s.head_dim, s.rope_theta, s.rope_llama3, s.rope_freq_factors)
+            inv = rope_inv_freq(s.head_dim, s.rope_theta, s.rope_llama3, s.rope_freq_factors, s.rope_linear)
         pos = self.node("Cast", [F.POSITION_IDS], p, to=TensorProto.FLOAT)
         freqs = self.node("Mul", [self.node("Unsqueeze", [pos, self.i64(-1)], p), self.const(inv)], p)
         freqs = self.node("Unsqueeze", [freqs, self.i64(1)], p + "/heads")

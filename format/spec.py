@@ -87,6 +87,9 @@ class ModelSpec:
     sliding_window: int = 0
     sliding_layers: tuple[int, ...] = ()
     rope_local_theta: float | None = None
+    # linear RoPE scaling (positions / factor: every frequency divided by it), of the attention layers on
+    # rope_theta (Gemma 3 4B+: the global ones; the sliding layers keep rope_local_theta unscaled)
+    rope_linear: float = 1.0
 
     # -- derived -------------------------------------------------------------------------------
     @property
@@ -177,7 +180,7 @@ def _rope_base(cfg: dict, head_dim: int) -> float:
             return float(theta) * float(alpha) ** (head_dim / (head_dim - 2))
         except OverflowError:
             raise SpecError(f"config.json: field 'rope_scaling.alpha' = {alpha} makes the RoPE base infinite") from None
-    if rope_type in ("default", None, "llama3"):  # llama3 scales the frequencies, not the base (_rope_llama3)
+    if rope_type in ("default", None, "llama3", "linear"):  # these scale the frequencies, not the base
         return float(theta)
     raise SpecError(f"config.json: field 'rope_scaling' type {show(rope_type)} is not supported")
 
@@ -198,6 +201,19 @@ def _rope_llama3(cfg: dict) -> tuple[float, float, float, int] | None:
     if not values[1] < values[2]:
         raise SpecError(f"config.json: field '{field}.low_freq_factor' should be below high_freq_factor")
     return tuple(values)
+
+
+def _rope_linear(cfg: dict) -> float:
+    """The factor of linear RoPE scaling from `rope_scaling` (or transformers 5's `rope_parameters`), if it
+    is the RoPE type; 1.0 otherwise."""
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling")
+    if not isinstance(params, dict) or params.get("rope_type", params.get("type")) != "linear":
+        return 1.0
+    field = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
+    factor = params.get("factor")
+    if not (is_finite(factor) and factor > 0):
+        raise SpecError(f"config.json: field '{field}.factor' should be a positive number, got {show(factor)}")
+    return float(factor)
 
 
 def _common(cfg: dict) -> dict:
@@ -227,6 +243,7 @@ def _common(cfg: dict) -> dict:
         rms_norm_eps=_get(cfg, "rms_norm_eps", float, 1e-6),
         rope_theta=_rope_base(cfg, int(head_dim)),
         rope_llama3=_rope_llama3(cfg),
+        rope_linear=_rope_linear(cfg),
         rope_freq_factors=cfg.get("rope_freq_factors"),  # not a Hugging Face key: set by the GGUF reader
         max_position_embeddings=_get(cfg, "max_position_embeddings", int, 2048),
         tie_word_embeddings=_get(cfg, "tie_word_embeddings", bool, False),
@@ -355,11 +372,11 @@ def spec_from_hf_config(cfg: dict) -> ModelSpec:
 _SIZES = tuple(LIMITS)  # the integer fields, each positive and bounded
 _KINDS = {"rms_norm_eps": float, "rope_theta": float, "tie_word_embeddings": bool, "use_qk_norm": bool,
           "qk_norm_before_rope": bool, "qkv_bias": bool, "norm_plus_one": bool, "sandwich_norms": bool,
-          "embed_scale": float}  # fmt: skip
+          "embed_scale": float, "rope_linear": float}  # fmt: skip
 # fields files written before them lack, and what those files mean by their absence
 _LATER = {"rope_llama3": None, "qk_norm_before_rope": False, "qkv_bias": False, "rope_freq_factors": None,
           "norm_plus_one": False, "sandwich_norms": False, "embed_scale": 1.0, "attn_scale": None,
-          "sliding_window": 0, "sliding_layers": (), "rope_local_theta": None}  # fmt: skip
+          "sliding_window": 0, "sliding_layers": (), "rope_local_theta": None, "rope_linear": 1.0}  # fmt: skip
 
 
 def _build(data: dict, source: str = "config.json") -> ModelSpec:
@@ -408,6 +425,8 @@ def _build(data: dict, source: str = "config.json") -> ModelSpec:
         if not ok or not is_int(llama3[3]) or not llama3[1] < llama3[2]:
             fail("rope_llama3", f"should be [factor, low, high, original positions] (low < high), got {show(llama3)}")
         data["rope_llama3"] = (float(llama3[0]), float(llama3[1]), float(llama3[2]), int(llama3[3]))
+    if not data["rope_linear"] > 0 or not math.isfinite(data["rope_linear"]):
+        fail("rope_linear", f"should be a positive number, got {show(data['rope_linear'])}")
     factors = data["rope_freq_factors"]
     if factors is not None:
         half = data["head_dim"] // 2

@@ -15,6 +15,7 @@ def rope_inv_freq(
     base: float,
     llama3: tuple[float, float, float, int] | None = None,
     factors: tuple[float, ...] | None = None,
+    linear: float = 1.0,
 ) -> np.ndarray:
     """f32 (D/2,) = 1 / base ** (arange(0, D, 2) / D), computed in float64 and rounded to float32 once.
 
@@ -29,7 +30,10 @@ def rope_inv_freq(
     high_freq_factor kept, and the ones between blended linearly in original / wavelength.
 
     `factors`: a divisor per frequency (D/2,), as a GGUF's `rope_freqs` tensor carries Llama 3's scaling
-    (llama.cpp divides each frequency by its factor)."""
+    (llama.cpp divides each frequency by its factor).
+
+    `linear`: linear scaling (transformers' "linear" rope type: positions divided by it), every frequency
+    divided by it."""
     if head_dim <= 0 or head_dim % 2:
         raise ValueError(f"head_dim must be a positive even number, got {head_dim}")
     if not base > 0:
@@ -48,7 +52,9 @@ def rope_inv_freq(
         if f.shape != inv.shape or not (np.isfinite(f).all() and (f > 0).all()):
             raise ValueError(f"RoPE frequency factors must be {inv.shape[0]} positive numbers")
         inv = inv / f
-    return inv.astype(np.float32)
+    if not (math.isfinite(linear) and linear > 0):
+        raise ValueError(f"linear RoPE scaling needs a positive factor, got {linear}")
+    return (inv / linear).astype(np.float32)
 
 
 def rope_tables(inv_freq: np.ndarray, max_positions: int) -> tuple[np.ndarray, np.ndarray]:

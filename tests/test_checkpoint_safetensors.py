@@ -248,6 +248,30 @@ def test_rope_freq_factors_in_a_file_spec(qwen3_dir):
         ModelSpec.from_json(json.dumps({**spec, "rope_freq_factors": [2.0] * half, "rope_llama3": [8, 1, 4, 8]}))
 
 
+def test_linear_rope_scaling_in_a_config_and_a_file_spec(qwen3_dir):
+    """Linear RoPE scaling: read from either config form (and from what the GGUF reader makes of llama.cpp's
+    rope.scaling keys), bounded in a file's spec, 1.0 in a file written before the field."""
+    from hy_edge_format.errors import SpecError
+    from hy_edge_format.spec import ModelSpec
+
+    cfg = json.loads((qwen3_dir / "config.json").read_text())
+    cfg.pop("rope_parameters", None)
+    for scaling in ({"rope_scaling": {"rope_type": "linear", "factor": 8}},
+                    {"rope_scaling": {"type": "linear", "factor": 8.0}},
+                    {"rope_parameters": {"rope_type": "linear", "factor": 8.0, "rope_theta": 10000.0}}):  # fmt: skip
+        assert spec_from_hf_config({**cfg, **scaling}).rope_linear == 8.0
+    assert spec_from_hf_config(cfg).rope_linear == 1.0
+    for bad in (0, -1, "x", None, float("inf")):
+        with pytest.raises(SpecError, match="rope_scaling.factor"):
+            spec_from_hf_config({**cfg, "rope_scaling": {"rope_type": "linear", "factor": bad}})
+    spec = json.loads(spec_from_hf_config(cfg).to_json())
+    assert ModelSpec.from_json(json.dumps({**spec, "rope_linear": 2.5})).rope_linear == 2.5
+    assert ModelSpec.from_json(json.dumps({k: v for k, v in spec.items() if k != "rope_linear"})).rope_linear == 1.0
+    for bad in (0, -2.0, "x", True):
+        with pytest.raises(SpecError, match="rope_linear"):
+            ModelSpec.from_json(json.dumps({**spec, "rope_linear": bad}))
+
+
 def test_tensor_load_is_lazy(llama_dir):
     with open_checkpoint(llama_dir) as ckpt:
         f = ckpt._files[0]

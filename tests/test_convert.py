@@ -127,6 +127,38 @@ def test_llama3_rope_scaling_matches_transformers_on_both_backends(checkpoint, t
     assert rel(edge_runtime.load(out).session().forward(IDS, all_logits=True), ref) < 1e-4
 
 
+@pytest.mark.parametrize("name", ["llama-f32", "gemma3-f32"])
+def test_linear_rope_scaling_matches_transformers_on_both_backends(name, checkpoint, tmp_path):
+    """Linear RoPE scaling (Gemma 3 4B+ on its global layers only, long-context Llamas): both backends give
+    transformers' logits, which the scaling moves well beyond the tolerance (the checkpoint without it is the
+    control)."""
+    import shutil
+
+    import edge_runtime
+
+    src = checkpoint(name)
+    scaled = tmp_path / "scaled"
+    shutil.copytree(src, scaled)
+    cfg = json.loads((scaled / "config.json").read_text())
+    linear = {"rope_type": "linear", "factor": 4.0}
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and "full_attention" in params:  # transformers 5, per layer type (Gemma 3)
+        params["full_attention"].update(linear)
+    elif isinstance(params, dict):
+        params.update(linear)
+    else:
+        cfg["rope_scaling"] = linear
+    (scaled / "config.json").write_text(json.dumps(cfg))
+    ref = hf_logits(hf_model(scaled))
+    assert rel(hf_logits(hf_model(src)), ref) > 1e-3
+    out = tmp_path / "model.onnx"
+    convert(scaled, out, QuantPolicy(format="none"))
+    model = edge_runtime.load(out)
+    assert model.spec.rope_linear == 4.0
+    assert rel(ort_logits(out), ref) < 1e-4
+    assert rel(model.session().forward(IDS, all_logits=True), ref) < 1e-4
+
+
 @pytest.mark.parametrize("name", ["hunyuan-f32", "llama-f32", "llama3-f32", "qwen2-bf16", "qwen3-f32", "gemma3-f32"])
 def test_greedy_tokens_match_transformers_generate(name, checkpoint, tmp_path):
     torch = ck.need_torch()

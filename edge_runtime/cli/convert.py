@@ -208,7 +208,8 @@ def info_cmd(model: Path | None, verify: bool, default_path: bool) -> None:
         )
         qk_norm = ("before RoPE" if spec.qk_norm_before_rope else "after RoPE") if spec.use_qk_norm else "none"
         click.echo(
-            f"rope base {spec.rope_theta:.6g}{', llama3 scaling' if spec.rope_llama3 else ''}, qk-norm {qk_norm}, "
+            f"rope base {spec.rope_theta:.6g}{', llama3 scaling' if spec.rope_llama3 else ''}"
+            f"{f', linear scaling x{spec.rope_linear:g}' if spec.rope_linear != 1.0 else ''}, qk-norm {qk_norm}, "
             f"q/k/v bias {spec.qkv_bias}, context {spec.max_position_embeddings}"
         )
         if spec.sliding_layers:

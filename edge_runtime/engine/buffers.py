@@ -109,7 +109,9 @@ def allocate_buffers(
         cached = name in ("k_cache", "v_cache", "conv_state", "conv_hist")
         out[name] = lazy_zeros(shape, dtype) if cached else np.empty(shape, dtype)
     out["ramp"][:] = np.arange(out["ramp"].shape[0])
-    inv_freq = rope.rope_inv_freq(spec.head_dim, spec.rope_theta, spec.rope_llama3, spec.rope_freq_factors)
+    inv_freq = rope.rope_inv_freq(
+        spec.head_dim, spec.rope_theta, spec.rope_llama3, spec.rope_freq_factors, spec.rope_linear
+    )
     out["cos"][...], out["sin"][...] = rope.rope_tables(inv_freq, context)
     if spec.sliding_layers:
         local = rope.rope_inv_freq(spec.head_dim, spec.rope_local_theta)
