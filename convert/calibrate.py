@@ -23,6 +23,7 @@ from hy_edge_format import format as F
 from hy_edge_format.errors import HyEdgeError
 from hy_edge_format.spec import ModelSpec
 from hy_edge_ops import minifloat
+from hy_edge_ops.activation import GELU_C, GELU_CUBIC
 from hy_edge_ops.fp8 import dequantize_fp8
 from hy_edge_ops.rope import rope_inv_freq
 
@@ -169,7 +170,7 @@ class Calibration:
         if spec.hidden_act == "relu6":
             act = np.clip(gate, 0, 6)
         elif spec.hidden_act == "gelu_tanh":
-            act = gate * (0.5 + 0.5 * np.tanh(np.float32(np.sqrt(2 / np.pi)) * (gate + 0.044715 * gate**3)))
+            act = gate * (0.5 + 0.5 * np.tanh(GELU_C / 2 * (gate + GELU_CUBIC * gate**3)))
         else:
             act = gate * (0.5 + 0.5 * np.tanh(0.5 * gate))
         a = act * up

@@ -15,6 +15,7 @@ import onnx
 from hy_edge_format import format as F
 from hy_edge_format.spec import ModelSpec
 from hy_edge_ops import minifloat
+from hy_edge_ops.activation import GELU_C, GELU_CUBIC
 from hy_edge_ops.fp8 import FP8_MAX
 from hy_edge_ops.rope import rope_inv_freq
 from onnx import TensorProto, helper, numpy_helper
@@ -311,10 +312,10 @@ class GraphBuilder:
         up = self.make_linear(h, f"{w}.up_proj.weight", p + "/up_proj")
         if s.hidden_act == "relu6":
             act = self.node("Clip", [gate, self.const(0.0), self.const(6.0)], p + "/act")
-        elif s.hidden_act == "gelu_tanh":  # x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3)): tanh GELU
+        elif s.hidden_act == "gelu_tanh":  # x * sigmoid(GELU_C (x + GELU_CUBIC x^3)): tanh GELU
             cube = self.node("Mul", [self.node("Mul", [gate, gate], p + "/x2"), gate], p + "/x3")
-            z = self.node("Add", [gate, self.node("Mul", [cube, self.const(0.044715)], p + "/x3")], p + "/z")
-            z = self.node("Mul", [z, self.const(2.0 * np.sqrt(2.0 / np.pi))], p + "/z")
+            z = self.node("Add", [gate, self.node("Mul", [cube, self.const(float(GELU_CUBIC))], p + "/x3")], p + "/z")
+            z = self.node("Mul", [z, self.const(float(GELU_C))], p + "/z")
             act = self.node("Mul", [gate, self.node("Sigmoid", [z], p + "/act")], p + "/act")
         else:
             act = self.node("Mul", [gate, self.node("Sigmoid", [gate], p + "/act")], p + "/act")

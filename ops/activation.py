@@ -10,7 +10,10 @@ from .expf import expf
 
 _CHUNK = 4096
 KINDS = {"silu": 0, "relu6": 1, "gelu_tanh": 2}  # ModelSpec.hidden_act -> the kernels' `kind`
-_GELU_C = np.float32(2.0 * np.sqrt(2.0 / np.pi))  # gelu_tanh(x) = x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3))
+# gelu_tanh(x) = x * sigmoid(GELU_C (x + GELU_CUBIC x^3)) = 0.5 x (1 + tanh(GELU_C / 2 (x + GELU_CUBIC x^3))): the
+# kernels', the converter's graph's and its calibration's (torch's gelu(approximate="tanh"))
+GELU_C = np.float32(2.0 * np.sqrt(2.0 / np.pi))
+GELU_CUBIC = np.float32(0.044715)
 
 
 @njit(cache=True, inline="always")
@@ -29,7 +32,7 @@ def _glu_range(gate, up, out, kind, lo, hi):
     else:  # 0.5 x (1 + tanh(z)) = x / (1 + exp(-2z)): torch's gelu(approximate="tanh")
         for i in range(hi - lo):
             x = g[i]
-            z = _GELU_C * (x + np.float32(0.044715) * x * x * x)
+            z = GELU_C * (x + GELU_CUBIC * x * x * x)
             o[i] = x / (np.float32(1.0) + expf(-z)) * u[i]
 
 
