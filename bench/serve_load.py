@@ -327,8 +327,12 @@ def race(args) -> None:
         else artifacts.hy_edge_model(artifacts.gguf_source(ckpt), {"rounding": "nearest"})
     )
     gguf = artifacts.gguf(ckpt, "q8_0")
-    server = artifacts.llama_server()
-    where = artifacts.where_measured()
+    from hy_edge_ops import isa as isa_mod
+
+    native = args.isa in ("native", isa_mod.ISA)
+    server = artifacts.llama_server(None if native else args.isa)  # llama.cpp built for the ISA
+    ours_env = {**os.environ, **({} if native else isa_mod.codegen_env(args.isa))}  # numba compiling for it
+    where = {**artifacts.where_measured(), "isa": isa_mod.ISA if native else args.isa}
     slots, threads = max(args.streams), args.threads or 2
     ctx = args.prompt_tokens + args.tokens + 64
     log = open(HERE / "out" / "serve_race.log", "w")
@@ -342,12 +346,14 @@ def race(args) -> None:
         return [str(server), "-m", str(gguf), "--port", str(port), "-np", str(slots), "-c", str(slots * ctx),
                 "-t", str(threads), "-tb", str(threads), "--no-webui", "-ctk", "f16", "-ctv", "f16"]  # fmt: skip
 
-    sides = {"hy-edge": (hy_edge, {}), "llama-server": (llama, {"ignore_eos": True})}
+    sides = {"hy-edge": (hy_edge, {}, ours_env), "llama-server": (llama, {"ignore_eos": True}, None)}
     rounds: dict[str, list[list[dict]]] = {name: [] for name in sides}
     for r in range(args.race):
-        for name, (command, extra) in sides.items():
+        for name, (command, extra, env) in sides.items():
             port = _free_port()
-            proc = subprocess.Popen(command(port), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                command(port), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+            )
             try:
                 url = f"http://127.0.0.1:{port}"
                 _wait_healthy(url, proc)
@@ -361,8 +367,8 @@ def race(args) -> None:
                     proc.kill()
             row = " ".join(f"{x['streams']}:{x['decode_tps']:.1f}" for x in rounds[name][-1])
             print(f"round {r + 1} {name}: {row} tok/s", file=sys.stderr)
-    print(f"aggregate decode, {args.tokens} tokens a stream, {threads} threads, median of {args.race} rounds: "
-          f"{ours.name} vs {gguf.name}")  # fmt: skip
+    print(f"aggregate decode ({where['isa']}), {args.tokens} tokens a stream, {threads} threads, median of "
+          f"{args.race} rounds: {ours.name} vs {gguf.name}")  # fmt: skip
     print("| streams | hy-edge serve tok/s | llama-server tok/s | ratio |")
     print("|---:|---:|---:|---:|")
     table = []
@@ -371,7 +377,8 @@ def race(args) -> None:
         b = float(np.median([rr[i]["decode_tps"] for rr in rounds["llama-server"]]))
         table.append({"streams": n, "hy_edge_tps": a, "llama_server_tps": b, "ratio": a / b if b else None})
         print(f"| {n} | {a:.1f} | {b:.1f} | {a / b:.2f}x |")
-    out = Path(args.out if args.out != DEFAULT_OUT else str(HERE / "out" / "serve_race.json"))
+    suffix = "" if native else f"-{args.isa}"
+    out = Path(args.out if args.out != DEFAULT_OUT else str(HERE / "out" / f"serve_race{suffix}.json"))
     doc = {"hy_edge_model": ours.name, "gguf": gguf.name, "threads": threads, "tokens": args.tokens, **where}
     artifacts.write_json(out, {**doc, "load_average_after": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
                                "median": table, "rounds": rounds})  # fmt: skip
@@ -407,6 +414,13 @@ def main() -> None:
         default=None,
         metavar="N",
         help="measure /health's latency while an N-token prompt is prefilled",
+    )
+    ap.add_argument(
+        "--isa",
+        default="native",
+        choices=["native", "avx2"],
+        help="with --race: the vector ISA of both servers' kernels (avx2 on an AVX-512 host: hy-edge's kernels "
+        "compiled without AVX-512, llama-server built with LLAMA_CPP_CMAKE's AVX2 flags)",
     )
     ap.add_argument(
         "--race",
