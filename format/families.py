@@ -51,6 +51,9 @@ FAMILIES = (
         gguf_permuted_qk=True,
         tools=ToolTags("<tool_call>", "</tool_call>"),
     ),  # fmt: skip
+    # Mistral: Llama's layers, and in Mistral 7B v0.1 a sliding window on every layer (llama.cpp writes its
+    # GGUF as a llama, read back as the llama family: the same arithmetic)
+    Family("mistral", "MistralForCausalLM"),
     # Qwen2 / Qwen2.5 (q/k/v biases) and Qwen3 (q/k norms before RoPE): the Hermes format of their templates
     Family("qwen2", "Qwen2ForCausalLM", gguf_arch="qwen2", tools=ToolTags("<tool_call>", "</tool_call>", True)),
     Family(

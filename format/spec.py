@@ -273,6 +273,24 @@ def _llama(cfg: dict) -> dict:
     return dict(model_type="llama", use_qk_norm=False, **_common(cfg))
 
 
+def _mistral(cfg: dict) -> dict:
+    """transformers' MistralConfig: Llama's layers; a `sliding_window` (Mistral 7B v0.1; null in later
+    releases) makes every layer a sliding one, on the model's own RoPE base."""
+    window = cfg.get("sliding_window")
+    out = dict(model_type="mistral", use_qk_norm=False, **_common(dict(cfg, sliding_window=None)))
+    if window is None:
+        return out
+    if not (is_int(window) and 0 < window <= LIMITS["max_position_embeddings"]):
+        raise SpecError(
+            f"config.json: field 'sliding_window' should be null or an integer in "
+            f"1..{LIMITS['max_position_embeddings']}, got {show(window)}"
+        )
+    if out["rope_llama3"] is not None or out["rope_linear"] != 1.0:
+        raise SpecError("config.json: field 'rope_scaling' with a 'sliding_window' is not supported")
+    layers = tuple(range(out["num_hidden_layers"]))
+    return dict(out, sliding_window=window, sliding_layers=layers, rope_local_theta=out["rope_theta"])
+
+
 def _qwen2(cfg: dict) -> dict:
     # transformers' Qwen2Attention: q/k/v with biases, o_proj without (no config key says so)
     return dict(model_type="qwen2", use_qk_norm=False, qkv_bias=True, **_common(cfg))
@@ -343,6 +361,7 @@ def _gemma3(cfg: dict) -> dict:
 PARSERS = {
     "hunyuan_v1_dense": _hunyuan,
     "llama": _llama,
+    "mistral": _mistral,
     "qwen2": _qwen2,
     "qwen3": _qwen3,
     "gemma3_text": _gemma3,

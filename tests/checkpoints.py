@@ -197,6 +197,8 @@ def make_llama(
 # family -> (transformers' config and model class names, what differs from make_llama's config)
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    # Mistral 7B v0.1's sliding window on every layer (4 positions: shorter than the tests' prompts)
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 4}),
     # q/k/v biases; tied head, as Qwen2.5-0.5B
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),
     # q/k norm before RoPE; q width H*D = 64 != hidden 48 (as Qwen3-0.6B's 2048 != 1024); tied head

@@ -80,6 +80,7 @@ CHECKPOINTS = {
     "qwen2-bf16": (ck.make_family, {"family": "qwen2", "dtype": "bfloat16"}),
     "qwen3-f32": (ck.make_family, {"family": "qwen3"}),
     "gemma3-f32": (ck.make_family, {"family": "gemma3"}),
+    "mistral-f32": (ck.make_family, {"family": "mistral"}),
 }
 
 
@@ -159,7 +160,32 @@ def test_linear_rope_scaling_matches_transformers_on_both_backends(name, checkpo
     assert rel(model.session().forward(IDS, all_logits=True), ref) < 1e-4
 
 
-@pytest.mark.parametrize("name", ["hunyuan-f32", "llama-f32", "llama3-f32", "qwen2-bf16", "qwen3-f32", "gemma3-f32"])
+def test_mistral_with_and_without_its_sliding_window_matches_transformers(checkpoint, tmp_path):
+    """Mistral 7B v0.1's window on every layer, and the later releases' null one: both backends give
+    transformers' logits, and the window (4, shorter than the prompt) moves them well beyond the tolerance."""
+    import shutil
+
+    import edge_runtime
+
+    src = checkpoint("mistral-f32")
+    plain = tmp_path / "plain"
+    shutil.copytree(src, plain)
+    cfg = json.loads((plain / "config.json").read_text())
+    (plain / "config.json").write_text(json.dumps({**cfg, "sliding_window": None}))
+    windowed, full = hf_logits(hf_model(src)), hf_logits(hf_model(plain))
+    assert rel(full, windowed) > 1e-3
+    for ckpt, ref, window in ((src, windowed, 4), (plain, full, 0)):
+        out = tmp_path / f"model-{window}.onnx"
+        convert(ckpt, out, QuantPolicy(format="none"))
+        model = edge_runtime.load(out)
+        assert model.spec.model_type == "mistral" and model.spec.window(0) == window
+        assert rel(ort_logits(out), ref) < 1e-4
+        assert rel(model.session().forward(IDS, all_logits=True), ref) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "name", ["hunyuan-f32", "llama-f32", "llama3-f32", "qwen2-bf16", "qwen3-f32", "gemma3-f32", "mistral-f32"]
+)
 def test_greedy_tokens_match_transformers_generate(name, checkpoint, tmp_path):
     torch = ck.need_torch()
     src = checkpoint(name)
