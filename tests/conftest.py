@@ -64,6 +64,12 @@ def qwen3_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def mistral_dir(tmp_path_factory):
+    """Tiny MistralForCausalLM, float32: a sliding window of 4 on every layer (Mistral 7B v0.1's form)."""
+    return ck.make_family(tmp_path_factory.mktemp("mistral_f32"), "mistral")
+
+
+@pytest.fixture(scope="session")
 def gemma3_dir(tmp_path_factory):
     """Tiny Gemma3ForCausalLM, float32: two sliding layers (window 4) and a full one, tied head."""
     return ck.make_family(tmp_path_factory.mktemp("gemma3_f32"), "gemma3")

@@ -26,7 +26,7 @@ def both_backends(path, ids, **session):
 
 
 @pytest.mark.parametrize(
-    "which", ["hunyuan_f32_dir", "hunyuan_dir", "llama_dir", "qwen2_dir", "qwen3_dir", "gemma3_dir"]
+    "which", ["hunyuan_f32_dir", "hunyuan_dir", "llama_dir", "qwen2_dir", "qwen3_dir", "gemma3_dir", "mistral_dir"]
 )
 def test_unquantized_matches_transformers(which, request):
     src = request.getfixturevalue(which)
@@ -49,7 +49,7 @@ def test_fp8_backends_agree_and_match_dequantized_reference(hunyuan_f32_dir, fmt
     assert rel_err(nb, hf_logits(hf_model(hunyuan_f32_dir), PROMPT_IDS)) < 0.2
 
 
-@pytest.mark.parametrize("which", ["llama_dir", "qwen2_dir", "qwen3_dir", "gemma3_dir"])
+@pytest.mark.parametrize("which", ["llama_dir", "qwen2_dir", "qwen3_dir", "gemma3_dir", "mistral_dir"])
 def test_other_families_fp8(which, request):
     """The FP8 file of each family gives, on both backends, what transformers' own class gives with the
     file's weights (Llama with an untied head; Qwen2's biases and Qwen3's q/k norms stay float)."""
