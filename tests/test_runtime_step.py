@@ -50,6 +50,35 @@ def test_batched_step_bit_identical(model):
         np.testing.assert_array_equal(fast.decode_batch(ids, slots), slow.decode_batch(ids, slots))
 
 
+def test_a_model_the_compiled_loop_cannot_run_says_so_once(hunyuan_f32_dir, tmp_path):
+    """A dwconv model runs the Python layer loop, and the session says so (a warning the CLI prints as one
+    note line); an attention-only model says nothing."""
+    import warnings
+
+    from click.testing import CliRunner
+    from runtime_helpers import make_seed_checkpoint
+
+    from edge_runtime.cli import main
+    from edge_runtime.engine.numba_session import PythonLayerLoop
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PythonLayerLoop)
+        assert edge_runtime.load(converted(hunyuan_f32_dir, "e4m3")).session()._compiled is not None
+    src = make_seed_checkpoint(
+        tmp_path / "seed", tokenizer_from=hunyuan_f32_dir, layer_types=["dwconv", "attention", "dwconv", "attention"]
+    )
+    conv = converted(src, "e4m3")
+    with pytest.warns(PythonLayerLoop, match=r"cannot run this model \(dwconv layers\)"):
+        assert edge_runtime.load(conv).session()._compiled is None
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("hello")
+    r = CliRunner().invoke(main, ["run", str(prompt), "--model", str(conv), "--max-tokens", "2", "--raw"])
+    assert r.exit_code == 0, r.output
+    notes = [ln for ln in r.stderr.splitlines() if "compiled layer loop" in ln]
+    assert notes == ["hy-edge: note: the compiled layer loop cannot run this model (dwconv layers): the Python layer "
+                     "loop does, about 1.3 ms slower per token"]  # fmt: skip
+
+
 _COMPILED_AT_START = r"""
 import gc, json, sys
 import edge_runtime

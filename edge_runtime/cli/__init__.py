@@ -30,15 +30,16 @@ MAX_PROMPT_BYTES = 16 << 20  # a prompt file larger than this is not a prompt
 
 
 def _notes_as_one_line() -> None:
-    """The library's notices (memory.ContextLimited, threads.ThreadsBusy) as `hy-edge: note: ...` and
-    `hy-edge: warning: ...`, once each."""
+    """The library's notices (memory.ContextLimited, numba_session.PythonLayerLoop, threads.ThreadsBusy) as
+    `hy-edge: note: ...` and `hy-edge: warning: ...`, once each."""
     from ..engine.memory import ContextLimited
+    from ..engine.numba_session import PythonLayerLoop
     from ..engine.threads import ThreadsBusy
 
     shown = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, ContextLimited):
+        if issubclass(category, (ContextLimited, PythonLayerLoop)):
             click.echo(f"hy-edge: note: {message}", err=True)
         elif issubclass(category, ThreadsBusy):
             click.echo(f"hy-edge: warning: {message}", err=True)
@@ -48,6 +49,7 @@ def _notes_as_one_line() -> None:
     warnings.showwarning = show
     warnings.simplefilter("once", ContextLimited)
     warnings.simplefilter("once", ThreadsBusy)
+    warnings.simplefilter("once", PythonLayerLoop)
 
 
 class OneLineErrors(click.Group):

@@ -173,13 +173,15 @@ class CompiledLayers:
         self._rows: dict[int, tuple] = {}  # T -> the buffers' first T rows (views made once, not per token)
 
     @staticmethod
-    def applies(spec, blocks: list, activations: str) -> bool:
-        """Attention-only, no activation fake-quant, and each kind of linear in one storage with fused
-        q/k/v and gate/up groups (the layout forward_layers expects)."""
-        if activations != "none" or any(b.kind != "attention" for b in blocks):
-            return False
+    def why_not(spec, blocks: list, activations: str) -> str | None:
+        """None when forward_layers can run the model: attention-only, no activation fake-quant, and each kind
+        of linear in one storage with fused q/k/v and gate/up groups (the layout it expects); else why not."""
+        if activations != "none":
+            return f"activation fake-quant ({activations})"
+        if any(b.kind != "attention" for b in blocks):
+            return "dwconv layers"
         if any(len(b.qkv) != 1 or len(b.gate_up) != 1 for b in blocks):
-            return False
+            return "q/k/v or gate/up projections in different storages"
 
         def kind(op):
             return op.w.dtype, op.w.ndim  # ndim 3: block codes (hy_edge_ops.blockq)
@@ -189,8 +191,10 @@ class CompiledLayers:
             + [kind(op) for g, _ in b.gate_up for op in g.ops] + [kind(b.down.ops[0])]
             for b in blocks
         ]  # fmt: skip
+        if any(k != kinds[0] for k in kinds):
+            return "layers whose linears are stored in different formats"
         writable = {op.w.flags.writeable for b in blocks for g, _ in (*b.qkv, *b.gate_up) for op in g.ops}
-        return all(k == kinds[0] for k in kinds) and len(writable) == 1
+        return None if len(writable) == 1 else "weights both mapped and in memory"
 
     def __call__(
         self, mode: int, ids, embed, n_tok: int, n_out: int, tail_mode: int, layers: tuple[int, int]

@@ -18,6 +18,7 @@ with SiLU or ReLU6; final norm; logits = h @ lm_head^T (the embedding when tied)
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -70,6 +71,11 @@ class Piece:
     x: np.ndarray  # (T, C)
     h: np.ndarray  # (T, C)
     layer: int = 0  # layers done
+
+
+class PythonLayerLoop(UserWarning):
+    """The compiled layer loop (layers.py) cannot run a model, the Python one does: said once (the CLI prints it
+    as a note)."""
 
 
 _CHECKED: dict[int, weakref.ref] = {}  # Weights objects whose FP8 codes were scanned, by id
@@ -151,12 +157,12 @@ class NumbaSession:
         self._scale = np.float32(spec.softmax_scale)
         self._act = activation.KINDS[spec.hidden_act]
         self._single_step_is_grouped = False  # set by _warm_up: see _one_token_kernels_match
-        # the layer loop as one compiled call where the model allows it (layers.py)
-        self._compiled = (
-            CompiledLayers(spec, self._blocks, weights.norm, self.buf)
-            if compiled and CompiledLayers.applies(spec, self._blocks, activations)
-            else None
-        )
+        # the layer loop as one compiled call where the model allows it (layers.py); otherwise said once
+        why_not = CompiledLayers.why_not(spec, self._blocks, activations) if compiled else "not asked for"
+        self._compiled = CompiledLayers(spec, self._blocks, weights.norm, self.buf) if why_not is None else None
+        if compiled and why_not is not None:
+            warnings.warn(PythonLayerLoop(f"the compiled layer loop cannot run this model ({why_not}): the Python "
+                                          "layer loop does, about 1.3 ms slower per token"), stacklevel=2)  # fmt: skip
         if warm_up:
             self._warm_up()
         else:  # a warm-up's twin (its own weights are zeros), or a caller that warms up itself
