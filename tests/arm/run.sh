@@ -120,6 +120,8 @@ phase "tests done"
 KERNELS=$REPO/bench/results/cortex-a76
 if arm python bench/kernel_asm.py /opt/hy-edge/kernels-a76 >/dev/null; then
     rm -rf "$KERNELS.tmp" && cp -r "$ROOT/opt/hy-edge/kernels-a76" "$KERNELS.tmp"
+    # bench/mca_blocks.py's estimate of the block kernels lives beside them: kept across the swap
+    for kept in "$KERNELS"/mca-blocks-*.json; do [ -e "$kept" ] && cp "$kept" "$KERNELS.tmp/"; done
     rm -rf "$KERNELS" && mv "$KERNELS.tmp" "$KERNELS"
     command -v llvm-mca-19 >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq llvm-19 >/dev/null
     (cd "$REPO" && "$HOST_PY" bench/mca.py "$KERNELS") || status=1
