@@ -103,26 +103,27 @@ def test_a_long_prompt_is_prefilled_between_decode_steps(model, make_engine):
     running.result(), long.result()
 
 
-class SlowPrefill:
-    """The session with every prompt token's prefill held back 10 ms a layer (scaled on an emulated machine:
-    the ratio to a decode step stays), and each call's tokens and layers run kept."""
+class PieceCalls:
+    """The session with each prompt piece's calls kept -- (its first token ids, tokens, layers run) -- and,
+    with `delay`, every prompt token held back that many seconds a layer (scaled on an emulated machine: the
+    ratio to a decode step stays)."""
 
-    def __init__(self, session):
-        self._session, self.calls = session, []
+    def __init__(self, session, delay: float = 0.0):
+        self._session, self.delay, self.calls = session, delay, []
 
     def __getattr__(self, name):
         return getattr(self._session, name)
 
     def advance(self, piece, layers):
         before = piece.layer
-        time.sleep(seconds(0.01) * len(piece.ids) * (min(self.spec.num_hidden_layers, before + layers) - before))
+        time.sleep(self.delay * len(piece.ids) * (min(self.spec.num_hidden_layers, before + layers) - before))
         logits = self._session.advance(piece, layers)
-        self.calls.append((len(piece.ids), piece.layer - before))
+        self.calls.append((tuple(piece.ids[:4].tolist()), len(piece.ids), piece.layer - before))
         return logits
 
 
 def test_beside_running_streams_a_prompt_is_prefilled_a_few_layers_at_a_time(model):
-    session = SlowPrefill(model.session(slots=2, max_context=256))
+    session = PieceCalls(model.session(slots=2, max_context=256), delay=seconds(0.01))
     L = model.spec.num_hidden_layers
     assert L >= 2
     engine = Engine(session, model.tokenizer, prefill_per_step=128, max_stall=2.0)
@@ -132,7 +133,9 @@ def test_beside_running_streams_a_prompt_is_prefilled_a_few_layers_at_a_time(mod
         engine.eos_ids = frozenset()
         first = model.encode_prompt("Numbers like 2024 and 3.14159 appear in text " * 3)
         run_one(engine, first, 1)
-        assert session.calls == [(len(first), L)]  # nothing decoding: one piece through every layer at once
+        assert [c[1:] for c in session.calls] == [
+            (len(first), L)
+        ]  # nothing decoding: one piece through every layer at once
         running = Collector(model.encode_prompt("Hello"), 400)
         engine.submit(running.request)
         running.events.get(timeout=TIMEOUT)
@@ -142,10 +145,10 @@ def test_beside_running_streams_a_prompt_is_prefilled_a_few_layers_at_a_time(mod
         run_one(engine, second, 1)
         # a layer of a prompt piece costs far more than two decode steps of this tiny model: the smallest
         # pieces, one layer a step, and the running stream decoded a token after each of those steps
-        assert sum(n * k for n, k in session.calls) == len(second) * L
-        assert all(k == 1 for _, k in session.calls)
-        assert [n for n, _ in session.calls[:-L]] == [ALIGN] * (len(session.calls) - L)
-        assert session.calls[-1][0] < ALIGN + PREFILL_MIN  # the rest, never a piece under PREFILL_MIN
+        assert sum(n * k for _, n, k in session.calls) == len(second) * L
+        assert all(k == 1 for _, _, k in session.calls)
+        assert [n for _, n, _ in session.calls[:-L]] == [ALIGN] * (len(session.calls) - L)
+        assert session.calls[-1][1] < ALIGN + PREFILL_MIN  # the rest, never a piece under PREFILL_MIN
         assert running.events.qsize() - before >= len(session.calls) - 1
         engine.cancel(running.request)
     finally:
@@ -196,22 +199,6 @@ def test_a_prompts_logits_do_not_depend_on_the_traffic_or_on_prefix_reuse(model,
             assert np.array_equal(got, want)  # bit for bit, the first token's (prefill) and the decoded ones
 
 
-class Spy:
-    """The session with each prompt piece's calls kept: (its first token ids, tokens, layers run)."""
-
-    def __init__(self, session):
-        self._session, self.calls = session, []
-
-    def __getattr__(self, name):
-        return getattr(self._session, name)
-
-    def advance(self, piece, layers):
-        before = piece.layer
-        logits = self._session.advance(piece, layers)
-        self.calls.append((tuple(piece.ids[:4].tolist()), len(piece.ids), piece.layer - before))
-        return logits
-
-
 def test_a_prompts_logits_alone_equal_them_beside_three_others_arriving_at_random_times(model):
     # whatever runs beside it -- others decoding while its pieces go through a few layers a step, others'
     # pieces in between, arrivals at any step -- a prompt's logits are the same bits as alone
@@ -223,7 +210,7 @@ def test_a_prompts_logits_alone_equal_them_beside_three_others_arriving_at_rando
     rng = np.random.default_rng(11)
     alone, sliced = None, 0
     for trial in range(4):  # alone, then three times beside others
-        session = Spy(model.session(slots=4, max_context=256))
+        session = PieceCalls(model.session(slots=4, max_context=256))
         engine = Engine(session, model.tokenizer)
         engine.start()
         try:
