@@ -2,7 +2,7 @@
 
 Every buffer the forward pass touches is allocated once per session, in `buffers.allocate_buffers` (the
 one documented place, shapes beside the fields, as llama2.c's RunState). A decode step allocates no
-arrays. The kernel of every linear is chosen once, when the session starts (`_Block`): FP8 weights stay
+arrays. The kernel of every linear is chosen once, when the session starts (`blocks.Block`): FP8 weights stay
 FP8 bytes, decoded in registers inside the GEMV / GEMM; q/k/v and gate/up run as one parallel region.
 
 A session holds `slots` sequences, each with its own KV cache region and position. `forward` runs one
@@ -28,36 +28,14 @@ from hy_edge_format.heap import trim_heap
 from hy_edge_format.spec import ModelSpec
 from hy_edge_ops import activation, attention, conv, fp8, linear, norm
 
+from .blocks import Block, prepare_block, prepare_op
 from .buffers import KV_CACHE_TYPES, allocate_buffers, memory_plan
 from .layers import CompiledLayers
 from .memory import DEFAULT_BUDGET, plan_context, release_library_pages
-from .weights import BLOCK_STORAGES, Linear, Weights, read_blocks, read_scales
+from .weights import Linear, Weights
 
 FP8_FORMATS = ("e4m3", "e5m2")
 DEFAULT_PREFILL_CHUNK = 128
-
-
-@dataclass(frozen=True)
-class _Block:
-    """One layer's weights with their kernels chosen (mlx-lm's QuantizedLinear idea): `qkv` and `gate_up`
-    are fused groups of (FusedLinear, indices of the outputs it writes)."""
-
-    kind: str  # attention | dwconv
-    input_norm: np.ndarray  # (C,)
-    post_norm: np.ndarray  # (C,) before the MLP
-    qkv: tuple  # ((FusedLinear, (out indices into (q, k, v))), ...)
-    o: linear.FusedLinear | None
-    q_norm: np.ndarray  # (D,) or (0,) when the model has no q/k norm
-    k_norm: np.ndarray
-    conv: np.ndarray | None  # (C, k)
-    out_proj: linear.FusedLinear | None
-    gate_up: tuple  # ((FusedLinear, (out indices into (gate, up))), ...)
-    down: linear.FusedLinear
-    linears: dict  # id(FusedLinear) -> [Linear] (input scales for activation fake-quant)
-    biases: tuple = ()  # the q/k/v projections' biases (H*D,), (Hkv*D,), (Hkv*D,), each (0,) when none
-    # sandwich norms (Gemma): on the attention's (or conv's) output and on the MLP's, before each is added
-    mixer_out_norm: np.ndarray | None = None
-    mlp_out_norm: np.ndarray | None = None
 
 
 @dataclass(eq=False)
@@ -152,8 +130,8 @@ class NumbaSession:
         self._slot = {i: n for n, i in enumerate(spec.attention_layers)}
         self._slot.update({i: n for n, i in enumerate(spec.conv_layers)})
         prepared: dict[int, linear.LinearOp] = {}
-        self._blocks = [self._prepare_block(i, prepared) for i in range(spec.num_hidden_layers)]
-        self._head = linear.FusedLinear([self._op(weights.output, prepared)])
+        self._blocks = [prepare_block(spec, weights, i, prepared, activations) for i in range(spec.num_hidden_layers)]
+        self._head = linear.FusedLinear([prepare_op(weights.output, prepared)])
         self._scale = np.float32(spec.softmax_scale)
         self._act = activation.KINDS[spec.hidden_act]
         self._single_step_is_grouped = False  # set by _warm_up: see _one_token_kernels_match
@@ -228,81 +206,6 @@ class NumbaSession:
     def n_cached(self) -> int:
         """Positions cached in slot 0 (the single-sequence interface)."""
         return int(self.positions[0])
-
-    # -- kernels chosen once -----------------------------------------------------------------------
-    @staticmethod
-    def _op(lin: Linear, prepared: dict) -> linear.LinearOp:
-        if id(lin) not in prepared:  # shared layers reuse their owner's prepared weights
-            if lin.storage in BLOCK_STORAGES:
-                prepared[id(lin)] = linear.prepare(lin.w, lin.storage, *read_blocks(lin))  # packs their halves
-            else:
-                scales = None if lin.scales is None else read_scales(lin)
-                prepared[id(lin)] = linear.prepare(lin.w, lin.storage, scales)  # folds them into its own copy
-        return prepared[id(lin)]
-
-    def _group(self, lins: list[Linear], prepared: dict, linears: dict) -> tuple:
-        """Fuse linears that share an input into parallel regions; with activation fake-quant each runs
-        alone (each may have its own input scale)."""
-        ops = [self._op(lin, prepared) for lin in lins]
-        if self.activations != "none":
-            groups = [linear.FusedLinear([op]) for op in ops]
-        else:
-            groups = linear.fuse(ops)
-        out, n = [], 0
-        for g in groups:
-            idx = tuple(range(n, n + len(g.ops)))
-            linears[id(g)] = [lins[i] for i in idx]
-            out.append((g, idx))
-            n += len(g.ops)
-        return tuple(out)
-
-    def _prepare_block(self, i: int, prepared: dict) -> _Block:
-        spec, w = self.spec, self.weights.layers[i]  # the owner's tensors when shared (spec.shared_layers)
-        linears: dict = {}
-        empty = np.zeros(0, np.float32)
-        gate_up = self._group([w.gate_proj, w.up_proj], prepared, linears)
-        ((down, _),) = self._group([w.down_proj], prepared, linears)
-        if spec.layer_types[i] == "attention":
-            qkv = self._group([w.q_proj, w.k_proj, w.v_proj], prepared, linears)
-            ((o, _),) = self._group([w.o_proj], prepared, linears)
-            qn = w.query_layernorm if spec.use_qk_norm else empty
-            kn = w.key_layernorm if spec.use_qk_norm else empty
-            biases = (w.q_bias, w.k_bias, w.v_bias) if spec.qkv_bias else (empty,) * 3
-            if spec.sandwich_norms:  # HF's post_attention_layernorm is then the attention's output norm
-                return _Block(
-                    "attention", w.input_layernorm, w.pre_feedforward_layernorm, qkv, o, qn, kn, None, None,
-                    gate_up, down, linears, biases, w.post_attention_layernorm, w.post_feedforward_layernorm,
-                )  # fmt: skip
-            return _Block(
-                "attention",
-                w.input_layernorm,
-                w.post_attention_layernorm,
-                qkv,
-                o,
-                qn,
-                kn,
-                None,
-                None,
-                gate_up,
-                down,
-                linears,
-                biases,
-            )
-        ((out_proj, _),) = self._group([w.out_proj], prepared, linears)
-        return _Block(
-            "dwconv",
-            w.input_layernorm,
-            w.post_attention_layernorm,
-            (),
-            None,
-            empty,
-            empty,
-            w.conv,
-            out_proj,
-            gate_up,
-            down,
-            linears,
-        )
 
     # -- cache control ----------------------------------------------------------------------------
     def reset(self, slot: int | None = None) -> None:
@@ -487,7 +390,7 @@ class NumbaSession:
             norm._add_rms_norm(xr, y, self.weights.norm if last else self._blocks[i + 1].input_norm, eps, hr)
         return h
 
-    def _attention(self, i: int, blk: _Block, h: np.ndarray, batched: bool, r: int = 0) -> np.ndarray:
+    def _attention(self, i: int, blk: Block, h: np.ndarray, batched: bool, r: int = 0) -> np.ndarray:
         """q/k/v of every row and their KV write; attention and o_proj for rows r.. (their y)."""
         spec, b, T = self.spec, self.buf, h.shape[0]
         H, Hkv, D = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
@@ -517,7 +420,7 @@ class NumbaSession:
         self._linears(blk, ((blk.o, (0,)),), q, (y,), batched)
         return y
 
-    def _dwconv(self, i: int, blk: _Block, h: np.ndarray, batched: bool) -> np.ndarray:
+    def _dwconv(self, i: int, blk: Block, h: np.ndarray, batched: bool) -> np.ndarray:
         b, T = self.buf, h.shape[0]
         c = self._slot[i]
         mix = b.mix[:T]
@@ -535,7 +438,7 @@ class NumbaSession:
         self._linears(blk, ((blk.out_proj, (0,)),), mix, (y,), batched)
         return y
 
-    def _mlp(self, blk: _Block, h: np.ndarray, batched: bool) -> np.ndarray:
+    def _mlp(self, blk: Block, h: np.ndarray, batched: bool) -> np.ndarray:
         b, T = self.buf, h.shape[0]
         gate, up, act = b.gate[:T], b.up[:T], b.act[:T]
         self._linears(blk, blk.gate_up, h, (gate, up), batched)
@@ -544,7 +447,7 @@ class NumbaSession:
         self._linears(blk, ((blk.down, (0,)),), act, (y,), batched)
         return y
 
-    def _linears(self, blk: _Block, groups: tuple, x: np.ndarray, outs: tuple, batched: bool) -> None:
+    def _linears(self, blk: Block, groups: tuple, x: np.ndarray, outs: tuple, batched: bool) -> None:
         """outs[j] (T, N_j) = x (T, K) @ W_j^T for each fused group."""
         for g, idx in groups:
             xin = x if self.activations == "none" else self._fake_quant(x, blk.linears[id(g)][0])
