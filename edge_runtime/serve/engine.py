@@ -126,8 +126,8 @@ class _Slot:
 
 
 class Engine:
-    """Continuous batching over `session` (a NumbaSession with `slots`, `forward(ids, slot=)`,
-    `decode_batch`, `truncate(n, slot=)`)."""
+    """Continuous batching over `session` (a NumbaSession with `slots`, `forward(ids, slot=)` for the warm-up,
+    `piece` / `advance` for prompts, `decode_batch`, `truncate(n, slot=)`)."""
 
     def __init__(
         self,
@@ -156,7 +156,7 @@ class Engine:
         piece = min(prefill_per_step or session.prefill_chunk, session.prefill_chunk)
         self.prefill_per_step = max(2 * ALIGN, piece - piece % ALIGN)
         self.clock = PieceClock(self.prefill_per_step, max_stall)  # how much prefill a step beside streams takes
-        self._part = None  # the prompt piece part way through the layers (NumbaSession.piece), and whose
+        self._part = None  # a prompt piece part way through its layers (NumbaSession.piece), and its request
         self._part_seq: _Seq | None = None
         self.observer = observer or Observer()
         self.heartbeat = heartbeat or (lambda: None)  # called every loop iteration (systemd's watchdog)
