@@ -59,7 +59,7 @@ def test_a_model_the_compiled_loop_cannot_run_says_so_once(hunyuan_f32_dir, tmp_
     from runtime_helpers import make_seed_checkpoint
 
     from edge_runtime.cli import main
-    from edge_runtime.engine.numba_session import PythonLayerLoop
+    from edge_runtime.engine.backend import PythonLayerLoop
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", PythonLayerLoop)

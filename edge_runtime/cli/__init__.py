@@ -30,10 +30,10 @@ MAX_PROMPT_BYTES = 16 << 20  # a prompt file larger than this is not a prompt
 
 
 def _notes_as_one_line() -> None:
-    """The library's notices (memory.ContextLimited, numba_session.PythonLayerLoop, threads.ThreadsBusy) as
+    """The library's notices (memory.ContextLimited, backend.PythonLayerLoop, threads.ThreadsBusy) as
     `hy-edge: note: ...` and `hy-edge: warning: ...`, once each."""
+    from ..engine.backend import PythonLayerLoop
     from ..engine.memory import ContextLimited
-    from ..engine.numba_session import PythonLayerLoop
     from ..engine.threads import ThreadsBusy
 
     shown = warnings.showwarning

@@ -23,6 +23,13 @@ if TYPE_CHECKING:
     from ..model import Model
 
 BACKENDS = ("numba", "onnxruntime")
+
+
+class PythonLayerLoop(UserWarning):
+    """The numba session's compiled layer loop (layers.py) cannot run a model, the Python one does: said once
+    (the CLI prints it as a note). Defined here, where the CLI can import it without numba."""
+
+
 # KV cache types of the numba backend (hy_edge_ops.kvrow): fp16 halves the fp32 cache, fp8 (E4M3 rows with
 # a scale each) takes 26% of it at D = 128
 KV_CACHES = ("fp32", "fp16", "fp8")

@@ -28,6 +28,7 @@ from hy_edge_format.heap import trim_heap
 from hy_edge_format.spec import ModelSpec
 from hy_edge_ops import activation, attention, conv, fp8, linear, norm
 
+from .backend import PythonLayerLoop
 from .blocks import Block, prepare_block, prepare_op
 from .buffers import KV_CACHE_TYPES, allocate_buffers, memory_plan
 from .layers import CompiledLayers
@@ -49,11 +50,6 @@ class Piece:
     x: np.ndarray  # (T, C)
     h: np.ndarray  # (T, C)
     layer: int = 0  # layers done
-
-
-class PythonLayerLoop(UserWarning):
-    """The compiled layer loop (layers.py) cannot run a model, the Python one does: said once (the CLI prints it
-    as a note)."""
 
 
 _CHECKED: dict[int, weakref.ref] = {}  # Weights objects whose FP8 codes were scanned, by id
