@@ -46,7 +46,7 @@ class TensorRef:
     dtype: str  # source storage: "f32" | "f16" | "bf16" | "f8_e4m3" (GGUF block types load as "f32")
     _load: Callable[[], np.ndarray] | None = field(default=None, repr=False, compare=False)
     nbytes: int = 0  # bytes it takes in the file (a GGUF block type: fewer than its float32 load)
-    # a GGUF block type kept exactly when the policy allows (quantize.BLOCK_TYPES: q8_0 | q4_0 | q4_1)
+    # a GGUF block type kept exactly when the policy allows (gguf_reader.BLOCK_TYPES)
     block_type: str | None = None
     _load_blocks: Callable[[], np.ndarray] | None = field(default=None, repr=False, compare=False)
 

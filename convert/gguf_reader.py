@@ -33,8 +33,8 @@ SUPPORTED_TYPES = {
     GGMLQuantizationType.F32: "f32",
     GGMLQuantizationType.F16: "f16",
     GGMLQuantizationType.BF16: "bf16",
-    # block-quantized types are dequantized to float32 on load (gguf's dequantizers); Q8_0, Q4_0 and Q4_1
-    # can also be kept as they are (BLOCK_TYPES, read_blocks)
+    # block-quantized types are dequantized to float32 on load (gguf's dequantizers); the integer ones
+    # but Q2_K / Q3_K can also be kept as they are (BLOCK_TYPES, read_blocks)
     **{
         getattr(GGMLQuantizationType, t): "f32"
         for t in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
@@ -70,9 +70,8 @@ _NUMPY = {
 }
 _STRING, _ARRAY = 8, 9
 MAX_DIMS = 4  # GGML_MAX_DIMS
-# the block types whose values are blocks of 32 integer codes with a half scale (and offset): kept exactly
-# (hy_edge_convert.quantize.carry_blocks) unless a format is asked for
-BLOCK_TYPES = ("q8_0", "q4_0", "q4_1")
+# the integer block types kept exactly (hy_edge_convert.quantize.carry_blocks) unless a format is asked for
+BLOCK_TYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")
 DEQUANT_ROWS = 1024  # rows dequantized at a time (gguf's dequantizer makes several float copies of its input)
 
 

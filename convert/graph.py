@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from hy_edge_format import format as F
 from hy_edge_format.spec import ModelSpec
-from hy_edge_ops import minifloat
+from hy_edge_ops import blockq, minifloat
 from hy_edge_ops.activation import GELU_C, GELU_CUBIC
 from hy_edge_ops.fp8 import FP8_MAX
 from hy_edge_ops.rope import rope_inv_freq
@@ -23,14 +23,14 @@ from onnx import TensorProto, helper, numpy_helper
 OPSET = 21
 IR_VERSION = 10
 FP8_TYPES = {"e4m3": TensorProto.FLOAT8E4M3FN, "e5m2": TensorProto.FLOAT8E5M2}
-BLOCK_TYPES = {"int8": TensorProto.INT8, "uint4": TensorProto.UINT4}  # blocks of 32 (hy_edge_ops.blockq)
+_UINT8 = F.BLOCK_STORAGES["e2m1"]  # any storage of packed UINT8 codes
 
 
 @dataclass(frozen=True)
 class StoredWeight:
     """How one weight sits in the file: what the graph needs to read it back."""
 
-    storage: str  # e4m3 | e5m2 | int8 | uint4 | fp16 | fp32
+    storage: str  # e4m3 | e5m2 | fp16 | fp32 | a block storage (format.BLOCK_STORAGES)
     shape: tuple[int, ...]
     scale_shape: tuple[int, ...] = ()  # FP8: () per tensor, (N,) per channel, (N, G) per block
 
@@ -82,9 +82,9 @@ class GraphBuilder:
                 elif len(w.scale_shape) == 2:
                     attrs = {"axis": 1, "block_size": w.shape[1] // w.scale_shape[1]}
                 value = self.node("DequantizeLinear", [name + F.QWEIGHT, name + F.SCALE], path, **attrs)
-            elif w.storage in BLOCK_TYPES:
+            elif F.BLOCK_STORAGES.get(w.storage, _UINT8).codes != "uint8":  # int8, uint4, q4k
                 value = self.make_block_weight(name, w, path)
-            elif w.storage in minifloat.FORMATS:
+            elif w.storage in F.BLOCK_STORAGES:
                 value = self.make_subbyte_weight(name, w, path)
             elif w.storage == "fp16":
                 value = self.node("Cast", [value], path, to=TensorProto.FLOAT)
@@ -97,8 +97,28 @@ class GraphBuilder:
         weights j and j + 16), which onnx unpacks as columns 2j and 2j + 1: the value returned has its
         columns in that order (`uint4_columns`) and no offset; make_linear and make_model put both back.
         One DequantizeLinear per weight, so that onnxruntime folds it as it folds FP8."""
-        scale = self.node("Cast", [name + F.SCALE], path + "/scale", to=TensorProto.FLOAT)  # (N, G)
-        return self.node("DequantizeLinear", [name + F.QWEIGHT, scale], path, axis=1, block_size=32)
+        scale, block = self.make_block_scales(name, w, path)
+        return self.node("DequantizeLinear", [name + F.QWEIGHT, scale], path, axis=1, block_size=block)
+
+    def make_block_scales(self, name: str, w: StoredWeight, path: str, fold: float = 1.0) -> tuple[str, int]:
+        """A block weight's scales in float32 and the weights each covers: its halves per block of 32, or
+        for the K-quants d per super-block times the byte sub-scales (exact in float32, as the numba
+        kernels compute), times `fold` (a power of two)."""
+        d = self.node("Cast", [name + F.SCALE], path + "/scale", to=TensorProto.FLOAT)
+        kind = blockq.SCALES[w.storage]
+        if kind in ("k", "k16"):
+            N, K = w.shape
+            per = blockq.SUPER // (blockq.BLOCK if kind == "k" else 16)
+            sub = self.node("Cast", [name + F.SUB_SCALE], path + "/sub_scale", to=TensorProto.FLOAT)
+            sub = self.node("Reshape", [sub, self.i64(N, K // blockq.SUPER, per)], path + "/sub_scale")
+            d = self.node("Reshape", [d, self.i64(N, K // blockq.SUPER, 1)], path + "/scale")
+            d = self.node("Reshape", [self.node("Mul", [d, sub], path + "/scale"), self.i64(N, -1)], path + "/scale")
+            block = blockq.SUPER // per
+        else:
+            block = blockq.BLOCK
+        if fold != 1.0:
+            d = self.node("Mul", [d, self.const(fold)], path + "/scale")
+        return d, block
 
     def make_subbyte_weight(self, name: str, w: StoredWeight, path: str) -> str:
         """Sub-byte FP codes (hy_edge_ops.minifloat's packed layout) decoded with standard ops, as
@@ -110,8 +130,12 @@ class GraphBuilder:
         (bench figures in edge_runtime.engine.ort_session.ort_memory_plan)."""
         N, K = w.shape
         G, fmt = K // minifloat.BLOCK, w.storage
-        mult = {"e2m1": 2, "e2m3": 8, "e3m2": 16}[fmt]
-        ints = np.rint(minifloat.values(fmt) * mult)
+        if fmt in minifloat.FORMATS:
+            mult = {"e2m1": 2, "e2m3": 8, "e3m2": 16}[fmt]
+            ints = np.rint(minifloat.values(fmt) * mult)
+        else:  # GGUF's 6-bit integer codes (int6, uint6, q5k, q6k): in FP6's layout, each its integer
+            mult, ints = 1, blockq.six_bit_values(fmt)
+            fmt = "e3m2"
         table_type = np.int8 if np.abs(ints).max() <= 127 else np.int16
         codes = self.node("Reshape", [name + F.QWEIGHT, self.i64(N, G, minifloat.BLOCK_BYTES[fmt])], path + "/codes")
 
@@ -140,17 +164,34 @@ class GraphBuilder:
             high = in_order(looked_up(tops, part(codes, 16, 24, "/high"), "/high"), "/high")
             value = looked_up(ints.astype(table_type), self.node("BitwiseOr", [low, high], path + "/code"), "/value")
         value = self.node("Reshape", [value, self.i64(N, K)], path + "/value")
-        scale = self.node("Cast", [name + F.SCALE], path + "/scale", to=TensorProto.FLOAT)
-        scale = self.node("Mul", [scale, self.const(1.0 / mult)], path + "/scale")
-        return self.node("DequantizeLinear", [value, scale], path, axis=1, block_size=minifloat.BLOCK)
+        scale, block = self.make_block_scales(name, w, path, 1.0 / mult)
+        return self.node("DequantizeLinear", [value, scale], path, axis=1, block_size=block)
 
     def make_offsets(self, name: str) -> str:
-        """A uint4 weight's offsets per block (N, G) in float32."""
+        """The offsets per block (N, G) in float32 of a weight whose storage has them (uint4, uint6: its
+        halves; q4k, q5k: -dmin per super-block times the byte sub-offsets, exact)."""
         key = name + F.OFFSET
         if key not in self._dequant_cache:
             path = "/" + name.replace(".weight", "") + "/offset"
-            self._dequant_cache[key] = self.node("Cast", [key], path, to=TensorProto.FLOAT)
+            m = self.node("Cast", [key], path, to=TensorProto.FLOAT)
+            if blockq.SCALES[self.weights[name].storage] == "k":
+                N, K = self.weights[name].shape
+                per = blockq.SUPER // blockq.BLOCK
+                sub = self.node("Cast", [name + F.SUB_OFFSET], path + "/sub", to=TensorProto.FLOAT)
+                sub = self.node("Reshape", [sub, self.i64(N, K // blockq.SUPER, per)], path + "/sub")
+                m = self.node("Reshape", [m, self.i64(N, K // blockq.SUPER, 1)], path)
+                m = self.node("Neg", [self.node("Mul", [m, sub], path)], path)
+                m = self.node("Reshape", [m, self.i64(N, -1)], path)
+            self._dequant_cache[key] = m
         return self._dequant_cache[key]
+
+    def has_offsets(self, name: str) -> bool:
+        storage = self.weights[name].storage
+        return storage in blockq.SCALES and blockq.SCALES[storage] in ("dm", "k")
+
+    def nibbles(self, name: str) -> bool:
+        """Codes in uint4's byte order, which onnx unpacks out of column order (uint4_columns)."""
+        return F.BLOCK_STORAGES.get(self.weights[name].storage, _UINT8).codes == "uint4"
 
     def make_linear(self, x: str, name: str, path: str) -> str:
         """x (B, T, K) @ W^T with W (N, K) in the Hugging Face layout."""
@@ -159,11 +200,13 @@ class GraphBuilder:
         if self.activations != "none" and stored.storage in FP8_TYPES:
             x = self.make_fake_quant(x, name, path)
         wt = self.node("Transpose", [w], path + "/weight", perm=[1, 0])
-        if stored.storage != "uint4":
+        if not self.has_offsets(name):
             return self.node("MatMul", [x, wt], path)
         # sum_k (d q_k + m) x_k = (x in the codes' column order) @ (d q)^T + (x summed per block) @ m^T
         K = stored.shape[1]
-        shuffled = self.node("Gather", [x, self.const(uint4_columns(K), np.int64)], path + "/x", axis=2)
+        shuffled = x
+        if self.nibbles(name):
+            shuffled = self.node("Gather", [x, self.const(uint4_columns(K), np.int64)], path + "/x", axis=2)
         y = self.node("MatMul", [shuffled, wt], path)
         blocks = self.node("Reshape", [x, self.i64(0, 0, K // 32, 32)], path + "/x_blocks")
         sums = self.node("ReduceSum", [blocks, self.i64(-1)], path + "/x_blocks", keepdims=0)  # (B, T, G)
@@ -338,11 +381,13 @@ class GraphBuilder:
         oldest = self.node("Sub", [qpos, self.const(window, np.int64)], p + "/window")  # keys <= it are out
         return self.node("Or", [after, self.node("LessOrEqual", [kpos, oldest], p + "/window")], p + "/window")
 
-    def make_uint4_rows(self, rows: str) -> str:
-        """Gathered rows (B, T, K) of a uint4 embedding, columns in the codes' order -> the weights."""
+    def make_block_rows(self, rows: str) -> str:
+        """Gathered rows (B, T, K) of a block embedding with offsets, columns in the codes' order (uint4's
+        for nibbles) -> the weights."""
         K, G, p = self.spec.hidden_size, self.spec.hidden_size // 32, "/model/embed_tokens"
-        order = np.argsort(uint4_columns(K))
-        rows = self.node("Gather", [rows, self.const(order, np.int64)], p + "/columns", axis=2)
+        if self.nibbles(F.EMBED):
+            order = np.argsort(uint4_columns(K))
+            rows = self.node("Gather", [rows, self.const(order, np.int64)], p + "/columns", axis=2)
         offsets = self.node("Gather", [self.make_offsets(F.EMBED), F.INPUT_IDS], p + "/offset", axis=0)
         blocks = self.node("Reshape", [rows, self.i64(0, 0, G, 32)], p + "/blocks")
         blocks = self.node("Add", [blocks, self.node("Unsqueeze", [offsets, self.i64(-1)], p + "/offset")], p)
@@ -350,10 +395,10 @@ class GraphBuilder:
 
     def make_model(self) -> None:
         s = self.spec
-        table = self.make_weight(F.EMBED) if self.weights[F.EMBED].storage in BLOCK_TYPES else F.EMBED
+        table = self.make_weight(F.EMBED) if self.weights[F.EMBED].storage in F.BLOCK_STORAGES else F.EMBED
         x = self.node("Gather", [table, F.INPUT_IDS], "/model/embed_tokens", axis=0)
-        if self.weights[F.EMBED].storage == "uint4":  # the rows' columns back in order, plus their offsets
-            x = self.make_uint4_rows(x)
+        if self.has_offsets(F.EMBED):  # the rows' columns back in order, plus their offsets
+            x = self.make_block_rows(x)
         if self.weights[F.EMBED].storage == "fp16":  # gather the fp16 rows, then widen only those
             x = self.node("Cast", [x], "/model/embed_tokens", to=TensorProto.FLOAT)
         if s.embed_scale != 1.0:  # Gemma

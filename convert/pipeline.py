@@ -26,9 +26,8 @@ from .calibrate import CALIBRATION_TEXT, Calibration, calibration_ids
 from .checkpoint import Checkpoint, TensorRef, open_checkpoint
 from .gguf_reader import GGUF_KEYS
 from .gptq import Hessian
-from .graph import BLOCK_TYPES, FP8_TYPES, IR_VERSION, OPSET, GraphBuilder, StoredWeight, io_value_infos
+from .graph import FP8_TYPES, IR_VERSION, OPSET, GraphBuilder, StoredWeight, io_value_infos
 from .quantize import (
-    SUBBYTE,
     Quantized,
     QuantPolicy,
     carry_blocks,
@@ -332,15 +331,8 @@ def convert(
                     raise CheckpointError(
                         f"{ckpt.path}: weight '{name}' holds FP8 NaN codes: the checkpoint is corrupt"
                     )
-                if q.storage in BLOCK_TYPES:  # uint4: (N, G, 16) bytes are (N, K) codes (format.py)
-                    dims = q.data.shape if q.storage == "int8" else (q.data.shape[0], q.data[0].size * 2)
-                    inits.append(data.add(name + F.QWEIGHT, q.data, BLOCK_TYPES[q.storage], dims))
-                    inits.append(data.add(name + F.SCALE, q.scale))
-                    if q.offset is not None:
-                        inits.append(data.add(name + F.OFFSET, q.offset))
-                elif q.storage in SUBBYTE:  # packed uint8 codes; the format is the metadata's (format.py)
-                    inits.append(data.add(name + F.QWEIGHT, q.data, TensorProto.UINT8))
-                    inits.append(data.add(name + F.SCALE, q.scale))
+                if q.storage in F.BLOCK_STORAGES:  # codes, then the scales the storage has (format.py)
+                    inits.extend(_block_initializers(data, name, q))
                 elif q.storage in FP8_TYPES:
                     inits.append(data.add(name + F.QWEIGHT, q.data, FP8_TYPES[q.storage]))
                     inits.append(data.add(name + F.SCALE, q.scale))
@@ -365,6 +357,21 @@ def convert(
     report.data_bytes = data.final.stat().st_size
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _block_initializers(data, name: str, q: Quantized) -> list:
+    """A block weight's initializers: `W.qweight` (INT8 (N, K), UINT4 (N, K) from (N, K/32, 16) bytes, or
+    the packed UINT8 bytes, whose storage the metadata names), then its scales (format.BLOCK_STORAGES)."""
+    block = F.BLOCK_STORAGES[q.storage]
+    if block.codes == "int8":
+        out = [data.add(name + F.QWEIGHT, q.data, TensorProto.INT8)]
+    elif block.codes == "uint4":
+        dims = (q.data.shape[0], q.data[0].size * 2)
+        out = [data.add(name + F.QWEIGHT, q.data, TensorProto.UINT4, dims)]
+    else:
+        out = [data.add(name + F.QWEIGHT, q.data, TensorProto.UINT8)]
+    parts = {F.SCALE: q.scale, F.OFFSET: q.offset, **dict(zip((F.SUB_SCALE, F.SUB_OFFSET), q.subs, strict=False))}
+    return out + [data.add(name + suffix, parts[suffix]) for suffix, _, _ in block.parts]
 
 
 def _source_bytes(path: Path) -> int:

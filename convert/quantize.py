@@ -130,11 +130,13 @@ class Quantized:
     rel_error: float = 0.0  # ||dequant(q) - w|| / ||w||
     carried: bool = False  # FP8 bytes taken over from the checkpoint unchanged
     note: str | None = None  # an option that could not be applied as asked (reported, never silent)
-    offset: np.ndarray | None = None  # uint4: float16 (N, K/32), added to each block's scaled codes
+    offset: np.ndarray | None = None  # uint4 / uint6: float16 (N, K/32), added to each block's scaled codes
+    # (q4k / q5k: float16 (N, K/256) dmin)
+    subs: tuple = ()  # the K-quants' byte sub-scales (and sub-offsets): hy_edge_format.format.BLOCK_STORAGES
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.data, self.scale, self.offset) if a is not None)
+        return sum(a.nbytes for a in (self.data, self.scale, self.offset, *self.subs) if a is not None)
 
     def report(self) -> dict:
         r = {"storage": self.storage, "shape": list(self.data.shape), "rel_error": float(self.rel_error)}
@@ -310,28 +312,82 @@ def keeps_blocks(policy: QuantPolicy, block_type: str | None) -> bool:
     return block_type is not None and policy.format == "source"
 
 
+# GGUF's integer block types kept exactly: (weights per block, bytes per block) (ggml-common.h)
+GGUF_BLOCKS = {
+    "q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20), "q5_0": (32, 22), "q5_1": (32, 24),
+    "q4_k": (256, 144), "q5_k": (256, 176), "q6_k": (256, 210),
+}  # fmt: skip
+CARRIED_STORAGE = {
+    "q8_0": "int8", "q4_0": "uint4", "q4_1": "uint4", "q5_0": "int6", "q5_1": "uint6",
+    "q4_k": "q4k", "q5_k": "q5k", "q6_k": "q6k",
+}  # fmt: skip
+
+
 def carry_blocks(block_type: str, rows: np.ndarray, shape: tuple[int, int]) -> Quantized:
-    """GGUF blocks taken over exactly (rows: uint8 (N, bytes per row) as the file holds them):
+    """GGUF blocks taken over exactly (rows: uint8 (N, bytes per row) as the file holds them), their codes
+    and scales re-laid out, never re-rounded (hy_edge_format.format, hy_edge_ops.blockq):
     Q8_0 (half d, 32 int8 q: d * q) -> int8; Q4_1 (half d, half m, 16 bytes of 4-bit q: d * q + m) and
     Q4_0 (half d, 16 bytes: d * (q - 8), i.e. offset -8d, exact in a half) -> uint4, the code bytes in
-    GGUF's order (byte j: weight j low, weight j + 16 high)."""
+    GGUF's order (byte j: weight j low, weight j + 16 high); Q5_0 (d * (q - 16)) -> int6 and Q5_1
+    (d * q + m) -> uint6, 6-bit codes; the K-quants, super-blocks of 256: Q4_K and Q5_K (half d and dmin,
+    6-bit sc and m per 32: q * (d * sc) - dmin * m) -> q4k / q5k, Q6_K (half d, int8 sc per 16:
+    (q - 32) * (d * sc)) -> q6k."""
     N, K = shape
-    G = K // BLOCK
-    per = {"q8_0": 34, "q4_0": 18, "q4_1": 20}[block_type]
-    if K % BLOCK or rows.shape != (N, G * per):
+    if block_type not in GGUF_BLOCKS:
+        raise HyEdgeError(f"{block_type} blocks cannot be kept")
+    weights, per = GGUF_BLOCKS[block_type]
+    n_blocks = K // weights
+    if K % weights or rows.shape != (N, n_blocks * per):
         raise HyEdgeError(f"{block_type} data of shape {rows.shape} does not fit a weight of shape {shape}")
-    blocks = rows.reshape(N, G, per)
-    scale = np.ascontiguousarray(blocks[:, :, 0:2]).view("<f2").reshape(N, G).astype(np.float16)
+    b = rows.reshape(N, n_blocks, per)
+
+    def half(at: int) -> np.ndarray:
+        return np.ascontiguousarray(b[:, :, at : at + 2]).view("<f2").reshape(N, n_blocks).astype(np.float16)
+
+    storage = CARRIED_STORAGE[block_type]
+    kept = functools.partial(Quantized, storage, granularity=f"block:{BLOCK}", carried=True)
     if block_type == "q8_0":
-        codes = np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).reshape(N, K)
-        return Quantized("int8", codes, scale, granularity=f"block:{BLOCK}", carried=True)
-    if block_type == "q4_1":
-        offset = np.ascontiguousarray(blocks[:, :, 2:4]).view("<f2").reshape(N, G).astype(np.float16)
-    else:
-        with np.errstate(over="ignore"):
-            offset = (scale * np.float16(-8)).astype(np.float16)  # exact: a power of two
-    codes = np.ascontiguousarray(blocks[:, :, per - 16 :])
-    return Quantized("uint4", codes, scale, granularity=f"block:{BLOCK}", carried=True, offset=offset)
+        return kept(np.ascontiguousarray(b[:, :, 2:]).view(np.int8).reshape(N, K), half(0))
+    if block_type in ("q4_0", "q4_1"):
+        scale = half(0)
+        if block_type == "q4_1":
+            offset = half(2)
+        else:
+            with np.errstate(over="ignore"):
+                offset = (scale * np.float16(-8)).astype(np.float16)  # exact: a power of two
+        return kept(np.ascontiguousarray(b[:, :, per - 16 :]), scale, offset=offset)
+    if block_type in ("q5_0", "q5_1"):
+        at = 2 if block_type == "q5_0" else 4  # the 32 high bits, then 16 bytes of low nibbles
+        qh = np.ascontiguousarray(b[:, :, at : at + 4]).view("<u4").reshape(N, n_blocks, 1)
+        qs = b[:, :, at + 4 :].astype(np.uint32)
+        j = np.arange(16, dtype=np.uint32)
+        q = np.concatenate([(qs & 15) | ((qh >> j) & 1) << 4, (qs >> 4) | ((qh >> (j + 16)) & 1) << 4], axis=2)
+        codes = minifloat.pack((q.reshape(N, K) - (16 if block_type == "q5_0" else 0)).astype(np.uint8) & 63, "e3m2")
+        return kept(codes, half(0), offset=half(2) if block_type == "q5_1" else None)
+    if block_type == "q6_k":  # ql (128), qh (64), 16 int8 scales, half d: weight w's scale is w // 16
+        ql, qh = b[:, :, :128].reshape(N, n_blocks, 2, 2, 32), b[:, :, 128:192].reshape(N, n_blocks, 2, 1, 32)
+        low = np.stack([ql & 15, ql >> 4], axis=3)  # (N, S, half, nibble, part, 32): weight 32 (2 nibble + part) + l
+        high = np.stack([(qh >> 4 * n + 2 * k) & 3 for n in range(2) for k in range(2)], axis=3)  # (N, S, 2, 4, 1, 32)
+        q = low.reshape(N, n_blocks, 2, 4, 32) | high.reshape(N, n_blocks, 2, 4, 32) << 4
+        codes = minifloat.pack((q.reshape(N, K) ^ 32).astype(np.uint8), "e3m2")  # q - 32 in two's complement
+        subs = (np.ascontiguousarray(b[:, :, 192:208]).view(np.int8).reshape(N, K // 16),)
+        return kept(codes, half(208), subs=subs)
+    # q4_k, q5_k: half d, half dmin, 12 bytes of 6-bit (sc, m) for the 8 blocks, [qh (32),] qs (128)
+    sm = b[:, :, 4:16]
+    sc = np.concatenate([sm[:, :, 0:4] & 63, (sm[:, :, 8:12] & 15) | (sm[:, :, 0:4] >> 6) << 4], axis=2)
+    mins = np.concatenate([sm[:, :, 4:8] & 63, (sm[:, :, 8:12] >> 4) | (sm[:, :, 4:8] >> 6) << 4], axis=2)
+    qs = b[:, :, per - 128 :].reshape(N, n_blocks, 4, 1, 32)
+    q = np.concatenate([qs & 15, qs >> 4], axis=3)  # (N, S, 4, 2, 32): block 2c from the low nibbles, 2c + 1 high
+    subs = (np.ascontiguousarray(sc.reshape(N, -1)), np.ascontiguousarray(mins.reshape(N, -1)))
+    if block_type == "q4_k":
+        q = q.reshape(N, n_blocks * 8, 32)
+        codes = np.ascontiguousarray((q[:, :, :16] | q[:, :, 16:] << 4).astype(np.uint8))  # uint4's byte order
+    else:  # block 2c's fifth bit is bit 2c of qh[l], block 2c + 1's bit 2c + 1
+        qh = b[:, :, 16:48].reshape(N, n_blocks, 1, 1, 32)
+        bit = np.arange(8, dtype=np.uint8).reshape(1, 1, 4, 2, 1)
+        q = q | ((qh >> bit) & 1) << 4
+        codes = minifloat.pack(q.reshape(N, K).astype(np.uint8), "e3m2")
+    return kept(codes, half(0), offset=half(2), subs=subs)
 
 
 def dequantize_carried(codes: np.ndarray, weight_scale: np.ndarray) -> np.ndarray:

@@ -29,6 +29,8 @@ NP_TO_ONNX = {
     np.dtype(np.float32): TensorProto.FLOAT,
     np.dtype(np.float16): TensorProto.FLOAT16,
     np.dtype(np.int64): TensorProto.INT64,
+    np.dtype(np.uint8): TensorProto.UINT8,  # the K-quants' byte sub-scales
+    np.dtype(np.int8): TensorProto.INT8,
 }
 
 

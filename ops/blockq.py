@@ -12,7 +12,14 @@ DequantizeLinear (+ Add) give. Storages:
 - `e2m1` (FP4: bias 1, magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6): the nibbles of `uint4`, 16 bytes per block;
 - `e3m2` (FP6: bias 3, max 28) and `e2m3` (FP6: bias 1, max 7.5): 24 bytes per block, bytes 0..15 the
   low 4 bits of each 6-bit code in `uint4`'s nibble layout, bytes 16..23 the high 2 bits: byte 16 + j
-  holds codes j, j + 8, j + 16, j + 24 in bits 0-1, 2-3, 4-5, 6-7.
+  holds codes j, j + 8, j + 16, j + 24 in bits 0-1, 2-3, 4-5, 6-7;
+- GGUF's other integer types, their codes and scales re-laid out, never re-rounded: `int6` (Q5_0: 6-bit
+  two's complement codes in FP6's layout, d per block), `uint6` (Q5_1: unsigned 6-bit codes, d and m), and
+  the K-quants, whose block scales are d (and dmin) per super-block of 256 times a byte per block:
+  `q4k` (Q4_K: uint4's nibbles, code * (d * sc) - dmin * m), `q5k` (Q5_K: unsigned 6-bit codes, the same
+  scales), `q6k` (Q6_K: two's complement 6-bit codes, code * (d * sc) with a signed byte sc per 16
+  weights). d * sc is exact in float32 (11 and at most 8 significant bits), so each weight is the value
+  gguf's dequantizer gives (`SCALES`, `pack_scales`).
 The minifloats' codes are ml_dtypes' float4_e2m1fn, float6_e3m2fn and float6_e2m3fn: sign in the top
 bit, then exponent, then mantissa, subnormals at exponent 0, every code finite (`minifloat_values`).
 
@@ -69,10 +76,32 @@ from .half import FP8_BITS, FP8_FOLD, half_to_f32
 from .isa import ISA
 
 BLOCK = 32  # weights per block
-CODE_BYTES = {"int8": 32, "uint4": 16, "e2m1": 16, "e3m2": 24, "e2m3": 24}  # bytes of codes per block
+SUPER = 256  # weights per super-block of the K-quant storages (q4k, q5k, q6k): 8 blocks
+# bytes of codes per block
+CODE_BYTES = {
+    "int8": 32, "uint4": 16, "e2m1": 16, "e3m2": 24, "e2m3": 24,
+    "int6": 24, "uint6": 24, "q4k": 16, "q5k": 24, "q6k": 24,
+}  # fmt: skip
 STORAGES = tuple(CODE_BYTES)
 MINIFLOATS = tuple(minifloat.FORMATS)  # e2m1, e3m2, e2m3
-_KERNEL_DTYPE = {"int8": np.int8, "uint4": np.uint8, "e2m1": np.int16, "e3m2": np.int32, "e2m3": np.uint32}
+# how a block's codes are held: "int8" one a byte; "nibbles" uint4's layout (unsigned); "signed6" /
+# "unsigned6": 6-bit integers in the FP6 layout (signed: two's complement); or a minifloat
+CODES = {
+    "int8": "int8", "uint4": "nibbles", "q4k": "nibbles", "int6": "signed6", "q6k": "signed6",
+    "uint6": "unsigned6", "q5k": "unsigned6", **{f: "minifloat" for f in MINIFLOATS},
+}  # fmt: skip
+# their scales: "d" a half d per block (weight = code * d); "dm" halves d and m per block (code * d + m);
+# "k" halves d and dmin per super-block and bytes sc and m per block (code * (d * sc) - dmin * m); "k16"
+# a half d per super-block and a signed byte sc per 16 weights (code * (d * sc))
+SCALES = {
+    "int8": "d", "uint4": "dm", "int6": "d", "uint6": "dm", "q4k": "k", "q5k": "k", "q6k": "k16",
+    **{f: "d" for f in MINIFLOATS},
+}  # fmt: skip
+# the dtype of the kernels' view of each storage's codes: a tag the compiled code types the storage by
+_KERNEL_DTYPE = {
+    "int8": np.int8, "uint4": np.uint8, "e2m1": np.int16, "e3m2": np.int32, "e2m3": np.uint32,
+    "q4k": np.uint16, "int6": np.int64, "uint6": np.uint64, "q6k": np.float64, "q5k": np.float32,
+}  # fmt: skip
 _STORAGE_OF = {numpy_support.from_dtype(np.dtype(dt)): name for name, dt in _KERNEL_DTYPE.items()}  # numba dtype
 # the decoded float32 is value * 2**-(127 - bias): 2**(127 - bias) = fold on d * fold on the sum
 MINIFLOAT_FOLD = {"e2m1": (2.0**63, 2.0**63), "e3m2": (2.0**62, 2.0**62), "e2m3": (2.0**63, 2.0**63)}
@@ -104,35 +133,132 @@ def unpack_codes(storage: str, w: np.ndarray) -> np.ndarray:
     return minifloat.unpack(w, storage).reshape(w.shape[0], -1, BLOCK)
 
 
-def pack_scales(storage: str, scale: np.ndarray, offset: np.ndarray | None = None) -> np.ndarray:
-    """The kernels' scales from half bits: (N, G) d -> float32 (N, ceil(G/2)) holding the d's in order;
-    uint4 (N, G) d and m -> float32 (N, G) holding (d, m) pairs."""
+def scale_shapes(storage: str, n_rows: int, n_groups: int) -> dict[str, tuple]:
+    """The scale arrays a storage's weight of n_rows x n_groups blocks has, by argument name, with their
+    shapes and dtypes: scales / offsets half bits (uint16), sub_scales / sub_offsets bytes."""
+    kind = SCALES[storage]
+    if kind in ("d", "dm"):
+        out = {"scales": ((n_rows, n_groups), np.uint16)}
+        if kind == "dm":
+            out["offsets"] = ((n_rows, n_groups), np.uint16)
+        return out
+    n_super = n_groups // (SUPER // BLOCK)
+    if kind == "k":
+        return {
+            "scales": ((n_rows, n_super), np.uint16),
+            "offsets": ((n_rows, n_super), np.uint16),
+            "sub_scales": ((n_rows, n_groups), np.uint8),
+            "sub_offsets": ((n_rows, n_groups), np.uint8),
+        }
+    return {"scales": ((n_rows, n_super), np.uint16), "sub_scales": ((n_rows, 2 * n_groups), np.int8)}
+
+
+def check_scales(storage: str, n_rows: int, n_groups: int, **arrays) -> None:
+    """ValueError naming the argument unless `arrays` are exactly the scales `storage` has (scale_shapes),
+    C-contiguous, with finite halves."""
+    want = scale_shapes(storage, n_rows, n_groups)
+    if SCALES[storage] in ("k", "k16") and n_groups % (SUPER // BLOCK):
+        raise ValueError(f"{storage} weights are whole super-blocks of {SUPER} weights, got {n_groups * BLOCK}")
+    for name, a in arrays.items():
+        if a is None:
+            if name in want:
+                raise ValueError(f"{name}: {storage} weights need one, shaped {want[name][0]}")
+            continue
+        if name not in want:
+            raise ValueError(f"{name}: {storage} weights have none")
+        shape, dtype = want[name]
+        if not isinstance(a, np.ndarray) or a.dtype != dtype or a.shape != shape or not a.flags.c_contiguous:
+            got = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
+            raise ValueError(f"{name} must be a C-contiguous {np.dtype(dtype)} array of shape {shape}, got {got}")
+        if dtype == np.uint16 and not np.isfinite(a.view(np.float16)).all():
+            raise ValueError("scales and offsets must be finite")
+
+
+def pack_scales(
+    storage: str,
+    scale: np.ndarray,
+    offset: np.ndarray | None = None,
+    sub_scale: np.ndarray | None = None,
+    sub_offset: np.ndarray | None = None,
+) -> np.ndarray:
+    """The kernels' scales, per row: "d" storages (N, G) d -> float32 (N, ceil(G/2)) holding the d's in
+    order; "dm" (uint4, uint6) (N, G) d and m -> float32 (N, G) holding (d, m) pairs; "k" and "k16" (the
+    K-quants, S super-blocks of 8 blocks) -> float32 (N, 5 S): S pairs of halves (d, dmin) -- (d, 0) for
+    q6k -- then G pairs of bytes (sc, m) -- the two sc of the block's halves for q6k."""
     scale = np.ascontiguousarray(scale).view(np.uint16)
     n_rows, n_groups = scale.shape
-    if storage != "uint4":
+    kind = SCALES[storage]
+    if kind == "d":
         halves = np.zeros((n_rows, n_groups + n_groups % 2), np.uint16)
         halves[:, :n_groups] = scale
-    else:
+    elif kind == "dm":
         if offset is None or offset.shape != scale.shape:
-            raise ValueError("uint4 weights need an offset per block, shaped as the scales")
+            raise ValueError(f"{storage} weights need an offset per block, shaped as the scales")
         halves = np.empty((n_rows, n_groups, 2), np.uint16)
         halves[:, :, 0] = scale
         halves[:, :, 1] = np.ascontiguousarray(offset).view(np.uint16)
+    else:  # n_groups counts super-blocks here
+        n_blocks = n_groups * (SUPER // BLOCK)
+        pairs = np.zeros((n_rows, n_groups, 2), np.uint16)
+        pairs[:, :, 0] = scale
+        if kind == "k":
+            pairs[:, :, 1] = np.ascontiguousarray(offset).view(np.uint16)
+            subs = np.stack([sub_scale, sub_offset], axis=2).astype(np.uint8)
+        else:
+            subs = np.ascontiguousarray(sub_scale).view(np.uint8).reshape(n_rows, n_blocks, 2)
+        row = np.concatenate([pairs.reshape(n_rows, -1).view(np.uint8), subs.reshape(n_rows, -1)], axis=1)
+        return np.ascontiguousarray(row).view(np.float32)
     return np.ascontiguousarray(halves.reshape(n_rows, -1)).view(np.float32)
 
 
-def dequantize(storage: str, w: np.ndarray, scale: np.ndarray, offset: np.ndarray | None = None) -> np.ndarray:
+def six_bit_values(storage: str) -> np.ndarray:
+    """int32 (64,): the integer each 6-bit code of an int6 / q6k (two's complement) or uint6 / q5k
+    storage stands for."""
+    codes = np.arange(64, dtype=np.int32)
+    return codes - 64 * (codes >= 32) if CODES[storage] == "signed6" else codes
+
+
+def codes_of(storage: str, w: np.ndarray) -> np.ndarray:
+    """int32 (N, K): the integer codes of stored integer blocks (int8 / uint4 / int6 / uint6 / q4k / q5k /
+    q6k), in weight order (numpy)."""
+    kind = CODES[storage]
+    if kind == "int8":
+        return code_view(w, storage).reshape(w.shape[0], -1).astype(np.int32)
+    if kind == "nibbles":
+        b = w.reshape(w.shape[0], -1, 16)
+        return np.concatenate([b & 15, b >> 4], axis=2).reshape(w.shape[0], -1).astype(np.int32)
+    code_view(w, storage)  # checks the shape
+    return six_bit_values(storage)[minifloat.unpack(w, "e3m2")]
+
+
+def dequantize(
+    storage: str,
+    w: np.ndarray,
+    scale: np.ndarray,
+    offset: np.ndarray | None = None,
+    sub_scale: np.ndarray | None = None,
+    sub_offset: np.ndarray | None = None,
+) -> np.ndarray:
     """float32 (N, K) weights of stored codes (numpy; the reference the kernels are tested against)."""
-    d = np.ascontiguousarray(scale).view(np.float16).astype(np.float32)[:, :, None]  # (N, G, 1)
-    if storage == "int8":
-        q = code_view(w, storage).astype(np.float32)
-        return (q * d).reshape(w.shape[0], -1)
+    d = np.ascontiguousarray(scale).view(np.float16).astype(np.float32)
+    n_rows = w.shape[0]
     if storage in MINIFLOATS:
-        return (minifloat_values(storage)[unpack_codes(storage, w)] * d).reshape(w.shape[0], -1)
-    b = code_view(w, storage)
-    q = np.concatenate([b & 15, b >> 4], axis=2).astype(np.float32)  # (N, G, 32): low nibbles first
-    m = np.ascontiguousarray(offset).view(np.float16).astype(np.float32)[:, :, None]
-    return (q * d + m).reshape(w.shape[0], -1)
+        return (minifloat_values(storage)[unpack_codes(storage, w)] * d[:, :, None]).reshape(n_rows, -1)
+    q = codes_of(storage, w).astype(np.float32)
+    kind = SCALES[storage]
+    if kind in ("d", "dm"):
+        blocks = q.reshape(n_rows, -1, BLOCK) * d[:, :, None]
+        if kind == "dm":
+            blocks = blocks + np.ascontiguousarray(offset).view(np.float16).astype(np.float32)[:, :, None]
+        return blocks.reshape(n_rows, -1)
+    per = SUPER // BLOCK if kind == "k" else SUPER // 16  # sub-scales per super-block
+    sc = np.ascontiguousarray(sub_scale).astype(np.float32)
+    d_sub = np.repeat(d, per, axis=1) * sc  # exact: 11 and at most 8 significant bits
+    out = q.reshape(n_rows, sc.shape[1], -1) * d_sub[:, :, None]
+    if kind == "k":
+        dmin = np.repeat(np.ascontiguousarray(offset).view(np.float16).astype(np.float32), per, axis=1)
+        out = out - (dmin * np.ascontiguousarray(sub_offset).astype(np.float32))[:, :, None]
+    return out.reshape(n_rows, -1)
 
 
 # -- compiled helpers ----------------------------------------------------------------------------------
@@ -180,6 +306,8 @@ def _decode_row_impl(codes, halves, out):
                     out[g * BLOCK + BLOCK // 2 + j] = np.float32(b >> 4) * d + m
 
         return uint4
+    if storage not in MINIFLOATS:
+        return _integer_decoder(storage)
     values = minifloat_values(storage)  # a constant of the compiled code
     six = storage != "e2m1"
 
@@ -198,6 +326,48 @@ def _decode_row_impl(codes, halves, out):
                 out[g * BLOCK + BLOCK // 2 + j] = values[hi] * d
 
     return minifloat
+
+
+def _integer_decoder(storage: str):
+    """decode_row for int6 / uint6 / q4k / q5k / q6k: integer codes times a scale per block (or per half
+    block), plus an offset per block; the two-level scales (d * sc, dmin * m) are exact in float32."""
+    six = CODES[storage] != "nibbles"
+    signed = CODES[storage] == "signed6"
+    kind = ("d", "dm", "k", "k16").index(SCALES[storage])
+
+    def integer(codes, halves, out):
+        b = codes.view(np.uint8)  # (G, 16 | 24)
+        n_super = b.shape[0] // (SUPER // BLOCK)
+        subs = halves[2 * n_super :].view(np.uint8)  # "k" / "k16": a pair of bytes per block
+        for g in range(b.shape[0]):
+            m = np.float32(0.0)
+            if kind == 0:
+                d = d1 = half_to_f32(halves[g])
+            elif kind == 1:
+                d = d1 = half_to_f32(halves[2 * g])
+                m = half_to_f32(halves[2 * g + 1])
+            elif kind == 2:
+                s = g >> 3
+                d = d1 = half_to_f32(halves[2 * s]) * np.float32(subs[2 * g])
+                m = -(half_to_f32(halves[2 * s + 1]) * np.float32(subs[2 * g + 1]))
+            else:
+                top = half_to_f32(halves[2 * (g >> 3)])
+                d = top * np.float32(np.int8(subs[2 * g]))
+                d1 = top * np.float32(np.int8(subs[2 * g + 1]))
+            for j in range(BLOCK // 2):
+                q = np.int32(b[g, j])
+                lo, hi = q & 15, q >> 4
+                if six:  # the high 2 bits: quarter j // 8 (weights 0..15), 2 + j // 8 (16..31)
+                    h = np.int32(b[g, BLOCK // 2 + (j & 7)]) >> (2 * (j >> 3))
+                    lo |= (h & 3) << 4
+                    hi |= ((h >> 4) & 3) << 4
+                    if signed:
+                        lo -= (lo >> 5) << 6
+                        hi -= (hi >> 5) << 6
+                out[g * BLOCK + j] = np.float32(lo) * d + m
+                out[g * BLOCK + BLOCK // 2 + j] = np.float32(hi) * d1 + m
+
+    return integer
 
 
 @njit(cache=True, nogil=True)
@@ -348,6 +518,72 @@ def _minifloat_vectors(builder, p, at, storage: str, lanes: int, signed_byte_flo
     return vecs
 
 
+def _integer_block(builder, p, s_row, at, g, storage, lanes, n_super, pair_at, splat_value) -> list:
+    """The 32 weights of block g of an int6 / uint6 / q4k / q5k / q6k row as BLOCK / lanes float32
+    vectors: code * scale (+ offset), each exact as `dequantize` computes it (the scale's product d * sc
+    is exact in float32; code * scale is rounded once, or exact where an offset follows)."""
+    intp = g.type
+    vf = ir.VectorType(_F32, lanes)
+    kind = SCALES[storage]
+    if CODES[storage] == "nibbles":
+        v16 = ir.VectorType(_I8, 16)
+        b = builder.load(builder.gep(p, [at], source_etype=_I8), typ=v16, align=1)
+        lo = builder.and_(b, ir.Constant(v16, [15] * 16))
+        hi = builder.lshr(b, ir.Constant(v16, [4] * 16))
+        if lanes == BLOCK:
+            parts = [builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, BLOCK), list(range(BLOCK))))]
+        else:  # lanes == 16: the low nibbles, then the high
+            parts = [lo, hi]
+        codes = [builder.uitofp(q, vf) for q in parts]
+        fold = 1.0
+    else:  # 6-bit codes in bits 2-7 of a byte: signed, their value times 4 (the 4 folded into the scale)
+        v32 = ir.VectorType(_I8, BLOCK)
+        six = _minifloat_bytes(builder, p, at, "e3m2")
+        if CODES[storage] == "signed6":
+            ints, fold = builder.and_(six, ir.Constant(v32, [0xFC] * BLOCK)), 0.25
+        else:
+            ints, fold = builder.lshr(six, ir.Constant(v32, [2] * BLOCK)), 1.0
+        codes = []
+        for sub in range(BLOCK // lanes):
+            pick = ir.Constant(ir.VectorType(_I32, lanes), list(range(sub * lanes, (sub + 1) * lanes)))
+            part = ints if lanes == BLOCK else builder.shuffle_vector(ints, ints, pick)
+            codes.append(builder.sitofp(part, vf) if fold != 1.0 else builder.uitofp(part, vf))
+    offset = None
+    if kind == "d":
+        d, _ = pair_at(s_row, g)
+        scales = [d, d]
+    elif kind == "dm":
+        d, offset = pair_at(s_row, builder.mul(g, intp(2)))
+        scales = [d, d]
+    else:  # the super-block's halves, then this block's pair of bytes after the row's 2 S halves
+        top, low = pair_at(s_row, builder.mul(builder.lshr(g, intp(3)), intp(2)))
+        subs_at = builder.add(builder.mul(n_super, intp(4)), builder.mul(g, intp(2)))
+        pair = builder.load(builder.gep(s_row, [subs_at], source_etype=_I8), typ=ir.VectorType(_I8, 2), align=1)
+        if kind == "k":
+            sub = builder.uitofp(pair, ir.VectorType(_F32, 2))
+            d = builder.fmul(top, builder.extract_element(sub, _I32(0)))
+            offset = builder.fneg(builder.fmul(low, builder.extract_element(sub, _I32(1))))
+            scales = [d, d]
+        else:
+            sub = builder.sitofp(pair, ir.VectorType(_F32, 2))
+            scales = [builder.fmul(top, builder.extract_element(sub, _I32(j))) for j in range(2)]
+    if fold != 1.0:  # exact: a power of two
+        scales = [builder.fmul(s, _F32(fold)) for s in scales]
+    if lanes == BLOCK:  # one vector: its first 16 lanes take scales[0], the rest scales[1]
+        halves = [splat_value(builder, s, ir.VectorType(_F32, 16)) for s in scales]
+        order = ir.Constant(ir.VectorType(_I32, BLOCK), list(range(BLOCK)))
+        scale_vecs = [builder.shuffle_vector(halves[0], halves[1], order)]
+    else:
+        scale_vecs = [splat_value(builder, scales[(sub * lanes) // 16], vf) for sub in range(BLOCK // lanes)]
+    out = []
+    for q, s in zip(codes, scale_vecs, strict=True):
+        v = builder.fmul(q, s, flags=_CONTRACT)
+        if offset is not None:
+            v = builder.fadd(v, splat_value(builder, offset, vf), flags=_CONTRACT)
+        out.append(v)
+    return out
+
+
 def emit_block_dots(context, builder, signature, args, lanes: int, lane_sum, splat_value):
     """The code of row_dots for block codes (see the module's docstring); returns the tuple of sums."""
     from .dot import signed_byte_floats
@@ -389,6 +625,12 @@ def emit_block_dots(context, builder, signature, args, lanes: int, lane_sum, spl
             wide = builder.fmul(wide, ir.Constant(ir.VectorType(_F32, 2), [fold, fold]))
         return [splat_value(builder, builder.extract_element(wide, _I32(j)), vf) for j in range(2)]
 
+    def pair_at(s_row, i):  # halves i and i + 1 of a row as two float32 scalars
+        pair = builder.load(builder.gep(s_row, [i], source_etype=_I16), typ=ir.VectorType(_I16, 2), align=2)
+        wide = builder.fpext(builder.bitcast(pair, ir.VectorType(ir.HalfType(), 2)), ir.VectorType(_F32, 2))
+        return [builder.extract_element(wide, _I32(j)) for j in range(2)]
+
+    n_super = builder.udiv(n_groups, intp(SUPER // BLOCK))
     with cgutils.for_range(builder, n_groups, intp=intp) as loop:
         g = loop.index
         at = builder.mul(g, intp(per))
@@ -421,6 +663,8 @@ def emit_block_dots(context, builder, signature, args, lanes: int, lane_sum, spl
                     builder.fadd(builder.fmul(builder.uitofp(q, vf), d, flags=_CONTRACT), m, flags=_CONTRACT)
                     for q in parts
                 ]
+            elif storage not in MINIFLOATS:  # int6 / uint6 / q4k / q5k / q6k
+                vecs = _integer_block(builder, p, s_row, at, g, storage, lanes, n_super, pair_at, splat_value)
             else:  # minifloats: value(code) times a power of two, times d with the fold on d
                 d = halves_at(s_row, g, fold_d)[0]
                 vecs = [

@@ -68,8 +68,11 @@ _I32 = ir.IntType(32)
 # mantissa (hy_edge_ops.half.as_f32); the fold puts the power of two back on each sum
 _FP8 = {types.int8: (*FP8_BITS["e4m3"], FP8_FOLD["e4m3"]), types.uint8: (*FP8_BITS["e5m2"], FP8_FOLD["e5m2"])}
 _STORED = (types.int8, types.uint8, types.uint16, types.float32)
-# hy_edge_ops.blockq's codes as 3-D arrays: int8 | uint8 | int16 | int32 | uint32 (N, G, ...)
-_BLOCK_DTYPES = (types.int8, types.uint8, types.int16, types.int32, types.uint32)
+# hy_edge_ops.blockq's codes as 3-D arrays (N, G, ...), typed by their storage (blockq._KERNEL_DTYPE)
+_BLOCK_DTYPES = (
+    types.int8, types.uint8, types.int16, types.int32, types.uint32,
+    types.uint16, types.int64, types.uint64, types.float64, types.float32,
+)  # fmt: skip
 
 
 def _splat(value, ty, n=LANES):

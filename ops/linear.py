@@ -173,18 +173,24 @@ class LinearOp:
 
 
 def prepare(
-    w: np.ndarray, storage: str, scales: np.ndarray | None = None, offsets: np.ndarray | None = None
+    w: np.ndarray,
+    storage: str,
+    scales: np.ndarray | None = None,
+    offsets: np.ndarray | None = None,
+    sub_scales: np.ndarray | None = None,
+    sub_offsets: np.ndarray | None = None,
 ) -> LinearOp:
     """Check a stored weight once and lay it out for the kernels (no copy of `w`).
 
     storage e4m3 | e5m2: w uint8 (N, K) codes, scales float32 (N, G); fp16: w uint16 half bits;
-    fp32: w float32; int8 | uint4 | e2m1 | e3m2 | e2m3 (hy_edge_ops.blockq): w int8 (N, K) | uint8
-    (N, K/32 * blockq.CODE_BYTES) codes, scales and (uint4 only) offsets uint16 half bits (N, K/32).
-    Raises ValueError naming the bad argument."""
+    fp32: w float32; block storages (hy_edge_ops.blockq.STORAGES): w int8 (N, K) | uint8
+    (N, K/32 * blockq.CODE_BYTES) codes, and the scales blockq.scale_shapes names: scales and offsets
+    uint16 half bits, sub_scales and sub_offsets bytes (the K-quants). Raises ValueError naming the bad
+    argument."""
     if storage not in STORAGES:
         raise ValueError(f"storage must be one of {', '.join(STORAGES)}, got {storage!r}")
     if storage in blockq.STORAGES:
-        return _prepare_blocks(w, storage, scales, offsets)
+        return _prepare_blocks(w, storage, scales, offsets, sub_scales, sub_offsets)
     raw = {E4M3: np.uint8, E5M2: np.uint8, "fp16": np.uint16, "fp32": np.float32}[storage]
     _need("w", w, raw, 2)
     n_rows, k_dim = w.shape
@@ -213,21 +219,15 @@ def prepare(
     return LinearOp(storage, w.view(_VIEW[storage]), np.ascontiguousarray(s, np.float32), bk)
 
 
-def _prepare_blocks(w, storage, scales, offsets) -> LinearOp:
+def _prepare_blocks(w, storage, scales, offsets, sub_scales=None, sub_offsets=None) -> LinearOp:
     _need("w", w, np.int8 if storage == "int8" else np.uint8, 2)
     n_rows = w.shape[0]
     if n_rows == 0 or w.shape[1] == 0 or w.shape[1] % blockq.CODE_BYTES[storage]:
         raise ValueError(f"w has shape {w.shape}: rows must be whole blocks of {blockq.BLOCK} weights")
     n_groups = w.shape[1] // blockq.CODE_BYTES[storage]
-    _need("scales", scales, np.uint16, 2, (n_rows, n_groups))
-    if storage == "uint4":
-        _need("offsets", offsets, np.uint16, 2, (n_rows, n_groups))
-    elif offsets is not None:
-        raise ValueError(f"offsets: {storage} blocks have none")
-    halves = [scales] if offsets is None else [scales, offsets]
-    if not all(np.isfinite(h.view(np.float16)).all() for h in halves):
-        raise ValueError("scales and offsets must be finite")
-    packed = blockq.pack_scales(storage, scales, offsets)
+    parts = {"scales": scales, "offsets": offsets, "sub_scales": sub_scales, "sub_offsets": sub_offsets}
+    blockq.check_scales(storage, n_rows, n_groups, **parts)
+    packed = blockq.pack_scales(storage, scales, offsets, sub_scales, sub_offsets)
     return LinearOp(storage, blockq.code_view(w, storage), packed, blockq.BLOCK)
 
 
@@ -348,12 +348,14 @@ def matmul_blocks(
     offsets: np.ndarray | None,
     out: np.ndarray,
     batched: bool = False,
+    sub_scales: np.ndarray | None = None,
+    sub_offsets: np.ndarray | None = None,
 ) -> np.ndarray:
-    """out (T, N) | (N,) = x @ dequant(w)^T for block codes (hy_edge_ops.blockq): storage int8 | uint4 |
-    e2m1 | e3m2 | e2m3, scales / offsets (uint4 only) uint16 half bits (N, K/32)."""
+    """out (T, N) | (N,) = x @ dequant(w)^T for block codes (hy_edge_ops.blockq.STORAGES), with the
+    scales blockq.scale_shapes names (`prepare`)."""
     if storage not in blockq.STORAGES:
         raise ValueError(f"storage must be one of {', '.join(blockq.STORAGES)}, got {storage!r}")
-    return _run(prepare(w, storage, scales, offsets), x, out, batched)
+    return _run(prepare(w, storage, scales, offsets, sub_scales, sub_offsets), x, out, batched)
 
 
 def gemv_f16(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> np.ndarray:

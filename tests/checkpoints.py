@@ -468,7 +468,7 @@ def make_gguf_llama(
     """A tiny GGUF of one of FAMILIES as llama.cpp's convert_hf_to_gguf writes one: a llama's q/k rows
     permuted for interleaved RoPE (Qwen's are not), 2-D tensors in `qtype` (rows of 64/96 fill 32-wide
     blocks), norms and biases F32, and a gpt2 BPE vocabulary with a ChatML template (vocab_type "llama":
-    a SentencePiece one). K-quants (Q4_K, Q6_K: gguf has no quantizer for them) get rows of 256/512 and
+    a SentencePiece one). K-quants (Q4_K, Q5_K, Q6_K: gguf has no quantizer for them) get rows of 256/512 and
     random codes with small scales: the file's own values are then the model. `arch` overrides the
     general.architecture written. `rope_scaling` (Llama 3's) is written as llama.cpp writes it, a
     `rope_freqs` tensor; `hf_copy` saves the Hugging Face model the file was made from."""
@@ -593,9 +593,9 @@ def llama3_rope_factors(d: int, base: float, scaling: dict) -> np.ndarray:
     )
 
 
-# byte offsets of the float16 scales in a K-quant block (ggml-common.h: block_q4_K d, dmin first;
-# block_q6_K d last)
-_KQUANT_HALVES = {"Q4_K": (0, 2), "Q6_K": (208,)}
+# byte offsets of the float16 scales in a K-quant block (ggml-common.h: block_q4_K and block_q5_K d, dmin
+# first; block_q6_K d last)
+_KQUANT_HALVES = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
 
 
 def _random_kquant(shape: tuple, qtype: str, seed: int) -> np.ndarray:

@@ -19,7 +19,7 @@ import edge_runtime  # noqa: F401
 import checkpoints as ck
 import pytest
 
-GGUF_QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q6_K")
+GGUF_QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 
 
 @pytest.fixture(scope="session")

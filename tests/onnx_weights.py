@@ -35,7 +35,11 @@ def dequantized(path: Path) -> dict[str, np.ndarray]:
     formats = json.loads(F.metadata(onnx.load(str(path), load_external_data=False))[F.META_QUANT])["tensors"]
     out = {}
     for name, arr in arrays.items():
-        if name.endswith(F.QWEIGHT) and types[name] == TensorProto.UINT8:  # sub-byte FP, named in the metadata
+        storage = formats.get(name[: -len(F.QWEIGHT)], {}).get("storage") if name.endswith(F.QWEIGHT) else None
+        if storage in _GGUF_INTEGER:  # GGUF's integer blocks beyond Q8_0 / Q4_x, named in the metadata
+            base = name[: -len(F.QWEIGHT)]
+            out[base] = _integer(arr, {s: a for s, a in arrays.items() if s.startswith(base + ".")}, base, storage)
+        elif name.endswith(F.QWEIGHT) and types[name] == TensorProto.UINT8:  # sub-byte FP, named in the metadata
             base = name[: -len(F.QWEIGHT)]
             out[base] = _subbyte(arr, arrays[base + F.SCALE], formats[base]["storage"])
         elif name.endswith(F.QWEIGHT) and types[name] in (TensorProto.INT8, TensorProto.UINT4):
@@ -52,7 +56,7 @@ def dequantized(path: Path) -> dict[str, np.ndarray]:
             else:
                 w = w * np.repeat(s, w.shape[1] // s.shape[1], axis=1)
             out[base] = w
-        elif name.endswith((F.SCALE, F.OFFSET, F.INPUT_SCALE)) or name.startswith("/"):
+        elif name.endswith((F.SCALE, F.OFFSET, F.SUB_SCALE, F.SUB_OFFSET, F.INPUT_SCALE)) or name.startswith("/"):
             continue
         else:
             out[name] = arr.astype(np.float32)
@@ -69,6 +73,50 @@ def _blocks(codes: np.ndarray, scale: np.ndarray, offset: np.ndarray | None) -> 
     w = q * scale.astype(np.float32)[:, :, None]
     if offset is not None:
         w = w + offset.astype(np.float32)[:, :, None]
+    return w.reshape(n_rows, -1)
+
+
+_GGUF_INTEGER = ("int6", "uint6", "q4k", "q5k", "q6k")
+
+
+def _six_bit_codes(packed: np.ndarray) -> np.ndarray:
+    """int64 (N, G, 32) 6-bit codes of FP6's packed layout (see _subbyte)."""
+    b = packed.reshape(packed.shape[0], -1, 24).astype(np.int64)
+    codes = np.zeros((packed.shape[0], b.shape[1], 32), np.int64)
+    for j in range(16):
+        codes[:, :, j] = b[:, :, j] & 15
+        codes[:, :, j + 16] = b[:, :, j] >> 4
+    for j in range(8):
+        for i in range(4):
+            codes[:, :, j + 8 * i] |= ((b[:, :, 16 + j] >> (2 * i)) & 3) << 4
+    return codes
+
+
+def _integer(codes: np.ndarray, arrays: dict, base: str, storage: str) -> np.ndarray:
+    """format.py's int6 / uint6 (6-bit codes, two's complement for int6, a half scale (and offset) per 32)
+    and K-quants (q4k: uint4 codes as onnx unpacks them; q5k: 6-bit codes; q6k: 6-bit two's complement; a
+    half d (and dmin) per 256, byte sc (and m) per 32, or int8 sc per 16 for q6k): weight = code * d * sc
+    - dmin * m, each product in float32 as the file's numbers give it."""
+    n_rows = codes.shape[0]
+    if storage == "q4k":
+        q = codes.astype(np.int64).reshape(n_rows, -1, 16, 2).transpose(0, 1, 3, 2).reshape(n_rows, -1, 32)
+    else:
+        q = _six_bit_codes(codes)
+        if storage in ("int6", "q6k"):
+            q = np.where(q >= 32, q - 64, q)
+    d = arrays[base + F.SCALE].astype(np.float32)
+    q = q.astype(np.float32)
+    if storage in ("int6", "uint6"):
+        w = q * d[:, :, None]
+        if storage == "uint6":
+            w = w + arrays[base + F.OFFSET].astype(np.float32)[:, :, None]
+        return w.reshape(n_rows, -1)
+    sc = arrays[base + F.SUB_SCALE].astype(np.float32)
+    d_sub = np.repeat(d, sc.shape[1] // d.shape[1], axis=1) * sc
+    w = q.reshape(n_rows, sc.shape[1], -1) * d_sub[:, :, None]
+    if storage != "q6k":
+        dmin = np.repeat(arrays[base + F.OFFSET].astype(np.float32), sc.shape[1] // d.shape[1], axis=1)
+        w = w - (dmin * arrays[base + F.SUB_OFFSET].astype(np.float32))[:, :, None]
     return w.reshape(n_rows, -1)
 
 

@@ -1,5 +1,6 @@
-"""Block-integer weights (GGUF Q8_0 / Q4_0 / Q4_1 kept exactly): the kernels against numpy, the stored
-weights against gguf's own dequantizer, and the converted model against transformers on both backends."""
+"""Block-integer weights (GGUF Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q4_K / Q5_K / Q6_K kept exactly): the
+kernels against numpy and against gguf's own dequantizer, the stored weights against gguf's dequantizer,
+and the converted model against transformers on both backends."""
 
 from __future__ import annotations
 
@@ -14,7 +15,12 @@ from runtime_helpers import hf_logits, rel_err
 
 import edge_runtime
 
-STORAGE = {"Q8_0": "int8", "Q4_0": "uint4", "Q4_1": "uint4"}
+STORAGE = {
+    "Q8_0": "int8", "Q4_0": "uint4", "Q4_1": "uint4", "Q5_0": "int6", "Q5_1": "uint6",
+    "Q4_K": "q4k", "Q5_K": "q5k", "Q6_K": "q6k",
+}  # fmt: skip
+# where a GGUF block holds its half scales (ggml-common.h)
+HALVES = {"Q5_0": (0,), "Q5_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
 
 
 def _random_blocks(storage, n_rows, k_dim, rng):
@@ -57,6 +63,51 @@ def test_block_kernels_match_numpy(storage):
         assert np.array_equal(batched, one[:T]), T  # batch-invariant: each token as when alone
 
 
+@pytest.mark.parametrize("qtype", list(HALVES))
+def test_gguf_block_kernels_match_gguf_dequantizer(qtype):
+    """Random GGUF blocks (any codes and sub-scales, scales of both signs) carried into the file's storage:
+    numpy's decode and every kernel give gguf's own dequantized weights (decoded rows bit for bit)."""
+    import gguf
+    from hy_edge_convert.quantize import GGUF_BLOCKS, carry_blocks
+
+    rng = np.random.default_rng(3)
+    per_block, nbytes = GGUF_BLOCKS[qtype.lower()]
+    n_rows, k_dim = 37, 512
+    raw = rng.integers(0, 256, (n_rows, k_dim // per_block, nbytes), dtype=np.uint8)
+    for at in HALVES[qtype]:
+        halves = rng.uniform(-0.02, 0.02, (n_rows, k_dim // per_block, 1)).astype(np.float16)
+        raw[:, :, at : at + 2] = halves.view(np.uint8)
+    raw = raw.reshape(n_rows, -1)
+    weights = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype]).reshape(n_rows, k_dim)
+    q = carry_blocks(qtype.lower(), raw, (n_rows, k_dim))
+    assert q.storage == STORAGE[qtype]
+    codes = q.data.reshape(n_rows, -1)
+    parts = {
+        "scales": q.scale.view(np.uint16),
+        "offsets": None if q.offset is None else q.offset.view(np.uint16),
+        **dict(zip(("sub_scales", "sub_offsets"), q.subs, strict=False)),
+    }
+    decoded = blockq.dequantize(q.storage, codes, *parts.values())
+    assert np.array_equal(decoded, weights)
+    ids = np.array([5, 0, 36, 5], np.int64)
+    rows = np.empty((4, k_dim), np.float32)
+    halves = blockq.pack_scales(q.storage, *parts.values()).view(np.uint16)
+    blockq.decode_rows(blockq.code_view(np.ascontiguousarray(codes[ids]), q.storage), halves, ids, rows)
+    assert np.array_equal(rows, weights[ids])  # an embedding's rows
+    x = rng.standard_normal((9, k_dim)).astype(np.float32)
+    ref = x.astype(np.float64) @ weights.T.astype(np.float64)
+    one = np.stack(
+        [linear.matmul_blocks(x[t], codes, q.storage, out=np.empty(n_rows, np.float32), **parts) for t in range(9)]
+    )
+    for T in (1, 2, 3, 9):  # one-token, grouped and prefill kernels
+        out = linear.matmul_blocks(x[:T], codes, q.storage, out=np.empty((T, n_rows), np.float32), **parts)
+        assert rel_err(out, ref[:T]) < 1e-6, T
+        batched = linear.matmul_blocks(
+            x[:T], codes, q.storage, out=np.empty((T, n_rows), np.float32), batched=True, **parts
+        )
+        assert np.array_equal(batched, one[:T]), T  # batch-invariant: each token as when alone
+
+
 def test_block_kernels_refuse_bad_arguments():
     rng = np.random.default_rng(2)
     w, scales, offsets = _random_blocks("uint4", 4, 64, rng)
@@ -72,17 +123,20 @@ def test_block_kernels_refuse_bad_arguments():
         linear.matmul_blocks(x, w, "uint4", bad, offsets, out)
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+TIED = ("Q4_1", "Q5_1", "Q4_K")  # a tied head reads the kept embedding; its rows have offsets
+
+
+@pytest.mark.parametrize("qtype", list(STORAGE))
 def test_gguf_blocks_kept_exactly_and_match_transformers(qtype, tmp_path):
     from hy_edge_convert.checkpoint import open_checkpoint
     from test_convert import IDS, hf_model
 
-    path = ck.make_gguf_llama(tmp_path / f"tiny-{qtype}.gguf", qtype=qtype, tie=qtype == "Q4_1")
+    path = ck.make_gguf_llama(tmp_path / f"tiny-{qtype}.gguf", qtype=qtype, tie=qtype in TIED)
     out = tmp_path / "model.onnx"
     report = convert(path, out, QuantPolicy())  # the default: blocks kept
     linears = {n: t for n, t in report.tensors.items() if F.is_linear(n)}
     assert {t["storage"] for t in linears.values()} == {STORAGE[qtype]}
-    assert F.LM_HEAD not in report.tensors or qtype != "Q4_1"  # a tied head reads the kept embedding
+    assert (F.LM_HEAD not in report.tensors) == (qtype in TIED)
     stored = dequantized(out)  # onnx's own unpacking of the file
     with open_checkpoint(path) as ckpt:
         for name in linears:
@@ -97,13 +151,13 @@ def test_gguf_blocks_kept_exactly_and_match_transformers(qtype, tmp_path):
 
 @pytest.mark.parametrize("qtype", ["Q5_0", "Q4_K", "Q6_K"])
 def test_gguf_types_read_as_floats_convert_and_match_transformers(gguf_llama, qtype, tmp_path):
-    """Types that are not kept as blocks are dequantized by gguf and quantized as floats: unquantized, the
-    file's own values give transformers' logits on both backends; by default their linears become E4M3."""
+    """Asked for a format, kept types are dequantized by gguf and quantized as floats: unquantized, the
+    file's own values give transformers' logits on both backends; `--format e4m3` makes their linears E4M3."""
     from test_convert import IDS, hf_model
 
     path = gguf_llama[qtype]
-    default = convert(path, tmp_path / "default.onnx", QuantPolicy())
-    storages = {n: t["storage"] for n, t in default.tensors.items() if F.is_linear(n)}
+    e4m3 = convert(path, tmp_path / "e4m3.onnx", QuantPolicy(format="e4m3", rounding="nearest"))
+    storages = {n: t["storage"] for n, t in e4m3.tensors.items() if F.is_linear(n)}
     assert storages.pop(F.EMBED) == "fp16" and set(storages.values()) == {"e4m3"}
     out = tmp_path / "model.onnx"
     convert(path, out, QuantPolicy(format="none"))

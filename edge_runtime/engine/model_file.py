@@ -49,7 +49,7 @@ class Tensor:
     """One initializer as stored: `data` is a view (memory-mapped when external)."""
 
     name: str
-    storage: str  # fp32 | fp16 | e4m3 | e5m2 | int8 | uint4 | e2m1 | e3m2 | e2m3 | uint8 | int64 | int32 | fp64
+    storage: str  # fp32 | fp16 | e4m3 | e5m2 | uint8 | int64 | int32 | fp64 | a block storage (format.BLOCK_STORAGES)
     data: np.ndarray
     source: tuple[Path, int] | None = None  # (data file, byte offset) of an external tensor
 
@@ -144,13 +144,13 @@ def read_tensors(proto, path: Path, quantization: dict | None = None) -> dict[st
         if t.data_type not in _DTYPES:
             continue  # not a type any weight uses; model_tensors() will report what is missing
         dtype, storage = _DTYPES[t.data_type]
-        if storage == "uint8" and t.name.endswith(F.QWEIGHT):
-            storage = _subbyte_storage(quantization, t.name[: -len(F.QWEIGHT)], path)
+        if storage in ("uint8", "uint4") and t.name.endswith(F.QWEIGHT):
+            storage = _block_storage(quantization, t.name[: -len(F.QWEIGHT)], storage, path)
         shape = tuple(t.dims)
         if any(d < 0 for d in shape) or math.prod(shape) > MAX_ELEMENTS:
             raise ModelFileError(f"{path.name}: tensor '{t.name}' has shape {show(list(shape))}")
         count = math.prod(shape)
-        if storage == "uint4":  # packed: two codes a byte along the last axis
+        if t.data_type == 21:  # UINT4, packed: two codes a byte along the last axis
             if not shape or shape[-1] % 2:
                 raise ModelFileError(f"{path.name}: uint4 tensor '{t.name}' has shape {show(list(shape))}")
             shape, count = (*shape[:-1], shape[-1] // 2), count // 2
@@ -163,12 +163,17 @@ def read_tensors(proto, path: Path, quantization: dict | None = None) -> dict[st
     return out
 
 
-def _subbyte_storage(quantization: dict | None, name: str, path: Path) -> str:
+def _block_storage(quantization: dict | None, name: str, codes: str, path: Path) -> str:
+    """The block storage of a UINT8 / UINT4 `W.qweight`, which the metadata names (uint4 when it does not,
+    as files written before the K-quants were kept)."""
     entry = ((quantization or {}).get("tensors") or {}).get(name)
     storage = entry.get("storage") if isinstance(entry, dict) else None
-    if storage not in F.SUBBYTE_BLOCK_BYTES:
+    if codes == "uint4" and storage is None:
+        return codes
+    block = F.BLOCK_STORAGES.get(storage) if isinstance(storage, str) else None
+    if block is None or block.codes != codes:
         raise ModelFileError(
-            f"{path.name}: uint8 tensor '{name}{F.QWEIGHT}' has no sub-byte format in metadata "
+            f"{path.name}: {codes} tensor '{name}{F.QWEIGHT}' has no block storage in metadata "
             f"'{F.META_QUANT}' (got {show(storage)})"
         )
     return storage

@@ -31,6 +31,8 @@ _ORT_ERRORS = tuple(
 # Measured on SmolLM2-135M, every linear in the format: peak RSS 2,039 MB (e2m1), 3,470 MB (e2m3) against
 # 1,233 MB for the E4M3 file (x86-64, onnxruntime 1.32)
 SUBBYTE_FOLD_BYTES = {"e2m1": 14, "e2m3": 25, "e3m2": 25}
+# GGUF's 6-bit-coded blocks (Q5_0, Q5_1, Q5_K, Q6_K kept) go through FP6's decode: counted as FP6
+SUBBYTE_FOLD_BYTES.update(dict.fromkeys(("int6", "uint6", "q5k", "q6k"), 25))
 
 
 def ort_memory_plan(spec: ModelSpec, tensors: dict[str, Tensor]) -> MemoryPlan:
@@ -50,10 +52,10 @@ def ort_memory_plan(spec: ModelSpec, tensors: dict[str, Tensor]) -> MemoryPlan:
     def folded(t: Tensor) -> int:  # bytes kept for a tensor: float32, but the Gather's FP16 embedding
         if t.name == F.EMBED and t.storage == "fp16":
             return 2 * t.data.size
-        if t.storage in F.SUBBYTE_BLOCK_BYTES:  # packed sub-byte FP: 32 weights a block, and the decode's
-            weights = 32 * t.data.size // F.SUBBYTE_BLOCK_BYTES[t.storage]  # temporaries while it folds
+        if t.storage in SUBBYTE_FOLD_BYTES:  # packed codes: 32 weights a block, and the decode's
+            weights = 32 * t.data.size // F.BLOCK_STORAGES[t.storage].code_bytes  # temporaries while it folds
             return weights * SUBBYTE_FOLD_BYTES[t.storage] // 2
-        return (8 if t.storage == "uint4" else 4) * t.data.size  # uint4: two weights a byte
+        return (8 if t.storage in ("uint4", "q4k") else 4) * t.data.size  # uint4 / q4k: two weights a byte
 
     kept = sum(folded(t) for t in tensors.values())
     if F.LM_HEAD not in tensors and F.LM_HEAD + F.QWEIGHT not in tensors:  # a tied head: a float32 copy

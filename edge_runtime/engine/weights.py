@@ -31,7 +31,7 @@ from .memory import drop_pages, lazy_zeros
 from .model_file import Tensor
 
 # hy_edge_ops.blockq: its storages and their code bytes per block of 32
-BLOCK_BYTES = {"int8": 32, "uint4": 16, **fmt.SUBBYTE_BLOCK_BYTES}
+BLOCK_BYTES = {name: b.code_bytes for name, b in fmt.BLOCK_STORAGES.items()}
 BLOCK_STORAGES = tuple(BLOCK_BYTES)
 
 
@@ -40,27 +40,29 @@ class Linear:
     """A 2-D weight a matmul reads, in its stored form (y = x @ W^T, W (N, K))."""
 
     name: str
-    storage: str  # e4m3 | e5m2 | int8 | uint4 | e2m1 | e3m2 | e2m3 | fp16 | fp32
-    # (N, K) uint8 FP8 codes | int8 block codes | uint16 half bits | float32; uint4: (N, K/2) uint8 bytes;
-    # sub-byte FP: (N, K/32 * 16 | 24) packed bytes (hy_edge_ops.minifloat)
+    storage: str  # e4m3 | e5m2 | fp16 | fp32 | a block storage (format.BLOCK_STORAGES)
+    # (N, K) uint8 FP8 codes | int8 block codes | uint16 half bits | float32; uint4 / q4k: (N, K/2) uint8
+    # bytes; other block storages: (N, K/32 * code bytes) packed bytes (hy_edge_ops.blockq)
     w: np.ndarray
-    # (N, G) float32, FP8 only; column k uses scales[n, k // ceil(K/G)]; block codes: (N, K/32) uint16
-    # half bits. May view the data file: read it with read_private (a touch through the map maps the
-    # matrix's pages around it)
+    # (N, G) float32, FP8 only; column k uses scales[n, k // ceil(K/G)]; block codes: uint16 half bits
+    # (N, K/32, or K/256 for the K-quants). May view the data file: read it with read_private (a touch
+    # through the map maps the matrix's pages around it)
     scales: np.ndarray | None = None
     input_scale: float | None = None  # static activation scale (FP8 only, optional)
-    offsets: np.ndarray | None = None  # uint4: (N, K/32) uint16 half bits, added to each block
+    offsets: np.ndarray | None = None  # block storages with an offset: uint16 half bits, as the scales
+    subs: tuple = ()  # the K-quants: (sub_scales,) or (sub_scales, sub_offsets), bytes (format.BLOCK_STORAGES)
 
     @property
     def shape(self) -> tuple[int, int]:
         n_rows, n_cols = self.w.shape
-        if self.storage in fmt.SUBBYTE_BLOCK_BYTES:  # packed bytes: 32 weights a block
-            return n_rows, n_cols // fmt.SUBBYTE_BLOCK_BYTES[self.storage] * 32
-        return (n_rows, n_cols * 2) if self.storage == "uint4" else (n_rows, n_cols)
+        block = fmt.BLOCK_STORAGES.get(self.storage)
+        if block is not None and block.codes != "int8":  # packed bytes: 32 weights a block
+            return n_rows, n_cols // block.code_bytes * 32
+        return n_rows, n_cols
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.w, self.scales, self.offsets) if a is not None)
+        return sum(a.nbytes for a in (self.w, self.scales, self.offsets, *self.subs) if a is not None)
 
 
 # -- the tensors a ModelSpec needs ---------------------------------------------------------------
@@ -98,9 +100,10 @@ def read_private(a: np.ndarray, name: str = "a weight") -> np.ndarray:
     return out.reshape(a.shape)
 
 
-def read_blocks(lin: Linear) -> tuple[np.ndarray, np.ndarray | None]:
-    """Private copies of a block linear's half scales and offsets, checked finite (a converted file
-    never holds others)."""
+def read_blocks(lin: Linear) -> tuple:
+    """Private copies of a block linear's scales: (half scales, half offsets or None, sub-scales or None,
+    sub-offsets or None) as hy_edge_ops.linear.prepare takes them, the halves checked finite (a converted
+    file never holds others)."""
     out = []
     for what, a in (("scale", lin.scales), ("offset", lin.offsets)):
         if a is None:
@@ -110,7 +113,8 @@ def read_blocks(lin: Linear) -> tuple[np.ndarray, np.ndarray | None]:
         if not np.isfinite(h.view(np.float16)).all():
             raise ModelFileError(f"tensor '{lin.name}.{what}' holds a non-finite value: the file is corrupt")
         out.append(h)
-    return out[0], out[1]
+    subs = [read_private(a, f"the sub-scales of '{lin.name}'") for a in lin.subs]
+    return (*out, *subs, *[None] * (2 - len(subs)))
 
 
 def read_scales(lin: Linear) -> np.ndarray:
@@ -142,24 +146,27 @@ def _norm_vector(spec: ModelSpec, tensors: dict[str, Tensor], name: str, shape: 
 
 
 def _block_linear(tensors: dict[str, Tensor], q: Tensor, name: str, shape: tuple, path: Path) -> Linear:
-    """int8 / uint4 / sub-byte FP codes with their half scales (and offsets) per block of 32."""
+    """Block codes with their scales (format.BLOCK_STORAGES: half scales and offsets per block, or per
+    super-block with byte sub-scales)."""
     N, K = shape
-    per = BLOCK_BYTES[q.storage]
+    block = fmt.BLOCK_STORAGES[q.storage]
     codes = q.data.reshape(q.data.shape[0], -1) if q.data.ndim else q.data
-    if K % 32 or codes.shape != (N, K // 32 * per):
+    unit = max(per for _, _, per in block.parts)  # 32, or a K-quant's 256
+    if K % unit or codes.shape != (N, K // 32 * block.code_bytes):
         raise ModelFileError(f"{path.name}: tensor '{q.name}' has shape {q.data.shape}, expected blocks of {shape}")
-    halves = []
-    for suffix in (fmt.SCALE, fmt.OFFSET) if q.storage == "uint4" else (fmt.SCALE,):
+    parts = {}
+    for suffix, storage, per in block.parts:
         t = tensors.get(name + suffix)
         if t is None:
             raise ModelFileError(f"{path.name}: tensor '{name}{suffix}' is missing")
-        if t.storage != "fp16" or t.data.shape != (N, K // 32):
+        if t.storage != storage or t.data.shape != (N, K // per):
             raise ModelFileError(
-                f"{path.name}: tensor '{t.name}' should be float16 of shape {(N, K // 32)}, "
+                f"{path.name}: tensor '{t.name}' should be {storage} of shape {(N, K // per)}, "
                 f"got {t.storage} {t.data.shape}"
             )
-        halves.append(t.data)
-    lin = Linear(name, q.storage, codes, halves[0], offsets=halves[1] if len(halves) > 1 else None)
+        parts[suffix] = t.data
+    subs = tuple(parts[s] for s in (fmt.SUB_SCALE, fmt.SUB_OFFSET) if s in parts)
+    lin = Linear(name, q.storage, codes, parts[fmt.SCALE], offsets=parts.get(fmt.OFFSET), subs=subs)
     try:
         read_blocks(lin)  # checked here, where the file can be named
     except ModelFileError as e:
@@ -267,8 +274,7 @@ class RowReader:
         if blocks is not None:
             from hy_edge_ops import blockq  # numba: imported by the numba backend only
 
-            scales, offsets = read_blocks(blocks)
-            halves = blockq.pack_scales(blocks.storage, scales, offsets).view(np.uint16)
+            halves = blockq.pack_scales(blocks.storage, *read_blocks(blocks)).view(np.uint16)
             self._blocks = (blocks.storage, halves, np.empty((0, table.shape[1]), table.dtype))
         if source is not None and hasattr(os, "preadv"):
             self._path, self._offset = source
