@@ -58,14 +58,15 @@ class Variant:
     policy: tuple[tuple[str, object], ...] = ()  # hy-edge: QuantPolicy keyword arguments
     ftype: str | None = None  # llama.cpp: a LLAMA_FTYPE_* suffix, or None for the bundled file as it is
     speed: str | None = None  # its row name in bench/results/smollm2-<isa>.json
+    source: str | None = None  # hy-edge: convert llama.cpp's file of this type instead of the bundled one
 
     @property
     def policy_kwargs(self) -> dict:
         return dict(self.policy)
 
 
-def hy_edge(name: str, speed: str | None = None, **policy) -> Variant:
-    return Variant(name, "hy-edge", tuple(sorted(policy.items())), speed=speed)
+def hy_edge(name: str, speed: str | None = None, source: str | None = None, **policy) -> Variant:
+    return Variant(name, "hy-edge", tuple(sorted(policy.items())), speed=speed, source=source)
 
 
 REFERENCE = hy_edge("fp32 reference", format="none")
@@ -108,6 +109,12 @@ HY_EDGE = (
     hy_edge("hy-edge --format auto --bits 6.1", format="auto", bits=6.1),  # Q4_K_M's MB per token
     hy_edge("hy-edge --format e2m3 (FP6)", speed="hy-edge FP6 e2m3", format="e2m3"),
     hy_edge("hy-edge --format e3m2 (FP6)", format="e3m2"),
+    # llama.cpp's K-quant files (made by its quantizer, as the llama.cpp rows below) converted by default:
+    # their blocks kept, so each should match llama.cpp running the same file
+    *(
+        hy_edge(f"hy-edge on llama.cpp's {t} file (blocks kept)", speed=f"hy-edge {t} kept", source=t)
+        for t in ("Q6_K", "Q5_K_M", "Q4_K_M")
+    ),
 )
 LLAMA_CPP_TYPES = ("F32", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")  # made from the F32 file
 LLAMA_CPP = (
@@ -338,11 +345,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         import llama_cpp  # noqa: F401
     except ImportError:
         log("llama-cpp-python is not installed (make install-bench): racing hy-edge's variants only")
-        variants = [v for v in variants if v.runtime != "llama.cpp"]
+        variants = [v for v in variants if v.runtime != "llama.cpp" and v.source is None]
     start = time.perf_counter()
     paths = {REFERENCE.name: hy_edge_model(src, REFERENCE)}
     for v in variants:
-        paths[v.name] = hy_edge_model(src, v) if v.runtime == "hy-edge" else llama_cpp_model(src, v)
+        if v.runtime == "llama.cpp":
+            paths[v.name] = llama_cpp_model(src, v)
+        else:  # a llama.cpp-made source needs llama.cpp's quantizer (or its file, made before)
+            source = src if v.source is None else llama_cpp_model(src, Variant(v.source, "llama.cpp", ftype=v.source))
+            paths[v.name] = hy_edge_model(source, v)
     ref = HyEdgeRunner(paths[REFERENCE.name], args.threads)
     ids = np.asarray(ref.model.tokenizer.encode(args.text.read_text(), add_special_tokens=True), np.int64)
     if args.max_tokens:

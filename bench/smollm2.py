@@ -10,7 +10,10 @@ Q8_0 blocks kept exactly), its E4M3 requantization (`--format e4m3`, the default
 make bench ISA=avx2). The raw runs go to bench/results/smollm2-<isa>.json.
 
     python bench/smollm2.py [--rounds 3] [--threads 2] [--decode-tokens 128] [--isa native|avx2]
-                            [--granularity block:32] [--subbyte]
+                            [--granularity block:32] [--subbyte] [--kquants]
+
+--kquants races llama.cpp's Q4_K_M, Q5_K_M and Q6_K files (its quantizer, from its F32 requantization of the
+bundled file) against hy-edge's default conversion of each file (their blocks kept: `hy-edge Q4_K_M kept` ...).
 """
 
 from __future__ import annotations
@@ -92,6 +95,19 @@ def _subbyte_model(src: Path, name: str) -> Path:
     return dst
 
 
+KQUANT_TYPES = ("Q4_K_M", "Q5_K_M", "Q6_K")
+
+
+def _kept_model(gguf: Path) -> Path:
+    """hy-edge's default conversion of one of llama.cpp's files: its blocks kept."""
+    from hy_edge_convert import QuantPolicy, convert
+
+    dst = gguf.with_name(gguf.name.replace(".gguf", "-kept.onnx"))
+    if not dst.exists() or dst.stat().st_mtime < gguf.stat().st_mtime:
+        convert(gguf, dst, QuantPolicy())
+    return dst
+
+
 def child(runtime: str, path: str, threads: int, decode_tokens: int) -> dict:
     """One measurement in this (fresh) process: TTFT of a 128-token prompt, then greedy decode."""
     rng = np.random.default_rng(0)
@@ -143,6 +159,7 @@ def main() -> None:
     ap.add_argument("--isa", default="native", help="native, or avx2 on an AVX-512 host")
     ap.add_argument("--granularity", action="append", default=[], help="also hy-edge with this granularity")
     ap.add_argument("--subbyte", action="store_true", help="also hy-edge's FP4/FP6 rows and llama.cpp Q4_0..Q6_K")
+    ap.add_argument("--kquants", action="store_true", help="also llama.cpp's K-quant files, and hy-edge on each")
     ap.add_argument("--child", nargs=2, metavar=("RUNTIME", "PATH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -173,11 +190,14 @@ def main() -> None:
     if args.subbyte:
         for name in SUBBYTE:
             paths[name] = _subbyte_model(src, name)
+    if args.subbyte or args.kquants:
         f32 = artifacts.llama_cpp_quantize(src, OUT / "smollm2-135m-instruct.f32.gguf", "F32")
-        for t in LLAMA_CPP_TYPES:
+        for t in (*(LLAMA_CPP_TYPES if args.subbyte else ()), *(KQUANT_TYPES if args.kquants else ())):
             paths[f"llama.cpp {t}"] = artifacts.llama_cpp_quantize(
                 f32, OUT / f"smollm2-135m-instruct.{t.lower()}.gguf", t
             )
+            if args.kquants and t in KQUANT_TYPES:
+                paths[f"hy-edge {t} kept"] = _kept_model(paths[f"llama.cpp {t}"])
     runs: dict[str, list[dict]] = {name: [] for name in paths}
     for r in range(args.rounds):
         for name, path in paths.items():

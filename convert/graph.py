@@ -126,18 +126,19 @@ class GraphBuilder:
         2 x E2M1, 8 x E2M3, 16 x E3M2) looked up in a table (Gather), then DequantizeLinear by the block's
         scale over that power of two (exact: as the numba kernels compute). E2M1 looks up whole bytes in a
         table of value pairs; FP6 assembles each code from its nibble and its top bits (BitwiseAnd,
-        BitShift) first. All from initializers: onnxruntime folds it at load, its temporaries included
+        BitShift) first. GGUF's integer codes go the same way, each code's integer from a table: q6k's 6-bit
+        codes in FP6's layout, and the 5-bit ones (int5, uint5, q5k) from their nibbles and the bits of the
+        word after them. All from initializers: onnxruntime folds it at load, its temporaries included
         (bench figures in edge_runtime.engine.ort_session.ort_memory_plan)."""
         N, K = w.shape
         G, fmt = K // minifloat.BLOCK, w.storage
         if fmt in minifloat.FORMATS:
             mult = {"e2m1": 2, "e2m3": 8, "e3m2": 16}[fmt]
             ints = np.rint(minifloat.values(fmt) * mult)
-        else:  # GGUF's 6-bit integer codes (int6, uint6, q5k, q6k): in FP6's layout, each its integer
-            mult, ints = 1, blockq.six_bit_values(fmt)
-            fmt = "e3m2"
+        else:  # GGUF's integer codes: each its integer
+            mult, ints = 1, blockq.integer_values(fmt)
         table_type = np.int8 if np.abs(ints).max() <= 127 else np.int16
-        codes = self.node("Reshape", [name + F.QWEIGHT, self.i64(N, G, minifloat.BLOCK_BYTES[fmt])], path + "/codes")
+        codes = self.node("Reshape", [name + F.QWEIGHT, self.i64(N, G, blockq.CODE_BYTES[fmt])], path + "/codes")
 
         def part(x: str, lo: int, hi: int, what: str) -> str:
             return self.node("Slice", [x, self.i64(lo), self.i64(hi), self.i64(2)], path + what)
@@ -151,15 +152,19 @@ class GraphBuilder:
             return self.node("Reshape", [t, self.i64(N, G, minifloat.BLOCK)], path + what)
 
         byte = np.arange(256)
+        low_nibbles = np.stack([byte & 15, byte >> 4], 1).astype(np.uint8)
         if fmt == "e2m1":  # each byte: the values of its two codes (weights j and j + 16)
             value = in_order(
                 looked_up(ints.astype(table_type)[np.stack([byte & 15, byte >> 4], 1)], codes, "/value"), "/value"
             )
+        elif blockq.CODE_BYTES[fmt] == 20:  # 5-bit: nibbles as uint4's, then bit i of bytes 16..19 (little-endian)
+            low = in_order(looked_up(low_nibbles, part(codes, 0, 16, "/low"), "/low"), "/low")
+            fifths = np.stack([(byte >> s) & 1 for s in range(8)], 1).astype(np.uint8) << 4  # (256, 8)
+            high = looked_up(fifths, part(codes, 16, 20, "/high"), "/high")  # (N, G, 4, 8): weight 8 j + s
+            high = self.node("Reshape", [high, self.i64(N, G, minifloat.BLOCK)], path + "/high")
+            value = looked_up(ints.astype(table_type), self.node("BitwiseOr", [low, high], path + "/code"), "/value")
         else:  # the low 4 bits of weights j, j + 16 in byte j; the top 2 of j, j + 8, j + 16, j + 24 in byte 16 + j
-            low = in_order(
-                looked_up(np.stack([byte & 15, byte >> 4], 1).astype(np.uint8), part(codes, 0, 16, "/low"), "/low"),
-                "/low",
-            )
+            low = in_order(looked_up(low_nibbles, part(codes, 0, 16, "/low"), "/low"), "/low")
             tops = np.stack([(byte >> s) & 3 for s in (0, 2, 4, 6)], 1).astype(np.uint8) << 4
             high = in_order(looked_up(tops, part(codes, 16, 24, "/high"), "/high"), "/high")
             value = looked_up(ints.astype(table_type), self.node("BitwiseOr", [low, high], path + "/code"), "/value")
@@ -168,7 +173,7 @@ class GraphBuilder:
         return self.node("DequantizeLinear", [value, scale], path, axis=1, block_size=block)
 
     def make_offsets(self, name: str) -> str:
-        """The offsets per block (N, G) in float32 of a weight whose storage has them (uint4, uint6: its
+        """The offsets per block (N, G) in float32 of a weight whose storage has them (uint4, uint5: its
         halves; q4k, q5k: -dmin per super-block times the byte sub-offsets, exact)."""
         key = name + F.OFFSET
         if key not in self._dequant_cache:

@@ -130,7 +130,7 @@ class Quantized:
     rel_error: float = 0.0  # ||dequant(q) - w|| / ||w||
     carried: bool = False  # FP8 bytes taken over from the checkpoint unchanged
     note: str | None = None  # an option that could not be applied as asked (reported, never silent)
-    offset: np.ndarray | None = None  # uint4 / uint6: float16 (N, K/32), added to each block's scaled codes
+    offset: np.ndarray | None = None  # uint4 / uint5: float16 (N, K/32), added to each block's scaled codes
     # (q4k / q5k: float16 (N, K/256) dmin)
     subs: tuple = ()  # the K-quants' byte sub-scales (and sub-offsets): hy_edge_format.format.BLOCK_STORAGES
 
@@ -318,7 +318,7 @@ GGUF_BLOCKS = {
     "q4_k": (256, 144), "q5_k": (256, 176), "q6_k": (256, 210),
 }  # fmt: skip
 CARRIED_STORAGE = {
-    "q8_0": "int8", "q4_0": "uint4", "q4_1": "uint4", "q5_0": "int6", "q5_1": "uint6",
+    "q8_0": "int8", "q4_0": "uint4", "q4_1": "uint4", "q5_0": "int5", "q5_1": "uint5",
     "q4_k": "q4k", "q5_k": "q5k", "q6_k": "q6k",
 }  # fmt: skip
 
@@ -328,10 +328,10 @@ def carry_blocks(block_type: str, rows: np.ndarray, shape: tuple[int, int]) -> Q
     and scales re-laid out, never re-rounded (hy_edge_format.format, hy_edge_ops.blockq):
     Q8_0 (half d, 32 int8 q: d * q) -> int8; Q4_1 (half d, half m, 16 bytes of 4-bit q: d * q + m) and
     Q4_0 (half d, 16 bytes: d * (q - 8), i.e. offset -8d, exact in a half) -> uint4, the code bytes in
-    GGUF's order (byte j: weight j low, weight j + 16 high); Q5_0 (d * (q - 16)) -> int6 and Q5_1
-    (d * q + m) -> uint6, 6-bit codes; the K-quants, super-blocks of 256: Q4_K and Q5_K (half d and dmin,
-    6-bit sc and m per 32: q * (d * sc) - dmin * m) -> q4k / q5k, Q6_K (half d, int8 sc per 16:
-    (q - 32) * (d * sc)) -> q6k."""
+    GGUF's order (byte j: weight j low, weight j + 16 high); Q5_0 (d * (q - 16)) -> int5 and Q5_1
+    (d * q + m) -> uint5, their 5-bit codes' bytes reordered (the nibbles, then the word of fifth bits);
+    the K-quants, super-blocks of 256: Q4_K and Q5_K (half d and dmin, 6-bit sc and m per 32: q * (d * sc)
+    - dmin * m) -> q4k / q5k, Q6_K (half d, int8 sc per 16: (q - 32) * (d * sc)) -> q6k."""
     N, K = shape
     if block_type not in GGUF_BLOCKS:
         raise HyEdgeError(f"{block_type} blocks cannot be kept")
@@ -356,14 +356,10 @@ def carry_blocks(block_type: str, rows: np.ndarray, shape: tuple[int, int]) -> Q
             with np.errstate(over="ignore"):
                 offset = (scale * np.float16(-8)).astype(np.float16)  # exact: a power of two
         return kept(np.ascontiguousarray(b[:, :, per - 16 :]), scale, offset=offset)
-    if block_type in ("q5_0", "q5_1"):
-        at = 2 if block_type == "q5_0" else 4  # the 32 high bits, then 16 bytes of low nibbles
-        qh = np.ascontiguousarray(b[:, :, at : at + 4]).view("<u4").reshape(N, n_blocks, 1)
-        qs = b[:, :, at + 4 :].astype(np.uint32)
-        j = np.arange(16, dtype=np.uint32)
-        q = np.concatenate([(qs & 15) | ((qh >> j) & 1) << 4, (qs >> 4) | ((qh >> (j + 16)) & 1) << 4], axis=2)
-        codes = minifloat.pack((q.reshape(N, K) - (16 if block_type == "q5_0" else 0)).astype(np.uint8) & 63, "e3m2")
-        return kept(codes, half(0), offset=half(2) if block_type == "q5_1" else None)
+    if block_type in ("q5_0", "q5_1"):  # [d, (m,)] the word of fifth bits, 16 bytes of nibbles
+        at = 2 if block_type == "q5_0" else 4
+        codes = np.concatenate([b[:, :, at + 4 :], b[:, :, at : at + 4]], axis=2).reshape(N, -1)
+        return kept(np.ascontiguousarray(codes), half(0), offset=half(2) if block_type == "q5_1" else None)
     if block_type == "q6_k":  # ql (128), qh (64), 16 int8 scales, half d: weight w's scale is w // 16
         ql, qh = b[:, :, :128].reshape(N, n_blocks, 2, 2, 32), b[:, :, 128:192].reshape(N, n_blocks, 2, 1, 32)
         low = np.stack([ql & 15, ql >> 4], axis=3)  # (N, S, half, nibble, part, 32): weight 32 (2 nibble + part) + l
@@ -379,15 +375,14 @@ def carry_blocks(block_type: str, rows: np.ndarray, shape: tuple[int, int]) -> Q
     qs = b[:, :, per - 128 :].reshape(N, n_blocks, 4, 1, 32)
     q = np.concatenate([qs & 15, qs >> 4], axis=3)  # (N, S, 4, 2, 32): block 2c from the low nibbles, 2c + 1 high
     subs = (np.ascontiguousarray(sc.reshape(N, -1)), np.ascontiguousarray(mins.reshape(N, -1)))
-    if block_type == "q4_k":
-        q = q.reshape(N, n_blocks * 8, 32)
-        codes = np.ascontiguousarray((q[:, :, :16] | q[:, :, 16:] << 4).astype(np.uint8))  # uint4's byte order
-    else:  # block 2c's fifth bit is bit 2c of qh[l], block 2c + 1's bit 2c + 1
-        qh = b[:, :, 16:48].reshape(N, n_blocks, 1, 1, 32)
-        bit = np.arange(8, dtype=np.uint8).reshape(1, 1, 4, 2, 1)
-        q = q | ((qh >> bit) & 1) << 4
-        codes = minifloat.pack(q.reshape(N, K).astype(np.uint8), "e3m2")
-    return kept(codes, half(0), offset=half(2), subs=subs)
+    q = q.reshape(N, n_blocks * 8, 32)
+    codes = (q[:, :, :16] | q[:, :, 16:] << 4).astype(np.uint8)  # uint4's byte order
+    if block_type == "q5_k":  # block 2c's fifth bits are bit 2c of qh[0..31], block 2c + 1's bit 2c + 1
+        qh = b[:, :, 16:48].reshape(N, n_blocks, 1, 32)
+        bits = (qh >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)) & 1  # (N, S, block, weight)
+        words = np.packbits(bits, axis=3, bitorder="little").reshape(N, n_blocks * 8, 4)
+        codes = np.concatenate([codes, words], axis=2).reshape(N, -1)
+    return kept(np.ascontiguousarray(codes), half(0), offset=half(2), subs=subs)
 
 
 def dequantize_carried(codes: np.ndarray, weight_scale: np.ndarray) -> np.ndarray:

@@ -15,14 +15,16 @@ Storage of a weight `W` (a name from `layer_tensors` / `GLOBAL_TENSORS`):
 - sub-byte FP (FP4 E2M1, FP6 E3M2 / E2M3, hy_edge_ops.minifloat): `W.qweight` UINT8 (N, K / 32 * 16 | 24),
         each block of 32 codes packed (minifloat's layout), `W.scale` FLOAT16 (N, K/32): weight = value(code) *
         scale; which format, the metadata says (`hy_edge.quantization` tensors[W].storage);
-- GGUF's other integer blocks kept exactly (hy_edge_ops.blockq): 6-bit codes packed as FP6's, UINT8 (N, K / 32
-        * 24): `int6` (Q5_0: two's complement codes, `W.scale` as int8's) and `uint6` (Q5_1: `W.scale` and
-        `W.offset` as uint4's); the K-quants, whose scales come per super-block of 256 weights (FLOAT16 (N,
-        K/256)) and per block in bytes: `q4k` (Q4_K: UINT4 codes as uint4's) and `q5k` (Q5_K: 6-bit codes as
-        uint6's) with `W.scale` d, `W.offset` dmin, `W.sub_scale` and `W.sub_offset` UINT8 (N, K/32) sc and m:
-        weight = code * (d * sc) - dmin * m; `q6k` (Q6_K: 6-bit codes as int6's) with `W.scale` d and
-        `W.sub_scale` INT8 (N, K/16), one per 16 weights: weight = code * (d * sc). The metadata names these
-        storages as it names the sub-byte FP ones (BLOCK_STORAGES);
+- GGUF's other integer blocks kept exactly (hy_edge_ops.blockq): 5-bit codes, UINT8 (N, K / 32 * 20), per
+        block uint4's 16 bytes of low nibbles then a little-endian 32-bit word whose bit i is weight i's fifth
+        bit: `int5` (Q5_0: weight = (code - 16) * scale, `W.scale` as int8's) and `uint5` (Q5_1: `W.scale`
+        and `W.offset` as uint4's); the K-quants, whose scales come per super-block of 256 weights (FLOAT16
+        (N, K/256)) and per block in bytes: `q4k` (Q4_K: UINT4 codes as uint4's) and `q5k` (Q5_K: 5-bit codes
+        as uint5's) with `W.scale` d, `W.offset` dmin, `W.sub_scale` and `W.sub_offset` UINT8 (N, K/32) sc
+        and m: weight = code * (d * sc) - dmin * m; `q6k` (Q6_K: 6-bit two's complement codes in FP6's layout,
+        UINT8 (N, K / 32 * 24)) with `W.scale` d and `W.sub_scale` INT8 (N, K/16), one per 16 weights:
+        weight = code * (d * sc). The metadata names these storages as it names the sub-byte FP ones
+        (BLOCK_STORAGES);
 - FP16: initializer `W` (FLOAT16), FP32: initializer `W` (FLOAT).
 Layers that share weights (`spec.shared_layers`) have no tensors of their own.
 """
@@ -95,10 +97,10 @@ BLOCK_STORAGES = {
     "int8": BlockStorage(32, "int8", _D),  # Q8_0
     "uint4": BlockStorage(16, "uint4", _DM),  # Q4_0, Q4_1
     **{f: BlockStorage(n, "uint8", _D) for f, n in SUBBYTE_BLOCK_BYTES.items()},
-    "int6": BlockStorage(24, "uint8", _D),  # Q5_0
-    "uint6": BlockStorage(24, "uint8", _DM),  # Q5_1
+    "int5": BlockStorage(20, "uint8", _D),  # Q5_0
+    "uint5": BlockStorage(20, "uint8", _DM),  # Q5_1
     "q4k": BlockStorage(16, "uint4", _K),  # Q4_K
-    "q5k": BlockStorage(24, "uint8", _K),  # Q5_K
+    "q5k": BlockStorage(20, "uint8", _K),  # Q5_K
     "q6k": BlockStorage(24, "uint8", ((SCALE, "fp16", 256), (SUB_SCALE, "int8", 16))),  # Q6_K
 }
 

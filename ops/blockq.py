@@ -13,12 +13,13 @@ DequantizeLinear (+ Add) give. Storages:
 - `e3m2` (FP6: bias 3, max 28) and `e2m3` (FP6: bias 1, max 7.5): 24 bytes per block, bytes 0..15 the
   low 4 bits of each 6-bit code in `uint4`'s nibble layout, bytes 16..23 the high 2 bits: byte 16 + j
   holds codes j, j + 8, j + 16, j + 24 in bits 0-1, 2-3, 4-5, 6-7;
-- GGUF's other integer types, their codes and scales re-laid out, never re-rounded: `int6` (Q5_0: 6-bit
-  two's complement codes in FP6's layout, d per block), `uint6` (Q5_1: unsigned 6-bit codes, d and m), and
-  the K-quants, whose block scales are d (and dmin) per super-block of 256 times a byte per block:
-  `q4k` (Q4_K: uint4's nibbles, code * (d * sc) - dmin * m), `q5k` (Q5_K: unsigned 6-bit codes, the same
-  scales), `q6k` (Q6_K: two's complement 6-bit codes, code * (d * sc) with a signed byte sc per 16
-  weights). d * sc is exact in float32 (11 and at most 8 significant bits), so each weight is the value
+- GGUF's other integer types, their codes and scales re-laid out, never re-rounded: 5-bit codes in 20
+  bytes (`uint4`'s 16 bytes of low nibbles, then a little-endian 32-bit word whose bit i is weight i's
+  fifth bit: GGUF's Q5_0 bytes reordered): `int5` (Q5_0: code - 16, d per block), `uint5` (Q5_1: d and m);
+  and the K-quants, whose block scales are d (and dmin) per super-block of 256 times a byte per block:
+  `q4k` (Q4_K: uint4's nibbles, code * (d * sc) - dmin * m), `q5k` (Q5_K: 5-bit codes, the same scales),
+  `q6k` (Q6_K: 6-bit codes in FP6's layout, two's complement, code * (d * sc) with a signed byte sc per
+  16 weights). d * sc is exact in float32 (11 and at most 8 significant bits), so each weight is the value
   gguf's dequantizer gives (`SCALES`, `pack_scales`).
 The minifloats' codes are ml_dtypes' float4_e2m1fn, float6_e3m2fn and float6_e2m3fn: sign in the top
 bit, then exponent, then mantissa, subnormals at exponent 0, every code finite (`minifloat_values`).
@@ -80,27 +81,28 @@ SUPER = 256  # weights per super-block of the K-quant storages (q4k, q5k, q6k): 
 # bytes of codes per block
 CODE_BYTES = {
     "int8": 32, "uint4": 16, "e2m1": 16, "e3m2": 24, "e2m3": 24,
-    "int6": 24, "uint6": 24, "q4k": 16, "q5k": 24, "q6k": 24,
+    "int5": 20, "uint5": 20, "q4k": 16, "q5k": 20, "q6k": 24,
 }  # fmt: skip
 STORAGES = tuple(CODE_BYTES)
 MINIFLOATS = tuple(minifloat.FORMATS)  # e2m1, e3m2, e2m3
-# how a block's codes are held: "int8" one a byte; "nibbles" uint4's layout (unsigned); "signed6" /
-# "unsigned6": 6-bit integers in the FP6 layout (signed: two's complement); or a minifloat
+# how a block's codes are held: "int8" one a byte; "nibbles" uint4's layout (unsigned); "signed5" /
+# "unsigned5": nibbles plus a word of fifth bits (signed: code - 16); "signed6": 6-bit two's complement
+# integers in FP6's layout; or a minifloat
 CODES = {
-    "int8": "int8", "uint4": "nibbles", "q4k": "nibbles", "int6": "signed6", "q6k": "signed6",
-    "uint6": "unsigned6", "q5k": "unsigned6", **{f: "minifloat" for f in MINIFLOATS},
+    "int8": "int8", "uint4": "nibbles", "q4k": "nibbles", "int5": "signed5", "uint5": "unsigned5",
+    "q5k": "unsigned5", "q6k": "signed6", **{f: "minifloat" for f in MINIFLOATS},
 }  # fmt: skip
 # their scales: "d" a half d per block (weight = code * d); "dm" halves d and m per block (code * d + m);
 # "k" halves d and dmin per super-block and bytes sc and m per block (code * (d * sc) - dmin * m); "k16"
 # a half d per super-block and a signed byte sc per 16 weights (code * (d * sc))
 SCALES = {
-    "int8": "d", "uint4": "dm", "int6": "d", "uint6": "dm", "q4k": "k", "q5k": "k", "q6k": "k16",
+    "int8": "d", "uint4": "dm", "int5": "d", "uint5": "dm", "q4k": "k", "q5k": "k", "q6k": "k16",
     **{f: "d" for f in MINIFLOATS},
 }  # fmt: skip
 # the dtype of the kernels' view of each storage's codes: a tag the compiled code types the storage by
 _KERNEL_DTYPE = {
     "int8": np.int8, "uint4": np.uint8, "e2m1": np.int16, "e3m2": np.int32, "e2m3": np.uint32,
-    "q4k": np.uint16, "int6": np.int64, "uint6": np.uint64, "q6k": np.float64, "q5k": np.float32,
+    "q4k": np.int64, "q6k": np.float64, "int5": np.uint16, "uint5": np.float32, "q5k": np.bool_,
 }  # fmt: skip
 _STORAGE_OF = {numpy_support.from_dtype(np.dtype(dt)): name for name, dt in _KERNEL_DTYPE.items()}  # numba dtype
 # the decoded float32 is value * 2**-(127 - bias): 2**(127 - bias) = fold on d * fold on the sum
@@ -182,7 +184,7 @@ def pack_scales(
     sub_offset: np.ndarray | None = None,
 ) -> np.ndarray:
     """The kernels' scales, per row: "d" storages (N, G) d -> float32 (N, ceil(G/2)) holding the d's in
-    order; "dm" (uint4, uint6) (N, G) d and m -> float32 (N, G) holding (d, m) pairs; "k" and "k16" (the
+    order; "dm" (uint4, uint5) (N, G) d and m -> float32 (N, G) holding (d, m) pairs; "k" and "k16" (the
     K-quants, S super-blocks of 8 blocks) -> float32 (N, 5 S): S pairs of halves (d, dmin) -- (d, 0) for
     q6k -- then G pairs of bytes (sc, m) -- the two sc of the block's halves for q6k."""
     scale = np.ascontiguousarray(scale).view(np.uint16)
@@ -211,24 +213,32 @@ def pack_scales(
     return np.ascontiguousarray(halves.reshape(n_rows, -1)).view(np.float32)
 
 
-def six_bit_values(storage: str) -> np.ndarray:
-    """int32 (64,): the integer each 6-bit code of an int6 / q6k (two's complement) or uint6 / q5k
-    storage stands for."""
-    codes = np.arange(64, dtype=np.int32)
-    return codes - 64 * (codes >= 32) if CODES[storage] == "signed6" else codes
+def integer_values(storage: str) -> np.ndarray:
+    """int32 (2**bits,): the integer each code of an int5 / uint5 / q5k (5-bit) or q6k (6-bit) storage
+    stands for."""
+    kind = CODES[storage]
+    if kind == "signed6":
+        codes = np.arange(64, dtype=np.int32)
+        return codes - 64 * (codes >= 32)
+    return np.arange(32, dtype=np.int32) - (16 if kind == "signed5" else 0)
 
 
 def codes_of(storage: str, w: np.ndarray) -> np.ndarray:
-    """int32 (N, K): the integer codes of stored integer blocks (int8 / uint4 / int6 / uint6 / q4k / q5k /
+    """int32 (N, K): the integer codes of stored integer blocks (int8 / uint4 / int5 / uint5 / q4k / q5k /
     q6k), in weight order (numpy)."""
     kind = CODES[storage]
+    n_rows = w.shape[0]
     if kind == "int8":
-        return code_view(w, storage).reshape(w.shape[0], -1).astype(np.int32)
-    if kind == "nibbles":
-        b = w.reshape(w.shape[0], -1, 16)
-        return np.concatenate([b & 15, b >> 4], axis=2).reshape(w.shape[0], -1).astype(np.int32)
+        return code_view(w, storage).reshape(n_rows, -1).astype(np.int32)
     code_view(w, storage)  # checks the shape
-    return six_bit_values(storage)[minifloat.unpack(w, "e3m2")]
+    if kind == "signed6":
+        return integer_values(storage)[minifloat.unpack(w, "e3m2")]
+    b = w.reshape(n_rows, -1, CODE_BYTES[storage])
+    q = np.concatenate([b[:, :, :16] & 15, b[:, :, :16] >> 4], axis=2).astype(np.int32)
+    if kind != "nibbles":  # the fifth bits: bit i of the little-endian word is weight i's
+        q |= np.unpackbits(b[:, :, 16:20], axis=2, bitorder="little").astype(np.int32) << 4
+        q = integer_values(storage)[q]
+    return q.reshape(n_rows, -1)
 
 
 def dequantize(
@@ -329,10 +339,11 @@ def _decode_row_impl(codes, halves, out):
 
 
 def _integer_decoder(storage: str):
-    """decode_row for int6 / uint6 / q4k / q5k / q6k: integer codes times a scale per block (or per half
+    """decode_row for int5 / uint5 / q4k / q5k / q6k: integer codes times a scale per block (or per half
     block), plus an offset per block; the two-level scales (d * sc, dmin * m) are exact in float32."""
-    six = CODES[storage] != "nibbles"
-    signed = CODES[storage] == "signed6"
+    six = CODES[storage] == "signed6"  # two's complement in FP6's layout
+    five = CODES[storage] in ("signed5", "unsigned5")
+    minus = 16 if CODES[storage] == "signed5" else 0
     kind = ("d", "dm", "k", "k16").index(SCALES[storage])
 
     def integer(codes, halves, out):
@@ -354,16 +365,22 @@ def _integer_decoder(storage: str):
                 top = half_to_f32(halves[2 * (g >> 3)])
                 d = top * np.float32(np.int8(subs[2 * g]))
                 d1 = top * np.float32(np.int8(subs[2 * g + 1]))
+            bits = np.int64(0)
+            if five:  # bit i of the little-endian word at byte 16: weight i's fifth bit
+                for k in range(4):
+                    bits |= np.int64(b[g, BLOCK // 2 + k]) << (8 * k)
             for j in range(BLOCK // 2):
                 q = np.int32(b[g, j])
                 lo, hi = q & 15, q >> 4
+                if five:
+                    lo = (lo | np.int32((bits >> j) & 1) << 4) - minus
+                    hi = (hi | np.int32((bits >> (j + 16)) & 1) << 4) - minus
                 if six:  # the high 2 bits: quarter j // 8 (weights 0..15), 2 + j // 8 (16..31)
                     h = np.int32(b[g, BLOCK // 2 + (j & 7)]) >> (2 * (j >> 3))
                     lo |= (h & 3) << 4
                     hi |= ((h >> 4) & 3) << 4
-                    if signed:
-                        lo -= (lo >> 5) << 6
-                        hi -= (hi >> 5) << 6
+                    lo -= (lo >> 5) << 6
+                    hi -= (hi >> 5) << 6
                 out[g * BLOCK + j] = np.float32(lo) * d + m
                 out[g * BLOCK + BLOCK // 2 + j] = np.float32(hi) * d1 + m
 
@@ -519,7 +536,7 @@ def _minifloat_vectors(builder, p, at, storage: str, lanes: int, signed_byte_flo
 
 
 def _integer_block(builder, p, s_row, at, g, storage, lanes, n_super, pair_at, splat_value) -> list:
-    """The 32 weights of block g of an int6 / uint6 / q4k / q5k / q6k row as BLOCK / lanes float32
+    """The 32 weights of block g of an int5 / uint5 / q4k / q5k / q6k row as BLOCK / lanes float32
     vectors: code * scale (+ offset), each exact as `dequantize` computes it (the scale's product d * sc
     is exact in float32; code * scale is rounded once, or exact where an offset follows)."""
     intp = g.type
@@ -536,18 +553,40 @@ def _integer_block(builder, p, s_row, at, g, storage, lanes, n_super, pair_at, s
             parts = [lo, hi]
         codes = [builder.uitofp(q, vf) for q in parts]
         fold = 1.0
-    else:  # 6-bit codes in bits 2-7 of a byte: signed, their value times 4 (the 4 folded into the scale)
-        v32 = ir.VectorType(_I8, BLOCK)
-        six = _minifloat_bytes(builder, p, at, "e3m2")
-        if CODES[storage] == "signed6":
-            ints, fold = builder.and_(six, ir.Constant(v32, [0xFC] * BLOCK)), 0.25
-        else:
-            ints, fold = builder.lshr(six, ir.Constant(v32, [2] * BLOCK)), 1.0
+    elif CODES[storage] != "signed6":  # 5-bit: the nibbles, and bit i of the word at byte 16 as 16
+        v16, v32 = ir.VectorType(_I8, 16), ir.VectorType(_I8, BLOCK)
+        order = ir.Constant(ir.VectorType(_I32, BLOCK), list(range(BLOCK)))
+        b = builder.load(builder.gep(p, [at], source_etype=_I8), typ=v16, align=1)
+        nibbles = builder.shuffle_vector(
+            builder.and_(b, ir.Constant(v16, [15] * 16)), builder.lshr(b, ir.Constant(v16, [4] * 16)), order
+        )
+        word = builder.load(
+            builder.gep(p, [builder.add(at, intp(16))], source_etype=_I8), typ=ir.VectorType(_I8, 4), align=1
+        )
+        spread = builder.shuffle_vector(
+            word, word, ir.Constant(ir.VectorType(_I32, BLOCK), [i // 8 for i in range(BLOCK)])
+        )
+        mask = ir.Constant(v32, [1 << (i % 8) for i in range(BLOCK)])
+        set_ = builder.icmp_unsigned("!=", builder.and_(spread, mask), ir.Constant(v32, [0] * BLOCK))
+        ints = builder.or_(nibbles, builder.select(set_, ir.Constant(v32, [16] * BLOCK), ir.Constant(v32, [0] * BLOCK)))
+        signed = CODES[storage] == "signed5"
+        if signed:
+            ints = builder.sub(ints, ir.Constant(v32, [16] * BLOCK))
         codes = []
         for sub in range(BLOCK // lanes):
             pick = ir.Constant(ir.VectorType(_I32, lanes), list(range(sub * lanes, (sub + 1) * lanes)))
             part = ints if lanes == BLOCK else builder.shuffle_vector(ints, ints, pick)
-            codes.append(builder.sitofp(part, vf) if fold != 1.0 else builder.uitofp(part, vf))
+            codes.append(builder.sitofp(part, vf) if signed else builder.uitofp(part, vf))
+        fold = 1.0
+    else:  # 6-bit codes in bits 2-7 of a byte: signed, their value times 4 (the 4 folded into the scale)
+        v32 = ir.VectorType(_I8, BLOCK)
+        six = _minifloat_bytes(builder, p, at, "e3m2")
+        ints, fold = builder.and_(six, ir.Constant(v32, [0xFC] * BLOCK)), 0.25
+        codes = []
+        for sub in range(BLOCK // lanes):
+            pick = ir.Constant(ir.VectorType(_I32, lanes), list(range(sub * lanes, (sub + 1) * lanes)))
+            part = ints if lanes == BLOCK else builder.shuffle_vector(ints, ints, pick)
+            codes.append(builder.sitofp(part, vf))
     offset = None
     if kind == "d":
         d, _ = pair_at(s_row, g)
@@ -663,7 +702,7 @@ def emit_block_dots(context, builder, signature, args, lanes: int, lane_sum, spl
                     builder.fadd(builder.fmul(builder.uitofp(q, vf), d, flags=_CONTRACT), m, flags=_CONTRACT)
                     for q in parts
                 ]
-            elif storage not in MINIFLOATS:  # int6 / uint6 / q4k / q5k / q6k
+            elif storage not in MINIFLOATS:  # int5 / uint5 / q4k / q5k / q6k
                 vecs = _integer_block(builder, p, s_row, at, g, storage, lanes, n_super, pair_at, splat_value)
             else:  # minifloats: value(code) times a power of two, times d with the fold on d
                 d = halves_at(s_row, g, fold_d)[0]

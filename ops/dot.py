@@ -71,7 +71,7 @@ _STORED = (types.int8, types.uint8, types.uint16, types.float32)
 # hy_edge_ops.blockq's codes as 3-D arrays (N, G, ...), typed by their storage (blockq._KERNEL_DTYPE)
 _BLOCK_DTYPES = (
     types.int8, types.uint8, types.int16, types.int32, types.uint32,
-    types.uint16, types.int64, types.uint64, types.float64, types.float32,
+    types.uint16, types.int64, types.float64, types.float32, types.boolean,
 )  # fmt: skip
 
 

@@ -76,7 +76,7 @@ def _blocks(codes: np.ndarray, scale: np.ndarray, offset: np.ndarray | None) -> 
     return w.reshape(n_rows, -1)
 
 
-_GGUF_INTEGER = ("int6", "uint6", "q4k", "q5k", "q6k")
+_GGUF_INTEGER = ("int5", "uint5", "q4k", "q5k", "q6k")
 
 
 def _six_bit_codes(packed: np.ndarray) -> np.ndarray:
@@ -93,22 +93,29 @@ def _six_bit_codes(packed: np.ndarray) -> np.ndarray:
 
 
 def _integer(codes: np.ndarray, arrays: dict, base: str, storage: str) -> np.ndarray:
-    """format.py's int6 / uint6 (6-bit codes, two's complement for int6, a half scale (and offset) per 32)
-    and K-quants (q4k: uint4 codes as onnx unpacks them; q5k: 6-bit codes; q6k: 6-bit two's complement; a
-    half d (and dmin) per 256, byte sc (and m) per 32, or int8 sc per 16 for q6k): weight = code * d * sc
-    - dmin * m, each product in float32 as the file's numbers give it."""
+    """format.py's int5 / uint5 (5-bit codes: 16 bytes of nibbles, byte j holding weights j and j + 16, then
+    4 bytes whose bit i, little-endian, is weight i's fifth bit; int5 minus 16; a half scale (and offset)
+    per 32) and K-quants (q4k: uint4 codes as onnx unpacks them; q5k: 5-bit codes; q6k: 6-bit two's
+    complement in FP6's layout; a half d (and dmin) per 256, byte sc (and m) per 32, or int8 sc per 16 for
+    q6k): weight = code * d * sc - dmin * m, each product in float32 as the file's numbers give it."""
     n_rows = codes.shape[0]
     if storage == "q4k":
         q = codes.astype(np.int64).reshape(n_rows, -1, 16, 2).transpose(0, 1, 3, 2).reshape(n_rows, -1, 32)
-    else:
+    elif storage == "q6k":
         q = _six_bit_codes(codes)
-        if storage in ("int6", "q6k"):
-            q = np.where(q >= 32, q - 64, q)
+        q = np.where(q >= 32, q - 64, q)
+    else:
+        b = codes.reshape(n_rows, -1, 20).astype(np.int64)
+        q = np.concatenate([b[:, :, :16] & 15, b[:, :, :16] >> 4], axis=2)
+        word = b[:, :, 16] | b[:, :, 17] << 8 | b[:, :, 18] << 16 | b[:, :, 19] << 24
+        q = q | ((word[:, :, None] >> np.arange(32)) & 1) << 4
+        if storage == "int5":
+            q = q - 16
     d = arrays[base + F.SCALE].astype(np.float32)
     q = q.astype(np.float32)
-    if storage in ("int6", "uint6"):
+    if storage in ("int5", "uint5"):
         w = q * d[:, :, None]
-        if storage == "uint6":
+        if storage == "uint5":
             w = w + arrays[base + F.OFFSET].astype(np.float32)[:, :, None]
         return w.reshape(n_rows, -1)
     sc = arrays[base + F.SUB_SCALE].astype(np.float32)

@@ -16,7 +16,7 @@ from runtime_helpers import hf_logits, rel_err
 import edge_runtime
 
 STORAGE = {
-    "Q8_0": "int8", "Q4_0": "uint4", "Q4_1": "uint4", "Q5_0": "int6", "Q5_1": "uint6",
+    "Q8_0": "int8", "Q4_0": "uint4", "Q4_1": "uint4", "Q5_0": "int5", "Q5_1": "uint5",
     "Q4_K": "q4k", "Q5_K": "q5k", "Q6_K": "q6k",
 }  # fmt: skip
 # where a GGUF block holds its half scales (ggml-common.h)

@@ -31,8 +31,8 @@ _ORT_ERRORS = tuple(
 # Measured on SmolLM2-135M, every linear in the format: peak RSS 2,039 MB (e2m1), 3,470 MB (e2m3) against
 # 1,233 MB for the E4M3 file (x86-64, onnxruntime 1.32)
 SUBBYTE_FOLD_BYTES = {"e2m1": 14, "e2m3": 25, "e3m2": 25}
-# GGUF's 6-bit-coded blocks (Q5_0, Q5_1, Q5_K, Q6_K kept) go through FP6's decode: counted as FP6
-SUBBYTE_FOLD_BYTES.update(dict.fromkeys(("int6", "uint6", "q5k", "q6k"), 25))
+# GGUF's 5- and 6-bit-coded blocks (Q5_0, Q5_1, Q5_K, Q6_K kept) go through a decode like FP6's: counted as FP6
+SUBBYTE_FOLD_BYTES.update(dict.fromkeys(("int5", "uint5", "q5k", "q6k"), 25))
 
 
 def ort_memory_plan(spec: ModelSpec, tensors: dict[str, Tensor]) -> MemoryPlan:
