@@ -94,6 +94,8 @@ HY_EDGE = (
     # the converter's default rounding of float weights: gptq with searched scales (--rounding auto)
     hy_edge("hy-edge --format e4m3 (gptq+search)", format="e4m3"),
     hy_edge("hy-edge --format e4m3 (gptq+search) --lm-head-fp16", format="e4m3", lm_head_fp8=False),
+    hy_edge("hy-edge --format e4m3 (gptq+search) block:128", format="e4m3", granularity="block:128"),
+    hy_edge("hy-edge --format e4m3 (gptq+search) block:64", format="e4m3", granularity="block:64"),
     hy_edge("hy-edge --format e4m3 (gptq+search) block:32", format="e4m3", granularity="block:32"),
     hy_edge(
         "hy-edge --format e4m3 (gptq+search) block:32 --lm-head-fp16",
