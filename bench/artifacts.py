@@ -50,7 +50,8 @@ def hy_edge_model(ckpt: Path, policy_fields: dict) -> Path:
     stamp = json.dumps(dataclasses.asdict(policy), sort_keys=True)
     model = ckpt.parent / f"{ckpt.name}.{hashlib.sha1(stamp.encode()).hexdigest()[:10]}.onnx"
     data = Path(str(model) + ".data")
-    if model.exists() and data.exists() and model.stat().st_mtime >= (ckpt / "model.safetensors").stat().st_mtime:
+    source = ckpt if ckpt.is_file() else ckpt / "model.safetensors"  # a GGUF file, or a checkpoint directory
+    if model.exists() and data.exists() and model.stat().st_mtime >= source.stat().st_mtime:
         return model
     report = convert(ckpt, model, policy)
     Path(str(model) + ".policy.json").write_text(stamp + "\n")  # what the hashed name stands for

@@ -55,6 +55,7 @@ SUBBYTE_VARIANTS = [
     ("FP6 e2m3", {"format": "e2m3"}),
 ]
 LLAMA_CPP_QUANTS = ("Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K")  # made by llama.cpp's quantizer from its F16 file
+KEPT_QUANTS = ("Q4_K_M", "Q6_K")  # --subbyte: hy-edge's default conversion of those files too (blocks kept)
 CONTENTION_TOKENS = 32  # decode tokens under contention (a step may take ~0.5 s there)
 CONTENTION_CASES = ("hy-edge numba default", "llama.cpp Q8_0")
 BATCH_CASES = ("hy-edge numba default",)  # 4 sequences decoded together, in a process of their own
@@ -138,6 +139,10 @@ def build_cases(args, ckpt: Path, notes: list[str]) -> list[Case]:
                 note(notes, f"llama.cpp {ftype}: {e}; going on without it")
                 continue
             cases.append(Case(f"llama.cpp {ftype}", "llama.cpp", path, artifacts.gguf_bytes_per_token(path), full))
+            if args.subbyte and ftype in KEPT_QUANTS:
+                kept = artifacts.hy_edge_model(path, {})
+                bytes_per_token = artifacts.hy_edge_bytes_per_token(kept)
+                cases.append(Case(f"hy-edge numba {ftype} kept", "numba", kept, bytes_per_token, full))
         for outtype in ("q8_0",) if short else ("q8_0", "f16"):
             try:
                 path = artifacts.gguf(ckpt, outtype)

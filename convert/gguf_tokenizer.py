@@ -32,14 +32,24 @@ _QWEN2_SPLIT = (
 )
 
 
-def _byte_level(regex: str | None = None, digits: bool = False) -> pre_tokenizers.PreTokenizer:
-    """ByteLevel after an optional regex split; regex None keeps ByteLevel's built-in GPT-2 regex
+# Hunyuan dense: digits in threes, runs of CJK ideographs and kana, then words and punctuation; each regex splits
+# the pieces the one before left (llama.cpp's unicode_regex_split)
+_HUNYUAN_SPLITS = (
+    r"\p{N}{1,3}",
+    r"[一-龥぀-ゟ゠-ヿ]+",
+    r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+    r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+)
+
+
+def _byte_level(regex: str | tuple[str, ...] | None = None, digits: bool = False) -> pre_tokenizers.PreTokenizer:
+    """ByteLevel after optional regex splits, in turn; regex None keeps ByteLevel's built-in GPT-2 regex
     ('s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+)."""
     steps: list = []
     if digits:
         steps.append(pre_tokenizers.Digits(individual_digits=True))
-    if regex is not None:
-        steps.append(pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False))
+    for r in (regex,) if isinstance(regex, str) else regex or ():
+        steps.append(pre_tokenizers.Split(Regex(r), behavior="isolated", invert=False))
     steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=regex is None))
     return steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
 
@@ -56,6 +66,7 @@ _PRE = {
     "llama-bpe": (lambda: _byte_level(_LLAMA3_SPLIT), True),
     "llama3": (lambda: _byte_level(_LLAMA3_SPLIT), True),
     "qwen2": (lambda: _byte_level(_QWEN2_SPLIT), False),
+    "hunyuan-dense": (lambda: _byte_level(_HUNYUAN_SPLITS), False),
 }
 
 

@@ -41,8 +41,17 @@ class Family:
 
 
 FAMILIES = (
-    # Hunyuan: the format Tencent documents for Hunyuan-A13B's function calls (the family's agent format)
-    Family("hunyuan_v1_dense", "HunYuanDenseV1ForCausalLM", tools=ToolTags("<tool_calls>", "</tool_calls>")),
+    # Hunyuan: the format Tencent documents for Hunyuan-A13B's function calls (the family's agent format). Its
+    # GGUF (llama.cpp's hunyuan-dense) carries the NTK-alpha-stretched RoPE base as its freq_base
+    Family(
+        "hunyuan_v1_dense",
+        "HunYuanDenseV1ForCausalLM",
+        gguf_arch="hunyuan-dense",
+        gguf_block_names=MappingProxyType(
+            {"attn_q_norm": "self_attn.query_layernorm", "attn_k_norm": "self_attn.key_layernorm"}
+        ),
+        tools=ToolTags("<tool_calls>", "</tool_calls>"),
+    ),  # fmt: skip
     # Llama 2/3.x and SmolLM2 (Llama 3's RoPE scaling: GGUF rope_freqs); SmolLM2's function-calling format
     Family(
         "llama",

@@ -579,6 +579,72 @@ def make_gguf_llama(
     return path
 
 
+def make_gguf_hunyuan(hf_dir: Path, path: Path, qtype: str = "F32") -> Path:
+    """The GGUF llama.cpp's converter writes of a Hunyuan dense checkpoint (its HunYuanModel, architecture
+    hunyuan-dense): q/k rows not permuted (NeoX-style RoPE, as Hugging Face's), query/key_layernorm as
+    attn_q_norm / attn_k_norm, the NTK-alpha RoPE base stretched into freq_base (base * alpha ** (d / (d -
+    2))), the tied head left out, and the checkpoint's byte-level BPE with pre-tokenizer "hunyuan-dense"."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    cfg = json.loads((Path(hf_dir) / "config.json").read_text())
+    tj = json.loads((Path(hf_dir) / "tokenizer.json").read_text())
+    vocab = tj["model"]["vocab"] | {t["content"]: t["id"] for t in tj["added_tokens"]}
+    tokens = sorted(vocab, key=vocab.get)
+    specials = {t["content"] for t in tj["added_tokens"]}
+    rope = cfg.get("rope_parameters") or {}
+    D = cfg["head_dim"]
+    base = rope.get("rope_theta", 10000.0) * rope.get("alpha", 1.0) ** (D / (D - 2))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path), "hunyuan-dense")
+    w.add_name("tiny-hunyuan")
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_rope_dimension_count(D)
+    w.add_key_length(D)
+    w.add_value_length(D)
+    w.add_rope_freq_base(base)
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_vocab_size(cfg["vocab_size"])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("hunyuan-dense")
+    w.add_token_list(tokens + [f"[PAD{i}]" for i in range(len(tokens), cfg["vocab_size"])])
+    w.add_token_types([3 if t in specials else 1 for t in tokens] + [5] * (cfg["vocab_size"] - len(tokens)))
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]])
+    w.add_bos_token_id(cfg["bos_token_id"])
+    w.add_eos_token_id(cfg["eod_token_id"])
+    w.add_pad_token_id(cfg["pad_token_id"])
+    w.add_add_bos_token(False)
+    w.add_chat_template(HUNYUAN_TEMPLATE)
+    qt = gguf.GGMLQuantizationType[qtype]
+    names = {**_GGUF_BLOCK, "self_attn.query_layernorm": "attn_q_norm", "self_attn.key_layernorm": "attn_k_norm"}
+    for name, a in load_file(str(Path(hf_dir) / "model.safetensors")).items():
+        if name == "lm_head.weight" and cfg.get("tie_word_embeddings"):
+            continue
+        if name in _GGUF_NAMES:
+            gname = _GGUF_NAMES[name]
+        else:
+            _, _, i, rest = name.split(".", 3)
+            block, kind = rest.rsplit(".", 1)
+            gname = f"blk.{i}.{names[block]}.{kind}"
+        a = np.asarray(a, np.float32)
+        block = gguf.GGML_QUANT_SIZES[qt][0]
+        if a.ndim == 1 or qt == gguf.GGMLQuantizationType.F32 or a.shape[1] % block:  # llama.cpp: a fallback type
+            w.add_tensor(gname, np.ascontiguousarray(a))
+        else:
+            w.add_tensor(gname, gguf.quants.quantize(a, qt), raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 def llama3_rope_factors(d: int, base: float, scaling: dict) -> np.ndarray:
     """Llama 3's RoPE scaling as a divisor per frequency, in float32: what llama.cpp's converter writes
     as a GGUF's `rope_freqs` tensor."""

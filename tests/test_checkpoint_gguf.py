@@ -196,3 +196,37 @@ def test_sentencepiece_gguf_tokenizer(tmp_path):
             if not text.startswith(" "):
                 assert ids == [sp.bos_id()] + sp.encode(text), text
             assert ours.decode(ids, skip_special_tokens=True) == sp.decode(ids[1:])
+
+
+def test_hunyuan_dense_pre_tokenizer_splits_as_llama_cpp():
+    """tokenizer.ggml.pre "hunyuan-dense": llama.cpp splits with three regexes in turn, each on the pieces the
+    one before left (digits in threes, CJK / kana runs, then words and punctuation). The pre-tokenizer built
+    for it gives the pieces a plain `regex` implementation of that procedure gives, byte-level mapped."""
+    import regex
+    from hy_edge_convert import gguf_tokenizer as gt
+
+    def split(text: str) -> list[str]:
+        pieces = [text]
+        for pattern in gt._HUNYUAN_SPLITS:
+            out = []
+            for piece in pieces:
+                at = 0
+                for m in regex.finditer(pattern, piece):
+                    out += [piece[at : m.start()]] if m.start() > at else []
+                    out += [m.group()] if m.group() else []
+                    at = m.end()
+                out += [piece[at:]] if at < len(piece) else []
+            pieces = out
+        return pieces
+
+    to_unicode = gt.bytes_to_unicode()
+    pre = gt._PRE["hunyuan-dense"][0]()
+    for text in (
+        "Hunyuan-0.5B runs 123456 tokens/s on a Pi 5, isn't it?\n\n  Yes!!",
+        "你好，世界。今日はいい天気ですね、カタカナ123。",
+        "x=3.14159; y = [1, 22, 333]\t# note:\r\n done   ",
+        "",
+    ):
+        ours = [p for p, _ in pre.pre_tokenize_str(text)]
+        assert ours == ["".join(to_unicode[b] for b in p.encode()) for p in split(text)], text
+    assert ours == [] and len(split("12345")) == 2

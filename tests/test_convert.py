@@ -338,6 +338,37 @@ def test_llama3_gguf_rope_freqs_match_transformers(tmp_path):
     assert rel(model.session().forward(IDS, all_logits=True), ref) < 1e-4
 
 
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+def test_hunyuan_gguf_matches_transformers(checkpoint, qtype, tmp_path):
+    """llama.cpp's Hunyuan dense GGUF (architecture hunyuan-dense: the alpha-stretched RoPE base in freq_base,
+    q/k norms as attn_q_norm / attn_k_norm) converts to the model of the checkpoint it was made from: both
+    backends within 1e-4 of transformers' logits (F32; Q8_0 against the same checkpoint with the file's
+    weights), the spec's RoPE base the stretched one."""
+    import torch
+
+    import edge_runtime
+
+    hf = checkpoint("hunyuan-f32")
+    path = ck.make_gguf_hunyuan(hf, tmp_path / "g" / f"hunyuan-{qtype}.gguf", qtype)
+    out = tmp_path / "model.onnx"
+    convert(path, out, QuantPolicy(format="none"))
+    reference = hf_model(hf)
+    model = edge_runtime.load(out)
+    assert model.spec.model_type == "hunyuan_v1_dense" and model.spec.use_qk_norm
+    rope, d = reference.config.rope_parameters, model.spec.head_dim
+    assert model.spec.rope_theta == pytest.approx(rope["rope_theta"] * rope["alpha"] ** (d / (d - 2)), rel=1e-6)
+    if qtype != "F32":  # the file's own (Q8_0) weights in transformers' model
+        from hy_edge_convert.checkpoint import open_checkpoint
+
+        with open_checkpoint(path) as ckpt, torch.no_grad():
+            for name, param in reference.named_parameters():
+                key = "model.embed_tokens.weight" if name == "lm_head.weight" else name
+                param.copy_(torch.from_numpy(ckpt.tensors[key].load()))
+    ref = hf_logits(reference)
+    assert rel(ort_logits(out), ref) < 1e-4
+    assert rel(model.session().forward(IDS, all_logits=True), ref) < 1e-4
+
+
 def test_gemma3_sliding_window_and_local_rope_matter(checkpoint, tmp_path):
     """The control for Gemma 3's tiny checkpoint: the same weights with the window wider than the prompt, or
     with the sliding layers on the global RoPE base, give other logits (so the tests above see both)."""
