@@ -347,7 +347,7 @@ def _integer_decoder(storage: str):
     kind = ("d", "dm", "k", "k16").index(SCALES[storage])
 
     def integer(codes, halves, out):
-        b = codes.view(np.uint8)  # (G, 16 | 24)
+        b = codes.view(np.uint8)  # (G, code bytes)
         n_super = b.shape[0] // (SUPER // BLOCK)
         subs = halves[2 * n_super :].view(np.uint8)  # "k" / "k16": a pair of bytes per block
         for g in range(b.shape[0]):
