@@ -106,16 +106,10 @@ class GraphBuilder:
         kernels compute), times `fold` (a power of two)."""
         d = self.node("Cast", [name + F.SCALE], path + "/scale", to=TensorProto.FLOAT)
         kind = blockq.SCALES[w.storage]
+        block = blockq.BLOCK
         if kind in ("k", "k16"):
-            N, K = w.shape
-            per = blockq.SUPER // (blockq.BLOCK if kind == "k" else 16)
-            sub = self.node("Cast", [name + F.SUB_SCALE], path + "/sub_scale", to=TensorProto.FLOAT)
-            sub = self.node("Reshape", [sub, self.i64(N, K // blockq.SUPER, per)], path + "/sub_scale")
-            d = self.node("Reshape", [d, self.i64(N, K // blockq.SUPER, 1)], path + "/scale")
-            d = self.node("Reshape", [self.node("Mul", [d, sub], path + "/scale"), self.i64(N, -1)], path + "/scale")
-            block = blockq.SUPER // per
-        else:
-            block = blockq.BLOCK
+            block = blockq.BLOCK if kind == "k" else 16
+            d = self.times_subs(name, d, F.SUB_SCALE, blockq.SUPER // block, path + "/scale")
         if fold != 1.0:
             d = self.node("Mul", [d, self.const(fold)], path + "/scale")
         return d, block
@@ -180,15 +174,20 @@ class GraphBuilder:
             path = "/" + name.replace(".weight", "") + "/offset"
             m = self.node("Cast", [key], path, to=TensorProto.FLOAT)
             if blockq.SCALES[self.weights[name].storage] == "k":
-                N, K = self.weights[name].shape
-                per = blockq.SUPER // blockq.BLOCK
-                sub = self.node("Cast", [name + F.SUB_OFFSET], path + "/sub", to=TensorProto.FLOAT)
-                sub = self.node("Reshape", [sub, self.i64(N, K // blockq.SUPER, per)], path + "/sub")
-                m = self.node("Reshape", [m, self.i64(N, K // blockq.SUPER, 1)], path)
-                m = self.node("Neg", [self.node("Mul", [m, sub], path)], path)
-                m = self.node("Reshape", [m, self.i64(N, -1)], path)
+                sub = self.times_subs(name, m, F.SUB_OFFSET, blockq.SUPER // blockq.BLOCK, path)
+                m = self.node("Neg", [sub], path)
             self._dequant_cache[key] = m
         return self._dequant_cache[key]
+
+    def times_subs(self, name: str, top: str, suffix: str, per: int, path: str) -> str:
+        """A K-quant weight's halves per super-block `top` (N, S), in float32, times its byte sub-scales
+        `name + suffix` (N, S * per): float32 (N, S * per), exact (11 and at most 8 significant bits)."""
+        N, K = self.weights[name].shape
+        S = K // blockq.SUPER
+        sub = self.node("Cast", [name + suffix], path + "/sub", to=TensorProto.FLOAT)
+        sub = self.node("Reshape", [sub, self.i64(N, S, per)], path + "/sub")
+        top = self.node("Reshape", [top, self.i64(N, S, 1)], path)
+        return self.node("Reshape", [self.node("Mul", [top, sub], path), self.i64(N, -1)], path)
 
     def has_offsets(self, name: str) -> bool:
         storage = self.weights[name].storage

@@ -527,12 +527,27 @@ def _minifloat_vectors(builder, p, at, storage: str, lanes: int, signed_byte_flo
             out.append(builder.bitcast(builder.or_(builder.bitcast(mag, i32x16), sign), lo_t.type))
         return [builder.shuffle_vector(out[0], out[1], ir.Constant(ir.VectorType(_I32, BLOCK), list(range(BLOCK))))]
     shift, mask = _minifloat_bits(storage)
-    vecs = []
-    for sub in range(BLOCK // lanes):
-        pick = ir.Constant(ir.VectorType(_I32, lanes), list(range(sub * lanes, (sub + 1) * lanes)))
-        part = codes if lanes == BLOCK else builder.shuffle_vector(codes, codes, pick)
-        vecs.append(signed_byte_floats(builder, part, shift, mask))
-    return vecs
+    return [signed_byte_floats(builder, part, shift, mask) for part in _lane_parts(builder, codes, lanes)]
+
+
+def _lane_parts(builder, v, lanes: int) -> list:
+    """A block's <32 x T> vector as BLOCK / lanes vectors of `lanes` elements, in order."""
+    if lanes == BLOCK:
+        return [v]
+    picks = [ir.Constant(ir.VectorType(_I32, lanes), list(range(i, i + lanes))) for i in range(0, BLOCK, lanes)]
+    return [builder.shuffle_vector(v, v, pick) for pick in picks]
+
+
+def _nibbles(builder, p, at, lanes: int) -> list:
+    """The 4-bit codes of the block at byte `at` of row `p` (uint4's layout: byte j holds weights j and
+    j + 16), as i8 vectors in weight order: one of 32 (lanes == BLOCK), or the low nibbles then the high."""
+    v16 = ir.VectorType(_I8, 16)
+    b = builder.load(builder.gep(p, [at], source_etype=_I8), typ=v16, align=1)
+    lo = builder.and_(b, ir.Constant(v16, [15] * 16))
+    hi = builder.lshr(b, ir.Constant(v16, [4] * 16))
+    if lanes == BLOCK:
+        return [builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, BLOCK), list(range(BLOCK))))]
+    return [lo, hi]
 
 
 def _integer_block(builder, p, s_row, at, g, storage, lanes, n_super, pair_at, splat_value) -> list:
@@ -543,23 +558,11 @@ def _integer_block(builder, p, s_row, at, g, storage, lanes, n_super, pair_at, s
     vf = ir.VectorType(_F32, lanes)
     kind = SCALES[storage]
     if CODES[storage] == "nibbles":
-        v16 = ir.VectorType(_I8, 16)
-        b = builder.load(builder.gep(p, [at], source_etype=_I8), typ=v16, align=1)
-        lo = builder.and_(b, ir.Constant(v16, [15] * 16))
-        hi = builder.lshr(b, ir.Constant(v16, [4] * 16))
-        if lanes == BLOCK:
-            parts = [builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(_I32, BLOCK), list(range(BLOCK))))]
-        else:  # lanes == 16: the low nibbles, then the high
-            parts = [lo, hi]
-        codes = [builder.uitofp(q, vf) for q in parts]
+        codes = [builder.uitofp(q, vf) for q in _nibbles(builder, p, at, lanes)]
         fold = 1.0
     elif CODES[storage] != "signed6":  # 5-bit: the nibbles, and bit i of the word at byte 16 as 16
-        v16, v32 = ir.VectorType(_I8, 16), ir.VectorType(_I8, BLOCK)
-        order = ir.Constant(ir.VectorType(_I32, BLOCK), list(range(BLOCK)))
-        b = builder.load(builder.gep(p, [at], source_etype=_I8), typ=v16, align=1)
-        nibbles = builder.shuffle_vector(
-            builder.and_(b, ir.Constant(v16, [15] * 16)), builder.lshr(b, ir.Constant(v16, [4] * 16)), order
-        )
+        v32 = ir.VectorType(_I8, BLOCK)
+        (nibbles,) = _nibbles(builder, p, at, BLOCK)
         word = builder.load(
             builder.gep(p, [builder.add(at, intp(16))], source_etype=_I8), typ=ir.VectorType(_I8, 4), align=1
         )
@@ -572,21 +575,13 @@ def _integer_block(builder, p, s_row, at, g, storage, lanes, n_super, pair_at, s
         signed = CODES[storage] == "signed5"
         if signed:
             ints = builder.sub(ints, ir.Constant(v32, [16] * BLOCK))
-        codes = []
-        for sub in range(BLOCK // lanes):
-            pick = ir.Constant(ir.VectorType(_I32, lanes), list(range(sub * lanes, (sub + 1) * lanes)))
-            part = ints if lanes == BLOCK else builder.shuffle_vector(ints, ints, pick)
-            codes.append(builder.sitofp(part, vf) if signed else builder.uitofp(part, vf))
+        codes = [builder.sitofp(q, vf) if signed else builder.uitofp(q, vf) for q in _lane_parts(builder, ints, lanes)]
         fold = 1.0
     else:  # 6-bit codes in bits 2-7 of a byte: signed, their value times 4 (the 4 folded into the scale)
         v32 = ir.VectorType(_I8, BLOCK)
         six = _minifloat_bytes(builder, p, at, "e3m2")
         ints, fold = builder.and_(six, ir.Constant(v32, [0xFC] * BLOCK)), 0.25
-        codes = []
-        for sub in range(BLOCK // lanes):
-            pick = ir.Constant(ir.VectorType(_I32, lanes), list(range(sub * lanes, (sub + 1) * lanes)))
-            part = ints if lanes == BLOCK else builder.shuffle_vector(ints, ints, pick)
-            codes.append(builder.sitofp(part, vf))
+        codes = [builder.sitofp(q, vf) for q in _lane_parts(builder, ints, lanes)]
     offset = None
     if kind == "d":
         d, _ = pair_at(s_row, g)
@@ -689,15 +684,7 @@ def emit_block_dots(context, builder, signature, args, lanes: int, lane_sum, spl
                     vecs.append(builder.fmul(builder.sitofp(q, vf), d, flags=_CONTRACT))
             elif storage == "uint4":
                 d, m = halves_at(s_row, builder.mul(g, intp(2)))
-                v16 = ir.VectorType(_I8, per)
-                b = builder.load(byte_ptr(p, at), typ=v16, align=1)
-                lo = builder.and_(b, ir.Constant(v16, [15] * per))
-                hi = builder.lshr(b, ir.Constant(v16, [4] * per))
-                if lanes == BLOCK:
-                    order = ir.Constant(ir.VectorType(_I32, BLOCK), list(range(BLOCK)))
-                    parts = [builder.shuffle_vector(lo, hi, order)]
-                else:  # lanes == 16: the low nibbles, then the high
-                    parts = [lo, hi]
+                parts = _nibbles(builder, p, at, lanes)
                 vecs = [
                     builder.fadd(builder.fmul(builder.uitofp(q, vf), d, flags=_CONTRACT), m, flags=_CONTRACT)
                     for q in parts
