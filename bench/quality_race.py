@@ -111,6 +111,20 @@ HY_EDGE = (
     hy_edge("hy-edge --format auto --bits 6.1", format="auto", bits=6.1),  # Q4_K_M's MB per token
     hy_edge("hy-edge --format e2m3 (FP6)", speed="hy-edge FP6 e2m3", format="e2m3"),
     hy_edge("hy-edge --format e3m2 (FP6)", format="e3m2"),
+    # the same, each linear's input rounded to int8 per block of 32 (integer dots, as llama.cpp's Q8 inputs)
+    hy_edge(
+        "hy-edge --format e2m1 (FP4) --activations q8",
+        speed="hy-edge FP4 e2m1, q8 inputs",
+        format="e2m1",
+        activations="q8",
+    ),
+    hy_edge(
+        "hy-edge --format e2m3 (FP6) --activations q8",
+        speed="hy-edge FP6 e2m3, q8 inputs",
+        format="e2m3",
+        activations="q8",
+    ),
+    hy_edge("hy-edge --format auto --bits 6.1 --activations q8", format="auto", bits=6.1, activations="q8"),
     # llama.cpp's K-quant files (made by its quantizer, as the llama.cpp rows below) converted by default:
     # their blocks kept, so each should match llama.cpp running the same file
     *(

@@ -53,6 +53,9 @@ SUBBYTE_VARIANTS = [
     ("FP4 e2m1", {"format": "e2m1"}),
     ("FP4 e2m1, FP6 head", {"format": "e2m1", "tensor_formats": [["lm_head.weight", "e2m3"]]}),
     ("FP6 e2m3", {"format": "e2m3"}),
+    # the same files' linears fed inputs rounded to int8 per block of 32: integer dots (blockq.INTEGER_INPUTS)
+    ("FP4 e2m1, q8 inputs", {"format": "e2m1", "activations": "q8"}),
+    ("FP6 e2m3, q8 inputs", {"format": "e2m3", "activations": "q8"}),
 ]
 LLAMA_CPP_QUANTS = ("Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K")  # made by llama.cpp's quantizer from its F16 file
 KEPT_QUANTS = ("Q4_K_M", "Q6_K")  # --subbyte: hy-edge's default conversion of those files too (blocks kept)
@@ -458,7 +461,13 @@ def main() -> None:
             bandwidth,
             gemms,
             report.a76_estimate(),
-            {f"hy-edge numba {label}": policy["format"] for label, policy in SUBBYTE_VARIANTS},
+            # each float-input row capped by its kernel's Cortex-A76 estimate (bench/mca_blocks.py has none
+            # for the integer-dot kernels: their rows are bandwidth alone)
+            {
+                f"hy-edge numba {label}": policy["format"]
+                for label, policy in SUBBYTE_VARIANTS
+                if policy.get("activations", "none") == "none"
+            },
             report.a76_blocks(),
         ),
         "runs": runs,

@@ -81,6 +81,8 @@ SUBBYTE = {
     "hy-edge FP4 e2m1": {"format": "e2m1"},
     "hy-edge auto 5.5 bits": {"format": "auto", "bits": 5.5},
     "hy-edge FP6 e2m3": {"format": "e2m3"},
+    "hy-edge FP4 e2m1, q8 inputs": {"format": "e2m1", "activations": "q8"},
+    "hy-edge FP6 e2m3, q8 inputs": {"format": "e2m3", "activations": "q8"},
 }
 LLAMA_CPP_TYPES = ("Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K")
 
@@ -88,7 +90,8 @@ LLAMA_CPP_TYPES = ("Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K")
 def _subbyte_model(src: Path, name: str) -> Path:
     from hy_edge_convert import QuantPolicy, convert
 
-    dst = OUT / f"smollm2-135m-instruct.{name.split(' ', 1)[1].replace(' ', '-').replace('.', '')}.onnx"
+    stem = name.split(" ", 1)[1].replace(",", "").replace(" ", "-").replace(".", "")
+    dst = OUT / f"smollm2-135m-instruct.{stem}.onnx"
     if not dst.exists():
         OUT.mkdir(exist_ok=True)
         convert(src, dst, QuantPolicy(**SUBBYTE[name]))

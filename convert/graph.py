@@ -201,8 +201,10 @@ class GraphBuilder:
         """x (B, T, K) @ W^T with W (N, K) in the Hugging Face layout."""
         w = self.make_weight(name)
         stored = self.weights[name]
-        if self.activations != "none" and stored.storage in FP8_TYPES:
+        if self.activations in ("e4m3", "e5m2", "static") and stored.storage in FP8_TYPES:
             x = self.make_fake_quant(x, name, path)
+        if self.activations == "q8" and stored.storage in blockq.INTEGER_INPUTS:
+            x = self.make_q8_inputs(x, stored.shape[1], path)
         wt = self.node("Transpose", [w], path + "/weight", perm=[1, 0])
         if not self.has_offsets(name):
             return self.node("MatMul", [x, wt], path)
@@ -216,6 +218,18 @@ class GraphBuilder:
         sums = self.node("ReduceSum", [blocks, self.i64(-1)], path + "/x_blocks", keepdims=0)  # (B, T, G)
         offsets = self.node("Transpose", [self.make_offsets(name)], path + "/offset", perm=[1, 0])
         return self.node("Add", [y, self.node("MatMul", [sums, offsets], path + "/offset")], path)
+
+    def make_q8_inputs(self, x: str, K: int, path: str) -> str:
+        """x (B, T, K) rounded to int8 per block of 32, back in float32: round(x / s) * s with s = max(amax(|x|)
+        / 127, float32's smallest normal) per block, round half to even: what the numba kernels multiply
+        (hy_edge_ops.blockq.quantize_inputs, computed in the same float32 steps)."""
+        path += "/q8_inputs"
+        blocks = self.node("Reshape", [x, self.i64(0, 0, K // 32, 32)], path)
+        amax = self.node("ReduceMax", [self.node("Abs", [blocks], path), self.i64(-1)], path, keepdims=1)
+        s = self.node("Div", [amax, self.const(blockq.Q8_MAX)], path)
+        s = self.node("Max", [s, self.const(np.finfo(np.float32).tiny)], path + "/floor")
+        q = self.node("Round", [self.node("Div", [blocks, s], path)], path)
+        return self.node("Reshape", [self.node("Mul", [q, s], path), self.i64(0, 0, K)], path + "/back")
 
     def make_fake_quant(self, x: str, name: str, path: str) -> str:
         """x -> fp8(x / s) * s: s = input_scale (static) or amax(|x|) / FP8_MAX per token (dynamic)."""

@@ -17,6 +17,7 @@ from hy_edge_format import format as F
 from hy_edge_format.errors import CheckpointError, HyEdgeError, SpecError
 from hy_edge_format.heap import trim_heap
 from hy_edge_format.spec import ModelSpec, spec_from_hf_config
+from hy_edge_ops import blockq
 from hy_edge_ops.fp8 import has_nan_codes
 from onnx import TensorProto, helper
 
@@ -390,6 +391,11 @@ def _model(
     ckpt: Checkpoint,
     source_extra: dict,
 ) -> onnx.ModelProto:
+    if policy.activations == "q8" and not any(w.storage in blockq.INTEGER_INPUTS for w in stored.values()):
+        raise HyEdgeError(
+            "--activations q8 rounds the inputs of FP4 / FP6 E2M3 linears, and this conversion has none "
+            "(a linear whose K is not whole blocks of 32 stays FP16)"
+        )
     builder = GraphBuilder(spec, stored, policy.activations)
     builder.make_model()
     inputs, outputs = io_value_infos(spec)

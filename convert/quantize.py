@@ -37,7 +37,7 @@ SUBBYTE = tuple(minifloat.FORMATS)
 FORMATS = ("source", "e4m3", "e5m2", "auto", "none", *SUBBYTE)
 TENSOR_FORMATS = ("e4m3", "e5m2", "auto", *SUBBYTE)  # what --tensor-format may give one linear
 BLOCK = 32  # weights per GGUF block (hy_edge_ops.blockq.BLOCK)
-ACTIVATIONS = ("none", "e4m3", "e5m2", "static")
+ACTIVATIONS = ("none", "e4m3", "e5m2", "static", "q8")
 ROUNDINGS = ("auto", "nearest", "gptq")
 SCALES = ("auto", "amax", "search")
 ROWS_PER_CHUNK = 4096  # bounds the fp32 temporaries of one tensor (4096 x K floats)
@@ -51,7 +51,9 @@ class QuantPolicy:
     # a tied lm_head gets its own FP8 copy (the embedding stays FP16 for the row gather): decode reads
     # the head every token, a third of Hunyuan-0.5B's bytes in FP16
     lm_head_fp8: bool = True
-    activations: str = "none"  # fake-quantize linear inputs: none | e4m3 | e5m2 | static (input_scale)
+    # fake-quantize linear inputs: none | e4m3 | e5m2 | static (input_scale); q8: the inputs of the FP4 / FP6 E2M3
+    # linears rounded to int8 per block of 32 (their kernels multiply in integers)
+    activations: str = "none"
     rounding: str = "auto"  # auto | nearest | gptq (error-compensating, from the calibration text's inputs)
     scales: str = "auto"  # auto | amax | search (the multiple of amax with the least input-weighted error)
     # (fnmatch pattern, format) pairs: a linear matching a pattern takes that format instead (the first match)
@@ -65,6 +67,14 @@ class QuantPolicy:
             raise HyEdgeError(f"--format: '{self.format}' is not one of {', '.join(FORMATS)}")
         if self.activations not in ACTIVATIONS:
             raise HyEdgeError(f"--activations: '{self.activations}' is not one of {', '.join(ACTIVATIONS)}")
+        integer = ("e2m1", "e2m3")  # formats whose linears can take q8 inputs (blockq.INTEGER_INPUTS)
+        makes = self.format in integer or (self.format == "auto" and self.bits is not None)
+        if self.activations == "q8" and not makes and not any(f in integer for _, f in self.tensor_formats):
+            shown = "auto without --bits" if self.format == "auto" else self.format
+            raise HyEdgeError(
+                f"--activations q8 rounds the inputs of FP4 / FP6 E2M3 linears: --format {shown} makes none "
+                "(use --format e2m1 | e2m3, auto with --bits, or --tensor-format)"
+            )
         if self.rounding not in ROUNDINGS:
             raise HyEdgeError(f"--rounding: '{self.rounding}' is not one of {', '.join(ROUNDINGS)}")
         if self.scales not in SCALES:

@@ -26,6 +26,10 @@ Storage of a weight `W` (a name from `layer_tensors` / `GLOBAL_TENSORS`):
         weight = code * (d * sc). The metadata names these storages as it names the sub-byte FP ones
         (BLOCK_STORAGES);
 - FP16: initializer `W` (FLOAT16), FP32: initializer `W` (FLOAT).
+Linear inputs (`hy_edge.quantization` activations): "none"; "e4m3" | "e5m2" | "static": each FP8 linear's
+input fake-quantized to FP8 (per token, or by `W.input_scale`); "q8": each FP4 E2M1 / FP6 E2M3 linear's
+input rounded to int8 per block of 32 along K, q = round_half_even(x / s) with s = max(amax(|x|) / 127,
+2**-126) in float32, and multiplied as q * s (other linears take float inputs).
 Layers that share weights (`spec.shared_layers`) have no tensors of their own.
 """
 

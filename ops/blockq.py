@@ -57,6 +57,21 @@ The minifloat decode, per vector ISA (`_route`):
   (four tokens, one core, in cache; AVX2 FP6 3.7 against 9.6), the reason for the tables on x86, whose
   speed does not depend on the codes. Whether the Cortex-A76 pays it is not measured here (its FP8
   decode makes subnormals too).
+Inputs rounded to integers (`INTEGER_INPUTS`: e2m1 and e2m3; the converter's `--activations q8`): every
+value of these formats times 2 (FP4) or 8 (FP6 E2M3) is an integer of magnitude at most 12 / 60, so a
+block's dot product with an input rounded to int8 per block of 32 (`quantize_inputs`: q = rint(x / s),
+s = amax / 127, llama.cpp's Q8_0 rounding of activations, in float32 steps onnxruntime's graph repeats) is
+an exact integer sum. Those kernels read the codes as these integers (x86: `vpshufb` tables, the FP4
+nibbles split from one broadcast load by a per-lane shift; elsewhere shifts), multiply them by the input
+bytes in pairs and quads (x86 `vpmaddubsw` on |weight| and the input with the weight's sign, then
+`vpmaddwd`; AVX-512 both blocks of a pair in one instruction each), and add each block's 8 lanes of int32
+sums, converted, times d * s / 2 (or / 8) into float32 lanes: about 12 vector instructions per 32 weights
+in AVX2 code, where the float decode widens bytes to 32-bit lanes through the shuffle port. Blocks go in
+pairs into 16 lanes (two chains), an odd last block into the first 8. The codes are viewed under their
+own dtype tags (complex64 e2m1, uint64 e2m3), so compiled code knows to take x as `quantize_inputs`' int8
+rows (`kernel_input`); the prefill kernel multiplies the same rounded inputs in float32 (`prefill_input`).
+The rounding changes the numbers, not only the speed: the file asks for it (`activations: q8`), and
+onnxruntime rounds the same inputs in its graph.
 The FP6 bytes: the low nibbles shifted into bits 2-5 in 16-bit lanes (weights 0..15 up by 2, 16..31
 down by 2), the 8 bytes of high bits broadcast to four 64-bit lanes shifted by 6, 4, 2, 0 so that each
 quarter's pairs land in bits 6-7, the two merged under a mask (one `vpternlogd`). Table values and the
@@ -105,6 +120,16 @@ _KERNEL_DTYPE = {
     "q4k": np.int64, "q6k": np.float64, "int5": np.uint16, "uint5": np.float32, "q5k": np.bool_,
 }  # fmt: skip
 _STORAGE_OF = {numpy_support.from_dtype(np.dtype(dt)): name for name, dt in _KERNEL_DTYPE.items()}  # numba dtype
+# storages whose every value times a fixed integer is a small integer: their kernels can take the linear's
+# input rounded to int8 per block of 32 (`quantize_inputs`) and multiply codes by inputs in integers
+INTEGER_INPUTS = {"e2m1": 2, "e2m3": 8}  # value * this: an integer of magnitude <= 12 | 60
+# the view that asks for that (the same bytes, another tag: compiled apart from the float-input kernels)
+_INTEGER_DTYPE = {"e2m1": np.complex64, "e2m3": np.uint64}
+_INTEGER_OF = {numpy_support.from_dtype(np.dtype(dt)): name for name, dt in _INTEGER_DTYPE.items()}
+_STORAGE_OF.update(_INTEGER_OF)
+ACTIVATIONS = ("none", "q8")  # a block linear's input: float32 as it is, or rounded to int8 per 32
+Q8_MAX = 127.0
+_TINY = np.float32(np.finfo(np.float32).tiny)
 # the decoded float32 is value * 2**-(127 - bias): 2**(127 - bias) = fold on d * fold on the sum
 MINIFLOAT_FOLD = {"e2m1": (2.0**63, 2.0**63), "e3m2": (2.0**62, 2.0**62), "e2m3": (2.0**63, 2.0**63)}
 
@@ -116,14 +141,17 @@ def minifloat_values(storage: str) -> np.ndarray:
     return minifloat.values(storage)
 
 
-def code_view(w: np.ndarray, storage: str) -> np.ndarray:
+def code_view(w: np.ndarray, storage: str, activations: str = "none") -> np.ndarray:
     """The kernels' 3-D view of stored codes: int8 (N, K) -> (N, K/32, 32); uint4 bytes (N, K/2) ->
     uint8 (N, K/32, 16); minifloat bytes (N, K/32 * CODE_BYTES) -> int16 (N, K/32, 8) e2m1, int32 |
-    uint32 (N, K/32, 6) e3m2 | e2m3. No copy; raises ValueError if the view would be misaligned."""
+    uint32 (N, K/32, 6) e3m2 | e2m3; with activations "q8" (INTEGER_INPUTS' storages) complex64 (N, K/32, 2)
+    e2m1, uint64 (N, K/32, 3) e2m3. No copy; raises ValueError if the view would be misaligned."""
     per = CODE_BYTES[storage]
     if w.ndim != 2 or w.shape[1] % per:
         raise ValueError(f"{storage} codes of shape {w.shape}: rows must be whole blocks of {per} bytes")
-    dtype = np.dtype(_KERNEL_DTYPE[storage])
+    if activations not in ACTIVATIONS or (activations == "q8" and storage not in INTEGER_INPUTS):
+        raise ValueError(f"activations {activations!r} with {storage} codes: q8 takes {', '.join(INTEGER_INPUTS)}")
+    dtype = np.dtype(_INTEGER_DTYPE[storage] if activations == "q8" else _KERNEL_DTYPE[storage])
     if w.ctypes.data % dtype.itemsize:
         raise ValueError(f"w: {storage} codes must start at a multiple of {dtype.itemsize} bytes in memory")
     return w.view(dtype).reshape(w.shape[0], w.shape[1] // per, per // dtype.itemsize)
@@ -272,6 +300,72 @@ def dequantize(
 
 
 # -- compiled helpers ----------------------------------------------------------------------------------
+
+
+@njit(cache=True)
+def quantize_inputs(x):
+    """The rows of x (T, K) f32 rounded to int8 per block of 32: q = rint(x / s), s = max(amax(|x|) / 127,
+    float32's smallest normal), in float32 as onnxruntime computes it (convert.graph). Returns int8 (T, K +
+    4 K/32): each row's K codes, then its K/32 scales s as float32 bytes (the kernels' x for codes of
+    INTEGER_INPUTS viewed for q8). A block with a NaN or infinite input gets s = NaN and codes 0, so the
+    products with it are NaN, as in float."""
+    n_tok, k_dim = x.shape
+    n_g = k_dim // BLOCK
+    buf = np.empty((n_tok, k_dim // 4 + n_g), np.float32)
+    codes = buf.view(np.int8)
+    for t in range(n_tok):
+        for g in range(n_g):
+            k0 = g * BLOCK
+            amax = np.float32(0.0)
+            finite = True
+            for j in range(BLOCK):
+                v = x[t, k0 + j]
+                finite &= np.isfinite(v)
+                amax = max(amax, abs(v))
+            s = max(amax / np.float32(Q8_MAX), _TINY)
+            if not finite:
+                s = np.float32(np.nan)
+            buf[t, k_dim // 4 + g] = s
+            for j in range(BLOCK):
+                codes[t, k0 + j] = np.int8(np.rint(x[t, k0 + j] / s)) if finite else np.int8(0)
+    return codes
+
+
+@njit(cache=True)
+def rounded_inputs(x):
+    """x (T, K) f32 as quantize_inputs rounds it, in float32: code * s (exact), what the integer kernels
+    multiply (the prefill kernel takes these)."""
+    codes = quantize_inputs(x)
+    n_tok, k_dim = x.shape
+    scales = codes.view(np.float32)
+    out = np.empty_like(x)
+    for t in range(n_tok):
+        for k in range(k_dim):
+            out[t, k] = np.float32(codes[t, k]) * scales[t, k_dim // 4 + k // BLOCK]
+    return out
+
+
+def kernel_input(x, w):
+    """x as the one-token and batched kernels take it with weight w: itself, or quantize_inputs(x) for codes
+    viewed for q8 (compiled per weight type)."""
+
+
+@overload(kernel_input, inline="always")
+def _kernel_input_impl(x, w):
+    if isinstance(w, types.Array) and w.ndim == 3 and w.dtype in _INTEGER_OF:
+        return lambda x, w: quantize_inputs(x)
+    return lambda x, w: x
+
+
+def prefill_input(x, w):
+    """x as the prefill kernel takes it with weight w: itself, or rounded_inputs(x) for codes viewed for q8."""
+
+
+@overload(prefill_input, inline="always")
+def _prefill_input_impl(x, w):
+    if isinstance(w, types.Array) and w.ndim == 3 and w.dtype in _INTEGER_OF:
+        return lambda x, w: rounded_inputs(x)
+    return lambda x, w: x
 
 
 def cols(w):
@@ -453,8 +547,8 @@ def minifloat_folds(storage: str) -> tuple[float, float]:
     route = _route(storage)
     if route == "bits":
         return MINIFLOAT_FOLD[storage]
-    if route == "shuffle":  # e2m1: 2 * value as an integer; FP6: E4M3 bits (value * 2**-120)
-        return (0.5, 1.0) if storage == "e2m1" else (FP8_FOLD["e4m3"], FP8_FOLD["e4m3"])
+    if route == "shuffle":  # e2m1: the table holds value * d itself; FP6: E4M3 bits (value * 2**-120)
+        return (1.0, 1.0) if storage == "e2m1" else (FP8_FOLD["e4m3"], FP8_FOLD["e4m3"])
     return (1.0, 1.0)
 
 
@@ -477,9 +571,56 @@ def _call(builder, name: str, ret, args):
     return builder.call(fn, args)
 
 
-def _minifloat_vectors(builder, p, at, storage: str, lanes: int, signed_byte_floats) -> list:
-    """The block's 32 weights at byte `at` of row `p` as BLOCK / lanes vectors of float32: value(code)
-    times minifloat_folds' missing power of two."""
+def _minifloat_vectors(builder, p, at, d, storage: str, lanes: int, signed_byte_floats, splat_value) -> list:
+    """The block's 32 weights at byte `at` of row `p` as BLOCK / lanes vectors of float32: value(code) * d,
+    d the block's scale (a float32 scalar) times minifloat_folds' power of two on d; the vectors lack the
+    power of two on the row's sum."""
+    if _route(storage) == "shuffle" and storage == "e2m1":
+        return [_e2m1_permps(builder, p, at, d, lanes)]
+    dv = splat_value(builder, d, ir.VectorType(_F32, lanes))
+    raw = _minifloat_raw(builder, p, at, storage, lanes, signed_byte_floats)
+    return [builder.fmul(v, dv, flags=_CONTRACT) for v in raw]
+
+
+def _e2m1_permps(builder, p, at, d, lanes: int):
+    """AVX2's FP4 decode: the block's 32 weights as one <32 x float>, value(code) * d, through `vpermps`
+    from the 8 magnitudes times d (one multiply per block, exact: a half times at most 2 significant bits).
+    The codes are zero-extended from bytes (8 at a time: weights j..j+7 in the low nibbles, j+16.. in the
+    high), vpermps reads each index's low 3 bits, and the sign (bit 3) reaches bit 31 by a shift left by 28
+    that also drops the magnitude's 3 bits onto bits 28-30: the table holds each value with those same bits
+    XOR-ed in beforehand, so one XOR undoes them and sets the sign."""
+    assert lanes == BLOCK
+    i32x8, f8 = ir.VectorType(_I32, 8), ir.VectorType(_F32, 8)
+    mags = [float(v) for v in minifloat_values("e2m1")[:8]]
+    dv = builder.insert_element(ir.Constant(f8, ir.Undefined), d, _I32(0))
+    dv = builder.shuffle_vector(dv, dv, ir.Constant(i32x8, [0] * 8))
+    table = builder.bitcast(builder.fmul(ir.Constant(f8, mags), dv), i32x8)
+    table = builder.bitcast(builder.xor(table, ir.Constant(i32x8, [m << 28 for m in range(8)])), f8)
+    bytes_ = [
+        builder.zext(
+            builder.load(
+                builder.gep(p, [builder.add(at, at.type(j))], source_etype=_I8), typ=ir.VectorType(_I8, 8), align=1
+            ),
+            i32x8,
+        )
+        for j in (0, 8)
+    ]
+    parts = []
+    for high in (False, True):  # weights 0..7, 8..15 (low nibbles), then 16..23, 24..31 (high nibbles)
+        for z in bytes_:
+            idx = builder.lshr(z, ir.Constant(i32x8, [4] * 8)) if high else z
+            mag = _call(builder, "llvm.x86.avx2.permps", f8, [table, idx])
+            sign = builder.shl(idx, ir.Constant(i32x8, [28] * 8))  # z < 256: bits 4-7 of z shift out
+            parts.append(builder.bitcast(builder.xor(builder.bitcast(mag, i32x8), sign), f8))
+    halves = [
+        builder.shuffle_vector(parts[i], parts[i + 1], ir.Constant(ir.VectorType(_I32, 16), list(range(16))))
+        for i in (0, 2)
+    ]
+    return builder.shuffle_vector(halves[0], halves[1], ir.Constant(ir.VectorType(_I32, BLOCK), list(range(BLOCK))))
+
+
+def _minifloat_raw(builder, p, at, storage: str, lanes: int, signed_byte_floats) -> list:
+    """_minifloat_vectors before the multiply by d: value(code) times minifloat_folds' missing powers of two."""
     v16, i32x16 = ir.VectorType(_I8, 16), ir.VectorType(_I32, 16)
     route = _route(storage)
     if route == "permute" and storage == "e2m1":  # vpermps reads each index's low 4 bits
@@ -488,17 +629,6 @@ def _minifloat_vectors(builder, p, at, storage: str, lanes: int, signed_byte_flo
         halves = [q, builder.lshr(q, ir.Constant(i32x16, [4] * 16))]  # weights 0..15, 16..31
         vals = [_call(builder, "llvm.x86.avx512.permvar.sf.512", table.type, [table, i]) for i in halves]
         return [builder.shuffle_vector(vals[0], vals[1], ir.Constant(ir.VectorType(_I32, BLOCK), list(range(BLOCK))))]
-    if route == "shuffle" and storage == "e2m1":  # vpshufb (per 128-bit half) from 2 * value(code), an int8
-        v32 = ir.VectorType(_I8, BLOCK)
-        q = builder.load(builder.gep(p, [at], source_etype=_I8), typ=v16, align=1)
-        hi = builder.bitcast(
-            builder.lshr(builder.bitcast(q, ir.VectorType(_I16, 8)), ir.Constant(ir.VectorType(_I16, 8), [4] * 8)), v16
-        )
-        both = builder.shuffle_vector(q, hi, ir.Constant(ir.VectorType(_I32, BLOCK), list(range(BLOCK))))
-        both = builder.and_(both, ir.Constant(v32, [15] * BLOCK))  # vpshufb gives 0 for an index with bit 7 set
-        doubled = [int(v) for v in minifloat_values(storage) * 2] * 2
-        ints = _call(builder, "llvm.x86.avx2.pshuf.b", v32, [ir.Constant(v32, doubled), both])
-        return [builder.sitofp(ints, ir.VectorType(_F32, BLOCK))]
     codes = _minifloat_bytes(builder, p, at, storage)  # sign in bit 7, exponent and mantissa below
     if route == "shuffle":  # FP6 on AVX2: the magnitude's E4M3 bits from two vpshufb tables, then FP8's decode
         v32, i16x16 = ir.VectorType(_I8, BLOCK), ir.VectorType(_I16, BLOCK // 2)
@@ -618,6 +748,90 @@ def _integer_block(builder, p, s_row, at, g, storage, lanes, n_super, pair_at, s
     return out
 
 
+def _integer_codes(builder, p, at, storage: str):
+    """The block's 32 codes as integers value(code) * INTEGER_INPUTS[storage], for the integer dot: a pair
+    of <32 x i8> (magnitude, sign source) on x86 (vpshufb tables; the sign source is negative where the
+    weight is, and zero only where the weight is), or (None, signed integers) elsewhere (shifts)."""
+    v32 = ir.VectorType(_I8, BLOCK)
+    x86 = ISA in ("avx2", "avx512")
+
+    def c(value):
+        return ir.Constant(v32, [value] * BLOCK)
+
+    if storage == "e2m1":  # codes: bit 3 the sign, then exponent (2 bits) and mantissa (1)
+        if x86:  # the 16 bytes in both 128-bit halves (one broadcast load), the high half's shifted down by 4
+            b = builder.load(builder.gep(p, [at], source_etype=_I8), typ=ir.VectorType(_I8, 16), align=1)
+            both = builder.shuffle_vector(b, b, ir.Constant(ir.VectorType(_I32, BLOCK), list(range(16)) * 2))
+            i32x8 = ir.VectorType(_I32, 8)
+            shifted = builder.lshr(builder.bitcast(both, i32x8), ir.Constant(i32x8, [0] * 4 + [4] * 4))
+            nib = builder.and_(builder.bitcast(shifted, v32), c(15))
+        else:
+            (nib,) = _nibbles(builder, p, at, BLOCK)
+        if x86:
+            table = [int(v) for v in minifloat_values(storage) * INTEGER_INPUTS[storage]] * 2
+            signed = _call(builder, "llvm.x86.avx2.pshuf.b", v32, [ir.Constant(v32, table), nib])
+            return _call(builder, "llvm.abs.v32i8", v32, [signed, ir.IntType(1)(0)]), signed
+        sign, mag, m_bits = builder.and_(nib, c(8)), builder.and_(nib, c(7)), 1
+    else:  # e2m3: _minifloat_bytes' sign in bit 7, exponent (2) and mantissa (3) in bits 2-6
+        codes = _minifloat_bytes(builder, p, at, storage)
+        if x86:  # the magnitudes 0..31 index two vpshufb tables (an index with bit 7 set gives 0)
+            i16x16 = ir.VectorType(_I16, BLOCK // 2)
+            mag = builder.bitcast(builder.lshr(builder.bitcast(codes, i16x16), ir.Constant(i16x16, [2] * 16)), v32)
+            mag = builder.and_(mag, c(31))
+            first = _call(builder, "llvm.uadd.sat.v32i8", v32, [mag, c(0x70)])
+            second = builder.add(mag, c(0xF0))
+            ints = [int(v) for v in minifloat_values(storage)[:32] * INTEGER_INPUTS[storage]]
+            mag = builder.or_(
+                _call(builder, "llvm.x86.avx2.pshuf.b", v32, [ir.Constant(v32, ints[:16] * 2), first]),
+                _call(builder, "llvm.x86.avx2.pshuf.b", v32, [ir.Constant(v32, ints[16:] * 2), second]),
+            )
+            return mag, codes
+        sign = builder.and_(codes, c(0x80))
+        mag, m_bits = builder.and_(builder.lshr(codes, c(2)), c(31)), 3
+    # value * 2**m_bits: the code itself at exponent 0, else (2**m_bits + mantissa) << (exponent - 1)
+    expo = builder.lshr(mag, c(m_bits))
+    normal = builder.shl(builder.or_(builder.and_(mag, c((1 << m_bits) - 1)), c(1 << m_bits)), builder.sub(expo, c(1)))
+    ints = builder.select(builder.icmp_unsigned("==", expo, c(0)), mag, normal)
+    negative = builder.icmp_unsigned("!=", sign, c(0))
+    return None, builder.select(negative, builder.sub(c(0), ints), ints)
+
+
+def _integer_dot(builder, mag, signs, xs):
+    """<8 x i32> for one block, <16 x i32> for two (the vectors concatenated): lane j = the sum over i < 4
+    of weight[4j + i] * xs[4j + i], the weights as _integer_codes gives them; exact (|weight| <= 60,
+    |x| <= 127: no pair sum leaves int16). x86: |w| times x with w's sign, as unsigned x signed bytes,
+    pairs summed (vpmaddubsw), then pairs of pairs (vpmaddwd); two blocks in one instruction each with
+    AVX-512 (which has no vpsignb: the sign by a masked subtract)."""
+    n = xs.type.count
+    v8, i16, i32 = ir.VectorType(_I8, n), ir.VectorType(_I16, n // 2), ir.VectorType(_I32, n // 4)
+    if mag is not None and ISA == "avx512" and n == 2 * BLOCK:
+        xs = builder.select(
+            builder.icmp_signed("<", signs, ir.Constant(v8, [0] * n)), builder.sub(ir.Constant(v8, [0] * n), xs), xs
+        )
+        pairs = _call(builder, "llvm.x86.avx512.pmaddubs.w.512", i16, [mag, xs])
+        return _call(builder, "llvm.x86.avx512.pmaddw.d.512", i32, [pairs, ir.Constant(i16, [1] * (n // 2))])
+    if mag is not None:
+        if n == 2 * BLOCK:  # AVX2: block by block
+            halves = [ir.Constant(ir.VectorType(_I32, BLOCK), list(range(h, h + BLOCK))) for h in (0, BLOCK)]
+            parts = [
+                _integer_dot(builder, *(builder.shuffle_vector(v, v, pick) for v in (mag, signs, xs)))
+                for pick in halves
+            ]
+            return builder.shuffle_vector(parts[0], parts[1], ir.Constant(ir.VectorType(_I32, 16), list(range(16))))
+        v32, i16x16, i32x8 = ir.VectorType(_I8, BLOCK), ir.VectorType(_I16, 16), ir.VectorType(_I32, 8)
+        xs = _call(builder, "llvm.x86.avx2.psign.b", v32, [xs, signs])
+        pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", i16x16, [mag, xs])
+        return _call(builder, "llvm.x86.avx2.pmadd.wd", i32x8, [pairs, ir.Constant(i16x16, [1] * 16)])
+    prod = builder.mul(builder.sext(signs, ir.VectorType(_I16, n)), builder.sext(xs, ir.VectorType(_I16, n)))
+
+    def pair_sums(v, m):
+        even = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, m), list(range(0, 2 * m, 2))))
+        odd = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, m), list(range(1, 2 * m, 2))))
+        return builder.add(even, odd)
+
+    return pair_sums(builder.sext(pair_sums(prod, n // 2), ir.VectorType(_I32, n // 2)), n // 4)
+
+
 def emit_block_dots(context, builder, signature, args, lanes: int, lane_sum, splat_value):
     """The code of row_dots for block codes (see the module's docstring); returns the tuple of sums."""
     from .dot import signed_byte_floats
@@ -647,16 +861,14 @@ def emit_block_dots(context, builder, signature, args, lanes: int, lane_sum, spl
     w_rows = [byte_ptr(wa.data, builder.mul(r, row_bytes)) for r in row_ix]
     s_rows = [builder.gep(sa.data, [builder.mul(r, halves_per_row)], source_etype=_I16) for r in row_ix]
     x_rows = [builder.gep(xa.data, [builder.mul(t, x_stride)]) for t in tok_ix]
-    accs = [cgutils.alloca_once_value(builder, zero_f) for _ in range(n_r * n_t)]
+    accs = [] if wty.dtype in _INTEGER_OF else [cgutils.alloca_once_value(builder, zero_f) for _ in range(n_r * n_t)]
     ahead = args[6]
 
-    def halves_at(s_row, i, fold=1.0):
+    def halves_at(s_row, i):
         # halves i and i + 1 as one 32-bit load (pack_scales pads single-d rows to an even count): a scalar
         # half load became vpinsrw, merging into a register that held an accumulator (a false dependency)
         pair = builder.load(builder.gep(s_row, [i], source_etype=_I16), typ=ir.VectorType(_I16, 2), align=2)
         wide = builder.fpext(builder.bitcast(pair, ir.VectorType(ir.HalfType(), 2)), ir.VectorType(_F32, 2))
-        if fold != 1.0:  # exact: a power of two
-            wide = builder.fmul(wide, ir.Constant(ir.VectorType(_F32, 2), [fold, fold]))
         return [splat_value(builder, builder.extract_element(wide, _I32(j)), vf) for j in range(2)]
 
     def pair_at(s_row, i):  # halves i and i + 1 of a row as two float32 scalars
@@ -665,6 +877,10 @@ def emit_block_dots(context, builder, signature, args, lanes: int, lane_sum, spl
         return [builder.extract_element(wide, _I32(j)) for j in range(2)]
 
     n_super = builder.udiv(n_groups, intp(SUPER // BLOCK))
+    if wty.dtype in _INTEGER_OF:  # inputs rounded to int8 (quantize_inputs): integer dots per block
+        return _emit_integer_dots(
+            context, builder, signature, (w_rows, s_rows, x_rows), n_groups, ahead, pair_at, byte_ptr, lane_sum
+        )
     with cgutils.for_range(builder, n_groups, intp=intp) as loop:
         g = loop.index
         at = builder.mul(g, intp(per))
@@ -692,11 +908,10 @@ def emit_block_dots(context, builder, signature, args, lanes: int, lane_sum, spl
             elif storage not in MINIFLOATS:  # int5 / uint5 / q4k / q5k / q6k
                 vecs = _integer_block(builder, p, s_row, at, g, storage, lanes, n_super, pair_at, splat_value)
             else:  # minifloats: value(code) times a power of two, times d with the fold on d
-                d = halves_at(s_row, g, fold_d)[0]
-                vecs = [
-                    builder.fmul(v, d, flags=_CONTRACT)
-                    for v in _minifloat_vectors(builder, p, at, storage, lanes, signed_byte_floats)
-                ]
+                d = pair_at(s_row, g)[0]
+                if fold_d != 1.0:  # exact: a power of two
+                    d = builder.fmul(d, _F32(fold_d))
+                vecs = _minifloat_vectors(builder, p, at, d, storage, lanes, signed_byte_floats, splat_value)
             decoded.append(vecs)
         for sub in range(BLOCK // lanes):
             k = builder.add(builder.mul(g, intp(BLOCK)), intp(sub * lanes))
@@ -709,4 +924,68 @@ def emit_block_dots(context, builder, signature, args, lanes: int, lane_sum, spl
     sums = [lane_sum(builder, builder.load(acc)) for acc in accs]
     if fold_sum != 1.0:  # the rest of the minifloat's power of two, exact
         sums = [builder.fmul(s, _F32(fold_sum)) for s in sums]
+    return context.make_tuple(builder, signature.return_type, sums)
+
+
+def _emit_integer_dots(context, builder, signature, rows, n_groups, ahead, pair_at, byte_ptr, lane_sum):
+    """row_dots for codes viewed for q8: blocks in pairs; per pair, each row's codes as integers
+    (_integer_codes, once per row) times each token's int8 inputs, summed exactly in 8 int32 lanes per block
+    (_integer_dot), converted, and added to the (row, token)'s 16 float32 lanes (the pair's first block in
+    lanes 0-7, its second in 8-15: two independent chains) times d * s / INTEGER_INPUTS (d the block's
+    scale, s the input block's); an odd last block goes to lanes 0-7. The lanes are summed pairwise at the
+    end. The same order for every rows x tokens block: batch-invariant as the float kernels."""
+    from .prefetch import emit_prefetch_l2
+
+    w_rows, s_rows, x_rows = rows
+    n_r, n_t = len(w_rows), len(x_rows)
+    intp = n_groups.type
+    storage = _STORAGE_OF[signature.args[0].dtype]
+    per = CODE_BYTES[storage]
+    f8, f16 = ir.VectorType(_F32, 8), ir.VectorType(_F32, 16)
+    k_dim = builder.mul(n_groups, intp(BLOCK))
+    accs = [cgutils.alloca_once_value(builder, ir.Constant(f16, None)) for _ in range(n_r * n_t)]
+    fold = _F32(1.0 / INTEGER_INPUTS[storage])  # exact: a power of two
+
+    def concat(a, b):
+        n = a.type.count
+        return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, 2 * n), list(range(2 * n))))
+
+    def splat8(value):
+        v = builder.insert_element(ir.Constant(f8, ir.Undefined), value, _I32(0))
+        return builder.shuffle_vector(v, ir.Constant(f8, ir.Undefined), ir.Constant(ir.VectorType(_I32, 8), [0] * 8))
+
+    def blocks(gs):  # add blocks gs (one or two) of every (row, token) to its accumulator
+        for g in gs:
+            at = builder.mul(g, intp(per))
+            with builder.if_then(builder.icmp_unsigned("<", builder.urem(at, intp(_LINE)), intp(per))):
+                for p in w_rows:
+                    emit_prefetch_l2(builder, byte_ptr(p, builder.add(at, ahead)))
+        codes = [[_integer_codes(builder, p, builder.mul(g, intp(per)), storage) for g in gs] for p in w_rows]
+        ds = [[builder.fmul(pair_at(s_row, g)[0], fold) for g in gs] for s_row in s_rows]
+        for j, x in enumerate(x_rows):
+            xs = [
+                builder.load(byte_ptr(x, builder.mul(g, intp(BLOCK))), typ=ir.VectorType(_I8, BLOCK), align=1)
+                for g in gs
+            ]
+            ss = [builder.load(byte_ptr(x, builder.add(k_dim, builder.mul(g, intp(4)))), typ=_F32, align=4) for g in gs]
+            for i in range(n_r):
+                acc = accs[i * n_t + j]
+                if len(gs) == 2:
+                    (m0, s0), (m1, s1) = codes[i]
+                    mag = None if m0 is None else concat(m0, m1)
+                    sums = builder.sitofp(_integer_dot(builder, mag, concat(s0, s1), concat(*xs)), f16)
+                else:
+                    ((mag, signs),) = codes[i]
+                    sums = concat(builder.sitofp(_integer_dot(builder, mag, signs, xs[0]), f8), ir.Constant(f8, None))
+                scales = [splat8(builder.fmul(d, s)) for d, s in zip(ds[i], ss, strict=True)]
+                scale = concat(scales[0], scales[-1])
+                prod = builder.fmul(sums, scale, flags=_CONTRACT)
+                builder.store(builder.fadd(builder.load(acc), prod, flags=_CONTRACT), acc)
+
+    with cgutils.for_range(builder, builder.udiv(n_groups, intp(2)), intp=intp) as loop:
+        g0 = builder.mul(loop.index, intp(2))
+        blocks([g0, builder.add(g0, intp(1))])
+    with builder.if_then(builder.icmp_unsigned("!=", builder.urem(n_groups, intp(2)), intp(0))):
+        blocks([builder.sub(n_groups, intp(1))])
+    sums = [lane_sum(builder, builder.load(acc)) for acc in accs]
     return context.make_tuple(builder, signature.return_type, sums)

@@ -71,8 +71,9 @@ _STORED = (types.int8, types.uint8, types.uint16, types.float32)
 # hy_edge_ops.blockq's codes as 3-D arrays (N, G, ...), typed by their storage (blockq._KERNEL_DTYPE)
 _BLOCK_DTYPES = (
     types.int8, types.uint8, types.int16, types.int32, types.uint32,
-    types.uint16, types.int64, types.float64, types.float32, types.boolean,
+    types.uint16, types.int64, types.float64, types.float32, types.boolean, types.complex64, types.uint64,
 )  # fmt: skip
+_INTEGER_INPUTS = (types.complex64, types.uint64)  # blockq's codes whose kernels take inputs rounded to int8
 
 
 def _splat(value, ty, n=LANES):
@@ -109,7 +110,7 @@ def _decode(builder, codes, dtype):
 
 def _lane_sum(builder, v):
     # pairwise, halves first: (v[0..n/2) + v[n/2..n)) and again, to one lane
-    width = LANES
+    width = v.type.count
     while width > 1:
         half = width // 2
         lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, half), list(range(half))))
@@ -158,17 +159,19 @@ def row_dots(typingctx, w, sc, bk, rows, x, toks, ahead):
     x f32 (T, K), toks: UniTuple of token indices, ahead: prefetch distance in bytes ->
     UniTuple(float32, R * T), row-major. Indices are not checked: the kernels clamp them."""
     blocks = isinstance(w, types.Array) and w.ndim == 3 and w.dtype in _BLOCK_DTYPES  # hy_edge_ops.blockq
+    # weights that take their inputs rounded to integers (blockq.quantize_inputs' int8 rows) or float32
+    x_dtype = types.int8 if blocks and w.dtype in _INTEGER_INPUTS else types.float32
     ok = (
         isinstance(w, types.Array) and w.layout == "C"
         and ((w.ndim == 2 and w.dtype in _STORED) or blocks)
-        and isinstance(x, types.Array) and x.ndim == 2 and x.layout == "C" and x.dtype == types.float32
+        and isinstance(x, types.Array) and x.ndim == 2 and x.layout == "C" and x.dtype == x_dtype
         and isinstance(sc, types.Array) and sc.ndim == 2 and sc.layout == "C" and sc.dtype == types.float32
         and isinstance(rows, types.UniTuple) and isinstance(toks, types.UniTuple)
     )  # fmt: skip
     if not ok:
         raise TypingError(
             "row_dots: w (N, K) int8/uint8/uint16/float32 or block codes (N, G, ...) (hy_edge_ops.blockq), "
-            "sc and x float32 2-D C arrays, tuples"
+            "sc and x float32 2-D C arrays (x int8 rows of blockq.quantize_inputs for codes that take them), tuples"
         )
     n_r, n_t = rows.count, toks.count
     sig = types.UniTuple(types.float32, n_r * n_t)(w, sc, types.intp, rows, x, toks, types.intp)

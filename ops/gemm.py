@@ -29,7 +29,7 @@ from numba.core import cgutils
 from numba.core.errors import TypingError
 from numba.extending import intrinsic, overload
 
-from .blockq import cols, decode_row
+from .blockq import cols, decode_row, prefill_input
 from .dot import _STORED, LANES, _decode, _splat_value, load_vector, scales_on_weights, store_vector
 from .half import acc_scale as _acc
 from .half import as_f32 as _weight
@@ -262,7 +262,7 @@ def mm_prefill(x, ws, scs, outs, bks, starts):
     starts: cumulative RT-row task counts per weight."""
     n_tok, k_dim = x.shape
     xp = np.empty(((n_tok + VL - 1) // VL, k_dim, VL), np.float32)
-    _pack(x, xp)
+    _pack(prefill_input(x, ws[0]), xp)  # weights that take integer inputs: x rounded as the other kernels do
     for task in prange(starts[-1]):
         m = 0
         while task >= starts[m + 1]:

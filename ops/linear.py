@@ -112,9 +112,10 @@ def _locate(blk, starts, size):
 @njit(cache=True, nogil=True, parallel=True)
 def _mv(x, ws, scs, outs, bks, starts):
     # x f32 (1, K); ws: tuple of (N_m, K); scs: tuple of f32 (N_m, G_m); outs: tuple of f32 (1, N_m)
+    xk = blockq.kernel_input(x, ws[0])  # rounded to int8 once for weights that take integer inputs
     for blk in prange(starts[-1]):
         m, n = _locate(blk, starts, 1)
-        outs[m][0, n] = row_dots(ws[m], scs[m], bks[m], (n,), x, (0,), AHEAD)[0]
+        outs[m][0, n] = row_dots(ws[m], scs[m], bks[m], (n,), xk, (0,), AHEAD)[0]
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -122,6 +123,7 @@ def _mm(x, ws, scs, outs, bks, starts):
     # x f32 (T, K); outs: tuple of f32 (T, N_m). Blocks of BATCH_ROWS rows run all token groups (blocks
     # of 4 rows read as two 2-row passes ran 40% slower: 12.8 against 9.0 ms on 176 MB, 4 tokens)
     n_tok = x.shape[0]
+    xk = blockq.kernel_input(x, ws[0])  # each token rounded as `_mv` rounds it
     n_blocks = 0
     for m in range(len(starts) - 1):
         n_blocks += (starts[m + 1] - starts[m] + BATCH_ROWS - 1) // BATCH_ROWS
@@ -129,7 +131,7 @@ def _mm(x, ws, scs, outs, bks, starts):
         m, n = _locate(blk, starts, BATCH_ROWS)
         w, sc, out, bk = ws[m], scs[m], outs[m], bks[m]
         for t in range(0, n_tok, BATCH_TOKENS):
-            _batch_block(x, w, sc, out, n, t, bk)
+            _batch_block(xk, w, sc, out, n, t, bk)
 
 
 @njit(cache=True, parallel=True, fastmath=_FM)
@@ -158,6 +160,7 @@ class LinearOp:
     the format's power of two folded in, `bk` columns per scale block."""
 
     storage: str
+    activations: str  # "none", or "q8": inputs rounded to int8 per block of 32 (blockq.INTEGER_INPUTS)
     # (N, K) int8 E4M3 | uint8 E5M2 | uint16 half bits | float32; block codes (N, K/32, ...):
     # blockq.code_view's int8 | uint8 | int16 | int32 | uint32 per storage (hy_edge_ops.blockq)
     w: np.ndarray
@@ -179,18 +182,22 @@ def prepare(
     offsets: np.ndarray | None = None,
     sub_scales: np.ndarray | None = None,
     sub_offsets: np.ndarray | None = None,
+    activations: str = "none",
 ) -> LinearOp:
     """Check a stored weight once and lay it out for the kernels (no copy of `w`).
 
     storage e4m3 | e5m2: w uint8 (N, K) codes, scales float32 (N, G); fp16: w uint16 half bits;
     fp32: w float32; block storages (hy_edge_ops.blockq.STORAGES): w int8 (N, K) | uint8
     (N, K/32 * blockq.CODE_BYTES) codes, and the scales blockq.scale_shapes names: scales and offsets
-    uint16 half bits, sub_scales and sub_offsets bytes (the K-quants). Raises ValueError naming the bad
-    argument."""
+    uint16 half bits, sub_scales and sub_offsets bytes (the K-quants). activations "q8" (the storages of
+    blockq.INTEGER_INPUTS): the kernels take x rounded to int8 per block of 32 (blockq.quantize_inputs) and
+    multiply in integers. Raises ValueError naming the bad argument."""
     if storage not in STORAGES:
         raise ValueError(f"storage must be one of {', '.join(STORAGES)}, got {storage!r}")
+    if activations != "none" and storage not in blockq.INTEGER_INPUTS:
+        raise ValueError(f"activations {activations!r}: only {', '.join(blockq.INTEGER_INPUTS)} weights take q8 inputs")
     if storage in blockq.STORAGES:
-        return _prepare_blocks(w, storage, scales, offsets, sub_scales, sub_offsets)
+        return _prepare_blocks(w, storage, scales, offsets, sub_scales, sub_offsets, activations)
     raw = {E4M3: np.uint8, E5M2: np.uint8, "fp16": np.uint16, "fp32": np.float32}[storage]
     _need("w", w, raw, 2)
     n_rows, k_dim = w.shape
@@ -216,10 +223,10 @@ def prepare(
     else:
         s = np.ones((n_rows, 1), np.float32)
         bk = k_dim
-    return LinearOp(storage, w.view(_VIEW[storage]), np.ascontiguousarray(s, np.float32), bk)
+    return LinearOp(storage, "none", w.view(_VIEW[storage]), np.ascontiguousarray(s, np.float32), bk)
 
 
-def _prepare_blocks(w, storage, scales, offsets, sub_scales=None, sub_offsets=None) -> LinearOp:
+def _prepare_blocks(w, storage, scales, offsets, sub_scales=None, sub_offsets=None, activations="none") -> LinearOp:
     _need("w", w, np.int8 if storage == "int8" else np.uint8, 2)
     n_rows = w.shape[0]
     if n_rows == 0 or w.shape[1] == 0 or w.shape[1] % blockq.CODE_BYTES[storage]:
@@ -228,7 +235,7 @@ def _prepare_blocks(w, storage, scales, offsets, sub_scales=None, sub_offsets=No
     parts = {"scales": scales, "offsets": offsets, "sub_scales": sub_scales, "sub_offsets": sub_offsets}
     blockq.check_scales(storage, n_rows, n_groups, **parts)
     packed = blockq.pack_scales(storage, scales, offsets, sub_scales, sub_offsets)
-    return LinearOp(storage, blockq.code_view(w, storage), packed, blockq.BLOCK)
+    return LinearOp(storage, activations, blockq.code_view(w, storage, activations), packed, blockq.BLOCK)
 
 
 def _split_groups(s: np.ndarray, bk: int) -> tuple[np.ndarray, int]:

@@ -81,6 +81,49 @@ def test_minifloat_kernels_match_numpy(storage):
         np.testing.assert_array_equal(run(x[:T], batched=True), one[:T])  # batch-invariant
 
 
+def _q8_rounded(x: np.ndarray) -> np.ndarray:
+    """x rounded to int8 per block of 32 in numpy: rint(x / s) * s, s = max(amax / 127, float32's tiny)."""
+    blocks = x.reshape(x.shape[0], -1, 32)
+    s = np.maximum(np.abs(blocks).max(-1, keepdims=True) / np.float32(127), np.finfo(np.float32).tiny)
+    return (np.rint(blocks / s.astype(np.float32)) * s).reshape(x.shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("storage", blockq.INTEGER_INPUTS)
+def test_integer_input_kernels_match_numpy(storage):
+    """Weights viewed for q8 inputs: every kernel multiplies the inputs rounded as numpy rounds them by
+    the exact weights (integer dots per block); the batched kernel is batch-invariant; a NaN input gives
+    NaN outputs (not garbage from converting it to int8)."""
+    rng = np.random.default_rng(2)
+    n_rows, k_dim = 45, 352  # 11 blocks: an odd last block
+    w, scales = _random_blocks(storage, n_rows, k_dim, rng)
+    weights = blockq.dequantize(storage, w, scales).astype(np.float64)
+    op = linear.prepare(w, storage, scales, activations="q8")
+
+    def run(x, batched=False):
+        return linear._run(op, x, np.empty((x.shape[0], n_rows), np.float32), batched)
+
+    x = rng.standard_normal((20, k_dim)).astype(np.float32) * np.float32(3.0)
+    x[3, 40:72] = 0.0  # a block of zeros
+    rounded = _q8_rounded(x)
+    np.testing.assert_array_equal(blockq.rounded_inputs(x), rounded)
+    codes = blockq.quantize_inputs(x)
+    np.testing.assert_array_equal(codes[:, :k_dim] * codes.view(np.float32)[:, k_dim // 4 :].repeat(32, 1), rounded)
+    ref = rounded.astype(np.float64) @ weights.T
+    assert rel_err(ref, x.astype(np.float64) @ weights.T) > 1e-3  # the rounding is there to be seen
+    one = np.concatenate([run(x[t : t + 1]) for t in range(20)])
+    for T in (1, 2, 3, 5, 8, 20):  # one-token, grouped and prefill kernels
+        assert rel_err(run(x[:T]), ref[:T]) < 1e-6, T
+        np.testing.assert_array_equal(run(x[:T], batched=True), one[:T])  # batch-invariant
+    bad = x[:2].copy()
+    bad[1, 100] = np.nan
+    out = run(bad)
+    assert np.isfinite(out[0]).all() and np.isnan(out[1]).all()
+    with pytest.raises(ValueError, match="q8"):
+        linear.prepare(w, storage, scales, activations="q4")
+    with pytest.raises(ValueError, match="q8 inputs"):
+        linear.prepare(np.zeros((2, 32), np.int8), "int8", np.ones((2, 1), np.uint16), activations="q8")
+
+
 @pytest.mark.parametrize("storage", MINIFLOATS)
 def test_decode_rows_and_mapped_views(storage):
     rng = np.random.default_rng(4)
@@ -129,15 +172,14 @@ def test_minifloat_blocks_refuse_bad_arguments():
 
 
 def _kernel_test_in(isa_name: str, env: dict, prelude: str = "") -> None:
-    """test_minifloat_kernels_match_numpy in a fresh process under `env` (after `prelude`), whose kernels
-    are shaped for `isa_name`."""
-    test = f"{Path(__file__)}::test_minifloat_kernels_match_numpy"
-    args = ["-o", "addopts=", "-q", "-p", "no:cacheprovider", test]
+    """test_minifloat_kernels_match_numpy and test_integer_input_kernels_match_numpy in a fresh process under
+    `env` (after `prelude`), whose kernels are shaped for `isa_name`."""
+    args = ["-o", "addopts=", "-q", "-p", "no:cacheprovider", str(Path(__file__)), "-k", "kernels_match_numpy"]
     check = f"from hy_edge_ops import isa\nassert isa.ISA == {isa_name!r}, isa.ISA"
     code = f"import sys, pytest\n{prelude}\n{check}\nsys.exit(pytest.main({args!r}))"
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "3 passed" in run.stdout
+    assert "5 passed" in run.stdout
 
 
 # AVX2 decodes through vpshufb tables (hy_edge_ops.blockq): compiled for it here

@@ -116,6 +116,51 @@ def test_subbyte_file_on_both_backends(llama_dir, tmp_path, fmt):
     assert rel_err(nb, hf_logits(hf_model(llama_dir), PROMPT_IDS)) < (0.5 if fmt == "e2m1" else 0.2)
 
 
+def _q8_hooks(model, torch) -> None:
+    """Round every linear's input to int8 per block of 32 (torch.round: half to even), in float32."""
+    tiny = float(np.finfo(np.float32).tiny)
+
+    def round_input(module, args):
+        (x,) = args
+        blocks = x.reshape(*x.shape[:-1], -1, 32)
+        s = torch.clamp(blocks.abs().amax(-1, keepdim=True) / 127.0, min=tiny)
+        return (torch.round(blocks / s) * s).reshape(x.shape)
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_pre_hook(round_input)
+
+
+@pytest.mark.parametrize("fmt", ["e2m1", "e2m3"])
+def test_q8_inputs_on_both_backends(llama_dir, tmp_path, fmt):
+    """--activations q8: every linear's input rounded to int8 per block of 32. numba (integer dots, in the
+    compiled layer loop; prefill and one token at a time) and onnxruntime (the rounding in the graph's
+    float32 ops) agree, and give transformers' logits with the file's weights and inputs rounded the same
+    way, which differ from float inputs'. An input that lands within float32 noise of a rounding tie can
+    round the other way in transformers' float order and move that token's logits and the later ones (here
+    the last two of e2m1's 18), so transformers is matched on the first 8 tokens."""
+    import torch
+
+    path = _convert(llama_dir, tmp_path / "m.onnx", fmt, "--activations", "q8")
+    model = edge_runtime.load(path)
+    assert model.activations == "q8"
+    session = model.session("numba")
+    assert session._compiled is not None
+    nb = session.forward(PROMPT_IDS, all_logits=True)
+    session.reset()
+    steps = [session.forward(PROMPT_IDS[:3], all_logits=True)[-1]]  # the grouped kernel
+    steps += [session.forward([t], all_logits=True)[-1] for t in PROMPT_IDS[3:]]  # the one-token kernels
+    ort = model.session("onnxruntime").forward(PROMPT_IDS, all_logits=True)
+    plain = hf_model_with_file_weights(llama_dir, path)
+    float_inputs = hf_logits(plain, PROMPT_IDS)
+    _q8_hooks(plain, torch)
+    ref = hf_logits(plain, PROMPT_IDS)
+    assert rel_err(ort, nb) < 1e-4
+    assert rel_err(np.stack(steps), nb[2:]) < 1e-4
+    assert rel_err(ref[:8], float_inputs[:8]) > 1e-3
+    assert rel_err(nb[:8], ref[:8]) < 1e-4
+
+
 def test_tensor_formats_mix(llama_dir, tmp_path):
     """--tensor-format gives matching linears their own format; the rest keep --format's."""
     path = _convert(
@@ -140,6 +185,9 @@ def test_tensor_formats_mix(llama_dir, tmp_path):
         (["--format", "e2m1", "--granularity", "block:64"], "scaled per block of 32"),
         (["--tensor-format", "lm_head.weight"], "is not PATTERN=FORMAT"),
         (["--tensor-format", "lm_head.weight=q4"], "'q4' is not one of"),
+        (["--format", "e4m3", "--activations", "q8"], "--activations q8 rounds the inputs of FP4 / FP6"),
+        (["--format", "e3m2", "--activations", "q8"], "--format e3m2 makes none"),
+        (["--format", "auto", "--activations", "q8"], "--format auto without --bits makes none"),
     ],
 )
 def test_bad_options_are_one_line_errors(llama_dir, tmp_path, args, message):

@@ -93,8 +93,9 @@ def _pattern_format(text: str) -> tuple[str, str]:
     "--activations",
     default="none",
     show_default=True,
-    type=click.Choice(["none", "e4m3", "e5m2", "static"]),
-    help="Fake-quantize linear inputs (static: the checkpoint's input_scale).",
+    type=click.Choice(["none", "e4m3", "e5m2", "static", "q8"]),
+    help="Fake-quantize linear inputs (static: the checkpoint's input_scale); q8: round the inputs of the "
+    "FP4 / FP6 E2M3 linears to int8 per block of 32 (llama.cpp's way), whose kernels then multiply in integers.",
 )
 @click.option(
     "--rounding",

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from hy_edge_format.spec import ModelSpec
-from hy_edge_ops import linear
+from hy_edge_ops import blockq, linear
 
+from .model_file import FAKE_QUANT
 from .weights import BLOCK_STORAGES, Linear, Weights, read_blocks, read_scales
 
 
@@ -37,11 +38,14 @@ class Block:
     mlp_out_norm: np.ndarray | None = None
 
 
-def prepare_op(lin: Linear, prepared: dict) -> linear.LinearOp:
-    """The kernel-ready form of a linear, made once per linear (`prepared`: id -> it)."""
+def prepare_op(lin: Linear, prepared: dict, activations: str = "none") -> linear.LinearOp:
+    """The kernel-ready form of a linear, made once per linear (`prepared`: id -> it); with the file's
+    activations "q8", weights whose kernels take integer inputs get them (blockq.INTEGER_INPUTS)."""
     if id(lin) not in prepared:  # shared layers reuse their owner's prepared weights
         if lin.storage in BLOCK_STORAGES:
-            prepared[id(lin)] = linear.prepare(lin.w, lin.storage, *read_blocks(lin))  # packs their halves
+            q8 = activations == "q8" and lin.storage in blockq.INTEGER_INPUTS
+            blocks = read_blocks(lin)  # packs their halves
+            prepared[id(lin)] = linear.prepare(lin.w, lin.storage, *blocks, activations="q8" if q8 else "none")
         else:
             scales = None if lin.scales is None else read_scales(lin)
             prepared[id(lin)] = linear.prepare(lin.w, lin.storage, scales)  # folds them into its own copy
@@ -51,8 +55,8 @@ def prepare_op(lin: Linear, prepared: dict) -> linear.LinearOp:
 def group(lins: list[Linear], prepared: dict, linears: dict, activations: str) -> tuple:
     """Fuse linears that share an input into parallel regions; with activation fake-quant each runs
     alone (each may have its own input scale)."""
-    ops = [prepare_op(lin, prepared) for lin in lins]
-    if activations != "none":
+    ops = [prepare_op(lin, prepared, activations) for lin in lins]
+    if activations in FAKE_QUANT:
         groups = [linear.FusedLinear([op]) for op in ops]
     else:
         groups = linear.fuse(ops)

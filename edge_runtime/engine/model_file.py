@@ -23,7 +23,10 @@ from hy_edge_format.spec import ModelSpec
 from ..integrity import external_entry, verify_header
 from .memory import refuse_huge_pages
 
-ACTIVATIONS = ("none", "e4m3", "e5m2", "static")  # the linear-input fake quantization a file may ask for
+ACTIVATIONS = ("none", "e4m3", "e5m2", "static", "q8")  # the linear-input quantization a file may ask for
+# fake-quantized by the session before each linear (the Python layer loop); "q8" is done inside the kernels
+# of the linears it applies to (hy_edge_ops.blockq.INTEGER_INPUTS' storages), any layer loop
+FAKE_QUANT = ("e4m3", "e5m2", "static")
 # A hy-edge header holds the graph, the metadata (a tokenizer of a few MB) and tensors under 1 KB; the
 # weights are in the data file. protobuf itself cannot encode a message over 2 GB.
 MAX_HEADER_BYTES = 1 << 30

@@ -33,6 +33,7 @@ from .blocks import Block, prepare_block, prepare_op
 from .buffers import KV_CACHE_TYPES, allocate_buffers, memory_plan
 from .layers import CompiledLayers
 from .memory import DEFAULT_BUDGET, plan_context, release_library_pages
+from .model_file import FAKE_QUANT
 from .weights import Linear, Weights
 
 FP8_FORMATS = ("e4m3", "e5m2")
@@ -111,8 +112,8 @@ class NumbaSession:
         self.threads = set_threads(threads)
         # threads chosen by default (not by the user) give way to other busy processes (threads.py)
         self._governor = ThreadGovernor(self.threads) if adaptive_threads and self.threads > 1 else None
-        self.activations = activations  # none | e4m3 | e5m2 | static (see _fake_quant)
-        act_quant = activations != "none"
+        self.activations = activations  # none | e4m3 | e5m2 | static (see _fake_quant) | q8 (in the kernels)
+        act_quant = activations in FAKE_QUANT
         self.prefill_chunk = prefill_chunk
         self.slots = slots
         self.kv_cache = kv_cache
@@ -127,7 +128,7 @@ class NumbaSession:
         self._slot.update({i: n for n, i in enumerate(spec.conv_layers)})
         prepared: dict[int, linear.LinearOp] = {}
         self._blocks = [prepare_block(spec, weights, i, prepared, activations) for i in range(spec.num_hidden_layers)]
-        self._head = linear.FusedLinear([prepare_op(weights.output, prepared)])
+        self._head = linear.FusedLinear([prepare_op(weights.output, prepared, activations)])
         self._scale = np.float32(spec.softmax_scale)
         self._act = activation.KINDS[spec.hidden_act]
         self._single_step_is_grouped = False  # set by _warm_up: see _one_token_kernels_match
@@ -446,7 +447,7 @@ class NumbaSession:
     def _linears(self, blk: Block, groups: tuple, x: np.ndarray, outs: tuple, batched: bool) -> None:
         """outs[j] (T, N_j) = x (T, K) @ W_j^T for each fused group."""
         for g, idx in groups:
-            xin = x if self.activations == "none" else self._fake_quant(x, blk.linears[id(g)][0])
+            xin = self._fake_quant(x, blk.linears[id(g)][0]) if self.activations in FAKE_QUANT else x
             g(xin, tuple(outs[j] for j in idx), batched)
 
     # -- weights -----------------------------------------------------------------------------------
