@@ -3,7 +3,10 @@ the kernels' LLVM IR as numba emits it for the NEON shapes (LANES 16, the NEON d
 by llvmlite's AArch64 backend for the Cortex-A76, the hot loop found as bench/kernel_asm.py finds it,
 then llvm-mca (bench/mca.py). Run on x86:
 
-    python bench/mca_blocks.py [--storages e4m3,int8,uint4,e2m1,e3m2,e2m3] [--mcpu cortex-a76] [--json FILE]
+    python bench/mca_blocks.py [--storages e4m3,int8,uint4,e2m1,e3m2,e2m3,e2m1q8,e2m3q8] [--mcpu cortex-a76]
+                               [--json FILE]
+
+(`e2m1q8`, `e2m3q8`: those codes with inputs rounded to int8, the integer-dot kernels.)
 
 An estimate of the loop alone, from L1 (see bench/mca.py), and of IR that numba's x86 pipeline optimised
 (the kernels are explicit vectors, so little of it is x86's) -- `make test-arm` runs the real thing.
@@ -54,10 +57,15 @@ def child(storage: str, out_dir: Path) -> None:
     if storage == "e4m3":
         op = linear.prepare(rng.integers(0, 120, (n, k)).astype(np.uint8), "e4m3", np.full((n, 1), 1e-3, np.float32))
     else:
+        acts = "q8" if storage.endswith("q8") else "none"
+        storage = storage.removesuffix("q8")
         w = rng.integers(0, 256, (n, k // 32 * blockq.CODE_BYTES[storage])).astype(np.uint8)
         scales = np.full((n, k // 32), 0x3C00, np.uint16)
         op = linear.prepare(w.view(np.int8) if storage == "int8" else w, storage, scales,
-                            scales if storage == "uint4" else None)  # fmt: skip
+                            scales if storage == "uint4" else None, activations=acts)  # fmt: skip
+        storage += "q8" if acts == "q8" else ""
+    # weights per FMA lane: 1, or 4 for the integer dots (each float lane adds an int32 sum of 4 products)
+    per_lane = 4 if storage.endswith("q8") else 1
     lin = linear.FusedLinear([op])
     x = rng.standard_normal((4, k)).astype(np.float32)
     lin(x[:1], (np.empty((1, n), np.float32),))
@@ -74,13 +82,14 @@ def child(storage: str, out_dir: Path) -> None:
         mod.triple, mod.data_layout = "aarch64-unknown-linux-gnu", str(tm.target_data)
         body, n_fma, lanes = hot_loop(tm.emit_assembly(mod))
         (out_dir / f"{storage}-{name}.s").write_text("\n".join(body) + "\n")
-        report[name] = {"file": f"{storage}-{name}.s", "instructions": len(body), "weights": n_fma * 4 // tokens}
+        weights = n_fma * 4 * per_lane // tokens
+        report[name] = {"file": f"{storage}-{name}.s", "instructions": len(body), "weights": weights}
     print(json.dumps(report))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--storages", default="e4m3,int8,uint4,e2m1,e3m2,e2m3")
+    ap.add_argument("--storages", default="e4m3,int8,uint4,e2m1,e3m2,e2m3,e2m1q8,e2m3q8")
     ap.add_argument("--mcpu", default="cortex-a76")
     ap.add_argument("--ghz", type=float, default=2.4)
     ap.add_argument("--json", type=Path, help="also write the table here (bench/report.py reads its gemv rows)")

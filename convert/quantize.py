@@ -107,7 +107,11 @@ class QuantPolicy:
         for pattern, fmt in self.tensor_formats:
             if fnmatch.fnmatchcase(name, pattern):
                 granularity = f"block:{BLOCK}" if fmt in SUBBYTE else self.granularity
-                return dataclasses.replace(self, format=fmt, granularity=granularity, tensor_formats=(), bits=None)
+                # q8 inputs are the file's (the graph and the engine apply them by storage), not a tensor's
+                acts = "none" if self.activations == "q8" else self.activations
+                return dataclasses.replace(
+                    self, format=fmt, granularity=granularity, tensor_formats=(), bits=None, activations=acts
+                )
         return self
 
     def stays_float(self, name: str) -> bool:

@@ -62,9 +62,11 @@ value of these formats times 2 (FP4) or 8 (FP6 E2M3) is an integer of magnitude 
 block's dot product with an input rounded to int8 per block of 32 (`quantize_inputs`: q = rint(x / s),
 s = amax / 127, llama.cpp's Q8_0 rounding of activations, in float32 steps onnxruntime's graph repeats) is
 an exact integer sum. Those kernels read the codes as these integers (x86: `vpshufb` tables, the FP4
-nibbles split from one broadcast load by a per-lane shift; elsewhere shifts), multiply them by the input
-bytes in pairs and quads (x86 `vpmaddubsw` on |weight| and the input with the weight's sign, then
-`vpmaddwd`; AVX-512 both blocks of a pair in one instruction each), and add each block's 8 lanes of int32
+nibbles split from one broadcast load by a per-lane shift; elsewhere from the magnitude's code k by two
+saturating subtracts, `_integer_codes`), multiply them by the input bytes in quads (x86 `vpmaddubsw` on
+|weight| and the input with the weight's sign, then `vpmaddwd`; AVX-512 both blocks of a pair at once, in
+one `vpdpbusd` where the CPU has VNNI; elsewhere a partial reduction of 16 products into 4 lanes, one `sdot`
+on a CPU with dot-product instructions such as the Cortex-A76), and add each block's 8 lanes of int32
 sums, converted, times d * s / 2 (or / 8) into float32 lanes: about 12 vector instructions per 32 weights
 in AVX2 code, where the float decode widens bytes to 32-bit lanes through the shuffle port. Blocks go in
 pairs into 16 lanes (two chains), an odd last block into the first 8. The codes are viewed under their
@@ -89,7 +91,7 @@ from numba.np import numpy_support
 
 from . import minifloat
 from .half import FP8_BITS, FP8_FOLD, half_to_f32
-from .isa import ISA
+from .isa import ISA, has_feature
 
 BLOCK = 32  # weights per block
 SUPER = 256  # weights per super-block of the K-quant storages (q4k, q5k, q6k): 8 blocks
@@ -127,6 +129,7 @@ INTEGER_INPUTS = {"e2m1": 2, "e2m3": 8}  # value * this: an integer of magnitude
 _INTEGER_DTYPE = {"e2m1": np.complex64, "e2m3": np.uint64}
 _INTEGER_OF = {numpy_support.from_dtype(np.dtype(dt)): name for name, dt in _INTEGER_DTYPE.items()}
 _STORAGE_OF.update(_INTEGER_OF)
+_VNNI = ISA == "avx512" and has_feature("avx512vnni")  # vpdpbusd: u8 x s8 quads summed into int32 lanes
 ACTIVATIONS = ("none", "q8")  # a block linear's input: float32 as it is, or rounded to int8 per 32
 Q8_MAX = 127.0
 _TINY = np.float32(np.finfo(np.float32).tiny)
@@ -788,10 +791,13 @@ def _integer_codes(builder, p, at, storage: str):
             return mag, codes
         sign = builder.and_(codes, c(0x80))
         mag, m_bits = builder.and_(builder.lshr(codes, c(2)), c(31)), 3
-    # value * 2**m_bits: the code itself at exponent 0, else (2**m_bits + mantissa) << (exponent - 1)
-    expo = builder.lshr(mag, c(m_bits))
-    normal = builder.shl(builder.or_(builder.and_(mag, c((1 << m_bits) - 1)), c(1 << m_bits)), builder.sub(expo, c(1)))
-    ints = builder.select(builder.icmp_unsigned("==", expo, c(0)), mag, normal)
+    # value * 2**m_bits for the magnitude's code k = e * 2**m_bits + m (e the exponent bits, m the mantissa):
+    # k itself while e <= 1 (m, then 2**m_bits + m); 2 (2**m_bits + m) = k + m at e = 2; 4 (2**m_bits + m) =
+    # k + 3 m + 2 * 2**m_bits at e = 3: k + (k - 2 * 2**m_bits)+ + 2 (k - 3 * 2**m_bits)+, by saturating subtracts
+    one = 1 << m_bits
+    above = _call(builder, "llvm.usub.sat.v32i8", v32, [mag, c(2 * one)])
+    top = _call(builder, "llvm.usub.sat.v32i8", v32, [mag, c(3 * one)])
+    ints = builder.add(builder.add(mag, above), builder.add(top, top))
     negative = builder.icmp_unsigned("!=", sign, c(0))
     return None, builder.select(negative, builder.sub(c(0), ints), ints)
 
@@ -808,6 +814,9 @@ def _integer_dot(builder, mag, signs, xs):
         xs = builder.select(
             builder.icmp_signed("<", signs, ir.Constant(v8, [0] * n)), builder.sub(ir.Constant(v8, [0] * n), xs), xs
         )
+        if _VNNI:  # the quads in one instruction (exact: no int16 pair sums)
+            args = [ir.Constant(i32, None), builder.bitcast(mag, i32), builder.bitcast(xs, i32)]
+            return _call(builder, "llvm.x86.avx512.vpdpbusd.512", i32, args)
         pairs = _call(builder, "llvm.x86.avx512.pmaddubs.w.512", i16, [mag, xs])
         return _call(builder, "llvm.x86.avx512.pmaddw.d.512", i32, [pairs, ir.Constant(i16, [1] * (n // 2))])
     if mag is not None:
@@ -822,14 +831,20 @@ def _integer_dot(builder, mag, signs, xs):
         xs = _call(builder, "llvm.x86.avx2.psign.b", v32, [xs, signs])
         pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", i16x16, [mag, xs])
         return _call(builder, "llvm.x86.avx2.pmadd.wd", i32x8, [pairs, ir.Constant(i16x16, [1] * 16)])
-    prod = builder.mul(builder.sext(signs, ir.VectorType(_I16, n)), builder.sext(xs, ir.VectorType(_I16, n)))
-
-    def pair_sums(v, m):
-        even = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, m), list(range(0, 2 * m, 2))))
-        odd = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, m), list(range(1, 2 * m, 2))))
-        return builder.add(even, odd)
-
-    return pair_sums(builder.sext(pair_sums(prod, n // 2), ir.VectorType(_I32, n // 2)), n // 4)
+    # 16 bytes at a time: the quads of each (a partial reduction of 16 products into 4 lanes: one `sdot` on
+    # a CPU with the dot-product instructions, as the Cortex-A76)
+    i32x4, i32x16 = ir.VectorType(_I32, 4), ir.VectorType(_I32, 16)
+    parts = []
+    for c in range(0, n, 16):
+        pick = ir.Constant(ir.VectorType(_I32, 16), list(range(c, c + 16)))
+        a, b = (builder.sext(builder.shuffle_vector(v, v, pick), i32x16) for v in (signs, xs))
+        reduce = "llvm.vector.partial.reduce.add.v4i32.v16i32"
+        parts.append(_call(builder, reduce, i32x4, [ir.Constant(i32x4, None), builder.mul(a, b, flags=["nsw"])]))
+    while len(parts) > 1:
+        m = parts[0].type.count
+        order = ir.Constant(ir.VectorType(_I32, 2 * m), list(range(2 * m)))
+        parts = [builder.shuffle_vector(parts[i], parts[i + 1], order) for i in range(0, len(parts), 2)]
+    return parts[0]
 
 
 def emit_block_dots(context, builder, signature, args, lanes: int, lane_sum, splat_value):

@@ -55,6 +55,11 @@ def _detect() -> str:
     return "generic"
 
 
+def has_feature(name: str) -> bool:
+    """Whether the code numba emits may use the LLVM target feature `name` (e.g. "avx512vnni")."""
+    return bool(_features().get(name))
+
+
 ISA = _detect()
 VECTOR_BITS = {"avx512": 512, "avx2": 256, "neon": 128, "generic": 128}[ISA]
 

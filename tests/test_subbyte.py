@@ -161,6 +161,20 @@ def test_q8_inputs_on_both_backends(llama_dir, tmp_path, fmt):
     assert rel_err(nb[:8], ref[:8]) < 1e-4
 
 
+def test_q8_inputs_with_a_float_input_linear(llama_dir, tmp_path):
+    """In a mix, q8 applies to the FP4 / FP6 E2M3 linears only: an E4M3 head keeps float inputs, and both
+    backends agree."""
+    path = _convert(
+        llama_dir, tmp_path / "m.onnx", "e2m1", "--tensor-format", "lm_head.weight=e4m3", "--activations", "q8"
+    )
+    model = edge_runtime.load(path)
+    session = model.session("numba")
+    assert session._head.ops[0].activations == "none"
+    assert {g.ops[0].activations for blk in session._blocks for g, _ in blk.gate_up} == {"q8"}
+    nb = session.forward(PROMPT_IDS, all_logits=True)
+    assert rel_err(model.session("onnxruntime").forward(PROMPT_IDS, all_logits=True), nb) < 1e-4
+
+
 def test_tensor_formats_mix(llama_dir, tmp_path):
     """--tensor-format gives matching linears their own format; the rest keep --format's."""
     path = _convert(
