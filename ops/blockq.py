@@ -526,16 +526,30 @@ def _minifloat_bytes(builder, p, at, storage):
     lo = builder.bitcast(builder.shl(words, ir.Constant(i16x8, [2] * 8)), v16)
     hi = builder.bitcast(builder.lshr(words, ir.Constant(i16x8, [2] * 8)), v16)
     low4 = builder.shuffle_vector(lo, hi, order)
-    # the high 2 bits: quarter i of the block (weights 8i..8i+7) has them in bits 2i, 2i+1 of the 8 bytes
-    # from byte 16: shifted by 6 - 2i in its 64-bit lane, they land in bits 6-7
+    v32 = ir.VectorType(_I8, BLOCK)
+    top, rest = ir.Constant(v32, [0xC0] * BLOCK), ir.Constant(v32, [0x3F] * BLOCK)
+    return builder.or_(builder.and_(_high_pairs(builder, p, at), top), builder.and_(low4, rest))
+
+
+def _high_pairs(builder, p, at):
+    """<32 x i8>: the FP6 block's high 2 bits of weight j in bits 6-7 of byte j (the bits below are other
+    weights'). Quarter i of the block (weights 8i..8i+7) has them in bits 2i, 2i+1 of the 8 bytes from byte
+    16: shifted by 6 - 2i in its 64-bit lane, they land in bits 6-7."""
     i64x4 = ir.VectorType(_I64, 4)
     high = builder.load(builder.gep(p, [builder.add(at, at.type(16))], source_etype=_I8), typ=_I64, align=1)
     high = builder.insert_element(ir.Constant(i64x4, ir.Undefined), high, _I32(0))
     high = builder.shuffle_vector(high, high, ir.Constant(ir.VectorType(_I32, 4), [0] * 4))  # broadcast
-    high = builder.bitcast(builder.shl(high, ir.Constant(i64x4, [6, 4, 2, 0])), ir.VectorType(_I8, BLOCK))
-    v32 = ir.VectorType(_I8, BLOCK)
-    top, rest = ir.Constant(v32, [0xC0] * BLOCK), ir.Constant(v32, [0x3F] * BLOCK)
-    return builder.or_(builder.and_(high, top), builder.and_(low4, rest))
+    return builder.bitcast(builder.shl(high, ir.Constant(i64x4, [6, 4, 2, 0])), ir.VectorType(_I8, BLOCK))
+
+
+def _nibble_lanes(builder, p, at):
+    """<32 x i8>: uint4's nibbles at byte `at` of row `p` in weight order, for 256-bit x86 code: the 16 bytes in
+    both 128-bit halves (one broadcast load), the high half's shifted down by 4 (a per-lane shift), masked."""
+    v32, i32x8 = ir.VectorType(_I8, BLOCK), ir.VectorType(_I32, 8)
+    b = builder.load(builder.gep(p, [at], source_etype=_I8), typ=ir.VectorType(_I8, 16), align=1)
+    both = builder.shuffle_vector(b, b, ir.Constant(ir.VectorType(_I32, BLOCK), list(range(16)) * 2))
+    shifted = builder.lshr(builder.bitcast(both, i32x8), ir.Constant(i32x8, [0] * 4 + [4] * 4))
+    return builder.and_(builder.bitcast(shifted, v32), ir.Constant(v32, [15] * BLOCK))
 
 
 def _route(storage: str) -> str:
@@ -762,12 +776,8 @@ def _integer_codes(builder, p, at, storage: str):
         return ir.Constant(v32, [value] * BLOCK)
 
     if storage == "e2m1":  # codes: bit 3 the sign, then exponent (2 bits) and mantissa (1)
-        if x86:  # the 16 bytes in both 128-bit halves (one broadcast load), the high half's shifted down by 4
-            b = builder.load(builder.gep(p, [at], source_etype=_I8), typ=ir.VectorType(_I8, 16), align=1)
-            both = builder.shuffle_vector(b, b, ir.Constant(ir.VectorType(_I32, BLOCK), list(range(16)) * 2))
-            i32x8 = ir.VectorType(_I32, 8)
-            shifted = builder.lshr(builder.bitcast(both, i32x8), ir.Constant(i32x8, [0] * 4 + [4] * 4))
-            nib = builder.and_(builder.bitcast(shifted, v32), c(15))
+        if x86:
+            nib = _nibble_lanes(builder, p, at)
         else:
             (nib,) = _nibbles(builder, p, at, BLOCK)
         if x86:
@@ -775,20 +785,18 @@ def _integer_codes(builder, p, at, storage: str):
             signed = _call(builder, "llvm.x86.avx2.pshuf.b", v32, [ir.Constant(v32, table), nib])
             return _call(builder, "llvm.abs.v32i8", v32, [signed, ir.IntType(1)(0)]), signed
         sign, mag, m_bits = builder.and_(nib, c(8)), builder.and_(nib, c(7)), 1
-    else:  # e2m3: _minifloat_bytes' sign in bit 7, exponent (2) and mantissa (3) in bits 2-6
-        codes = _minifloat_bytes(builder, p, at, storage)
-        if x86:  # the magnitudes 0..31 index two vpshufb tables (an index with bit 7 set gives 0)
-            i16x16 = ir.VectorType(_I16, BLOCK // 2)
-            mag = builder.bitcast(builder.lshr(builder.bitcast(codes, i16x16), ir.Constant(i16x16, [2] * 16)), v32)
-            mag = builder.and_(mag, c(31))
-            first = _call(builder, "llvm.uadd.sat.v32i8", v32, [mag, c(0x70)])
-            second = builder.add(mag, c(0xF0))
+    else:  # e2m3: the low nibble, then the high pair (the magnitude's bit 4, then the sign)
+        if x86:  # the nibble indexes two vpshufb tables, one per value of the magnitude's bit 4, blended
+            nib, high = _nibble_lanes(builder, p, at), _high_pairs(builder, p, at)  # high: the pair in bits 6-7
             ints = [int(v) for v in minifloat_values(storage)[:32] * INTEGER_INPUTS[storage]]
-            mag = builder.or_(
-                _call(builder, "llvm.x86.avx2.pshuf.b", v32, [ir.Constant(v32, ints[:16] * 2), first]),
-                _call(builder, "llvm.x86.avx2.pshuf.b", v32, [ir.Constant(v32, ints[16:] * 2), second]),
+            low, upper = (
+                _call(builder, "llvm.x86.avx2.pshuf.b", v32, [ir.Constant(v32, ints[i : i + 16] * 2), nib])
+                for i in (0, 16)
             )
-            return mag, codes
+            bit4 = builder.icmp_signed("<", builder.add(high, high), c(0))  # bit 6 doubled into the sign bit
+            # the sign source: negative with the sign bit, never zero (vpsignb zeroes x where it is)
+            return builder.select(bit4, upper, low), builder.or_(high, c(1))
+        codes = _minifloat_bytes(builder, p, at, storage)
         sign = builder.and_(codes, c(0x80))
         mag, m_bits = builder.and_(builder.lshr(codes, c(2)), c(31)), 3
     # value * 2**m_bits for the magnitude's code k = e * 2**m_bits + m (e the exponent bits, m the mantissa):
