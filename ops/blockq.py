@@ -44,9 +44,10 @@ The minifloat decode, per vector ISA (`_route`):
   nibbles shifted down, `vpermps` (16 values: 2 instructions per 16 weights, fewer than FP8's 3); FP6:
   the 6-bit codes assembled in bytes (below), sign-extended, shifted, `vpermi2ps` over the 32 magnitudes
   and the sign put back (`vpternlogd`): 4 per 16.
-- avx2: `vpshufb` (16-byte tables, per 128-bit half): e2m1 from 2 * value(code) as int8, widened and
-  converted (vpmovsxbd, vcvtdq2ps); FP6: the magnitude's E4M3 bits from two tables (every FP6 value is
-  an E4M3 normal), the sign OR-ed back, then FP8's decode below (value * 2**-120, FP8_FOLD).
+- avx2: e2m1 through `vpermd` from the 8 magnitudes times d (`_e2m1_permps`: one multiply per block, the
+  sign put back by one XOR); FP6: `vpshufb` (16-byte tables, per 128-bit half) gives the magnitude's E4M3
+  bits from two tables (every FP6 value is an E4M3 normal), the sign OR-ed back, then FP8's decode below
+  (value * 2**-120, FP8_FOLD).
 - neon (and generic): FP8's route (hy_edge_ops.dot.signed_byte_floats): each code in a byte
   with its sign at bit 7 and exponent and mantissa right below, sign-extended, shifted and masked into a
   float32 that is the code's value times 2**-126 (e2m1, e2m3) or 2**-124 (e3m2); the power of two comes
