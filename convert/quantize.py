@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from hy_edge_format.errors import HyEdgeError
 from hy_edge_format.format import EMBED
-from hy_edge_ops import minifloat
+from hy_edge_ops import blockq, minifloat
 from hy_edge_ops.fp8 import FP8_MAX, dequantize_fp8, quantize_fp8
 
 from .gptq import Hessian, gptq_round, search_scales
@@ -67,7 +67,7 @@ class QuantPolicy:
             raise HyEdgeError(f"--format: '{self.format}' is not one of {', '.join(FORMATS)}")
         if self.activations not in ACTIVATIONS:
             raise HyEdgeError(f"--activations: '{self.activations}' is not one of {', '.join(ACTIVATIONS)}")
-        integer = ("e2m1", "e2m3")  # formats whose linears can take q8 inputs (blockq.INTEGER_INPUTS)
+        integer = tuple(blockq.INTEGER_INPUTS)  # formats whose linears can take q8 inputs
         makes = self.format in integer or (self.format == "auto" and self.bits is not None)
         if self.activations == "q8" and not makes and not any(f in integer for _, f in self.tensor_formats):
             shown = "auto without --bits" if self.format == "auto" else self.format

@@ -14,6 +14,8 @@ import numpy as np
 from hy_edge_ops import activation, attention, gemm, linear, norm
 from numba import njit, typed
 
+from .model_file import FAKE_QUANT
+
 ONE, GROUPED, PREFILL = linear.ONE, linear.GROUPED, linear.PREFILL  # linear.kernel_for's choice
 
 
@@ -176,7 +178,7 @@ class CompiledLayers:
     def why_not(spec, blocks: list, activations: str) -> str | None:
         """None when forward_layers can run the model: attention-only, no activation fake-quant, and each kind
         of linear in one storage with fused q/k/v and gate/up groups (the layout it expects); else why not."""
-        if activations not in ("none", "q8"):  # q8 rounds inside the kernels
+        if activations in FAKE_QUANT:  # q8 rounds inside the kernels
             return f"activation fake-quant ({activations})"
         if any(b.kind != "attention" for b in blocks):
             return "dwconv layers"
